@@ -1,0 +1,178 @@
+"""Spend a trainable budget where sensitivity is highest: global top-k, then SPT's α/β rule per unit.
+
+A *unit* is a vector, a matrix, or one row segment (q, k, v) of a fused projection. With k_u of its entries
+in the global top-k:
+  - a dense matrix (Linear, Conv with groups=1) whose structured module costs c_u (< the unit's size) gets the
+    module (LoRA or adapter) when k_u ≥ c_u / α, else its k_u entries become sparse deltas;
+  - a vector, a grouped/depthwise conv kernel, or a matrix too small for a module to pay off is trained whole
+    when k_u ≥ numel / β, else sparsely (a LoRA on a 3×3 depthwise kernel is near full rank: pointless);
+  - with structured="none" every matrix entry is a sparse delta (the "sparse-only" variant).
+The resulting count, count(k), is non-decreasing in k, so a binary search finds the largest k whose plan fits
+the budget; the plan then undershoots the budget by less than the largest single jump (one module or vector).
+Ties in the scores are broken by position in `named_parameters()` order (stable sort): deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .candidates import Candidate
+from .errors import PlanError
+from .plan import Plan, Target, parse_budget
+from .sensitivity import Sensitivity
+
+STRUCTURED = ("lora", "adapter", "none")
+
+
+def structured_cost(c: Candidate, rows: int, structured: str, rank: int) -> int:
+    """Trainable values of the structured module on `rows` output rows of matrix candidate `c`.
+
+    LoRA: A (r × fan_in) and B (rows × r) -> r·(fan_in + rows).
+    Adapter: Linear(d→r)+bias, Linear(r→d)+bias on d = rows output channels -> 2·r·d + r + d.
+    """
+    if structured == "lora":
+        return rank * (c.fan_in + rows)
+    if structured == "adapter":
+        return 2 * rank * rows + rank + rows
+    raise ValueError(structured)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    cand: Candidate
+    start: int  # flat offset of the unit in the concatenated score vector
+    size: int
+    rule: str  # "structured" | "whole_or_sparse" | "sparse"
+    threshold: float  # k_u at which the unit switches to structured / whole
+    cost: int  # trainable values once switched
+    rows: tuple[int, int] | None
+
+
+def _units(cands: list[Candidate], structured: str, rank: int, alpha: float, beta: float) -> list[_Unit]:
+    units, offset = [], 0
+    for c in cands:
+        dense_matrix = c.kind == "linear" or (c.kind == "conv" and c.groups == 1)
+        if c.kind == "vector" or not dense_matrix:
+            units.append(_Unit(c, offset, c.numel, "whole_or_sparse", c.numel / beta, c.numel, None))
+        elif structured == "none":
+            units.append(_Unit(c, offset, c.numel, "sparse", float("inf"), 0, None))
+        else:
+            segs = c.segments or ((0, c.shape[0]),)
+            seg_ok = all(structured_cost(c, e - s, structured, rank) < (e - s) * c.fan_in for s, e in segs)
+            if not seg_ok:  # the module would cost as much as the matrix: treat like a vector
+                units.append(_Unit(c, offset, c.numel, "whole_or_sparse", c.numel / beta, c.numel, None))
+            else:
+                for s, e in segs:
+                    cost = structured_cost(c, e - s, structured, rank)
+                    rows = (s, e) if c.segments else None
+                    units.append(
+                        _Unit(c, offset + s * c.fan_in, (e - s) * c.fan_in, "structured", cost / alpha, cost, rows)
+                    )
+        offset += c.numel
+    return units
+
+
+def allocate(
+    sensitivity: Sensitivity,
+    budget: int | float | str,
+    structured: str = "lora",
+    rank: int = 8,
+    alpha: float = 10.0,
+    beta: float = 5.0,
+) -> Plan:
+    """Turn sensitivity scores into a plan whose trainable count is at most `budget`.
+
+    Args:
+        sensitivity: scores and candidates from `measure_sensitivity`.
+        budget: trainable backbone values: 400000, "0.4M", "400k", or "0.5%" of the backbone.
+        structured: module for matrices with many sensitive entries: "lora", "adapter", or "none" (sparse only).
+        rank: rank of LoRA / bottleneck width of the adapter.
+        alpha: a matrix gets the module when ≥ (module params)/alpha of its entries are selected (SPT: 10).
+        beta: a vector is trained whole when ≥ 1/beta of it is selected (SPT: 5).
+    """
+    if structured not in STRUCTURED:
+        raise PlanError(f"structured={structured!r}: use one of {', '.join(STRUCTURED)}")
+    if rank < 1 or alpha <= 0 or beta < 1:
+        raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha > 0, beta >= 1")
+    cands = list(sensitivity.candidates.values())
+    if not cands:
+        raise PlanError("the sensitivity file has no candidates; measure a model with tunable parameters")
+    total = sum(c.numel for c in cands)
+    backbone = int(sensitivity.meta.get("backbone_params", total))
+    count_budget = parse_budget(budget, backbone)
+    if count_budget > total:
+        raise PlanError(f"budget {count_budget:,} exceeds the {total:,} candidate values: lower the budget")
+
+    units = _units(cands, structured, rank, alpha, beta)
+    starts = torch.tensor([u.start for u in units], dtype=torch.int64)
+    rule_struct = torch.tensor([u.rule == "structured" for u in units])
+    rule_whole = torch.tensor([u.rule == "whole_or_sparse" for u in units])
+    thresholds = torch.tensor([u.threshold for u in units], dtype=torch.float64)
+    costs = torch.tensor([u.cost for u in units], dtype=torch.int64)
+
+    flat = torch.cat([sensitivity.scores[c.name].reshape(-1).float() for c in cands])
+    order = torch.sort(flat, descending=True, stable=True).indices  # (N,) ties: earlier parameter first
+    del flat
+    unit_of = (torch.searchsorted(starts, order, right=True) - 1).to(torch.int32)  # (N,) unit of each rank
+
+    def switched(k_u: torch.Tensor) -> torch.Tensor:
+        return (rule_struct | rule_whole) & (k_u > 0) & (k_u.double() >= thresholds)
+
+    def plan_count(k: int) -> int:
+        k_u = torch.bincount(unit_of[:k], minlength=len(units))
+        return int(torch.where(switched(k_u), costs, k_u).sum())
+
+    lo, hi = 0, len(order)  # invariant: plan_count(lo) <= budget; find the largest such k
+    if plan_count(hi) <= count_budget:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if plan_count(mid) <= count_budget:
+            lo = mid
+        else:
+            hi = mid
+    k = lo
+    if k == 0:
+        smallest = int(costs[rule_struct | rule_whole].min()) if bool((rule_struct | rule_whole).any()) else 1
+        raise PlanError(f"budget {count_budget:,} is too small for any trainable unit (smallest {smallest:,})")
+
+    k_u = torch.bincount(unit_of[:k], minlength=len(units))
+    sw = switched(k_u)
+    targets: list[Target] = []
+    sparse_units = (~sw) & (k_u > 0)
+    chosen = order[:k][sparse_units[unit_of[:k].long()]]
+    chosen, _ = torch.sort(chosen)  # flat positions of sparse entries, ascending
+    cand_starts = torch.tensor([0] + [c.numel for c in cands], dtype=torch.int64).cumsum(0)
+    cand_of = torch.searchsorted(cand_starts, chosen, right=True) - 1
+    per_cand = torch.bincount(cand_of, minlength=len(cands)).tolist()
+    pieces = torch.split(chosen, per_cand)
+
+    indices: dict[str, torch.Tensor] = {}
+    by_cand: dict[str, list[Target]] = {c.name: [] for c in cands}
+    for u, unit in enumerate(units):
+        if not bool(sw[u]):
+            continue
+        c = unit.cand
+        kind = structured if unit.rule == "structured" else "whole"
+        by_cand[c.name].append(Target(c.name, kind, unit.cost, c.kind, c.shape, c.block, unit.rows))
+    for i, c in enumerate(cands):
+        if per_cand[i]:
+            idx = pieces[i] - cand_starts[i]
+            indices[c.name] = idx.contiguous()
+            targets.append(Target(c.name, "sparse", per_cand[i], c.kind, c.shape, c.block))
+        targets.extend(by_cand[c.name])
+    return Plan(
+        targets=targets,
+        indices=indices,
+        budget=count_budget,
+        structured=structured,
+        rank=rank,
+        alpha=alpha,
+        beta=beta,
+        backbone_params=backbone,
+        block_names=list(sensitivity.meta.get("block_names", [])),
+        # saturated: every candidate entry is selected and the plan still costs less than the budget
+        meta={"top_k": k, "candidates": len(cands), "candidate_values": total, "saturated": k == len(order)},
+    )

@@ -1,0 +1,114 @@
+"""The adapter file: just the tuned values, the plan and the head — a few hundred KB instead of a backbone.
+
+    adapter/adapter.safetensors   tuner values + head, keyed by parameter name; plan indices under "plan/…"
+    adapter/adapter.json          model info (timm name, classes, weights source + sha256, preprocess),
+                                  plan (JSON), plan hash, sensitune version, anything extra (class names…)
+Loading checks that the adapter fits the base model (names, shapes, class count) and fails in one line if not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import PlanError
+from .plan import Plan
+from .tuners import apply_plan, tuner_state_dict
+
+_INDEX_PREFIX = "plan/"
+
+
+def save_adapter(model: nn.Module, plan: Plan, out_dir: str | Path, *, info: dict[str, Any] | None = None) -> Path:
+    """Write the tuned values + plan + head of `model` to `out_dir` (replaced atomically as a directory)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tuner_state_dict(model).items()}
+    tensors.update({_INDEX_PREFIX + k: v.contiguous() for k, v in plan.indices.items()})
+    meta = {
+        "format": "sensitune-adapter/1",
+        "sensitune_version": __version__,
+        "plan_hash": plan.hash(),
+        "plan": plan.to_dict(),
+        "info": info or {},
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"plan_hash": plan.hash()})
+        (tmp / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_adapter(path: str | Path) -> tuple[Plan, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an adapter directory: (plan, trained tensors by name, metadata)."""
+    path = Path(path)
+    st, js = path / "adapter.safetensors", path / "adapter.json"
+    for f in (st, js):
+        if not f.is_file():
+            raise PlanError(f"{f}: adapter file not found; point to the directory `sensitune train` wrote")
+    try:
+        meta = json.loads(js.read_text())
+        tensors = load_file(str(st))
+    except (json.JSONDecodeError, SafetensorError, OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"{path}: corrupt adapter ({type(e).__name__}); re-run `sensitune train`") from e
+    if meta.get("format") != "sensitune-adapter/1" or "plan" not in meta:
+        raise PlanError(f"{js}: not a sensitune adapter (format {meta.get('format')!r})")
+    indices = {k[len(_INDEX_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_INDEX_PREFIX)}
+    values = {k: v for k, v in tensors.items() if not k.startswith(_INDEX_PREFIX)}
+    try:
+        plan = Plan.from_dict(meta["plan"], indices)
+    except (KeyError, TypeError) as e:
+        raise PlanError(f"{js}: damaged plan in adapter ({e}); re-run `sensitune train`") from e
+    if plan.hash() != meta.get("plan_hash"):
+        raise PlanError(f"{path}: plan hash mismatch between adapter.json and adapter.safetensors; files mixed up")
+    return plan, values, meta
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, model_name: str | None = None) -> nn.Module:
+    """Apply the adapter at `path` to a fresh base `model` (in place) and load its values.
+
+    Args:
+        model: the base model, created with the same timm name, weights and class count.
+        path: adapter directory.
+        model_name: the timm name `model` was created with; checked against the adapter's record.
+    """
+    plan, values, meta = read_adapter(path)
+    want = meta.get("info", {}).get("model_name")
+    if model_name and want and model_name != want:
+        raise PlanError(f"{path}: adapter was trained on {want!r}, not {model_name!r}; create that backbone")
+    apply_plan(model, plan)
+    own = dict(model.named_parameters())
+    expected = set(tuner_state_dict(model))
+    if set(values) != expected:
+        missing, extra = sorted(expected - set(values))[:3], sorted(set(values) - expected)[:3]
+        raise PlanError(f"{path}: adapter does not fit this model (missing {missing}, unexpected {extra})")
+    for n, v in values.items():
+        if own[n].shape != v.shape:
+            raise PlanError(
+                f"{path}: {n} has shape {tuple(v.shape)} in the adapter but {tuple(own[n].shape)} in the model "
+                "(different class count or backbone?)"
+            )
+    with torch.no_grad():
+        for n, v in values.items():
+            own[n].copy_(v)
+    return model

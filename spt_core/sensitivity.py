@@ -1,0 +1,162 @@
+"""Measure every candidate's task sensitivity: s = Σ over mini-batches of (∂ mean-CE / ∂w)².
+
+First-order Taylor: the loss drop when w alone takes a gradient step of size ε·g is ε·g², so s ∝ g² (SPT §3.1).
+One forward + one backward per batch, no optimizer step. Squared gradients are folded into fp32 accumulators by
+a post-accumulate-grad hook, so at most one parameter's `.grad` exists at a time beyond the accumulators.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .candidates import Candidate, block_index, count_backbone_params, find_candidates
+from .errors import PlanError
+from .io import atomic_path
+
+
+@dataclass
+class Sensitivity:
+    """Per-candidate sensitivity scores (fp32, the parameter's shape) plus the candidates' metadata."""
+
+    scores: dict[str, torch.Tensor]
+    candidates: dict[str, Candidate]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def total(self) -> int:
+        return sum(c.numel for c in self.candidates.values())
+
+    def save(self, path: str | Path) -> None:
+        meta = {
+            "candidates": json.dumps([c.to_dict() for c in self.candidates.values()]),
+            "meta": json.dumps(self.meta),
+        }
+        tensors = {n: s.contiguous() for n, s in self.scores.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sensitivity:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: sensitivity file not found; run `sensitune measure` first")
+        try:
+            scores = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                md = f.metadata() or {}
+            cands = [Candidate.from_dict(d) for d in json.loads(md["candidates"])]
+            meta = json.loads(md.get("meta", "{}"))
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+            raise PlanError(f"{path}: not a sensitune sensitivity file ({type(e).__name__}); re-run measure") from e
+        candidates = {c.name: c for c in cands}
+        if set(candidates) != set(scores):
+            raise PlanError(f"{path}: scores and candidate list disagree; the file is damaged, re-run measure")
+        return cls(scores=scores, candidates=candidates, meta=meta)
+
+
+def _loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    return F.cross_entropy(model(x), y)  # mean over the batch, as in SPT
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    loader: Iterable,
+    batches: int = 16,
+    *,
+    device: str | torch.device | None = None,
+    train_mode: bool = True,
+    freeze_bn_stats: bool = True,
+    include_stem: bool = False,
+    candidates: dict[str, Candidate] | None = None,
+) -> Sensitivity:
+    """Σ_b g_b² for every candidate over `batches` mini-batches of `loader` (yielding (images, labels)).
+
+    The model is left exactly as it was: weights (no step is taken), BatchNorm running statistics (restored),
+    `requires_grad` flags, existing `.grad` tensors and train/eval modes.
+
+    Args:
+        model: a timm model; its current head is used (random, as in SPT, or fitted by a linear probe first).
+        loader: mini-batches of (images, labels); SPT uses 16 batches × 32 images in file order.
+        batches: number of mini-batches; fewer if the loader is shorter.
+        device: where to compute (default: where the model is).
+        train_mode: dropout/drop-path active, as SPT measures.
+        freeze_bn_stats: keep BatchNorm in eval mode (running statistics), matching how sensitune trains.
+        include_stem: measure the stem too (see `find_candidates`).
+        candidates: precomputed candidates (default: `find_candidates(model)`).
+    """
+    if batches < 1:
+        raise PlanError(f"batches={batches}: measure at least one batch (SPT uses 16)")
+    cands = candidates if candidates is not None else find_candidates(model, include_stem=include_stem)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    params = dict(model.named_parameters())
+    was_training = {m: m.training for m in model.modules()}
+    requires = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    scores = {n: torch.zeros(c.shape, dtype=torch.float32, device=device) for n, c in cands.items()}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(p: torch.Tensor) -> None:
+            scores[name].add_(p.grad.detach().float().square())
+            p.grad = None  # free it now: only the fp32 accumulators stay alive
+
+        return hook
+
+    n_batches, n_images, t0 = 0, 0, time.perf_counter()
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in cands)
+            p.grad = None
+        for n in cands:
+            handles.append(params[n].register_post_accumulate_grad_hook(make_hook(n)))
+        model.train(train_mode)
+        if freeze_bn_stats:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        for batch in loader:
+            if n_batches == batches:
+                break
+            _loss(model, batch, device).backward()
+            n_batches += 1
+            n_images += len(batch[1])
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        for n, p in params.items():
+            p.requires_grad_(requires[n])
+            p.grad = grads[n]
+        for m, t in was_training.items():
+            m.training = t
+    if n_batches == 0:
+        raise PlanError("the sensitivity loader yielded no batch; check the training split is not empty")
+    meta = {
+        "batches": n_batches,
+        "images": n_images,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "train_mode": train_mode,
+        "freeze_bn_stats": freeze_bn_stats,
+        "backbone_params": count_backbone_params(model),
+        "model_class": type(model).__name__,
+        "block_names": block_index(model)[1],
+        "sensitune_version": __version__,
+    }
+    return Sensitivity(scores={n: s.cpu() for n, s in scores.items()}, candidates=cands, meta=meta)

@@ -1,0 +1,36 @@
+"""Bottleneck adapter on a module's output channels (SPT-Adapter), for Linear and Conv, all or a row segment.
+
+    y[..., rows] = y[..., rows] + W_up · GELU(W_down · y[..., rows] + b_down) + b_up
+    W_down ∈ R^{r × d} (Kaiming-uniform), W_up ∈ R^{d × r} and b_up zero: the identity at initialisation.
+Trainable count: 2·r·d + r + d with d = rows. Applied along the channel axis: the last axis for Linear outputs
+(B, N, C), axis 1 for Conv outputs (B, C, H, W). Costs one (B, ..., r) activation per adapted module.
+An adapter is nonlinear, so it cannot be folded into the weights: `merge` keeps it (see merge.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Adapter(nn.Module):
+    """y -> y + up(GELU(down(y))) on output channels [rows[0], rows[1])."""
+
+    def __init__(self, channels: int, rank: int, rows: tuple[int, int] | None = None, channel_dim: int = -1):
+        super().__init__()
+        self.rows = tuple(rows) if rows else (0, channels)
+        d = self.rows[1] - self.rows[0]
+        self.channels, self.channel_dim = channels, channel_dim
+        self.down = nn.Linear(d, rank)
+        self.up = nn.Linear(rank, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y_c = y.movedim(self.channel_dim, -1)  # (..., C)
+        seg = y_c[..., self.rows[0] : self.rows[1]]
+        out = self.up(F.gelu(self.down(seg)))  # (..., d)
+        if self.rows != (0, self.channels):
+            out = F.pad(out, (self.rows[0], self.channels - self.rows[1]))
+        return (y_c + out).movedim(-1, self.channel_dim)

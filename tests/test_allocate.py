@@ -1,0 +1,146 @@
+"""allocate: global top-k, the α/β rule at its boundaries, budget parsing, determinism, any timm backbone."""
+
+import functools
+
+import pytest
+import timm
+import torch
+
+from spt_core.allocate import allocate, structured_cost
+from spt_core.candidates import Candidate
+from spt_core.errors import PlanError
+from spt_core.plan import Plan, parse_budget
+from spt_core.sensitivity import Sensitivity, measure_sensitivity
+
+
+def _toy() -> Sensitivity:
+    """A 20-vector scored highest, then a 100×50 matrix with 40 hot entries, the rest zero.
+
+    LoRA rank 2 on the matrix costs 2·(50+100) = 300 → switches at 300/α = 30 selected entries (α=10);
+    the vector switches to whole at 20/β = 4 selected entries (β=5).
+    """
+    vec = Candidate("v", "m", "bias", "vector", (20,), 0)
+    mat = Candidate("w", "m", "weight", "linear", (100, 50), 1)
+    w = torch.zeros(100, 50)
+    w.view(-1)[torch.arange(0, 4000, 100)] = 10.0  # 40 hot entries spread over rows
+    scores = {"v": torch.full((20,), 100.0), "w": w}
+    return Sensitivity(scores, {"v": vec, "w": mat}, {"backbone_params": 5020, "block_names": ["a", "b"]})
+
+
+def _kinds(plan: Plan) -> dict:
+    return {t.param: (t.kind, t.count) for t in plan.targets}
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (3, {"v": ("sparse", 3)}),  # below 1/β of the vector: sparse entries
+        (4, {"v": ("sparse", 3)}),  # the 4th entry would make it whole (20 values) > budget
+        (19, {"v": ("sparse", 3)}),
+        (20, {"v": ("whole", 20)}),  # exactly len/β selected → whole
+        (49, {"v": ("whole", 20), "w": ("sparse", 29)}),  # 29 < 300/α matrix entries: sparse
+        (50, {"v": ("whole", 20), "w": ("sparse", 29)}),  # the 30th entry would switch to LoRA (300)
+        (319, {"v": ("whole", 20), "w": ("sparse", 29)}),
+        (320, {"v": ("whole", 20), "w": ("lora", 300)}),  # exactly σ_opt = 30 selected → LoRA
+    ],
+)
+def test_alpha_beta_boundaries(budget, expected):
+    plan = allocate(_toy(), budget, structured="lora", rank=2, alpha=10, beta=5)
+    assert _kinds(plan) == expected
+    assert plan.trainable <= budget
+
+
+def test_sparse_entries_are_the_top_scored_ones():
+    plan = allocate(_toy(), 49, structured="lora", rank=2)
+    assert torch.equal(plan.indices["w"], torch.arange(0, 2900, 100))  # the 29 first hot entries, in order
+    plan = allocate(_toy(), 3, structured="lora", rank=2)
+    assert torch.equal(plan.indices["v"], torch.tensor([0, 1, 2]))  # ties → earlier position first
+
+
+def test_sparse_only_never_builds_modules():
+    plan = allocate(_toy(), 320, structured="none", beta=5)
+    assert _kinds(plan) == {"v": ("whole", 20), "w": ("sparse", 300)}
+
+
+def test_adapter_cost():
+    plan = allocate(_toy(), 20 + 2 * 2 * 100 + 2 + 100, structured="adapter", rank=2)
+    assert _kinds(plan)["w"] == ("adapter", 502)  # 2·r·d + r + d with d = 100 output channels
+
+
+def test_budget_parsing():
+    assert parse_budget(400000, 10**6) == 400000
+    assert parse_budget("0.4M", 10**6) == 400000
+    assert parse_budget("400k", 10**6) == 400000
+    assert parse_budget("0.5%", 2 * 10**6) == 10000
+    for bad in (0, "0", "0%", "-5", "lots", "2M", True):
+        with pytest.raises(PlanError):
+            parse_budget(bad, 10**6)
+    with pytest.raises(PlanError, match="exceeds"):
+        allocate(_toy(), 10**6)
+
+
+def test_deterministic_with_ties():
+    s = _toy()
+    s.scores["w"] = torch.ones(100, 50)  # everything tied
+    s.scores["v"] = torch.ones(20)
+    a, b = allocate(s, 77, structured="none"), allocate(s, 77, structured="none")
+    assert a.hash() == b.hash()
+    # ties are broken by position: the vector (first) goes whole, then the matrix's first 57 entries
+    assert _kinds(a) == {"v": ("whole", 20), "w": ("sparse", 57)}
+    assert torch.equal(a.indices["w"], torch.arange(57))
+
+
+@functools.cache
+def _sensitivity(name: str, img_size: int | None = None) -> Sensitivity:
+    torch.manual_seed(0)
+    kw = {"img_size": img_size} if img_size else {}
+    model = timm.create_model(name, num_classes=3, **kw)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    return measure_sensitivity(model, [(x, y)] * 2, batches=2)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [("test_vit", {"img_size": 32}), ("convnext_atto", {}), ("resnet10t", {}), ("test_efficientnet", {})],
+)
+@pytest.mark.parametrize("structured", ["lora", "adapter", "none"])
+def test_any_backbone_within_one_module_of_budget(name, kw, structured, tmp_path):
+    s = _sensitivity(name, **kw)
+    s = Sensitivity({k: v.clone() for k, v in s.scores.items()}, s.candidates, s.meta)
+    plan = allocate(s, "1%", structured=structured, rank=4)
+    # the plan stops before the first entry whose unit would switch past the budget: it undershoots by less
+    # than the largest unit that can switch (one structured module or one whole vector/kernel)
+    largest = max(
+        structured_cost(c, c.shape[0], structured, 4) if structured != "none" and c.kind != "vector" else c.numel
+        for c in s.candidates.values()
+    )
+    assert plan.trainable <= plan.budget
+    assert plan.meta["saturated"] or plan.budget - largest <= plan.trainable
+    assert sum(v["params"] for v in plan.by_kind().values()) == plan.trainable
+    assert sum(sum(v.values()) for v in plan.by_block().values()) == plan.trainable
+    assert all(t.param in s.candidates for t in plan.targets)
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.hash() == plan.hash() and again.trainable == plan.trainable
+    assert allocate(s, "1%", structured=structured, rank=4).hash() == plan.hash()
+
+
+def test_vit_qkv_segments_get_their_own_lora():
+    base = _sensitivity("test_vit", img_size=32)
+    s = Sensitivity({k: v.clone() for k, v in base.scores.items()}, base.candidates, base.meta)
+    s.scores["blocks.0.attn.qkv.weight"][128:] = 1e6  # only v of block 0 is hot
+    plan = allocate(s, 1200, structured="lora", rank=4)
+    lora = [t for t in plan.targets if t.kind == "lora"]
+    assert [(t.param, t.rows) for t in lora] == [("blocks.0.attn.qkv.weight", (128, 192))]
+    assert lora[0].count == 4 * (64 + 64)
+
+
+def test_damaged_plan_file_is_one_line_error(tmp_path):
+    plan = allocate(_toy(), 49)
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "plan.json").write_text("{not json")
+    with pytest.raises(PlanError, match="plan.json") as e:
+        Plan.load(tmp_path / "plan.json")
+    assert "\n" not in str(e.value)
+    with pytest.raises(PlanError, match="not found"):
+        Plan.load(tmp_path / "missing.json")

@@ -1,0 +1,214 @@
+"""Tuner contract table (sparse/whole/LoRA/adapter × Linear/Conv/qkv) + exact gradients + memory behaviour."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from spt_core.candidates import head_parameter_names
+from spt_core.checkpoint import load_adapter, save_adapter
+from spt_core.errors import PlanError
+from spt_core.merge import merge
+from spt_core.plan import Plan, Target
+from spt_core.tuners import apply_plan, remove_tuners, trainable_count, tuned_modules
+from spt_core.tuners.host import _Rebuild
+
+RANK = 4
+MODELS = {
+    "linear": ("test_vit", "blocks.0.mlp.fc1.weight", None),
+    "qkv": ("test_vit", "blocks.0.attn.qkv.weight", (64, 128)),  # the k segment of the fused projection
+    "conv": ("test_efficientnet", "blocks.1.0.conv_exp.weight", None),
+    "dwconv": ("test_efficientnet", "blocks.3.0.conv_dw.weight", None),
+    "vector": ("test_vit", "blocks.0.norm1.weight", None),
+}
+CASES = [
+    ("sparse", "linear"),
+    ("sparse", "qkv"),
+    ("sparse", "conv"),
+    ("sparse", "dwconv"),
+    ("sparse", "vector"),
+    ("whole", "vector"),
+    ("whole", "dwconv"),
+    ("lora", "linear"),
+    ("lora", "qkv"),
+    ("lora", "conv"),
+    ("adapter", "linear"),
+    ("adapter", "qkv"),
+    ("adapter", "conv"),
+]
+
+
+def _model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    kw = {"img_size": 32} if "vit" in name else {}
+    return timm.create_model(name, num_classes=3, **kw).eval()
+
+
+def _plan(kind: str, param: str, shape: tuple, rows) -> Plan:
+    numel = torch.Size(shape).numel()
+    indices = {}
+    if kind == "sparse":
+        count = max(3, numel // 7)
+        indices[param] = torch.randperm(numel, generator=torch.Generator().manual_seed(1))[:count].sort().values
+    elif kind == "whole":
+        count = numel
+    elif kind == "lora":
+        n_rows = (rows[1] - rows[0]) if rows else shape[0]
+        count = RANK * (numel // shape[0] + n_rows)
+    else:
+        d = (rows[1] - rows[0]) if rows else shape[0]
+        count = 2 * RANK * d + RANK + d
+    t = Target(param, kind, count, "x", tuple(shape), 0, rows if kind in ("lora", "adapter") else None)
+    return Plan([t], indices, count, "lora", RANK, 10.0, 5.0, 10**6)
+
+
+def _case(kind: str, where: str):
+    name, param, rows = MODELS[where]
+    model = _model(name)
+    shape = tuple(dict(model.named_parameters())[param].shape)
+    return name, model, _plan(kind, param, shape, rows)
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in tuned_modules(model).values():
+            for p in t.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind, where", CASES)
+def test_tuner_contract(kind, where, tmp_path):
+    name, model, plan = _case(kind, where)
+    x = _x()
+    with torch.no_grad():
+        base_out = model(x)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_plan(model, plan)
+    # names unchanged, everything frozen but the tuners and the head
+    assert set(base_state) <= set(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(head_parameter_names(model)) <= trainable
+    assert all(".spt." in n for n in trainable - set(head_parameter_names(model)))
+    assert trainable_count(model) == plan.trainable
+    with torch.no_grad():
+        assert torch.equal(model(x), base_out)  # zero-initialised tuner == identity
+    _perturb(model)
+    with torch.no_grad():
+        tuned_out = model(x)
+    assert (tuned_out - base_out).abs().max() > 1e-4  # a non-zero delta changes the output
+    save_adapter(model, plan, tmp_path / "adapter", info={"model_name": name})
+    fresh = load_adapter(_model(name), tmp_path / "adapter", model_name=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), tuned_out, rtol=0, atol=1e-6)  # save/load reproduces outputs
+    merged = merge(model, keep_adapters=(kind == "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), tuned_out, rtol=0, atol=1e-5)  # merged == unmerged
+    if kind != "adapter":  # a plain timm model again: loads strictly into a fresh one
+        assert not tuned_modules(merged)
+        plain = timm.create_model(name, num_classes=3, **({"img_size": 32} if "vit" in name else {}))
+        plain.load_state_dict(merged.state_dict(), strict=True)
+        assert type(plain) is type(merged)
+
+
+def test_merge_refuses_adapters_without_opt_in():
+    _, model, plan = _case("adapter", "linear")
+    apply_plan(model, plan)
+    with pytest.raises(PlanError, match="adapters"):
+        merge(model)
+
+
+@pytest.mark.parametrize("where", ["linear", "qkv", "conv", "dwconv"])
+def test_sparse_grad_equals_masked_dense_grad(where):
+    name, model, plan = _case("sparse", where)
+    param = plan.targets[0].param
+    idx = plan.indices[param]
+    x, y = _x(), torch.tensor([0, 2])
+    dense = _model(name)
+    w = dict(dense.named_parameters())[param]
+    (g_dense,) = torch.autograd.grad(F.cross_entropy(dense(x), y), [w])
+    apply_plan(model, plan)
+    F.cross_entropy(model(x), y).backward()
+    values = tuned_modules(model)[param.rpartition(".")[0]].deltas["weight"][0].values
+    torch.testing.assert_close(values.grad, g_dense.reshape(-1)[idx], rtol=1e-5, atol=1e-7)
+    # no dense gradient buffer on any frozen weight
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_only_planned_entries_change_after_a_step():
+    name, model, plan = _case("sparse", "conv")
+    param = plan.targets[0].param
+    base = dict(model.named_parameters())[param].detach().clone()
+    apply_plan(model, plan)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    F.cross_entropy(model(_x()), torch.tensor([0, 2])).backward()
+    opt.step()
+    merge(model)
+    changed = (dict(model.named_parameters())[param].detach() != base).reshape(-1).nonzero().flatten()
+    assert len(changed) > 0 and set(changed.tolist()) <= set(plan.indices[param].tolist())
+    untouched = torch.ones(base.numel(), dtype=torch.bool)
+    untouched[plan.indices[param]] = False
+    assert torch.equal(
+        dict(model.named_parameters())[param].detach().reshape(-1)[untouched], base.reshape(-1)[untouched]
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, where", [("sparse", "linear"), ("lora", "qkv"), ("sparse", "conv"), ("whole", "vector")]
+)
+def test_effective_weight_is_not_saved_for_backward(kind, where, monkeypatch):
+    """An op using W' would save it for backward (SPT's memory fault): the graph must hold a recipe instead."""
+    _, model, plan = _case(kind, where)
+    apply_plan(model, plan)
+    stored, rebuilt = [], []
+    init, call = _Rebuild.__init__, _Rebuild.__call__
+    monkeypatch.setattr(_Rebuild, "__init__", lambda self, *a: (stored.append(a[1]), init(self, *a))[1])
+    monkeypatch.setattr(_Rebuild, "__call__", lambda self: (rebuilt.append(self.attr), call(self))[1])
+    x = _x().requires_grad_(True)  # so every layer needs its input gradient, hence W'
+    loss = F.cross_entropy(model(x), torch.tensor([0, 2]))
+    assert stored == [plan.targets[0].param.rpartition(".")[2]]  # W' was replaced by a recipe when saved
+    assert not rebuilt
+    loss.backward()
+    assert rebuilt == stored  # and rebuilt once, when backward needed it
+    assert all(p.grad is not None for t in tuned_modules(model).values() for p in t.parameters())
+    with torch.no_grad():
+        model(x)
+    assert len(stored) == 1  # nothing saved without autograd
+
+
+def test_remove_tuners_restores_base_model():
+    _, model, plan = _case("lora", "linear")
+    x = _x()
+    with torch.no_grad():
+        ref = model(x)
+    apply_plan(model, plan)
+    _perturb(model)
+    remove_tuners(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    assert not tuned_modules(model)
+
+
+def test_apply_plan_rejects_wrong_backbone():
+    _, _, plan = _case("lora", "linear")
+    with pytest.raises(PlanError, match="not a parameter"):
+        apply_plan(_model("test_efficientnet"), plan)
+
+
+def test_adapter_load_errors(tmp_path):
+    name, model, plan = _case("sparse", "linear")
+    apply_plan(model, plan)
+    save_adapter(model, plan, tmp_path / "a", info={"model_name": name})
+    with pytest.raises(PlanError, match="trained on 'test_vit'"):
+        load_adapter(_model("test_vit"), tmp_path / "a", model_name="vit_tiny")
+    other_classes = timm.create_model("test_vit", img_size=32, num_classes=5)
+    with pytest.raises(PlanError, match="shape"):
+        load_adapter(other_classes, tmp_path / "a")
+    (tmp_path / "a" / "adapter.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(PlanError, match="corrupt") as e:
+        load_adapter(_model(name), tmp_path / "a")
+    assert "\n" not in str(e.value)
