@@ -1,0 +1,348 @@
+"""fit / linear_probe / evaluate on tiny timm models (CPU, 32 px random tensors)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import spt_core.train as train_mod
+from spt_core.errors import SensituneError
+from spt_core.evaluate import evaluate, predict, write_predictions_csv
+from spt_core.train import (
+    History,
+    TrainConfig,
+    fit,
+    linear_probe,
+    lr_at,
+    make_optimizer,
+    trainable_parameters,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EFFNET_TRAINABLE = ("classifier.", "blocks.4.0.conv_pwl.", "blocks.4.0.bn3.")
+
+
+def _loaders(n_train: int = 32, n_eval: int = 16, *, batch: int = 8, seed: int = 0) -> dict[str, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + 2 * n_eval
+    x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
+    a, b = n_train, n_train + n_eval
+    return {
+        "train": DataLoader(TensorDataset(x[:a], y[:a]), batch_size=batch, shuffle=True),
+        "val": DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=batch),
+        "test": DataLoader(TensorDataset(x[b:], y[b:]), batch_size=batch),
+    }
+
+
+def _effnet(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3, **kw)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(EFFNET_TRAINABLE))
+    return model
+
+
+def _vit(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=3, img_size=32, **kw)
+    for n, p in model.named_parameters():  # a PEFT-like split: head + the last block's MLP
+        p.requires_grad_(n.startswith(("head.", "blocks.5.mlp.")))
+    return model
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "warmup_epochs": 1, "lr": 1e-2, "progress": False, **kw})
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _comparable(h: dict) -> dict:
+    """History without wall-clock / process-dependent fields."""
+    drop = {"train_seconds", "peak_memory_mb", "resumed_at_epoch"}
+    out = {k: v for k, v in h.items() if k not in drop}
+    out["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
+    return out
+
+
+# --- config and schedule -------------------------------------------------------------------------------------
+
+
+def test_config_roundtrip_unknown_key_and_validation():
+    cfg = TrainConfig(epochs=7, warmup_epochs=1, lr=3e-4, grad_clip=1.0)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+    with pytest.raises(SensituneError, match="learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(SensituneError, match=r"epochs=0.*min_lr"):  # every problem reported at once
+        TrainConfig(epochs=0, min_lr=1.0)
+    assert [TrainConfig.scaled(e).warmup_epochs for e in (3, 5, 20, 100)] == [0, 1, 2, 10]
+    assert TrainConfig.scaled(20, lr=5e-4).lr == 5e-4
+
+
+def test_lr_schedule_values():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    total, warmup = 100, 20
+    lrs = [lr_at(s, total, warmup, cfg) for s in range(total)]
+    assert lrs[0] == cfg.warmup_lr
+    assert lrs[10] == pytest.approx((cfg.warmup_lr + cfg.lr) / 2, rel=1e-12)
+    assert lrs[warmup] == pytest.approx(cfg.lr, rel=1e-12)
+    assert lrs[-1] == cfg.min_lr  # cos(pi) = -1 exactly
+    mid = warmup + (total - 1 - warmup) / 2  # the cosine's midpoint is the mean of lr and min_lr
+    assert lr_at(mid, total, warmup, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2, rel=1e-12)
+    assert all(a < b for a, b in zip(lrs[: warmup + 1], lrs[1 : warmup + 1]))
+    assert all(a > b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
+    no_warm = TrainConfig(epochs=10, warmup_epochs=0)
+    assert lr_at(0, 50, 0, no_warm) == pytest.approx(no_warm.lr, rel=1e-12)
+
+
+def test_no_weight_decay_on_1d_and_model_no_weight_decay():
+    model = _vit()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    params = trainable_parameters(model)
+    skip = model.no_weight_decay()  # pos_embed, cls_token: timm's own list
+    opt = make_optimizer(params, TrainConfig(weight_decay=0.05), no_decay=skip)
+    by_id = {id(p): n for n, p in params.items()}
+    groups = {g["weight_decay"]: {by_id[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert set(groups) == {0.05, 0.0}
+    assert groups[0.0] == {n for n, p in params.items() if p.ndim <= 1 or n in skip}
+    assert groups[0.05] == {n for n, p in params.items() if p.ndim > 1 and n not in skip}
+    assert {"pos_embed", "cls_token", "head.bias", "blocks.0.norm1.weight"} <= groups[0.0]
+    assert "head.weight" in groups[0.05]
+
+
+# --- what fit changes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze_bn_stats", [True, False])
+def test_fit_changes_only_trainable_and_bn_stats_when_asked(freeze_bn_stats):
+    model = _effnet()
+    model.conv_head.eval()  # a mixed mode that fit must give back as it was
+    trainable = set(trainable_parameters(model))
+    before = _snapshot(model)
+    hist = fit(model, _loaders(), _cfg(epochs=1, warmup_epochs=0, freeze_bn_stats=freeze_bn_stats))
+    after = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()}
+    for n in trainable:
+        assert not torch.equal(before[n], after[n]), n
+    for n in set(before) - trainable - buffers:
+        assert torch.equal(before[n], after[n]), n
+    changed = {n for n in buffers if not torch.equal(before[n], after[n])}
+    if freeze_bn_stats:
+        assert changed == set()
+    else:
+        assert "bn1.running_mean" in changed and "blocks.4.0.bn3.running_var" in changed
+    assert model.training and not model.conv_head.training and model.bn2.training
+    assert hist.trainable_params == sum(after[n].numel() for n in trainable)
+    assert hist.best_epoch == 1 and hist.test_acc is not None and hist.peak_memory_mb > 0
+
+
+def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
+    loaders = _loaders()
+    scripted_val = iter([0.5, 0.75, 0.75, 0.25])  # best = epoch 2 (epoch 3 ties: the earlier one wins)
+    calls = {"test": 0}
+
+    def fake_evaluate(model, loader, *args, **kw):
+        out = evaluate(model, loader, *args, **kw)
+        if loader is loaders["val"]:
+            out["accuracy"] = next(scripted_val)
+        if loader is loaders["test"]:
+            calls["test"] += 1
+        return out
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+
+    class EpochSampler(torch.utils.data.RandomSampler):  # what a DistributedSampler needs each epoch
+        def set_epoch(self, epoch):
+            calls.setdefault("set_epoch", []).append(epoch)
+
+    train_set = loaders["train"].dataset
+    loaders["train"] = DataLoader(train_set, batch_size=8, sampler=EpochSampler(train_set))
+    model = _vit()
+    names = list(trainable_parameters(model))
+    snaps, test_acc_per_epoch = {}, {}
+
+    def on_epoch(rec):
+        snaps[rec["epoch"]] = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+        test_acc_per_epoch[rec["epoch"]] = evaluate(model, loaders["test"])["accuracy"]
+
+    hist = fit(model, loaders, _cfg(epochs=4), on_epoch=on_epoch)
+    assert [e.val_acc for e in hist.epochs] == [0.5, 0.75, 0.75, 0.25]
+    assert hist.best_epoch == 2 and hist.best_val_acc == 0.75
+    assert calls["test"] == 1 and calls["set_epoch"] == [0, 1, 2, 3]
+    final = trainable_parameters(model)
+    assert all(torch.equal(final[n], snaps[2][n]) for n in names)
+    assert not all(torch.equal(snaps[2][n], snaps[4][n]) for n in names)  # selection is not a no-op
+    assert hist.test_acc == test_acc_per_epoch[2] == evaluate(model, loaders["test"])["accuracy"]
+
+
+def test_same_seed_same_history_and_lr_record():
+    def run(seed):
+        model = _vit(drop_path_rate=0.1)  # drop-path draws from the global RNG
+        h = fit(model, _loaders(), _cfg(epochs=3, seed=seed))
+        return h, _snapshot(model)
+
+    (h1, s1), (h2, s2), (h3, _) = run(0), run(0), run(1)
+    assert _comparable(h1.to_dict()) == _comparable(h2.to_dict())
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert [e.train_loss for e in h1.epochs] != [e.train_loss for e in h3.epochs]
+    cfg, steps = _cfg(epochs=3), 4  # 32 train images / batch 8
+    assert [e.lr for e in h1.epochs] == [lr_at(e * steps - 1, 3 * steps, steps, cfg) for e in (1, 2, 3)]
+    assert History.from_dict(json.loads(json.dumps(h1.to_dict()))) == h1
+
+
+# --- kill and resume -----------------------------------------------------------------------------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import timm, torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from spt_core.train import TrainConfig, fit
+
+    def run(out_dir):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # same reduction order in the pytest process and the subprocess
+        try:
+            torch.manual_seed(0)
+            model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.2, drop_path_rate=0.1)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.startswith(("classifier.", "blocks.4.0.conv_pwl.", "blocks.4.0.bn3.")))
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 3, (48,), generator=g)
+            gen = torch.Generator().manual_seed(1)  # decides the order: fit must restore it, not only the global RNG
+            loaders = {
+                "train": DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8, shuffle=True, generator=gen),
+                "val": DataLoader(TensorDataset(x[32:40], y[32:40]), batch_size=8),
+                "test": DataLoader(TensorDataset(x[40:], y[40:]), batch_size=8),
+            }
+            cfg = TrainConfig(epochs=4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
+            kill_after = int(os.environ.get("KILL_AFTER_EPOCH", "0"))
+
+            def on_epoch(rec):
+                if rec["epoch"] == kill_after:
+                    os._exit(1)  # no cleanup, like a SIGKILL
+
+            hist = fit(model, loaders, cfg, out_dir, on_epoch=on_epoch)
+            return hist, model
+        finally:
+            torch.set_num_threads(threads)
+
+    if __name__ == "__main__":
+        out = Path(sys.argv[1])
+        hist, model = run(out)
+        (out / "history.json").write_text(json.dumps(hist.to_dict()))
+        torch.save(model.state_dict(), out / "final.pt")
+    """
+)
+
+
+def test_killed_run_resumes_to_identical_result(tmp_path):
+    script = tmp_path / "run_fit.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SENSITUNE_NO_PROGRESS": "1"}
+    killed = subprocess.run([sys.executable, script, out], env={**env, "KILL_AFTER_EPOCH": "2"}, capture_output=True)
+    assert killed.returncode == 1, killed.stderr.decode()[-2000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]["epochs"]) == 2 and not (out / "history.json").exists()
+    # the optimizer really has no weight decay on the 1-D params (bn3 weight/bias, classifier bias)
+    wd = sorted((g["weight_decay"], len(g["params"])) for g in ckpt["optimizer"]["param_groups"])
+    assert wd == [(0.0, 3), (1e-4, 2)]
+
+    resumed = subprocess.run([sys.executable, script, out], env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    h_resumed = json.loads((out / "history.json").read_text())
+    assert h_resumed["resumed_at_epoch"] == 2
+
+    ns: dict = {}
+    exec(compile(SCRIPT, "run_fit", "exec"), ns)  # the same code, uninterrupted, in this process
+    h_full, model = ns["run"](tmp_path / "uninterrupted")
+    assert h_full.resumed_at_epoch == 0 and len(h_full.epochs) == 4
+    assert _comparable(h_resumed) == _comparable(h_full.to_dict())
+    final = torch.load(out / "final.pt", weights_only=True)  # incl. BN running stats (not frozen here)
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+    # a checkpoint that does not belong to this model or config is refused, not silently mixed in
+    other = _effnet()
+    other.conv_head.weight.requires_grad_(True)
+    cfg = TrainConfig(epochs=4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
+    with pytest.raises(SensituneError, match=r"conv_head\.weight.*delete it or use a new out dir"):
+        fit(other, _loaders(), cfg, out)
+    with pytest.raises(SensituneError, match=r"epochs=4->5"):
+        fit(_effnet(), _loaders(), TrainConfig(**{**cfg.to_dict(), "epochs": 5}), out)
+
+
+# --- linear probe --------------------------------------------------------------------------------------------
+
+
+def test_linear_probe_trains_only_the_head_and_restores_flags():
+    model = _effnet()  # blocks.4.0.* trainable, as a plan would leave it
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = _snapshot(model)
+    hist = linear_probe(model, _loaders(), _cfg(epochs=1, warmup_epochs=0))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    assert hist.trainable_params == 3 * 256 + 3
+
+
+# --- evaluate / predict --------------------------------------------------------------------------------------
+
+
+def test_evaluate_exact_confusion_and_restores_modes():
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0, 2])
+    logits = F.one_hot(pred, 3).float() * 2.0 + torch.linspace(-0.5, 0.5, 21).view(7, 3)
+    loader = DataLoader(TensorDataset(logits, y), batch_size=3)  # 3 batches, the last one short
+    model = nn.Sequential(nn.Identity(), nn.Dropout(0.5))
+    model[0].eval()  # mixed modes must survive
+    out = evaluate(model, loader)
+    assert out["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]
+    assert out["n"] == 7 and out["accuracy"] == 5 / 7
+    assert out["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert out["per_class_recall"] == [0.5, 1.0, 2 / 3]
+    assert out["per_class_precision"] == [0.5, 2 / 3, 1.0]
+    assert model.training and not model[0].training and model[1].training
+    four = evaluate(nn.Linear(3, 4), [(logits, y)], num_classes=4)  # a class nobody has: None, not NaN
+    assert four["per_class_recall"][3] is None and len(four["confusion"]) == 4
+    json.dumps(out)
+    with pytest.raises(SensituneError, match="label range"):
+        evaluate(model, [(logits, torch.tensor([0, 1, 2, 3, 0, 1, 2]))])
+
+
+def test_predict_and_predictions_csv(tmp_path):
+    model = _vit().eval()
+    x = torch.randn(10, 3, 32, 32)
+    preds, probs = predict(model, x, batch_size=4)
+    preds2, probs2 = predict(model, DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)), batch_size=3))
+    assert preds.dtype == np.int64 and probs.shape == (10, 3) and probs.dtype == np.float32
+    np.testing.assert_array_equal(preds, probs.argmax(1))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs, probs2, rtol=1e-5, atol=1e-6)
+    names = ["ok", "scratch", "dent"]
+    path = write_predictions_csv([f"img{i}.png" for i in range(10)], preds, probs, names, tmp_path / "p.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["pred"] for r in rows] == [names[k] for k in preds]
+    assert all(math.isclose(float(r["confidence"]), float(r[f"p_{r['pred']}"])) for r in rows)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.csv"]  # no temp file left behind
+    with pytest.raises(SensituneError, match="9 paths"):
+        write_predictions_csv(["a"] * 9, preds, probs, names, tmp_path / "q.csv")
