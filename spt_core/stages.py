@@ -282,7 +282,8 @@ def load_tuned(adapter_dir: Path, device: str = "cpu") -> tuple[torch.nn.Module,
     """The base model with the adapter applied, and the adapter's info."""
     _, _, meta = read_adapter(adapter_dir)
     info = meta["info"]
-    model, _ = create_model(**info["model_args"])
+    # the same seed as at training time, so a randomly initialised base (weights: none) is the same base
+    model, _ = build_model(info["model_args"], info.get("train", {}).get("seed", 0))
     load_adapter(model, adapter_dir, model_name=info["model_args"]["name"])
     return model.to(device).eval(), info
 

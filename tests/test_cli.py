@@ -1,0 +1,148 @@
+"""The CLI end to end on tiny data, and its one-line errors (exit code 2) on bad input."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from spt_core import stages
+from spt_core.cli import main
+from spt_core.config import load_params
+
+TINY = {
+    "paths": {"raw": "raw", "data": "prepared", "run": "run"},
+    "demo": {"n_per_class": 8, "size": 32, "seed": 0, "batch": 0},
+    "data": {"n_train": 16, "n_val": 8, "n_test": None},
+    "model": {"name": "test_efficientnet", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
+    "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2},
+    "plan": {"budget": "2%"},
+    "train": {"epochs": 2, "batch_size": 8, "warmup_epochs": 0, "probe_epochs": 2, "lr": 0.01},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny project directory that has gone through demo → prepare → measure → plan → train."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    cfg = ["--config", str(root / "params.yaml")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for verb in ("demo", "prepare", "measure", "plan", "train"):
+            assert main([verb, *cfg, "-q"]) == 0, verb
+    return root
+
+
+def test_pipeline_outputs(project):
+    run = project / "run"
+    for name in ("sensitivity.safetensors", "plan.json", "plan.safetensors", "plan.png", "metrics.json", "history.csv"):
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+    m = json.loads((run / "metrics.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    assert m["trainable"] == plan["trainable"] > 0
+    assert m["by_kind"] == {k: v["params"] for k, v in plan["by_kind"].items()}
+    assert 0 <= m["test_acc"] <= 1 and m["probe_test_acc"] is not None
+    with open(run / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_merge_predict_equal_unmerged(project, monkeypatch):
+    monkeypatch.chdir(project)
+    cfg = ["--config", "params.yaml", "-q"]
+    assert main(["merge", *cfg]) == 0
+    assert main(["evaluate", *cfg]) == 0
+    assert json.loads((project / "run" / "eval.json").read_text())["n"] > 0
+    images = project / "prepared" / "test"
+    assert main(["predict", str(images), "--out", "merged.csv", *cfg]) == 0
+    assert main(["predict", str(images), "--model-path", "run/adapter", "--out", "tuned.csv", *cfg]) == 0
+    merged = list(csv.DictReader(open(project / "merged.csv")))
+    tuned = list(csv.DictReader(open(project / "tuned.csv")))
+    assert len(merged) == len(tuned) == sum(1 for p in images.rglob("*.png"))
+    assert [r["pred"] for r in merged] == [r["pred"] for r in tuned]
+    for a, b in zip(merged, tuned):
+        assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-5
+    # the merged file is a plain timm state dict of the original class
+    model, info = stages.load_merged(project / "run" / "merged.safetensors")
+    assert type(model).__name__ == "EfficientNet" and info["class_names"] == ["crack", "ok", "scratch", "spot"]
+    assert not any(".spt." in k for k in model.state_dict())
+
+
+def test_changed_budget_replans_without_remeasuring(project, monkeypatch):
+    monkeypatch.chdir(project)
+    sens = project / "run" / "sensitivity.safetensors"
+    before = sens.stat().st_mtime_ns
+    assert main(["plan", "--config", "params.yaml", "--budget", "1000", "-q"]) == 0
+    assert json.loads((project / "run" / "plan.json").read_text())["budget"] == 1000
+    assert sens.stat().st_mtime_ns == before
+    assert main(["plan", "--config", "params.yaml", "-q"]) == 0  # restore for other tests
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+BAD = [
+    # (what, argv builder, expected fragment of the one-line message)
+    ("missing config", lambda p: ["plan", "--config", str(p / "nope.yaml")], "nope.yaml"),
+    ("unknown key", lambda p: ["plan", "--config", str(_write(p / "c1.yaml", "plan:\n  budgt: 5\n"))], "plan.budgt"),
+    ("unknown section", lambda p: ["plan", "--config", str(_write(p / "c2.yaml", "optim: {}\n"))], "optim"),
+    ("invalid yaml", lambda p: ["plan", "--config", str(_write(p / "c3.yaml", "plan: [\n"))], "invalid YAML"),
+    ("bad budget text", lambda p: ["plan", "--config", "params.yaml", "--budget", "lots"], "budget='lots'"),
+    ("zero budget", lambda p: ["plan", "--config", "params.yaml", "--budget", "0"], "positive budget"),
+    ("budget above model", lambda p: ["plan", "--config", "params.yaml", "--budget", "900M"], "exceeds"),
+    ("bad structured", lambda p: ["plan", "--config", "params.yaml", "--structured", "dora"], "structured='dora'"),
+    ("no sensitivity yet", lambda p: ["plan", "--config", "params.yaml", "--run", str(p / "empty")], "measure"),
+    ("unknown model", lambda p: ["measure", "--config", "params.yaml", "--model", "vit_hugee"], "unknown model"),
+    ("weights file missing", lambda p: ["measure", "--config", "params.yaml", "--weights", "w.pth"], "w.pth"),
+    ("bad head", lambda p: ["measure", "--config", "params.yaml", "--head", "zero"], "sensitivity.head"),
+    ("data dir missing", lambda p: ["measure", "--config", "params.yaml", "--data", str(p / "nodata")], "nodata"),
+    ("raw dir missing", lambda p: ["prepare", "--config", "params.yaml", "--raw", str(p / "noraw")], "noraw"),
+    ("predict missing input", lambda p: ["predict", str(p / "ghost.png"), "--config", "params.yaml"], "ghost.png"),
+    (
+        "corrupt adapter",
+        lambda p: ["evaluate", "--config", "params.yaml", "--model-path", str(p / "badadapter")],
+        "badadapter",
+    ),  # fmt: skip
+    ("bad train key value", lambda p: ["train", "--config", "params.yaml", "--epochs", "0"], "epochs=0"),
+]
+
+
+@pytest.mark.parametrize("what, argv, fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2(what, argv, fragment, project, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(project)
+    (tmp_path / "badadapter").mkdir()
+    (tmp_path / "badadapter" / "adapter.json").write_text("{}")
+    (tmp_path / "badadapter" / "adapter.safetensors").write_bytes(b"junk")
+    (tmp_path / "empty").mkdir()
+    plan_before = (project / "run" / "plan.json").read_bytes()
+    assert main(argv(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert fragment in err, err
+    assert (project / "run" / "plan.json").read_bytes() == plan_before  # nothing half-written
+
+
+def test_config_defaults_are_complete():
+    params = load_params(None)
+    assert set(params) >= {"paths", "data", "model", "sensitivity", "plan", "train", "export"}
+    assert stages.train_config(params).epochs == params["train"]["epochs"]
+
+
+def test_debug_shows_traceback(project, monkeypatch):
+    monkeypatch.chdir(project)
+    with pytest.raises(Exception, match="budget"):
+        main(["plan", "--config", "params.yaml", "--budget", "lots", "--debug"])
+
+
+def test_sensitivity_uses_fixed_shuffle(project):
+    """Prepared splits are stored class by class; measuring must not see one-class batches."""
+    from spt_core.sensitivity import Sensitivity
+
+    s = Sensitivity.load(project / "run" / "sensitivity.safetensors")
+    assert s.meta["batches"] == 2 and s.meta["images"] == 16
+    assert torch.isfinite(torch.cat([v.flatten() for v in s.scores.values()])).all()
