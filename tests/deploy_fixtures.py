@@ -1,0 +1,149 @@
+"""Test helpers for the edge service: tiny OpenVINO artifacts built here (not via deploy.export), demo images,
+a real uvicorn server on a free loopback port.
+
+The models are deterministic functions of image statistics, so the tests know every answer exactly:
+    features f(x) = per-channel mean and std, min, max, mean and max |horizontal / vertical gradient|
+    of the normalised (3, H, W) input
+    logits = f @ W.T + b
+`reference_logits` computes the same in numpy from `spt_core.preprocess`, the edge's own preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from spt_core.preprocess import Preprocess, preprocess_image
+
+CLASSES = ["ok", "scratch", "spot", "crack"]
+
+
+def features(x: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) -> (N, N_FEATURES), the same maths as `StatModel.forward` (std with Bessel's correction)."""
+    n = len(x)
+    gx, gy = np.abs(np.diff(x, axis=3)).reshape(n, -1), np.abs(np.diff(x, axis=2)).reshape(n, -1)
+    flat = x.reshape(n, -1)
+    cols = [x.mean(axis=(2, 3)), x.reshape(n, 3, -1).std(axis=2, ddof=1), flat.min(1), flat.max(1)]
+    cols += [gx.mean(1), gy.mean(1), gx.max(1), gy.max(1)]
+    return np.concatenate([c.reshape(n, -1) for c in cols], 1)
+
+
+N_FEATURES = 12
+
+
+def reference_logits(images: list[Any], pre: Preprocess, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x = np.stack([preprocess_image(im, pre) for im in images]).astype(np.float64)
+    return features(x) @ w.T + b
+
+
+def fit_linear(images: list[Any], labels: list[int], pre: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares on one-hot targets: a weak but real classifier of the demo defects."""
+    x = np.stack([preprocess_image(im, pre) for im in images]).astype(np.float64)
+    f = np.concatenate([features(x), np.ones((len(x), 1))], 1)
+    coef, *_ = np.linalg.lstsq(f, np.eye(len(CLASSES))[labels], rcond=None)  # (7, C)
+    return coef[:-1].T.copy(), coef[-1].copy()
+
+
+def build_artifact(out_dir: Path, version: str, w: np.ndarray, b: np.ndarray, size: int) -> Path:
+    """Convert a tiny torch model to OpenVINO IR (fp32) + manifest.json per docs/ARCHITECTURE.md, atomically."""
+    import openvino as ov
+    import torch
+
+    class StatModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.tensor(w, dtype=torch.float32))
+            self.register_buffer("b", torch.tensor(b, dtype=torch.float32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C)
+            flat = x.flatten(1)
+            gx = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().flatten(1)
+            gy = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().flatten(1)
+            cols = [x.mean(dim=(2, 3)), x.flatten(2).std(2), flat.amin(1, True), flat.amax(1, True)]
+            cols += [gx.mean(1, True), gy.mean(1, True), gx.amax(1, True), gy.amax(1, True)]
+            return torch.cat(cols, 1) @ self.w.T + self.b
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    om = ov.convert_model(
+        StatModel().eval(), example_input=torch.zeros(1, 3, size, size), input=[ov.PartialShape([-1, 3, size, size])]
+    )
+    om.inputs[0].get_tensor().set_names({"input"})
+    om.outputs[0].get_tensor().set_names({"logits"})
+    ov.save_model(om, tmp / "model.xml", compress_to_fp16=False)
+    digest = {n: hashlib.sha256((tmp / n).read_bytes()).hexdigest() for n in ("model.xml", "model.bin")}
+    manifest = {
+        "format": "openvino",
+        "precision": "fp32",
+        "model_version": version,
+        "model_name": "stat-model",
+        "class_names": CLASSES,
+        "preprocess": Preprocess(size=(size, size)).to_dict(),
+        "input_name": "input",
+        "output_name": "logits",
+        "runtime_config": {"INFERENCE_PRECISION_HINT": "f32"},
+        "sensitune_version": "0.1.0",
+        "plan_hash": "test",
+        "data_version": "test",
+        "files": digest,
+        "created": "2026-01-01T00:00:00+00:00",
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def demo_images(out_dir: Path, n_per_class: int, size: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """Demo defect PNGs (ImageFolder ok/scratch/spot/crack from spt_core.data) -> [(path, class index)], sorted."""
+    from spt_core.data import generate_demo_defects
+
+    root = Path(generate_demo_defects(out_dir, n_per_class=n_per_class, seed=seed, size=size))
+    items = [(p, CLASSES.index(p.parent.name)) for p in sorted(root.glob("*/*.png")) if p.parent.name in CLASSES]
+    assert len(items) == n_per_class * len(CLASSES), f"expected {n_per_class} images per class in {root}"
+    return items
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run the app under a real uvicorn server on 127.0.0.1 in a thread; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def write_manifest(path: Path, **fields: Any) -> Path:
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
