@@ -212,3 +212,32 @@ def test_adapter_load_errors(tmp_path):
     with pytest.raises(PlanError, match="corrupt") as e:
         load_adapter(_model(name), tmp_path / "a")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("structured", ["lora", "none"])
+def test_real_lite0_plan_train_merge(structured):
+    """The whole method on the real embedded Lite0 weights: measure → allocate → apply → step → merge."""
+    from spt_core.allocate import allocate
+    from spt_core.model import create_model
+    from spt_core.sensitivity import measure_sensitivity
+
+    torch.manual_seed(0)
+    model, _ = create_model("tf_efficientnet_lite0", num_classes=4, weights="embedded", img_size=32)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2)
+    sens = measure_sensitivity(model, [(x, y)], batches=1)
+    plan = allocate(sens, "0.5%", structured=structured)
+    assert plan.budget - 4 * 8 * 1280 <= plan.trainable <= plan.budget  # within one conv_head LoRA of the budget
+    apply_plan(model, plan)
+    assert trainable_count(model) == plan.trainable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        tuned = model(x)
+    merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tuned, rtol=0, atol=1e-5)
+    plain = timm.create_model("tf_efficientnet_lite0", num_classes=4)
+    plain.load_state_dict(model.state_dict(), strict=True)
