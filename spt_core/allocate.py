@@ -8,7 +8,8 @@ in the global top-k:
     when k_u ≥ numel / β, else sparsely (a LoRA on a 3×3 depthwise kernel is near full rank: pointless);
   - with structured="none" every matrix entry is a sparse delta (the "sparse-only" variant).
 The resulting count, count(k), is non-decreasing in k, so a binary search finds the largest k whose plan fits
-the budget; the plan then undershoots the budget by less than the largest single jump (one module or vector).
+the budget. What is left (less than the largest single jump: one module or vector) is then spent on the
+next-ranked entries that can stay sparse, so the plan matches the budget exactly unless no such entry is left.
 Ties in the scores are broken by position in `named_parameters()` order (stable sort): deterministic.
 """
 
@@ -72,6 +73,47 @@ def _units(cands: list[Candidate], structured: str, rank: int, alpha: float, bet
                     )
         offset += c.numel
     return units
+
+
+def _fill(
+    order: torch.Tensor,
+    unit_of: torch.Tensor,
+    k: int,
+    gap: int,
+    switched: torch.Tensor,
+    k_u: torch.Tensor,
+    has_threshold: torch.Tensor,
+    thresholds: torch.Tensor,
+    chunk: int = 1 << 20,
+) -> torch.Tensor:
+    """Spend the `gap` left after the top-k prefix on the next-ranked entries that stay sparse.
+
+    An entry is taken, in rank order, when its unit is not switched and can take one more sparse entry without
+    reaching its threshold (a structured/whole unit has room for ceil(threshold) - 1 - k_u more; a sparse-only
+    matrix has no limit). Returns the flat positions taken (at most `gap`).
+    """
+    room = torch.where(
+        has_threshold,
+        torch.ceil(thresholds).to(torch.int64) - 1 - k_u,
+        torch.full_like(k_u, torch.iinfo(torch.int64).max),
+    )
+    room = torch.where(switched, torch.zeros_like(room), room.clamp(min=0))
+    taken: list[torch.Tensor] = []
+    start = k
+    while gap > 0 and start < len(order):
+        units = unit_of[start : start + chunk].long()
+        s_idx = torch.argsort(units, stable=True)
+        su = units[s_idx]
+        occ = torch.empty_like(units)
+        occ[s_idx] = torch.arange(len(su)) - torch.searchsorted(su, su)  # occurrence of the unit in this chunk
+        ok = occ < room[units]
+        pick = ok.nonzero().flatten()[:gap]
+        if len(pick):
+            taken.append(order[start : start + chunk][pick])
+            room -= torch.bincount(units[pick], minlength=len(room))
+            gap -= len(pick)
+        start += chunk
+    return torch.cat(taken) if taken else order[:0]
 
 
 def allocate(
@@ -140,9 +182,11 @@ def allocate(
 
     k_u = torch.bincount(unit_of[:k], minlength=len(units))
     sw = switched(k_u)
+    gap = count_budget - int(torch.where(sw, costs, k_u).sum())
+    extra = _fill(order, unit_of, k, gap, sw, k_u, rule_struct | rule_whole, thresholds)
     targets: list[Target] = []
     sparse_units = (~sw) & (k_u > 0)
-    chosen = order[:k][sparse_units[unit_of[:k].long()]]
+    chosen = torch.cat([order[:k][sparse_units[unit_of[:k].long()]], extra])
     chosen, _ = torch.sort(chosen)  # flat positions of sparse entries, ascending
     cand_starts = torch.tensor([0] + [c.numel for c in cands], dtype=torch.int64).cumsum(0)
     cand_of = torch.searchsorted(cand_starts, chosen, right=True) - 1
@@ -174,5 +218,11 @@ def allocate(
         backbone_params=backbone,
         block_names=list(sensitivity.meta.get("block_names", [])),
         # saturated: every candidate entry is selected and the plan still costs less than the budget
-        meta={"top_k": k, "candidates": len(cands), "candidate_values": total, "saturated": k == len(order)},
+        meta={
+            "top_k": k,
+            "filled": len(extra),
+            "candidates": len(cands),
+            "candidate_values": total,
+            "saturated": k == len(order),
+        },
     )

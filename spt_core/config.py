@@ -54,7 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "precisions": ["fp32", "fp16", "int8"],
         "calibration_size": 300,
         "int8_max_drop": 1.0,
-        "opset": 17,
+        "opset": 18,
         "model_version": "auto",
     },
 }

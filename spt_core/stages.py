@@ -390,7 +390,7 @@ def export_stage(params: dict) -> dict:
     calib = [train_files[i] for i in torch.randperm(len(train_files), generator=g)[: e["calibration_size"]].tolist()]
     test = scan_split(data_dir / "test", ds_info.class_names)
     version = e["model_version"] if e["model_version"] != "auto" else info["plan_hash"]
-    return export_all(
+    report = export_all(
         model,
         pre,
         ds_info.class_names,
@@ -405,4 +405,11 @@ def export_stage(params: dict) -> dict:
         precisions=tuple(e["precisions"]),
         calibration_size=e["calibration_size"],
         int8_max_drop=e["int8_max_drop"],
+        opset=e["opset"],
     )
+    if not report.get("passed", False):
+        raise SensituneError(
+            f"export parity check failed (see {run / FILES['export'] / 'export_report.json'}); the artifacts are "
+            "kept for inspection but must not be deployed"
+        )
+    return report

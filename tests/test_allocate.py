@@ -35,8 +35,8 @@ def _kinds(plan: Plan) -> dict:
     "budget, expected",
     [
         (3, {"v": ("sparse", 3)}),  # below 1/β of the vector: sparse entries
-        (4, {"v": ("sparse", 3)}),  # the 4th entry would make it whole (20 values) > budget
-        (19, {"v": ("sparse", 3)}),
+        (4, {"v": ("sparse", 3), "w": ("sparse", 1)}),  # a 4th vector entry would make it whole (20) > budget:
+        (19, {"v": ("sparse", 3), "w": ("sparse", 16)}),  # the rest is filled with the next entries that stay sparse
         (20, {"v": ("whole", 20)}),  # exactly len/β selected → whole
         (49, {"v": ("whole", 20), "w": ("sparse", 29)}),  # 29 < 300/α matrix entries: sparse
         (50, {"v": ("whole", 20), "w": ("sparse", 29)}),  # the 30th entry would switch to LoRA (300)
@@ -55,6 +55,8 @@ def test_sparse_entries_are_the_top_scored_ones():
     assert torch.equal(plan.indices["w"], torch.arange(0, 2900, 100))  # the 29 first hot entries, in order
     plan = allocate(_toy(), 3, structured="lora", rank=2)
     assert torch.equal(plan.indices["v"], torch.tensor([0, 1, 2]))  # ties → earlier position first
+    plan = allocate(_toy(), 10, structured="lora", rank=2)
+    assert torch.equal(plan.indices["w"], torch.arange(0, 700, 100))  # the fill takes the next-ranked entries
 
 
 def test_sparse_only_never_builds_modules():
@@ -116,6 +118,8 @@ def test_any_backbone_within_one_module_of_budget(name, kw, structured, tmp_path
     )
     assert plan.trainable <= plan.budget
     assert plan.meta["saturated"] or plan.budget - largest <= plan.trainable
+    if structured == "none":  # every matrix entry can stay sparse: the fill reaches the budget exactly
+        assert plan.trainable == plan.budget
     assert sum(v["params"] for v in plan.by_kind().values()) == plan.trainable
     assert sum(sum(v.values()) for v in plan.by_block().values()) == plan.trainable
     assert all(t.param in s.candidates for t in plan.targets)
