@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",
         "seed": 0,
         "grad_clip": None,
-        "head_init": "random",  # random (SPT) | probe (start from the linear-probe head)
+        "head_init": "probe",  # probe (start from the linear-probe head, LP-FT) | random (as SPT)
         "probe_baseline": True,  # also fit a linear probe on the same split and report it in metrics.json
         "probe_epochs": 50,
     },

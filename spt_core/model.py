@@ -156,9 +156,19 @@ def create_model(
         source = f"hub:{pcfg.get('hf_hub_id') or pcfg.get('url') or name}"
     else:
         path = Path(weights).expanduser()
-        model = _create_from_file(name, path, kwargs, cfg.classifier if cfg is not None else None)
+        model, file_head = _create_from_file(name, path, kwargs, cfg.classifier if cfg is not None else None)
         source, sha = f"file:{path}", file_sha256(path)
 
+    if weights == "embedded":
+        head_loaded = num_classes == 1000
+    elif weights == "hub":
+        head_loaded = num_classes == model.pretrained_cfg.get("num_classes")
+    elif weights == "none":
+        head_loaded = False
+    else:
+        head_loaded = file_head == num_classes
+    if not head_loaded:
+        init_new_head(model)
     data_cfg = timm.data.resolve_data_config({}, model=model)
     size = (img_size, img_size) if img_size is not None else tuple(data_cfg["input_size"][1:])
     mean, std = (_LITE0_MEAN_STD, _LITE0_MEAN_STD) if weights == "embedded" else (data_cfg["mean"], data_cfg["std"])
@@ -258,7 +268,7 @@ def _is_zip(path: Path) -> bool:
         return f.read(2) == b"PK"  # torch.save's zip format; the legacy format cannot be memory-mapped
 
 
-def _create_from_file(name: str, path: Path, kwargs: dict[str, Any], classifier: Any) -> nn.Module:
+def _create_from_file(name: str, path: Path, kwargs: dict[str, Any], classifier: Any) -> tuple[nn.Module, int | None]:
     """Load a local weights file through timm (filters, pos-embed resampling, head handling), strictly checked."""
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ModelError(
@@ -296,7 +306,21 @@ def _create_from_file(name: str, path: Path, kwargs: dict[str, Any], classifier:
                 f"weights file {path} does not fit {name}: {m.group(1).lower()} keys {', '.join(bad[:4])}"
                 f"{' ...' if len(bad) > 4 else ''}; save the state dict of the same architecture"
             )
-    return model
+    return model, head_size
+
+
+def init_new_head(model: nn.Module) -> None:
+    """Initialise a freshly created classifier the same way on every architecture: N(0, 0.01) truncated, bias 0.
+
+    timm's per-family head inits differ by orders of magnitude (Lite0's gives logits of ±8 on 4 classes), which
+    would make the first epochs, a probe and the sensitivity of a random head depend on the backbone family.
+    """
+    head = model.get_classifier()
+    for m in head.modules() if isinstance(head, nn.Module) else ():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def _as_tuple(x: Any) -> tuple[str, ...]:

@@ -121,7 +121,7 @@ def model_args(params: dict, num_classes: int) -> dict:
 
 
 def build_model(args: dict, seed: int = 0) -> tuple[torch.nn.Module, ModelInfo]:
-    """The backbone with a seeded random head, from recorded model arguments."""
+    """The backbone with a seeded new head (see `model.init_new_head`), from recorded model arguments."""
     torch.manual_seed(seed)
     return create_model(**args)
 

@@ -170,3 +170,15 @@ def test_hub_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     with pytest.raises(ModelError, match="--weights PATH.*--weights embedded") as err:
         create_model("test_vit", weights="hub")
     assert "\n" not in str(err.value)
+
+
+def test_new_heads_share_one_small_init():
+    """A fresh head gets N(0, 0.01), bias 0, whatever timm's family default; a loaded head is untouched."""
+    from spt_core.model import create_model
+
+    for name in ("test_vit", "test_efficientnet", "resnet10t"):
+        model, _ = create_model(name, num_classes=4, weights="none")
+        head = model.get_classifier()
+        assert 0.003 < float(head.weight.std()) < 0.012 and float(head.bias.abs().max()) == 0.0
+    imagenet, _ = create_model("tf_efficientnet_lite0", num_classes=1000, weights="embedded")
+    assert float(imagenet.get_classifier().weight.std()) > 0.02  # the ImageNet classifier was loaded
