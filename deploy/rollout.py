@@ -536,7 +536,7 @@ def decide(report: dict[str, Any], rule: DecisionRule) -> Decision:
 
 
 @contextlib.contextmanager
-def _manifest_lock(config_path: Path) -> Iterator[None]:
+def manifest_lock(config_path: Path) -> Iterator[None]:
     """Serialise manifest rewrites between the service and the CLI (advisory lock file beside the manifest)."""
     try:
         import fcntl
@@ -563,7 +563,7 @@ def apply_decision(config_path: Path, decision: Decision, *, source: str = "rule
         The decisions.jsonl record.
     """
     config_path = Path(config_path)
-    with _manifest_lock(config_path):
+    with manifest_lock(config_path):
         cfg = load_config(config_path)
         record: dict[str, Any] = {
             "ts": now_iso(),

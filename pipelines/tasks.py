@@ -1,0 +1,394 @@
+"""The steps of the `retrain` flow (pipelines/flows.py) as Prefect tasks, and the few flow-only helpers.
+
+Every training step is a thin call into `spt_core.stages`; tracking goes through `pipelines.tracking`, alias
+moves through `deploy.registry`, the rollout manifest through `deploy.rollout`. What only the flow needs lives
+here: the watched folder's fingerprint, the DVC versioning call, the champion comparison on held-out images
+and the hand-over to the rollout.
+
+Retries: each task retries what can fail transiently (DVC/MLflow I/O, a killed worker) and has a timeout.
+A retried `train` resumes from its last finished epoch (``run/train_state``). Nothing here writes outside
+the run's own directory except `hand_over` (registry aliases + rollout manifest), which is the last step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before prefect is imported
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
+from pipelines import tracking  # noqa: E402
+from spt_core import stages  # noqa: E402
+from spt_core.errors import SensituneError  # noqa: E402
+from spt_core.io import write_json  # noqa: E402
+
+BOOTSTRAP, HANDOVER, NOT_PROMOTED = "bootstrap", "handover", "not promoted"
+DVC_TIMEOUT_S = 3600
+
+
+class RetrainError(SensituneError):
+    """The retrain flow cannot go on (watched folder, DVC, registry or rollout manifest); one line with the fix."""
+
+
+# -------------------------------------------------------------------------------------------------- data
+def fingerprint(raw: Path) -> dict[str, Any]:
+    """Content fingerprint of the watched folder: sha256 over sorted relative paths and file sha256s.
+
+    Hidden files (the temp files of atomic writes, ``.DS_Store``) are skipped, as `.dvcignore` does.
+
+    Returns:
+        ``fingerprint`` (hex), ``files`` (count) and ``newest_mtime`` (epoch seconds).
+
+    Raises:
+        RetrainError: The folder is missing or holds no files.
+    """
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise RetrainError(
+            f"paths.raw={raw} does not exist: point it at the watched ImageFolder (or run sensitune demo)"
+        )
+    files = sorted(
+        p for p in raw.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(raw).parts)
+    )
+    if not files:
+        raise RetrainError(f"paths.raw={raw} holds no files: put images into <class>/ folders under it")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(raw).as_posix()}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
+    return {"fingerprint": h.hexdigest(), "files": len(files), "newest_mtime": max(p.stat().st_mtime for p in files)}
+
+
+def dvc_root(path: Path) -> Path | None:
+    """The DVC repository (folder with ``.dvc/``) that contains `path`, or None."""
+    for d in [Path(path).resolve(), *Path(path).resolve().parents]:
+        if (d / ".dvc").is_dir():
+            return d
+    return None
+
+
+def _dvc(root: Path, *args: str) -> str:
+    cmd = [sys.executable, "-m", "dvc", *args]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    try:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=DVC_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise RetrainError(f"`dvc {' '.join(args)}` in {root} took over {DVC_TIMEOUT_S} s; check the remote") from e
+    if p.returncode != 0:
+        last = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-1]
+        raise RetrainError(
+            f"`dvc {' '.join(args)}` in {root} failed ({last}); fix DVC or run the flow with use_dvc=False"
+        )
+    return p.stdout
+
+
+@task(name="version-data", retries=2, retry_delay_seconds=30, timeout_seconds=2 * DVC_TIMEOUT_S, cache_policy=NO_CACHE)
+def version_data(raw: str, fp: str, use_dvc: bool = True) -> dict[str, Any]:
+    """`dvc add` + `dvc push` the watched folder; the data version is DVC's md5 of the folder.
+
+    Without a DVC repository around `raw` (or with ``use_dvc=False``) nothing is versioned and the data version
+    is the content fingerprint (``fp-<12 hex>``), which the log says.
+    """
+    from prefect import get_run_logger
+
+    logger, raw_path = get_run_logger(), Path(raw)
+    root = dvc_root(raw_path) if use_dvc else None
+    if root is None:
+        why = "use_dvc=False" if not use_dvc else f"no DVC repository (.dvc/) above {raw}"
+        logger.warning("DVC versioning skipped (%s): data version = content fingerprint", why)
+        return {"data_version": f"fp-{fp[:12]}", "dvc": False, "dvc_file": None}
+    target = raw_path.resolve().relative_to(root).as_posix()
+    _dvc(root, "add", "-q", target)
+    md5 = tracking.dvc_md5(root / target)
+    if md5 is None:
+        raise RetrainError(f"`dvc add {target}` wrote no md5 into {target}.dvc; check the DVC repository at {root}")
+    _dvc(root, "push", "-q", f"{target}.dvc")
+    logger.info("data version %s (dvc add + push of %s)", md5, target)
+    return {"data_version": md5, "dvc": True, "dvc_file": str(root / f"{target}.dvc")}
+
+
+# ------------------------------------------------------------------------------------------ training steps
+def _stage_task(name: str, retries: int, timeout_s: int, delay_s: int = 10):
+    return task(
+        name=name, retries=retries, retry_delay_seconds=delay_s, timeout_seconds=timeout_s, cache_policy=NO_CACHE
+    )
+
+
+@_stage_task("prepare", 1, 3600)
+def prepare(params: dict) -> dict:
+    """`stages.prepare_data`: train/val/test split of the watched folder into ``paths.data``."""
+    return stages.prepare_data(params)
+
+
+@_stage_task("measure", 1, 4 * 3600, 30)
+def measure(params: dict) -> str:
+    """`stages.measure` (CUDA when present: ``sensitivity.device: auto``); returns the sensitivity file."""
+    stages.measure(params)
+    return str(stages.run_dir(params) / stages.FILES["sensitivity"])
+
+
+@_stage_task("plan", 1, 600)
+def plan(params: dict) -> dict:
+    """`stages.make_plan`; returns the plan's hash and trainable count."""
+    p = stages.make_plan(params)
+    return {"plan_hash": p.hash(), "trainable": p.trainable}
+
+
+@_stage_task("train", 1, 12 * 3600, 60)
+def train(params: dict) -> dict:
+    """`stages.train` (CUDA when present: ``train.device: auto``); a retry resumes from the last epoch."""
+    return stages.train(params)
+
+
+@_stage_task("evaluate", 1, 3600)
+def evaluate(params: dict) -> dict:
+    """`stages.evaluate_stage` of the adapter on the test split."""
+    return stages.evaluate_stage(params)
+
+
+@_stage_task("merge", 1, 3600)
+def merge(params: dict) -> dict:
+    """`stages.merge_stage`: the adapter folded into the backbone (checked equal on val images)."""
+    return stages.merge_stage(params)
+
+
+@_stage_task("export", 1, 4 * 3600, 30)
+def export(params: dict) -> dict:
+    """`stages.export_stage`: ONNX + OpenVINO artifacts sealed with ``export.model_version``."""
+    return stages.export_stage(params)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+@task(name="register", retries=3, retry_delay_seconds=[10, 30, 90], timeout_seconds=1800, cache_policy=NO_CACHE)
+def register(params: dict, run_dir: str, uri: str, model_name: str, tags: dict[str, str]) -> dict:
+    """`tracking.log_run`: one MLflow run, the merged model registered and aliased ``challenger``.
+
+    log_run never raises on MLflow failures (it writes a fallback file); here a fallback is a failure, so that
+    the task retries and no model without a registry version reaches the rollout.
+    """
+    result = tracking.log_run(params, Path(run_dir), tracking_uri=uri, model_name=model_name, tags=tags)
+    if result.get("status") != "logged" or not result.get("model_version"):
+        raise RetrainError(f"MLflow at {uri} did not register the model ({result.get('error')}); check the server")
+    return result
+
+
+@task(name="log-extra", retries=2, retry_delay_seconds=10, timeout_seconds=900, cache_policy=NO_CACHE)
+def log_extra(uri: str, run_id: str, *, metrics: dict, tags: dict, export_dir: str | None = None) -> None:
+    """Add what is known only after registration to the MLflow run: export artifacts, comparison, decision."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if export_dir is not None:
+        client.log_artifacts(run_id, export_dir, "export")
+        report = json.loads((Path(export_dir) / "export_report.json").read_text())
+        for key in tracking.EXPORT_REPORT_KEYS:
+            for fmt, v in (report.get(key) or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics = {**metrics, f"export.{key}.{fmt}": v}
+    for k, v in metrics.items():
+        if v is not None:
+            client.log_metric(run_id, k, float(v))
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+@task(name="read-aliases", retries=2, retry_delay_seconds=10, timeout_seconds=300, cache_policy=NO_CACHE)
+def registry_aliases(uri: str, model_name: str) -> dict[str, str | None]:
+    """The versions `champion` and `challenger` point at now (None when unset or no model yet)."""
+    from mlflow.exceptions import MlflowException
+
+    reg = MlflowRegistry(uri, model_name)
+    try:
+        reg.client.get_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # the first run: no model, hence no champion
+            return {CHAMPION_ALIAS: None, CHALLENGER_ALIAS: None}
+        raise RetrainError(f"MLflow at {uri}: cannot read model {model_name} ({str(e).splitlines()[0]})") from e
+    return {CHAMPION_ALIAS: reg.get_alias(CHAMPION_ALIAS), CHALLENGER_ALIAS: reg.get_alias(CHALLENGER_ALIAS)}
+
+
+def restore_challenger(uri: str, model_name: str, version: str | None) -> None:
+    """Point `challenger` back at `version` (or delete it): a failed or rejected candidate leaves no alias."""
+    reg = MlflowRegistry(uri, model_name)
+    if version is None:
+        reg.clear_challenger()
+    else:
+        reg.set_challenger(version)
+
+
+# ---------------------------------------------------------------------------------------- champion compare
+def split_names(data_dir: Path, splits: tuple[str, ...] = ("train", "val")) -> set[str]:
+    """``class/file`` names of the images in some splits of a prepared dataset (empty if it is gone)."""
+    return {f"{p.parent.name}/{p.name}" for s in splits for p in (Path(data_dir) / s).glob("*/*") if p.is_file()}
+
+
+def registry_accuracy(uri: str, model_uri: str, images: list[Path], labels: list[str]) -> float:
+    """Accuracy of a registered pyfunc model on images, preprocessed as its own metadata says."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    from spt_core.preprocess import Preprocess, preprocess_batch
+
+    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(prev[0])
+        mlflow.set_registry_uri(prev[1])
+    info = (model.metadata.metadata or {}).get("sensitune") or {}
+    if "preprocess" not in info or "class_names" not in info:
+        raise RetrainError(f"{model_uri} has no sensitune metadata (preprocess, class_names); register it with log_run")
+    pre, names = Preprocess.from_dict(info["preprocess"]), info["class_names"]
+    correct = 0
+    for i in range(0, len(images), 64):
+        logits = np.asarray(model.predict(preprocess_batch(images[i : i + 64], pre)))  # (N, C)
+        correct += sum(names[k] == y for k, y in zip(logits.argmax(1).tolist(), labels[i : i + 64]))
+    return correct / len(images)
+
+
+@task(name="compare-champion", retries=2, retry_delay_seconds=10, timeout_seconds=3600, cache_policy=NO_CACHE)
+def compare_champion(
+    uri: str, model_name: str, version: str, champion: str | None, data_dir: str, champion_data_dir: str | None
+) -> dict[str, Any]:
+    """Challenger and champion accuracy on the same held-out images.
+
+    Held out = this run's test split minus the images the champion was trained or selected on (when its
+    prepared data is known): a re-split of grown data may move old training images into the new test split.
+    """
+    from prefect import get_run_logger
+
+    test = Path(data_dir) / "test"
+    files = sorted(p for p in test.glob("*/*") if p.is_file())
+    seen = split_names(Path(champion_data_dir)) if champion_data_dir else set()
+    if champion is not None and champion_data_dir is None:
+        get_run_logger().warning("champion v%s's training split is unknown: held-out may hold its images", champion)
+    held = [p for p in files if f"{p.parent.name}/{p.name}" not in seen]
+    out: dict[str, Any] = {"n_test": len(files), "n_heldout": len(held), "champion_version": champion}
+    if not held:
+        raise RetrainError(f"{test}: no test image is unseen by champion v{champion}; add data or lower data.n_train")
+    labels = [p.parent.name for p in held]
+    out["challenger_acc"] = registry_accuracy(uri, f"models:/{model_name}/{version}", held, labels)
+    out["champion_acc"] = None
+    if champion is not None:
+        out["champion_acc"] = registry_accuracy(uri, f"models:/{model_name}/{champion}", held, labels)
+    return out
+
+
+def gate(challenger_acc: float, champion_acc: float | None, min_gain: float, promotable: bool) -> tuple[str, str]:
+    """The hand-over rule: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover."""
+    if not promotable:
+        return NOT_PROMOTED, "the FP32 artifact failed export verification (export_report.json)"
+    if champion_acc is None:
+        return BOOTSTRAP, "no champion yet: the challenger becomes the champion"
+    gain = challenger_acc - champion_acc
+    verdict = ">=" if gain >= min_gain else "<"
+    reason = (
+        f"held-out accuracy {challenger_acc:.4f} vs champion {champion_acc:.4f}: gain {gain:+.4f} {verdict} {min_gain}"
+    )
+    return (HANDOVER if gain >= min_gain else NOT_PROMOTED), reason
+
+
+# ------------------------------------------------------------------------------------------------ hand over
+@task(name="hand-over", retries=2, retry_delay_seconds=10, timeout_seconds=600, cache_policy=NO_CACHE)
+def hand_over(
+    decision: str,
+    *,
+    manifest: str,
+    uri: str,
+    model_name: str,
+    version: str,
+    artifact: str,
+    champion_artifact: str | None,
+    share: float,
+    line: str,
+    prev_challenger: str | None,
+) -> dict[str, Any]:
+    """Carry out the gate's decision on the registry aliases and the rollout manifest.
+
+    bootstrap: alias ``champion`` -> version, manifest champion -> its FP32 artifact (manifest created if absent).
+    handover: manifest challenger -> version at ``share`` of the cameras (alias ``challenger`` stays on it);
+    the rollout's own rule (`deploy.rollout.decide`) promotes or rolls it back from live feedback.
+    not promoted: alias ``challenger`` back where it was; the manifest is not touched.
+
+    Returns:
+        ``decision`` (as carried out), ``manifest`` (path, or None when untouched), ``alias_moves``, ``note``.
+    """
+    from deploy import rollout
+
+    reg, path = MlflowRegistry(uri, model_name), Path(manifest)
+    out: dict[str, Any] = {"decision": decision, "manifest": None, "alias_moves": [], "note": ""}
+    base = path.resolve().parent
+    ref = rollout.ModelRef(version, os.path.relpath(Path(artifact).resolve(), base))
+    if decision == HANDOVER and not path.is_file() and champion_artifact is None:
+        decision = out["decision"] = NOT_PROMOTED
+        out["note"] = f"{path} does not exist and the champion's artifact is unknown: write the manifest by hand"
+    if decision == NOT_PROMOTED:
+        restore_challenger(uri, model_name, prev_challenger)
+        out["alias_moves"].append({"alias": CHALLENGER_ALIAS, "to_version": prev_challenger})
+        return out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rollout.manifest_lock(path):  # the edge service rewrites the manifest too (auto roll-back)
+        if path.is_file():
+            cfg = rollout.load_config(path)
+        else:
+            champ = ref
+            if decision == HANDOVER:  # a champion registered earlier, whose artifact this flow made
+                champ = rollout.ModelRef(str(reg.get_alias(CHAMPION_ALIAS)), os.path.relpath(champion_artifact, base))
+            registry = {"tracking_uri": uri, "model_name": model_name}
+            data = {"line": line, "champion": vars(champ), "registry": registry}
+            cfg = rollout.parse_config(data, base, source=str(path))
+        if decision == BOOTSTRAP:
+            cfg = replace(cfg, champion=ref, challenger=None)
+        else:
+            if cfg.challenger is not None:
+                out["note"] = f"replaces challenger v{cfg.challenger.version} (superseded by newer data)"
+            cfg = replace(cfg, challenger=ref, challenger_share=share)
+        rollout.write_config(cfg, path)
+    if decision == BOOTSTRAP:
+        out["alias_moves"] += [reg.set_champion(version).to_dict(), reg.clear_challenger().to_dict()]
+    out["manifest"] = str(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run state
+def load_state(path: Path) -> dict[str, Any]:
+    """The retrain state file: ``{"trained": {fingerprint: record}}`` (empty when absent)."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {"trained": {}}
+    except (OSError, json.JSONDecodeError) as e:
+        raise RetrainError(f"{path}: unreadable retrain state ({type(e).__name__}); fix or delete it to retrain") from e
+    state.setdefault("trained", {})
+    return state
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    write_json(path, state)
+
+
+def new_run_dir(root: Path, data_version: str) -> Path:
+    """A fresh directory for one attempt: ``root/<version>``, then ``<version>.2``, ... (never reused)."""
+    base = data_version.removesuffix(".dir").removeprefix("fp-")[:12]
+    base = f"fp-{base}" if data_version.startswith("fp-") else base
+    for k in range(1, 10_000):
+        d = Path(root) / (base if k == 1 else f"{base}.{k}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise RetrainError(f"{root}: 10000 attempts for data version {data_version}; clean up old run directories")
