@@ -1,0 +1,217 @@
+"""The DVC pipeline (dvc.yaml, params.yaml, .dvc/config) on tiny data in a throw-away git repository.
+
+Default suite: the caching claims on the real dvc.yaml up to `evaluate` -- nothing changed runs nothing,
+`train.lr` re-runs train and later but not measure/plan, `plan.budget` re-runs plan and later but not
+measure -- and data versioning (`dvc add` / push / pull through the default local remote).
+Slow: the whole pipeline incl. export and MLflow tracking, and an experiment sweep over budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+CODE = ("spt_core", "deploy", "pipelines")
+TINY = {  # 4 classes x 6 images of 32 px; a ViT test model; one epoch
+    "demo": {"n_per_class": 6, "size": 32},
+    "data": {"n_train": 12, "n_val": 8},
+    "model": {"name": "test_vit", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
+    "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "cpu"},
+    "plan": {"budget": "5%"},
+    # warmup_epochs 0: with one warm-up epoch the lr would never reach train.lr and the adapter would not change
+    "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False},
+    "export": {"precisions": ["fp32"], "calibration_size": 8},
+}
+GITIGNORE = "/mlflow.db\n/mlartifacts/\n/dvc_plots/\nruns/*/train_state/\n__pycache__/\n"
+RAN = re.compile(r"Running stage '([^']+)'")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `sensitune` and `python` of this venv for the stage cmds
+        DVC_NO_ANALYTICS="1",
+        GIT_PYTHON_REFRESH="quiet",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def _make_repo(repo: Path) -> Callable[..., str]:
+    """A git repo with this project's pipeline files, code and tiny params; returns a command runner."""
+    repo.mkdir(parents=True)
+    for d in CODE:
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text(GITIGNORE)
+    env = _env(repo.parent)
+
+    def run(*cmd: str, ok: bool = True) -> str:
+        exe = DVC if cmd[0] == "dvc" else cmd[0]
+        p = subprocess.run([exe, *cmd[1:]], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        out = p.stdout + p.stderr
+        if ok:
+            assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{out[-3000:]}"
+        return out
+
+    run("git", "init", "-q")
+    run(str(BIN / "sensitune"), "demo", "-q")
+    run("dvc", "add", "-q", "data/raw")
+    run("dvc", "push", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "tiny pipeline, data v1")
+    return run
+
+
+def _set_param(repo: Path, section: str, key: str, value: object) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+def _out_md5(lock: dict, stage: str) -> dict[str, str]:
+    return {o["path"]: o.get("md5") for o in lock[stage]["outs"]}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Callable[..., str]]:
+    """A repo where `dvc repro evaluate` (prepare .. evaluate) has run once."""
+    repo = tmp_path_factory.mktemp("dvc") / "repo"
+    run = _make_repo(repo)
+    out = run("dvc", "repro", "evaluate")
+    assert RAN.findall(out) == ["prepare", "measure", "plan", "train", "evaluate"], out
+    return repo, run
+
+
+def test_second_repro_does_nothing(pipeline: tuple[Path, Callable[..., str]]) -> None:
+    repo, run = pipeline
+    before = (repo / "dvc.lock").read_text()
+    out = run("dvc", "repro", "evaluate")
+    assert RAN.findall(out) == [], out
+    assert "didn't change, skipping" in out
+    assert (repo / "dvc.lock").read_text() == before
+    assert json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate")) == {}
+
+
+def test_lr_change_reruns_train_and_later_only(pipeline: tuple[Path, Callable[..., str]]) -> None:
+    repo, run = pipeline
+    lock0 = _lock(repo)
+    sens = repo / "runs/main/sensitivity.safetensors"
+    mtime = sens.stat().st_mtime_ns
+    _set_param(repo, "train", "lr", 0.01)
+    status = json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate"))
+    assert list(status) == ["train"], status  # only train reads train.lr
+    assert status["train"] == [{"changed deps": {"params.yaml": {"train.lr": "modified"}}}]
+
+    out = run("dvc", "repro", "evaluate")
+    assert RAN.findall(out) == ["train", "evaluate"], out
+    lock1 = _lock(repo)
+    for stage in ("prepare", "measure", "plan"):
+        assert lock1[stage] == lock0[stage], stage
+    assert sens.stat().st_mtime_ns == mtime  # measured once, not re-measured
+    assert _out_md5(lock1, "train") != _out_md5(lock0, "train")  # a new adapter...
+    assert lock1["evaluate"]["deps"] != lock0["evaluate"]["deps"]  # ...which evaluate re-read
+    assert json.loads((repo / "runs/main/metrics.json").read_text())["epochs"] == 1
+
+
+def test_budget_change_reruns_plan_and_later_not_measure(pipeline: tuple[Path, Callable[..., str]]) -> None:
+    repo, run = pipeline
+    lock0 = _lock(repo)
+    trainable0 = json.loads((repo / "runs/main/metrics.json").read_text())["trainable"]
+    _set_param(repo, "plan", "budget", "10%")
+    assert list(json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate"))) == ["plan"]
+
+    out = run("dvc", "repro", "evaluate")
+    assert RAN.findall(out) == ["plan", "train", "evaluate"], out
+    lock1 = _lock(repo)
+    assert lock1["prepare"] == lock0["prepare"] and lock1["measure"] == lock0["measure"]
+    assert lock1["plan"]["params"]["params.yaml"]["plan.budget"] == "10%"
+    metrics = json.loads((repo / "runs/main/metrics.json").read_text())
+    assert metrics["trainable"] > trainable0  # twice the budget, more trainable values
+
+
+def test_new_defect_batch_is_a_new_data_version(pipeline: tuple[Path, Callable[..., str]]) -> None:
+    repo, run = pipeline
+    v1 = yaml.safe_load((repo / "data/raw.dvc").read_text())["outs"][0]
+    assert v1["nfiles"] == 4 * 6
+    run(str(BIN / "sensitune"), "demo", "--batch", "1", "-q")
+    run("dvc", "add", "-q", "data/raw")
+    run("dvc", "push", "-q")
+    v2 = yaml.safe_load((repo / "data/raw.dvc").read_text())["outs"][0]
+    assert v2["nfiles"] == 2 * 4 * 6 and v2["md5"] != v1["md5"]
+    status = json.loads(run("dvc", "status", "--json"))
+    assert status["prepare"] == [{"changed deps": {"data/raw": "modified"}}]
+    assert "measure" not in status  # its input (data/prepared) changes only when prepare re-runs
+
+    # The cache copy gone (a fresh machine): pull restores this version from the local remote.
+    shutil.rmtree(repo / ".dvc/cache")
+    shutil.rmtree(repo / "data/raw")
+    run("dvc", "pull", "-q", "data/raw.dvc")
+    assert len(list((repo / "data/raw").rglob("*.png"))) == 2 * 4 * 6
+    assert "data/raw.dvc" not in json.loads(run("dvc", "status", "--json", "data/raw.dvc"))
+
+    # The previous data version is still one checkout away.
+    run("git", "checkout", "-q", "HEAD", "--", "data/raw.dvc")
+    run("dvc", "checkout", "-q", "data/raw.dvc")
+    assert len(list((repo / "data/raw").rglob("*.png"))) == 4 * 6
+
+
+@pytest.mark.slow
+def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    run = _make_repo(repo)
+    out = run("dvc", "repro")
+    stages = ["prepare", "measure", "plan", "train", "evaluate", "merge", "export", "track"]
+    assert sorted(RAN.findall(out)) == sorted(stages), out
+    record = json.loads((repo / "runs/main/mlflow_run.json").read_text())
+    assert record["status"] == "logged" and record["model_version"] == "1"
+    assert RAN.findall(run("dvc", "repro")) == []
+
+    _set_param(repo, "train", "lr", 0.01)
+    ran = RAN.findall(run("dvc", "repro"))
+    assert sorted(ran) == sorted(["train", "evaluate", "merge", "export", "track"]), ran
+    assert json.loads((repo / "runs/main/mlflow_run.json").read_text())["model_version"] == "2"
+
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "lr 0.01")
+    run("dvc", "exp", "run", "-S", "plan.budget=10%")
+    exps = json.loads(run("dvc", "exp", "show", "--json"))
+    budgets = []
+    for commit in exps:
+        for exp in [commit, *(e for x in commit.get("experiments") or [] for e in x.get("revs", []))]:
+            data = exp.get("data") or {}
+            metrics = data.get("metrics", {}).get("runs/main/metrics.json", {}).get("data", {})
+            budget = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("plan", {}).get("budget")
+            if metrics:
+                budgets.append((budget, metrics["trainable"]))
+    assert {b for b, _ in budgets} >= {"5%", "10%"}, budgets
+    by_budget = dict(budgets)
+    assert by_budget["10%"] > by_budget["5%"]

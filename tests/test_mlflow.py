@@ -1,0 +1,274 @@
+"""pipelines.tracking against a real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1.
+
+A tiny real run (demo defects, test_vit at 32 px, one epoch) is logged, read back through MlflowClient, and
+the registered model is loaded as `models:/<name>@challenger` and compared with `load_merged`. A closed port
+gives a warning, a fallback file, exit code 0, and the fallback is replayed once the server is back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipelines import track
+from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
+from spt_core import stages
+from spt_core.config import load_params
+from spt_core.data import load_dataset_info, scan_split
+from spt_core.model import ModelInfo
+from spt_core.preprocess import preprocess_batch
+
+BIN = Path(sys.executable).parent
+NAME = "sensitune-test-tiny"
+TINY = {
+    "demo": {"n_per_class": 6, "size": 32},
+    "data": {"n_train": 12, "n_val": 8},
+    "model": {"name": "test_vit", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
+    "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "cpu"},
+    "plan": {"budget": "5%"},
+    "train": {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False},
+}
+RAW_MD5 = "0123456789abcdef0123456789abcdef.dir"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
+    """(params, run dir, params.yaml) of a finished tiny run: prepare .. merge, plus a small export dir."""
+    tmp = tmp_path_factory.mktemp("mlrun")
+    doc: dict[str, Any] = {"paths": {"raw": str(tmp / "raw"), "data": str(tmp / "prepared"), "run": str(tmp / "run")}}
+    doc.update(TINY)
+    config = tmp / "params.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    params = load_params(config)
+    stages.demo(params)
+    (tmp / "raw.dvc").write_text(yaml.safe_dump({"outs": [{"md5": RAW_MD5, "nfiles": 24, "path": "raw"}]}))
+    stages.prepare_data(params)
+    stages.measure(params)
+    stages.make_plan(params)
+    stages.train(params)
+    stages.evaluate_stage(params)
+    stages.merge_stage(params)
+    # The export stage's layout in miniature (the real export is tested in test_export.py): logged as is.
+    export = tmp / "run" / stages.FILES["export"]
+    (export / "openvino" / "fp32").mkdir(parents=True)
+    (export / "openvino" / "fp32" / "manifest.json").write_text('{"format": "openvino", "precision": "fp32"}\n')
+    (export / "export_report.json").write_text(json.dumps({"accuracy": {"pytorch": 50.0, "fp32": 50.0}}))
+    return params, tmp / "run", config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real MLflow tracking server with a sqlite backend; killed (its process group) at the end."""
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(tmp / "server.log", "w")
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd + ["--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # the first start creates the database (migrations): up to a minute on a busy box
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited {proc.returncode}: {(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow server not healthy: {(tmp / 'server.log').read_text()[-2000:]}")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_log_run_to_server_reads_back_and_registered_model_predicts(
+    tiny_run: tuple[dict, Path, Path], server: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    params, run, _ = tiny_run
+    m = json.loads((run / "metrics.json").read_text())
+    result = log_run(params, run, tracking_uri=server, model_name=NAME, tags={"origin": "test"})
+    assert result["status"] == "logged", result
+    assert result["model_name"] == NAME and result["alias"] == "challenger"
+    client = _client(server)
+    r = client.get_run(result["run_id"])
+    assert r.info.status == "FINISHED"
+
+    # params: every params.yaml value flattened, plus the exact trainable count by kind
+    p = r.data.params
+    assert p["train.lr"] == "0.001" and p["plan.budget"] == "5%" and p["model.name"] == "test_vit"
+    assert p["export.precisions"] == '["fp32", "fp16", "int8"]' and p["data.n_test"] == "null"
+    assert {k: int(p[f"trainable.{k}"]) for k in m["by_kind"]} == m["by_kind"]
+    assert sum(m["by_kind"].values()) == m["trainable"] == int(p["trainable.total"])
+
+    # per-epoch metrics with step = epoch, and the final numbers
+    history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()[1:]]
+    val = client.get_metric_history(r.info.run_id, "val_acc")
+    assert sorted((x.step, x.value) for x in val) == [(int(h[0]), float(h[3])) for h in history]
+    assert len(client.get_metric_history(r.info.run_id, "train_loss")) == len(history) == 2
+    final = r.data.metrics
+    assert final["test_acc"] == m["test_acc"] and final["best_val_acc"] == m["val_acc"]
+    assert final["probe_test_acc"] == m["probe_test_acc"] and final["trainable"] == m["trainable"]
+    assert final["trainable_pct"] == pytest.approx(m["trainable_pct"]) and "peak_memory_mb" in final
+    assert final["train_seconds"] == m["train_seconds"] and "sensitivity_seconds" in final
+    assert final["export.accuracy.fp32"] == 50.0
+
+    # tags: data versions, plan hash, git commit, version
+    t = r.data.tags
+    assert t["data.raw_md5"] == RAW_MD5 == t["data_version"]
+    assert t["data.prepared_hash"] == load_dataset_info(Path(params["paths"]["data"])).data_hash
+    assert t["plan_hash"] == m["plan_hash"] and t["sensitune.version"] == "0.1.0" and t["origin"] == "test"
+    assert t.get("git.commit") == git_commit()[0]
+
+    # artifacts
+    names = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"plan.json", "plan.png", "merged.safetensors", "adapter", "export", "metrics.json"} <= names
+    assert {a.path for a in client.list_artifacts(r.info.run_id, "adapter")} == {
+        f"adapter/{f.name}" for f in (run / "adapter").iterdir()
+    }
+    assert "export/openvino/fp32/manifest.json" in {
+        a.path for a in client.list_artifacts(r.info.run_id, "export/openvino/fp32")
+    }
+    got = Path(client.download_artifacts(r.info.run_id, "plan.json", str(tmp_path)))
+    assert got.read_bytes() == (run / "plan.json").read_bytes()
+
+    # registry: the new version carries the alias and tags
+    mv = client.get_model_version_by_alias(NAME, "challenger")
+    assert mv.version == result["model_version"] and mv.run_id == r.info.run_id
+    assert mv.tags["plan_hash"] == m["plan_hash"] and mv.tags["data_version"] == RAW_MD5
+    assert float(mv.tags["test_acc"]) == m["test_acc"]
+
+    # the registered pyfunc model predicts what load_merged predicts, on real preprocessed test images
+    reference, info = stages.load_merged(run / stages.FILES["merged"])
+    names_ = load_dataset_info(Path(params["paths"]["data"])).class_names
+    files = [f for f, _ in scan_split(Path(params["paths"]["data"]) / "test", names_)]
+    x = preprocess_batch(files, ModelInfo.from_dict(info).preprocess)  # (N, 3, 32, 32) float32
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(x)).numpy()
+    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(server)
+    mlflow.set_registry_uri(server)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    finally:
+        mlflow.set_tracking_uri(prev[0])
+        mlflow.set_registry_uri(prev[1])
+    logits = model.predict(x)
+    assert logits.shape == (len(files), 4) and logits.dtype == np.float32
+    assert np.abs(logits - expected).max() <= 1e-5
+    probs = model.predict(x, params={"output": "probabilities"})
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (probs.argmax(1) == expected.argmax(1)).all()
+    assert model.metadata.metadata["sensitune"]["class_names"] == names_
+
+
+def test_unreachable_server_warns_falls_back_and_replays(
+    tiny_run: tuple[dict, Path, Path], server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, run, config = tiny_run
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    with pytest.warns(TrackingWarning, match="mlflow_fallback.json"):
+        result = log_run(params, run, tracking_uri=dead, model_name=NAME)
+    assert result["status"] == "fallback" and result["run_id"] is None and "URLError" in result["error"]
+    saved = json.loads((run / FALLBACK_FILE).read_text())
+    assert saved["tracking_uri"] == dead
+    rec = saved["record"]
+    assert rec["params"]["train.lr"] == "0.001" and rec["model"]["name"] == NAME
+    assert {x["key"] for x in rec["metrics"]} >= {"val_acc", "train_loss", "test_acc", "trainable"}
+    assert {Path(a["path"]).name for a in rec["artifacts"]} >= {"plan.json", "adapter", "merged.safetensors"}
+
+    # the DVC track stage: same fallback, a one-line warning, exit code 0, the outcome in mlflow_run.json
+    capsys.readouterr()
+    assert track.main(["--config", str(config), "--tracking-uri", dead, "--model-name", NAME]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: MLflow at {dead} failed" in err and "--replay" in err
+    assert json.loads((run / RECORD_FILE).read_text())["status"] == "fallback"
+
+    # the server is back: replay logs the saved run and registers a new version
+    before = len(_client(server).search_model_versions(f"name='{NAME}'"))
+    capsys.readouterr()
+    assert track.main(["--replay", str(run / FALLBACK_FILE), "--tracking-uri", server]) == 0
+    out = capsys.readouterr().out  # MLflow prints a "View run ... at: URL" line before the result
+    replayed = json.loads(out[out.index("{\n") :])
+    assert replayed["status"] == "logged"
+    assert not (run / FALLBACK_FILE).exists() and (run / "mlflow_fallback.replayed.json").is_file()
+    client = _client(server)
+    assert client.get_run(replayed["run_id"]).data.params["train.lr"] == "0.001"
+    assert int(client.get_model_version_by_alias(NAME, "challenger").version) == before + 1
+
+
+def test_track_without_a_trained_run_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump({"paths": {"run": str(tmp_path / "nothing")}}))
+    assert track.main(["--config", str(config), "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "metrics.json not found" in err and err.count("\n") == 1
+
+
+def test_fallbacks_of_two_runs_are_both_kept_and_a_stale_replay_sends_no_files(
+    tiny_run: tuple[dict, Path, Path], server: str, tmp_path: Path
+) -> None:
+    params, run, _ = tiny_run
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2, ignore=shutil.ignore_patterns("mlflow_*"))
+    params2 = {**params, "paths": {**params["paths"], "run": str(run2)}}
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with pytest.warns(TrackingWarning):
+        log_run(params2, run2, tracking_uri=dead)
+    first = json.loads((run2 / FALLBACK_FILE).read_text())["record"]
+    with pytest.warns(TrackingWarning):  # the same run again (a retry): still one file
+        log_run(params2, run2, tracking_uri=dead)
+    assert [f.name for f in run2.glob("mlflow_fallback*.json")] == [FALLBACK_FILE]
+
+    # a later run in the same directory fails to log too: the first run's record is kept beside it
+    metrics = json.loads((run2 / "metrics.json").read_text())
+    (run2 / "metrics.json").write_text(json.dumps({**metrics, "test_acc": 0.125}))
+    with pytest.warns(TrackingWarning):
+        log_run(params2, run2, tracking_uri=dead)
+    kept = [f for f in run2.glob("mlflow_fallback.*.json")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["record"] == first
+    assert json.loads((run2 / FALLBACK_FILE).read_text())["record"]["fingerprint"] != first["fingerprint"]
+
+    # replaying the first run now: its files were overwritten, so only params, metrics and tags are sent
+    with pytest.warns(TrackingWarning, match="now holds another run"):
+        result = replay(kept[0], tracking_uri=server)
+    assert result["status"] == "logged" and result["model_version"] is None
+    client = _client(server)
+    r = client.get_run(result["run_id"])
+    assert r.data.metrics["test_acc"] == metrics["test_acc"] and r.data.tags["sensitune.replay"] == "no-files"
+    assert client.list_artifacts(r.info.run_id) == []
