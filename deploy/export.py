@@ -42,6 +42,7 @@ from torch import nn
 
 import spt_core
 from spt_core.errors import SensituneError
+from spt_core.io import atomic_path, file_sha256, umask
 from spt_core.preprocess import Preprocess, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def export_onnx(model: nn.Module, pre: Preprocess, path: str | Path, *, opset: i
     dummy = dummy.to(param.device if param is not None else "cpu")
     names = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
     try:
-        with _atomic_file(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             if dynamo:
                 shapes = ({0: torch.export.Dim("batch")},)  # one dict per positional arg: input dim 0 is dynamic
@@ -303,7 +304,7 @@ def write_manifest(
     if fmt == "onnx":
         manifest["onnx_opset"] = onnx_opset(d / "model.onnx")
     manifest.update(extra)
-    with _atomic_file(d / MANIFEST) as tmp:
+    with atomic_path(d / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -410,7 +411,7 @@ def export_all(
             "artifacts": {fmt: str(p.parent.relative_to(tmp)) for fmt, p in artifacts.items()},
             **report,
         }
-        with _atomic_file(tmp / REPORT) as f:
+        with atomic_path(tmp / REPORT) as f:
             f.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -425,15 +426,6 @@ def _verification_for(report: dict[str, Any], fmt: str) -> dict[str, Any]:
 def _is_transformer(model: nn.Module) -> bool:
     """ViT-like (attention blocks) -> NNCF's TRANSFORMER model type; CNNs with SE/ECA gates are not."""
     return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention") for m in model.modules())
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions(*, int8: bool) -> dict[str, str]:
@@ -463,7 +455,7 @@ def _staging_dir(target: Path) -> Iterator[Path]:
     _refuse_existing(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; artifacts are served and copied by other users
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; artifacts are served and copied by other users
     try:
         yield tmp
         _refuse_existing(target)  # again: another export may have finished meanwhile
@@ -471,28 +463,6 @@ def _staging_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path`` (same suffix); on success ``os.replace`` it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spt_core.errors import DataError
+from spt_core.io import write_bytes
 from spt_core.preprocess import Preprocess, load_rgb
 
 __all__ = [
@@ -93,7 +94,7 @@ class DatasetInfo:
 
     def save(self, path: Path) -> None:
         """Write JSON atomically (temp file in the same directory + rename)."""
-        _write_atomic(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path) -> DatasetInfo:
@@ -495,17 +496,6 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------- demo defects
 _SS = 4  # defects are drawn 4x supersampled and box-downsampled: antialiased, sub-pixel widths
 # Defect contrast in units of the patch's texture std (floor 20 grey levels), mostly saturating to near black/white.
@@ -618,7 +608,7 @@ def generate_demo_defects(
                 img = img + sign * amp * mask[..., None]
             buf = io.BytesIO()
             Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(buf, format="PNG")
-            _write_atomic(out_dir / cls / f"b{batch}_{i:04d}.png", buf.getvalue())
+            write_bytes(out_dir / cls / f"b{batch}_{i:04d}.png", buf.getvalue())
     return out_dir
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -11,13 +12,24 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's directory; on success rename it over `path`, on error delete it."""
+    """Yield a temp path in the target's directory; on success rename it over `path`, on error delete it.
+
+    The temp file keeps the target's suffix (some writers pick the format from it) and gets normal file
+    permissions (mkstemp creates 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -31,3 +43,21 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write `data` to `path` atomically; with `fsync` the bytes are on disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

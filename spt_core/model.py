@@ -14,7 +14,6 @@ Weights come from one of four places (the ``weights`` argument, recorded in `Mod
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import pickle
 import re
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from spt_core.errors import ModelError
+from spt_core.io import file_sha256
 from spt_core.preprocess import Preprocess
 
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
@@ -87,15 +87,6 @@ class ModelInfo:
             drop_path_rate=float(d.get("drop_path_rate", 0.0)),
             timm_kwargs=dict(d.get("timm_kwargs", {})),
         )
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def create_model(

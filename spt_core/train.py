@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import math
 import os
 import random
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from spt_core.errors import SensituneError
 from spt_core.evaluate import evaluate, split_batch
+from spt_core.io import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -256,16 +257,9 @@ def _set_rng_state(rng: Mapping[str, Any], loaders: Mapping[str, Any]) -> None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue(), fsync=True)  # on disk before the rename: a kill never leaves half a file
 
 
 def _load_checkpoint(path: Path, state_names: list[str], cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
