@@ -136,8 +136,9 @@ def allocate(
     """
     if structured not in STRUCTURED:
         raise PlanError(f"structured={structured!r}: use one of {', '.join(STRUCTURED)}")
-    if rank < 1 or alpha <= 0 or beta < 1:
-        raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha > 0, beta >= 1")
+    if rank < 1 or alpha < 1 or beta < 1:
+        # alpha < 1 would make a module cheaper than the entries that trigger it: count(k) stops being monotone
+        raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha >= 1, beta >= 1")
     cands = list(sensitivity.candidates.values())
     if not cands:
         raise PlanError("the sensitivity file has no candidates; measure a model with tunable parameters")
@@ -176,14 +177,12 @@ def allocate(
         else:
             hi = mid
     k = lo
-    if k == 0:
-        smallest = int(costs[rule_struct | rule_whole].min()) if bool((rule_struct | rule_whole).any()) else 1
-        raise PlanError(f"budget {count_budget:,} is too small for any trainable unit (smallest {smallest:,})")
-
     k_u = torch.bincount(unit_of[:k], minlength=len(units))
     sw = switched(k_u)
     gap = count_budget - int(torch.where(sw, costs, k_u).sum())
     extra = _fill(order, unit_of, k, gap, sw, k_u, rule_struct | rule_whole, thresholds)
+    if k == 0 and len(extra) == 0:
+        raise PlanError(f"budget {count_budget:,} is too small for any trainable unit: raise the budget")
     targets: list[Target] = []
     sparse_units = (~sw) & (k_u > 0)
     chosen = torch.cat([order[:k][sparse_units[unit_of[:k].long()]], extra])

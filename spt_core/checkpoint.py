@@ -23,17 +23,39 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import PlanError
 from .plan import Plan
-from .tuners import apply_plan, tuner_state_dict
+from .tuners import apply_plan, remove_tuners, tuner_state_dict
 
 _INDEX_PREFIX = "plan/"
+_BUFFER_PREFIX = "buffers/"
 
 
-def save_adapter(model: nn.Module, plan: Plan, out_dir: str | Path, *, info: dict[str, Any] | None = None) -> Path:
-    """Write the tuned values + plan + head of `model` to `out_dir` (replaced atomically as a directory)."""
+def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics by buffer name (saved with the adapter when training updated them)."""
+    return {
+        f"{n}.{b}" if n else b: t
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b, t in m.named_buffers(recurse=False)
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    plan: Plan,
+    out_dir: str | Path,
+    *,
+    info: dict[str, Any] | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the tuned values + plan + head of `model` to `out_dir` (replaced atomically as a directory).
+
+    `buffers` (e.g. `bn_buffers(model)` when BatchNorm statistics were trained) are stored and restored too.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in tuner_state_dict(model).items()}
     tensors.update({_INDEX_PREFIX + k: v.contiguous() for k, v in plan.indices.items()})
+    tensors.update({_BUFFER_PREFIX + k: v.detach().cpu().contiguous() for k, v in (buffers or {}).items()})
     meta = {
         "format": "sensitune-adapter/1",
         "sensitune_version": __version__,
@@ -96,19 +118,30 @@ def load_adapter(model: nn.Module, path: str | Path, *, model_name: str | None =
     want = meta.get("info", {}).get("model_name")
     if model_name and want and model_name != want:
         raise PlanError(f"{path}: adapter was trained on {want!r}, not {model_name!r}; create that backbone")
+    buffers = {k[len(_BUFFER_PREFIX) :]: values.pop(k) for k in [k for k in values if k.startswith(_BUFFER_PREFIX)]}
+    own_buffers = dict(model.named_buffers())
+    bad = [k for k, v in buffers.items() if k not in own_buffers or own_buffers[k].shape != v.shape]
+    if bad:
+        raise PlanError(f"{path}: adapter buffers do not fit this model (e.g. {bad[0]}); wrong backbone?")
     apply_plan(model, plan)
-    own = dict(model.named_parameters())
-    expected = set(tuner_state_dict(model))
-    if set(values) != expected:
-        missing, extra = sorted(expected - set(values))[:3], sorted(set(values) - expected)[:3]
-        raise PlanError(f"{path}: adapter does not fit this model (missing {missing}, unexpected {extra})")
-    for n, v in values.items():
-        if own[n].shape != v.shape:
-            raise PlanError(
-                f"{path}: {n} has shape {tuple(v.shape)} in the adapter but {tuple(own[n].shape)} in the model "
-                "(different class count or backbone?)"
-            )
+    try:
+        own = dict(model.named_parameters())
+        expected = set(tuner_state_dict(model))
+        if set(values) != expected:
+            missing, extra = sorted(expected - set(values))[:3], sorted(set(values) - expected)[:3]
+            raise PlanError(f"{path}: adapter does not fit this model (missing {missing}, unexpected {extra})")
+        for n, v in values.items():
+            if own[n].shape != v.shape:
+                raise PlanError(
+                    f"{path}: {n} has shape {tuple(v.shape)} in the adapter but {tuple(own[n].shape)} in the "
+                    "model (different class count or backbone?)"
+                )
+    except PlanError:
+        remove_tuners(model)  # leave the caller's model as it came
+        raise
     with torch.no_grad():
         for n, v in values.items():
             own[n].copy_(v)
+        for n, v in buffers.items():
+            own_buffers[n].copy_(v)
     return model

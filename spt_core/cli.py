@@ -29,8 +29,15 @@ from .config import load_params, override
 from .errors import SensituneError
 
 
-def _opt_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "all") else int(s)
+class _Null:
+    """A flag given as 'none'/'all': set the key to null (None itself means "flag not given")."""
+
+
+NULL = _Null()
+
+
+def _opt_int(s: str) -> int | _Null:
+    return NULL if s.lower() in ("none", "all", "null") else int(s)
 
 
 # verb -> [(flag, section, key, type, help)]
@@ -138,7 +145,7 @@ def _params(args: argparse.Namespace) -> dict:
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, key = dest.split(".", 1)
-            override(params, section, **{key: value})
+            params[section][key] = None if value is NULL else value
     return params
 
 
@@ -182,9 +189,12 @@ def _run_verb(args: argparse.Namespace, params: dict) -> None:
         print(stages.make_plan(params).summary())
         m = stages.train(params)
         stages.evaluate_stage(params)
-        stages.merge_stage(params)
-        if not args.no_export:
-            stages.export_stage(params)
+        if params["plan"]["structured"] == "adapter":  # nonlinear: nothing to fold into a plain model
+            print("adapter plans cannot be merged into a plain model: skipping merge and export (use structured: lora)")
+        else:
+            stages.merge_stage(params)
+            if not args.no_export:
+                stages.export_stage(params)
         _print({k: m.get(k) for k in ("test_acc", "val_acc", "probe_test_acc", "trainable", "best_epoch")})
 
 

@@ -76,6 +76,8 @@ def fit_probe(
         loaders: "train", "val" and optionally "test" loaders of (images, labels).
         epochs, lr, weight_decay, batch_size, seed: the probe's recipe (AdamW, cosine decay).
     """
+    if epochs < 1 or batch_size < 1:
+        raise SensituneError(f"probe epochs={epochs}, batch_size={batch_size}: both must be >= 1")
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise SensituneError(

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .allocate import allocate
-from .checkpoint import load_adapter, read_adapter, save_adapter
+from .checkpoint import bn_buffers, load_adapter, read_adapter, save_adapter
 from .data import (
     ImageDataset,
     SeededSampler,
@@ -40,7 +40,7 @@ from .data import (
     prepare,
     scan_split,
 )
-from .errors import DataError, ModelError, SensituneError
+from .errors import DataError, ModelError, PlanError, SensituneError
 from .evaluate import evaluate, predict, write_predictions_csv
 from .io import atomic_path, write_json
 from .merge import merge
@@ -49,7 +49,7 @@ from .plan import Plan
 from .probe import fit_probe
 from .sensitivity import Sensitivity, measure_sensitivity
 from .train import TrainConfig, fit
-from .tuners import apply_plan
+from .tuners import apply_plan, check_tuners_reached
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ def train_config(params: dict) -> TrainConfig:
 
 
 def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str:
-    blob = json.dumps([plan.hash(), cfg.to_dict(), data_hash, extra], sort_keys=True, default=str)
+    """Which checkpoint a run may resume: everything that changes the numbers (not the device)."""
+    numbers = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "progress", "log_every")}
+    blob = json.dumps([plan.hash(), numbers, data_hash, extra], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -222,7 +224,14 @@ def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
         if t["head_init"] == "random":
             model.get_classifier().load_state_dict(head0)
     apply_plan(model, plan)
-    state_dir = run / FILES["train_state"] / _state_key(plan, cfg, ds_info.data_hash, {"head": t["head_init"]})
+    unreached = check_tuners_reached(model, next(iter(loaders["train"]))[0][:2].to(device))
+    if unreached:
+        raise PlanError(
+            f"{len(unreached)} tuner(s) never reach the output on {args['name']} (e.g. {unreached[0]}): this "
+            "backbone reads those weights outside their module; use plan.structured and a backbone without it"
+        )
+    extra = {k: t[k] for k in _TRAIN_EXTRA}
+    state_dir = run / FILES["train_state"] / _state_key(plan, cfg, ds_info.data_hash, {**extra, **args})
     history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch)
     adapter_info = {
         **info.to_dict(),
@@ -231,7 +240,9 @@ def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
         "data_hash": ds_info.data_hash,
         "train": cfg.to_dict(),
     }
-    save_adapter(model, plan, run / FILES["adapter"], info=adapter_info)
+    # BatchNorm statistics are part of the trained model when they were not frozen
+    buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)
+    save_adapter(model, plan, run / FILES["adapter"], info=adapter_info, buffers=buffers)
     backbone = plan.backbone_params
     metrics.update(
         {
@@ -283,7 +294,12 @@ def load_tuned(adapter_dir: Path, device: str = "cpu") -> tuple[torch.nn.Module,
     _, _, meta = read_adapter(adapter_dir)
     info = meta["info"]
     # the same seed as at training time, so a randomly initialised base (weights: none) is the same base
-    model, _ = build_model(info["model_args"], info.get("train", {}).get("seed", 0))
+    model, built = build_model(info["model_args"], info.get("train", {}).get("seed", 0))
+    if info.get("weights_sha256") and built.weights_sha256 != info["weights_sha256"]:
+        raise ModelError(
+            f"{adapter_dir}: the base weights changed since training (sha256 {built.weights_sha256} != "
+            f"{info['weights_sha256']}); restore the original file given to --weights"
+        )
     load_adapter(model, adapter_dir, model_name=info["model_args"]["name"])
     return model.to(device).eval(), info
 

@@ -148,3 +148,17 @@ def test_damaged_plan_file_is_one_line_error(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(PlanError, match="not found"):
         Plan.load(tmp_path / "missing.json")
+
+
+def test_alpha_below_one_is_refused():
+    with pytest.raises(PlanError, match="alpha >= 1"):
+        allocate(_toy(), 100, alpha=0.5)
+
+
+def test_tiny_budget_falls_back_to_sparse_entries():
+    """The top unit (a 4-vector) switches whole on its first entry: a budget of 3 still buys sparse entries."""
+    s = _toy()
+    s.candidates["t"] = Candidate("t", "m", "scale", "vector", (4,), 0)
+    s.scores["t"] = torch.full((4,), 1e6)
+    plan = allocate(s, 3, structured="lora", rank=2)
+    assert plan.trainable == 3 and {t.param for t in plan.targets} == {"v"}

@@ -146,3 +146,14 @@ def test_sensitivity_uses_fixed_shuffle(project):
     s = Sensitivity.load(project / "run" / "sensitivity.safetensors")
     assert s.meta["batches"] == 2 and s.meta["images"] == 16
     assert torch.isfinite(torch.cat([v.flatten() for v in s.scores.values()])).all()
+
+
+def test_flags_can_set_null():
+    """`--n-test all` / `--img-size none` set the key to null instead of being ignored."""
+    from spt_core.cli import _params, build_parser
+
+    args = build_parser().parse_args(["prepare", "--n-test", "all", "--n-train", "12"])
+    params = _params(args)
+    assert params["data"]["n_test"] is None and params["data"]["n_train"] == 12
+    args = build_parser().parse_args(["measure", "--img-size", "none"])
+    assert _params(args)["model"]["img_size"] is None

@@ -241,3 +241,47 @@ def test_real_lite0_plan_train_merge(structured):
         torch.testing.assert_close(model(x), tuned, rtol=0, atol=1e-5)
     plain = timm.create_model("tf_efficientnet_lite0", num_classes=4)
     plain.load_state_dict(model.state_dict(), strict=True)
+
+
+class _ParentReadsWeight(torch.nn.Module):
+    """Like timm's BEiT/EVA attention: the parent reads a child's weight itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 2)
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_unreachable_tuners_are_found():
+    from spt_core.tuners import check_tuners_reached
+
+    model = _ParentReadsWeight()
+    plan = _plan("whole", "qkv.weight", (6, 6), None)
+    apply_plan(model, plan)
+    assert check_tuners_reached(model, torch.randn(2, 6)) == ["qkv.spt.deltas.weight.0.delta"]
+    assert all(p.grad is None for p in model.parameters())  # the check leaves no gradients behind
+    _, vit, vit_plan = _case("lora", "qkv")
+    apply_plan(vit, vit_plan)
+    assert check_tuners_reached(vit, _x()) == []
+
+
+def test_trained_bn_statistics_travel_with_the_adapter(tmp_path):
+    from spt_core.checkpoint import bn_buffers
+
+    name, model, plan = _case("sparse", "conv")
+    apply_plan(model, plan)
+    with torch.no_grad():
+        for n, b in bn_buffers(model).items():
+            if n.endswith("running_mean"):
+                b.add_(0.5)  # as if training had updated the statistics
+        out = model(_x())
+    save_adapter(model, plan, tmp_path / "a", buffers=bn_buffers(model))
+    fresh = load_adapter(_model(name), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_x()), out, rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ from ..candidates import head_parameter_names
 from ..errors import PlanError
 from ..plan import Plan
 from .adapter import Adapter
-from .host import TunerSet, detach_tuners, tuner_set
+from .host import TunerSet, check_tuners_reached, detach_tuners, tuner_set
 from .lora import LoRADelta
 from .sparse import SparseDelta, WholeDelta
 
@@ -24,6 +24,7 @@ __all__ = [
     "TunerSet",
     "WholeDelta",
     "apply_plan",
+    "check_tuners_reached",
     "remove_tuners",
     "trainable_count",
     "tuned_modules",

@@ -14,6 +14,15 @@ why SPT's official sparse layers train with more memory than full fine-tuning. H
 a recipe instead of W' and rebuilds W' when backward needs it, so at most one layer's W' exists at a time.
 Under autocast W' is cast once to the autocast dtype, so the op's saved cast is W' itself and is also rebuilt.
 Forward values must not change between forward and backward (true for any optimizer step after backward).
+
+Limits (each checked or documented, never silent):
+  - W' exists only while the host's own forward runs. A parent that reads `self.qkv.weight` itself (timm's
+    BEiT, EVA and Swin-V2 attention) would bypass it: `check_tuners_reached` finds such targets (the CLI's
+    train stage runs it on one batch and refuses the plan).
+  - Inside a tuned module this saved-tensor hook is the active one, so an outer hook (non-reentrant
+    checkpointing, `save_on_cpu`) does not see that module's saved tensors: results stay exact, the outer
+    memory saving is lost for tuned layers. Second-order gradients through W' are not supported.
+  - One forward at a time per model (no DataParallel replicas, no concurrent threads on one model).
 """
 
 from __future__ import annotations
@@ -35,10 +44,14 @@ class TunerSet(nn.Module):
         self._hooks_ctx: list = []
 
     def effective(self, host: nn.Module, attr: str) -> torch.Tensor:
-        """W' = W + Σ deltas, differentiable w.r.t. the deltas only (W is detached, frozen)."""
+        """W' = W + Σ deltas, differentiable w.r.t. the deltas only (W is detached, frozen).
+
+        Computed with autocast off (in the parameter's dtype), so the rebuild in backward is bit-identical.
+        """
         w = host._parameters[attr].detach()
-        for delta in self.deltas[attr]:
-            w = delta.add_to(w)
+        with torch.autocast(w.device.type, enabled=False):
+            for delta in self.deltas[attr]:
+                w = delta.add_to(w)
         return w
 
 
@@ -117,6 +130,30 @@ def tuner_set(host: nn.Module) -> TunerSet:
             host.register_forward_hook(_post_hook, always_call=True),
         ]
     return host.spt
+
+
+def check_tuners_reached(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of tuner parameters that get no gradient from one forward/backward of `x` (should be empty).
+
+    A tuner is unreachable when the model reads its host's weight from outside the host's forward. Every
+    parameter's `.grad` and every module's train/eval mode are left as they were.
+    """
+    from . import tuned_modules
+
+    tuner_params = [(f"{n}.spt.{pn}", p) for n, t in tuned_modules(model).items() for pn, p in t.named_parameters()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in grads:
+            p.grad = None
+        model.eval()
+        model(x).float().sum().backward()
+        return [n for n, p in tuner_params if p.grad is None]
+    finally:
+        for p, g in grads:
+            p.grad = g
+        for m, t in modes:
+            m.training = t
 
 
 def detach_tuners(host: nn.Module) -> TunerSet:
