@@ -1,0 +1,571 @@
+"""The method against its baselines at equal budget: accuracy, memory and speed, one backbone x one task per run.
+
+For a backbone, a task and a budget, runs every method of `benchmarks/methods.py` (linear probe, BitFit, full
+fine-tuning, peft LoRA, random sparse, SPT-LoRA, SPT-Adapter, sparse-only) with the same data, epochs, schedule
+(`spt_core.train.fit`, `TrainConfig.scaled`) and validation-only epoch selection; only the learning rate differs,
+chosen per method from a small grid on validation accuracy with seed 0, then reused for the other seeds.
+BatchNorm running statistics stay frozen for every method, full fine-tuning included.
+
+Each (method, seed, lr) and each sensitivity pass runs in its own subprocess so that its peak memory (CPU:
+ru_maxrss; CUDA: max_memory_allocated) is its own. Rows are appended to the JSON as they finish; a re-run skips
+rows already there (resume). Writes benchmarks/results/compare_<backbone>_<task>.{json,md,png}.
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
+      .venv/bin/python benchmarks/compare.py --backbone lite0 --task digits --budget 2% --seeds 2 --epochs 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.methods` and `spt_core` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.methods import (  # noqa: E402
+    FULL_LR_METHODS,
+    METHODS,
+    SENSITIVITY_METHODS,
+    setup_method,
+)
+from spt_core.errors import SensituneError  # noqa: E402
+from spt_core.io import write_json  # noqa: E402
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+BACKBONES = {  # preset: (timm name, weights, img_size)
+    "lite0": ("tf_efficientnet_lite0", "embedded", 64),
+    "vit-s14": (
+        "vit_small_patch14_dinov2",
+        str(Path("~/.cache/sensitune-fixtures/vit_small_patch14_dinov2.safetensors").expanduser()),
+        84,
+    ),
+    "vit-b16": ("vit_base_patch16_224.augreg_in21k", "hub", 224),
+    "test-effnet": ("test_efficientnet", "none", 32),
+}
+SENS_BATCHES, SENS_BATCH_SIZE, PROBE_EPOCHS = 16, 32, 50  # SPT: 16 x 32 = 512 training images
+
+
+# ------------------------------------------------------------------------------------------------ child jobs
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM), so that loading the weights does not set the training peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:  # not Linux, or not allowed: fall back to ru_maxrss (a lifetime peak)
+        return False
+
+
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc); the malloc variables only stop *automatic* trimming."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline may then include freed memory
+        pass
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+def _build(job: dict) -> tuple[Any, Any, dict]:
+    import torch
+
+    from spt_core.data import load_dataset_info, make_loaders
+    from spt_core.model import create_model
+
+    torch.set_num_threads(job["threads"])
+    n_classes = len(load_dataset_info(Path(job["data_dir"])).class_names)
+    torch.manual_seed(job["seed"])  # the seeded random head, as spt_core.stages.build_model
+    model, info = create_model(job["model"], n_classes, weights=job["weights"], img_size=job["img_size"])
+    model.to(job["device"])
+    loaders = make_loaders(Path(job["data_dir"]), info.preprocess, batch_size=job["batch"], seed=job["seed"])
+    return model, info, loaders
+
+
+def sensitivity_job(job: dict) -> dict:
+    """Fit a linear probe head (cached features), then measure SPT sensitivity on 16 x 32 training images."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from spt_core.data import SeededSampler
+    from spt_core.probe import fit_probe
+    from spt_core.sensitivity import measure_sensitivity
+
+    model, _, loaders = _build(job)
+    device = torch.device(job["device"])
+    probe = fit_probe(model, {"train": loaders["train"], "val": loaders["val"]}, epochs=PROBE_EPOCHS, seed=job["seed"])
+    ds = loaders["train"].dataset
+    loader = DataLoader(ds, batch_size=SENS_BATCH_SIZE, sampler=SeededSampler(len(ds), job["seed"]))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sens = measure_sensitivity(model, loader, batches=SENS_BATCHES, device=device)
+    sens.meta.update({"head": "probe", **probe.to_dict()})
+    sens.save(job["sens_path"])
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    return {
+        "kind": "sensitivity",
+        "seed": job["seed"],
+        "seconds": sens.meta["seconds"],
+        "images": sens.meta["images"],
+        "probe_seconds": round(probe.seconds, 2),
+        "probe_val_acc": probe.val_acc,
+        "peak_memory_mb": round(peak, 1),
+    }
+
+
+def train_job(job: dict) -> dict:
+    """Build the model, apply the method, `fit` it; returns the row (counts, accuracies, memory, times)."""
+    import torch
+
+    from spt_core.evaluate import evaluate
+    from spt_core.sensitivity import Sensitivity
+    from spt_core.train import TrainConfig, fit
+
+    t_start = time.perf_counter()
+    model, _, loaders = _build(job)
+    sens = Sensitivity.load(job["sens_path"]) if job["method"] in SENSITIVITY_METHODS else None
+    model, minfo = setup_method(model, job["method"], job["budget"], sensitivity=sens, seed=job["seed"])
+    model.to(job["device"])
+    del sens
+    gc.collect()
+    _malloc_trim()  # freed weight/score buffers would otherwise sit in the baseline and hide training's first MBs
+    base_rss = _rss_mb()
+    hwm_reset = job["device"] == "cpu" and _reset_peak_rss()
+    cfg = TrainConfig.scaled(
+        job["epochs"], lr=job["lr"], batch_size=job["batch"], seed=job["seed"], device=job["device"], progress=False
+    )
+    hist = fit(model, loaders, cfg, None)
+    fit_peak = _hwm_mb() if hwm_reset else hist.peak_memory_mb
+    t0 = time.perf_counter()  # one validation pass, to split s/epoch into training and validation time
+    evaluate(model, loaders["val"], torch.device(job["device"]))
+    val_s = time.perf_counter() - t0
+    n_ep = len(hist.epochs)
+    s_epoch = hist.train_seconds / n_ep
+    return {
+        "kind": "train",
+        "method": job["method"],
+        "seed": job["seed"],
+        "lr": job["lr"],
+        "budget": job["budget_label"],
+        "budget_count": job["budget"],
+        "trainable_backbone": minfo.trainable_backbone,
+        "trainable_head": minfo.trainable_head,
+        "trainable_pct": round(minfo.trainable_pct, 4),
+        "backbone_params": minfo.backbone_params,
+        "details": minfo.details,
+        "val_acc": hist.best_val_acc,
+        "test_acc": hist.test_acc,
+        "best_epoch": hist.best_epoch,
+        "epochs": n_ep,
+        "peak_memory_mb": round(hist.peak_memory_mb, 1),
+        "peak_memory_kind": hist.peak_memory_kind,
+        "train_overhead_mb": round(fit_peak - base_rss, 1) if job["device"] == "cpu" else None,
+        "overhead_peak": "vmhwm_reset_trim" if hwm_reset else "ru_maxrss",  # ru_maxrss includes the weight-load spike
+        "s_per_epoch": round(s_epoch, 2),
+        "s_per_train_epoch": round(s_epoch - val_s, 2),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def run_job(job: dict, in_process: bool, log_path: Path) -> dict:
+    """One job in a fresh subprocess (own peak memory), or in this process (tests)."""
+    if in_process:
+        return sensitivity_job(job) if job["kind"] == "sensitivity" else train_job(job)
+    env = {**os.environ, **MALLOC_ENV, "SENSITUNE_NO_PROGRESS": "1"}
+    with open(log_path, "a") as log:
+        out = subprocess.run(
+            [sys.executable, __file__, "--job", json.dumps(job)], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        return {"error": f"exit {out.returncode}, see {log_path}"}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def _stat(vals: list[float], scale: float = 1.0) -> str:
+    """mean ± half range (with 2 seeds: half the difference), or the single value."""
+    vals = [v * scale for v in vals if v is not None]
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    return f"{mean:.2f} ± {(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else f"{mean:.2f}"
+
+
+def _mean(vals: list[float]) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(state: dict) -> list[dict]:
+    """Per method at the main budget: its rows at the lr chosen on seed-0 validation, aggregated over seeds."""
+    rows, budget = state["rows"], state["meta"]["budget"]
+    out = []
+    for m in METHODS:
+        lr = chosen_lr(rows, m, budget)
+        if lr is None:
+            continue
+        sel = [r for r in rows if r["method"] == m and r["budget"] == budget and r["lr"] == lr and "error" not in r]
+        mem_key = "train_overhead_mb" if sel[0].get("train_overhead_mb") is not None else "peak_memory_mb"
+        # runs whose peak was reset after loading the weights measure training alone: prefer them
+        exact = [r for r in sel if r.get("overhead_peak", "").startswith("vmhwm_reset")]
+        grid = [r for r in rows if r["method"] == m and r["budget"] == budget and r["seed"] == 0 and "error" not in r]
+        out.append({
+            "method": m, "lr": lr, "rows": sel, "seeds": sorted(r["seed"] for r in sel),
+            "grid": {r["lr"]: r["val_acc"] for r in grid}, "trainable": sel[0]["trainable_backbone"],
+            "head": sel[0]["trainable_head"], "pct": sel[0]["trainable_pct"], "details": sel[0]["details"],
+            "mem": _mean([r[mem_key] for r in exact or sel]),
+            "mem_exact": bool(exact) or mem_key != "train_overhead_mb",
+            "peak": _mean([r["peak_memory_mb"] for r in sel]),
+            "s_epoch": _mean([r["s_per_train_epoch"] for r in sel]), "wall": _mean([r["wall_s"] for r in sel]),
+            "test": _mean([r["test_acc"] for r in sel]),
+        })  # fmt: skip
+    return out
+
+
+def write_report(state: dict, stem: Path) -> None:
+    """stem.md (tables) and stem.png (accuracy vs trainable values; training memory per method)."""
+    meta, summ = state["meta"], summarize(state)
+    by = {s["method"]: s for s in summ}
+    mem_name = "train overhead MB (peak RSS - RSS before fit)" if meta["device"] == "cpu" else "peak CUDA MB"
+    lines = [
+        f"# {meta['backbone']} @ {meta['img_size']} px on {meta['task']}: methods at equal budget {meta['budget']}",
+        "", f"Command: `{meta['command']}`", "",
+        f"Machine: {meta['machine']}; {meta['threads']} threads. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f". Date: {meta['date']}.", "",
+        f"Protocol: {meta['n_train']} train / val / test from `{meta['data_dir']}`, {meta['epochs']} epochs, batch "
+        f"{meta['batch']}, AdamW + cosine (`TrainConfig.scaled`), epoch chosen on validation only, test evaluated "
+        "once at that epoch. BatchNorm statistics frozen for every method (full fine-tuning too). lr chosen per "
+        "method on seed-0 validation accuracy, then used for the other seeds. Accuracy: mean ± half range over "
+        "seeds. Each (method, seed, lr) ran in its own process.", "",
+        f"| method | lr (grid: val %) | trainable backbone | % | head | val % | test % | seeds | {mem_name} "
+        "| x full | x peft-lora | peak MB | s/train epoch | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    full, lora = by.get("full"), by.get("peft-lora")
+    for s in summ:
+        grid = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(s["grid"].items()))
+        name = s["method"] + (f" (r={s['details']['rank']})" if "rank" in s["details"] else "")
+        rf = f"{s['mem'] / full['mem']:.2f}" if full and full["mem"] else "-"
+        rl = f"{s['mem'] / lora['mem']:.2f}" if lora and lora["mem"] else "-"
+        lines.append(
+            f"| {name} | {s['lr']:g} ({grid}) | {s['trainable']:,} | {s['pct']:.2f} | {s['head']:,} | "
+            f"{_stat([r['val_acc'] for r in s['rows']], 100)} | {_stat([r['test_acc'] for r in s['rows']], 100)} | "
+            f"{len(s['seeds'])} | {s['mem']:.0f}{'' if s['mem_exact'] else '*'} | "
+            f"{rf} | {rl} | {s['peak']:.0f} | {s['s_epoch']:.1f} | "
+            f"{s['wall']:.0f} |"
+        )
+    if any(not s["mem_exact"] for s in summ):
+        lines += ["", "\\* upper bound: these runs predate the peak reset, so their peak is the process lifetime's "
+                  "(ru_maxrss), which includes the weight-load spike (~80 MB above the loaded RSS for ViT-S). "
+                  "Unstarred: peak RSS (VmHWM) reset after loading the weights, i.e. over `fit` only."]  # fmt: skip
+    if any(r.get("overhead_peak") == "vmhwm_reset" for r in state["rows"]):
+        lines += ["", "Caveat: rows marked `vmhwm_reset` in the JSON measured the baseline without `malloc_trim`, so "
+                  "freed-but-retained heap pages (the weight file, and for SPT methods the score file, freed before "
+                  "`fit`; glibc keeps them with the malloc variables set) are reused by training before RSS grows: "
+                  "overheads smaller than that garbage (~90-180 MB for ViT-S) read too low. Compare such small "
+                  "overheads as 'small', not by their ratio; the harness now trims first "
+                  "(`vmhwm_reset_trim`)."]  # fmt: skip
+    kinds = [f"{s['method']}: {s['details']['by_kind']}" for s in summ if "by_kind" in s["details"]]
+    if kinds:
+        lines += ["", "Plan composition (trainable values by tuner kind): " + "; ".join(kinds) + "."]
+    errors = [r for r in state["rows"] if "error" in r]
+    if errors:
+        lines += ["", "Failed runs: " + "; ".join(f"{r['method']} seed {r['seed']} lr {r['lr']}: {r['error']}"
+                                                   for r in errors)]  # fmt: skip
+    sens = state.get("sensitivity", [])
+    if sens:
+        n_img, n_train = meta["sens_images"], meta["n_train"]
+        lines += ["", f"Sensitivity pass ({n_img} training images, one forward+backward per batch of 32; head "
+                  "fitted first by a linear probe on cached features):", "",
+                  "| seed | probe s | sensitivity s | peak MB | vs 1 full-FT epoch, same images | vs sparse-only |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in sens:
+            if "error" in r:
+                lines.append(f"| {r.get('seed')} | failed: {r['error']} | | | | |")
+                continue
+            ratios = []
+            for m in ("full", "sparse-only"):
+                s = by.get(m)
+                n_img = r["images"]  # the epoch's time scaled to the images the sensitivity pass saw
+                ratios.append(f"{r['seconds'] / (s['s_epoch'] * n_img / n_train):.2f}x" if s and s["s_epoch"] else "-")
+            lines.append(f"| {r['seed']} | {r['probe_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
+                         f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
+    curve = [r for r in state["rows"] if r["budget"] != meta["budget"] and "error" not in r]
+    if curve:
+        lines += ["", "Budget curve (seed 0, each method at its chosen lr):", "",
+                  "| budget | method | trainable backbone | val % | test % |", "|---|---|---|---|---|"]  # fmt: skip
+        pts = curve + [
+            r for s in summ for r in s["rows"] if r["seed"] == 0 and s["method"] in {c["method"] for c in curve}
+        ]
+        for r in sorted(pts, key=lambda r: (r["method"], r["trainable_backbone"])):
+            lines.append(f"| {r['budget']} | {r['method']} | {r['trainable_backbone']:,} | {100 * r['val_acc']:.2f} | "
+                         f"{100 * r['test_acc']:.2f} |")  # fmt: skip
+    lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]
+    from spt_core.io import atomic_path
+
+    with atomic_path(stem.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    if summ:
+        _plot(state, summ, stem.with_suffix(".png"), mem_name)
+
+
+def _plot(state: dict, summ: list[dict], path: Path, mem_name: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the tables are what matter
+        return
+    from spt_core.io import atomic_path
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in summ:
+        xs = [r["test_acc"] * 100 for r in s["rows"]]
+        x = max(s["trainable"], 1)
+        ax.errorbar([x], [sum(xs) / len(xs)], yerr=[(max(xs) - min(xs)) / 2], fmt="o", capsize=3, label=s["method"])
+        pts = sorted(
+            (r["trainable_backbone"], r["test_acc"] * 100)
+            for r in state["rows"]
+            if r.get("method") == s["method"] and r["seed"] == 0 and r["lr"] == s["lr"] and "error" not in r
+        )
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), "--", color=ax.lines[-1].get_color() if ax.lines else None, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable backbone values (head excluded; linear probe plotted at 1)")
+    ax.set_ylabel("test accuracy %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    bx.bar([s["method"] for s in summ], [s["mem"] for s in summ])
+    bx.set_ylabel(mem_name, fontsize=8)
+    bx.tick_params(axis="x", rotation=45, labelsize=8)
+    m = state["meta"]
+    fig.suptitle(f"{m['backbone']} @ {m['img_size']} px, {m['task']}, budget {m['budget']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+def _versions() -> dict:
+    import peft
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "peft": peft.__version__}  # fmt: skip
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} (CUDA), {os.cpu_count()} CPU cores"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores (shared with other jobs), CPU"
+
+
+def _parse_lrs(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x]
+    except ValueError as e:
+        raise SensituneError(f"--lr grid {s!r}: give comma-separated floats, e.g. 1e-3,3e-3") from e
+
+
+def chosen_lr(rows: list[dict], method: str, budget: str) -> float | None:
+    """The seed-0 learning rate with the best validation accuracy (ties: the first tried)."""
+    cands = [
+        r for r in rows if r.get("method") == method and r["seed"] == 0 and r["budget"] == budget and "error" not in r
+    ]
+    return max(cands, key=lambda r: r["val_acc"])["lr"] if cands else None
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="lite0", help=f"preset ({', '.join(BACKBONES)}) or a timm model name")
+    ap.add_argument("--weights", help="override the preset's weights: embedded | hub | none | PATH")
+    ap.add_argument("--img-size", type=int, help="override the preset's input size")
+    ap.add_argument(
+        "--task", default="digits", help="digits | fashion-mnist | demo-defects | a VTAB-1k/ImageFolder dir"
+    )
+    ap.add_argument("--n-train", type=int, default=800)
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--n-test", type=int, default=2000, help="test images (fewer when the source has fewer); 0 = all")
+    ap.add_argument("--budget", default="1%", help="trainable backbone values: 1%%, 0.4M, 40000")
+    ap.add_argument("--curve-budgets", default="", help="extra budgets for the accuracy-vs-params curve (seed 0)")
+    ap.add_argument("--curve-methods", default="sparse-only,spt-lora,peft-lora")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument(
+        "--seed-start", type=int, default=0, help="run only seeds >= N at the first lr of each grid (a parallel shard)"
+    )
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr-grid", default="1e-3,3e-3", help="lr grid of every method but full fine-tuning")
+    ap.add_argument("--lr-grid-full", default="1e-4,3e-4", help="lr grid of full fine-tuning")
+    ap.add_argument("--lr-grid-linear", default="", help="lr grid of the linear probe (default: --lr-grid)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the harness is the same)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work-dir", type=Path, default=Path("~/.cache/sensitune-compare").expanduser())
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--in-process", action="store_true", help="no subprocesses (tests; memory is then shared)")
+    ap.add_argument("--merge", type=Path, help="add the rows of a shard's JSON (from --seed-start) and rewrite")
+    ap.add_argument("--report-only", type=Path, help="rewrite the .md/.png of this JSON and exit")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.job:
+        job = json.loads(args.job)
+        print("RESULT " + json.dumps(sensitivity_job(job) if job["kind"] == "sensitivity" else train_job(job)))
+        return Path()
+    if args.report_only:
+        write_report(json.loads(args.report_only.read_text()), args.report_only.with_suffix(""))
+        return args.report_only
+
+    from spt_core.data import prepare
+    from spt_core.plan import parse_budget
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SensituneError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    name, weights, img = BACKBONES.get(args.backbone, (args.backbone, "hub", None))
+    weights, img = args.weights or weights, args.img_size or img
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    task_slug = Path(args.task).name if Path(args.task).is_dir() else args.task
+    slug = f"{args.backbone.replace('/', '-')}_{task_slug}"
+    work = args.work_dir / slug
+    data_dir = args.work_dir / "data" / f"{task_slug}_{args.n_train}_{args.n_val}_{args.n_test}"
+    if not (data_dir / "dataset.json").is_file():
+        prepare(args.task, data_dir, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test or None, seed=0)
+    out_json = args.out_dir / f"compare_{slug}.json"
+    state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "sensitivity": []}
+    command = (
+        " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+        + " python "
+        + " ".join(["benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
+    )
+    old_meta = state.get("meta")
+    state["meta"] = {
+        "command": command, "machine": _machine(args.device), "versions": _versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "backbone": name,
+        "weights": weights, "img_size": img, "task": args.task, "data_dir": str(data_dir), "budget": args.budget,
+        "epochs": args.epochs, "batch": args.batch, "device": args.device, "threads": args.threads,
+        "freeze_bn_stats": True, "sens_images": SENS_BATCHES * SENS_BATCH_SIZE, "n_train": args.n_train,
+    }  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
+            "batch": args.batch, "device": args.device, "threads": args.threads}  # fmt: skip
+    log_path = work / "jobs.log"
+
+    def save() -> None:
+        write_json(out_json, state)
+        write_report(state, args.out_dir / f"compare_{slug}")
+
+    def backbone_total() -> int:
+        from spt_core.candidates import count_backbone_params
+        from spt_core.model import create_model
+
+        return count_backbone_params(create_model(name, 10, weights="none", img_size=img)[0])
+
+    n_backbone = backbone_total()
+
+    def ensure_sensitivity(seed: int) -> str:
+        path = work / f"sensitivity_seed{seed}.safetensors"
+        if not path.is_file():
+            row = run_job({**base, "kind": "sensitivity", "seed": seed, "sens_path": str(path)}, args.in_process,
+                          log_path)  # fmt: skip
+            print(f"[{slug}] sensitivity seed {seed}: {row}", flush=True)
+            state["sensitivity"] = [s for s in state["sensitivity"] if s.get("seed") != seed] + [row]
+            save()
+        return str(path)
+
+    def run(method: str, seed: int, lr: float, budget: str) -> None:
+        key = (method, seed, lr, budget)
+        if any((r.get("method"), r.get("seed"), r.get("lr"), r.get("budget")) == key for r in state["rows"]):
+            return
+        job = {**base, "kind": "train", "method": method, "seed": seed, "lr": lr, "budget_label": budget,
+               "budget": parse_budget(budget, n_backbone)}  # fmt: skip
+        if method in SENSITIVITY_METHODS:
+            job["sens_path"] = ensure_sensitivity(seed)
+        row = run_job(job, args.in_process, log_path)
+        row.update({"method": method, "seed": seed, "lr": lr, "budget": budget})
+        print(f"[{slug}] {json.dumps(row)}", flush=True)
+        state["rows"].append(row)
+        save()
+
+    if args.merge:
+        state["meta"] = old_meta or state["meta"]  # the run's own command, machine and date stay
+        other = json.loads(args.merge.read_text())
+        have = {(r["method"], r["seed"], r["lr"], r["budget"]) for r in state["rows"]}
+        state["rows"] += [r for r in other["rows"] if (r["method"], r["seed"], r["lr"], r["budget"]) not in have]
+        seeds = {s.get("seed") for s in state["sensitivity"]}
+        state["sensitivity"] += [s for s in other["sensitivity"] if s.get("seed") not in seeds]
+        state["meta"]["command"] += f"  # + rows of {args.merge.name}: `{other['meta']['command']}`"
+        save()
+        return out_json
+    grid = {m: _parse_lrs(args.lr_grid_full if m in FULL_LR_METHODS else args.lr_grid) for m in methods}
+    if "linear" in grid and args.lr_grid_linear:  # a probe is cheap (no backward through the backbone)
+        grid["linear"] = _parse_lrs(args.lr_grid_linear)
+    if args.seed_start > 0:  # a shard for the later seeds, run beside the seed-0 process; merge with --merge
+        for seed in range(args.seed_start, args.seeds):
+            for m in methods:
+                run(m, seed, grid[m][0], args.budget)
+        save()
+        return out_json
+    for m in methods:  # seed 0: the learning-rate grid, chosen on validation
+        for lr in grid[m]:
+            run(m, 0, lr, args.budget)
+    for seed in range(1, args.seeds):
+        for m in methods:
+            lr = chosen_lr(state["rows"], m, args.budget)
+            if lr is not None:
+                run(m, seed, lr, args.budget)
+    for budget in [b for b in args.curve_budgets.split(",") if b]:
+        for m in [m for m in args.curve_methods.split(",") if m in methods]:
+            lr = chosen_lr(state["rows"], m, args.budget)
+            if lr is not None:
+                run(m, 0, lr, budget)
+    save()
+    return out_json
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SensituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
