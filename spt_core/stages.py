@@ -48,7 +48,7 @@ from .model import ModelInfo, create_model
 from .plan import Plan
 from .probe import fit_probe
 from .sensitivity import Sensitivity, measure_sensitivity
-from .train import TrainConfig, fit
+from .train import RESUME_FREE, TrainConfig, fit
 from .tuners import apply_plan, check_tuners_reached
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def train_config(params: dict) -> TrainConfig:
 
 def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str:
     """Which checkpoint a run may resume: everything that changes the numbers (not the device)."""
-    numbers = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "progress", "log_every")}
+    numbers = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
     blob = json.dumps([plan.hash(), numbers, data_hash, extra], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -292,7 +292,7 @@ def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
 def load_tuned(adapter_dir: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The base model with the adapter applied, and the adapter's info."""
     _, _, meta = read_adapter(adapter_dir)
-    info = meta["info"]
+    info = {**meta["info"], "plan_hash": meta["plan_hash"]}
     # the same seed as at training time, so a randomly initialised base (weights: none) is the same base
     model, built = build_model(info["model_args"], info.get("train", {}).get("seed", 0))
     if info.get("weights_sha256") and built.weights_sha256 != info["weights_sha256"]:
@@ -361,8 +361,7 @@ def merge_stage(params: dict, check_images: int = 16) -> dict:
         diff = float((model(x) - before).abs().max())
     if diff > 1e-4:
         raise SensituneError(f"merged model differs from the tuned one by {diff:.2e} on val images; report a bug")
-    _, _, meta = read_adapter(run / FILES["adapter"])
-    record = {**info, "plan_hash": meta["plan_hash"], "merge_max_abs_diff": diff, "sensitune_version": __version__}
+    record = {**info, "merge_max_abs_diff": diff, "sensitune_version": __version__}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_path(run / FILES["merged"]) as tmp:
         save_file(state, str(tmp), metadata={"sensitune": json.dumps(record)})

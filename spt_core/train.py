@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from spt_core.checkpoint import bn_buffers
 from spt_core.errors import SensituneError
 from spt_core.evaluate import evaluate, split_batch
 from spt_core.io import write_bytes
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Config fields that may differ between a run and its resumption (they do not change the numbers).
-_RESUME_FREE = {"device", "progress", "log_every"}
+RESUME_FREE = {"device", "progress", "log_every"}
 
 
 @dataclass
@@ -196,10 +197,7 @@ def _tracked_state(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor
     """What training changes: trainable params, plus BatchNorm running stats when they are not frozen."""
     state: dict[str, torch.Tensor] = dict(trainable_parameters(model))
     if not cfg.freeze_bn_stats:
-        for mname, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                for bname, b in m.named_buffers(recurse=False):
-                    state[f"{mname}.{bname}" if mname else bname] = b
+        state.update(bn_buffers(model))
     return state
 
 
@@ -277,7 +275,7 @@ def _load_checkpoint(path: Path, state_names: list[str], cfg: TrainConfig, steps
             f"only in model: {only_model[:3]}, {len(only_ckpt) + len(only_model)} differences); {fix}"
         )
     old, new = ckpt["cfg"], cfg.to_dict()
-    changed = [f"{k}={old.get(k)!r}->{new[k]!r}" for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+    changed = [f"{k}={old.get(k)!r}->{new[k]!r}" for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
     if changed:
         raise SensituneError(f"{path}: checkpoint was made with another train config ({', '.join(changed)}); {fix}")
     if ckpt["step"] != ckpt["epoch"] * steps_per_epoch:
