@@ -25,7 +25,9 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +104,13 @@ def _build(job: dict) -> tuple[Any, Any, dict]:
     torch.manual_seed(job["seed"])  # the seeded random head, as spt_core.stages.build_model
     model, info = create_model(job["model"], n_classes, weights=job["weights"], img_size=job["img_size"])
     model.to(job["device"])
-    loaders = make_loaders(Path(job["data_dir"]), info.preprocess, batch_size=job["batch"], seed=job["seed"])
+    loaders = make_loaders(
+        Path(job["data_dir"]),
+        info.preprocess,
+        batch_size=job["batch"],
+        seed=job["seed"],
+        num_workers=job.get("workers", 0),
+    )
     return model, info, loaders
 
 
@@ -255,7 +263,9 @@ def write_report(state: dict, stem: Path) -> None:
     lines = [
         f"# {meta['backbone']} @ {meta['img_size']} px on {meta['task']}: methods at equal budget {meta['budget']}",
         "", f"Command: `{meta['command']}`", "",
-        f"Machine: {meta['machine']}; {meta['threads']} threads. Versions: "
+        f"Machine: {meta['machine']}; {meta['threads']} threads"
+        + (f", {meta['parallel']} runs at a time (sharing the machine)" if meta.get("parallel", 1) > 1 else "")
+        + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f". Date: {meta['date']}.", "",
         f"Protocol: {meta['n_train']} train / val / test from `{meta['data_dir']}`, {meta['epochs']} epochs, batch "
         f"{meta['batch']}, AdamW + cosine (`TrainConfig.scaled`), epoch chosen on validation only, test evaluated "
@@ -317,13 +327,15 @@ def write_report(state: dict, stem: Path) -> None:
                          f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
     curve = [r for r in state["rows"] if r["budget"] != meta["budget"] and "error" not in r]
     if curve:
-        lines += ["", "Budget curve (seed 0, each method at its chosen lr):", "",
-                  "| budget | method | trainable backbone | val % | test % |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "Budget curve (seed 0; each method at its chosen lr unless the lr column says otherwise):", "",
+                  "| budget | method | lr | trainable backbone | val % | test % |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         pts = curve + [
             r for s in summ for r in s["rows"] if r["seed"] == 0 and s["method"] in {c["method"] for c in curve}
         ]
         for r in sorted(pts, key=lambda r: (r["method"], r["trainable_backbone"])):
-            lines.append(f"| {r['budget']} | {r['method']} | {r['trainable_backbone']:,} | {100 * r['val_acc']:.2f} | "
+            lines.append(f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['trainable_backbone']:,} | "
+                         f"{100 * r['val_acc']:.2f} | "
                          f"{100 * r['test_acc']:.2f} |")  # fmt: skip
     lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]
     from spt_core.io import atomic_path
@@ -395,6 +407,29 @@ def _machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores (shared with other jobs), CPU"
 
 
+def summary_metrics(state: dict) -> dict[str, float]:
+    """The table's headline numbers per method, as MLflow metrics (``test_acc.spt-lora``, ``memory_mb.full``)."""
+    out: dict[str, float] = {}
+    for s in summarize(state):
+        m = s["method"]
+        val = _mean([r["val_acc"] for r in s["rows"]])
+        out.update({
+            f"test_acc.{m}": s["test"], f"val_acc.{m}": val, f"trainable_backbone.{m}": s["trainable"],
+            f"memory_mb.{m}": s["mem"], f"s_per_train_epoch.{m}": s["s_epoch"], f"lr.{m}": s["lr"],
+        })  # fmt: skip
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def log_to_mlflow(results_json: Path) -> dict:
+    """`pipelines.tracking.log_benchmark` with this table's summary; prints the outcome (never raises for MLflow)."""
+    from pipelines.tracking import log_benchmark
+
+    res = log_benchmark(results_json, summary=summary_metrics(json.loads(results_json.read_text())))
+    print(f"MLflow: {res['status']} {results_json.name} -> {res['tracking_uri']} run {res.get('run_id')} "
+          f"({res['children']} row runs){' ' + res['error'] if 'error' in res else ''}")  # fmt: skip
+    return res
+
+
 def _parse_lrs(s: str) -> list[float]:
     try:
         return [float(x) for x in s.split(",") if x]
@@ -402,12 +437,27 @@ def _parse_lrs(s: str) -> list[float]:
         raise SensituneError(f"--lr grid {s!r}: give comma-separated floats, e.g. 1e-3,3e-3") from e
 
 
+def task_source(task: str, work_dir: Path, n_images: int) -> str:
+    """`prepare`'s source for a task. The builtin demo set has 100 images a class; for the 1k protocol (800 + 200 +
+    a test set) generate as many as the splits need, with the generator's defaults otherwise (96 px, seed 0)."""
+    if task != "demo-defects":
+        return task
+    from spt_core.data import DEMO_CLASSES, generate_demo_defects
+
+    per_class = -(-n_images // len(DEMO_CLASSES))
+    src = work_dir / "data" / f"demo-defects-source_{per_class}"
+    if not (src / ".complete").is_file():  # a half-written folder from an interrupted run is completed in place
+        generate_demo_defects(src, n_per_class=per_class)
+        (src / ".complete").touch()
+    return str(src)
+
+
 def chosen_lr(rows: list[dict], method: str, budget: str) -> float | None:
-    """The seed-0 learning rate with the best validation accuracy (ties: the first tried)."""
+    """The seed-0 learning rate with the best validation accuracy (ties: the smaller lr, whatever order ran)."""
     cands = [
         r for r in rows if r.get("method") == method and r["seed"] == 0 and r["budget"] == budget and "error" not in r
     ]
-    return max(cands, key=lambda r: r["val_acc"])["lr"] if cands else None
+    return max(cands, key=lambda r: (r["val_acc"], -r["lr"]))["lr"] if cands else None
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -436,11 +486,18 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--lr-grid-linear", default="", help="lr grid of the linear probe (default: --lr-grid)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the harness is the same)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (a GPU run: 2-4)")
+    ap.add_argument(
+        "--parallel", type=int, default=1, help="runs at a time (each its own process; shared CPU/GPU: times slow)"
+    )
     ap.add_argument("--work-dir", type=Path, default=Path("~/.cache/sensitune-compare").expanduser())
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--in-process", action="store_true", help="no subprocesses (tests; memory is then shared)")
     ap.add_argument("--merge", type=Path, help="add the rows of a shard's JSON (from --seed-start) and rewrite")
     ap.add_argument("--report-only", type=Path, help="rewrite the .md/.png of this JSON and exit")
+    ap.add_argument(
+        "--mlflow", action="store_true", help="log the table to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.job:
@@ -449,6 +506,8 @@ def main(argv: list[str] | None = None) -> Path:
         return Path()
     if args.report_only:
         write_report(json.loads(args.report_only.read_text()), args.report_only.with_suffix(""))
+        if args.mlflow:
+            log_to_mlflow(args.report_only)
         return args.report_only
 
     from spt_core.data import prepare
@@ -470,7 +529,8 @@ def main(argv: list[str] | None = None) -> Path:
     work = args.work_dir / slug
     data_dir = args.work_dir / "data" / f"{task_slug}_{args.n_train}_{args.n_val}_{args.n_test}"
     if not (data_dir / "dataset.json").is_file():
-        prepare(args.task, data_dir, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test or None, seed=0)
+        prepare(task_source(args.task, args.work_dir, args.n_train + args.n_val + (args.n_test or 2000)), data_dir,
+                n_train=args.n_train, n_val=args.n_val, n_test=args.n_test or None, seed=0)  # fmt: skip
     out_json = args.out_dir / f"compare_{slug}.json"
     state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "sensitivity": []}
     command = (
@@ -485,10 +545,11 @@ def main(argv: list[str] | None = None) -> Path:
         "weights": weights, "img_size": img, "task": args.task, "data_dir": str(data_dir), "budget": args.budget,
         "epochs": args.epochs, "batch": args.batch, "device": args.device, "threads": args.threads,
         "freeze_bn_stats": True, "sens_images": SENS_BATCHES * SENS_BATCH_SIZE, "n_train": args.n_train,
+        "parallel": args.parallel,
     }  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
-            "batch": args.batch, "device": args.device, "threads": args.threads}  # fmt: skip
+            "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers}  # fmt: skip
     log_path = work / "jobs.log"
 
     def save() -> None:
@@ -508,24 +569,39 @@ def main(argv: list[str] | None = None) -> Path:
         if not path.is_file():
             row = run_job({**base, "kind": "sensitivity", "seed": seed, "sens_path": str(path)}, args.in_process,
                           log_path)  # fmt: skip
+            row = {"seed": seed, **row}  # failed passes too, so that a retry replaces them
             print(f"[{slug}] sensitivity seed {seed}: {row}", flush=True)
             state["sensitivity"] = [s for s in state["sensitivity"] if s.get("seed") != seed] + [row]
             save()
         return str(path)
 
+    lock = threading.Lock()  # --parallel: jobs run in subprocesses, their rows are added here one at a time
+
+    def key_of(r: dict) -> tuple:
+        return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget")
+
+    def done(key: tuple) -> bool:  # a failed run is retried by the next invocation
+        return any(key_of(r) == key and "error" not in r for r in state["rows"])
+
     def run(method: str, seed: int, lr: float, budget: str) -> None:
-        key = (method, seed, lr, budget)
-        if any((r.get("method"), r.get("seed"), r.get("lr"), r.get("budget")) == key for r in state["rows"]):
-            return
         job = {**base, "kind": "train", "method": method, "seed": seed, "lr": lr, "budget_label": budget,
                "budget": parse_budget(budget, n_backbone)}  # fmt: skip
         if method in SENSITIVITY_METHODS:
-            job["sens_path"] = ensure_sensitivity(seed)
+            job["sens_path"] = str(work / f"sensitivity_seed{seed}.safetensors")
         row = run_job(job, args.in_process, log_path)
         row.update({"method": method, "seed": seed, "lr": lr, "budget": budget})
-        print(f"[{slug}] {json.dumps(row)}", flush=True)
-        state["rows"].append(row)
-        save()
+        with lock:
+            print(f"[{slug}] {json.dumps(row)}", flush=True)
+            state["rows"] = [r for r in state["rows"] if key_of(r) != key_of(row)] + [row]
+            save()
+
+    def run_all(keys: list[tuple]) -> None:
+        """The (method, seed, lr, budget) runs not yet in the JSON, up to --parallel at a time."""
+        todo = [k for k in dict.fromkeys(keys) if not done(k)]
+        for seed in sorted({k[1] for k in todo if k[0] in SENSITIVITY_METHODS}):
+            ensure_sensitivity(seed)  # before the runs that read it, never two passes of one seed at once
+        with ThreadPoolExecutor(max_workers=1 if args.in_process else args.parallel) as ex:
+            list(ex.map(lambda k: run(*k), todo))
 
     if args.merge:
         state["meta"] = old_meta or state["meta"]  # the run's own command, machine and date stay
@@ -541,25 +617,22 @@ def main(argv: list[str] | None = None) -> Path:
     if "linear" in grid and args.lr_grid_linear:  # a probe is cheap (no backward through the backbone)
         grid["linear"] = _parse_lrs(args.lr_grid_linear)
     if args.seed_start > 0:  # a shard for the later seeds, run beside the seed-0 process; merge with --merge
-        for seed in range(args.seed_start, args.seeds):
-            for m in methods:
-                run(m, seed, grid[m][0], args.budget)
+        run_all([(m, seed, grid[m][0], args.budget) for seed in range(args.seed_start, args.seeds) for m in methods])
         save()
         return out_json
-    for m in methods:  # seed 0: the learning-rate grid, chosen on validation
-        for lr in grid[m]:
-            run(m, 0, lr, args.budget)
-    for seed in range(1, args.seeds):
-        for m in methods:
-            lr = chosen_lr(state["rows"], m, args.budget)
-            if lr is not None:
-                run(m, seed, lr, args.budget)
+    run_all([(m, 0, lr, args.budget) for m in methods for lr in grid[m]])  # seed 0: the lr grid, chosen on val
+
+    def at_chosen_lr(seeds: range, budget: str) -> list[tuple]:
+        lrs = {m: chosen_lr(state["rows"], m, args.budget) for m in methods}
+        return [(m, seed, lrs[m], budget) for seed in seeds for m in methods if lrs[m] is not None]
+
+    run_all(at_chosen_lr(range(1, args.seeds), args.budget))
+    curve_methods = [m for m in args.curve_methods.split(",") if m]
     for budget in [b for b in args.curve_budgets.split(",") if b]:
-        for m in [m for m in args.curve_methods.split(",") if m in methods]:
-            lr = chosen_lr(state["rows"], m, args.budget)
-            if lr is not None:
-                run(m, 0, lr, budget)
+        run_all([k for k in at_chosen_lr(range(1), budget) if k[0] in curve_methods])
     save()
+    if args.mlflow:
+        log_to_mlflow(out_json)
     return out_json
 
 

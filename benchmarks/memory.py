@@ -1,8 +1,10 @@
 """Peak training memory per method on one model and batch: the sparse tuner's memory claim, measured.
 
 Each method runs in its own fresh process (so one method's allocations cannot hide another's): build the model,
-apply the method, record RSS, run `--steps` optimizer steps, record the peak RSS (ru_maxrss). The table reports
-peak - baseline = what training adds (activations, gradients, optimizer state, transient copies).
+apply the method, record the memory in use, run `--steps` optimizer steps, record the peak. The table reports
+peak - baseline = what training adds (activations, gradients, optimizer state, transient copies). CPU: RSS and
+ru_maxrss (page-granular, blurred by the allocator's free lists); CUDA (`--device cuda`): torch.cuda
+memory_allocated / max_memory_allocated, exact to the tensor, with `--amp` for bf16 autocast.
 Methods:
   full         every parameter trained (AdamW)
   probe        head only
@@ -50,6 +52,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     kw = {"img_size": args.img_size} if "vit" in args.model else {}
     model = timm.create_model(args.model, num_classes=10, **kw)
+    dev = torch.device(args.device)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     y = torch.randint(0, 10, (args.batch,))
     method = args.method
@@ -98,28 +101,44 @@ def child(args: argparse.Namespace) -> dict:
             p.requires_grad_(False)
         for p in model.get_classifier().parameters():
             p.requires_grad_(True)
-    model.train()
+    model.to(dev).train()
+    x, y = x.to(dev), y.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     import gc
 
     gc.collect()
-    base_rss = _rss_mb()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = F.cross_entropy(model(x), y)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) / 2**20 if cuda else _rss_mb()
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    step()  # first step: optimizer state, autotuning; in the peak, not in the time
+    if cuda:
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(dev)
     step_s = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_mb()
     frozen_grads = sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
     return {
         "method": method if method != "peft-lora" else f"peft-lora (r={rank})",
         "trainable": sum(p.numel() for p in params),
-        "baseline_mb": round(base_rss, 1),
-        "peak_mb": round(_peak_mb(), 1),
-        "train_overhead_mb": round(_peak_mb() - base_rss, 1),
-        "step_s": round(step_s, 3),
+        "baseline_mb": round(base, 1),
+        "peak_mb": round(peak, 1),
+        "train_overhead_mb": round(peak - base, 1),
+        "step_s": round(step_s, 4),
         "frozen_with_grad": frozen_grads,
     }
 
@@ -132,6 +151,8 @@ def main() -> None:
     ap.add_argument("--budget", default="1%")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (peak RSS) | cuda (max_memory_allocated)")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward (as TrainConfig.amp)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.md"))
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -145,7 +166,8 @@ def main() -> None:
     for m in ["plans", *args.methods]:
         cmd = [sys.executable, __file__, "--method", m, "--model", args.model, "--img-size", str(args.img_size),
                "--batch", str(args.batch), "--budget", args.budget, "--steps", str(args.steps),
-               "--threads", str(args.threads), "--plan-dir", plan_dir]  # fmt: skip
+               "--threads", str(args.threads), "--plan-dir", plan_dir, "--device", args.device]  # fmt: skip
+        cmd += ["--amp"] if args.amp else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         if m != "plans":
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -155,15 +177,25 @@ def main() -> None:
     command = "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 " + " ".join(
         ["python benchmarks/memory.py", *sys.argv[1:]]
     )
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine = (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+                   f"{'bf16 autocast' if args.amp else 'fp32'} (torch.cuda.max_memory_allocated")  # fmt: skip
+        peak_name = "peak CUDA MB"
+    else:
+        cpu = platform.processor() or platform.machine()
+        machine = f"{cpu}, {os.cpu_count()} cores, {args.threads} threads, CPU (peak RSS"
+        peak_name = "peak RSS MB"
     lines = [
         f"# Training memory per method: {args.model} @ {args.img_size}px, batch {args.batch}, budget {args.budget}",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-        f"CPU (peak RSS, each method in a fresh process), {args.steps} AdamW steps.",
+        f"Machine: {machine}, each method in a fresh process), 1 + {args.steps} AdamW steps (the first untimed).",
         "",
-        "| method | trainable | train overhead MB | × full FT | × peft LoRA | peak RSS MB | s/step | frozen w/ .grad |",
+        f"| method | trainable | train overhead MB | × full FT | × peft LoRA | {peak_name} | s/step "
+        "| frozen w/ .grad |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -171,16 +203,18 @@ def main() -> None:
         ratio_p = f"{r['train_overhead_mb'] / peft['train_overhead_mb']:.2f}" if peft else "-"
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {r['train_overhead_mb']:.0f} | {ratio} | {ratio_p} | "
-            f"{r['peak_mb']:.0f} | {r['step_s']:.2f} | {r['frozen_with_grad']} |"
+            f"{r['peak_mb']:.0f} | {r['step_s']:.3g} | {r['frozen_with_grad']} |"
         )
     lines += [
         "",
-        "train overhead = peak RSS during training - RSS after building the model and batch (activations, "
+        "train overhead = peak memory during training - memory after building the model and batch (activations, "
         "gradients, optimizer state, transient weight copies). `naive-sparse` keeps the effective weight alive "
         "for backward, as the official SPT code does; `sparse` is sensitune's tuner (rebuilt on demand).",
     ]
+    from spt_core.io import write_bytes  # atomic: a killed run leaves the old table
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_bytes(args.out, ("\n".join(lines) + "\n").encode())
     print(args.out.read_text())
 
 

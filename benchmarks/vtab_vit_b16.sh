@@ -8,7 +8,10 @@
 #   VTAB_ROOT/<task>/{train800.txt,val200.txt,test.txt} (+ images) in the VTAB-1k list layout, read by
 #   spt_core.data.prepare; TASKs default to every such subdirectory.
 # Environment: SEEDS (2), LR_GRID (1e-3,3e-3), LR_GRID_FULL (1e-4,3e-4), EPOCHS (100), OUT (benchmarks/results/
-#   vtab_vit_b16), WORK (~/.cache/sensitune-compare/vtab), PYTHON (.venv/bin/python).
+#   vtab_vit_b16), WORK (~/.cache/sensitune-compare/vtab), PYTHON (.venv/bin/python), WEIGHTS (hub; or a local
+#   file of the same model, e.g. on an offline cluster), PARALLEL (1: runs at a time; >1 shares the GPU, so s/epoch
+#   reads slower), WORKERS (4 DataLoader workers), THREADS (8). For a smoke run of the script itself:
+#   BACKBONE, DEVICE, BUDGET, CURVE_BUDGETS, CURVE_METHODS, METHODS, BATCH (tests/test_compare.py does this on CPU).
 # Results: $OUT/compare_vit-b16_<task>.{md,json,png}; re-running resumes (finished rows are skipped).
 set -euo pipefail
 
@@ -16,7 +19,11 @@ if [[ $# -lt 1 ]]; then
   echo "usage: $0 VTAB_ROOT [TASK ...]" >&2
   exit 2
 fi
-VTAB_ROOT=$1
+if [[ ! -d $1 ]]; then
+  echo "error: VTAB_ROOT $1 is not a directory; give the VTAB-1k root (<task>/train800.txt, val200.txt, test.txt)" >&2
+  exit 2
+fi
+VTAB_ROOT=$(cd "$1" && pwd)  # absolute: the script runs from the repo root
 shift
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -24,7 +31,11 @@ OUT=${OUT:-benchmarks/results/vtab_vit_b16}
 WORK=${WORK:-$HOME/.cache/sensitune-compare/vtab}
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
 
-"$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device visible')"
+DEVICE=${DEVICE:-cuda}
+if [[ $DEVICE == cuda* ]]; then
+  "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device visible')" \
+    || exit 2
+fi
 
 if [[ $# -gt 0 ]]; then
   TASKS=("$@")
@@ -40,13 +51,19 @@ if [[ ${#TASKS[@]} -eq 0 ]]; then
 fi
 
 for task in "${TASKS[@]}"; do
+  if [[ ! -f $VTAB_ROOT/$task/train800.txt ]]; then
+    echo "error: $VTAB_ROOT/$task/train800.txt not found; name a task directory in the VTAB-1k list layout" >&2
+    exit 2
+  fi
   echo "== $task"
   "$PYTHON" benchmarks/compare.py \
-    --backbone vit-b16 --task "$VTAB_ROOT/$task" \
+    --backbone "${BACKBONE:-vit-b16}" ${WEIGHTS:+--weights "$WEIGHTS"} --task "$VTAB_ROOT/$task" \
     --n-train 800 --n-val 200 --n-test 0 \
-    --device cuda --threads 8 --epochs "${EPOCHS:-100}" --batch 64 --seeds "${SEEDS:-2}" \
-    --budget 0.2M --curve-budgets 0.4M,0.6M,0.8M,1.0M \
-    --curve-methods sparse-only,spt-lora,spt-adapter,peft-lora,random-sparse \
+    --device "$DEVICE" --threads "${THREADS:-8}" --workers "${WORKERS:-4}" --parallel "${PARALLEL:-1}" \
+    --epochs "${EPOCHS:-100}" --batch "${BATCH:-64}" --seeds "${SEEDS:-2}" \
+    --budget "${BUDGET:-0.2M}" --curve-budgets "${CURVE_BUDGETS-0.4M,0.6M,0.8M,1.0M}" \
+    --curve-methods "${CURVE_METHODS:-sparse-only,spt-lora,spt-adapter,peft-lora,random-sparse}" \
+    ${METHODS:+--methods "$METHODS"} \
     --lr-grid "${LR_GRID:-1e-3,3e-3}" --lr-grid-full "${LR_GRID_FULL:-1e-4,3e-4}" \
     --work-dir "$WORK" --out-dir "$OUT"
 done

@@ -67,7 +67,7 @@ def fit_probe(
     weight_decay: float = 1e-4,
     batch_size: int = 64,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> ProbeResult:
     """Fit `model.get_classifier()` in place on cached features; returns validation/test accuracy.
 
@@ -75,6 +75,7 @@ def fit_probe(
         model: a timm model; only its classifier changes.
         loaders: "train", "val" and optionally "test" loaders of (images, labels).
         epochs, lr, weight_decay, batch_size, seed: the probe's recipe (AdamW, cosine decay).
+        device: where the backbone extracts features (default: where the model is); the probe trains on CPU.
     """
     if epochs < 1 or batch_size < 1:
         raise SensituneError(f"probe epochs={epochs}, batch_size={batch_size}: both must be >= 1")
@@ -83,7 +84,7 @@ def fit_probe(
         raise SensituneError(
             f"linear probe needs a Linear classifier, {type(model).__name__} has {type(head).__name__}"
         )
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()
     feats = {k: extract_features(model, v, device) for k, v in loaders.items() if v is not None}
     xtr, ytr = feats["train"]

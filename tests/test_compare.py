@@ -22,6 +22,7 @@ from benchmarks.methods import (  # noqa: E402
     nearest_rank,
     setup_method,
 )
+from spt_core.errors import SensituneError  # noqa: E402
 
 
 def _model() -> torch.nn.Module:
@@ -102,3 +103,115 @@ def test_method_counts(method: str) -> None:
 
 def test_nearest_rank() -> None:
     assert nearest_rank(67420, 22784) == 3 and nearest_rank(100, 1000) == 1 and nearest_rank(1500, 1000) == 1
+
+
+def test_parallel_runs_demo_defects_and_retries_failed_rows(tmp_path: Path) -> None:
+    """--parallel in subprocesses, the demo set sized to the splits, and a failed row retried on resume."""
+    out = tmp_path / "results"
+    argv = ["--backbone", "test-effnet", "--task", "demo-defects", "--n-train", "40", "--n-val", "20", "--n-test",
+            "20", "--epochs", "1", "--seeds", "1", "--methods", "linear,sparse-only", "--lr-grid", "1e-3,3e-3",
+            "--budget", "1%", "--threads", "1", "--parallel", "2", "--work-dir", str(tmp_path / "work"),
+            "--out-dir", str(out)]  # fmt: skip
+    path = compare.main(argv)
+    state = json.loads(path.read_text())
+    assert sorted((r["method"], r["lr"]) for r in state["rows"]) == [
+        ("linear", 1e-3), ("linear", 3e-3), ("sparse-only", 1e-3), ("sparse-only", 3e-3)
+    ]  # fmt: skip
+    assert all("error" not in r and r["peak_memory_kind"] == "cpu_max_rss_process" for r in state["rows"])
+    assert state["meta"]["parallel"] == 2 and "2 runs at a time" in path.with_suffix(".md").read_text()
+    counts = json.loads((tmp_path / "work/data/demo-defects_40_20_20/dataset.json").read_text())["counts"]
+    assert {s: sum(c.values()) for s, c in counts.items()} == {"train": 40, "val": 20, "test": 20}
+    # a failed row (here: faked) is run again by the next invocation and replaced, not duplicated
+    state["rows"][0] = {k: state["rows"][0][k] for k in ("method", "seed", "lr", "budget")} | {"error": "exit 1"}
+    path.write_text(json.dumps(state))
+    again = json.loads(compare.main(argv).read_text())["rows"]
+    assert len(again) == 4 and all("error" not in r for r in again)
+
+
+def test_chosen_lr_ties_take_the_smaller_lr() -> None:
+    rows = [{"method": "m", "seed": 0, "budget": "1%", "lr": lr, "val_acc": v} for lr, v in ((3e-3, 0.9), (1e-3, 0.9))]
+    assert compare.chosen_lr(rows, "m", "1%") == 1e-3
+    rows.append({"method": "m", "seed": 0, "budget": "1%", "lr": 1e-2, "val_acc": 0.91})
+    assert compare.chosen_lr(rows, "m", "1%") == 1e-2
+
+
+def test_results_logged_to_mlflow_once(tmp_path: Path) -> None:
+    """A committed table -> one parent run (settings, summary, files) + one child run per row; idempotent."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import BENCHMARK_EXPERIMENT, TrackingWarning, log_benchmark
+
+    for suffix in (".json", ".md", ".png"):
+        shutil.copy(ROOT / f"benchmarks/results/compare_lite0_digits{suffix}", tmp_path)
+    results = tmp_path / "compare_lite0_digits.json"
+    state = json.loads(results.read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = compare.summary_metrics(state)
+    res = log_benchmark(results, summary=summary, tracking_uri=uri)
+    rows = [r for r in state["rows"] if "error" not in r]
+    assert res["status"] == "logged" and res["children"] == len(rows)
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(res["run_id"])
+    assert parent.data.params["backbone"] == "tf_efficientnet_lite0" and parent.data.params["budget"] == "2%"
+    assert parent.data.metrics["test_acc.sparse-only"] == pytest.approx(summary["test_acc.sparse-only"])
+    assert {a.path for a in client.list_artifacts(res["run_id"])} == {
+        "compare_lite0_digits.json", "compare_lite0_digits.md", "compare_lite0_digits.png"
+    }  # fmt: skip
+    exp = client.get_experiment_by_name(BENCHMARK_EXPERIMENT).experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{res['run_id']}'", max_results=1000)
+    assert len(children) == len(rows)
+    child = next(c for c in children if c.data.params["method"] == rows[0]["method"]
+                 and float(c.data.params["lr"]) == rows[0]["lr"] and c.data.params["seed"] == str(rows[0]["seed"])
+                 and c.data.params["budget"] == rows[0]["budget"])  # fmt: skip
+    assert child.data.metrics["test_acc"] == rows[0]["test_acc"]
+    assert child.data.metrics["trainable_backbone"] == rows[0]["trainable_backbone"]
+    # the same file again: nothing new; a server that is down: a warning and status, never an exception
+    assert log_benchmark(results, tracking_uri=uri)["status"] == "exists"
+    assert len(client.search_runs([exp], max_results=1000)) == len(rows) + 1
+    with pytest.warns(TrackingWarning, match="compare_lite0_digits.json"):
+        down = log_benchmark(results, tracking_uri="http://127.0.0.1:9")
+    assert down["status"] == "failed" and "refused" in down["error"].lower()
+    with pytest.raises(SensituneError, match="not a benchmarks/compare.py results file"):
+        log_benchmark(tmp_path / "compare_lite0_digits.md", tracking_uri=uri)
+
+
+def _vtab_task(root: Path, n: dict[str, int]) -> None:
+    """A VTAB-1k task in the list layout from real digits: images/<i>.png + train800/val200/test lists."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    (root / "images").mkdir(parents=True)
+    start = 0
+    for split, count in n.items():
+        lines = []
+        for i in range(start, start + count):
+            Image.fromarray((d.images[i] * 15).astype("uint8")).save(root / "images" / f"{i}.png")
+            lines.append(f"images/{i}.png {d.target[i]}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        start += count
+
+
+def test_vtab_script_runs_a_task_and_rejects_bad_roots(tmp_path: Path) -> None:
+    """benchmarks/vtab_vit_b16.sh end to end on CPU (its smoke overrides), and its exit-2 errors."""
+    import os
+    import subprocess
+
+    script = ROOT / "benchmarks" / "vtab_vit_b16.sh"
+    _vtab_task(tmp_path / "vtab" / "digits8", {"train800": 800, "val200": 200, "test": 40})
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "BACKBONE": "test-effnet", "WEIGHTS": "none",
+           "EPOCHS": "1", "SEEDS": "1", "METHODS": "linear,sparse-only", "LR_GRID": "1e-3", "BUDGET": "1%",
+           "CURVE_BUDGETS": "2%", "CURVE_METHODS": "sparse-only", "BATCH": "64", "THREADS": "1", "WORKERS": "0",
+           "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "SENSITUNE_NO_PROGRESS": "1"}  # fmt: skip
+    done = subprocess.run(["bash", str(script), "vtab"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = json.loads((tmp_path / "out" / "compare_test-effnet_digits8.json").read_text())
+    assert sorted((r["method"], r["budget"]) for r in state["rows"]) == [
+        ("linear", "1%"), ("sparse-only", "1%"), ("sparse-only", "2%")
+    ]  # fmt: skip
+    assert state["meta"]["n_train"] == 800 and all(r["epochs"] == 1 for r in state["rows"])
+    for args, message in (([], "usage"), (["nowhere"], "is not a directory"), (["vtab", "cifar"], "train800.txt")):
+        bad = subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr
