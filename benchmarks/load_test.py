@@ -55,7 +55,7 @@ def build_lite0(work: Path, size: int) -> tuple[dict[str, Path], str]:
 def demo_frames(work: Path, size: int, n_per_class: int = 16) -> tuple[list[bytes], str]:
     """PNG bytes of demo defect images (the generator of spt_core, else skimage photo crops) and what they are."""
     try:
-        from spt_core.data import generate_demo_defects
+        from spt_core.demo import generate_demo_defects
 
         root = Path(generate_demo_defects(work / "images", n_per_class=n_per_class, seed=0, size=size))
         return [p.read_bytes() for p in sorted(root.glob("*/*.png"))], "spt_core demo defect PNGs"
@@ -72,7 +72,7 @@ def demo_frames(work: Path, size: int, n_per_class: int = 16) -> tuple[list[byte
                 buf = io.BytesIO()
                 img.crop((x, y, x + size * 2, y + size * 2)).resize((size, size)).save(buf, "PNG")
                 out.append(buf.getvalue())
-        return out, "skimage photo crops as PNG (spt_core.data.generate_demo_defects not available)"
+        return out, "skimage photo crops as PNG (spt_core.demo.generate_demo_defects not available)"
 
 
 def cpu_info() -> str:

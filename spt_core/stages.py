@@ -34,12 +34,12 @@ from .data import (
     ImageDataset,
     SeededSampler,
     eval_transform,
-    generate_demo_defects,
     load_dataset_info,
     make_loaders,
     prepare,
     scan_split,
 )
+from .demo import generate_demo_defects
 from .errors import DataError, ModelError, PlanError, SensituneError
 from .evaluate import evaluate, predict, write_predictions_csv
 from .io import atomic_path, write_json

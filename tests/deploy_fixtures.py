@@ -109,7 +109,7 @@ def build_artifact(out_dir: Path, version: str, w: np.ndarray, b: np.ndarray, si
 
 def demo_images(out_dir: Path, n_per_class: int, size: int, seed: int = 0) -> list[tuple[Path, int]]:
     """Demo defect PNGs (ImageFolder ok/scratch/spot/crack from spt_core.data) -> [(path, class index)], sorted."""
-    from spt_core.data import generate_demo_defects
+    from spt_core.demo import generate_demo_defects
 
     root = Path(generate_demo_defects(out_dir, n_per_class=n_per_class, seed=seed, size=size))
     items = [(p, CLASSES.index(p.parent.name)) for p in sorted(root.glob("*/*.png")) if p.parent.name in CLASSES]

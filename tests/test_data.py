@@ -15,18 +15,17 @@ import torch
 from PIL import Image
 
 from spt_core.data import (
-    DEMO_CLASSES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     data_hash,
     eval_transform,
-    generate_demo_defects,
     load_dataset_info,
     make_loaders,
     prepare,
     scan_split,
     sensitivity_loader,
 )
+from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 from spt_core.errors import DataError
 from spt_core.preprocess import Preprocess, preprocess_image
 
@@ -141,12 +140,12 @@ def test_demo_defects_deterministic_and_batches(tmp_path: Path) -> None:
 
 def test_demo_defect_draws_a_defect(tmp_path: Path) -> None:
     """Every defect kind draws a local mark: some pixels fully covered, most of the patch untouched."""
-    from spt_core import data
+    from spt_core import demo
 
     rng = np.random.default_rng(0)
     for kind in ("scratch", "spot", "crack"):
         for _ in range(20):
-            mask, sign = data._defect_mask(kind, rng, 64)
+            mask, sign = demo._defect_mask(kind, rng, 64)
             assert mask.shape == (64, 64) and mask.min() == 0 and mask.max() > 0.7 and sign in (-1.0, 1.0)
             assert 0.003 < (mask > 0.5).mean() < 0.2
     with pytest.raises(DataError, match="dent"):
