@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -205,6 +206,7 @@ def run_job(job: dict, in_process: bool, log_path: Path) -> dict:
     if in_process:
         return sensitivity_job(job) if job["kind"] == "sensitivity" else train_job(job)
     env = {**os.environ, **MALLOC_ENV, "SENSITUNE_NO_PROGRESS": "1"}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         out = subprocess.run(
             [sys.executable, __file__, "--job", json.dumps(job)], env=env, stdout=subprocess.PIPE, stderr=log, text=True
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.parallel < 1:
+        raise SensituneError(f"--parallel {args.parallel}: give 1 or more runs at a time")
     if args.job:
         job = json.loads(args.job)
         print("RESULT " + json.dumps(sensitivity_job(job) if job["kind"] == "sensitivity" else train_job(job)))
@@ -360,7 +364,6 @@ def main(argv: list[str] | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
             "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers}  # fmt: skip
-    log_path = work / "jobs.log"
 
     def save() -> None:
         write_json(out_json, state)
@@ -374,11 +377,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     n_backbone = backbone_total()
 
+    def job_log(name: str) -> Path:  # one stderr log per job: parallel jobs never interleave
+        return work / "logs" / (re.sub(r"[^A-Za-z0-9._%-]+", "_", name) + ".log")
+
     def ensure_sensitivity(seed: int) -> str:
         path = work / f"sensitivity_seed{seed}.safetensors"
         if not path.is_file():
             row = run_job({**base, "kind": "sensitivity", "seed": seed, "sens_path": str(path)}, args.in_process,
-                          log_path)  # fmt: skip
+                          job_log(f"sensitivity_seed{seed}"))  # fmt: skip
             row = {"seed": seed, **row}  # failed passes too, so that a retry replaces them
             print(f"[{slug}] sensitivity seed {seed}: {row}", flush=True)
             state["sensitivity"] = [s for s in state["sensitivity"] if s.get("seed") != seed] + [row]
@@ -396,10 +402,16 @@ def main(argv: list[str] | None = None) -> Path:
     def run(method: str, seed: int, lr: float, budget: str) -> None:
         job = {**base, "kind": "train", "method": method, "seed": seed, "lr": lr, "budget_label": budget,
                "budget": parse_budget(budget, n_backbone)}  # fmt: skip
+        t0 = time.time()
         if method in SENSITIVITY_METHODS:
             job["sens_path"] = str(work / f"sensitivity_seed{seed}.safetensors")
-        row = run_job(job, args.in_process, log_path)
-        row.update({"method": method, "seed": seed, "lr": lr, "budget": budget})
+        if method in SENSITIVITY_METHODS and not Path(job["sens_path"]).is_file():
+            row = {"error": f"no sensitivity pass for seed {seed}: see {job_log(f'sensitivity_seed{seed}')}"}
+        else:
+            row = run_job(job, args.in_process, job_log(f"{method}_seed{seed}_lr{lr:g}_{budget}"))
+        # where and when it ran: a resumed table can hold rows of several invocations (machines)
+        row.update({"method": method, "seed": seed, "lr": lr, "budget": budget, "machine": state["meta"]["machine"],
+                    "parallel": args.parallel, "started": round(t0, 1), "finished": round(time.time(), 1)})  # fmt: skip
         with lock:
             print(f"[{slug}] {json.dumps(row)}", flush=True)
             state["rows"] = [r for r in state["rows"] if key_of(r) != key_of(row)] + [row]
@@ -416,10 +428,11 @@ def main(argv: list[str] | None = None) -> Path:
     if args.merge:
         state["meta"] = old_meta or state["meta"]  # the run's own command, machine and date stay
         other = json.loads(args.merge.read_text())
-        have = {(r["method"], r["seed"], r["lr"], r["budget"]) for r in state["rows"]}
-        state["rows"] += [r for r in other["rows"] if (r["method"], r["seed"], r["lr"], r["budget"]) not in have]
-        seeds = {s.get("seed") for s in state["sensitivity"]}
-        state["sensitivity"] += [s for s in other["sensitivity"] if s.get("seed") not in seeds]
+        for name, key in (("rows", key_of), ("sensitivity", lambda r: r.get("seed"))):
+            for r in other[name]:  # a shard's row is added, and replaces a failed row of the same key
+                mine = next((x for x in state[name] if key(x) == key(r)), None)
+                if mine is None or ("error" in mine and "error" not in r):
+                    state[name] = [x for x in state[name] if key(x) != key(r)] + [r]
         state["meta"]["command"] += f"  # + rows of {args.merge.name}: `{other['meta']['command']}`"
         save()
         return out_json

@@ -16,10 +16,11 @@ set -uo pipefail
 
 OUT=${1:?usage: $0 OUT_DIR [SECONDS]}
 BUDGET=${2:-540}
-cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+OUT=$(realpath -s "$OUT")  # paths given relative to the caller's directory, before the cd to the repo root
+VIT=$(realpath -ms "${VIT_WEIGHTS:-$HOME/.cache/sensitune-fixtures/vit_small_patch14_dinov2.safetensors}")
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VIT=${VIT_WEIGHTS:-$HOME/.cache/sensitune-fixtures/vit_small_patch14_dinov2.safetensors}
 WORK=$(mktemp -d /tmp/sensitune-gpu.XXXX)
 RES=$WORK/results
 mkdir -p "$RES"
@@ -28,12 +29,22 @@ export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
 left() { echo $((BUDGET - SECONDS)); }
 step() { echo "== [${SECONDS}s] $*" | tee -a "$RES/session.log"; }
 STEPS=${STEPS:-tests compare memory}
-pack() {
-  cp -f "$WORK"/compare/*/jobs.log "$RES/" 2>/dev/null
-  tar czf "$OUT/results.tgz.tmp" -C "$WORK" results && mv -f "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+pack() {  # a complete archive or none: each pack writes its own temp file, then renames it
+  local tmp
+  cp -rf "$WORK"/compare/*/logs "$RES/" 2>/dev/null
+  tmp=$(mktemp "$OUT/.results.XXXXXX") && tar czf "$tmp" -C "$WORK" results && chmod 644 "$tmp" &&
+    mv -f "$tmp" "$OUT/results.tgz"
 }
 (while sleep 30; do pack; done) &
-trap 'kill $! 2>/dev/null; pack' EXIT
+PACKER=$!
+finish() {
+  pkill -P "$PACKER" 2>/dev/null
+  kill "$PACKER" 2>/dev/null
+  wait "$PACKER" 2>/dev/null
+  pack
+  rm -f "$OUT"/.results.*
+}
+trap finish EXIT
 
 step "environment"
 {
@@ -42,7 +53,7 @@ step "environment"
 timm.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$RES/env.txt"
 
-if [[ $STEPS == *tests* ]]; then
+if [[ $STEPS == *tests* && $(left) -gt 30 ]]; then
 step "1. CUDA tests"
 timeout $(($(left) < 150 ? $(left) : 150)) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
   >"$RES/gpu_tests.txt" 2>&1

@@ -67,6 +67,7 @@ def write_report(state: dict, stem: Path) -> None:
         + (f", {meta['parallel']} runs at a time (sharing the machine)" if meta.get("parallel", 1) > 1 else "")
         + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f". Date: {meta['date']}.", "",
+        *_machines_line(state),
         f"Protocol: {meta['n_train']} train / val / test from `{meta['data_dir']}`, {meta['epochs']} epochs, batch "
         f"{meta['batch']}, AdamW + cosine (`TrainConfig.scaled`), epoch chosen on validation only, test evaluated "
         "once at that epoch. BatchNorm statistics frozen for every method (full fine-tuning too). lr chosen per "
@@ -142,6 +143,19 @@ def write_report(state: dict, stem: Path) -> None:
         tmp.write_text("\n".join(lines) + "\n")
     if summ:
         _plot(state, summ, stem.with_suffix(".png"), mem_name)
+
+
+def _machines_line(state: dict) -> list[str]:
+    """When rows of a resumed table ran elsewhere (another machine, another --parallel), say where."""
+    where: dict[str, int] = {}
+    for r in state["rows"]:
+        if r.get("machine") and "error" not in r:
+            label = f"{r['machine']}, {r.get('parallel', 1)} at a time"
+            where[label] = where.get(label, 0) + 1
+    here = f"{state['meta']['machine']}, {state['meta'].get('parallel', 1)} at a time"
+    if not where or set(where) == {here}:
+        return []
+    return ["Rows ran on: " + "; ".join(f"{k} ({n} rows)" for k, n in where.items()) + ".", ""]
 
 
 def _plot(state: dict, summ: list[dict], path: Path, mem_name: str) -> None:

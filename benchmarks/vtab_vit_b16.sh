@@ -25,6 +25,11 @@ if [[ ! -d $1 ]]; then
 fi
 VTAB_ROOT=$(cd "$1" && pwd)  # absolute: the script runs from the repo root
 shift
+# paths the caller gave relative to their own directory
+[[ -n ${OUT:-} ]] && OUT=$(realpath -ms "$OUT")
+[[ -n ${WORK:-} ]] && WORK=$(realpath -ms "$WORK")
+[[ -n ${WEIGHTS:-} && -e $WEIGHTS ]] && WEIGHTS=$(realpath -s "$WEIGHTS")
+[[ ${PYTHON:-} == */* ]] && PYTHON=$(realpath -ms "$PYTHON")
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-benchmarks/results/vtab_vit_b16}

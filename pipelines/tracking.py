@@ -175,8 +175,10 @@ def log_benchmark(
     The parent holds the table's settings as params (backbone, task, budget, epochs, device, command, ...), the
     `summary` metrics (e.g. ``test_acc.spt-lora``) and the .json/.md/.png files as artifacts; each child holds its
     row's params (method, seed, lr, budget) and metrics (accuracies, trainable counts, memory, times). Logging the
-    same file twice logs nothing new (the parent is tagged with the file's sha256); a resumed, grown table is a new
-    parent run. Never raises for MLflow failures: returns ``status="failed"`` with the error and warns.
+    same results twice logs nothing new (the parent is tagged with the sha256 of the rows and sensitivity passes,
+    so a re-run that only rewrote the header is the same table); a resumed, grown table is a new parent run; a
+    failed log marks its parent and children FAILED and the next call logs the table again. Never raises for
+    MLflow failures: returns ``status="failed"`` with the error and warns.
 
     Returns:
         ``status`` ("logged", "exists" or "failed"), ``tracking_uri``, ``experiment_id``, ``run_id`` (the
@@ -191,7 +193,9 @@ def log_benchmark(
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise SensituneError(f"{results_json}: not a benchmarks/compare.py results file ({type(e).__name__})") from e
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI  # as `tracking_uri()`
-    sha = hashlib.sha256(results_json.read_bytes()).hexdigest()
+    # the results, not the file: a re-run that adds no row rewrites meta (date, command) but is the same table
+    results = json.dumps({"rows": state["rows"], "sensitivity": state.get("sensitivity", [])}, sort_keys=True)
+    sha = hashlib.sha256(results.encode()).hexdigest()
     result: dict[str, Any] = {"status": "logged", "tracking_uri": uri, "run_id": None, "children": 0}
     try:
         _check_reachable(uri)
@@ -212,6 +216,9 @@ def log_benchmark(
                 _log_benchmark_runs(client, exp_id, parent, results_json, state, summary or {}, tags, result)
             except Exception:
                 with contextlib.suppress(Exception):  # no half-logged table passes for a finished one
+                    rows = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
+                    for run in rows:
+                        client.set_terminated(run.info.run_id, "FAILED")
                     client.set_terminated(parent, "FAILED")
                 raise
     except Exception as e:  # the committed table is the record; tracking is a copy of it

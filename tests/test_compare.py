@@ -119,6 +119,8 @@ def test_parallel_runs_demo_defects_and_retries_failed_rows(tmp_path: Path) -> N
     ]  # fmt: skip
     assert all("error" not in r and r["peak_memory_kind"] == "cpu_max_rss_process" for r in state["rows"])
     assert state["meta"]["parallel"] == 2 and "2 runs at a time" in path.with_suffix(".md").read_text()
+    spans = sorted((r["started"], r["finished"]) for r in state["rows"])
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # two jobs were running at the same time
     counts = json.loads((tmp_path / "work/data/demo-defects_40_20_20/dataset.json").read_text())["counts"]
     assert {s: sum(c.values()) for s, c in counts.items()} == {"train": 40, "val": 20, "test": 20}
     # a failed row (here: faked) is run again by the next invocation and replaced, not duplicated
@@ -204,7 +206,7 @@ def test_vtab_script_runs_a_task_and_rejects_bad_roots(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "BACKBONE": "test-effnet", "WEIGHTS": "none",
            "EPOCHS": "1", "SEEDS": "1", "METHODS": "linear,sparse-only", "LR_GRID": "1e-3", "BUDGET": "1%",
            "CURVE_BUDGETS": "2%", "CURVE_METHODS": "sparse-only", "BATCH": "64", "THREADS": "1", "WORKERS": "0",
-           "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "SENSITUNE_NO_PROGRESS": "1"}  # fmt: skip
+           "OUT": "out", "WORK": "work", "SENSITUNE_NO_PROGRESS": "1"}  # relative to the cwd  # fmt: skip
     done = subprocess.run(["bash", str(script), "vtab"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     state = json.loads((tmp_path / "out" / "compare_test-effnet_digits8.json").read_text())
