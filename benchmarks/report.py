@@ -39,8 +39,10 @@ def summarize(state: dict) -> list[dict]:
             continue
         sel = [r for r in rows if r["method"] == m and r["budget"] == budget and r["lr"] == lr and "error" not in r]
         mem_key = "train_overhead_mb" if sel[0].get("train_overhead_mb") is not None else "peak_memory_mb"
-        # runs whose peak was reset after loading the weights measure training alone: prefer them
-        exact = [r for r in sel if r.get("overhead_peak", "").startswith("vmhwm_reset")]
+        # the best measurement the rows have: peak reset after loading + heap trimmed, else peak reset only
+        exact = [r for r in sel if r.get("overhead_peak") == "vmhwm_reset_trim"] or [
+            r for r in sel if r.get("overhead_peak") == "vmhwm_reset"
+        ]
         grid = [r for r in rows if r["method"] == m and r["budget"] == budget and r["seed"] == 0 and "error" not in r]
         out.append({
             "method": m, "lr": lr, "rows": sel, "seeds": sorted(r["seed"] for r in sel),

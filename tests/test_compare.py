@@ -76,6 +76,14 @@ def test_harness_table_and_counts(tmp_path: Path) -> None:
     )
     # resume: a second invocation finds every row and runs nothing new
     assert len(json.loads(compare.main(argv).read_text())["rows"]) == len(rows)
+    # --rerun-stale: a chosen-lr row measured by an older harness is run again and replaced; the old one is kept
+    old = next(r for r in rows if r["method"] == "bitfit" and r["seed"] == 1)
+    old["overhead_peak"] = "vmhwm_reset"
+    path.write_text(json.dumps(state))
+    again = json.loads(compare.main([*argv, "--rerun-stale"]).read_text())
+    assert len(again["rows"]) == len(rows) and [r["overhead_peak"] for r in again["replaced"]] == ["vmhwm_reset"]
+    new = next(r for r in again["rows"] if r["method"] == "bitfit" and r["seed"] == 1)
+    assert new["overhead_peak"] == "vmhwm_reset_trim" and new["test_acc"] == old["test_acc"]  # same run, same result
 
 
 @pytest.mark.parametrize("method", ["linear", "full", "peft-lora", "random-sparse"])
