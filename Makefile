@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: install test-deps run test lint slow
+.PHONY: install test-deps run test lint slow benchmarks-mlflow
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,3 +32,7 @@ test: install test-deps
 
 slow: install test-deps
 	$(VENV)/bin/pytest -q -m slow
+
+# The committed benchmark tables -> MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); idempotent.
+benchmarks-mlflow: install
+	for f in benchmarks/results/compare_*.json; do $(PY) benchmarks/compare.py --report-only $$f --mlflow || exit 1; done
