@@ -386,8 +386,11 @@ def main(argv: list[str] | None = None) -> Path:
     def job_log(name: str) -> Path:  # one stderr log per job: parallel jobs never interleave
         return work / "logs" / (re.sub(r"[^A-Za-z0-9._%-]+", "_", name) + ".log")
 
-    def ensure_sensitivity(seed: int) -> str:
-        path = work / f"sensitivity_seed{seed}.safetensors"
+    def sens_path(seed: int) -> Path:
+        return work / f"sensitivity_seed{seed}.safetensors"
+
+    def ensure_sensitivity(seed: int) -> None:
+        path = sens_path(seed)
         if not path.is_file():
             row = run_job({**base, "kind": "sensitivity", "seed": seed, "sens_path": str(path)}, args.in_process,
                           job_log(f"sensitivity_seed{seed}"))  # fmt: skip
@@ -395,7 +398,6 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[{slug}] sensitivity seed {seed}: {row}", flush=True)
             state["sensitivity"] = [s for s in state["sensitivity"] if s.get("seed") != seed] + [row]
             save()
-        return str(path)
 
     lock = threading.Lock()  # --parallel: jobs run in subprocesses, their rows are added here one at a time
 
@@ -410,8 +412,8 @@ def main(argv: list[str] | None = None) -> Path:
                "budget": parse_budget(budget, n_backbone)}  # fmt: skip
         t0 = time.time()
         if method in SENSITIVITY_METHODS:
-            job["sens_path"] = str(work / f"sensitivity_seed{seed}.safetensors")
-        if method in SENSITIVITY_METHODS and not Path(job["sens_path"]).is_file():
+            job["sens_path"] = str(sens_path(seed))
+        if method in SENSITIVITY_METHODS and not sens_path(seed).is_file():
             row = {"error": f"no sensitivity pass for seed {seed}: see {job_log(f'sensitivity_seed{seed}')}"}
         else:
             row = run_job(job, args.in_process, job_log(f"{method}_seed{seed}_lr{lr:g}_{budget}"))

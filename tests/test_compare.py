@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from test_data import _vtab  # noqa: E402
+
 from benchmarks import compare  # noqa: E402
 from benchmarks.methods import (  # noqa: E402
     count_trainable,
@@ -187,37 +189,20 @@ def test_results_logged_to_mlflow_once(tmp_path: Path) -> None:
         log_benchmark(tmp_path / "compare_lite0_digits.md", tracking_uri=uri)
 
 
-def _vtab_task(root: Path, n: dict[str, int]) -> None:
-    """A VTAB-1k task in the list layout from real digits: images/<i>.png + train800/val200/test lists."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    (root / "images").mkdir(parents=True)
-    start = 0
-    for split, count in n.items():
-        lines = []
-        for i in range(start, start + count):
-            Image.fromarray((d.images[i] * 15).astype("uint8")).save(root / "images" / f"{i}.png")
-            lines.append(f"images/{i}.png {d.target[i]}")
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-        start += count
-
-
 def test_vtab_script_runs_a_task_and_rejects_bad_roots(tmp_path: Path) -> None:
     """benchmarks/vtab_vit_b16.sh end to end on CPU (its smoke overrides), and its exit-2 errors."""
     import os
     import subprocess
 
     script = ROOT / "benchmarks" / "vtab_vit_b16.sh"
-    _vtab_task(tmp_path / "vtab" / "digits8", {"train800": 800, "val200": 200, "test": 40})
+    _vtab(tmp_path / "vtab" / "tiny3", {"train": 800, "val": 200, "test": 40})
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "BACKBONE": "test-effnet", "WEIGHTS": "none",
            "EPOCHS": "1", "SEEDS": "1", "METHODS": "linear,sparse-only", "LR_GRID": "1e-3", "BUDGET": "1%",
            "CURVE_BUDGETS": "2%", "CURVE_METHODS": "sparse-only", "BATCH": "64", "THREADS": "1", "WORKERS": "0",
            "OUT": "out", "WORK": "work", "SENSITUNE_NO_PROGRESS": "1"}  # relative to the cwd  # fmt: skip
     done = subprocess.run(["bash", str(script), "vtab"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    state = json.loads((tmp_path / "out" / "compare_test-effnet_digits8.json").read_text())
+    state = json.loads((tmp_path / "out" / "compare_test-effnet_tiny3.json").read_text())
     assert sorted((r["method"], r["budget"]) for r in state["rows"]) == [
         ("linear", "1%"), ("sparse-only", "1%"), ("sparse-only", "2%")
     ]  # fmt: skip

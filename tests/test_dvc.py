@@ -19,21 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_params import TINY as TINY_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 CODE = ("spt_core", "deploy", "pipelines")
-TINY = {  # 4 classes x 6 images of 32 px; a ViT test model; one epoch
-    "demo": {"n_per_class": 6, "size": 32},
-    "data": {"n_train": 12, "n_val": 8},
-    "model": {"name": "test_vit", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
-    "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "cpu"},
-    "plan": {"budget": "5%"},
-    # warmup_epochs 0: with one warm-up epoch the lr would never reach train.lr and the adapter would not change
-    "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False},
-    "export": {"precisions": ["fp32"], "calibration_size": 8},
-}
+TINY = {**TINY_BASE, "export": {"precisions": ["fp32"], "calibration_size": 8}}  # one epoch, FP32 export
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/dvc_plots/\nruns/*/train_state/\n__pycache__/\n"
 RAN = re.compile(r"Running stage '([^']+)'")
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_params import TINY as TINY_BASE
 
 from pipelines import track
 from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
@@ -34,14 +35,7 @@ from spt_core.preprocess import preprocess_batch
 
 BIN = Path(sys.executable).parent
 NAME = "sensitune-test-tiny"
-TINY = {
-    "demo": {"n_per_class": 6, "size": 32},
-    "data": {"n_train": 12, "n_val": 8},
-    "model": {"name": "test_vit", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
-    "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "cpu"},
-    "plan": {"budget": "5%"},
-    "train": {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False},
-}
+TINY = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 2}}
 RAW_MD5 = "0123456789abcdef0123456789abcdef.dir"
 
 
