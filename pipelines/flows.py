@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,9 +43,12 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS  # noqa: E402
+from pipelines import (
+    stages,  # noqa: E402
+    tracking,  # noqa: E402
+)
 from pipelines import tasks as t  # noqa: E402
-from pipelines import tracking  # noqa: E402
-from spt_core.config import load_params  # noqa: E402
+from pipelines.config import load_params  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
 from spt_core.io import write_json  # noqa: E402
 
@@ -53,9 +58,7 @@ STATE_FILE, LOCK_FILE, RECORD_FILE = "retrain_state.json", ".retrain.lock", "ret
 
 def model_name_for(params: dict, model_name: str | None) -> str:
     """The registered model's name: the one given, else ``sensitune-<timm model name>`` (log_run's default)."""
-    return (
-        model_name or (params.get("tracking") or {}).get("registered_model") or f"sensitune-{params['model']['name']}"
-    )
+    return model_name or f"sensitune-{params['model']['name']}"
 
 
 def run_params(params: dict, run_dir: Path) -> dict:
@@ -169,12 +172,18 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     (run_dir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     if ver["dvc_file"]:
         (run_dir / "raw.dvc").write_bytes(Path(ver["dvc_file"]).read_bytes())  # to check this version out later
-    t.prepare(p)
-    t.measure(p)
-    t.plan(p)
-    metrics = t.train(p)
-    t.evaluate(p)
-    t.merge(p)
+    results = {s.name: t.run_stage(s.name, p) for s in stages.stages_until("merge")}
+    metrics = results["train"]
+    if "skipped" in results["merge"]:  # e.g. an adapter plan: nothing the edge could serve
+        logger.warning("nothing to hand over: %s", results["merge"]["skipped"])
+        return {
+            "status": "trained",
+            "decision": t.NOT_PROMOTED,
+            "reason": results["merge"]["skipped"],
+            "data_version": ver["data_version"],
+            "run_dir": str(run_dir),
+            "test_acc": metrics.get("test_acc"),
+        }
 
     before = t.registry_aliases(uri, name)
     tags = {
@@ -186,7 +195,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         reg = t.register(p, str(run_dir), uri, name, tags)
         version = str(reg["model_version"])
         p["export"]["model_version"] = version
-        report = t.export(p)
+        report = t.run_stage("export", p)
         export_dir = run_dir / "export"
         champ = before[CHAMPION_ALIAS]
         champ_rec = next(
@@ -197,7 +206,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
             uri, name, version, champ, p["paths"]["data"], str(champ_run / "data") if champ_run else None
         )
         promotable = bool(report.get("promotable", {}).get("fp32"))
-        decision, reason = t.gate(cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable)
+        decision, reason = t.handover_gate(cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable)
         moved = t.hand_over(
             decision,
             manifest=opt["rollout"],
@@ -314,20 +323,22 @@ def build_deployment(
 
 
 def _parser() -> argparse.ArgumentParser:
+    """`run` and `serve` options, derived from `retrain`'s own signature and docstring (one definition)."""
     p = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     run, serve = sub.add_parser("run", help="one retrain now"), sub.add_parser("serve", help="serve the deployment")
-    for s in (run, serve):
-        s.add_argument("--config", default="params.yaml")
-        s.add_argument("--runs-root", default="runs/retrain")
-        s.add_argument("--tracking-uri")
-        s.add_argument("--model-name")
-        s.add_argument("--rollout", default="rollout.yaml")
-        s.add_argument("--share", type=float, default=0.25, help="challenger_share of a handed-over challenger")
-        s.add_argument("--min-gain", type=float, default=0.0, help="held-out accuracy margin over the champion")
-        s.add_argument("--no-dvc", action="store_true", help="do not dvc add/push the watched folder")
-    run.add_argument("--force", action="store_true", help="retrain even if the data version was trained")
-    run.add_argument("--settle-seconds", type=float, default=0.0)
+    helps = _arg_helps(retrain.fn.__doc__ or "")
+    for name, param in inspect.signature(retrain.fn).parameters.items():
+        flag, default = "--" + name.replace("_", "-"), param.default
+        targets = (run,) if name in RUN_ONLY else (run, serve)
+        for s in targets:
+            if isinstance(default, bool):
+                s.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                               help=helps.get(name))  # fmt: skip
+            else:
+                kind = float if isinstance(default, float) else str
+                s.add_argument(flag, dest=name, type=kind, default=default, help=helps.get(name))
+    run.set_defaults(settle_seconds=0.0)  # asked for now: the data is there (a schedule waits for settling)
     serve.add_argument("--name", default="nightly")
     serve.add_argument("--cron", default=DEFAULT_CRON)
     serve.add_argument("--timezone", default="UTC")
@@ -335,24 +346,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_ONLY = ("force", "settle_seconds")  # a scheduled deployment keeps their defaults
+
+
+def _arg_helps(doc: str) -> dict[str, str]:
+    """``name: text`` lines of a Google-style ``Args:`` section (continuation lines joined)."""
+    helps: dict[str, str] = {}
+    body = doc.split("Args:", 1)[-1].split("Returns:", 1)[0]
+    last = None
+    for line in body.splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            last, helps[m[1]] = m[1], m[2]
+        elif last and line.strip():
+            helps[last] += " " + line.strip()
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.flows run|serve`; returns the exit code (2 on bad input)."""
     from prefect import serve
 
     a = _parser().parse_args(argv)
-    kw = {
-        "config": a.config,
-        "runs_root": a.runs_root,
-        "tracking_uri": a.tracking_uri,
-        "model_name": a.model_name,
-        "rollout": a.rollout,
-        "challenger_share": a.share,
-        "min_gain": a.min_gain,
-        "use_dvc": not a.no_dvc,
-    }
+    names = inspect.signature(retrain.fn).parameters
+    kw = {k: v for k, v in vars(a).items() if k in names}
     try:
         if a.cmd == "run":
-            result = retrain(**kw, force=a.force, settle_seconds=a.settle_seconds)
+            result = retrain(**kw)
             print(f"retrain: {result['status']}" + (f", {result['decision']}" if "decision" in result else ""))
         else:
             serve(

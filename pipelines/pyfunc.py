@@ -23,7 +23,7 @@ OUTPUTS = ("logits", "probabilities")
 
 
 class SensituneModel(mlflow.pyfunc.PythonModel):
-    """Wraps ``merged.safetensors`` (artifact key ``merged``); loads it with `spt_core.stages.load_merged`."""
+    """Wraps ``merged.safetensors`` (artifact key ``merged``); loads it with `pipelines.models.load_merged`."""
 
     def load_context(self, context: Any) -> None:
         """Load the merged timm model on CPU in eval mode.
@@ -31,7 +31,7 @@ class SensituneModel(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's context; ``context.artifacts["merged"]`` is the local merged file.
         """
-        from spt_core.stages import load_merged  # torch/timm are imported only when the model is loaded
+        from pipelines.models import load_merged  # torch/timm are imported only when the model is loaded
 
         self.model, self.info = load_merged(Path(context.artifacts["merged"]))
 

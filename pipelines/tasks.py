@@ -1,9 +1,11 @@
 """The steps of the `retrain` flow (pipelines/flows.py) as Prefect tasks, and the few flow-only helpers.
 
-Every training step is a thin call into `spt_core.stages`; tracking goes through `pipelines.tracking`, alias
-moves through `deploy.registry`, the rollout manifest through `deploy.rollout`. What only the flow needs lives
-here: the watched folder's fingerprint, the DVC versioning call, the champion comparison on held-out images
-and the hand-over to the rollout.
+Every training step is `run_stage`, one task per entry of `pipelines.stages.STAGES`; tracking goes through
+`pipelines.tracking`, alias moves through `deploy.registry`, the rollout manifest through `deploy.rollout`. What
+only the flow needs lives here: the watched folder's fingerprint, the DVC versioning call, the champion
+comparison on held-out images, the hand-over gate (offline: is the new model offered to the line at all?) and
+the hand-over itself. The edge's online promotion (champion vs challenger on live feedback) is
+`deploy.rollout.decision`, not this gate.
 
 Retries: each task retries what can fail transiently (DVC/MLflow I/O, a killed worker) and has a timeout.
 A retried `train` resumes from its last finished epoch (``run/train_state``). Nothing here writes outside
@@ -29,8 +31,10 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
-from pipelines import tracking  # noqa: E402
-from spt_core import stages  # noqa: E402
+from pipelines import (
+    stages,  # noqa: E402
+    tracking,  # noqa: E402
+)
 from spt_core.errors import SensituneError  # noqa: E402
 from spt_core.io import write_json  # noqa: E402
 
@@ -119,54 +123,26 @@ def version_data(raw: str, fp: str, use_dvc: bool = True) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ training steps
-def _stage_task(name: str, retries: int, timeout_s: int, delay_s: int = 10):
-    return task(
-        name=name, retries=retries, retry_delay_seconds=delay_s, timeout_seconds=timeout_s, cache_policy=NO_CACHE
-    )
+# Prefect's retry and time limits per stage; a retried `train` resumes from its last finished epoch.
+STAGE_LIMITS: dict[str, dict[str, Any]] = {
+    "prepare": {"retries": 1, "timeout_seconds": 3600, "retry_delay_seconds": 10},
+    "measure": {"retries": 1, "timeout_seconds": 4 * 3600, "retry_delay_seconds": 30},
+    "plan": {"retries": 1, "timeout_seconds": 600, "retry_delay_seconds": 10},
+    "train": {"retries": 1, "timeout_seconds": 12 * 3600, "retry_delay_seconds": 60},
+    "evaluate": {"retries": 1, "timeout_seconds": 3600, "retry_delay_seconds": 10},
+    "merge": {"retries": 1, "timeout_seconds": 3600, "retry_delay_seconds": 10},
+    "export": {"retries": 1, "timeout_seconds": 4 * 3600, "retry_delay_seconds": 30},
+}
 
 
-@_stage_task("prepare", 1, 3600)
-def prepare(params: dict) -> dict:
-    """`stages.prepare_data`: train/val/test split of the watched folder into ``paths.data``."""
-    return stages.prepare_data(params)
+@task(cache_policy=NO_CACHE)
+def _stage(name: str, params: dict) -> Any:
+    return stages.stage(name).run(params)  # looked up at call time: the one stage list decides what runs
 
 
-@_stage_task("measure", 1, 4 * 3600, 30)
-def measure(params: dict) -> str:
-    """`stages.measure` (CUDA when present: ``sensitivity.device: auto``); returns the sensitivity file."""
-    stages.measure(params)
-    return str(stages.run_dir(params) / stages.FILES["sensitivity"])
-
-
-@_stage_task("plan", 1, 600)
-def plan(params: dict) -> dict:
-    """`stages.make_plan`; returns the plan's hash and trainable count."""
-    p = stages.make_plan(params)
-    return {"plan_hash": p.hash(), "trainable": p.trainable}
-
-
-@_stage_task("train", 1, 12 * 3600, 60)
-def train(params: dict) -> dict:
-    """`stages.train` (CUDA when present: ``train.device: auto``); a retry resumes from the last epoch."""
-    return stages.train(params)
-
-
-@_stage_task("evaluate", 1, 3600)
-def evaluate(params: dict) -> dict:
-    """`stages.evaluate_stage` of the adapter on the test split."""
-    return stages.evaluate_stage(params)
-
-
-@_stage_task("merge", 1, 3600)
-def merge(params: dict) -> dict:
-    """`stages.merge_stage`: the adapter folded into the backbone (checked equal on val images)."""
-    return stages.merge_stage(params)
-
-
-@_stage_task("export", 1, 4 * 3600, 30)
-def export(params: dict) -> dict:
-    """`stages.export_stage`: ONNX + OpenVINO artifacts sealed with ``export.model_version``."""
-    return stages.export_stage(params)
+def run_stage(name: str, params: dict) -> Any:
+    """Run stage `name` of `pipelines.stages.STAGES` as a Prefect task named after it (CUDA when present)."""
+    return _stage.with_options(name=name, **STAGE_LIMITS[name])(name, params)
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
@@ -287,8 +263,14 @@ def compare_champion(
     return out
 
 
-def gate(challenger_acc: float, champion_acc: float | None, min_gain: float, promotable: bool) -> tuple[str, str]:
-    """The hand-over rule: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover."""
+def handover_gate(
+    challenger_acc: float, champion_acc: float | None, min_gain: float, promotable: bool
+) -> tuple[str, str]:
+    """The offline hand-over gate: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover.
+
+    It decides whether the flow offers a new model to the line at all; the line's own promotion of a challenger
+    to champion, on live operator feedback, is `deploy.rollout.decision.decide`.
+    """
     if not promotable:
         return NOT_PROMOTED, "the FP32 artifact failed export verification (export_report.json)"
     if champion_acc is None:
@@ -316,7 +298,7 @@ def hand_over(
     line: str,
     prev_challenger: str | None,
 ) -> dict[str, Any]:
-    """Carry out the gate's decision on the registry aliases and the rollout manifest.
+    """Carry out the hand-over gate's decision on the registry aliases and the rollout manifest.
 
     bootstrap: alias ``champion`` -> version, manifest champion -> its FP32 artifact (manifest created if absent).
     handover: manifest challenger -> version at ``share`` of the cameras (alias ``challenger`` stays on it);

@@ -17,10 +17,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from spt_core.config import load_params
 from spt_core.errors import SensituneError
 from spt_core.io import write_json
 
+from .config import load_params
 from .tracking import RECORD_FILE, TrackingWarning, log_run, replay
 
 

@@ -8,15 +8,16 @@ import pytest
 import torch
 import yaml
 
-from spt_core import stages
-from spt_core.cli import main
-from spt_core.config import load_params
+from pipelines import stages
+from pipelines.cli import build_parser, main, params_from_args
+from pipelines.config import load_params
+from pipelines.models import load_merged
 
 TINY = {
     "paths": {"raw": "raw", "data": "prepared", "run": "run"},
     "demo": {"n_per_class": 8, "size": 32, "seed": 0, "batch": 0},
     "data": {"n_train": 16, "n_val": 8, "n_test": None},
-    "model": {"name": "test_efficientnet", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
+    "model": {"name": "test_efficientnet", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2},
     "plan": {"budget": "2%"},
     "train": {"epochs": 2, "batch_size": 8, "warmup_epochs": 0, "probe_epochs": 2, "lr": 0.01},
@@ -40,7 +41,7 @@ def test_pipeline_outputs(project):
     run = project / "run"
     for name in ("sensitivity.safetensors", "plan.json", "plan.safetensors", "plan.png", "metrics.json", "history.csv"):
         assert (run / name).is_file(), name
-    assert (run / "adapter" / "adapter.safetensors").is_file()
+    assert (run / "tuned" / "tuned.safetensors").is_file()
     m = json.loads((run / "metrics.json").read_text())
     plan = json.loads((run / "plan.json").read_text())
     assert m["trainable"] == plan["trainable"] > 0
@@ -58,7 +59,7 @@ def test_merge_predict_equal_unmerged(project, monkeypatch):
     assert json.loads((project / "run" / "eval.json").read_text())["n"] > 0
     images = project / "prepared" / "test"
     assert main(["predict", str(images), "--out", "merged.csv", *cfg]) == 0
-    assert main(["predict", str(images), "--model-path", "run/adapter", "--out", "tuned.csv", *cfg]) == 0
+    assert main(["predict", str(images), "--model-path", "run/tuned", "--out", "tuned.csv", *cfg]) == 0
     merged = list(csv.DictReader(open(project / "merged.csv")))
     tuned = list(csv.DictReader(open(project / "tuned.csv")))
     assert len(merged) == len(tuned) == sum(1 for p in images.rglob("*.png"))
@@ -66,7 +67,7 @@ def test_merge_predict_equal_unmerged(project, monkeypatch):
     for a, b in zip(merged, tuned):
         assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-5
     # the merged file is a plain timm state dict of the original class
-    model, info = stages.load_merged(project / "run" / "merged.safetensors")
+    model, info = load_merged(project / "run" / "merged" / "model.safetensors")
     assert type(model).__name__ == "EfficientNet" and info["class_names"] == ["crack", "ok", "scratch", "spot"]
     assert not any(".spt." in k for k in model.state_dict())
 
@@ -116,8 +117,8 @@ BAD = [
 def test_bad_input_is_one_line_exit_2(what, argv, fragment, project, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(project)
     (tmp_path / "badadapter").mkdir()
-    (tmp_path / "badadapter" / "adapter.json").write_text("{}")
-    (tmp_path / "badadapter" / "adapter.safetensors").write_bytes(b"junk")
+    (tmp_path / "badadapter" / "tuned.json").write_text("{}")
+    (tmp_path / "badadapter" / "tuned.safetensors").write_bytes(b"junk")
     (tmp_path / "empty").mkdir()
     plan_before = (project / "run" / "plan.json").read_bytes()
     assert main(argv(tmp_path)) == 2
@@ -127,10 +128,21 @@ def test_bad_input_is_one_line_exit_2(what, argv, fragment, project, monkeypatch
     assert (project / "run" / "plan.json").read_bytes() == plan_before  # nothing half-written
 
 
-def test_config_defaults_are_complete():
-    params = load_params(None)
-    assert set(params) >= {"paths", "data", "model", "sensitivity", "plan", "train", "export"}
-    assert stages.train_config(params).epochs == params["train"]["epochs"]
+def test_train_config_is_built_from_every_train_key():
+    params = load_params(None, {"train.epochs": 3, "train.lr": 0.5, "train.grad_clip": 2.0})
+    cfg = stages.train_config(params).to_dict()
+    assert (cfg["epochs"], cfg["lr"], cfg["grad_clip"]) == (3, 0.5, 2.0)
+    read_here = {"head_init", "probe_baseline", "probe_epochs"}  # the stage's own keys, not TrainConfig's
+    assert set(params["train"]) - read_here <= set(cfg)
+
+
+def test_set_overrides_any_key_and_flags_win(project, monkeypatch):
+    monkeypatch.chdir(project)
+    args = build_parser().parse_args(["train", "--set", "train.lr=0.25", "--set", "export.precisions=[fp32]"])
+    params = params_from_args(args)
+    assert params["train"]["lr"] == 0.25 and params["export"]["precisions"] == ["fp32"]
+    args = build_parser().parse_args(["train", "--set", "train.lr=0.25", "--lr", "0.5"])
+    assert params_from_args(args)["train"]["lr"] == 0.5  # the verb's own flag is applied after --set
 
 
 def test_debug_shows_traceback(project, monkeypatch):
@@ -150,10 +162,8 @@ def test_sensitivity_uses_fixed_shuffle(project):
 
 def test_flags_can_set_null():
     """`--n-test all` / `--img-size none` set the key to null instead of being ignored."""
-    from spt_core.cli import _params, build_parser
-
     args = build_parser().parse_args(["prepare", "--n-test", "all", "--n-train", "12"])
-    params = _params(args)
+    params = params_from_args(args)
     assert params["data"]["n_test"] is None and params["data"]["n_train"] == 12
-    args = build_parser().parse_args(["measure", "--img-size", "none"])
-    assert _params(args)["model"]["img_size"] is None
+    args = build_parser().parse_args(["measure", "--input-size", "none"])
+    assert params_from_args(args)["model"]["input_size"] is None

@@ -176,6 +176,25 @@ def test_new_defect_batch_is_a_new_data_version(pipeline: tuple[Path, Callable[.
     assert len(list((repo / "data/raw").rglob("*.png"))) == 4 * 6
 
 
+def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: tuple[Path, Callable[..., str]]) -> None:
+    """Adapters are nonlinear: no plain model to merge or export, yet `dvc repro` runs to the end."""
+    repo, run = pipeline
+    _set_param(repo, "plan", "structured", "adapter")
+    ran = RAN.findall(run("dvc", "repro"))
+    assert {"plan", "train", "evaluate", "merge", "export", "track"} <= set(ran), ran
+    plan = json.loads((repo / "runs/main/plan.json").read_text())
+    assert plan["by_kind"]["adapter"]["params"] > 0
+    merged = json.loads((repo / "runs/main/merged/merged.json").read_text())
+    assert "cannot be folded" in merged["skipped"] and not (repo / "runs/main/merged/model.safetensors").exists()
+    report = json.loads((repo / "runs/main/export/export_report.json").read_text())
+    assert report["passed"] is False and report["skipped"] == merged["skipped"]
+    assert [p.name for p in (repo / "runs/main/export").iterdir()] == ["export_report.json"]
+    assert json.loads((repo / "runs/main/eval.json").read_text())["n"] > 0  # the tuned model is still evaluated
+    record = json.loads((repo / "runs/main/mlflow_run.json").read_text())
+    assert record["status"] == "logged" and record["run_id"] and record["model_version"] is None
+    assert RAN.findall(run("dvc", "repro")) == []  # and the skip records are stable outputs
+
+
 @pytest.mark.slow
 def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> None:
     repo = tmp_path / "repo"

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,14 +33,14 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from deploy.rollout import load_config  # noqa: E402
 from pipelines import flows  # noqa: E402
 from pipelines import tasks as t  # noqa: E402
-from spt_core import stages  # noqa: E402
-from spt_core.config import load_params  # noqa: E402
+from pipelines import stages  # noqa: E402
+from pipelines.config import load_params  # noqa: E402
 
 TINY = {  # 4 classes x 6 images of 32 px per batch; random-init test model; one epoch; FP32 export only
     "paths": {"raw": "data/raw", "data": "data/prepared", "run": "runs/main"},
     "demo": {"n_per_class": 6, "size": 32},
     "data": {"n_train": 12, "n_val": 8},
-    "model": {"name": "test_efficientnet", "weights": "none", "img_size": 32, "drop_path_rate": 0.0},
+    "model": {"name": "test_efficientnet", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "auto"},
     "plan": {"budget": "5%"},
     "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "amp": False, "lr": 0.01},
@@ -67,7 +68,7 @@ class Project:
     def add_batch(self) -> None:
         params = load_params(self.root / "params.yaml")
         params["demo"]["batch"] = self.batches
-        stages.demo(params)
+        stages.demo_stage(params)
         self.batches += 1
 
     def run(self, **kw):
@@ -149,11 +150,16 @@ def test_first_run_trains_registers_and_bootstraps_champion(project: Project) ->
     assert f"mlflow-run:{r['mlflow_run_id']}" in fr.tags
 
 
+def _replace_stage(mp: pytest.MonkeyPatch, name: str, fn) -> None:
+    """Swap one stage's function in THE stage list (the flow looks stages up there at run time)."""
+    mp.setattr(stages, "STAGES", tuple(replace(s, run=fn) if s.name == name else s for s in stages.STAGES))
+
+
 def test_no_new_data_exits_early_without_training(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a, **k):
         raise AssertionError("train must not run without new data")
 
-    monkeypatch.setattr(stages, "train", boom)
+    _replace_stage(monkeypatch, "train", boom)
     before = project.n_mlflow_runs()
     state = project.run()
     assert state.is_completed(), state.message
@@ -166,7 +172,7 @@ def test_no_new_data_exits_early_without_training(project: Project, monkeypatch:
 
 
 def test_busy_lock_skips_the_run(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stages, "prepare_data", lambda *a, **k: pytest.fail("must not prepare while locked"))
+    _replace_stage(monkeypatch, "prepare", lambda *a, **k: pytest.fail("must not prepare while locked"))
     with FileLock(str(project.runs / ".retrain.lock"), timeout=0):
         state = project.run(force=True)
     assert state.is_completed() and state.result() == {"status": "locked"}
@@ -204,8 +210,8 @@ def test_training_failure_leaves_champion_and_artifacts_intact(project: Project,
         raise RuntimeError("injected training fault")
 
     with monkeypatch.context() as mp:
-        mp.setattr(stages, "train", boom)
-        mp.setattr(t, "train", t.train.with_options(retry_delay_seconds=0))
+        _replace_stage(mp, "train", boom)
+        mp.setitem(t.STAGE_LIMITS["train"], "retry_delay_seconds", 0)
         failed = project.run()
     assert failed.is_failed() and "injected training fault" in str(failed.message)
     assert len(calls) == 2  # the task's one retry ran too
@@ -226,13 +232,13 @@ def test_training_failure_leaves_champion_and_artifacts_intact(project: Project,
     assert (challenger.version if challenger else None) == expected_challenger
 
 
-def test_gate_rule() -> None:
-    assert t.gate(0.8, None, 0.0, True)[0] == t.BOOTSTRAP
-    assert t.gate(0.8, 0.8, 0.0, True)[0] == t.HANDOVER
-    assert t.gate(0.8, 0.75, 0.05, True)[0] == t.HANDOVER
-    assert t.gate(0.8, 0.76, 0.05, True)[0] == t.NOT_PROMOTED
-    assert t.gate(0.7, 0.75, -0.1, True)[0] == t.HANDOVER
-    assert t.gate(1.0, 0.0, 0.0, False)[0] == t.NOT_PROMOTED
+def test_handover_gate_rule() -> None:
+    assert t.handover_gate(0.8, None, 0.0, True)[0] == t.BOOTSTRAP
+    assert t.handover_gate(0.8, 0.8, 0.0, True)[0] == t.HANDOVER
+    assert t.handover_gate(0.8, 0.75, 0.05, True)[0] == t.HANDOVER
+    assert t.handover_gate(0.8, 0.76, 0.05, True)[0] == t.NOT_PROMOTED
+    assert t.handover_gate(0.7, 0.75, -0.1, True)[0] == t.HANDOVER
+    assert t.handover_gate(1.0, 0.0, 0.0, False)[0] == t.NOT_PROMOTED
 
 
 def test_fingerprint_follows_content_not_hidden_files(tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ from tiny_params import TINY as TINY_BASE
 
 from pipelines import track
 from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
-from spt_core import stages
-from spt_core.config import load_params
+from pipelines import stages
+from pipelines.config import load_params
+from pipelines.layout import FILES
+from pipelines.models import load_merged
 from spt_core.data import load_dataset_info, scan_split
 from spt_core.model import ModelInfo
 from spt_core.preprocess import preprocess_batch
@@ -54,16 +56,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path
     config = tmp / "params.yaml"
     config.write_text(yaml.safe_dump(doc))
     params = load_params(config)
-    stages.demo(params)
+    stages.demo_stage(params)
     (tmp / "raw.dvc").write_text(yaml.safe_dump({"outs": [{"md5": RAW_MD5, "nfiles": 24, "path": "raw"}]}))
-    stages.prepare_data(params)
-    stages.measure(params)
-    stages.make_plan(params)
-    stages.train(params)
-    stages.evaluate_stage(params)
-    stages.merge_stage(params)
+    for stage in stages.stages_until("merge"):
+        stage.run(params)
     # The export stage's layout in miniature (the real export is tested in test_export.py): logged as is.
-    export = tmp / "run" / stages.FILES["export"]
+    export = tmp / "run" / FILES["export"]
     (export / "openvino" / "fp32").mkdir(parents=True)
     (export / "openvino" / "fp32" / "manifest.json").write_text('{"format": "openvino", "precision": "fp32"}\n')
     (export / "export_report.json").write_text(json.dumps({"accuracy": {"pytorch": 50.0, "fp32": 50.0}}))
@@ -151,10 +149,12 @@ def test_log_run_to_server_reads_back_and_registered_model_predicts(
 
     # artifacts
     names = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"plan.json", "plan.png", "merged.safetensors", "adapter", "export", "metrics.json"} <= names
-    assert {a.path for a in client.list_artifacts(r.info.run_id, "adapter")} == {
-        f"adapter/{f.name}" for f in (run / "adapter").iterdir()
+    assert {"plan.json", "plan.png", "merged", "tuned", "export", "metrics.json"} <= names
+    assert {a.path for a in client.list_artifacts(r.info.run_id, "tuned")} == {
+        f"tuned/{f.name}" for f in (run / "tuned").iterdir()
     }
+    assert {a.path for a in client.list_artifacts(r.info.run_id, "merged")} == {"merged/model.safetensors",
+                                                                                 "merged/merged.json"}  # fmt: skip
     assert "export/openvino/fp32/manifest.json" in {
         a.path for a in client.list_artifacts(r.info.run_id, "export/openvino/fp32")
     }
@@ -168,7 +168,7 @@ def test_log_run_to_server_reads_back_and_registered_model_predicts(
     assert float(mv.tags["test_acc"]) == m["test_acc"]
 
     # the registered pyfunc model predicts what load_merged predicts, on real preprocessed test images
-    reference, info = stages.load_merged(run / stages.FILES["merged"])
+    reference, info = load_merged(run / FILES["merged"])
     names_ = load_dataset_info(Path(params["paths"]["data"])).class_names
     files = [f for f, _ in scan_split(Path(params["paths"]["data"]) / "test", names_)]
     x = preprocess_batch(files, ModelInfo.from_dict(info).preprocess)  # (N, 3, 32, 32) float32
@@ -204,7 +204,7 @@ def test_unreachable_server_warns_falls_back_and_replays(
     rec = saved["record"]
     assert rec["params"]["train.lr"] == "0.001" and rec["model"]["name"] == NAME
     assert {x["key"] for x in rec["metrics"]} >= {"val_acc", "train_loss", "test_acc", "trainable"}
-    assert {Path(a["path"]).name for a in rec["artifacts"]} >= {"plan.json", "adapter", "merged.safetensors"}
+    assert {Path(a["path"]).name for a in rec["artifacts"]} >= {"plan.json", "tuned", "merged"}
 
     # the DVC track stage: same fallback, a one-line warning, exit code 0, the outcome in mlflow_run.json
     capsys.readouterr()

@@ -1,15 +1,18 @@
-"""The workflow, one function per stage. The CLI verbs, the DVC stages and the Prefect tasks all call these.
+"""The workflow: one function per stage, and THE stage order that the CLI's `run`, the Prefect flow and dvc.yaml use.
 
-Each stage reads the files the previous one wrote (in `paths.run`) and writes its own, atomically:
+Each stage reads the files the previous one wrote (`pipelines.layout`) and writes its own, atomically:
 
-    demo      paths.raw/<class>/b{batch}_*.png        synthetic defects on real textures (the embedded default)
     prepare   paths.data/{train,val,test}/, dataset.json
     measure   run/sensitivity.safetensors             (head fitted by a linear probe first, or random as SPT)
     plan      run/plan.json + plan.safetensors, run/plan.png (sensitivity and allocation maps)
-    train     run/adapter/, run/metrics.json, run/history.csv
+    train     run/tuned/, run/metrics.json, run/history.csv
     evaluate  run/eval.json
-    merge     run/merged.safetensors + merged.json
+    merge     run/merged/ (model.safetensors + merged.json)
     export    run/export/ (ONNX + OpenVINO FP32/FP16/INT8 + manifests + report)
+
+A plan whose tuners cannot be folded into a plain model (adapters are nonlinear) skips merge and export: both
+stages then write a record that says so instead of a model, so every path (CLI, DVC, Prefect) treats it alike
+and evaluate and track still run.
 """
 
 from __future__ import annotations
@@ -18,154 +21,97 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from safetensors.torch import save_file
+from spt_core.device import resolve_device
 
-from . import __version__
-from .allocate import allocate
-from .checkpoint import bn_buffers, load_adapter, read_adapter, save_adapter
-from .data import (
-    ImageDataset,
-    SeededSampler,
-    eval_transform,
-    load_dataset_info,
-    make_loaders,
-    prepare,
-    scan_split,
-)
-from .demo import generate_demo_defects
-from .errors import DataError, ModelError, PlanError, SensituneError
-from .evaluate import evaluate, predict, write_predictions_csv
-from .io import atomic_path, write_json
-from .merge import merge
-from .model import ModelInfo, create_model
-from .plan import Plan
-from .probe import fit_probe
-from .sensitivity import Sensitivity, measure_sensitivity
-from .train import RESUME_FREE, TrainConfig, fit
-from .tuners import apply_plan, check_tuners_reached
+from spt_core import __version__
+from spt_core.allocate import allocate
+from spt_core.checkpoint import bn_buffers, save_tuned
+from spt_core.data import load_dataset_info, make_loaders, prepare, scan_split
+from spt_core.demo import generate_demo_defects
+from spt_core.errors import DataError, PlanError, SensituneError
+from spt_core.evaluate import evaluate
+from spt_core.io import atomic_path, umask, write_json
+from spt_core.merge import merge
+from spt_core.model import ModelInfo
+from spt_core.plan import Plan
+from spt_core.probe import fit_probe
+from spt_core.sensitivity import Sensitivity, measure_task
+from spt_core.train import RESUME_FREE, TrainConfig, fit
+from spt_core.tuners import apply_plan, check_tuners_reached, plan_is_mergeable
+
+from .config import Params
+from .layout import FILES
+from .models import build_model, load_any, load_merged, load_tuned, model_args
 
 log = logging.getLogger(__name__)
-
-FILES = {
-    "sensitivity": "sensitivity.safetensors",
-    "plan": "plan.json",
-    "plan_png": "plan.png",
-    "adapter": "adapter",
-    "metrics": "metrics.json",
-    "history": "history.csv",
-    "eval": "eval.json",
-    "merged": "merged.safetensors",
-    "merged_info": "merged.json",
-    "export": "export",
-    "train_state": "train_state",
-}
-_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs")
+_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs")  # train.* keys read here, not by TrainConfig
 
 
-def run_dir(params: dict) -> Path:
+def run_dir(params: Params) -> Path:
     return Path(params["paths"]["run"])
 
 
-def device_of(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SensituneError(f"device={name!r} but CUDA is not available here; use device: auto or cpu")
-    return torch.device(name)
+def _loaders(params: Params, pre: Any, batch_size: int, seed: int) -> dict:
+    return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------- data
-def demo(params: dict) -> Path:
+def demo_stage(params: Params) -> Path:
     """Write one batch of demo defect images into paths.raw (new batches simulate new data arriving)."""
     d = params["demo"]
     out = Path(params["paths"]["raw"])
     return generate_demo_defects(out, n_per_class=d["n_per_class"], seed=d["seed"], batch=d["batch"], size=d["size"])
 
 
-def prepare_data(params: dict) -> dict:
+def prepare_stage(params: Params) -> dict:
     """Split the source into train/val/test under paths.data (class-balanced, seeded)."""
     d = params["data"]
     source = str(params["paths"]["raw"]) if d["source"] == "raw" else str(d["source"])
     if d["source"] == "raw" and not Path(source).is_dir():
         raise DataError(f"paths.raw={source} does not exist: run `sensitune demo` or set data.source to your images")
-    info = prepare(
-        source,
-        Path(params["paths"]["data"]),
-        n_train=d["n_train"],
-        n_val=d["n_val"],
-        n_test=d["n_test"],
-        seed=d["seed"],
-        skip_bad=d["skip_bad"],
-        image_size=d["image_size"],
-    )
+    info = prepare(source, Path(params["paths"]["data"]), n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"],
+                   seed=d["seed"], skip_bad=d["skip_bad"], image_size=d["file_size"])  # fmt: skip
     return info.to_dict()
 
 
-# ------------------------------------------------------------------------------------------------ model
-def model_args(params: dict, num_classes: int) -> dict:
-    m = params["model"]
-    return {
-        "name": m["name"],
-        "num_classes": num_classes,
-        "weights": str(m["weights"]),
-        "img_size": m["img_size"],
-        "drop_path_rate": m["drop_path_rate"],
-    }
-
-
-def build_model(args: dict, seed: int = 0) -> tuple[torch.nn.Module, ModelInfo]:
-    """The backbone with a seeded new head (see `model.init_new_head`), from recorded model arguments."""
-    torch.manual_seed(seed)
-    return create_model(**args)
-
-
-def _loaders(params: dict, pre: Any, batch_size: int, seed: int) -> dict[str, DataLoader]:
-    return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed)
-
-
 # ---------------------------------------------------------------------------------------------- measure
-def measure(params: dict) -> Sensitivity:
+def measure_stage(params: Params) -> Sensitivity:
     """Sensitivity of every candidate, measured on the training split; writes run/sensitivity.safetensors."""
     s_cfg, data_dir = params["sensitivity"], Path(params["paths"]["data"])
-    if s_cfg["head"] not in ("random", "probe"):
-        raise SensituneError(f"sensitivity.head={s_cfg['head']!r}: use 'random' (SPT) or 'probe'")
     ds_info = load_dataset_info(data_dir)
     args = model_args(params, len(ds_info.class_names))
     seed = params["train"]["seed"]
     model, info = build_model(args, seed)
-    device = device_of(s_cfg["device"])
+    device = resolve_device(s_cfg["device"])
     model.to(device)
-    probe = {}
-    if s_cfg["head"] == "probe":  # GPS's critique: a random head makes the gradients arbitrary
-        loaders = _loaders(params, info.preprocess, s_cfg["batch_size"], seed)
-        probe = fit_probe(model, loaders, epochs=s_cfg["probe_epochs"], seed=seed, device=device).to_dict()
-    ds = ImageDataset(scan_split(data_dir / "train", ds_info.class_names), eval_transform(info.preprocess))
-    # A fixed shuffle: prepared splits are stored class by class, and one-class batches give skewed gradients.
-    loader = DataLoader(ds, batch_size=s_cfg["batch_size"], sampler=SeededSampler(len(ds), seed))
-    sens = measure_sensitivity(model, loader, batches=s_cfg["batches"], device=device)
+    loaders = _loaders(params, info.preprocess, s_cfg["batch_size"], seed)
+    sens = measure_task(
+        model, loaders["train"].dataset, loaders, head=s_cfg["head"], probe_epochs=s_cfg["probe_epochs"],
+        batches=s_cfg["batches"], batch_size=s_cfg["batch_size"], seed=seed, device=device,
+    )  # fmt: skip
     sens.meta.update(
         {
             "model_args": args,
             "model_info": info.to_dict(),
             "class_names": ds_info.class_names,
             "data_hash": ds_info.data_hash,
-            "head": s_cfg["head"],
-            **probe,
-        }
+        }  # fmt: skip
     )
     sens.save(run_dir(params) / FILES["sensitivity"])
     return sens
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def make_plan(params: dict) -> Plan:
+def plan_stage(params: Params) -> Plan:
     """Allocate the budget; writes run/plan.json, plan.safetensors and plan.png."""
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
@@ -175,7 +121,7 @@ def make_plan(params: dict) -> Plan:
     plan.meta["sensitivity_seconds"] = sens.meta.get("seconds")
     plan.save(run_dir(params) / FILES["plan"])
     try:
-        from .report import plot_plan
+        from spt_core.report import plot_plan
 
         plot_plan(sens, plan, run_dir(params) / FILES["plan_png"])
     except ImportError:  # matplotlib missing: the plan itself is what matters
@@ -184,9 +130,8 @@ def make_plan(params: dict) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train_config(params: dict) -> TrainConfig:
-    t = {k: v for k, v in params["train"].items() if k not in _TRAIN_EXTRA}
-    return TrainConfig.from_dict(t)
+def train_config(params: Params) -> TrainConfig:
+    return TrainConfig.from_dict({k: v for k, v in params["train"].items() if k not in _TRAIN_EXTRA})
 
 
 def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str:
@@ -196,13 +141,10 @@ def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train the plan (validation-selected epoch, test reported for it); writes adapter/, metrics.json."""
-    run = run_dir(params)
+def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train the plan (validation-selected epoch, test reported for it); writes tuned/, metrics.json."""
+    run, t = run_dir(params), params["train"]
     plan = Plan.load(run / FILES["plan"])
-    t = params["train"]
-    if t["head_init"] not in ("random", "probe"):
-        raise SensituneError(f"train.head_init={t['head_init']!r}: use 'random' or 'probe'")
     cfg = train_config(params)
     ds_info = load_dataset_info(Path(params["paths"]["data"]))
     if plan.meta.get("data_hash") and plan.meta["data_hash"] != ds_info.data_hash:
@@ -214,7 +156,7 @@ def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
             "re-run `sensitune measure` and `sensitune plan`"
         )
     model, info = build_model(args, cfg.seed)
-    device = device_of(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     loaders = _loaders(params, info.preprocess, cfg.batch_size, cfg.seed)
     metrics: dict[str, Any] = {}
@@ -233,16 +175,10 @@ def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
     extra = {k: t[k] for k in _TRAIN_EXTRA}
     state_dir = run / FILES["train_state"] / _state_key(plan, cfg, ds_info.data_hash, {**extra, **args})
     history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch)
-    adapter_info = {
-        **info.to_dict(),
-        "model_args": args,
-        "class_names": ds_info.class_names,
-        "data_hash": ds_info.data_hash,
-        "train": cfg.to_dict(),
-    }
-    # BatchNorm statistics are part of the trained model when they were not frozen
-    buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)
-    save_adapter(model, plan, run / FILES["adapter"], info=adapter_info, buffers=buffers)
+    tuned_info = {**info.to_dict(), "model_args": args, "class_names": ds_info.class_names,
+                  "data_hash": ds_info.data_hash, "train": cfg.to_dict()}  # fmt: skip
+    buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
+    save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
     backbone = plan.backbone_params
     metrics.update(
         {
@@ -275,67 +211,16 @@ def train(params: dict, on_epoch: Callable[[dict], None] | None = None) -> dict:
         w = csv.writer(f)
         w.writerow(["epoch", "lr", "train_loss", "val_acc", "val_loss", "seconds"])
         for e in history.epochs:
-            w.writerow(
-                [
-                    e.epoch,
-                    f"{e.lr:.6g}",
-                    f"{e.train_loss:.6f}",
-                    f"{e.val_acc:.6f}",
-                    f"{e.val_loss:.6f}",
-                    f"{e.seconds:.2f}",
-                ]
-            )
+            w.writerow([e.epoch, f"{e.lr:.6g}", f"{e.train_loss:.6f}", f"{e.val_acc:.6f}", f"{e.val_loss:.6f}",
+                        f"{e.seconds:.2f}"])  # fmt: skip
     return metrics
 
 
-# -------------------------------------------------------------------------------------- load / evaluate
-def load_tuned(adapter_dir: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The base model with the adapter applied, and the adapter's info."""
-    _, _, meta = read_adapter(adapter_dir)
-    info = {**meta["info"], "plan_hash": meta["plan_hash"]}
-    # the same seed as at training time, so a randomly initialised base (weights: none) is the same base
-    model, built = build_model(info["model_args"], info.get("train", {}).get("seed", 0))
-    if info.get("weights_sha256") and built.weights_sha256 != info["weights_sha256"]:
-        raise ModelError(
-            f"{adapter_dir}: the base weights changed since training (sha256 {built.weights_sha256} != "
-            f"{info['weights_sha256']}); restore the original file given to --weights"
-        )
-    load_adapter(model, adapter_dir, model_name=info["model_args"]["name"])
-    return model.to(device).eval(), info
-
-
-def load_merged(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A merged model file -> (plain timm model, info). Weights come from the file, not from the hub."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: merged model not found; run `sensitune merge` first")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {})["sensitune"])
-        state = load_file(str(path))
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ModelError(f"{path}: not a sensitune merged model ({type(e).__name__}); re-run `sensitune merge`") from e
-    args = {**info["model_args"], "weights": "none"}
-    model, _ = create_model(**args)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelError(f"{path}: weights do not fit {args['name']} ({str(e).splitlines()[0]})") from e
-    return model.to(device).eval(), info
-
-
-def load_any(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """An adapter directory or a merged .safetensors file."""
-    path = Path(path)
-    return load_tuned(path, device) if path.is_dir() else load_merged(path, device)
-
-
-def evaluate_stage(params: dict, model_path: Path | None = None, split: str = "test") -> dict:
-    """Accuracy, per-class recall and confusion matrix of the adapter (or a merged model) on a split."""
+# --------------------------------------------------------------------------------------------- evaluate
+def evaluate_stage(params: Params, model_path: Path | None = None, split: str = "test") -> dict:
+    """Accuracy, per-class recall and confusion matrix of the tuned (or a merged) model on a split."""
     run = run_dir(params)
-    model, info = load_any(model_path or run / FILES["adapter"])
+    model, info = load_any(model_path or run / FILES["tuned"])
     ds_info = load_dataset_info(Path(params["paths"]["data"]))
     if ds_info.class_names != info["class_names"]:
         raise DataError(f"model classes {info['class_names']} differ from the data's {ds_info.class_names}")
@@ -347,12 +232,18 @@ def evaluate_stage(params: dict, model_path: Path | None = None, split: str = "t
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def merge_stage(params: dict, check_images: int = 16) -> dict:
-    """Fold the adapter into the backbone; checks merged == unmerged on validation images."""
+def merge_stage(params: Params, check_images: int = 16) -> dict:
+    """Fold the tuners into the backbone (checked equal on validation images); skipped for unmergeable plans."""
     run = run_dir(params)
-    model, info = load_tuned(run / FILES["adapter"])
-    pre = ModelInfo.from_dict(info).preprocess
-    val = _loaders(params, pre, check_images, 0)["val"]
+    plan = Plan.load(run / FILES["plan"])
+    (run / FILES["merged"]).unlink(missing_ok=True)  # never leave an older run's model beside a new record
+    if not plan_is_mergeable(plan):
+        record = {"skipped": _unmergeable(plan), "plan_hash": plan.hash(), "sensitune_version": __version__}
+        write_json(run / FILES["merged_info"], record)
+        log.warning("merge skipped: %s", record["skipped"])
+        return record
+    model, info = load_tuned(run / FILES["tuned"])
+    val = _loaders(params, ModelInfo.from_dict(info).preprocess, check_images, 0)["val"]
     x = next(iter(val))[0]
     with torch.inference_mode():
         before = model(x)
@@ -369,10 +260,17 @@ def merge_stage(params: dict, check_images: int = 16) -> dict:
     return record
 
 
+def _unmergeable(plan: Plan) -> str:
+    kinds = sorted({t.kind for t in plan.targets})
+    return (f"plan.structured={plan.structured!r} gives tuners ({', '.join(kinds)}) that cannot be folded into a "
+            "plain model; use plan.structured: lora or none for a model the edge can serve")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- predict
 def predict_stage(model_path: Path, inputs: list[Path], out_csv: Path, batch_size: int = 64) -> Path:
     """Images (files or folders, searched recursively) -> CSV of predictions."""
-    from .data import IMAGE_SUFFIXES
+    from spt_core.data import IMAGE_SUFFIXES, ImageDataset, eval_transform
+    from spt_core.evaluate import predict, write_predictions_csv
 
     files: list[Path] = []
     for p in map(Path, inputs):
@@ -386,16 +284,22 @@ def predict_stage(model_path: Path, inputs: list[Path], out_csv: Path, batch_siz
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, inputs))}")
     model, info = load_any(model_path)
     ds = ImageDataset([(f, 0) for f in files], eval_transform(ModelInfo.from_dict(info).preprocess))
-    preds, probs = predict(model, DataLoader(ds, batch_size=batch_size))
+    preds, probs = predict(model, torch.utils.data.DataLoader(ds, batch_size=batch_size))
     return write_predictions_csv(files, preds, probs, info["class_names"], out_csv)
 
 
 # ----------------------------------------------------------------------------------------------- export
-def export_stage(params: dict) -> dict:
+def export_stage(params: Params) -> dict:
     """ONNX + OpenVINO FP32/FP16/INT8 of the merged model, with manifests, parity and accuracy checks."""
     from deploy.export import export_all  # the torch side of the edge; imported only here
 
     run, e = run_dir(params), params["export"]
+    merged_info = json.loads((run / FILES["merged_info"]).read_text()) if (run / FILES["merged_info"]).is_file() else {}
+    if "skipped" in merged_info:
+        report = {"skipped": merged_info["skipped"], "passed": False, "promotable": {}}
+        _replace_dir_with_report(run / FILES["export"], report)
+        log.warning("export skipped: %s", report["skipped"])
+        return report
     model, info = load_merged(run / FILES["merged"])
     pre = ModelInfo.from_dict(info).preprocess
     data_dir = Path(params["paths"]["data"])
@@ -406,25 +310,57 @@ def export_stage(params: dict) -> dict:
     test = scan_split(data_dir / "test", ds_info.class_names)
     version = e["model_version"] if e["model_version"] != "auto" else info["plan_hash"]
     report = export_all(
-        model,
-        pre,
-        ds_info.class_names,
-        run / FILES["export"],
-        calibration_images=calib,
-        eval_images=[p for p, _ in test],
-        eval_labels=[y for _, y in test],
-        model_name=info["model_args"]["name"],
-        model_version=str(version),
-        plan_hash=info["plan_hash"],
-        data_version=ds_info.data_hash,
-        precisions=tuple(e["precisions"]),
-        calibration_size=e["calibration_size"],
-        int8_max_drop=e["int8_max_drop"],
+        model, pre, ds_info.class_names, run / FILES["export"], calibration_images=calib,
+        eval_images=[p for p, _ in test], eval_labels=[y for _, y in test], model_name=info["model_args"]["name"],
+        model_version=str(version), plan_hash=info["plan_hash"], data_version=ds_info.data_hash,
+        precisions=tuple(e["precisions"]), calibration_size=e["calibration_size"], int8_max_drop=e["int8_max_drop"],
         opset=e["opset"],
-    )
+    )  # fmt: skip
     if not report.get("passed", False):
         raise SensituneError(
-            f"export parity check failed (see {run / FILES['export'] / 'export_report.json'}); the artifacts are "
+            f"export parity check failed (see {run / FILES['export_report']}); the artifacts are "
             "kept for inspection but must not be deployed"
         )
     return report
+
+
+def _replace_dir_with_report(target: Path, report: dict) -> None:
+    """`target` becomes a folder holding only export_report.json (built beside it, then renamed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~umask())
+    write_json(tmp / Path(FILES["export_report"]).name, report)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+# ------------------------------------------------------------------------------------------- the order
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: the CLI verb, the dvc.yaml stage and the Prefect task share its name."""
+
+    name: str
+    run: Callable[[Params], Any]
+    params: tuple[str, ...]  # the params.yaml sections whose values change its outputs (dvc.yaml `params:`)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", prepare_stage, ("data",)),
+    Stage("measure", measure_stage, ("model", "sensitivity", "train.seed")),
+    Stage("plan", plan_stage, ("plan",)),
+    Stage("train", train_stage, ("train",)),
+    Stage("evaluate", evaluate_stage, ()),
+    Stage("merge", merge_stage, ()),
+    Stage("export", export_stage, ("export",)),
+)
+TRACK_STAGE = "track"  # after export in dvc.yaml: `python -m pipelines.track` (MLflow), not a torch stage
+
+
+def stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
+def stages_until(last: str) -> tuple[Stage, ...]:
+    """The stages in order up to and including `last`."""
+    names = [s.name for s in STAGES]
+    return STAGES[: names.index(last) + 1]

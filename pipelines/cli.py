@@ -1,0 +1,182 @@
+"""`sensitune <verb>`: one verb per stage, each one call into `pipelines.stages` writing one named output.
+
+    sensitune demo       -> data/raw/<class>/*.png         (synthetic defects on real textures)
+    sensitune prepare    -> data/prepared/{train,val,test}/ + dataset.json
+    sensitune measure    -> runs/main/sensitivity.safetensors
+    sensitune plan       -> runs/main/plan.json (+ .safetensors, plan.png); prints the summary
+    sensitune train      -> runs/main/tuned/, metrics.json, history.csv
+    sensitune evaluate   -> runs/main/eval.json
+    sensitune merge      -> runs/main/merged/
+    sensitune predict    -> predictions.csv
+    sensitune export     -> runs/main/export/ (ONNX, OpenVINO FP32/FP16/INT8, manifests)
+    sensitune run        every stage in order
+
+Values come from params.yaml (`--config`, default ./params.yaml when present); `--set section.key=value`
+overrides any key, and each verb has flags for its common keys (derived from `pipelines.config`).
+Bad input is one line on stderr and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from spt_core import __version__
+from spt_core.errors import SensituneError
+
+from . import config
+from .layout import FILES
+
+VERBS = {
+    "demo": "write a batch of demo defect images",
+    "prepare": "split a source into train/val/test",
+    "measure": "measure parameter sensitivity",
+    "plan": "allocate the trainable budget",
+    "train": "train the plan (validation-selected)",
+    "evaluate": "evaluate on a split",
+    "merge": "fold the tuners into the backbone",
+    "predict": "predict images or folders to CSV",
+    "export": "export ONNX/OpenVINO artifacts",
+    "run": "run every stage in order",
+}
+_NULL_WORDS = ("none", "null", "all")
+
+
+def _flag_type(key: config.Key) -> Any:
+    """argparse type of a key's flag: its scalar type; 'none'/'null'/'all' give null where null is allowed."""
+    scalar = next((t for t in typing.get_args(key.type) if t is not type(None)), key.type)
+
+    def parse(text: str) -> Any:
+        if key.nullable and text.lower() in _NULL_WORDS:
+            return None
+        try:
+            return scalar(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {config._type_name(key.type)}") from None
+
+    parse.__name__ = key.dotted
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sensitune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"sensitune {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="params.yaml (default: ./params.yaml if present)")
+    for key in ("run", "data", "raw"):
+        common.add_argument(f"--{key}", dest=f"paths.{key}", default=argparse.SUPPRESS, help=f"paths.{key}")
+    common.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any params.yaml key (repeatable; the value is YAML)")  # fmt: skip
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    all_keys = config.keys()
+    for verb, text in VERBS.items():
+        p = sub.add_parser(verb, parents=[common], help=text, description=text)
+        for key in (k for k in all_keys if verb in k.verbs):
+            if key.type is bool:
+                p.add_argument(key.flag, dest=key.dotted, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=key.help)  # fmt: skip
+            else:
+                # no argparse `choices`: config.validate reports a bad value in the one-line error format
+                p.add_argument(key.flag, dest=key.dotted, type=_flag_type(key), help=key.help,
+                               default=argparse.SUPPRESS)  # fmt: skip
+        if verb in ("evaluate", "predict"):
+            p.add_argument("--model-path", type=Path, help="tuned-weights dir or merged .safetensors")
+        if verb == "evaluate":
+            p.add_argument("--split", default="test", choices=["train", "val", "test"])
+        if verb == "predict":
+            p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+            p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
+        if verb == "run":
+            p.add_argument("--no-export", action="store_true", help="stop after merge")
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> config.Params:
+    """params.yaml (or the defaults) with `--set` values, then the verb's flags, applied.
+
+    Key flags default to `argparse.SUPPRESS`: a flag not given is absent, one given as 'none' is null.
+    """
+    path = args.config or ("params.yaml" if Path("params.yaml").is_file() else None)
+    overrides = dict(config.parse_set(s) for s in args.sets)
+    overrides.update({d: v for d, v in vars(args).items() if "." in d})
+    return config.load_params(path, overrides)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _summary(metrics: dict) -> dict:
+    return {k: metrics.get(k) for k in ("test_acc", "val_acc", "probe_test_acc", "trainable", "best_epoch")}
+
+
+def _run_verb(args: argparse.Namespace, params: config.Params) -> None:
+    from . import stages
+
+    verb = args.verb
+    if verb == "demo":
+        print(f"wrote {stages.demo_stage(params)}")
+    elif verb == "prepare":
+        info = stages.prepare_stage(params)
+        print(f"prepared {params['paths']['data']}: {json.dumps(info['counts'])} (hash {info['data_hash'][:12]})")
+    elif verb == "measure":
+        s = stages.measure_stage(params)
+        print(f"sensitivity of {len(s.candidates)} candidates in {s.meta['seconds']}s -> {params['paths']['run']}")
+    elif verb == "plan":
+        print(stages.plan_stage(params).summary())
+    elif verb == "train":
+        _print(_summary(stages.train_stage(params)))
+    elif verb == "evaluate":
+        r = stages.evaluate_stage(params, args.model_path, args.split)
+        print(f"{args.split} accuracy {r['accuracy']:.4f} on {r['n']} images")
+    elif verb == "merge":
+        r = stages.merge_stage(params)
+        print(f"merge skipped: {r['skipped']}" if "skipped" in r else
+              f"merged; max |merged - tuned| on val images = {r['merge_max_abs_diff']:.2e}")  # fmt: skip
+    elif verb == "predict":
+        model = args.model_path or stages.run_dir(params) / FILES["merged"]
+        print(f"wrote {stages.predict_stage(model, args.inputs, args.out)}")
+    elif verb == "export":
+        _print(stages.export_stage(params))
+    elif verb == "run":
+        if params["data"]["source"] == "raw" and not Path(params["paths"]["raw"]).is_dir():
+            stages.demo_stage(params)
+        metrics: dict = {}
+        for s in stages.stages_until("merge" if args.no_export else "export"):
+            result = s.run(params)
+            if s.name == "plan":
+                print(result.summary())
+            elif s.name == "train":
+                metrics = result
+            elif s.name in ("merge", "export") and "skipped" in result:
+                print(f"{s.name} skipped: {result['skipped']}")
+        _print(_summary(metrics))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        _run_verb(args, params_from_args(args))
+    except SensituneError as e:
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume training", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""params.yaml: the one config users edit, as typed sections. These dataclasses are the only defaults.
+
+Every CLI verb, DVC stage and Prefect task reads the same params: the section dataclasses below, filled from
+params.yaml and then from flags (`--set section.key=value`, or a verb's own flags, which are derived from the
+fields' metadata). Unknown sections or keys, and values of the wrong type, are reported all at once (a typo
+must never be silently ignored). params.yaml lists every key with the value given here (a test keeps them
+equal), so that DVC sees each value a stage depends on.
+
+At run time params are plain data, ``{"section": {"key": value}}``: stages read them, DVC hashes them,
+Prefect passes them between tasks and MLflow logs them flattened.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from spt_core.errors import SensituneError, one_line
+
+Params = dict[str, dict[str, Any]]
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _f(default: Any, help: str, *, verbs: tuple[str, ...] = (), flag: str | None = None, choices: Any = None) -> Any:
+    """A config field: its default, its help text, and the verbs that get it as a flag (``--key`` by default)."""
+    meta = {"help": help, "verbs": verbs, "flag": flag, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class PathsSection:
+    raw: str = _f("data/raw", "incoming images (ImageFolder); `dvc add data/raw` after new batches arrive")
+    data: str = _f("data/prepared", "prepared train/val/test split")
+    run: str = _f("runs/main", "sensitivity, plan, tuned weights, metrics, merged model, export, MLflow record")
+
+
+@dataclass
+class DemoSection:
+    n_per_class: int = _f(100, "images per class", verbs=("demo",))
+    size: int = _f(96, "image side in pixels", verbs=("demo",))
+    seed: int = _f(0, "generator seed", verbs=("demo",))
+    batch: int = _f(0, "data batch number (new batches = new defect data)", verbs=("demo",))
+
+
+@dataclass
+class DataSection:
+    source: str = _f(
+        "raw",
+        "raw (= paths.raw) | demo-defects | digits | fashion-mnist | DIR | CSV/JSONL | VTAB dir",
+        verbs=("prepare",),
+    )
+    n_train: int | None = _f(160, "train images, class-balanced (null = all)", verbs=("prepare",))
+    n_val: int | None = _f(80, "validation images", verbs=("prepare",))
+    n_test: int | None = _f(None, "test images (null = the rest)", verbs=("prepare",))
+    seed: int = _f(0, "subset seed", verbs=("prepare",))
+    file_size: int | None = _f(None, "resize the image files on disk to this side (null = keep)", verbs=("prepare",))
+    skip_bad: bool = _f(False, "skip unreadable or non-image files instead of failing", verbs=("prepare",))
+
+
+@dataclass
+class ModelSection:
+    name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
+    weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
+    input_size: int | None = _f(128, "the network's input side in pixels", verbs=("measure", "run"))
+    drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")
+
+
+@dataclass
+class SensitivitySection:
+    batches: int = _f(8, "mini-batches to measure (SPT: 16)", verbs=("measure", "run"))
+    batch_size: int = _f(16, "images per batch (SPT: 32)", verbs=("measure",))
+    head: str = _f("probe", "probe (fit the head first) | random (SPT)", verbs=("measure", "run"),
+                   choices=("probe", "random"))  # fmt: skip
+    probe_epochs: int = _f(50, "linear-probe epochs before measuring")
+    device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("measure",))
+
+
+@dataclass
+class PlanSection:
+    budget: str = _f("1%", "trainable values: 400000, 0.4M, 400k or 0.5%% of the backbone", verbs=("plan", "run"))
+    structured: str = _f("lora", "lora | adapter | none (sparse only)", verbs=("plan", "run"))
+    rank: int = _f(8, "LoRA rank / adapter width", verbs=("plan", "run"))
+    alpha: float = _f(10.0, "structured when >= module params/alpha entries are selected", verbs=("plan",))
+    beta: float = _f(5.0, "vector trained whole when >= 1/beta of it is selected", verbs=("plan",))
+
+
+@dataclass
+class TrainSection:
+    epochs: int = _f(6, "epochs", verbs=("train", "run"))
+    lr: float = _f(1e-3, "peak learning rate", verbs=("train", "run"))
+    weight_decay: float = _f(1e-4, "AdamW weight decay (not on 1-D values)", verbs=("train",))
+    warmup_epochs: int = _f(1, "linear warm-up epochs", verbs=("train",))
+    warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up")
+    min_lr: float = _f(1e-5, "learning rate at the end of the cosine schedule")
+    batch_size: int = _f(32, "batch size", verbs=("train",))
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    freeze_bn_stats: bool = _f(True, "keep BatchNorm running statistics frozen while tuning")
+    amp: bool = _f(True, "bf16/fp16 autocast on CUDA")
+    device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("train",))
+    seed: int = _f(0, "seed (also of the head and the sensitivity batch order)", verbs=("train",))
+    grad_clip: float | None = _f(None, "clip the gradient norm (null = off)")
+    head_init: str = _f("probe", "probe (start from the linear-probe head, LP-FT) | random (as SPT)",
+                        verbs=("train", "run"), choices=("probe", "random"))  # fmt: skip
+    probe_baseline: bool = _f(True, "also fit a linear probe on the same split (metrics.json probe_*)")
+    probe_epochs: int = _f(50, "linear-probe epochs")
+
+
+@dataclass
+class ExportSection:
+    precisions: list[str] = _f(["fp32", "fp16", "int8"], "precisions to export", choices=("fp32", "fp16", "int8"))
+    calibration_size: int = _f(160, "INT8 calibration images", verbs=("export",))
+    int8_max_drop: float = _f(1.0, "max INT8 accuracy loss in points", verbs=("export",))
+    opset: int = _f(18, "ONNX opset (the torch dynamo exporter implements >= 18)")
+    model_version: str = _f("auto", "version label of the artifacts (auto = the plan hash)", verbs=("export",))
+
+
+SECTIONS: dict[str, type] = {
+    "paths": PathsSection,
+    "demo": DemoSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "sensitivity": SensitivitySection,
+    "plan": PlanSection,
+    "train": TrainSection,
+    "export": ExportSection,
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key with what the CLI needs to offer it as a flag."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    help: str
+    verbs: tuple[str, ...]
+    flag: str
+    choices: Any
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def nullable(self) -> bool:
+        return type(None) in typing.get_args(self.type)
+
+
+def keys() -> list[Key]:
+    """Every key of every section, in params.yaml order."""
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            flag = m.get("flag") or "--" + f.name.replace("_", "-")
+            out.append(Key(section, f.name, hints[f.name], default, m.get("help", ""), m.get("verbs", ()), flag,
+                           m.get("choices")))  # fmt: skip
+    return out
+
+
+def defaults() -> Params:
+    """The default params: every section with every key."""
+    return {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
+
+
+def load_params(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Params:
+    """The defaults, updated with the YAML file at `path` (None: the defaults) and `overrides` (``"sec.key"``).
+
+    Raises:
+        SensituneError: the file is missing or not YAML, or any section, key or value is unknown or of the wrong
+            type; every problem is listed in one line.
+    """
+    params = defaults()
+    where = "params"
+    if path is not None:
+        path, where = Path(path), str(path)
+        if not path.is_file():
+            raise SensituneError(f"--config {path}: file not found; pass an existing params.yaml or omit --config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SensituneError(f"{path}: invalid YAML ({one_line(e)}); fix the file") from e
+        if not isinstance(loaded, dict):
+            raise SensituneError(f"{path}: expected a mapping of sections (data:, model:, ...) at the top level")
+        problems = _merge(params, loaded)
+        if problems:
+            raise SensituneError(f"{path}: " + "; ".join(problems) + f" (valid sections: {', '.join(SECTIONS)})")
+    problems = _merge(params, _nest(overrides or {}), what="flag")
+    if problems:
+        raise SensituneError("; ".join(problems))
+    problems = validate(params)
+    if problems:
+        raise SensituneError(f"{where}: " + "; ".join(problems))
+    return params
+
+
+def parse_set(text: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML (``null``, ``[fp32]``, ``8``)."""
+    dotted, sep, raw = text.partition("=")
+    if not sep or dotted.count(".") != 1:
+        raise SensituneError(f"--set {text!r}: write section.key=value, e.g. --set train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise SensituneError(f"--set {text!r}: the value is not valid YAML ({one_line(e)})") from e
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 3e-4 as text
+        value = float(value)
+    return dotted.strip(), value
+
+
+def validate(params: Params) -> list[str]:
+    """Type and choice problems of every key (empty when all is well)."""
+    problems = []
+    for k in keys():
+        value = params[k.section][k.name]
+        if not _is_instance(value, k.type):
+            problems.append(f"{k.dotted}={value!r} is not {_type_name(k.type)}")
+        elif k.choices is not None:
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if v not in k.choices]
+            if bad:
+                problems.append(f"{k.dotted}={value!r}: use {' | '.join(map(str, k.choices))}")
+    return problems
+
+
+def _merge(params: Params, loaded: dict[str, Any], what: str = "key") -> list[str]:
+    problems = []
+    for section, values in loaded.items():
+        if section not in params:
+            problems.append(f"unknown section {section!r}")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"section {section!r} must be a mapping")
+            continue
+        for key, value in values.items():
+            if key not in params[section]:
+                problems.append(f"unknown {what} {section}.{key}")
+            else:
+                params[section][key] = copy.deepcopy(value)
+    return problems
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for dotted, value in flat.items():
+        section, _, key = dotted.partition(".")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is_instance(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is str:  # a YAML budget of 400000 or a version of 3 reads as a number: both are fine as text
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if len(args) == 1 and typing.get_origin(tp) in (Union, types.UnionType) else tp
+    name = {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(base, str(base))
+    return f"{name} or null" if type(None) in typing.get_args(tp) else name

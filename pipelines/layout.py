@@ -1,0 +1,31 @@
+"""The run directory's layout: one file (or folder) per stage output, read by the next stage (torch-free).
+
+sensitivity.safetensors   measure   Σg² per candidate parameter, with the model arguments and data hash
+plan.json (+ .safetensors, plan.png)   plan   the budget's targets and sparse indices
+tuned/                    train     the trained tuner values + head (safetensors + JSON), named "tuned" because
+                                    "adapter" is one kind of tuner
+metrics.json, history.csv train     selected epoch, accuracies, counts, timings; one row per epoch
+eval.json                 evaluate  accuracy, per-class recall and confusion matrix on a split
+merged/                   merge     model.safetensors (a plain timm state dict) + merged.json; for a plan whose
+                                    tuners cannot be merged only merged.json, saying why it was skipped
+export/                   export    ONNX + OpenVINO FP32/FP16/INT8 with manifests and export_report.json
+"""
+
+from __future__ import annotations
+
+FILES = {
+    "sensitivity": "sensitivity.safetensors",
+    "plan": "plan.json",
+    "plan_tensors": "plan.safetensors",
+    "plan_png": "plan.png",
+    "tuned": "tuned",
+    "metrics": "metrics.json",
+    "history": "history.csv",
+    "eval": "eval.json",
+    "merged_dir": "merged",
+    "merged": "merged/model.safetensors",
+    "merged_info": "merged/merged.json",
+    "export": "export",
+    "export_report": "export/export_report.json",
+    "train_state": "train_state",
+}

@@ -1,0 +1,313 @@
+"""MLflow tracking of one pipeline run: params, per-epoch and final metrics, artifacts, the registered model.
+
+    log_run(params, run_dir)   everything in runs/main -> one MLflow run; merged model registered as a pyfunc
+                               model and aliased `challenger` (the rollout moves `champion`)
+    replay(fallback_json)      log a run that was saved locally while the server was down
+
+Logging never breaks training: any MLflow failure (server down, DB locked, ...) is a `TrackingWarning`, and
+everything that would have been logged is written to ``run_dir/mlflow_fallback.json`` instead; `replay` sends
+it once the server is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from spt_core import __version__
+from spt_core.errors import SensituneError
+from spt_core.io import write_json
+
+from ..layout import FILES
+from .common import (
+    TrackingWarning,
+    check_reachable,
+    dvc_md5,
+    experiment_id,
+    fingerprint,
+    flatten,
+    git_commit,
+    is_number,
+    metric,
+    mlflow_session,
+    read_json,
+    tracking_uri,
+)
+from .registry import CHALLENGER, register_model
+
+RECORD_FILE = "mlflow_run.json"  # what the track stage wrote (run id, model version or fallback)
+FALLBACK_FILE = "mlflow_fallback.json"
+# history.csv column -> MLflow metric, logged with step = epoch
+EPOCH_METRICS = {
+    "train_loss": "train_loss",
+    "val_acc": "val_acc",
+    "val_loss": "val_loss",
+    "lr": "lr",
+    "seconds": "epoch_seconds",
+}
+# metrics.json key -> MLflow metric (val_acc is the validation-selected epoch's, hence best_val_acc)
+FINAL_METRICS = {
+    "test_acc": "test_acc",
+    "val_acc": "best_val_acc",
+    "best_epoch": "best_epoch",
+    "probe_test_acc": "probe_test_acc",
+    "probe_val_acc": "probe_val_acc",
+    "gain_over_probe": "gain_over_probe",
+    "trainable": "trainable",
+    "trainable_pct": "trainable_pct",
+    "trainable_head": "trainable_head",
+    "backbone_params": "backbone_params",
+    "budget": "budget_values",
+    "peak_memory_mb": "peak_memory_mb",
+    "sensitivity_seconds": "sensitivity_seconds",
+    "probe_seconds": "probe_seconds",
+    "train_seconds": "train_seconds",
+    "seconds_per_epoch": "seconds_per_epoch",
+}
+RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval")  # files at the run's root
+RUN_FOLDERS = ("tuned", "merged_dir", "export")  # logged under their own names
+EXPORT_REPORT_KEYS = ("accuracy", "accuracy_drop", "max_abs_diff", "agreement")
+
+
+def log_run(
+    params: dict,
+    run_dir: Path,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = "sensitune",
+    register: bool = True,
+    tags: dict[str, str] | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Log one finished pipeline run to MLflow; never raises for MLflow failures.
+
+    Args:
+        params: The resolved params (`pipelines.config.load_params`), logged flattened (``train.lr``).
+        run_dir: The run directory (``paths.run``) holding metrics.json, history.csv, plan.json, ...
+        tracking_uri: MLflow URI; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+        experiment: MLflow experiment name (created if missing).
+        register: Register merged.safetensors as a pyfunc model version and alias it ``challenger``.
+        tags: Extra run tags (e.g. the Prefect flow run id).
+        model_name: Registered model name; default ``sensitune-<timm model name>``.
+
+    Returns:
+        ``status`` ("logged" or "fallback"), ``tracking_uri``, ``experiment_id``, ``run_id``, ``model_name``,
+        ``model_version``, ``alias`` and, on fallback, ``error`` and ``fallback`` (the JSON file written).
+
+    Raises:
+        SensituneError: run_dir lacks metrics.json (train has not run); a user error, not a tracking one.
+    """
+    record = collect_record(params, Path(run_dir), experiment=experiment, tags=tags, model_name=model_name)
+    return _log_or_fallback(record, tracking_uri, register, Path(run_dir) / FALLBACK_FILE)
+
+
+def replay(fallback: Path, *, tracking_uri: str | None = None, register: bool = True) -> dict[str, Any]:
+    """Log a run saved in a fallback file; on success the file is renamed ``*.replayed.json``.
+
+    Args:
+        fallback: A ``mlflow_fallback.json`` written by `log_run`.
+        tracking_uri: MLflow URI (default as in `log_run`).
+        register: Register the merged model, if the record has one.
+
+    Returns:
+        As `log_run`; on another failure the same file is rewritten with the new error.
+    """
+    fallback = Path(fallback)
+    try:
+        record = json.loads(fallback.read_text())["record"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SensituneError(f"{fallback}: not a sensitune MLflow fallback file ({type(e).__name__})") from e
+    metrics_path = next(
+        (Path(a["path"]) for a in record["artifacts"] if Path(a["path"]).name == FILES["metrics"]), None
+    )
+    if metrics_path is None or fingerprint(metrics_path) != record.get("fingerprint"):
+        # The run directory has been overwritten by a later run since: its files are not this run's.
+        warnings.warn(
+            f"{fallback}: the run directory now holds another run; replaying params, metrics and tags only",
+            TrackingWarning,
+            stacklevel=2,
+        )
+        record = {**record, "artifacts": [], "model": None, "tags": {**record["tags"], "sensitune.replay": "no-files"}}
+    result = _log_or_fallback(record, tracking_uri, register, fallback)
+    if result["status"] == "logged":
+        os.replace(fallback, fallback.with_suffix(".replayed.json"))
+    return result
+
+
+def collect_record(
+    params: dict,
+    run_dir: Path,
+    *,
+    experiment: str = "sensitune",
+    tags: dict[str, str] | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Everything one run logs, as plain JSON data (what the fallback file holds).
+
+    Returns:
+        ``experiment``, ``run_name``, ``params`` (flat str -> str), ``metrics`` (list of key/value/step),
+        ``tags``, ``artifacts`` (list of local path + artifact dir) and ``model`` (registration data or None).
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / FILES["metrics"]
+    if not metrics_path.is_file():
+        raise SensituneError(f"{metrics_path} not found: run `sensitune train` (or `dvc repro`) before tracking")
+    m = json.loads(metrics_path.read_text())
+    flat = flatten(params)
+    flat.update({f"trainable.{kind}": str(n) for kind, n in (m.get("by_kind") or {}).items()})
+    flat["trainable.total"] = str(m.get("trainable"))
+
+    metrics = _epoch_metrics(run_dir / FILES["history"])
+    metrics += [metric(FINAL_METRICS[k], m[k]) for k in FINAL_METRICS if is_number(m.get(k))]
+    if (ev := read_json(run_dir / FILES["eval"])) is not None:
+        split = ev.get("split", "test")
+        metrics += [metric(f"eval_{split}_{k}", ev[k]) for k in ("accuracy", "loss") if is_number(ev.get(k))]
+    if (mi := read_json(run_dir / FILES["merged_info"])) is not None and is_number(mi.get("merge_max_abs_diff")):
+        metrics.append(metric("merge_max_abs_diff", mi["merge_max_abs_diff"]))
+    export_dir = run_dir / FILES["export"]
+    if (rep := read_json(export_dir / "export_report.json")) is not None:
+        for key in EXPORT_REPORT_KEYS:
+            for fmt, v in (rep.get(key) or {}).items():
+                if is_number(v):
+                    metrics.append(metric(f"export.{key}.{fmt}", v))
+
+    raw_md5 = dvc_md5(Path(params["paths"]["raw"]))
+    prepared = (read_json(Path(params["paths"]["data"]) / "dataset.json") or {}).get("data_hash")
+    commit, dirty = git_commit()
+    all_tags = {
+        "sensitune.version": __version__,
+        "plan_hash": m.get("plan_hash"),
+        "model_name": m.get("model_name"),
+        "data.raw_md5": raw_md5,  # the DVC version of paths.raw (from its .dvc file)
+        "data.prepared_hash": prepared or m.get("data_hash"),
+        "data_version": raw_md5 or prepared or m.get("data_hash"),
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git.dirty": None if commit is None else str(dirty).lower(),
+        **(tags or {}),
+    }
+    all_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
+
+    artifacts = [(run_dir / FILES[k], "") for k in RUN_ARTIFACTS]
+    artifacts += [(run_dir / FILES[k], FILES[k]) for k in RUN_FOLDERS]
+    merged = run_dir / FILES["merged"]
+    model = None
+    if merged.is_file() and mi is not None:
+        name = model_name or f"sensitune-{m['model_name']}"
+        model = {
+            "name": name,
+            "merged": str(merged.resolve()),
+            "input_size": list(mi["preprocess"]["size"]),
+            "num_classes": len(mi["class_names"]),
+            "info": {k: mi.get(k) for k in ("class_names", "preprocess", "model_args", "plan_hash", "data_hash")},
+            "version_tags": {
+                "plan_hash": all_tags.get("plan_hash"),
+                "data_version": all_tags.get("data_version"),
+                "test_acc": str(m.get("test_acc")),
+                "sensitune.version": __version__,
+            },
+        }
+    return {
+        "experiment": experiment,
+        "fingerprint": fingerprint(metrics_path),
+        "run_name": f"{m.get('model_name')} budget={params['plan']['budget']} plan={m.get('plan_hash')}",
+        "params": flat,
+        "metrics": metrics,
+        "tags": all_tags,
+        "artifacts": [{"path": str(p.resolve()), "artifact_path": a} for p, a in artifacts if p.exists()],
+        "model": model,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def _log_or_fallback(record: dict, uri: str | None, register: bool, fallback: Path) -> dict[str, Any]:
+    uri = tracking_uri(uri)
+    result: dict[str, Any] = {"status": "logged", "tracking_uri": uri, "run_id": None, "model_version": None}
+    try:
+        check_reachable(uri)
+        result.update(_log_record(record, uri, register, result))
+    except Exception as e:  # any tracking failure must leave the trained run intact
+        error = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        result.update(status="fallback", error=error, fallback=str(fallback))
+        _keep_unsent(fallback, record)
+        saved = {"tracking_uri": uri, "error": error, "partial_run_id": result["run_id"], "record": record}
+        write_json(fallback, saved)
+        warnings.warn(
+            f"MLflow at {uri} failed ({error[:200]}); run saved to {fallback}: "
+            f"send it later with `python -m pipelines.track --replay {fallback}`",
+            TrackingWarning,
+            stacklevel=3,
+        )
+    return result
+
+
+def _keep_unsent(fallback: Path, record: dict) -> None:
+    """An older fallback of another run is renamed (``mlflow_fallback.<created>.json``), not overwritten."""
+    old = read_json(fallback)
+    if not isinstance(old, dict) or not isinstance(old.get("record"), dict):
+        return
+    if old["record"].get("fingerprint") != record.get("fingerprint"):
+        stamp = re.sub(r"[^0-9A-Za-z]", "", str(old["record"].get("created", "old")))
+        os.replace(fallback, fallback.with_name(f"{fallback.stem}.{stamp}.json"))
+
+
+def _log_record(record: dict, uri: str, register: bool, result: dict) -> dict[str, Any]:
+    with mlflow_session(uri) as mlflow:
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        exp_id = experiment_id(client, record["experiment"], uri)
+        result["experiment_id"] = exp_id
+        run = client.create_run(exp_id, run_name=record["run_name"], tags=record["tags"])
+        run_id = result["run_id"] = run.info.run_id
+        try:
+            _log_into(mlflow, client, run_id, record, register, result)
+        except Exception:
+            with contextlib.suppress(Exception):  # mark the partial run; the fallback file holds the whole one
+                client.set_terminated(run_id, "FAILED")
+            raise
+    return result
+
+
+def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: bool, result: dict) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    params = [Param(k, v) for k, v in record["params"].items()]
+    metrics = [Metric(x["key"], float(x["value"]), now, int(x["step"])) for x in record["metrics"]]
+    for i in range(0, len(params), 100):  # MLflow's per-call limits: 100 params, 1000 metrics
+        client.log_batch(run_id, params=params[i : i + 100])
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    client.log_batch(run_id, tags=[RunTag("sensitune.logged", record["created"])])
+    for a in record["artifacts"]:
+        path = Path(a["path"])
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), a["artifact_path"] or None)
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), a["artifact_path"] or None)
+    model = record.get("model")
+    if register and model is not None:
+        with mlflow.start_run(run_id=run_id):  # log_model needs an active run; leaving it ends the run FINISHED
+            version = register_model(mlflow, client, model)
+        result.update(model_name=model["name"], model_version=version, alias=CHALLENGER)
+    else:
+        client.set_terminated(run_id, "FINISHED")
+
+
+def _epoch_metrics(history: Path) -> list[dict[str, Any]]:
+    if not history.is_file():
+        return []
+    out = []
+    with open(history, newline="") as f:
+        for row in csv.DictReader(f):
+            for col, key in EPOCH_METRICS.items():
+                if row.get(col) not in (None, ""):
+                    out.append(metric(key, float(row[col]), int(row["epoch"])))
+    return out
