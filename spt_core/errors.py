@@ -14,4 +14,13 @@ class ModelError(SensituneError):
 
 
 class PlanError(SensituneError):
-    """A budget, plan or adapter file that does not fit the model."""
+    """A budget, plan or tuned-weights directory that does not fit the model."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The message of ``e`` on one line (whitespace collapsed), at most ``limit`` characters; its type if empty.
+
+    Library messages (torch, timm, OpenVINO) often span paragraphs; this is the gist to quote inside ours.
+    """
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
