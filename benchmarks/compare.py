@@ -119,21 +119,24 @@ def _build(job: dict) -> tuple[Any, Any, dict]:
 def sensitivity_job(job: dict) -> dict:
     """Fit a linear probe head (cached features), then measure SPT sensitivity on 16 x 32 training images."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from spt_core.data import SeededSampler
-    from spt_core.probe import fit_probe
-    from spt_core.sensitivity import measure_sensitivity
+    from spt_core.sensitivity import measure_task
 
     model, _, loaders = _build(job)
     device = torch.device(job["device"])
-    probe = fit_probe(model, {"train": loaders["train"], "val": loaders["val"]}, epochs=PROBE_EPOCHS, seed=job["seed"])
-    ds = loaders["train"].dataset
-    loader = DataLoader(ds, batch_size=SENS_BATCH_SIZE, sampler=SeededSampler(len(ds), job["seed"]))
-    if device.type == "cuda":
+    if device.type == "cuda":  # the peak covers the probe's feature pass too; the Σg² backward dominates it
         torch.cuda.reset_peak_memory_stats(device)
-    sens = measure_sensitivity(model, loader, batches=SENS_BATCHES, device=device)
-    sens.meta.update({"head": "probe", **probe.to_dict()})
+    sens = measure_task(
+        model,
+        loaders["train"].dataset,
+        {"train": loaders["train"], "val": loaders["val"]},
+        head="probe",
+        probe_epochs=PROBE_EPOCHS,
+        batches=SENS_BATCHES,
+        batch_size=SENS_BATCH_SIZE,
+        seed=job["seed"],
+        device=device,
+    )
     sens.save(job["sens_path"])
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return {
@@ -141,8 +144,8 @@ def sensitivity_job(job: dict) -> dict:
         "seed": job["seed"],
         "seconds": sens.meta["seconds"],
         "images": sens.meta["images"],
-        "probe_seconds": round(probe.seconds, 2),
-        "probe_val_acc": probe.val_acc,
+        "probe_seconds": sens.meta["probe_seconds"],
+        "probe_val_acc": sens.meta["probe_val_acc"],
         "peak_memory_mb": round(peak, 1),
     }
 

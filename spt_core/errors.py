@@ -14,10 +14,17 @@ class ModelError(SensituneError):
 
 
 class PlanError(SensituneError):
-    """A budget, plan or adapter file that does not fit the model."""
+    """A budget, plan or tuned-weights directory that does not fit the model."""
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (or its type name), at most `limit` characters."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The gist of an exception on one line (whitespace collapsed), at most ``limit`` characters; its type if empty.
+
+    Library messages (torch, timm, OpenVINO) often span paragraphs; this is what to quote inside ours. OpenVINO
+    puts its reason after "Exception from <source file>" lines, so for those only the last line is kept.
+    """
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Exception from"):
+        lines = lines[-1:]
+    text = " ".join(" ".join(lines).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

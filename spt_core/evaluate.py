@@ -44,7 +44,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
+def _device_or_models(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` when given, else where the model's first parameter lives (cpu for a parameter-free model)."""
     if device is not None:
         return torch.device(device)
     p = next(model.parameters(), None)
@@ -82,7 +83,7 @@ def evaluate(
     Raises:
         SensituneError: Empty loader, unlabelled batches, or a label outside ``[0, num_classes)``.
     """
-    device = _device_of(model, device)
+    device = _device_or_models(model, device)
     confusion: torch.Tensor | None = None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with eval_mode(model), torch.inference_mode():
@@ -146,7 +147,7 @@ def predict(
     Returns:
         ``preds`` int64 ``(N,)`` and ``probs`` float32 ``(N, C)``.
     """
-    device = _device_of(model, device)
+    device = _device_or_models(model, device)
     preds, probs = [], []
     with eval_mode(model), torch.inference_mode():
         for x in _input_batches(data, batch_size):

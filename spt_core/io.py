@@ -45,6 +45,11 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically and durably: readers see the old or the new file, never half."""
+    write_bytes(path, text.encode("utf-8"), fsync=True)
+
+
 def write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
     """Write `data` to `path` atomically; with `fsync` the bytes are on disk before the rename."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from spt_core.errors import ModelError
+from spt_core.errors import ModelError, one_line
 from spt_core.io import file_sha256
 from spt_core.preprocess import Preprocess
 
@@ -277,7 +277,8 @@ def _create_from_file(name: str, path: Path, kwargs: dict[str, Any], classifier:
             f"tensors; re-save it as a plain state dict (torch.save(model.state_dict()) or .safetensors)"
         ) from e
     except Exception as e:
-        raise ModelError(f"weights file {path} is not a readable state dict ({_one_line(e)}); re-export it") from e
+        why = one_line(e, limit=300)
+        raise ModelError(f"weights file {path} is not a readable state dict ({why}); re-export it") from e
     # timm decides "keep the head" by comparing num_classes with the cfg's; tell it the file's real head size so a
     # fine-tuned 4-class file reloaded with num_classes=4 keeps its head instead of getting a random one.
     overlay: dict[str, Any] = {"file": str(path)}
@@ -287,7 +288,7 @@ def _create_from_file(name: str, path: Path, kwargs: dict[str, Any], classifier:
         with _capture_timm_load_log() as log:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as e:  # size mismatches and strict-load failures; timm's messages span many lines
-        raise ModelError(f"weights file {path} does not fit {name}: {_one_line(e)}") from e
+        raise ModelError(f"weights file {path} does not fit {name}: {one_line(e, limit=300)}") from e
     head_keys = {f"{c}.{p}" for c in _as_tuple(model.pretrained_cfg.get("classifier")) for p in ("weight", "bias")}
     for msg in log:
         m = re.match(r"(Missing|Unexpected) keys \((.*)\) (discovered|found)", msg)
@@ -316,8 +317,3 @@ def init_new_head(model: nn.Module) -> None:
 
 def _as_tuple(x: Any) -> tuple[str, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else ((x,) if x else ())
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

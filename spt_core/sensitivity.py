@@ -1,5 +1,8 @@
 """Measure every candidate's task sensitivity: s = Σ over mini-batches of (∂ mean-CE / ∂w)².
 
+`measure_task` is the whole measurement a run makes (head, then a fixed shuffle of the training set);
+`measure_sensitivity` is the Σg² pass itself over any loader.
+
 First-order Taylor: the loss drop when w alone takes a gradient step of size ε·g is ε·g², so s ∝ g² (SPT §3.1).
 One forward + one backward per batch, no optimizer step. Squared gradients are folded into fp32 accumulators by
 a post-accumulate-grad hook, so at most one parameter's `.grad` exists at a time beyond the accumulators.
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .candidates import Candidate, block_index, count_backbone_params, find_candidates
-from .errors import PlanError
+from .data.loaders import SeededSampler
+from .errors import PlanError, SensituneError
 from .io import atomic_path
+from .probe import fit_probe
+
+HEADS = ("random", "probe")
 
 
 @dataclass
@@ -160,3 +168,49 @@ def measure_sensitivity(
         "sensitune_version": __version__,
     }
     return Sensitivity(scores={n: s.cpu() for n, s in scores.items()}, candidates=cands, meta=meta)
+
+
+def measure_task(
+    model: nn.Module,
+    train_dataset: Dataset,
+    loaders: Mapping[str, Iterable],
+    *,
+    head: str,
+    probe_epochs: int,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device,
+) -> Sensitivity:
+    """The sensitivity of `model` on a task: fit the head first (``head="probe"``), then measure Σg².
+
+    A random head makes the gradients arbitrary (GPS's critique of SPT), so ``"probe"`` first fits
+    `model.get_classifier()` in place by a linear probe on cached features; ``"random"`` keeps the head as is (SPT).
+    Σg² is then measured on `batches` batches of a fixed seeded shuffle of `train_dataset`: prepared splits are
+    stored class by class, and one-class batches give skewed gradients.
+
+    Args:
+        model: a timm model, already on `device`.
+        train_dataset: the training images, (image, label) items.
+        loaders: "train", "val" and optionally "test" loaders for the probe (unused for ``head="random"``).
+        head: "probe" or "random".
+        probe_epochs: epochs of the linear probe.
+        batches, batch_size: how much of the shuffled training set the measurement sees (SPT: 16 x 32).
+        seed: seed of the probe and of the shuffle.
+        device: where to compute.
+
+    Returns:
+        The Sensitivity; ``meta["head"]`` records the head, and the probe's results (``probe_*``) when fitted.
+
+    Raises:
+        SensituneError: an unknown `head`.
+    """
+    if head not in HEADS:
+        raise SensituneError(f"sensitivity head={head!r}: use 'random' (SPT) or 'probe'")
+    probe = {}
+    if head == "probe":
+        probe = fit_probe(model, loaders, epochs=probe_epochs, seed=seed, device=device).to_dict()
+    loader = DataLoader(train_dataset, batch_size=batch_size, sampler=SeededSampler(len(train_dataset), seed))
+    sens = measure_sensitivity(model, loader, batches=batches, device=device)
+    sens.meta.update({"head": head, **probe})
+    return sens

@@ -161,7 +161,7 @@ def test_fit_with_amp_on_cuda_trains_only_the_plan(cuda):
         "val": DataLoader(TensorDataset(x[32:40], y[32:40]), batch_size=8),
         "test": DataLoader(TensorDataset(x[40:], y[40:]), batch_size=8),
     }
-    hist = fit(model, loaders, TrainConfig(epochs=2, warmup_epochs=1, lr=1e-2, device="cuda", amp=True, progress=False))
+    hist = fit(model, loaders, TrainConfig.scaled(2, warmup_epochs=1, lr=1e-2, device="cuda", amp=True, progress=False))
     assert hist.device.startswith("cuda") and hist.peak_memory_kind == "cuda_max_allocated"
     assert hist.peak_memory_mb > 0 and all(e.train_loss == e.train_loss for e in hist.epochs)  # finite, not NaN
     merged = merge(model)

@@ -1,11 +1,13 @@
 """measure_sensitivity: exact Σ g² and the model left exactly as it was; candidates on any timm model."""
 
+import pytest
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from spt_core.candidates import find_candidates, head_parameter_names
+from spt_core.errors import SensituneError
 from spt_core.sensitivity import Sensitivity, measure_sensitivity
 
 
@@ -106,3 +108,40 @@ def test_candidates_on_cnns():
     sc = find_candidates(swin)
     assert not any("relative_position_bias_table" in n for n in sc)  # timm's no_weight_decay set: frozen
     assert sc["layers.0.blocks.0.attn.qkv.weight"].segments[1] == (96, 192)
+
+
+def test_measure_task_is_probe_then_seeded_shuffle(tiny_digits):
+    """measure_task == the steps spelled out (probe head, SeededSampler shuffle, Σg²), bit for bit."""
+    from torch.utils.data import DataLoader
+
+    from spt_core.data import SeededSampler, load_dataset_info, make_loaders
+    from spt_core.preprocess import Preprocess
+    from spt_core.probe import fit_probe
+    from spt_core.sensitivity import measure_task
+
+    n_classes = len(load_dataset_info(tiny_digits).class_names)
+
+    def fresh():
+        torch.manual_seed(0)
+        return timm.create_model("test_efficientnet", num_classes=n_classes)
+
+    loaders = make_loaders(tiny_digits, Preprocess(size=(32, 32)), batch_size=8, seed=3)
+    ds, cpu = loaders["train"].dataset, torch.device("cpu")
+    kw = {"probe_epochs": 3, "batches": 2, "batch_size": 8, "seed": 3, "device": cpu}
+    model = fresh()
+    probe = fit_probe(model, loaders, epochs=3, seed=3, device=cpu).to_dict()
+    want = measure_sensitivity(model, DataLoader(ds, batch_size=8, sampler=SeededSampler(len(ds), 3)), 2, device=cpu)
+    got_model = fresh()
+    got = measure_task(got_model, ds, loaders, head="probe", **kw)
+    assert all(torch.equal(got.scores[n], want.scores[n]) for n in want.scores) and set(got.scores) == set(want.scores)
+    assert torch.equal(got_model.get_classifier().weight, model.get_classifier().weight)  # the probe head stays
+    timeless = [k for k in probe if k != "probe_seconds"]
+    assert got.meta["head"] == "probe" and {k: got.meta[k] for k in timeless} == {k: probe[k] for k in timeless}
+    random_model = fresh()
+    head0 = random_model.get_classifier().weight.detach().clone()
+    rnd = measure_task(random_model, ds, loaders, head="random", **kw)
+    assert rnd.meta["head"] == "random" and "probe_val_acc" not in rnd.meta
+    assert torch.equal(random_model.get_classifier().weight, head0)
+    assert not all(torch.equal(rnd.scores[n], want.scores[n]) for n in want.scores)
+    with pytest.raises(SensituneError, match="head='linear'"):
+        measure_task(fresh(), ds, loaders, head="linear", **kw)

@@ -1,8 +1,9 @@
-"""fit / linear_probe / evaluate on tiny timm models (CPU, 32 px random tensors)."""
+"""TrainConfig / fit / resume / evaluate on tiny timm models (CPU, 32 px random tensors)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -19,14 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import spt_core.train as train_mod
+import spt_core.train.loop as train_loop
 from spt_core.errors import SensituneError
 from spt_core.evaluate import evaluate, predict, write_predictions_csv
 from spt_core.train import (
+    SPT_RECIPE,
     History,
     TrainConfig,
     fit,
-    linear_probe,
     lr_at,
     make_optimizer,
     trainable_parameters,
@@ -65,7 +66,7 @@ def _vit(**kw) -> nn.Module:
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": 2, "warmup_epochs": 1, "lr": 1e-2, "progress": False, **kw})
+    return TrainConfig.scaled(**{"epochs": 2, "warmup_epochs": 1, "lr": 1e-2, "progress": False, **kw})
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,19 +85,33 @@ def _comparable(h: dict) -> dict:
 
 
 def test_config_roundtrip_unknown_key_and_validation():
-    cfg = TrainConfig(epochs=7, warmup_epochs=1, lr=3e-4, grad_clip=1.0)
+    cfg = TrainConfig.scaled(7, warmup_epochs=1, lr=3e-4, grad_clip=1.0)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
     with pytest.raises(SensituneError, match="learning_rate"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(SensituneError, match=r"epochs=0.*min_lr"):  # every problem reported at once
-        TrainConfig(epochs=0, min_lr=1.0)
+        TrainConfig.scaled(0, min_lr=1.0)
     assert [TrainConfig.scaled(e).warmup_epochs for e in (3, 5, 20, 100)] == [0, 1, 2, 10]
     assert TrainConfig.scaled(20, lr=5e-4).lr == 5e-4
 
 
+def test_config_has_no_defaults_for_what_params_yaml_sets():
+    import yaml
+
+    train = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    cfg_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    required = {f.name for f in dataclasses.fields(TrainConfig) if f.default is dataclasses.MISSING}
+    assert required == cfg_keys & set(train)  # params.yaml (or whoever builds the config) gives every value
+    with pytest.raises(TypeError):
+        TrainConfig(epochs=3)  # type: ignore[call-arg]
+    with pytest.raises(SensituneError, match=r"missing train config key\(s\) \['amp'"):
+        TrainConfig.from_dict({k: v for k, v in SPT_RECIPE.items() if k != "amp"})
+    assert TrainConfig.scaled(100).to_dict() == {**SPT_RECIPE, "log_every": 0, "progress": None}
+
+
 def test_lr_schedule_values():
-    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    cfg = TrainConfig.scaled(10, warmup_epochs=2, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
     total, warmup = 100, 20
     lrs = [lr_at(s, total, warmup, cfg) for s in range(total)]
     assert lrs[0] == cfg.warmup_lr
@@ -107,7 +122,7 @@ def test_lr_schedule_values():
     assert lr_at(mid, total, warmup, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2, rel=1e-12)
     assert all(a < b for a, b in zip(lrs[: warmup + 1], lrs[1 : warmup + 1]))
     assert all(a > b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
-    no_warm = TrainConfig(epochs=10, warmup_epochs=0)
+    no_warm = TrainConfig.scaled(10, warmup_epochs=0)
     assert lr_at(0, 50, 0, no_warm) == pytest.approx(no_warm.lr, rel=1e-12)
 
 
@@ -117,7 +132,7 @@ def test_no_weight_decay_on_1d_and_model_no_weight_decay():
         p.requires_grad_(True)
     params = trainable_parameters(model)
     skip = model.no_weight_decay()  # pos_embed, cls_token: timm's own list
-    opt = make_optimizer(params, TrainConfig(weight_decay=0.05), no_decay=skip)
+    opt = make_optimizer(params, TrainConfig.scaled(100, weight_decay=0.05), no_decay=skip)
     by_id = {id(p): n for n, p in params.items()}
     groups = {g["weight_decay"]: {by_id[id(p)] for p in g["params"]} for g in opt.param_groups}
     assert set(groups) == {0.05, 0.0}
@@ -166,7 +181,7 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
             calls["test"] += 1
         return out
 
-    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train_loop, "evaluate", fake_evaluate)
 
     class EpochSampler(torch.utils.data.RandomSampler):  # what a DistributedSampler needs each epoch
         def set_epoch(self, epoch):
@@ -233,7 +248,7 @@ SCRIPT = textwrap.dedent(
                 "val": DataLoader(TensorDataset(x[32:40], y[32:40]), batch_size=8),
                 "test": DataLoader(TensorDataset(x[40:], y[40:]), batch_size=8),
             }
-            cfg = TrainConfig(epochs=4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
+            cfg = TrainConfig.scaled(4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
             kill_after = int(os.environ.get("KILL_AFTER_EPOCH", "0"))
 
             def on_epoch(rec):
@@ -283,26 +298,11 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     # a checkpoint that does not belong to this model or config is refused, not silently mixed in
     other = _effnet()
     other.conv_head.weight.requires_grad_(True)
-    cfg = TrainConfig(epochs=4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
+    cfg = TrainConfig.scaled(4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
     with pytest.raises(SensituneError, match=r"conv_head\.weight.*delete it or use a new out dir"):
         fit(other, _loaders(), cfg, out)
     with pytest.raises(SensituneError, match=r"epochs=4->5"):
         fit(_effnet(), _loaders(), TrainConfig(**{**cfg.to_dict(), "epochs": 5}), out)
-
-
-# --- linear probe --------------------------------------------------------------------------------------------
-
-
-def test_linear_probe_trains_only_the_head_and_restores_flags():
-    model = _effnet()  # blocks.4.0.* trainable, as a plan would leave it
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    before = _snapshot(model)
-    hist = linear_probe(model, _loaders(), _cfg(epochs=1, warmup_epochs=0))
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    after = model.state_dict()
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed == {"classifier.weight", "classifier.bias"}
-    assert hist.trainable_params == 3 * 256 + 3
 
 
 # --- evaluate / predict --------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from spt_core.candidates import head_parameter_names
-from spt_core.checkpoint import load_adapter, save_adapter
+from spt_core.checkpoint import load_tuned_into, save_tuned
 from spt_core.errors import PlanError
 from spt_core.merge import merge
 from spt_core.plan import Plan, Target
@@ -101,8 +101,8 @@ def test_tuner_contract(kind, where, tmp_path):
     with torch.no_grad():
         tuned_out = model(x)
     assert (tuned_out - base_out).abs().max() > 1e-4  # a non-zero delta changes the output
-    save_adapter(model, plan, tmp_path / "adapter", info={"model_name": name})
-    fresh = load_adapter(_model(name), tmp_path / "adapter", model_name=name)
+    save_tuned(model, plan, tmp_path / "tuned", info={"model_name": name})
+    fresh = load_tuned_into(_model(name), tmp_path / "tuned", model_name=name)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), tuned_out, rtol=0, atol=1e-6)  # save/load reproduces outputs
     merged = merge(model, keep_adapters=(kind == "adapter"))
@@ -199,18 +199,18 @@ def test_apply_plan_rejects_wrong_backbone():
         apply_plan(_model("test_efficientnet"), plan)
 
 
-def test_adapter_load_errors(tmp_path):
+def test_tuned_weights_load_errors(tmp_path):
     name, model, plan = _case("sparse", "linear")
     apply_plan(model, plan)
-    save_adapter(model, plan, tmp_path / "a", info={"model_name": name})
+    save_tuned(model, plan, tmp_path / "a", info={"model_name": name})
     with pytest.raises(PlanError, match="trained on 'test_vit'"):
-        load_adapter(_model("test_vit"), tmp_path / "a", model_name="vit_tiny")
+        load_tuned_into(_model("test_vit"), tmp_path / "a", model_name="vit_tiny")
     other_classes = timm.create_model("test_vit", img_size=32, num_classes=5)
     with pytest.raises(PlanError, match="shape"):
-        load_adapter(other_classes, tmp_path / "a")
+        load_tuned_into(other_classes, tmp_path / "a")
     (tmp_path / "a" / "adapter.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(PlanError, match="corrupt") as e:
-        load_adapter(_model(name), tmp_path / "a")
+        load_tuned_into(_model(name), tmp_path / "a")
     assert "\n" not in str(e.value)
 
 
@@ -271,7 +271,7 @@ def test_unreachable_tuners_are_found():
     assert check_tuners_reached(vit, _x()) == []
 
 
-def test_trained_bn_statistics_travel_with_the_adapter(tmp_path):
+def test_trained_bn_statistics_travel_with_the_tuned_weights(tmp_path):
     from spt_core.checkpoint import bn_buffers
 
     name, model, plan = _case("sparse", "conv")
@@ -281,7 +281,7 @@ def test_trained_bn_statistics_travel_with_the_adapter(tmp_path):
             if n.endswith("running_mean"):
                 b.add_(0.5)  # as if training had updated the statistics
         out = model(_x())
-    save_adapter(model, plan, tmp_path / "a", buffers=bn_buffers(model))
-    fresh = load_adapter(_model(name), tmp_path / "a")
+    save_tuned(model, plan, tmp_path / "a", buffers=bn_buffers(model))
+    fresh = load_tuned_into(_model(name), tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(fresh(_x()), out, rtol=0, atol=1e-6)

@@ -1,25 +1,21 @@
 """Training: ``fit(model, loaders, cfg, out_dir) -> History`` for whatever parameters are left trainable.
 
 The trainable set is exactly ``{name: p for name, p in model.named_parameters() if p.requires_grad}`` — the
-tuner deltas and the head after ``apply_plan``, only the head in ``linear_probe``, everything in full
-fine-tuning. Recipe (SPT reference, VTAB-1k): AdamW lr 1e-3, weight decay 1e-4 (none on 1-D params),
-100 epochs, per-step cosine schedule with 10 linear warm-up epochs from 1e-6, floor 1e-5, seed 0.
+tuner deltas and the head after ``apply_plan``, everything in full fine-tuning. The schedule is a per-step
+cosine with linear warm-up (`lr_at`); AdamW never decays 1-D parameters (`make_optimizer`).
 
 Model selection uses the validation split only: the best epoch is the first with the highest validation
 accuracy, its trainable state is loaded back at the end, and the test split is evaluated once, on it.
 
-``out_dir/checkpoint.pt`` is rewritten (atomically) after every epoch with everything the rest of the run
-depends on — tracked state, optimizer, step, history, best state, RNG states — so a killed run resumed with
-the same ``fit`` call ends bit-identical to an uninterrupted one on CPU (on CUDA, up to kernel
-non-determinism). Resuming needs the same data order source: RNG states of the global generators and of
-any ``torch.Generator`` attached to the loaders are restored; persistent DataLoader workers are not.
+With an ``out_dir``, ``checkpoint.pt`` is rewritten after every epoch (see `spt_core.train.resume`), so a killed
+run resumed with the same ``fit`` call ends bit-identical to an uninterrupted one on CPU (on CUDA, up to kernel
+non-determinism).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -40,77 +36,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from spt_core.checkpoint import bn_buffers
+from spt_core.device import resolve_device
 from spt_core.errors import SensituneError
 from spt_core.evaluate import evaluate, split_batch
-from spt_core.io import write_bytes
+from spt_core.train.config import TrainConfig
+from spt_core.train.resume import (
+    CHECKPOINT_NAME,
+    clone_state,
+    copy_state,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
-# Config fields that may differ between a run and its resumption (they do not change the numbers).
-RESUME_FREE = {"device", "progress", "log_every"}
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters (plain data). Defaults are the SPT VTAB-1k recipe.
-
-    For short runs use ``TrainConfig.scaled(epochs)``, which keeps warm-up at ~10 % of the epochs
-    (the reference's 10 of 100).
-    """
-
-    epochs: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-4  # AdamW; never applied to params with ndim <= 1 nor to model.no_weight_decay()
-    warmup_epochs: int = 10
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    batch_size: int = 64  # read by whoever builds the loaders (fit takes loaders); recorded with the run
-    label_smoothing: float = 0.0
-    freeze_bn_stats: bool = True  # BatchNorm layers stay in eval mode: +2-8 pt for PEFT on CNNs here
-    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 + GradScaler; CPU always fp32
-    device: str = "auto"  # "auto" = cuda if available else cpu
-    seed: int = 0
-    grad_clip: float | None = None  # max global grad norm over the trainable params
-    log_every: int = 0  # log the running train loss every N steps (0: one line per epoch)
-    progress: bool | None = None  # tqdm bar; None = only on a tty and when SENSITUNE_NO_PROGRESS is unset
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{k}={getattr(self, k)!r} must be {why}"
-            for k, bad, why in [
-                ("epochs", self.epochs < 1, ">= 1"),
-                ("lr", not self.lr > 0, "> 0"),
-                ("weight_decay", self.weight_decay < 0, ">= 0"),
-                ("warmup_epochs", not 0 <= self.warmup_epochs <= self.epochs, "in [0, epochs], ~epochs/10"),
-                ("min_lr", not 0 <= self.min_lr <= self.lr, "in [0, lr]"),
-                ("warmup_lr", self.warmup_lr < 0, ">= 0"),
-                ("batch_size", self.batch_size < 1, ">= 1"),
-                ("label_smoothing", not 0 <= self.label_smoothing < 1, "in [0, 1)"),
-                ("grad_clip", self.grad_clip is not None and not self.grad_clip > 0, "None or > 0"),
-                ("log_every", self.log_every < 0, ">= 0"),
-            ]
-            if bad
-        ]
-        if problems:
-            raise SensituneError("train config: " + "; ".join(problems))
-
-    @classmethod
-    def scaled(cls, epochs: int, **overrides: Any) -> TrainConfig:
-        """The recipe for ``epochs`` epochs with warm-up rounded to 10 % of them (5 -> 1, 20 -> 2, 100 -> 10)."""
-        return cls(**{"epochs": epochs, "warmup_epochs": (epochs + 5) // 10, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Build from a dict (e.g. the ``train:`` block of params.yaml); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SensituneError(f"unknown train config key(s) {unknown}: valid keys are {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -199,100 +139,6 @@ def _tracked_state(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor
     if not cfg.freeze_bn_stats:
         state.update(bn_buffers(model))
     return state
-
-
-def _clone(state: Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    return {n: t.detach().to(device).clone() if device else t.detach().clone() for n, t in state.items()}
-
-
-@torch.no_grad()
-def _load_state(state: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
-    for n, t in state.items():
-        t.copy_(saved[n])
-
-
-def _loader_generators(loaders: Mapping[str, Any]) -> dict[str, torch.Generator]:
-    """Every torch.Generator that decides a loader's order (DataLoader and sampler), keyed stably."""
-    found: dict[str, torch.Generator] = {}
-    seen: set[int] = set()
-    for split in sorted(loaders):
-        loader = loaders[split]
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for attr, owner in [
-            ("loader", loader),
-            ("sampler", getattr(loader, "sampler", None)),
-            ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None)),
-        ]:
-            g = getattr(owner, "generator", None)
-            if isinstance(g, torch.Generator) and id(g) not in seen:
-                seen.add(id(g))
-                found[f"{split}.{attr}"] = g
-    return found
-
-
-def _rng_state(loaders: Mapping[str, Any]) -> dict[str, Any]:
-    # Plain types and tensors only, so the checkpoint loads with weights_only=True.
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
-        "loaders": {k: g.get_state() for k, g in _loader_generators(loaders).items()},
-    }
-
-
-def _set_rng_state(rng: Mapping[str, Any], loaders: Mapping[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(rng["python"])
-    np_ = rng["numpy"]
-    np.random.set_state(("MT19937", np_["keys"].numpy().astype(np.uint32), np_["pos"], *np_["gauss"]))
-    for k, g in _loader_generators(loaders).items():
-        if k in rng["loaders"]:
-            g.set_state(rng["loaders"][k])
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue(), fsync=True)  # on disk before the rename: a kill never leaves half a file
-
-
-def _load_checkpoint(path: Path, state_names: list[str], cfg: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
-    """Read ``path`` and check it belongs to this run; any mismatch is a one-line SensituneError."""
-    fix = "delete it or use a new out dir to start over"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise SensituneError(f"{path}: unreadable training checkpoint ({type(e).__name__}); {fix}") from e
-    saved = list(ckpt["state"])
-    if sorted(saved) != sorted(state_names):
-        only_ckpt, only_model = sorted(set(saved) - set(state_names)), sorted(set(state_names) - set(saved))
-        raise SensituneError(
-            f"{path}: checkpoint trains other tensors than this model (only in checkpoint: {only_ckpt[:3]}, "
-            f"only in model: {only_model[:3]}, {len(only_ckpt) + len(only_model)} differences); {fix}"
-        )
-    old, new = ckpt["cfg"], cfg.to_dict()
-    changed = [f"{k}={old.get(k)!r}->{new[k]!r}" for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
-    if changed:
-        raise SensituneError(f"{path}: checkpoint was made with another train config ({', '.join(changed)}); {fix}")
-    if ckpt["step"] != ckpt["epoch"] * steps_per_epoch:
-        raise SensituneError(
-            f"{path}: checkpoint has {ckpt['step']} steps in {ckpt['epoch']} epochs but the train loader has "
-            f"{steps_per_epoch} batches per epoch (different data?); {fix}"
-        )
-    return ckpt
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise SensituneError(f"train config device={name!r} is not a torch device: use auto, cpu or cuda[:N]") from e
 
 
 def _set_train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
@@ -389,13 +235,15 @@ def fit(
         raise SensituneError(f"fit() loaders lack {missing}: pass a dict with 'train', 'val' and optionally 'test'")
     params = trainable_parameters(model)
     if not params:
-        raise SensituneError("fit(): the model has no trainable parameters: apply a plan or use linear_probe")
+        raise SensituneError(
+            "fit(): the model has no trainable parameters: apply a plan or call set_trainable_head(model) first"
+        )
     steps_per_epoch = len(loaders["train"])
     if steps_per_epoch == 0:
         raise SensituneError("fit(): the train loader yields no batches: check the train split and batch size")
     total = cfg.epochs * steps_per_epoch
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
@@ -410,22 +258,22 @@ def fit(
     optimizer = make_optimizer(params, cfg, no_decay=no_wd)
     state = _tracked_state(model, cfg)
     history = History(trainable_params=sum(p.numel() for p in params.values()), device=str(device))
-    best_state = _clone(state)
+    best_state = clone_state(state)
     step = start_epoch = 0
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if ckpt_path is not None:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         if ckpt_path.exists():
-            ckpt = _load_checkpoint(ckpt_path, list(state), cfg, steps_per_epoch)
-            _load_state(state, ckpt["state"])
+            ckpt = load_checkpoint(ckpt_path, list(state), cfg, steps_per_epoch)
+            copy_state(state, ckpt["state"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
-            best_state = _clone(ckpt["best_state"], device)
+            best_state = clone_state(ckpt["best_state"], device)
             history = History.from_dict(ckpt["history"])
             history.device, history.resumed_at_epoch = str(device), ckpt["epoch"]
             step, start_epoch = ckpt["step"], ckpt["epoch"]
-            _set_rng_state(ckpt["rng"], loaders)
+            set_rng_state(ckpt["rng"], loaders)
             log.info("resuming %s at epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
 
     modes = [(m, m.training) for m in model.modules()]
@@ -450,7 +298,7 @@ def fit(
             history.train_seconds += rec.seconds
             if rec.val_acc > history.best_val_acc:  # strict: a tie keeps the earlier epoch
                 history.best_epoch, history.best_val_acc = epoch, rec.val_acc
-                best_state = _clone(state)
+                best_state = clone_state(state)
             history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
             log.info(
                 "epoch %d/%d lr %.3g train_loss %.4f val_acc %.4f val_loss %.4f (%.1fs)",
@@ -459,19 +307,18 @@ def fit(
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{rec.val_acc:.3f}")
             if ckpt_path is not None:
                 ckpt = {
-                    "format": "sensitune.train.checkpoint/1",
-                    "state": _clone(state, "cpu"),
+                    "state": clone_state(state, "cpu"),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "step": step,
                     "epoch": epoch,
                     "history": history.to_dict(),
-                    "best_state": _clone(best_state, "cpu"),
+                    "best_state": clone_state(best_state, "cpu"),
                     "best_epoch": history.best_epoch,
-                    "rng": _rng_state(loaders),
+                    "rng": rng_state(loaders),
                     "cfg": cfg.to_dict(),
                 }
-                _save_atomic(ckpt, ckpt_path)
+                save_checkpoint(ckpt_path, ckpt)
             if on_epoch is not None:
                 on_epoch(
                     {**dataclasses.asdict(rec), "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc}
@@ -481,33 +328,10 @@ def fit(
         for m, training in modes:
             m.training = training
 
-    _load_state(state, best_state)
+    copy_state(state, best_state)
     if loaders.get("test") is not None:
         test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype)
         history.test_acc, history.test_loss, history.test_metrics = test["accuracy"], test["loss"], test
     history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
     log.info("best epoch %d val_acc %.4f test_acc %s", history.best_epoch, history.best_val_acc, history.test_acc)
     return history
-
-
-def linear_probe(
-    model: nn.Module,
-    loaders: Mapping[str, DataLoader],
-    cfg: TrainConfig,
-    out_dir: str | os.PathLike | None = None,
-    *,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> History:
-    """Train only ``model.get_classifier()`` with ``fit``: the baseline, and the head fit before sensitivity.
-
-    Every other parameter is frozen for the duration; all ``requires_grad`` flags are restored afterwards.
-    """
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        set_trainable_head(model)
-        return fit(model, loaders, cfg, out_dir, on_epoch=on_epoch)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
