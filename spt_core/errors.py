@@ -15,3 +15,9 @@ class ModelError(SensituneError):
 
 class PlanError(SensituneError):
     """A budget, plan or adapter file that does not fit the model."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), at most `limit` characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
