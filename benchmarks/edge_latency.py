@@ -37,7 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from deploy.export import RUNTIME_CONFIG, compile_openvino, export_onnx  # noqa: E402
+from deploy.artifact import RUNTIME_CONFIG  # noqa: E402
+from deploy.export import compile_openvino, export_onnx  # noqa: E402
+from deploy.inferencer import Inferencer  # noqa: E402
 from deploy.verify import verify  # noqa: E402
 from spt_core.preprocess import Preprocess, preprocess_batch, preprocess_image  # noqa: E402
 
@@ -112,14 +114,12 @@ def make_runners(model: torch.nn.Module, art: dict[str, Path], threads: int) -> 
         "pytorch": f"eager fp32, torch.set_num_threads({torch.get_num_threads()})",
         "onnxruntime": f"CPUExecutionProvider fp32, intra_op_num_threads={threads}, allow_spinning=0",
     }
-    core = ov.Core()
-    for p in ("fp32", "fp16", "int8"):
+    for p in ("fp32", "fp16", "int8"):  # the edge's own inferencer, with the manifest's runtime_config
         cfg = {**RUNTIME_CONFIG[p], "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-        compiled = core.compile_model(str(art[p]), "CPU", cfg)
-        req = compiled.create_infer_request()
-        runners[f"openvino-{p}"] = lambda x, req=req: req.infer({0: x})[0]
+        inferencer = Inferencer(art[p], cfg)
+        runners[f"openvino-{p}"] = inferencer.infer
         props = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")
-        values = (compiled.get_property(k) for k in props)
+        values = (inferencer.compiled.get_property(k) for k in props)
         settings[f"openvino-{p}"] = ", ".join(f"{k}={_text(v)}" for k, v in zip(props, values))
     return runners, settings
 

@@ -1,5 +1,7 @@
 """Torch side of the edge: merged timm model -> ONNX -> OpenVINO IR (FP32 / FP16 / NNCF INT8) + manifest.
 
+The manifest contract is `deploy.artifact`, INT8 quantization `deploy.quantize`, the parity gate `deploy.verify`.
+
 Layout written by `export_all` (one immutable directory per model version)::
 
     out_dir/                     e.g. exports/3/
@@ -19,7 +21,6 @@ never overwritten (OpenVINO Model Server does not notice files changed inside a 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +29,6 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,29 +41,20 @@ import torch
 from torch import nn
 
 import spt_core
-from spt_core.errors import SensituneError
-from spt_core.io import atomic_path, file_sha256, umask
+from deploy.artifact import INPUT_NAME, OUTPUT_NAME, PRECISIONS, build_manifest, seal
+from deploy.quantize import calibration_fingerprint, calibration_items, nncf_model_type, quantize
+from deploy.verify import verify
+from spt_core.errors import SensituneError, one_line
+from spt_core.io import atomic_path, umask, write_text
 from spt_core.preprocess import Preprocess, preprocess_image
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-MANIFEST = "manifest.json"
 REPORT = "export_report.json"
-# f32 compute for every precision: FP16 here means FP16-*stored* weights (half the download), decompressed on the
-# CPU; INT8 keeps its non-quantized ops in f32. Left to the plugin, compute precision follows the edge box's ISA
-# (bf16 on AVX512-BF16/AMX: Lite0 logits move by ~0.4), so the accuracy verified here would not be the edge's.
-RUNTIME_CONFIG: dict[str, dict[str, str]] = {p: {"INFERENCE_PRECISION_HINT": "f32"} for p in PRECISIONS}
-# Keys `write_manifest` computes itself; `extra` may add keys but not replace these.
-_OWN_KEYS = frozenset(
-    "format precision model_version model_name class_names num_classes preprocess input_name output_name "
-    "sensitune_version plan_hash data_version files created versions".split()
-)
 
 
 class ExportError(SensituneError):
-    """An export step or an artifact that cannot be built, trusted or loaded."""
+    """An export step that fails or is given bad arguments (sealing and loading raise `ArtifactError`)."""
 
 
 def export_onnx(model: nn.Module, pre: Preprocess, path: str | Path, *, opset: int = 18, dynamo: bool = True) -> Path:
@@ -109,7 +100,7 @@ def export_onnx(model: nn.Module, pre: Preprocess, path: str | Path, *, opset: i
             onnx.checker.check_model(str(tmp))
     except Exception as e:  # exporter errors come in many types; all mean "this model does not export"
         raise ExportError(
-            f"ONNX export of {type(model).__name__} to {path} failed ({_one_line(e)}): "
+            f"ONNX export of {type(model).__name__} to {path} failed ({one_line(e)}): "
             f"retry with export_onnx(..., dynamo={not dynamo})"
         ) from e
     finally:
@@ -154,6 +145,7 @@ def compile_openvino(
 
     Raises:
         ExportError: Unknown precision, missing calibration for int8, existing ``out_dir``, conversion failure.
+        QuantizeError: Calibration images of the wrong shape, unknown ``model_type``, NNCF failure.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -162,60 +154,17 @@ def compile_openvino(
     try:
         ov_model = ov.convert_model(str(onnx_path))
     except Exception as e:
-        raise ExportError(f"OpenVINO cannot convert {onnx_path} ({_one_line(e)}): re-run export_onnx") from e
+        raise ExportError(f"OpenVINO cannot convert {onnx_path} ({one_line(e)}): re-run export_onnx") from e
     if precision == "int8":
         items = calibration_items(calibration or [], subset_size)
         if not items:
             raise ExportError(f"int8 export to {out_dir} needs calibration images: pass a non-empty calibration")
-        ov_model = _quantize(ov_model, items, model_type, fast_bias_correction)
+        ov_model = quantize(ov_model, items, model_type, fast_bias_correction)
     with _staging_dir(out_dir) as tmp:
         ov.save_model(ov_model, tmp / "model.xml", compress_to_fp16=(precision == "fp16"))
         if precision == "fp32" and (n16 := ir_weight_types(tmp / "model.xml").get("f16", 0)):
             raise ExportError(f"{out_dir}: FP32 IR holds {n16} f16 constants; check openvino.save_model arguments")
     return out_dir
-
-
-def _quantize(ov_model: Any, items: list[np.ndarray], model_type: str | None, fast_bias_correction: bool) -> Any:
-    import nncf  # slow import (~2 s), int8 only
-
-    types = {None: None, "transformer": nncf.ModelType.TRANSFORMER}
-    if model_type not in types:
-        raise ExportError(f"model_type={model_type!r}: use 'transformer' (ViTs) or None (CNNs)")
-    try:
-        return nncf.quantize(
-            ov_model,
-            nncf.Dataset(items),
-            subset_size=len(items),
-            model_type=types[model_type],
-            fast_bias_correction=fast_bias_correction,
-        )
-    except Exception as e:
-        raise ExportError(f"NNCF INT8 quantization failed ({_one_line(e)}): check the calibration images") from e
-
-
-def calibration_items(images: Iterable[np.ndarray], limit: int) -> list[np.ndarray]:
-    """Up to ``limit`` preprocessed images as contiguous (1, 3, H, W) float32 arrays, in the given order."""
-    items = []
-    for x in images:
-        if len(items) >= limit:
-            break
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[:2] != (1, 3):
-            raise ExportError(f"calibration item of shape {x.shape}: give preprocessed (3, H, W) arrays")
-        items.append(np.ascontiguousarray(x))
-    return items
-
-
-def calibration_fingerprint(items: Sequence[np.ndarray]) -> dict[str, Any]:
-    """``{"size", "sha256"}`` of the exact calibration tensors (shape + float32 bytes, in order)."""
-    h = hashlib.sha256()
-    for x in items:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        h.update(str(x.shape).encode())
-        h.update(x.tobytes())
-    return {"size": len(items), "sha256": h.hexdigest()}
 
 
 def ir_weight_types(xml_path: str | Path) -> Counter[str]:
@@ -237,75 +186,32 @@ def write_manifest(
     data_version: str | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Seal an artifact directory with ``manifest.json`` (the contract in docs/ARCHITECTURE.md).
-
-    The format follows the files present (``model.xml``+``model.bin`` -> openvino, ``model.onnx`` -> onnx); each
-    model file's sha256 is recorded. A directory that already has a manifest is sealed and is never rewritten.
-
-    Args:
-        artifact_dir: Directory holding the model files.
-        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (onnx: fp32).
-        model_name: timm model name.
-        class_names: One name per logit, in logit order.
-        pre: The preprocessing the model was trained with.
-        model_version: Version this artifact belongs to (stored as a string).
-        plan_hash: Hash of the SPT plan that made the model, if any.
-        data_version: Data version (e.g. DVC hash) the model was trained on, if known.
-        extra: Further keys: ``runtime_config`` (replaces the default), ``promotable``, ``verification``,
-            ``onnx_opset``; int8 requires ``calibration`` (`calibration_fingerprint`).
+    """Seal an artifact directory with ``manifest.json`` (`deploy.artifact.build_manifest` + `seal`), recording the
+    versions of this export toolchain and, for ONNX, the opset. Arguments as `build_manifest`.
 
     Returns:
         The manifest written.
 
     Raises:
-        ExportError: Missing directory/model files, existing manifest, bad precision, or ``extra`` overriding a
+        ArtifactError: Missing directory/model files, existing manifest, bad precision, or ``extra`` overriding a
             computed key.
     """
     d = Path(artifact_dir)
-    extra = dict(extra or {})
-    if not d.is_dir():
-        raise ExportError(f"artifact dir {d} does not exist: compile the model into it first")
-    if (d / MANIFEST).exists():
-        raise ExportError(f"{d / MANIFEST} exists: a sealed artifact is never rewritten; export a new model_version")
-    if (d / "model.xml").is_file():
-        fmt, names = "openvino", ("model.xml", "model.bin")
-    elif (d / "model.onnx").is_file():
-        fmt, names = "onnx", ("model.onnx",)
-    else:
-        raise ExportError(f"{d} holds neither model.xml nor model.onnx: compile the model into it first")
-    if precision not in PRECISIONS or (fmt == "onnx" and precision != "fp32"):
-        raise ExportError(f"precision={precision!r} for a {fmt} artifact: use one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and "calibration" not in extra:
-        raise ExportError(f"{d}: int8 manifest needs extra['calibration'] (use calibration_fingerprint)")
-    if clash := sorted(_OWN_KEYS & extra.keys()):
-        raise ExportError(f"write_manifest extra overrides computed key(s) {clash}: drop them from extra")
-    for name in names:
-        if not (d / name).is_file():
-            raise ExportError(f"{d / name} is missing: re-run compile_openvino")
-    manifest: dict[str, Any] = {
-        "format": fmt,
-        "precision": precision,
-        "model_version": str(model_version),
-        "model_name": model_name,
-        "class_names": list(class_names),
-        "num_classes": len(class_names),
-        "preprocess": pre.to_dict(),
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "input_shape": [-1, 3, *pre.size],
-        "sensitune_version": spt_core.__version__,
-        "plan_hash": plan_hash,
-        "data_version": data_version,
-        "files": {name: file_sha256(d / name) for name in names},
-        "runtime_config": dict(RUNTIME_CONFIG[precision]) if fmt == "openvino" else {},
-        "versions": _versions(int8=precision == "int8"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if fmt == "onnx":
-        manifest["onnx_opset"] = onnx_opset(d / "model.onnx")
-    manifest.update(extra)
-    with atomic_path(d / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    opset = onnx_opset(d / "model.onnx") if (d / "model.onnx").is_file() else None
+    manifest = build_manifest(
+        d,
+        precision=precision,
+        model_name=model_name,
+        class_names=class_names,
+        pre=pre,
+        model_version=model_version,
+        plan_hash=plan_hash,
+        data_version=data_version,
+        versions=_versions(int8=precision == "int8"),
+        onnx_opset=opset,
+        extra=extra,
+    )
+    seal(d, manifest)
     return manifest
 
 
@@ -361,8 +267,6 @@ def export_all(
     Raises:
         ExportError: Existing ``out_dir``, bad arguments, or a failing export step (nothing is left behind).
     """
-    from deploy.verify import verify  # here, not at the top: deploy.verify imports this module
-
     out_dir = Path(out_dir)
     if unknown := [p for p in precisions if p not in PRECISIONS]:
         raise ExportError(f"precisions={unknown}: use a subset of {', '.join(PRECISIONS)}")
@@ -379,7 +283,7 @@ def export_all(
             )
         idx = np.unique(np.linspace(0, len(calibration_images) - 1, min(calibration_size, len(calibration_images))))
         calibration = [preprocess_image(calibration_images[int(i)], pre)[None] for i in idx]
-    model_type = "transformer" if _is_transformer(model) else None
+    model_type = nncf_model_type(model)
     common = dict(model_name=model_name, class_names=class_names, pre=pre, model_version=model_version)
     common |= dict(plan_hash=plan_hash, data_version=data_version)
 
@@ -411,8 +315,7 @@ def export_all(
             "artifacts": {fmt: str(p.parent.relative_to(tmp)) for fmt, p in artifacts.items()},
             **report,
         }
-        with atomic_path(tmp / REPORT) as f:
-            f.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(tmp / REPORT, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -421,11 +324,6 @@ def _verification_for(report: dict[str, Any], fmt: str) -> dict[str, Any]:
     keys = ("max_abs_diff", "correlation", "agreement", "accuracy", "accuracy_drop")
     out = {k: report[k][fmt] for k in keys if fmt in report.get(k, {})}
     return {"n_images": report["n_images"], "pytorch_accuracy": report["accuracy"]["pytorch"], **out}
-
-
-def _is_transformer(model: nn.Module) -> bool:
-    """ViT-like (attention blocks) -> NNCF's TRANSFORMER model type; CNNs with SE/ECA gates are not."""
-    return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention") for m in model.modules())
 
 
 def _versions(*, int8: bool) -> dict[str, str]:
@@ -463,10 +361,3 @@ def _staging_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    """One line of an exception: the first, or the last for OpenVINO (its reason follows "Exception from" lines)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-    text = lines[-1] if lines[0].startswith("Exception from") else lines[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from spt_core.errors import SensituneError
+from spt_core.errors import SensituneError, one_line
 
 CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"
 
@@ -67,7 +67,7 @@ class MlflowRegistry:
         except MlflowException as e:
             if "not found" in str(e).lower():
                 return None
-            raise RegistryError(f"{self.model_name}@{alias} at {self.tracking_uri}: {str(e).splitlines()[0]}") from e
+            raise RegistryError(f"{self.model_name}@{alias} at {self.tracking_uri}: {one_line(e)}") from e
 
     def set_alias(self, alias: str, version: str) -> AliasMove:
         """Point `alias` at `version` (which must be registered)."""
@@ -78,7 +78,7 @@ class MlflowRegistry:
             self.client.set_registered_model_alias(self.model_name, alias, str(version))
         except MlflowException as e:
             raise RegistryError(
-                f"cannot point {self.model_name}@{alias} at version {version!r} ({str(e).splitlines()[0]}); "
+                f"cannot point {self.model_name}@{alias} at version {version!r} ({one_line(e)}); "
                 "register that version first or fix the rollout manifest's version"
             ) from e
         return AliasMove(self.model_name, alias, before, str(version), _now())

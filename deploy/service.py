@@ -6,8 +6,9 @@ Endpoints: POST /predict (multipart `file` + form `camera_id`, optional `frame_i
 {frame_id, label}, GET /healthz, GET /readyz, GET /metrics[?format=prometheus], GET /report, POST /reload,
 POST /decide. The rollout manifest (`deploy.rollout`) says which model serves which camera.
 
-Edge-only dependencies: OpenVINO, numpy, Pillow, FastAPI/uvicorn, PyYAML. No torch; from spt_core only the shared
-torch-free preprocessing and the error type.
+Edge-only dependencies: OpenVINO, numpy, Pillow, FastAPI/uvicorn, PyYAML. No torch; from spt_core only its
+torch-free leaves (preprocessing, errors, io). Artifacts are read through `deploy.artifact`, run through
+`deploy.inferencer`, judged by `deploy.rollout.decision`; this module is the HTTP API and the runtime swap.
 
 Concurrency: requests run in uvicorn's thread pool; each model owns a pool of OpenVINO infer requests (one
 request per thread at a time). A reload builds a complete new `Runtime` and swaps one reference: a request
@@ -17,259 +18,54 @@ reads `service.runtime` once, so in-flight requests finish on the runtime they s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import json
 import logging
-import queue
 import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from hashlib import sha256
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import BackgroundTasks, FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
 from pydantic import BaseModel
 
-from deploy.rollout import (
+from deploy.artifact import MANIFEST, ArtifactError, load_artifact
+from deploy.inferencer import Inferencer
+from deploy.metrics import Metrics
+from deploy.rollout.decision import ChallengerHealth, apply_decision, decide, roll_back
+from deploy.rollout.logs import JsonlLog, now_iso
+from deploy.rollout.manifest import (
     CHALLENGER,
     CHAMPION,
     FEEDBACK_LOG,
     PRED_LOG,
-    ROLLBACK,
-    Decision,
-    JsonlLog,
     RolloutConfig,
     RolloutError,
-    apply_decision,
-    assign_arm,
-    decide,
-    error_rate_exceeded,
     load_config,
-    now_iso,
-    report_for,
 )
-from spt_core.errors import SensituneError
-from spt_core.preprocess import Preprocess, preprocess_image
+from deploy.rollout.split import assign_arm
+from deploy.rollout.stats import report_for
+from spt_core.errors import SensituneError, one_line
 
 log = logging.getLogger("sensitune.edge")
-_core_lock = threading.Lock()
-_core: Any = None
 
 
-class ArtifactError(SensituneError):
-    """An artifact directory that cannot be served (missing file, checksum mismatch, wrong version, bad IR)."""
-
-
-def _ov_core() -> Any:
-    global _core
-    with _core_lock:
-        if _core is None:
-            import openvino as ov
-
-            _core = ov.Core()
-        return _core
-
-
-def _sha256(path: Path) -> str:
-    h = sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-class OvModel:
-    """One artifact directory (model.xml/.bin + manifest.json), verified and compiled on CPU; thread-safe.
-
-    Args:
-        artifact_dir: the export directory.
-        expected_version: the rollout manifest's version; the artifact's `model_version` must equal it.
-        openvino: compile properties laid over the manifest's `runtime_config` (e.g. PERFORMANCE_HINT).
-    """
-
-    def __init__(
-        self, artifact_dir: Path, expected_version: str | None = None, openvino: dict[str, Any] | None = None
-    ) -> None:
-        d = Path(artifact_dir)
-        mpath = d / "manifest.json"
-        try:
-            m = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{mpath}: cannot read the artifact manifest ({_first_line(e)}); re-export") from None
-        if m.get("format") != "openvino":
-            raise ArtifactError(f"{mpath}: format={m.get('format')!r}; the edge serves OpenVINO IR (format openvino)")
-        if m.get("promotable") is False:  # deploy.export's verification gate failed for this artifact
-            raise ArtifactError(f"{mpath}: promotable=false (see its 'verification'); fix the export or pick another")
-        files = m.get("files") or {}
-        for name in ("model.xml", "model.bin"):
-            if name not in files:
-                raise ArtifactError(f"{mpath}: no sha256 for {name} in 'files'; re-export the artifact")
-        for name, digest in files.items():
-            path = d / name
-            if not path.is_file():
-                raise ArtifactError(f"{path}: missing; re-export or point the rollout manifest elsewhere")
-            if _sha256(path) != digest:
-                raise ArtifactError(
-                    f"{path}: sha256 differs from manifest.json (corrupt or changed in place); publish a new version"
-                )
-        self.dir, self.manifest = d, m
-        self.version = str(m.get("model_version"))
-        if expected_version is not None and self.version != expected_version:
-            raise ArtifactError(
-                f"{mpath}: model_version={self.version!r} but the rollout manifest says {expected_version!r}"
-            )
-        self.class_names = [str(c) for c in m["class_names"]]
-        self.pre = Preprocess.from_dict(m["preprocess"])
-        if self.pre.color != "RGB" or self.pre.layout != "NCHW":
-            raise ArtifactError(f"{mpath}: preprocess color/layout {self.pre.color}/{self.pre.layout}; need RGB/NCHW")
-        core = _ov_core()
-        try:
-            model = core.read_model(d / "model.xml", d / "model.bin")
-            self.ov_config = dict(m.get("runtime_config") or {}) | dict(openvino or {})
-            compiled = core.compile_model(model, "CPU", self.ov_config)
-            self._input = compiled.input(m["input_name"]) if m.get("input_name") else compiled.input(0)
-            self._output = compiled.output(m["output_name"]) if m.get("output_name") else compiled.output(0)
-        except Exception as e:  # OpenVINO raises RuntimeError for bad IR, unknown names, bad config
-            raise ArtifactError(f"{d}: OpenVINO cannot load it ({_first_line(e)})") from None
-        shape = self._input.get_partial_shape()
-        want = [None, 3, *self.pre.size]
-        if (
-            shape.rank.is_dynamic
-            or len(shape) != 4
-            or any(w is not None and shape[i].is_static and shape[i].get_length() != w for i, w in enumerate(want))
-        ):
-            raise ArtifactError(
-                f"{d}: input shape {shape} does not take (N, 3, {self.pre.size[0]}, {self.pre.size[1]})"
-            )
-        self.n_requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(self.n_requests):
-            self._pool.put(compiled.create_infer_request())
-        self._compiled = compiled
-
-    def predict(self, image: Image.Image, gate: threading.Semaphore | None = None) -> dict[str, Any]:
-        """One image -> {class, class_index, score (softmax), latency_ms, queue_ms}.
-
-        Args:
-            image: RGB image.
-            gate: shared by all models of a runtime: at most that many inferences run at once on the box.
-                Without it, the model with less traffic (the challenger) would mostly run while the other one
-                runs too and look slower than it is; with it, every inference meets the same contention.
-
-        `latency_ms` is preprocessing + inference without the wait for the gate and a free infer request
-        (`queue_ms`), which grows with a model's share of the traffic; latency_ms is what the rule compares.
-        """
-        t0 = time.perf_counter()
-        x = preprocess_image(image, self.pre)[None]  # (1, 3, H, W)
-        t1 = time.perf_counter()
-        with gate or contextlib.nullcontext():
-            req = self._pool.get()
-            t2 = time.perf_counter()
-            try:
-                logits = np.array(req.infer({self._input: x})[self._output][0], dtype=np.float64)  # copy first
-            finally:
-                self._pool.put(req)
-            t3 = time.perf_counter()
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        i = int(p.argmax())
-        ms, queue_ms = (t1 - t0 + t3 - t2) * 1e3, (t2 - t1) * 1e3
-        return {
-            "class": self.class_names[i],
-            "class_index": i,
-            "score": float(p[i]),
-            "latency_ms": ms,
-            "queue_ms": queue_ms,
-        }
-
-
-class Metrics:
-    """Counters and recent latencies (bounded window) for /metrics; thread-safe."""
-
-    def __init__(self, window: int = 20000) -> None:
-        self._lock = threading.Lock()
-        self._window = window
-        self.counts = {"requests": 0, "errors": 0, "bad_requests": 0, "fallbacks": 0, "log_errors": 0, "reloads": 0}
-        self.counts |= {"reloads_refused": 0, "shadow_runs": 0}
-        self._latency: deque[float] = deque(maxlen=window)
-        self._models: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def count(self, key: str) -> None:
-        with self._lock:
-            self.counts[key] += 1
-
-    def request(self, ms: float | None, status: str = "ok") -> None:
-        with self._lock:
-            self.counts["requests"] += 1
-            if status != "ok":
-                self.counts["errors" if status == "error" else "bad_requests"] += 1
-            if ms is not None:
-                self._latency.append(ms)
-
-    def model(self, role: str, version: str, ms: float | None) -> None:
-        with self._lock:
-            m = self._models.setdefault(
-                (role, version), {"requests": 0, "errors": 0, "lat": deque(maxlen=self._window)}
-            )
-            m["requests"] += 1
-            if ms is None:
-                m["errors"] += 1
-            else:
-                m["lat"].append(ms)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                **self.counts,
-                "latency_ms": _quantiles(self._latency),
-                "models": {
-                    f"{role}:{version}": {
-                        "role": role,
-                        "version": version,
-                        "requests": m["requests"],
-                        "errors": m["errors"],
-                        "latency_ms": _quantiles(m["lat"]),
-                    }
-                    for (role, version), m in self._models.items()
-                },
-            }
-
-    def prometheus(self) -> str:
-        s = self.snapshot()
-        out = [f"# TYPE sensitune_{k}_total counter\nsensitune_{k}_total {s[k]}" for k in self.counts]
-        out.append("# TYPE sensitune_request_latency_ms summary")
-        out += [f'sensitune_request_latency_ms{{quantile="0.{q[1:]}"}} {v}' for q, v in s["latency_ms"].items() if v]
-        out.append("# TYPE sensitune_model_requests_total counter")
-        for m in s["models"].values():
-            lab = f'role="{m["role"]}",version="{m["version"]}"'
-            out.append(f"sensitune_model_requests_total{{{lab}}} {m['requests']}")
-            out.append(f"sensitune_model_errors_total{{{lab}}} {m['errors']}")
-            out += [
-                f'sensitune_model_latency_ms{{{lab},quantile="0.{q[1:]}"}} {v}' for q, v in m["latency_ms"].items() if v
-            ]
-        return "\n".join(out) + "\n"
-
-
-def _quantiles(values: Any) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    q = np.percentile(np.fromiter(values, dtype=np.float64), [50, 90, 99])
-    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
+def load_model(artifact_dir: Path, version: str | None = None, openvino: dict[str, Any] | None = None) -> Inferencer:
+    """A model the rollout manifest names: its artifact verified (`load_artifact`, ``model_version`` must equal
+    ``version``), refused when export's gate failed for it (``promotable: false``), compiled with ``openvino`` laid
+    over its ``runtime_config`` (`Inferencer.from_artifact`). Raises `ArtifactError`."""
+    artifact = load_artifact(artifact_dir, expected_version=version)
+    if artifact.promotable is False:  # deploy.export's verification gate failed for this artifact
+        raise ArtifactError(
+            f"{artifact.dir / MANIFEST}: promotable=false (see its 'verification'); fix the export or pick another"
+        )
+    return Inferencer.from_artifact(artifact, openvino)
 
 
 @dataclass
@@ -277,41 +73,29 @@ class Runtime:
     """What serves now: a config and its loaded models. Immutable after the swap except the challenger health."""
 
     config: RolloutConfig
-    champion: OvModel | None
-    challenger: OvModel | None
+    champion: Inferencer | None
+    challenger: Inferencer | None
     pred_log: JsonlLog
     feedback_log: JsonlLog
     champion_error: str | None = None
     challenger_error: str | None = None
     loaded_at: str = field(default_factory=now_iso)
-    challenger_attempts: int = 0
-    challenger_errors: int = 0
-    challenger_disabled: bool = False
+    health: ChallengerHealth | None = None  # None: a fresh one for config.decision.max_error_rate
     gate: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.health is None:
+            self.health = ChallengerHealth(self.config.decision.max_error_rate)
 
     def arm(self, camera_id: str) -> str:
-        if self.challenger is None or self.challenger_disabled:
+        if self.challenger is None or self.health.disabled:
             return CHAMPION
         return assign_arm(camera_id, self.config)
-
-    def note_challenger(self, ok: bool) -> bool:
-        """Count one challenger attempt; True exactly once, when the error rate first breaks the limit."""
-        with self._lock:
-            self.challenger_attempts += 1
-            self.challenger_errors += not ok
-            broken = error_rate_exceeded(
-                self.challenger_errors, self.challenger_attempts, self.config.decision.max_error_rate
-            )
-            if broken and not self.challenger_disabled:
-                self.challenger_disabled = True  # from now on the champion answers every camera
-                return True
-            return False
 
     @property
     def challenger_state(self) -> str:
         """none (no challenger), failed (load or error-rate failure; rolled back), serving."""
-        if self.challenger_error or self.challenger_disabled:
+        if self.challenger_error or self.health.disabled:
             return "failed"
         return "serving" if self.challenger is not None else "none"
 
@@ -358,16 +142,16 @@ class EdgeService:
         champion = challenger = None
         champion_error = challenger_error = None
         try:
-            champion = OvModel(cfg.resolve(cfg.champion.path), cfg.champion.version, cfg.openvino)
+            champion = load_model(cfg.resolve(cfg.champion.path), cfg.champion.version, cfg.openvino)
         except Exception as e:
-            champion_error = str(e) if isinstance(e, SensituneError) else _first_line(e)
+            champion_error = str(e) if isinstance(e, SensituneError) else one_line(e)
         if champion is None and previous is not None and previous.champion is not None:
             raise ArtifactError(f"champion {cfg.champion.version} failed to load ({champion_error}); nothing changed")
         if cfg.challenger is not None and champion is not None:
             try:
-                challenger = OvModel(cfg.resolve(cfg.challenger.path), cfg.challenger.version, cfg.openvino)
+                challenger = load_model(cfg.resolve(cfg.challenger.path), cfg.challenger.version, cfg.openvino)
             except Exception as e:
-                challenger_error = str(e) if isinstance(e, SensituneError) else _first_line(e)
+                challenger_error = str(e) if isinstance(e, SensituneError) else one_line(e)
         logs = (self._log(cfg.logs / PRED_LOG, 64), self._log(cfg.logs / FEEDBACK_LOG, 1))
         # inferences at once = the champion's optimal number of requests (1 per stream: LATENCY 1, THROUGHPUT ~cores)
         gate = threading.BoundedSemaphore(champion.n_requests if champion else 1)
@@ -381,25 +165,16 @@ class EdgeService:
 
     def _rollback(self, rt: Runtime, reason: str, why: str) -> Runtime:
         """Automatic rollback (caller holds the control lock): manifest, registry, decision log; champion serves."""
-        evidence = {"champion_version": rt.config.champion.version, "challenger_version": rt.config.challenger.version}
         record = None
         try:
-            record = apply_decision(self.config_path, Decision(ROLLBACK, [reason], evidence), source=f"auto:{why}")
+            record = roll_back(self.config_path, rt.config, reason, why)
             cfg = load_config(self.config_path)
         except SensituneError as e:  # manifest unusable now: keep serving the champion from memory
             log.error("automatic rollback could not rewrite %s: %s", self.config_path, e)
             cfg = rt.config
-        log.warning("rolled back challenger %s: %s (%s)", evidence["challenger_version"], reason, record)
-        return Runtime(
-            cfg,
-            rt.champion,
-            None,
-            rt.pred_log,
-            rt.feedback_log,
-            challenger_error=reason,
-            challenger_disabled=True,
-            gate=rt.gate,
-        )
+        log.warning("rolled back challenger %s: %s (%s)", rt.config.challenger.version, reason, record)
+        health = ChallengerHealth(cfg.decision.max_error_rate, disabled=True)  # the champion answers every camera
+        return replace(rt, config=cfg, challenger=None, challenger_error=reason, health=health, loaded_at=now_iso())
 
     def reload(self) -> dict[str, Any]:
         """Re-read the manifest; a malformed one (or an unloadable champion) is refused and nothing changes."""
@@ -462,22 +237,22 @@ class EdgeService:
                 image = im.convert("RGB")
         except Exception as e:
             self.metrics.request(None, "bad")
-            return 400, {"error": f"file: not a readable image ({_first_line(e)}); send a PNG or JPEG frame"}
+            return 400, {"error": f"file: not a readable image ({one_line(e)}); send a PNG or JPEG frame"}
         frame_id = frame_id or uuid.uuid4().hex
         base = {"ts": now_iso(), "frame_id": frame_id, "camera_id": camera_id}
         role, fallback, out = rt.arm(camera_id), False, None
         if role == CHALLENGER:
             try:
                 out = rt.challenger.predict(image, rt.gate)
-                rt.note_challenger(ok=True)
+                rt.health.note(ok=True)
             except Exception as e:  # the champion answers instead; counted against the challenger
-                err = _first_line(e)
+                err = one_line(e)
                 self.metrics.model(CHALLENGER, rt.challenger.version, None)
                 self._write(
                     rt.pred_log,
                     {**base, "role": CHALLENGER, "model_version": rt.challenger.version, "error": err, "served": False},
                 )
-                if rt.note_challenger(ok=False):
+                if rt.health.note(ok=False):
                     self._auto_rollback_async(
                         rt, f"challenger {rt.challenger.version} error rate over the limit: {err}"
                     )
@@ -491,13 +266,13 @@ class EdgeService:
                 self.metrics.model(CHAMPION, model.version, None)
                 self.metrics.request(None, "error")
                 log.exception("champion failed on frame %s", frame_id)
-                return 500, {"error": f"inference failed: {_first_line(e)}"}
+                return 500, {"error": f"inference failed: {one_line(e)}"}
         ms = (time.perf_counter() - t0) * 1e3
         self.metrics.model(role, model.version, out["latency_ms"])
         self.metrics.request(ms)
         rec = {**base, "role": role, "model_version": model.version, **out, "request_ms": ms, "served": True}
         self._write(rt.pred_log, {**rec, "fallback": fallback})
-        if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.challenger_disabled:
+        if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled:
             (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, image, base)
         return 200, {
             **{k: rec[k] for k in ("frame_id", "camera_id", "class", "class_index", "score")},
@@ -513,11 +288,11 @@ class EdgeService:
             out = rt.challenger.predict(image, rt.gate)
         except Exception as e:
             self.metrics.model(CHALLENGER, rt.challenger.version, None)
-            self._write(rt.pred_log, {**rec, "error": _first_line(e)})
-            if rt.note_challenger(ok=False):
+            self._write(rt.pred_log, {**rec, "error": one_line(e)})
+            if rt.health.note(ok=False):
                 self._auto_rollback_async(rt, f"challenger {rt.challenger.version} error rate over the limit (shadow)")
             return
-        rt.note_challenger(ok=True)
+        rt.health.note(ok=True)
         self.metrics.count("shadow_runs")
         self.metrics.model(CHALLENGER, rt.challenger.version, out["latency_ms"])
         self._write(rt.pred_log, {**rec, **out})

@@ -1,112 +1,64 @@
-"""Load sealed artifacts and check them against PyTorch on real images (the torch side of the parity gate).
+"""Check exported artifacts against PyTorch on real images (the torch side of the parity gate).
 
-`load_artifact` trusts nothing: directory, manifest, checksums and the model file itself are checked, each
-failure a one-line `ExportError`. `verify` runs PyTorch, ONNX Runtime and the OpenVINO IRs on the *same*
-preprocessed batches (`spt_core.preprocess.preprocess_batch`, the edge's own function), so a difference can only
-come from the exported graph, never from a second preprocessing path.
+`verify` runs PyTorch, ONNX Runtime and the OpenVINO IRs on the *same* preprocessed batches
+(`spt_core.preprocess.preprocess_batch`, the edge's own function), so a difference can only come from the
+exported graph, never from a second preprocessing path. Sealed artifact directories are read through
+`deploy.artifact.load_artifact` (checksums verified) and OpenVINO runs through `deploy.inferencer.Inferencer`,
+exactly as on the edge.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import openvino as ov
 import torch
 from torch import nn
 
-from deploy.export import INPUT_NAME, MANIFEST, OUTPUT_NAME, RUNTIME_CONFIG, ExportError, _one_line, file_sha256
+from deploy.artifact import INPUT_NAME, OUTPUT_NAME, RUNTIME_CONFIG, ArtifactError, load_artifact
+from deploy.inferencer import Inferencer
+from spt_core.errors import SensituneError, one_line
 from spt_core.preprocess import Preprocess, preprocess_batch
 
 FORMATS = ("onnx", "fp32", "fp16", "int8")  # keys of `verify`'s artifacts: the ONNX file and the three IRs
-_MODEL_FILES = {"openvino": ("model.xml", "model.bin"), "onnx": ("model.onnx",)}
-_REQUIRED = ("format", "precision", "model_version", "class_names", "preprocess", "files")
 
 
-@functools.cache
-def _core() -> ov.Core:
-    return ov.Core()
-
-
-def load_artifact(artifact_dir: str | Path, *, device: str = "CPU") -> tuple[Any, dict[str, Any]]:
-    """Check and compile a sealed artifact directory.
-
-    Args:
-        artifact_dir: A directory written by `deploy.export.export_all` (or compile + `write_manifest`).
-        device: OpenVINO device for IR artifacts.
-
-    Returns:
-        ``(compiled, manifest)``: an ``openvino.CompiledModel`` compiled with the manifest's ``runtime_config``
-        (openvino format) or an ``onnxruntime.InferenceSession`` (onnx format), and the manifest dict.
-
-    Raises:
-        ExportError: Missing directory, missing/corrupt/incomplete manifest, missing file, checksum mismatch, or a
-            model file the runtime cannot load.
-    """
-    d = Path(artifact_dir)
-    if not d.is_dir():
-        raise ExportError(f"artifact dir {d} does not exist: check the path or run `sensitune export`")
-    mpath = d / MANIFEST
-    if not mpath.is_file():
-        raise ExportError(f"{mpath} is missing: the artifact is incomplete; re-export it to a new model_version")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{mpath} is not valid JSON ({_one_line(e)}): re-copy the artifact or re-export it") from e
-    if not isinstance(manifest, dict) or (missing := [k for k in _REQUIRED if k not in manifest]):
-        what = f"lacks {missing}" if isinstance(manifest, dict) else "is not a JSON object"
-        raise ExportError(f"{mpath} {what}: it was not written by sensitune export; re-export the artifact")
-    fmt, files = manifest["format"], manifest["files"]
-    if fmt not in _MODEL_FILES or not isinstance(files, dict):
-        raise ExportError(f"{mpath}: format={fmt!r} or files={files!r} is invalid; re-export the artifact")
-    for name in _MODEL_FILES[fmt]:
-        if name not in files:
-            raise ExportError(f"{mpath} has no checksum for {name}: re-export the artifact")
-    for name, sha in files.items():
-        path = d / name
-        if Path(name).name != name:  # a manifest must not point outside its own directory
-            raise ExportError(f"{mpath}: file name {name!r} leaves the artifact dir; re-export the artifact")
-        if not path.is_file():
-            raise ExportError(f"{path} is missing: re-copy the whole artifact dir or re-export it")
-        if (actual := file_sha256(path)) != sha:
-            raise ExportError(
-                f"{path} sha256 {actual[:12]}... does not match the manifest's {str(sha)[:12]}...: the file is "
-                "corrupt or was modified; re-copy the artifact or re-export it"
-            )
-    main = d / _MODEL_FILES[fmt][0]
-    try:
-        if fmt == "openvino":
-            compiled = _core().compile_model(str(main), device, dict(manifest.get("runtime_config") or {}))
-        else:
-            compiled = ort.InferenceSession(str(main), providers=["CPUExecutionProvider"])
-    except Exception as e:  # runtimes raise RuntimeError/Fail/InvalidGraph...: all mean a corrupt file here
-        raise ExportError(f"{main} cannot be loaded ({_one_line(e)}): the file is corrupt; re-export it") from e
-    return compiled, manifest
+class VerifyError(SensituneError):
+    """Verification that cannot run: unknown artifact key, label count mismatch, logits of the wrong shape."""
 
 
 def runner(artifact: str | Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     """A function (N, 3, H, W) float32 -> (N, classes) logits for an artifact dir, ``.onnx`` or ``.xml`` file.
 
-    A bare ``.xml`` is compiled with ``RUNTIME_CONFIG[fmt]``, the config its manifest will carry.
+    A directory is loaded with `load_artifact` (checksums verified) and compiled with its manifest's
+    ``runtime_config``; a bare ``.xml`` is compiled with ``RUNTIME_CONFIG[fmt]``, the config its manifest will carry.
+
+    Raises:
+        ArtifactError: An artifact that cannot be trusted or loaded, or a path that is none of the three.
     """
     path = Path(artifact)
     if path.is_dir():
-        compiled, _ = load_artifact(path)
-    elif path.suffix == ".onnx":
-        compiled = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    elif path.suffix == ".xml":
-        compiled = _core().compile_model(str(path), "CPU", RUNTIME_CONFIG.get(fmt, RUNTIME_CONFIG["fp32"]))
-    else:
-        raise ExportError(f"artifact {path}: give an artifact dir, a .onnx or a .xml file")
-    if isinstance(compiled, ort.InferenceSession):
-        return lambda x: compiled.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    # By name, so a graph whose input/output lost the manifest's names fails here and not on the edge.
-    return lambda x: np.array(compiled({INPUT_NAME: x})[OUTPUT_NAME])
+        art = load_artifact(path)
+        if art.format == "onnx":
+            return _onnx_runner(art.model_path)
+        return Inferencer.from_artifact(art).infer
+    if path.suffix == ".onnx":
+        return _onnx_runner(path)
+    if path.suffix == ".xml":
+        # By name, so a graph whose input/output lost the manifest's names fails here and not on the edge.
+        return Inferencer(path, RUNTIME_CONFIG.get(fmt, RUNTIME_CONFIG["fp32"])).infer
+    raise ArtifactError(f"artifact {path}: give an artifact dir, a .onnx or a .xml file")
+
+
+def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises Fail/InvalidGraph/...: all mean a corrupt file here
+        raise ArtifactError(f"{path} cannot be loaded ({one_line(e)}): the file is corrupt; re-export it") from e
+    return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
 
 def verify(
@@ -141,12 +93,13 @@ def verify(
         absent), ``promotable`` per format, and ``passed`` (= ``parity_ok``: the export itself is correct).
 
     Raises:
-        ExportError: Unknown artifact key, label count mismatch, or an artifact that cannot be loaded.
+        VerifyError: Unknown artifact key, label count mismatch, or logits of another shape than PyTorch's.
+        ArtifactError: An artifact that cannot be trusted or loaded.
     """
     if unknown := sorted(set(artifacts) - set(FORMATS)):
-        raise ExportError(f"artifacts keys {unknown}: use {', '.join(FORMATS)}")
+        raise VerifyError(f"artifacts keys {unknown}: use {', '.join(FORMATS)}")
     if len(images) != len(labels) or not images:
-        raise ExportError(f"{len(images)} images, {len(labels)} labels: give one label per image (at least one)")
+        raise VerifyError(f"{len(images)} images, {len(labels)} labels: give one label per image (at least one)")
     runners = {fmt: runner(path, fmt) for fmt, path in artifacts.items()}
     model.eval()
     param = next(iter(model.parameters()), None)
@@ -162,7 +115,7 @@ def verify(
     ref, y = logits["pytorch"], np.asarray(labels)
     for fmt, out in logits.items():
         if out.shape != ref.shape:
-            raise ExportError(
+            raise VerifyError(
                 f"{fmt} artifact {artifacts[fmt]} gives logits {out.shape}, PyTorch {ref.shape}: re-export"
             )
 

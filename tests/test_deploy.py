@@ -36,6 +36,7 @@ from deploy_fixtures import (
 from PIL import Image
 
 from deploy import rollout
+from deploy.artifact import ArtifactError
 from deploy.registry import MlflowRegistry
 from deploy.rollout import (
     DecisionRule,
@@ -49,7 +50,7 @@ from deploy.rollout import (
     read_jsonl,
     wilson_interval,
 )
-from deploy.service import ArtifactError, EdgeService, OvModel, create_app
+from deploy.service import EdgeService, create_app, load_model
 from spt_core.preprocess import Preprocess
 
 CAMS = [f"cam-{i}" for i in range(12)]
@@ -228,30 +229,32 @@ def test_decide_rule() -> None:
 
 def test_artifact_checksum_version_and_missing_files(world: World, tmp_path: Path) -> None:
     art = shutil.copytree(world.art["2"], tmp_path / "v2")
-    assert OvModel(art, "2").class_names == CLASSES
+    assert load_model(art, "2").class_names == CLASSES
     with pytest.raises(ArtifactError, match="model_version='2' but the rollout manifest says '5'"):
-        OvModel(art, "5")
+        load_model(art, "5")
     m = json.loads((art / "manifest.json").read_text())
     (art / "manifest.json").write_text(json.dumps(m | {"promotable": False}))  # export's verification gate failed
     with pytest.raises(ArtifactError, match="promotable=false"):
-        OvModel(art, "2")
+        load_model(art, "2")
     (art / "manifest.json").write_text(json.dumps(m))
     blob = bytearray((art / "model.bin").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     (art / "model.bin").write_bytes(bytes(blob))
     with pytest.raises(ArtifactError, match=r"model.bin: sha256 differs from manifest.json") as e:
-        OvModel(art, "2")
+        load_model(art, "2")
     assert "\n" not in str(e.value)
     (art / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="cannot read the artifact manifest"):
-        OvModel(art, "2")
+        load_model(art, "2")
 
 
 def test_edge_modules_import_neither_torch_nor_spt_core_internals() -> None:
+    edge = "artifact inferencer metrics service registry rollout rollout.cli rollout.decision rollout.logs"
+    edge += " rollout.manifest rollout.split rollout.stats"
     code = (
-        "import sys, deploy.service, deploy.rollout, deploy.registry\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow') or m.startswith('spt_core.')"
-        " and m not in ('spt_core.preprocess', 'spt_core.errors')]\n"
+        f"import sys, {', '.join('deploy.' + m for m in edge.split())}\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'onnx', 'onnxruntime', 'nncf')"
+        " or m.startswith('spt_core.') and m not in ('spt_core.preprocess', 'spt_core.errors', 'spt_core.io')]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +17,20 @@ import torch
 from torch import nn
 
 import deploy.export as export_mod
+from deploy.artifact import ArtifactError, load_artifact
 from deploy.export import (
     ExportError,
-    calibration_fingerprint,
     compile_openvino,
     export_all,
     export_onnx,
-    file_sha256,
     ir_weight_types,
     onnx_opset,
     write_manifest,
 )
-from deploy.verify import load_artifact, runner, verify
+from deploy.inferencer import Inferencer
+from deploy.quantize import calibration_fingerprint, nncf_model_type
+from deploy.verify import runner, verify
+from spt_core.io import file_sha256
 from spt_core.model import create_model
 from spt_core.preprocess import Preprocess, preprocess_batch, preprocess_image
 
@@ -200,9 +204,10 @@ def test_loaded_artifacts_match_pytorch_at_any_batch_size(exported: dict, lite0:
             ref = lite0(torch.from_numpy(x)).numpy()
         for rel in ("openvino/fp32", "."):
             assert np.abs(runner(exported["dir"] / rel, "fp32")(x) - ref).max() <= 1e-4
-    compiled, manifest = load_artifact(exported["dir"] / "openvino/fp32")
+    artifact = load_artifact(exported["dir"] / "openvino/fp32")
+    compiled = Inferencer.from_artifact(artifact).compiled
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
-    assert manifest["model_version"] == "3"
+    assert artifact.manifest["model_version"] == "3"
 
 
 def test_int8_flag_follows_the_accuracy_budget(exported: dict, lite0: nn.Module, data: dict) -> None:
@@ -213,6 +218,10 @@ def test_int8_flag_follows_the_accuracy_budget(exported: dict, lite0: nn.Module,
         assert r["accuracy_drop"]["int8"] == drop  # deterministic
         assert r["int8_ok"] is ok and r["promotable"]["int8"] is ok
         assert r["passed"]  # a weak INT8 is flagged, it does not fail the export
+
+
+def _load_and_compile(d: Path) -> Inferencer:
+    return Inferencer.from_artifact(load_artifact(d))
 
 
 def _truncate_bin(d: Path) -> None:
@@ -263,13 +272,13 @@ def _corrupt_bin_matching_checksum(d: Path) -> None:  # passes the checksum, so 
         "no-dir",
     ],
 )
-def test_corrupt_artifact_is_a_one_line_export_error(exported: dict, tmp_path: Path, corrupt, needle: str) -> None:
+def test_corrupt_artifact_is_a_one_line_artifact_error(exported: dict, tmp_path: Path, corrupt, needle: str) -> None:
     d = tmp_path / "fp32"
     shutil.copytree(exported["dir"] / "openvino/fp32", d)
-    load_artifact(d)  # the intact copy loads
+    _load_and_compile(d)  # the intact copy loads
     corrupt(d)
-    with pytest.raises(ExportError, match=needle) as e:
-        load_artifact(d)
+    with pytest.raises(ArtifactError, match=needle) as e:
+        _load_and_compile(d)
     assert "\n" not in str(e.value) and str(d) in str(e.value)
 
 
@@ -280,7 +289,7 @@ def test_existing_versions_are_never_overwritten(exported: dict, lite0: nn.Modul
         export_all(lite0, PRE, CLASSES, out, **_export_kw(data, model_version=3))
     with pytest.raises(ExportError, match="already exists"):
         compile_openvino(out / "model.onnx", out / "openvino/fp32", "fp32")
-    with pytest.raises(ExportError, match="sealed artifact is never rewritten"):
+    with pytest.raises(ArtifactError, match="sealed artifact is never rewritten"):
         write_manifest(out / "openvino/fp16", **_manifest_kw("fp16", model_version=3))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
@@ -304,7 +313,7 @@ def test_vit_parity_onnx_and_openvino_fp32(vit: nn.Module, vit_onnx: Path, data:
 
 
 def test_vit_int8_quantizes_as_transformer(vit: nn.Module, vit_onnx: Path, data: dict, tmp_path: Path) -> None:
-    assert export_mod._is_transformer(vit) and not export_mod._is_transformer(timm.create_model("test_efficientnet"))
+    assert nncf_model_type(vit) == "transformer" and nncf_model_type(timm.create_model("test_efficientnet")) is None
     calib = [preprocess_image(im, PRE) for im in data["train"][::4]]
     xml = compile_openvino(vit_onnx, tmp_path / "int8", "int8", calibration=calib, model_type="transformer")
     r = verify(vit, {"int8": xml / "model.xml"}, data["test"], data["y_test"], PRE)
@@ -332,8 +341,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, vit: nn.Module, data:
     (tmp_path / "d").mkdir()
     (tmp_path / "d/model.xml").write_bytes(b"")
     (tmp_path / "d/model.bin").write_bytes(b"")
-    with pytest.raises(ExportError, match="calibration"):
+    with pytest.raises(ArtifactError, match="calibration"):
         write_manifest(tmp_path / "d", **_manifest_kw("int8"))
-    with pytest.raises(ExportError, match="overrides computed key"):
+    with pytest.raises(ArtifactError, match="overrides computed key"):
         write_manifest(tmp_path / "d", **_manifest_kw("fp32", extra={"files": {}}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_verify_reads_the_contract_not_export() -> None:
+    """export calls verify, so verify takes the contract from deploy.artifact and never imports export (no cycle)."""
+    code = "import sys, deploy.verify\nassert 'deploy.export' not in sys.modules, 'deploy.verify imports deploy.export'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

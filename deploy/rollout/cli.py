@@ -1,0 +1,50 @@
+"""``python -m deploy.rollout {decide,report} --config rollout.yaml [--dry-run] [--reload-url URL]``.
+
+``report`` prints `report_for` as JSON; ``decide`` applies the promotion rule (`decide` + `apply_decision`; with
+``--dry-run`` only prints it) and, with ``--reload-url``, POSTs ``<url>/reload`` so a running service picks up the
+rewritten manifest. Bad input: ``error: <one line>``, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deploy.rollout.decision import apply_decision, decide
+from deploy.rollout.manifest import load_config
+from deploy.rollout.stats import report_for
+from spt_core.errors import SensituneError
+
+DESCRIPTION = (
+    "The rollout manifest, the sticky camera split, the champion/challenger comparison and the promote/roll-back rule."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deploy.rollout {decide,report} --config rollout.yaml`."""
+    ap = argparse.ArgumentParser(prog="python -m deploy.rollout", description=DESCRIPTION)
+    ap.add_argument("verb", choices=["decide", "report"])
+    ap.add_argument("--config", type=Path, required=True, help="rollout manifest (YAML)")
+    ap.add_argument("--dry-run", action="store_true", help="decide: print the decision, change nothing")
+    ap.add_argument("--reload-url", help="decide: POST <url>/reload afterwards, e.g. http://127.0.0.1:8080")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        report = report_for(cfg)
+        if args.verb == "report":
+            print(json.dumps(report, indent=2))
+            return 0
+        decision = decide(report, cfg.decision)
+        out = decision.to_dict() if args.dry_run else apply_decision(args.config, decision, source="cli")
+        print(json.dumps(out, indent=2))
+        if args.reload_url and not args.dry_run:
+            import urllib.request
+
+            with urllib.request.urlopen(urllib.request.Request(args.reload_url.rstrip("/") + "/reload", b"")) as r:
+                print(r.read().decode())
+        return 0
+    except SensituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
