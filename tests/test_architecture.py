@@ -1,6 +1,6 @@
 """The house rules, by construction: three layers, one direction, no cycles, short files, one stage order.
 
-    pipelines/ (the application)  ->  deploy/ (export; the torch-free edge)  ->  spt_core/ (the method)
+pipelines/ (the application)  ->  deploy/ (export; the torch-free edge)  ->  spt_core/ (the method)
 """
 
 from __future__ import annotations
@@ -134,12 +134,7 @@ def test_no_import_cycles():
 
 def test_layers_point_one_way():
     rank = {"spt_core": 0, "deploy": 1, "pipelines": 2}
-    upward = {
-        (n, i)
-        for n in MODULES
-        for i in _ours(_imports(n))
-        if rank[i.split(".")[0]] > rank[n.split(".")[0]]
-    }
+    upward = {(n, i) for n in MODULES for i in _ours(_imports(n)) if rank[i.split(".")[0]] > rank[n.split(".")[0]]}
     assert not upward, sorted(upward)
 
 

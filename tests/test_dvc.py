@@ -176,7 +176,7 @@ def test_new_defect_batch_is_a_new_data_version(pipeline: tuple[Path, Callable[.
     assert len(list((repo / "data/raw").rglob("*.png"))) == 4 * 6
 
 
-def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: tuple[Path, Callable[..., str]]) -> None:
+def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: tuple[Path, Callable]) -> None:
     """Adapters are nonlinear: no plain model to merge or export, yet `dvc repro` runs to the end."""
     repo, run = pipeline
     _set_param(repo, "plan", "structured", "adapter")

@@ -31,9 +31,11 @@ from mlflow import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from deploy.rollout import load_config  # noqa: E402
-from pipelines import flows  # noqa: E402
+from pipelines import (
+    flows,  # noqa: E402
+    stages,  # noqa: E402
+)
 from pipelines import tasks as t  # noqa: E402
-from pipelines import stages  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
 
 TINY = {  # 4 classes x 6 images of 32 px per batch; random-init test model; one epoch; FP32 export only

@@ -25,12 +25,11 @@ import torch
 import yaml
 from tiny_params import TINY as TINY_BASE
 
-from pipelines import track
-from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
-from pipelines import stages
+from pipelines import stages, track
 from pipelines.config import load_params
 from pipelines.layout import FILES
 from pipelines.models import load_merged
+from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
 from spt_core.data import load_dataset_info, scan_split
 from spt_core.model import ModelInfo
 from spt_core.preprocess import preprocess_batch

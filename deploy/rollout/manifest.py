@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from spt_core.errors import SensituneError
-from spt_core.io import write_bytes
+from spt_core.io import write_text
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PRED_LOG, FEEDBACK_LOG, DECISION_LOG = "predictions.jsonl", "feedback.jsonl", "decisions.jsonl"  # in log_dir
@@ -218,4 +218,4 @@ def load_config(path: Path) -> RolloutConfig:
 
 def write_config(cfg: RolloutConfig, path: Path) -> None:
     """Rewrite the manifest atomically and durably (fsync before the rename); YAML comments are not kept."""
-    write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), fsync=True)
+    write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
