@@ -6,6 +6,10 @@ fine-tuning, peft LoRA, random sparse, SPT-LoRA, SPT-Adapter, sparse-only) with 
 chosen per method from a small grid on validation accuracy with seed 0, then reused for the other seeds.
 BatchNorm running statistics stay frozen for every method, full fine-tuning included.
 
+With ``--imbalance 0.9`` the task becomes a line's data (`benchmarks/imbalance.py`: one good class at 90 %, few
+defects, a proportional split) and every method runs in each ``--variants`` (class balancing, augmentation); rows
+then add balanced accuracy and escape rate / overkill at the validation-chosen threshold.
+
 Each (method, seed, lr) and each sensitivity pass runs in its own subprocess so that its peak memory (CPU:
 ru_maxrss; CUDA: max_memory_allocated) is its own. Rows are appended to the JSON as they finish; a re-run skips
 rows already there (resume). Writes benchmarks/results/compare_<backbone>_<task>.{json,md,png}.
@@ -98,10 +102,12 @@ def _hwm_mb() -> float:
 def _build(job: dict) -> tuple[Any, Any, dict]:
     import torch
 
-    from spt_core.data import load_dataset_info, make_loaders
+    from benchmarks.imbalance import parse_variant
+    from spt_core.data import Augment, load_dataset_info, make_loaders
     from spt_core.model import create_model
 
     torch.set_num_threads(job["threads"])
+    balance, aug = parse_variant(job.get("variant", "none"))
     n_classes = len(load_dataset_info(Path(job["data_dir"])).class_names)
     torch.manual_seed(job["seed"])  # the seeded random head, as spt_core.stages.build_model
     model, info = create_model(job["model"], n_classes, weights=job["weights"], img_size=job["img_size"])
@@ -112,6 +118,8 @@ def _build(job: dict) -> tuple[Any, Any, dict]:
         batch_size=job["batch"],
         seed=job["seed"],
         num_workers=job.get("workers", 0),
+        balance=balance if job["kind"] == "train" else "none",
+        augment=Augment() if aug and job["kind"] == "train" else None,
     )
     return model, info, loaders
 
@@ -168,10 +176,15 @@ def train_job(job: dict) -> dict:
     _malloc_trim()  # freed weight/score buffers would otherwise sit in the baseline and hide training's first MBs
     base_rss = _rss_mb()
     hwm_reset = job["device"] == "cpu" and _reset_peak_rss()
+    from benchmarks.imbalance import line_metrics, parse_variant
+
+    ok_index = job.get("ok_index")
     cfg = TrainConfig.scaled(
-        job["epochs"], lr=job["lr"], batch_size=job["batch"], seed=job["seed"], device=job["device"], progress=False
-    )
-    hist = fit(model, loaders, cfg, None)
+        job["epochs"], lr=job["lr"], batch_size=job["batch"], seed=job["seed"], device=job["device"], progress=False,
+        balance=parse_variant(job.get("variant", "none"))[0], select=job.get("select", "accuracy"),
+    )  # fmt: skip
+    hist = fit(model, loaders, cfg, None, ok_index=ok_index, max_escape_rate=job.get("max_escape_rate", 0.0))
+    line = line_metrics(model, loaders, ok_index, job["max_escape_rate"]) if ok_index is not None else {}
     fit_peak = _hwm_mb() if hwm_reset else hist.peak_memory_mb
     t0 = time.perf_counter()  # one validation pass, to split s/epoch into training and validation time
     evaluate(model, loaders["val"], torch.device(job["device"]))
@@ -201,6 +214,7 @@ def train_job(job: dict) -> dict:
         "s_per_epoch": round(s_epoch, 2),
         "s_per_train_epoch": round(s_epoch - val_s, 2),
         "wall_s": round(time.perf_counter() - t_start, 1),
+        **({"variant": job["variant"], "select": cfg.select, **line} if ok_index is not None else {}),
     }
 
 
@@ -319,6 +333,13 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument(
         "--mlflow", action="store_true", help="log the table to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     )
+    ap.add_argument("--imbalance", type=float, help="good-class fraction (e.g. 0.9): the imbalanced line protocol")
+    ap.add_argument("--n-images", type=int, default=1000, help="--imbalance: images in all, good + defects")
+    ap.add_argument("--split", default="0.6,0.15,0.25", help="--imbalance: train,val,test fractions per class")
+    ap.add_argument("--min-per-class", type=int, default=2, help="--imbalance: fewest val and test images a class")
+    ap.add_argument("--variants", default="none", help="--imbalance: <none|loss|sampler|both>[+aug], comma-separated")
+    ap.add_argument("--select", default="balanced_accuracy", help="--imbalance: the epoch-selection metric")
+    ap.add_argument("--max-escape-rate", type=float, default=0.005, help="--imbalance: escape ceiling on validation")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.parallel < 1:
@@ -348,9 +369,27 @@ def main(argv: list[str] | None = None) -> Path:
     if bad:
         raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     task_slug = Path(args.task).name if Path(args.task).is_dir() else args.task
+    line: dict[str, Any] = {}
+    if args.imbalance is not None:
+        from benchmarks.imbalance import imbalanced_source, parse_variant
+
+        for v in args.variants.split(","):
+            parse_variant(v)
+        task_slug = f"{task_slug}-imbalanced{round(100 * args.imbalance)}"
     slug = f"{args.backbone.replace('/', '-')}_{task_slug}"
     work = args.work_dir / slug
-    data_dir = args.work_dir / "data" / f"{task_slug}_{args.n_train}_{args.n_val}_{args.n_test}"
+    if args.imbalance is not None:
+        split = [float(x) for x in args.split.split(",")]
+        src, ok_class, counts = imbalanced_source(args.task, args.work_dir, args.n_images, args.imbalance)
+        data_dir = args.work_dir / "data" / f"{task_slug}_{args.n_images}_{args.split}_{args.min_per_class}"
+        if not (data_dir / "dataset.json").is_file():
+            prepare(src, data_dir, split=split, min_per_class=args.min_per_class, ok_class=ok_class, seed=0)
+        ds = json.loads((data_dir / "dataset.json").read_text())
+        line = {"imbalance": args.imbalance, "ok_class": ok_class, "counts": counts, "split": split,
+                "min_per_class": args.min_per_class, "split_counts": ds["counts"], "select": args.select,
+                "max_escape_rate": args.max_escape_rate, "variants": args.variants}  # fmt: skip
+    else:
+        data_dir = args.work_dir / "data" / f"{task_slug}_{args.n_train}_{args.n_val}_{args.n_test}"
     if not (data_dir / "dataset.json").is_file():
         prepare(task_source(args.task, args.work_dir, args.n_train + args.n_val + (args.n_test or 2000)), data_dir,
                 n_train=args.n_train, n_val=args.n_val, n_test=args.n_test or None, seed=0)  # fmt: skip
@@ -368,15 +407,26 @@ def main(argv: list[str] | None = None) -> Path:
         "weights": weights, "img_size": img, "task": args.task, "data_dir": str(data_dir), "budget": args.budget,
         "epochs": args.epochs, "batch": args.batch, "device": args.device, "threads": args.threads,
         "freeze_bn_stats": True, "sens_images": SENS_BATCHES * SENS_BATCH_SIZE, "n_train": args.n_train,
-        "parallel": args.parallel,
+        "parallel": args.parallel, **line,
     }  # fmt: skip
+    if args.imbalance is not None:
+        ds = json.loads((data_dir / "dataset.json").read_text())
+        line_job = {"ok_index": ds["class_names"].index(line["ok_class"]), "select": args.select,
+                    "max_escape_rate": args.max_escape_rate}  # fmt: skip
+    else:
+        line_job = {}
     work.mkdir(parents=True, exist_ok=True)
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
             "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers}  # fmt: skip
 
     def save() -> None:
         write_json(out_json, state)
-        write_report(state, args.out_dir / f"compare_{slug}")
+        if args.imbalance is not None:
+            from benchmarks.imbalance import write_imbalance_report
+
+            write_imbalance_report(state, args.out_dir / f"compare_{slug}")
+        else:
+            write_report(state, args.out_dir / f"compare_{slug}")
 
     def backbone_total() -> int:
         from spt_core.candidates import count_backbone_params
@@ -405,23 +455,24 @@ def main(argv: list[str] | None = None) -> Path:
     lock = threading.Lock()  # --parallel: jobs run in subprocesses, their rows are added here one at a time
 
     def key_of(r: dict) -> tuple:
-        return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget")
+        return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none")
 
     def done(key: tuple) -> bool:  # a failed run is retried by the next invocation
         return any(key_of(r) == key and "error" not in r for r in state["rows"])
 
-    def run(method: str, seed: int, lr: float, budget: str) -> None:
+    def run(method: str, seed: int, lr: float, budget: str, variant: str = "none") -> None:
         job = {**base, "kind": "train", "method": method, "seed": seed, "lr": lr, "budget_label": budget,
-               "budget": parse_budget(budget, n_backbone)}  # fmt: skip
+               "budget": parse_budget(budget, n_backbone), "variant": variant, **line_job}  # fmt: skip
         t0 = time.time()
         if method in SENSITIVITY_METHODS:
             job["sens_path"] = str(sens_path(seed))
         if method in SENSITIVITY_METHODS and not sens_path(seed).is_file():
             row = {"error": f"no sensitivity pass for seed {seed}: see {job_log(f'sensitivity_seed{seed}')}"}
         else:
-            row = run_job(job, args.in_process, job_log(f"{method}_seed{seed}_lr{lr:g}_{budget}"))
+            row = run_job(job, args.in_process, job_log(f"{method}_{variant}_seed{seed}_lr{lr:g}_{budget}"))
         # where and when it ran: a resumed table can hold rows of several invocations (machines)
-        row.update({"method": method, "seed": seed, "lr": lr, "budget": budget, "machine": state["meta"]["machine"],
+        row.update({"method": method, "seed": seed, "lr": lr, "budget": budget, "variant": variant,
+                    "machine": state["meta"]["machine"],
                     "parallel": args.parallel, "started": round(t0, 1), "finished": round(time.time(), 1)})  # fmt: skip
         with lock:
             print(f"[{slug}] {json.dumps(row)}", flush=True)
@@ -465,11 +516,14 @@ def main(argv: list[str] | None = None) -> Path:
         run_all([(m, seed, grid[m][0], args.budget) for seed in range(args.seed_start, args.seeds) for m in methods])
         save()
         return out_json
-    run_all([(m, 0, lr, args.budget) for m in methods for lr in grid[m]])  # seed 0: the lr grid, chosen on val
+    variants = args.variants.split(",") if args.imbalance is not None else ["none"]
+    # seed 0: the lr grid, chosen on val
+    run_all([(m, 0, lr, args.budget, v) for v in variants for m in methods for lr in grid[m]])
 
     def at_chosen_lr(seeds: range, budget: str) -> list[tuple]:
-        lrs = {m: chosen_lr(state["rows"], m, args.budget) for m in methods}
-        return [(m, seed, lrs[m], budget) for seed in seeds for m in methods if lrs[m] is not None]
+        lrs = {(m, v): chosen_lr(state["rows"], m, args.budget, v) for m in methods for v in variants}
+        return [(m, seed, lrs[m, v], budget, v) for seed in seeds for v in variants for m in methods
+                if lrs[m, v] is not None]  # fmt: skip
 
     run_all(at_chosen_lr(range(1, args.seeds), args.budget))
     curve_methods = [m for m in args.curve_methods.split(",") if m]

@@ -209,9 +209,15 @@ def summary_metrics(state: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def chosen_lr(rows: list[dict], method: str, budget: str) -> float | None:
+def chosen_lr(rows: list[dict], method: str, budget: str, variant: str = "none") -> float | None:
     """The seed-0 learning rate with the best validation accuracy (ties: the smaller lr, whatever order ran)."""
     cands = [
-        r for r in rows if r.get("method") == method and r["seed"] == 0 and r["budget"] == budget and "error" not in r
+        r
+        for r in rows
+        if r.get("method") == method
+        and r["seed"] == 0
+        and r["budget"] == budget
+        and "error" not in r
+        and r.get("variant", "none") == variant
     ]
     return max(cands, key=lambda r: (r["val_acc"], -r["lr"]))["lr"] if cands else None

@@ -4,7 +4,9 @@ One directory per model version and format (docs/ARCHITECTURE.md, "Artifacts")::
 
     model.xml + model.bin (format "openvino", precision fp32 | fp16 | int8)  or  model.onnx (format "onnx", fp32)
     manifest.json   format, precision, model_version, class names, preprocessing, input/output names, the
-                    sha256 of every model file, runtime_config, the versions that built it
+                    sha256 of every model file, runtime_config, the versions that built it; the operating
+                    decision: ``ok_class`` (the good class) and ``threshold`` (reject when P(ok_class) < threshold,
+                    chosen on validation for an escape-rate ceiling)
 
 `deploy.export` seals directories with `build_manifest` + `seal`; the edge service, `deploy.verify` and the
 benchmarks read them with `load_artifact`, which trusts nothing: directory, manifest, file names and every
@@ -81,9 +83,36 @@ class Artifact:
         return dict(self.manifest.get("runtime_config") or {})
 
     @property
+    def ok_class(self) -> str | None:
+        """The declared good class (every other class is a defect); None: plain classification."""
+        return self.manifest.get("ok_class")
+
+    @property
+    def threshold(self) -> float | None:
+        """Reject when P(ok_class) < threshold; None: the argmax class decides."""
+        t = self.manifest.get("threshold")
+        return float(t) if t is not None else None
+
+    def decide(self, probs: Any) -> dict[str, Any]:
+        """One softmax vector -> ``p_good`` and ``decision`` (``ok`` | ``reject``) by the manifest's threshold;
+        without a good class ``decision`` is the argmax class. The one rule that `predict` and the edge apply."""
+        return decide(probs, self.class_names, self.ok_class, self.threshold)
+
+    @property
     def promotable(self) -> bool | None:
         """False when export's verification gate failed for this artifact; None when not recorded."""
         return self.manifest.get("promotable")
+
+
+def decide(probs: Any, class_names: Sequence[str], ok_class: str | None, threshold: float | None) -> dict[str, Any]:
+    """P(good) and the decision for one softmax vector: ``reject`` when P(good) < threshold (no threshold: when the
+    argmax is not the good class), else ``ok``; without a good class the decision is the argmax class."""
+    top = max(range(len(class_names)), key=lambda i: float(probs[i]))
+    if ok_class is None:
+        return {"p_good": None, "decision": class_names[top]}
+    p_good = float(probs[list(class_names).index(ok_class)])
+    passed = p_good >= threshold if threshold is not None else class_names[top] == ok_class
+    return {"p_good": p_good, "decision": "ok" if passed else "reject"}
 
 
 def _model_format(artifact_dir: Path) -> str:
@@ -241,4 +270,6 @@ def load_artifact(artifact_dir: str | Path, expected_version: str | None = None)
         class_names = [str(c) for c in m["class_names"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{mpath}: preprocess or class_names is malformed ({one_line(e)}); re-export it") from e
+    if m.get("ok_class") is not None and m["ok_class"] not in class_names:
+        raise ArtifactError(f"{mpath}: ok_class={m['ok_class']!r} is not one of {class_names}; re-export it")
     return Artifact(d, m, fmt, str(m["precision"]), version, class_names, pre, files)

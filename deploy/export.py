@@ -233,6 +233,7 @@ def export_all(
     int8_max_drop: float = 1.0,
     fp16_max_drop: float = 1.0,
     opset: int = 18,
+    decision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export one model version: ONNX + OpenVINO IRs, verified on real images, each sealed with a manifest.
 
@@ -260,6 +261,8 @@ def export_all(
         int8_max_drop: Accuracy points INT8 may lose against PyTorch and stay promotable.
         fp16_max_drop: Same for FP16.
         opset: ONNX opset requested (see `export_onnx`).
+        decision: The operating decision every manifest carries: ``ok_class`` and ``threshold`` (reject when
+            P(ok_class) < threshold, chosen on validation), ``max_escape_rate``; None values are left out.
 
     Returns:
         The report: paths (relative to ``out_dir``), ONNX opset, verification numbers and flags.
@@ -304,6 +307,7 @@ def export_all(
                 "promotable": report["promotable"][fmt],
                 "verification": _verification_for(report, fmt),
             }
+            extra |= {k: v for k, v in (decision or {}).items() if v is not None}  # ok_class, threshold
             if fmt == "int8":
                 extra |= {"calibration": calibration_fingerprint(calibration), "nncf_model_type": model_type}
             write_manifest(path.parent, precision="fp32" if fmt == "onnx" else fmt, extra=extra, **common)

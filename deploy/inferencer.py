@@ -1,8 +1,10 @@
 """The OpenVINO inferencer: one IR compiled on CPU, a pool of infer requests, batch logits or one served frame.
 
 The one place the project compiles and calls an OpenVINO model: the edge service (one per served model),
-`deploy.verify` (parity of the OpenVINO artifacts) and the benchmarks, so an IR is compiled with the same
-properties and fed the same way everywhere. Torch-free; OpenVINO is imported on first use.
+`deploy.verify` (parity of the OpenVINO artifacts), `sensitune predict` and the benchmarks, so an IR is compiled
+with the same properties and fed the same way everywhere. `OnnxInferencer` offers the same batch `infer` for an
+ONNX artifact through onnxruntime (`sensitune predict` on ``model.onnx``). Torch-free; the runtimes are imported on
+first use.
 """
 
 from __future__ import annotations
@@ -160,6 +162,33 @@ class Inferencer:
             "class": self.class_names[i],
             "class_index": i,
             "score": float(p[i]),
+            **self.artifact.decide(p),  # p_good and the decision at the manifest's threshold
             "latency_ms": ms,
             "queue_ms": queue_ms,
         }
+
+
+class OnnxInferencer:
+    """A sealed ONNX artifact run by onnxruntime on CPU: the same batch `infer` as `Inferencer`.
+
+    Raises:
+        ArtifactError: onnxruntime is missing or cannot load the file.
+    """
+
+    def __init__(self, artifact: Artifact) -> None:
+        try:
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"{artifact.model_path} cannot be loaded by onnxruntime ({one_line(e)})") from None
+        self.artifact = artifact
+        self._input = artifact.manifest.get("input_name") or self.session.get_inputs()[0].name
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.artifact.class_names
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 -> (N, classes) logits."""
+        return np.asarray(self.session.run(None, {self._input: x})[0])

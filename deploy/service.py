@@ -52,6 +52,7 @@ from deploy.rollout.manifest import (
 from deploy.rollout.split import assign_arm
 from deploy.rollout.stats import report_for
 from spt_core.errors import SensituneError, one_line
+from spt_core.preprocess import open_image
 
 log = logging.getLogger("sensitune.edge")
 
@@ -232,9 +233,8 @@ class EdgeService:
         if not camera_id or len(camera_id) > 128:
             self.metrics.request(None, "bad")
             return 400, {"error": f"camera_id={camera_id[:40]!r}: give a non-empty id of at most 128 characters"}
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                image = im.convert("RGB")
+        try:  # in its own mode: the model's manifest (bit_depth) scales 16-bit frames; oversized ones are refused
+            image = open_image(io.BytesIO(data))
         except Exception as e:
             self.metrics.request(None, "bad")
             return 400, {"error": f"file: not a readable image ({one_line(e)}); send a PNG or JPEG frame"}
@@ -275,7 +275,7 @@ class EdgeService:
         if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled:
             (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, image, base)
         return 200, {
-            **{k: rec[k] for k in ("frame_id", "camera_id", "class", "class_index", "score")},
+            **{k: rec.get(k) for k in ("frame_id", "camera_id", "class", "class_index", "score", "p_good", "decision")},
             "model_version": model.version,
             "role": role,
             "latency_ms": ms,

@@ -1,13 +1,14 @@
 """`sensitune <verb>`: one verb per stage, each one call into `pipelines.stages` writing one named output.
 
-    sensitune demo       -> data/raw/<class>/*.png         (synthetic defects on real textures)
+    sensitune demo       -> data/raw/<class>/*.png         (synthetic defects on real textures, a line's imbalance)
+    sensitune import DIR -> data/raw/<class>/...            (your images, copied in; then `dvc add data/raw`)
     sensitune prepare    -> data/prepared/{train,val,test}/ + dataset.json
     sensitune measure    -> runs/main/sensitivity.safetensors
     sensitune plan       -> runs/main/plan.json (+ .safetensors, plan.png); prints the summary
-    sensitune train      -> runs/main/tuned/, metrics.json, history.csv
+    sensitune train      -> runs/main/tuned/, metrics.json, history.csv, confusion.png
     sensitune evaluate   -> runs/main/eval.json
     sensitune merge      -> runs/main/merged/
-    sensitune predict    -> predictions.csv
+    sensitune predict    -> predictions.csv (class, P(good), decision; any artifact; exit 1 if files failed)
     sensitune export     -> runs/main/export/ (ONNX, OpenVINO FP32/FP16/INT8, manifests)
     sensitune run        every stage in order
 
@@ -34,6 +35,7 @@ from .layout import FILES
 
 VERBS = {
     "demo": "write a batch of demo defect images",
+    "import": "copy your ImageFolder (DIR/<class>/...) into paths.raw and version it with DVC",
     "prepare": "split a source into train/val/test",
     "measure": "measure parameter sensitivity",
     "plan": "allocate the trainable budget",
@@ -87,12 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(key.flag, dest=key.dotted, type=_flag_type(key), help=key.help,
                                default=argparse.SUPPRESS)  # fmt: skip
         if verb in ("evaluate", "predict"):
-            p.add_argument("--model-path", type=Path, help="tuned-weights dir or merged .safetensors")
+            p.add_argument(
+                "--model-path",
+                type=Path,
+                help="tuned-weights dir or merged .safetensors"
+                + ("; predict also: export dir, OpenVINO dir/model.xml, model.onnx" if verb == "predict" else ""),
+            )
         if verb == "evaluate":
             p.add_argument("--split", default="test", choices=["train", "val", "test"])
         if verb == "predict":
             p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
             p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
+            p.add_argument("--force", action="store_true", help="replace an existing --out")
+        if verb == "import":
+            p.add_argument("source", type=Path, help="ImageFolder: DIR/<class>/<image files>")
+            p.add_argument("--replace", action="store_true", help="replace paths.raw instead of adding to it")
+            p.add_argument("--link", action="store_true", help="hard-link the files instead of copying them")
+            p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add` on paths.raw")
         if verb == "run":
             p.add_argument("--no-export", action="store_true", help="stop after merge")
     return parser
@@ -114,10 +127,21 @@ def _print(obj: Any) -> None:
 
 
 def _summary(metrics: dict) -> dict:
-    return {k: metrics.get(k) for k in ("test_acc", "val_acc", "probe_test_acc", "trainable", "best_epoch")}
+    keys = ("test_acc", "test_balanced_acc", "escape_rate", "overkill", "threshold", "val_acc", "val_score",
+            "probe_val_score", "probe_test_acc", "trainable", "best_epoch", "below_probe")  # fmt: skip
+    return {k: metrics.get(k) for k in keys}
 
 
-def _run_verb(args: argparse.Namespace, params: config.Params) -> None:
+def _report_train(metrics: dict) -> None:
+    from .assess import summary_line
+
+    _print(_summary(metrics))
+    print(summary_line(metrics))
+    for w in metrics.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
     from . import stages
 
     verb = args.verb
@@ -131,8 +155,13 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> None:
         print(f"sensitivity of {len(s.candidates)} candidates in {s.meta['seconds']}s -> {params['paths']['run']}")
     elif verb == "plan":
         print(stages.plan_stage(params).summary())
+    elif verb == "import":
+        from .ingest import import_images
+
+        r = import_images(args.source, params, replace=args.replace, link=args.link, dvc=not args.no_dvc)
+        print(f"imported {r['files']} file(s) of {r['classes']} into {r['raw']}; {r['next']}")
     elif verb == "train":
-        _print(_summary(stages.train_stage(params)))
+        _report_train(stages.train_stage(params))
     elif verb == "evaluate":
         r = stages.evaluate_stage(params, args.model_path, args.split)
         print(f"{args.split} accuracy {r['accuracy']:.4f} on {r['n']} images")
@@ -141,8 +170,12 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> None:
         print(f"merge skipped: {r['skipped']}" if "skipped" in r else
               f"merged; max |merged - tuned| on val images = {r['merge_max_abs_diff']:.2e}")  # fmt: skip
     elif verb == "predict":
+        from .predict import describe
+
         model = args.model_path or stages.run_dir(params) / FILES["merged"]
-        print(f"wrote {stages.predict_stage(model, args.inputs, args.out)}")
+        result = stages.predict_stage(model, args.inputs, args.out, force=args.force)
+        print(describe(result))
+        return 1 if result["failed"] else 0
     elif verb == "export":
         _print(stages.export_stage(params))
     elif verb == "run":
@@ -157,7 +190,8 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> None:
                 metrics = result
             elif s.name in ("merge", "export") and "skipped" in result:
                 print(f"{s.name} skipped: {result['skipped']}")
-        _print(_summary(metrics))
+        _report_train(metrics)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        _run_verb(args, params_from_args(args))
+        code = _run_verb(args, params_from_args(args))
     except SensituneError as e:
         if args.debug:
             raise
@@ -175,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume training", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

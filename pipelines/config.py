@@ -50,6 +50,10 @@ class DemoSection:
     size: int = _f(96, "image side in pixels", verbs=("demo",))
     seed: int = _f(0, "generator seed", verbs=("demo",))
     batch: int = _f(0, "data batch number (new batches = new defect data)", verbs=("demo",))
+    counts: list[int] | None = _f([340, 24, 16, 10], "images of ok, scratch, spot, crack: a line's imbalance (null = "
+                                  "n_per_class each)")  # fmt: skip
+    bit_depth: int | None = _f(None, "null: 8-bit RGB PNGs; 10/12/16: mono 16-bit PNGs as a Mono10/12/16 camera",
+                               verbs=("demo",))  # fmt: skip
 
 
 @dataclass
@@ -59,9 +63,17 @@ class DataSection:
         "raw (= paths.raw) | demo-defects | digits | fashion-mnist | DIR | CSV/JSONL | VTAB dir",
         verbs=("prepare",),
     )
-    n_train: int | None = _f(160, "train images, class-balanced (null = all)", verbs=("prepare",))
-    n_val: int | None = _f(80, "validation images", verbs=("prepare",))
-    n_test: int | None = _f(None, "test images (null = the rest)", verbs=("prepare",))
+    split: list[float] | None = _f([0.7, 0.15, 0.15], "train/val/test fractions of every class, every image used "
+                                   "(null = the count mode: n_train, n_val, n_test)")  # fmt: skip
+    min_per_class: int = _f(2, "split: the fewest images of a class in val and in test", verbs=("prepare",))
+    n_train: int | None = _f(None, "count mode (split: null): train images, class-balanced (null = all)",
+                             verbs=("prepare",))  # fmt: skip
+    n_val: int | None = _f(None, "count mode: validation images", verbs=("prepare",))
+    n_test: int | None = _f(None, "count mode: test images (null = the rest)", verbs=("prepare",))
+    ok_class: str | None = _f("ok", "the good class's name, checked against the classes (null = no good class: "
+                              "plain classification, no escape/overkill/threshold)", verbs=("prepare",))  # fmt: skip
+    bit_depth: int | None = _f(None, "bits of 16/32-bit frames, e.g. 12 for Mono12 in 16-bit files (null = from the "
+                               "file: 16 for 16-bit)", verbs=("prepare",))  # fmt: skip
     seed: int = _f(0, "subset seed", verbs=("prepare",))
     file_size: int | None = _f(None, "resize the image files on disk to this side (null = keep)", verbs=("prepare",))
     skip_bad: bool = _f(False, "skip unreadable or non-image files instead of failing", verbs=("prepare",))
@@ -109,10 +121,26 @@ class TrainSection:
     device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("train",))
     seed: int = _f(0, "seed (also of the head and the sensitivity batch order)", verbs=("train",))
     grad_clip: float | None = _f(None, "clip the gradient norm (null = off)")
+    balance: str = _f("sampler", "none | loss (class-weighted) | sampler (class-balanced batches) | both",
+                      verbs=("train", "run"), choices=("none", "loss", "sampler", "both"))  # fmt: skip
+    select: str = _f("balanced_accuracy", "validation metric that picks the epoch: accuracy | balanced_accuracy | "
+                     "overkill_at_escape (lowest overkill under evaluate.max_escape_rate)", verbs=("train",),
+                     choices=("accuracy", "balanced_accuracy", "overkill_at_escape"))  # fmt: skip
+    augment: bool = _f(True, "timm train-time augmentation: flips, small zoom/shift, colour jitter (off for VTAB-1k)",
+                       verbs=("train",))  # fmt: skip
+    aug_flip: float = _f(0.5, "augment: probability of a horizontal and of a vertical flip")
+    aug_scale: list[float] = _f([0.85, 1.0], "augment: random-resized-crop area range")
+    aug_color_jitter: float = _f(0.1, "augment: brightness/contrast/saturation jitter")
     head_init: str = _f("probe", "probe (start from the linear-probe head, LP-FT) | random (as SPT)",
                         verbs=("train", "run"), choices=("probe", "random"))  # fmt: skip
     probe_baseline: bool = _f(True, "also fit a linear probe on the same split (metrics.json probe_*)")
     probe_epochs: int = _f(50, "linear-probe epochs")
+
+
+@dataclass
+class EvaluateSection:
+    max_escape_rate: float = _f(0.005, "escape ceiling: the reject threshold on P(good) is chosen on validation to "
+                                "meet it with the least overkill", verbs=("train", "run"))  # fmt: skip
 
 
 @dataclass
@@ -132,6 +160,7 @@ SECTIONS: dict[str, type] = {
     "sensitivity": SensitivitySection,
     "plan": PlanSection,
     "train": TrainSection,
+    "evaluate": EvaluateSection,
     "export": ExportSection,
 }
 
@@ -224,7 +253,7 @@ def parse_set(text: str) -> tuple[str, Any]:
 
 def validate(params: Params) -> list[str]:
     """Type and choice problems of every key (empty when all is well)."""
-    problems = []
+    problems = _cross_problems(params)
     for k in keys():
         value = params[k.section][k.name]
         if not _is_instance(value, k.type):
@@ -235,6 +264,18 @@ def validate(params: Params) -> list[str]:
             if bad:
                 problems.append(f"{k.dotted}={value!r}: use {' | '.join(map(str, k.choices))}")
     return problems
+
+
+def _cross_problems(params: Params) -> list[str]:
+    """Keys that are valid alone but not together."""
+    d, out = params.get("data", {}), []
+    counts = [k for k in ("n_train", "n_val", "n_test") if d.get(k) is not None]
+    if d.get("split") is not None and counts:
+        out.append(f"data.split and data.{counts[0]} are two split modes: set data.split: null to split by counts, "
+                   f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
+    if d.get("ok_class") is None and params.get("train", {}).get("select") == "overkill_at_escape":
+        out.append("train.select=overkill_at_escape needs data.ok_class (the good class)")
+    return out
 
 
 def _merge(params: Params, loaded: dict[str, Any], what: str = "key") -> list[str]:

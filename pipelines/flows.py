@@ -206,7 +206,9 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
             uri, name, version, champ, p["paths"]["data"], str(champ_run / "data") if champ_run else None
         )
         promotable = bool(report.get("promotable", {}).get("fp32"))
-        decision, reason = t.handover_gate(cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable)
+        decision, reason = t.handover_gate(
+            cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable, metrics.get("warnings")
+        )
         moved = t.hand_over(
             decision,
             manifest=opt["rollout"],

@@ -4,7 +4,8 @@ sensitivity.safetensors   measure   Σg² per candidate parameter, with the mode
 plan.json (+ .safetensors, plan.png)   plan   the budget's targets and sparse indices
 tuned/                    train     the trained tuner values + head (safetensors + JSON), named "tuned" because
                                     "adapter" is one kind of tuner
-metrics.json, history.csv train     selected epoch, accuracies, counts, timings; one row per epoch
+metrics.json, history.csv train     selected epoch, threshold, defect metrics, warnings, counts, timings; per epoch
+confusion.png             train     the test confusion matrix at the selected epoch
 eval.json                 evaluate  accuracy, per-class recall and confusion matrix on a split
 merged/                   merge     model.safetensors (a plain timm state dict) + merged.json; for a plan whose
                                     tuners cannot be merged only merged.json, saying why it was skipped
@@ -21,6 +22,7 @@ FILES = {
     "tuned": "tuned",
     "metrics": "metrics.json",
     "history": "history.csv",
+    "confusion_png": "confusion.png",
     "eval": "eval.json",
     "merged_dir": "merged",
     "merged": "merged/model.safetensors",

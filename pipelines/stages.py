@@ -5,7 +5,7 @@ Each stage reads the files the previous one wrote (`pipelines.layout`) and write
     prepare   paths.data/{train,val,test}/, dataset.json
     measure   run/sensitivity.safetensors             (head fitted by a linear probe first, or random as SPT)
     plan      run/plan.json + plan.safetensors, run/plan.png (sensitivity and allocation maps)
-    train     run/tuned/, run/metrics.json, run/history.csv
+    train     run/tuned/, run/metrics.json, run/history.csv, run/confusion.png (threshold chosen on validation)
     evaluate  run/eval.json
     merge     run/merged/ (model.safetensors + merged.json)
     export    run/export/ (ONNX + OpenVINO FP32/FP16/INT8 + manifests + report)
@@ -18,6 +18,7 @@ and evaluate and track still run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,17 +31,18 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from spt_core.device import resolve_device
 
 from spt_core import __version__
 from spt_core.allocate import allocate
 from spt_core.checkpoint import bn_buffers, save_tuned
-from spt_core.data import load_dataset_info, make_loaders, prepare, scan_split
-from spt_core.demo import generate_demo_defects
+from spt_core.data import Augment, load_dataset_info, make_loaders, prepare, scan_split
+from spt_core.demo import DEMO_CLASSES, generate_demo_defects
+from spt_core.device import resolve_device
 from spt_core.errors import DataError, PlanError, SensituneError
-from spt_core.evaluate import evaluate
+from spt_core.evaluate import collect, evaluate
 from spt_core.io import atomic_path, umask, write_json
 from spt_core.merge import merge
+from spt_core.metrics import decision_metrics
 from spt_core.model import ModelInfo
 from spt_core.plan import Plan
 from spt_core.probe import fit_probe
@@ -48,20 +50,28 @@ from spt_core.sensitivity import Sensitivity, measure_task
 from spt_core.train import RESUME_FREE, TrainConfig, fit
 from spt_core.tuners import apply_plan, check_tuners_reached, plan_is_mergeable
 
+from .assess import operating_point, plot_confusion, probe_warnings
 from .config import Params
 from .layout import FILES
 from .models import build_model, load_any, load_merged, load_tuned, model_args
 
 log = logging.getLogger(__name__)
-_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs")  # train.* keys read here, not by TrainConfig
+# train.* keys read here (probe, loaders), not by TrainConfig
+_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs", "augment", "aug_flip", "aug_scale", "aug_color_jitter")
 
 
 def run_dir(params: Params) -> Path:
     return Path(params["paths"]["run"])
 
 
-def _loaders(params: Params, pre: Any, batch_size: int, seed: int) -> dict:
-    return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed)
+def _loaders(params: Params, pre: Any, batch_size: int, seed: int, train: bool = False) -> dict:
+    """Plain loaders (validation, test, the probe, sensitivity), or with ``train`` the training loader with
+    train.balance's sampler and train.augment's augmentation."""
+    t = params["train"]
+    aug = Augment(t["aug_flip"], tuple(t["aug_scale"]), t["aug_color_jitter"]) if train and t["augment"] else None
+    balance = t["balance"] if train else "none"
+    return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed, balance=balance,
+                        augment=aug)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -69,17 +79,20 @@ def demo_stage(params: Params) -> Path:
     """Write one batch of demo defect images into paths.raw (new batches simulate new data arriving)."""
     d = params["demo"]
     out = Path(params["paths"]["raw"])
-    return generate_demo_defects(out, n_per_class=d["n_per_class"], seed=d["seed"], batch=d["batch"], size=d["size"])
+    counts = dict(zip(DEMO_CLASSES, d["counts"])) if d["counts"] is not None else None
+    return generate_demo_defects(out, n_per_class=d["n_per_class"], seed=d["seed"], batch=d["batch"], size=d["size"],
+                                 counts=counts, bit_depth=d["bit_depth"])  # fmt: skip
 
 
 def prepare_stage(params: Params) -> dict:
-    """Split the source into train/val/test under paths.data (class-balanced, seeded)."""
+    """Split the source into train/val/test under paths.data (proportional per class, or by counts; seeded)."""
     d = params["data"]
     source = str(params["paths"]["raw"]) if d["source"] == "raw" else str(d["source"])
     if d["source"] == "raw" and not Path(source).is_dir():
         raise DataError(f"paths.raw={source} does not exist: run `sensitune demo` or set data.source to your images")
     info = prepare(source, Path(params["paths"]["data"]), n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"],
-                   seed=d["seed"], skip_bad=d["skip_bad"], image_size=d["file_size"])  # fmt: skip
+                   seed=d["seed"], skip_bad=d["skip_bad"], image_size=d["file_size"], split=d["split"],
+                   min_per_class=d["min_per_class"], ok_class=d["ok_class"], bit_depth=d["bit_depth"])  # fmt: skip
     return info.to_dict()
 
 
@@ -103,6 +116,7 @@ def measure_stage(params: Params) -> Sensitivity:
             "model_args": args,
             "model_info": info.to_dict(),
             "class_names": ds_info.class_names,
+            "ok_class": ds_info.ok_class,
             "data_hash": ds_info.data_hash,
         }  # fmt: skip
     )
@@ -116,7 +130,7 @@ def plan_stage(params: Params) -> Plan:
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
     plan = allocate(sens, p["budget"], structured=p["structured"], rank=p["rank"], alpha=p["alpha"], beta=p["beta"])
-    keep = ("model_args", "model_info", "class_names", "data_hash", "head", "seconds")
+    keep = ("model_args", "model_info", "class_names", "ok_class", "data_hash", "head", "seconds")
     plan.meta.update({k: sens.meta[k] for k in keep if k in sens.meta})
     plan.meta["sensitivity_seconds"] = sens.meta.get("seconds")
     plan.save(run_dir(params) / FILES["plan"])
@@ -142,41 +156,53 @@ def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str
 
 
 def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train the plan (validation-selected epoch, test reported for it); writes tuned/, metrics.json."""
+    """Train the plan (epoch chosen on validation by train.select, reject threshold chosen on validation for
+    evaluate.max_escape_rate, test reported at both); writes tuned/, metrics.json, history.csv, confusion.png."""
     run, t = run_dir(params), params["train"]
     plan = Plan.load(run / FILES["plan"])
     cfg = train_config(params)
     ds_info = load_dataset_info(Path(params["paths"]["data"]))
+    names, ok_class, max_escape = ds_info.class_names, ds_info.ok_class, params["evaluate"]["max_escape_rate"]
+    ok_index = names.index(ok_class) if ok_class is not None else None
     if plan.meta.get("data_hash") and plan.meta["data_hash"] != ds_info.data_hash:
         log.warning("the plan was measured on another data version (%s); using it anyway", plan.meta["data_hash"])
-    args = plan.meta.get("model_args") or model_args(params, len(ds_info.class_names))
-    if args["num_classes"] != len(ds_info.class_names):
+    args = plan.meta.get("model_args") or model_args(params, len(names))
+    if args["num_classes"] != len(names):
         raise SensituneError(
-            f"plan was made for {args['num_classes']} classes, the data has {len(ds_info.class_names)}: "
+            f"plan was made for {args['num_classes']} classes, the data has {len(names)}: "
             "re-run `sensitune measure` and `sensitune plan`"
         )
     model, info = build_model(args, cfg.seed)
+    info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, bit_depth=ds_info.bit_depth))
     device = resolve_device(cfg.device)
     model.to(device)
-    loaders = _loaders(params, info.preprocess, cfg.batch_size, cfg.seed)
+    plain = _loaders(params, info.preprocess, cfg.batch_size, cfg.seed)
+    loaders = {**plain, "train": _loaders(params, info.preprocess, cfg.batch_size, cfg.seed, train=True)["train"]}
     metrics: dict[str, Any] = {}
     if t["probe_baseline"] or t["head_init"] == "probe":
         head0 = {k: v.clone() for k, v in model.get_classifier().state_dict().items()}
-        metrics.update(fit_probe(model, loaders, epochs=t["probe_epochs"], seed=cfg.seed, device=device).to_dict())
+        probe = fit_probe(model, plain, epochs=t["probe_epochs"], seed=cfg.seed, device=device, select=cfg.select,
+                          ok_index=ok_index, max_escape_rate=max_escape)  # fmt: skip
+        metrics.update(probe.to_dict())
         if t["head_init"] == "random":
             model.get_classifier().load_state_dict(head0)
     apply_plan(model, plan)
-    unreached = check_tuners_reached(model, next(iter(loaders["train"]))[0][:2].to(device))
+    unreached = check_tuners_reached(model, next(iter(plain["train"]))[0][:2].to(device))
     if unreached:
         raise PlanError(
             f"{len(unreached)} tuner(s) never reach the output on {args['name']} (e.g. {unreached[0]}): this "
             "backbone reads those weights outside their module; use plan.structured and a backbone without it"
         )
     extra = {k: t[k] for k in _TRAIN_EXTRA}
-    state_dir = run / FILES["train_state"] / _state_key(plan, cfg, ds_info.data_hash, {**extra, **args})
-    history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch)
-    tuned_info = {**info.to_dict(), "model_args": args, "class_names": ds_info.class_names,
-                  "data_hash": ds_info.data_hash, "train": cfg.to_dict()}  # fmt: skip
+    state_dir = (
+        run / FILES["train_state"] / _state_key(plan, cfg, ds_info.data_hash, {**extra, **args, "esc": max_escape})
+    )
+    history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch, ok_index=ok_index, max_escape_rate=max_escape)
+    op = operating_point(collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2], names,
+                         ok_class, max_escape)  # fmt: skip
+    decision = {"ok_class": ok_class, "threshold": op["threshold"], "max_escape_rate": max_escape}
+    tuned_info = {**info.to_dict(), "model_args": args, "class_names": names, "data_hash": ds_info.data_hash,
+                  "train": cfg.to_dict(), **decision}  # fmt: skip
     buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
     save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
     backbone = plan.backbone_params
@@ -184,8 +210,13 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
         {
             "test_acc": history.test_acc,
             "val_acc": history.best_val_acc,
+            "select": cfg.select,
+            "val_score": history.best_val_score,
             "best_epoch": history.best_epoch,
             "epochs": cfg.epochs,
+            "balance": cfg.balance,
+            "augment": t["augment"],
+            **{k: v for k, v in op.items() if k not in ("val", "test")},
             "trainable": plan.trainable,
             "trainable_pct": 100.0 * plan.trainable / backbone,
             "trainable_head": sum(p.numel() for p in model.get_classifier().parameters()),
@@ -206,19 +237,27 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     )
     if metrics.get("probe_test_acc") is not None and history.test_acc is not None:
         metrics["gain_over_probe"] = history.test_acc - metrics["probe_test_acc"]
+    metrics["warnings"] = probe_warnings(metrics)
+    metrics["below_probe"] = bool(metrics["warnings"])
+    metrics["test"], metrics["val"] = op.get("test"), op["val"]
+    for w in metrics["warnings"]:
+        log.warning("warning: %s", w)
     write_json(run / FILES["metrics"], metrics)
+    plot_confusion(op["test"]["confusion"], names, run / FILES["confusion_png"],
+                   f"test, epoch {history.best_epoch} ({cfg.select} on validation)")  # fmt: skip
     with atomic_path(run / FILES["history"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "lr", "train_loss", "val_acc", "val_loss", "seconds"])
+        w.writerow(["epoch", "lr", "train_loss", "val_acc", "val_score", "val_loss", "seconds"])
         for e in history.epochs:
-            w.writerow([e.epoch, f"{e.lr:.6g}", f"{e.train_loss:.6f}", f"{e.val_acc:.6f}", f"{e.val_loss:.6f}",
-                        f"{e.seconds:.2f}"])  # fmt: skip
+            w.writerow([e.epoch, f"{e.lr:.6g}", f"{e.train_loss:.6f}", f"{e.val_acc:.6f}", f"{e.val_score:.6f}",
+                        f"{e.val_loss:.6f}", f"{e.seconds:.2f}"])  # fmt: skip
     return metrics
 
 
 # --------------------------------------------------------------------------------------------- evaluate
 def evaluate_stage(params: Params, model_path: Path | None = None, split: str = "test") -> dict:
-    """Accuracy, per-class recall and confusion matrix of the tuned (or a merged) model on a split."""
+    """Accuracy, per-class precision/recall, confusion matrix, balanced accuracy and, at the model's own threshold
+    (chosen on validation at training), escape rate and overkill of the tuned (or a merged) model on a split."""
     run = run_dir(params)
     model, info = load_any(model_path or run / FILES["tuned"])
     ds_info = load_dataset_info(Path(params["paths"]["data"]))
@@ -226,7 +265,10 @@ def evaluate_stage(params: Params, model_path: Path | None = None, split: str = 
         raise DataError(f"model classes {info['class_names']} differ from the data's {ds_info.class_names}")
     loader = _loaders(params, ModelInfo.from_dict(info).preprocess, 64, 0)[split]
     result = {"split": split, **evaluate(model, loader, num_classes=len(ds_info.class_names))}
+    ok_class, threshold = info.get("ok_class"), info.get("threshold")
     result["class_names"] = ds_info.class_names
+    result.update({"ok_class": ok_class, "threshold": threshold})
+    result["defect"] = decision_metrics(*collect(model, loader)[:2], ds_info.class_names, ok_class, threshold)
     write_json(run / FILES["eval"], result)
     return result
 
@@ -267,25 +309,11 @@ def _unmergeable(plan: Plan) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- predict
-def predict_stage(model_path: Path, inputs: list[Path], out_csv: Path, batch_size: int = 64) -> Path:
-    """Images (files or folders, searched recursively) -> CSV of predictions."""
-    from spt_core.data import IMAGE_SUFFIXES, ImageDataset, eval_transform
-    from spt_core.evaluate import predict, write_predictions_csv
+def predict_stage(model_path: Path, inputs: list[Path], out_csv: Path, force: bool = False) -> dict:
+    """Images (files or folders) -> CSV; any artifact (`pipelines.predict`)."""
+    from .predict import predict_files
 
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or directory; pass image files or folders")
-    if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, inputs))}")
-    model, info = load_any(model_path)
-    ds = ImageDataset([(f, 0) for f in files], eval_transform(ModelInfo.from_dict(info).preprocess))
-    preds, probs = predict(model, torch.utils.data.DataLoader(ds, batch_size=batch_size))
-    return write_predictions_csv(files, preds, probs, info["class_names"], out_csv)
+    return predict_files(Path(model_path), inputs, out_csv, force=force)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -314,7 +342,7 @@ def export_stage(params: Params) -> dict:
         eval_images=[p for p, _ in test], eval_labels=[y for _, y in test], model_name=info["model_args"]["name"],
         model_version=str(version), plan_hash=info["plan_hash"], data_version=ds_info.data_hash,
         precisions=tuple(e["precisions"]), calibration_size=e["calibration_size"], int8_max_drop=e["int8_max_drop"],
-        opset=e["opset"],
+        opset=e["opset"], decision={k: info.get(k) for k in ("ok_class", "threshold", "max_escape_rate")},
     )  # fmt: skip
     if not report.get("passed", False):
         raise SensituneError(
@@ -348,7 +376,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("prepare", prepare_stage, ("data",)),
     Stage("measure", measure_stage, ("model", "sensitivity", "train.seed")),
     Stage("plan", plan_stage, ("plan",)),
-    Stage("train", train_stage, ("train",)),
+    Stage("train", train_stage, ("train", "evaluate")),
     Stage("evaluate", evaluate_stage, ()),
     Stage("merge", merge_stage, ()),
     Stage("export", export_stage, ("export",)),

@@ -264,15 +264,22 @@ def compare_champion(
 
 
 def handover_gate(
-    challenger_acc: float, champion_acc: float | None, min_gain: float, promotable: bool
+    challenger_acc: float,
+    champion_acc: float | None,
+    min_gain: float,
+    promotable: bool,
+    warnings: list[str] | None = None,
 ) -> tuple[str, str]:
     """The offline hand-over gate: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover.
 
     It decides whether the flow offers a new model to the line at all; the line's own promotion of a challenger
-    to champion, on live operator feedback, is `deploy.rollout.decision.decide`.
+    to champion, on live operator feedback, is `deploy.rollout.decision.decide`. A model with training warnings
+    (metrics.json ``warnings``: below the linear probe on validation) is never handed over.
     """
     if not promotable:
         return NOT_PROMOTED, "the FP32 artifact failed export verification (export_report.json)"
+    if warnings:
+        return NOT_PROMOTED, f"training warned: {warnings[0]}"
     if champion_acc is None:
         return BOOTSTRAP, "no champion yet: the challenger becomes the champion"
     gain = challenger_acc - champion_acc

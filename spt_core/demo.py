@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,8 @@ def generate_demo_defects(
     batch: int = 0,
     size: int = 96,
     classes: Sequence[str] = DEMO_CLASSES,
+    counts: Mapping[str, int] | None = None,
+    bit_depth: int | None = None,
 ) -> Path:
     """Write a synthetic surface-inspection ImageFolder: ``out_dir/<class>/b{batch}_{i:04d}.png``.
 
@@ -115,17 +117,26 @@ def generate_demo_defects(
         batch: Data batch number (file prefix ``b{batch}_``).
         size: Square image side in pixels.
         classes: Subset/order of ``ok``, ``scratch``, ``spot``, ``crack``.
+        counts: Images per class (e.g. ``{"ok": 340, "scratch": 24, "spot": 16, "crack": 10}``, a line's
+            imbalance); a class not named gets ``n_per_class``.
+        bit_depth: None writes 8-bit RGB PNGs; 10, 12 or 16 writes single-channel 16-bit PNGs (mode ``I;16``) with
+            values up to ``2**bit_depth - 1``, as a Mono10/12/16 line camera delivers (the grey of the RGB image).
 
     Returns:
         ``out_dir``.
     """
     out_dir = Path(out_dir)
+    if bit_depth is not None and not 8 <= bit_depth <= 16:
+        raise DataError(f"demo bit_depth={bit_depth}: give 8..16 (Mono8..Mono16) or None for 8-bit RGB")
+    unknown = sorted(set(counts or {}) - set(classes))
+    if unknown:
+        raise DataError(f"demo counts name unknown class(es) {unknown}; use {', '.join(classes)}")
     for cls in classes:
         if cls not in DEMO_CLASSES:
             raise DataError(f"demo defect class {cls!r} is unknown; use a subset of {', '.join(DEMO_CLASSES)}")
         key = int.from_bytes(hashlib.sha256(cls.encode()).digest()[:4], "big")  # stable per class, not per position
         (out_dir / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
+        for i in range((counts or {}).get(cls, n_per_class)):
             rng = np.random.default_rng([seed, batch, key, i])
             img = _surface(rng, size)
             if cls != "ok":
@@ -133,6 +144,10 @@ def generate_demo_defects(
                 amp = _STRENGTH * max(float(img.std()), 20.0) * rng.uniform(0.7, 1.3)
                 img = img + sign * amp * mask[..., None]
             buf = io.BytesIO()
-            Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+            if bit_depth is None:
+                Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+            else:  # mono: the grey level, rescaled from 0..255 to 0..2**bit_depth - 1, in a 16-bit container
+                grey = np.clip(img.mean(-1), 0, 255) * ((2**bit_depth - 1) / 255.0)
+                Image.fromarray(np.rint(grey).astype(np.uint16)).save(buf, format="PNG")
             write_bytes(out_dir / cls / f"b{batch}_{i:04d}.png", buf.getvalue())
     return out_dir

@@ -121,6 +121,35 @@ def evaluate(
     }
 
 
+def collect(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: str | torch.device | None = None,
+    *,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels (N,) int64, softmax probabilities (N, C) float32 and the mean cross-entropy of a labelled loader:
+    what the defect metrics (`spt_core.metrics`) and the threshold are computed from."""
+    device = _device_or_models(model, device)
+    labels, probs = [], []
+    loss_sum, n = 0.0, 0
+    with eval_mode(model), torch.inference_mode():
+        for batch in loader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise SensituneError("collect() got a batch without labels: pass a loader yielding (images, labels)")
+            with _autocast(device, amp_dtype):
+                logits = model(x.to(device, non_blocking=True))
+            logits, y = logits.float().cpu(), y.long().cpu()  # (B, C), (B,)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
+            labels.append(y)
+            probs.append(logits.softmax(1))
+    if not n:
+        raise SensituneError("collect() got an empty loader: check the split has images")
+    return torch.cat(labels).numpy(), torch.cat(probs).numpy().astype(np.float32), loss_sum / n
+
+
 def _input_batches(data: torch.Tensor | Iterable[Any], batch_size: int) -> Iterator[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         yield from data.split(batch_size)

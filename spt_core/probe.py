@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import SensituneError
+from .metrics import selection_score
 
 
 @dataclass
@@ -27,6 +28,9 @@ class ProbeResult:
     val_acc: float
     test_acc: float | None
     seconds: float
+    select: str = "accuracy"
+    val_score: float | None = None  # `select`'s value on validation (the yardstick of the below-probe warning)
+    test_balanced_acc: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -34,6 +38,9 @@ class ProbeResult:
             "probe_val_acc": self.val_acc,
             "probe_test_acc": self.test_acc,
             "probe_seconds": round(self.seconds, 2),
+            "probe_select": self.select,
+            "probe_val_score": self.val_score,
+            "probe_test_balanced_acc": self.test_balanced_acc,
         }
 
 
@@ -58,6 +65,13 @@ def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((head(x).argmax(1) == y).float().mean())
 
 
+def _score(
+    head: nn.Module, x: torch.Tensor, y: torch.Tensor, select: str, ok_index: int | None, ceiling: float
+) -> float:
+    with torch.no_grad():
+        return selection_score(y.numpy(), head(x).softmax(1).numpy(), select, ok_index, ceiling)
+
+
 def fit_probe(
     model: nn.Module,
     loaders: Mapping[str, Iterable],
@@ -68,6 +82,9 @@ def fit_probe(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
+    select: str = "accuracy",
+    ok_index: int | None = None,
+    max_escape_rate: float = 0.0,
 ) -> ProbeResult:
     """Fit `model.get_classifier()` in place on cached features; returns validation/test accuracy.
 
@@ -76,6 +93,7 @@ def fit_probe(
         loaders: "train", "val" and optionally "test" loaders of (images, labels).
         epochs, lr, weight_decay, batch_size, seed: the probe's recipe (AdamW, cosine decay).
         device: where the backbone extracts features (default: where the model is); the probe trains on CPU.
+        select, ok_index, max_escape_rate: the validation metric that picks the epoch (`train.select`).
     """
     if epochs < 1 or batch_size < 1:
         raise SensituneError(f"probe epochs={epochs}, batch_size={batch_size}: both must be >= 1")
@@ -95,7 +113,7 @@ def fit_probe(
     g = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(xtr) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    best = (-1.0, 0, {k: v.clone() for k, v in probe.state_dict().items()})
+    best = (-math.inf, 0, {k: v.clone() for k, v in probe.state_dict().items()})
     for epoch in range(epochs):
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch_size):
@@ -105,12 +123,15 @@ def fit_probe(
             loss.backward()
             opt.step()
             sched.step()
-        acc = _accuracy(probe, xva, yva)
-        if acc > best[0]:  # first best epoch wins ties
-            best = (acc, epoch, {k: v.clone() for k, v in probe.state_dict().items()})
+        score = _score(probe, xva, yva, select, ok_index, max_escape_rate)
+        if score > best[0]:  # first best epoch wins ties
+            best = (score, epoch, {k: v.clone() for k, v in probe.state_dict().items()})
     probe.load_state_dict(best[2])
     test_acc = _accuracy(probe, *feats["test"]) if "test" in feats else None
+    test_bal = _score(probe, *feats["test"], "balanced_accuracy", None, 0.0) if "test" in feats else None
     with torch.no_grad():
         for k, v in probe.state_dict().items():
             getattr(head, k).copy_(v.to(getattr(head, k)))
-    return ProbeResult(best_epoch=best[1] + 1, val_acc=best[0], test_acc=test_acc, seconds=time.perf_counter() - t0)
+    return ProbeResult(best_epoch=best[1] + 1, val_acc=_accuracy(probe, xva, yva), test_acc=test_acc,
+                       seconds=time.perf_counter() - t0, select=select, val_score=best[0],
+                       test_balanced_acc=test_bal)  # fmt: skip

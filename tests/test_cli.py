@@ -15,8 +15,8 @@ from pipelines.models import load_merged
 
 TINY = {
     "paths": {"raw": "raw", "data": "prepared", "run": "run"},
-    "demo": {"n_per_class": 8, "size": 32, "seed": 0, "batch": 0},
-    "data": {"n_train": 16, "n_val": 8, "n_test": None},
+    "demo": {"n_per_class": 8, "size": 32, "seed": 0, "batch": 0, "counts": None},
+    "data": {"split": None, "n_train": 16, "n_val": 8, "n_test": None},
     "model": {"name": "test_efficientnet", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2},
     "plan": {"budget": "2%"},
@@ -162,7 +162,7 @@ def test_sensitivity_uses_fixed_shuffle(project):
 
 def test_flags_can_set_null():
     """`--n-test all` / `--img-size none` set the key to null instead of being ignored."""
-    args = build_parser().parse_args(["prepare", "--n-test", "all", "--n-train", "12"])
+    args = build_parser().parse_args(["prepare", "--n-test", "all", "--n-train", "12", "--set", "data.split=null"])
     params = params_from_args(args)
     assert params["data"]["n_test"] is None and params["data"]["n_train"] == 12
     args = build_parser().parse_args(["measure", "--input-size", "none"])

@@ -40,8 +40,8 @@ from pipelines.config import load_params  # noqa: E402
 
 TINY = {  # 4 classes x 6 images of 32 px per batch; random-init test model; one epoch; FP32 export only
     "paths": {"raw": "data/raw", "data": "data/prepared", "run": "runs/main"},
-    "demo": {"n_per_class": 6, "size": 32},
-    "data": {"n_train": 12, "n_val": 8},
+    "demo": {"n_per_class": 6, "size": 32, "counts": None},
+    "data": {"split": None, "n_train": 12, "n_val": 8},
     "model": {"name": "test_efficientnet", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "auto"},
     "plan": {"budget": "5%"},

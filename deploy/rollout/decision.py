@@ -1,7 +1,8 @@
 """The promotion rule, the one online rule that judges a challenger, and how its verdicts are carried out.
 
 Offline (`decide` on a `deploy.rollout.stats.compare` report, by `POST /decide` or the CLI): roll back on a
-too-high error rate, wait for enough labelled frames, then promote or roll back on accuracy and latency.
+too-high error rate or an escape rate worse than the champion's beyond its interval (whatever its accuracy), wait
+for enough labelled frames, then promote or roll back on accuracy and latency.
 Online (the edge service, per request): `ChallengerHealth` disables a challenger the moment its error rate breaks
 the same limit, and `roll_back` carries that out, as it does for a challenger that fails to load.
 Every verdict goes through `apply_decision`: manifest rewrite, registry aliases, decisions.jsonl.
@@ -31,6 +32,8 @@ from deploy.rollout.stats import wilson_interval
 from spt_core.errors import one_line
 
 PROMOTE, ROLLBACK, WAIT = "promote", "rollback", "wait"
+_EVIDENCE = ("labelled", "accuracy", "accuracy_ci95", "defect_recall", "escape_rate", "escape_rate_ci95", "overkill",
+             "latency_ms")  # fmt: skip
 
 
 @dataclass
@@ -49,6 +52,22 @@ def error_rate_exceeded(errors: int, attempts: int, limit: float) -> bool:
     return ci is not None and ci[0] > limit
 
 
+def escape_worse(challenger: dict[str, Any], champion: dict[str, Any]) -> str | None:
+    """Why the challenger lets more defects through than the champion beyond doubt, or None.
+
+    Worse beyond its interval: the lower end of the challenger's 95 % Wilson interval of the escape rate is above
+    the champion's escape rate. Such a challenger is never promoted, whatever its accuracy.
+    """
+    ch, cp = challenger.get("escape_rate"), champion.get("escape_rate")
+    ci = challenger.get("escape_rate_ci95")
+    if ch is None or cp is None or not ci or not ci[0] > cp:
+        return None
+    return (
+        f"challenger escape rate {ch:.4f} ({challenger['escaped']}/{challenger['defects']} defects passed, 95% CI "
+        f"{ci[0]:.4f}-{ci[1]:.4f}) is worse than the champion's {cp:.4f} beyond its interval"
+    )
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -56,8 +75,8 @@ def _fmt(x: float | None) -> str:
 def decide(report: dict[str, Any], rule: DecisionRule) -> Decision:
     """The promotion rule, applied to a `deploy.rollout.stats.compare` report.
 
-    Roll back at once when the challenger's inference error rate is above `max_error_rate` with 95 % confidence.
-    Otherwise wait until both arms have `min_samples` labelled frames (the champion too: its accuracy is the
+    Roll back at once when the challenger's inference error rate is above `max_error_rate` with 95 % confidence, or
+    when its escape rate is worse than the champion's beyond its interval (`escape_worse`). Otherwise wait until both arms have `min_samples` labelled frames (the champion too: its accuracy is the
     yardstick); then promote when accuracy gain >= `min_gain` and the relative p50 latency increase is at most
     `max_latency_increase`, else roll back.
     """
@@ -66,8 +85,9 @@ def decide(report: dict[str, Any], rule: DecisionRule) -> Decision:
         "champion_version": report["versions"][CHAMPION],
         "challenger_version": report["versions"][CHALLENGER],
         "rule": asdict(rule),
-        CHAMPION: {k: cp[k] for k in ("labelled", "accuracy", "accuracy_ci95", "defect_recall", "latency_ms")},
-        CHALLENGER: {k: ch[k] for k in ("labelled", "accuracy", "accuracy_ci95", "defect_recall", "latency_ms")},
+        "ok_class": report.get("ok_class"),
+        CHAMPION: {k: cp.get(k) for k in _EVIDENCE},
+        CHALLENGER: {k: ch.get(k) for k in _EVIDENCE},
         "challenger_errors": {"errors": ch["errors"], "requests": ch["requests"]},
         "paired": report.get("paired"),
     }
@@ -76,6 +96,8 @@ def decide(report: dict[str, Any], rule: DecisionRule) -> Decision:
     if error_rate_exceeded(ch["errors"], ch["requests"], rule.max_error_rate):
         lo = wilson_interval(ch["errors"], ch["requests"])[0]
         why = f"challenger errors {ch['errors']}/{ch['requests']} (95% lower bound {lo:.3f}) > {rule.max_error_rate}"
+        return Decision(ROLLBACK, [why], evidence)
+    if why := escape_worse(ch, cp):
         return Decision(ROLLBACK, [why], evidence)
     if min(ch["labelled"], cp["labelled"]) < rule.min_samples:
         why = f"labelled frames challenger {ch['labelled']}, champion {cp['labelled']}; need {rule.min_samples} each"

@@ -8,7 +8,7 @@ The manifest (YAML; paths are relative to the manifest's folder; unknown keys ar
     challenger_share: 0.25        # fraction of *cameras* on the challenger (sticky per camera)
     cameras: {pinned: {cam-3: challenger}}
     shadow: false                 # true: the challenger also runs, unserved, on champion frames (paired test)
-    ok_class: ok                  # every other class is a defect (defect recall)
+    ok_class: ok                  # optional: only restates the champion artifact's manifest ok_class (its default)
     log_dir: logs                 # predictions.jsonl, feedback.jsonl, decisions.jsonl
     openvino: {PERFORMANCE_HINT: THROUGHPUT}   # optional: OpenVINO CPU properties over each artifact's runtime_config
     decision: {min_samples: 200, min_gain: 0.0, max_latency_increase: 0.2, max_error_rate: 0.05}
@@ -68,7 +68,7 @@ class RolloutConfig:
     challenger_share: float = 0.0
     pinned: dict[str, str] = field(default_factory=dict)
     shadow: bool = False
-    ok_class: str = "ok"
+    ok_class: str | None = None  # None: the champion artifact's manifest ok_class (`stats.resolve_ok_class`)
     log_dir: str = "logs"
     openvino: dict[str, Any] = field(default_factory=dict)  # compile properties over the artifact's runtime_config
     decision: DecisionRule = field(default_factory=DecisionRule)
@@ -153,9 +153,9 @@ def parse_config(data: Any, base_dir: Path, source: str = "rollout manifest") ->
     shadow = data.get("shadow", False)
     if not isinstance(shadow, bool):
         errors.append(f"shadow={shadow!r}: give true or false")
-    ok_class, log_dir = data.get("ok_class", "ok"), data.get("log_dir", "logs")
+    ok_class, log_dir = data.get("ok_class"), data.get("log_dir", "logs")
     for key, value in (("ok_class", ok_class), ("log_dir", log_dir)):
-        if not isinstance(value, str) or not value:
+        if (value is not None or key == "log_dir") and (not isinstance(value, str) or not value):
             errors.append(f"{key}={value!r}: give a non-empty string")
     openvino = data.get("openvino") or {}
     if not isinstance(openvino, dict) or not all(

@@ -1,7 +1,14 @@
-"""The champion/challenger comparison from the logs: Wilson intervals, McNemar, latency quantiles, per camera."""
+"""The champion/challenger comparison from the logs: Wilson intervals, McNemar, latency quantiles, per camera.
+
+The good class comes from the champion artifact's manifest (``ok_class``, declared once in params.yaml and carried
+by every artifact); a rollout manifest may only restate it. Without one, no defect metrics are reported (never a
+guessed "ok"). A defect counts as caught when the served decision rejected it (the manifest's threshold on
+P(good)), or, for records without a decision, when the predicted class is not the good class.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection
 from pathlib import Path
@@ -10,21 +17,10 @@ from typing import Any
 import numpy as np
 
 from deploy.rollout.logs import read_jsonl
-from deploy.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig
+from deploy.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig, RolloutError
+from spt_core.metrics import Z95, wilson_interval
 
-Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson score interval for k successes in n trials (good near 0 and 1, unlike the normal interval)."""
-    if n == 0:
-        return None
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
+__all__ = ["Z95", "compare", "mcnemar", "quantiles", "report_for", "resolve_ok_class", "wilson_interval"]
 
 def mcnemar(b: int, c: int) -> dict[str, Any]:
     """Paired test on discordant frames: b = only the champion right, c = only the challenger right.
@@ -50,12 +46,20 @@ def quantiles(values: Collection[float]) -> dict[str, float | None]:
     return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
 
 
-def _arm_stats(recs: list[dict[str, Any]], labels: dict[str, str], ok_class: str) -> dict[str, Any]:
+def _rejected(r: dict[str, Any], ok_class: str) -> bool:
+    """The served call took the part off the line: the decision at the threshold, else a defect class."""
+    return r["decision"] == "reject" if r.get("decision") in ("ok", "reject") else r.get("class") != ok_class
+
+
+def _arm_stats(recs: list[dict[str, Any]], labels: dict[str, str], ok_class: str | None) -> dict[str, Any]:
     good = [r for r in recs if not r.get("error")]
-    pairs = [(r.get("class"), labels[r["frame_id"]]) for r in good if r.get("frame_id") in labels]
+    labelled = [(r, labels[r["frame_id"]]) for r in good if r.get("frame_id") in labels]
+    pairs = [(r.get("class"), t) for r, t in labelled]
     correct = sum(p == t for p, t in pairs)
-    defects = [(p, t) for p, t in pairs if t != ok_class]
-    caught = sum(p != ok_class for p, _ in defects)  # a defect flagged as any defect class gets the part off the line
+    defects = [r for r, t in labelled if ok_class is not None and t != ok_class]
+    caught = sum(_rejected(r, ok_class) for r in defects)  # a defect rejected by the threshold leaves the line
+    goods = [r for r, t in labelled if ok_class is not None and t == ok_class]
+    overkill = sum(_rejected(r, ok_class) for r in goods)
     per_class: dict[str, list[int]] = {}
     for p, t in pairs:
         per_class.setdefault(t, [0, 0])[0] += p == t
@@ -75,6 +79,12 @@ def _arm_stats(recs: list[dict[str, Any]], labels: dict[str, str], ok_class: str
         "defects": len(defects),
         "defect_recall": caught / len(defects) if defects else None,
         "defect_recall_ci95": wilson_interval(caught, len(defects)),
+        "escaped": len(defects) - caught,
+        "escape_rate": (len(defects) - caught) / len(defects) if defects else None,
+        "escape_rate_ci95": wilson_interval(len(defects) - caught, len(defects)),
+        "goods": len(goods),
+        "overkill": overkill / len(goods) if goods else None,
+        "overkill_ci95": wilson_interval(overkill, len(goods)),
         "recall_per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
         "latency_ms": quantiles([r["latency_ms"] for r in good if "latency_ms" in r]),
     }
@@ -86,12 +96,13 @@ def compare(
     *,
     champion_version: str | None = None,
     challenger_version: str | None = None,
-    ok_class: str = "ok",
+    ok_class: str | None = None,
 ) -> dict[str, Any]:
     """Champion vs challenger from the prediction and feedback logs, overall and per camera.
 
     Only records of the given (role, version) count when versions are given, so that a promoted model's history
     as challenger does not leak into its record as champion. Feedback joins on frame_id (last label wins).
+    Without ``ok_class`` the defect metrics (recall, escape rate, overkill) are None.
 
     Returns:
         {"versions", "ok_class", "overall": {role: stats}, "per_camera": {camera: {role: stats}},
@@ -134,12 +145,36 @@ def compare(
     }
 
 
+def resolve_ok_class(cfg: RolloutConfig) -> str | None:
+    """The good class: the champion artifact's manifest ``ok_class``; rollout.yaml's ``ok_class`` may only restate it.
+
+    Raises:
+        RolloutError: rollout.yaml names a class the champion does not have, or another good class than its manifest.
+    """
+    mpath = cfg.resolve(cfg.champion.path) / "manifest.json"
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        m = {}  # an unreadable champion is reported by the service's loader; here only its declared good class counts
+    declared, names = m.get("ok_class"), m.get("class_names")
+    if cfg.ok_class is not None:
+        if names and cfg.ok_class not in names:
+            raise RolloutError(f"ok_class={cfg.ok_class!r} is not a class of the champion ({names}); fix rollout.yaml")
+        if declared is not None and declared != cfg.ok_class:
+            raise RolloutError(
+                f"ok_class={cfg.ok_class!r} in rollout.yaml but the champion's manifest declares {declared!r}; "
+                "drop ok_class from rollout.yaml (the artifact carries it)"
+            )
+        return cfg.ok_class
+    return declared
+
+
 def report_for(cfg: RolloutConfig) -> dict[str, Any]:
-    """`compare` over the manifest's logs for its current champion and challenger."""
+    """`compare` over the manifest's logs for its current champion and challenger, good class from the champion."""
     return compare(
         cfg.logs / PRED_LOG,
         cfg.logs / FEEDBACK_LOG,
         champion_version=cfg.champion.version,
         challenger_version=cfg.challenger.version if cfg.challenger else None,
-        ok_class=cfg.ok_class,
+        ok_class=resolve_ok_class(cfg),
     )

@@ -55,6 +55,12 @@ EPOCH_METRICS = {
 # metrics.json key -> MLflow metric (val_acc is the validation-selected epoch's, hence best_val_acc)
 FINAL_METRICS = {
     "test_acc": "test_acc",
+    "test_balanced_acc": "test_balanced_acc",
+    "escape_rate": "test_escape_rate",  # at the validation-chosen threshold
+    "overkill": "test_overkill",
+    "threshold": "threshold",
+    "val_score": "best_val_score",
+    "probe_val_score": "probe_val_score",
     "val_acc": "best_val_acc",
     "best_epoch": "best_epoch",
     "probe_test_acc": "probe_test_acc",
@@ -71,7 +77,7 @@ FINAL_METRICS = {
     "train_seconds": "train_seconds",
     "seconds_per_epoch": "seconds_per_epoch",
 }
-RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval")  # files at the run's root
+RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval", "confusion_png")  # at the run's root
 RUN_FOLDERS = ("tuned", "merged_dir", "export")  # logged under their own names
 EXPORT_REPORT_KEYS = ("accuracy", "accuracy_drop", "max_abs_diff", "agreement")
 
@@ -191,6 +197,10 @@ def collect_record(
         "git.commit": commit,
         "mlflow.source.git.commit": commit,
         "git.dirty": None if commit is None else str(dirty).lower(),
+        "ok_class": m.get("ok_class"),
+        # below the linear probe on validation (pipelines.assess): visible in the run list, and the flow's gate
+        "sensitune.warning.below_probe": "true" if m.get("below_probe") else None,
+        "sensitune.warnings": " | ".join(m.get("warnings") or []) or None,
         **(tags or {}),
     }
     all_tags = {k: str(v) for k, v in all_tags.items() if v is not None}

@@ -4,7 +4,18 @@
 ``dataset.json``) that everything downstream reads, `loaders` turns that layout into torch loaders.
 """
 
-from spt_core.data.loaders import ImageDataset, SeededSampler, eval_transform, make_loaders, scan_split
+from spt_core.data.loaders import (
+    BALANCE,
+    Augment,
+    BalancedSampler,
+    ImageDataset,
+    SeededSampler,
+    class_weights,
+    eval_transform,
+    make_loaders,
+    scan_split,
+    train_transform,
+)
 from spt_core.data.prepare import DatasetInfo, data_hash, load_dataset_info, prepare
 from spt_core.data.sources import (
     BUILTINS,
@@ -17,6 +28,11 @@ from spt_core.data.sources import (
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 
 __all__ = [
+    "BALANCE",
+    "Augment",
+    "BalancedSampler",
+    "class_weights",
+    "train_transform",
     "BUILTINS",
     "DEMO_CLASSES",
     "FASHION_MNIST_CLASSES",

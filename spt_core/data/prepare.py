@@ -3,8 +3,16 @@
     out_dir/train/<class>/<id>.png   out_dir/val/<class>/<id>.png   out_dir/test/<class>/<id>.png
     out_dir/dataset.json             class names (label order), counts, source, seed, data_hash
 
-Few-shot subsets are class-balanced (``n // K`` per class, the remainder going to the first classes) and drawn
-from a seeded per-class permutation of the files sorted by id, so (source, seed, n_*) fixes the data exactly.
+Two split modes, both drawn from a seeded per-class permutation of the files sorted by id, so the arguments fix
+the data exactly:
+
+- proportional (``split=(0.7, 0.15, 0.15)``, what a line's data needs): every image is used, each class is split
+  in those proportions, and validation and test get at least ``min_per_class`` images of every class; a class too
+  small for that is a one-line error naming it and its count;
+- counts (``split=None``; the benchmark protocols such as VTAB-1k): class-balanced subsets of ``n_train``,
+  ``n_val``, ``n_test`` images (``n // K`` per class, the remainder going to the first classes).
+
+The declared good class (``ok_class``) is checked against the class names here, once, and recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from PIL import Image
 from spt_core.data.sources import BUILTINS, SPLITS, Item, Source, read_source, skip_or_raise
 from spt_core.errors import DataError
 from spt_core.io import write_bytes
+from spt_core.preprocess import load_rgb
 
 
 @dataclass
@@ -39,7 +48,9 @@ class DatasetInfo:
     data_hash: str  # sha256 over sorted relative paths + file sha256s
     n_skipped: int = 0
     skipped: list[str] = field(default_factory=list)  # the first skipped files, for the log
-    params: dict[str, Any] = field(default_factory=dict)  # n_train, n_val, n_test, image_size
+    params: dict[str, Any] = field(default_factory=dict)  # split, n_train, n_val, n_test, image_size
+    ok_class: str | None = None  # the declared good class (None: plain classification, no defect metrics)
+    bit_depth: int | None = None  # the declared bit depth of 16/32-bit frames (None: from each file's mode)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +90,10 @@ def prepare(
     skip_bad: bool = False,
     image_size: int | None = None,
     classes: Sequence[str] | None = None,
+    split: Sequence[float] | None = None,
+    min_per_class: int = 2,
+    ok_class: str | None = None,
+    bit_depth: int | None = None,
 ) -> DatasetInfo:
     """Materialise ``out_dir/{train,val,test}/<class>/<id>.png`` and ``out_dir/dataset.json`` from a source.
 
@@ -94,6 +109,10 @@ def prepare(
         skip_bad: Skip (and count) unreadable or non-image files instead of raising.
         image_size: Resize every image to this square size (bicubic) when writing; None keeps the source size.
         classes: Class list in label order; default sorted class names (dirs / manifest labels).
+        split: (train, val, test) fractions: the proportional mode, which ignores the ``n_*`` counts; None = counts.
+        min_per_class: Proportional mode: the fewest images of a class in validation and in test.
+        ok_class: The good class; must be one of the class names (None: no good class).
+        bit_depth: Bits of 16/32-bit frames (Mono12 in 16-bit files: 12); None = from each file's mode.
 
     Returns:
         The `DatasetInfo` also saved as ``out_dir/dataset.json``.
@@ -112,21 +131,35 @@ def prepare(
     for flag, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if n is not None and n < 0:
             raise DataError(f"{flag}={n}: give a count >= 0 or None for all")
+    if split is not None and (len(split) != 3 or min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6):
+        raise DataError(f"split={list(split)}: give [train, val, test] fractions that sum to 1, e.g. [0.7, 0.15, 0.15]")
+    if min_per_class < 1:
+        raise DataError(f"min_per_class={min_per_class}: give 1 or more validation and test images per class")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the renamed dataset should be readable like any dir
     try:
         bad: list[str] = []
         src = read_source(source, tmp, classes, skip_bad, bad)
-        items = _stage(src.items, tmp / ".staging", image_size, skip_bad, bad)
-        splits = _assign_splits(items, src, n_train, n_val, n_test, seed)
+        if ok_class is not None and ok_class not in src.class_names:
+            raise DataError(
+                f"data.ok_class={ok_class!r} is not a class of {src.desc}; found {src.class_names}: declare the good "
+                "class's name (data.ok_class) or null for plain classification"
+            )
+        items = _stage(src.items, tmp / ".staging", image_size, skip_bad, bad, bit_depth)
+        if split is not None:
+            splits = _proportional(items, src, tuple(split), min_per_class, seed)
+        else:
+            splits = _assign_splits(items, src, n_train, n_val, n_test, seed)
         counts = _write_splits(splits, src.class_names, tmp, image_size)
         for scratch in (".staging", ".source"):
             shutil.rmtree(tmp / scratch, ignore_errors=True)
         if bad:
             warnings.warn(f"skipped {len(bad)} bad file(s) in {source}, e.g. {bad[0]}", stacklevel=2)
-        params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size}
-        info = DatasetInfo(src.class_names, counts, src.desc, seed, data_hash(tmp), len(bad), bad[:20], params)
+        params = {"split": list(split) if split is not None else None, "min_per_class": min_per_class,
+                  "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size}  # fmt: skip
+        info = DatasetInfo(src.class_names, counts, src.desc, seed, data_hash(tmp), len(bad), bad[:20], params,
+                           ok_class, bit_depth)  # fmt: skip
         info.save(tmp / "dataset.json")
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -135,8 +168,11 @@ def prepare(
     return info
 
 
-def _stage(items: list[Item], staging: Path, image_size: int | None, skip_bad: bool, bad: list[str]) -> list[Item]:
-    """Decode every file once (so bad files are found before the split draws) into staged PNGs."""
+def _stage(
+    items: list[Item], staging: Path, image_size: int | None, skip_bad: bool, bad: list[str], bit_depth: int | None
+) -> list[Item]:
+    """Decode every file once (so bad files are found before the split draws) into staged 8-bit RGB PNGs, through
+    the edge's own conversion (`spt_core.preprocess.load_rgb`: 16-bit frames scaled by ``bit_depth``)."""
     staging.mkdir(parents=True, exist_ok=True)
     kept = []
     for k, it in enumerate(items):
@@ -144,16 +180,42 @@ def _stage(items: list[Item], staging: Path, image_size: int | None, skip_bad: b
             kept.append(it)
             continue
         try:
-            with Image.open(it.path) as f:
-                f.load()  # decodes fully: truncated files fail here, not in the middle of training
-                img = f.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            skip_or_raise(it.path, f"cannot read image ({' '.join(str(e).split())})", skip_bad, bad)
+            img = load_rgb(it.path, bit_depth)  # decodes fully: truncated files fail here, not in training
+        except DataError as e:
+            reason = str(e).removeprefix(f"{it.path}: ")
+            skip_or_raise(it.path, reason if "pixels" in reason else f"cannot read image ({reason})", skip_bad, bad)
             continue
         staged = staging / f"{k}.png"
         _save_png(img, staged, image_size)
         kept.append(Item(it.uid, it.label, it.split, staged, where=it.where))
     return kept
+
+
+def _proportional(
+    items: list[Item], src: Source, split: tuple[float, float, float], min_per_class: int, seed: int
+) -> dict[str, list[Item]]:
+    """Every image, each class split in proportion; val and test get at least `min_per_class` of each class."""
+    if any(it.split is not None for it in items):
+        raise DataError(
+            f"{src.desc} defines its own train/val/test splits; set data.split: null to keep them (count mode)"
+        )
+    out: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    for c, name in enumerate(src.class_names):
+        cls_items = sorted((it for it in items if it.label == c), key=lambda it: it.uid)
+        n = len(cls_items)
+        n_val, n_test = (max(min_per_class, round(f * n)) for f in split[1:])
+        if n - n_val - n_test < 1:
+            need = 2 * min_per_class + 1
+            raise DataError(
+                f"{src.desc}: class {name!r} has {n} image(s); the split needs at least {need} (1 to train and "
+                f"data.min_per_class={min_per_class} each to validate and test): add images of {name!r}, lower "
+                "data.min_per_class, or leave the class out"
+            )
+        order = [cls_items[i] for i in np.random.default_rng([seed, 0, c]).permutation(n)]
+        out["val"] += order[:n_val]
+        out["test"] += order[n_val : n_val + n_test]
+        out["train"] += order[n_val + n_test :]
+    return out
 
 
 def _quota(n: int, k: int) -> list[int]:

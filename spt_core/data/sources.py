@@ -25,7 +25,7 @@ import numpy as np
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 from spt_core.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 BUILTINS = ("digits", "fashion-mnist", "demo-defects")
 VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}

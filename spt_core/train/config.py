@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spt_core.errors import SensituneError
+from spt_core.metrics import SELECT
 
 # Config fields that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE = {"device", "progress", "log_every"}
@@ -33,6 +34,8 @@ SPT_RECIPE: dict[str, Any] = {
     "device": "auto",
     "seed": 0,
     "grad_clip": None,
+    "balance": "none",
+    "select": "accuracy",
 }
 
 
@@ -57,6 +60,8 @@ class TrainConfig:
     device: str  # "auto" = cuda if available else cpu; see `spt_core.device.resolve_device`
     seed: int
     grad_clip: float | None  # max global grad norm over the trainable params; None = no clipping
+    balance: str  # none | loss (class-weighted cross-entropy) | sampler (balanced batches, built by the loaders) | both
+    select: str  # the validation metric that picks the epoch: accuracy | balanced_accuracy | overkill_at_escape
     log_every: int = 0  # log the running train loss every N steps (0: one line per epoch)
     progress: bool | None = None  # tqdm bar; None = only on a tty and when SENSITUNE_NO_PROGRESS is unset
 
@@ -74,6 +79,8 @@ class TrainConfig:
                 ("label_smoothing", not 0 <= self.label_smoothing < 1, "in [0, 1)"),
                 ("grad_clip", self.grad_clip is not None and not self.grad_clip > 0, "None or > 0"),
                 ("log_every", self.log_every < 0, ">= 0"),
+                ("balance", self.balance not in ("none", "loss", "sampler", "both"), "none | loss | sampler | both"),
+                ("select", self.select not in SELECT, " | ".join(SELECT)),
             ]
             if bad
         ]

@@ -4,8 +4,10 @@ The trainable set is exactly ``{name: p for name, p in model.named_parameters() 
 tuner deltas and the head after ``apply_plan``, everything in full fine-tuning. The schedule is a per-step
 cosine with linear warm-up (`lr_at`); AdamW never decays 1-D parameters (`make_optimizer`).
 
-Model selection uses the validation split only: the best epoch is the first with the highest validation
-accuracy, its trainable state is loaded back at the end, and the test split is evaluated once, on it.
+Model selection uses the validation split only: the best epoch is the first with the highest validation score
+(``cfg.select``: accuracy, balanced accuracy, or the lowest overkill under the escape ceiling, see
+`spt_core.metrics.selection_score`), its trainable state is loaded back at the end, and the test split is evaluated
+once, on it. ``cfg.balance`` loss/both weighs the cross-entropy by `spt_core.data.class_weights` of the train labels.
 
 With an ``out_dir``, ``checkpoint.pt`` is rewritten after every epoch (see `spt_core.train.resume`), so a killed
 run resumed with the same ``fit`` call ends bit-identical to an uninterrupted one on CPU (on CUDA, up to kernel
@@ -36,9 +38,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from spt_core.checkpoint import bn_buffers
+from spt_core.data.loaders import class_weights
 from spt_core.device import resolve_device
 from spt_core.errors import SensituneError
-from spt_core.evaluate import evaluate, split_batch
+from spt_core.evaluate import collect, evaluate, split_batch
+from spt_core.metrics import selection_score
 from spt_core.train.config import TrainConfig
 from spt_core.train.resume import (
     CHECKPOINT_NAME,
@@ -55,7 +59,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EpochRecord:
-    """One epoch: lr of its last step, mean train loss, validation accuracy/loss, wall seconds (incl. val)."""
+    """One epoch: lr of its last step, mean train loss, validation accuracy/loss/score, wall seconds (incl. val)."""
 
     epoch: int  # 1-based
     lr: float
@@ -63,6 +67,7 @@ class EpochRecord:
     val_acc: float
     val_loss: float
     seconds: float
+    val_score: float | None = None  # cfg.select's value on validation (None in pre-select checkpoints)
 
 
 @dataclass
@@ -71,7 +76,9 @@ class History:
 
     epochs: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0  # 1-based; 0 before the first epoch
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # validation accuracy of best_epoch
+    best_val_score: float = -math.inf  # cfg.select's value of best_epoch
+    select: str = "accuracy"
     test_acc: float | None = None
     test_loss: float | None = None
     test_metrics: dict[str, Any] | None = None  # full evaluate() output (confusion, per-class recall)
@@ -172,6 +179,7 @@ def _train_epoch(
     step: int,
     total: int,
     bar: tqdm,
+    weight: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """One pass over ``loader`` from global step ``step``; returns (mean train loss, lr of the last step)."""
     device = next(iter(optimizer.param_groups[0]["params"])).device
@@ -187,7 +195,7 @@ def _train_epoch(
             g["lr"] = lr
         with autocast:
             logits = model(x)  # (B, C)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip is not None:
@@ -211,6 +219,8 @@ def fit(
     out_dir: str | os.PathLike | None = None,
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ok_index: int | None = None,
+    max_escape_rate: float = 0.0,
 ) -> History:
     """Train the model's trainable parameters, select the epoch on validation, test it once.
 
@@ -222,6 +232,8 @@ def fit(
             resumes from it. ``None``: no checkpoint.
         on_epoch: Called after each epoch (after its checkpoint) with the epoch record plus ``best_epoch``
             and ``best_val_acc``.
+        ok_index: The good class's label (``cfg.select="overkill_at_escape"`` needs it).
+        max_escape_rate: The escape ceiling of ``overkill_at_escape``.
 
     Returns:
         The History. On return the model holds the best epoch's state and each submodule its original mode.
@@ -242,8 +254,17 @@ def fit(
     if steps_per_epoch == 0:
         raise SensituneError("fit(): the train loader yields no batches: check the train split and batch size")
     total = cfg.epochs * steps_per_epoch
+    if cfg.select == "overkill_at_escape" and ok_index is None:
+        raise SensituneError("train.select=overkill_at_escape needs a good class: declare data.ok_class")
 
     device = resolve_device(cfg.device)
+    weight = None
+    if cfg.balance in ("loss", "both"):
+        labels = getattr(loaders["train"].dataset, "labels", None)
+        if labels is None:
+            raise SensituneError("train.balance=loss needs a train dataset with .labels (spt_core.data.ImageDataset)")
+        n_classes = int(getattr(model, "num_classes", 0)) or max(labels) + 1
+        weight = class_weights(labels, n_classes).to(device)
     model.to(device)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
@@ -257,7 +278,7 @@ def fit(
     no_wd = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
     optimizer = make_optimizer(params, cfg, no_decay=no_wd)
     state = _tracked_state(model, cfg)
-    history = History(trainable_params=sum(p.numel() for p in params.values()), device=str(device))
+    history = History(trainable_params=sum(p.numel() for p in params.values()), device=str(device), select=cfg.select)
     best_state = clone_state(state)
     step = start_epoch = 0
 
@@ -286,23 +307,27 @@ def fit(
             if callable(getattr(sampler, "set_epoch", None)):
                 sampler.set_epoch(epoch - 1)
             _set_train_mode(model, cfg.freeze_bn_stats)
-            train_loss, lr = _train_epoch(model, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar)
+            train_loss, lr = _train_epoch(
+                model, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar, weight
+            )
             step += steps_per_epoch
             if not math.isfinite(train_loss):
                 raise SensituneError(
                     f"train loss became {train_loss} in epoch {epoch}: lower lr (now {cfg.lr}) or set grad_clip"
                 )
-            val = evaluate(model, loaders["val"], device, amp_dtype=amp_dtype)
-            rec = EpochRecord(epoch, lr, train_loss, val["accuracy"], val["loss"], time.perf_counter() - t0)
+            y_val, p_val, val_loss = collect(model, loaders["val"], device, amp_dtype=amp_dtype)
+            score = selection_score(y_val, p_val, cfg.select, ok_index, max_escape_rate)
+            val_acc = float((p_val.argmax(1) == y_val).mean())
+            rec = EpochRecord(epoch, lr, train_loss, val_acc, val_loss, time.perf_counter() - t0, score)
             history.epochs.append(rec)
             history.train_seconds += rec.seconds
-            if rec.val_acc > history.best_val_acc:  # strict: a tie keeps the earlier epoch
-                history.best_epoch, history.best_val_acc = epoch, rec.val_acc
+            if score > history.best_val_score:  # strict: a tie keeps the earlier epoch
+                history.best_epoch, history.best_val_acc, history.best_val_score = epoch, rec.val_acc, score
                 best_state = clone_state(state)
             history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
             log.info(
-                "epoch %d/%d lr %.3g train_loss %.4f val_acc %.4f val_loss %.4f (%.1fs)",
-                epoch, cfg.epochs, lr, train_loss, rec.val_acc, rec.val_loss, rec.seconds,
+                "epoch %d/%d lr %.3g train_loss %.4f val_acc %.4f val_%s %.4f val_loss %.4f (%.1fs)",
+                epoch, cfg.epochs, lr, train_loss, rec.val_acc, cfg.select, score, rec.val_loss, rec.seconds,
             )  # fmt: skip
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{rec.val_acc:.3f}")
             if ckpt_path is not None:

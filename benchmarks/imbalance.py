@@ -1,0 +1,146 @@
+"""The imbalanced-line protocol of `benchmarks/compare.py` (``--imbalance 0.9``): data, per-run metrics, report.
+
+A line's data: one good class at ~90 % and a few defect classes with few images each (docs/line-realities.md).
+
+- ``demo-defects``: the demo generator with per-class counts (good ``ok``; scratch > spot > crack).
+- ``fashion-mnist``: a real set made imbalanced: ``Coat`` is the good class, ``Pullover``, ``Shirt`` and
+  ``T-shirt_top`` (the look-alikes) are the defects, drawn from the official training images.
+
+Both are split proportionally (``prepare(split=...)``: every image, each class in proportion, a minimum per class
+in validation and test). Every run picks its epoch on validation (``--select``, balanced accuracy by default),
+chooses the reject threshold on P(good) on validation for ``--max-escape-rate`` and reports test balanced
+accuracy, escape rate and overkill at that threshold (`spt_core.metrics`).
+
+A variant is ``<balance>[+aug]``: ``none`` (plain), ``loss``/``sampler``/``both`` (`train.balance`), ``+aug`` adds
+timm's train-time augmentation (`spt_core.data.Augment`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FASHION_GOOD, FASHION_DEFECTS = "Coat", ("Pullover", "Shirt", "T-shirt_top")
+DEMO_GOOD, DEMO_DEFECTS = "ok", ("scratch", "spot", "crack")
+DEFECT_SHARES = (0.5, 0.3, 0.2)  # of the defect images: one common defect, two rare ones
+
+
+def counts(n_images: int, good_fraction: float, good: str, defects: tuple[str, ...]) -> dict[str, int]:
+    n_good = round(n_images * good_fraction)
+    n_def = n_images - n_good
+    return {good: n_good, **{d: max(1, round(n_def * s)) for d, s in zip(defects, DEFECT_SHARES)}}
+
+
+def imbalanced_source(task: str, work_dir: Path, n_images: int, good_fraction: float) -> tuple[str, str, dict]:
+    """(ImageFolder dir, ok_class, counts) of the imbalanced version of `task`; written once, then reused."""
+    from PIL import Image
+
+    if task == "demo-defects":
+        from spt_core.demo import generate_demo_defects
+
+        c = counts(n_images, good_fraction, DEMO_GOOD, DEMO_DEFECTS)
+        src = work_dir / "data" / f"demo-imb_{n_images}_{good_fraction:g}"
+        if not (src / ".complete").is_file():
+            generate_demo_defects(src, counts=c)
+            (src / ".complete").touch()
+        return str(src), DEMO_GOOD, c
+    if task == "fashion-mnist":
+        from spt_core.data.sources import read_source
+
+        c = counts(n_images, good_fraction, FASHION_GOOD, FASHION_DEFECTS)
+        src = work_dir / "data" / f"fashion-imb_{n_images}_{good_fraction:g}"
+        if not (src / ".complete").is_file():
+            full = read_source("fashion-mnist", src, None, False, [])
+            for name, n in c.items():
+                label = full.class_names.index(name)
+                items = [it for it in full.items if it.label == label and it.split == "train"][:n]
+                (src / name).mkdir(parents=True, exist_ok=True)
+                for it in items:
+                    Image.fromarray(it.array).save(src / name / f"{it.uid}.png")
+            (src / ".complete").touch()
+        return str(src), FASHION_GOOD, c
+    raise ValueError(f"--imbalance supports demo-defects and fashion-mnist, not {task!r}")
+
+
+def parse_variant(variant: str) -> tuple[str, bool]:
+    """``"loss+aug"`` -> ("loss", True); ``"none"`` -> ("none", False)."""
+    balance, _, aug = variant.partition("+")
+    if balance not in ("none", "loss", "sampler", "both") or aug not in ("", "aug"):
+        raise ValueError(f"variant {variant!r}: write <none|loss|sampler|both>[+aug], e.g. loss+aug")
+    return balance, aug == "aug"
+
+
+def line_metrics(model: Any, loaders: dict, ok_index: int, max_escape_rate: float) -> dict[str, Any]:
+    """Validation-chosen threshold; test balanced accuracy, escape rate and overkill at it (with Wilson CIs)."""
+    from spt_core.evaluate import collect
+    from spt_core.metrics import balanced_accuracy, choose_threshold, confusion_matrix, rates_at
+
+    yv, pv, _ = collect(model, loaders["val"])
+    yt, pt, _ = collect(model, loaders["test"])
+    t = choose_threshold(pv[:, ok_index], yv != ok_index, max_escape_rate)
+    at = rates_at(pt[:, ok_index], yt != ok_index, t)
+    val_at = rates_at(pv[:, ok_index], yv != ok_index, t)
+    k = pt.shape[1]
+    return {
+        "threshold": t,
+        "val_balanced_acc": balanced_accuracy(confusion_matrix(yv, pv.argmax(1), k)),
+        "test_balanced_acc": balanced_accuracy(confusion_matrix(yt, pt.argmax(1), k)),
+        "val_escape_rate": val_at["escape_rate"]["value"],
+        "escape_rate": at["escape_rate"]["value"],
+        "escape_ci95": at["escape_rate"]["ci95"],
+        "escapes": [at["escape_rate"]["k"], at["escape_rate"]["n"]],
+        "overkill": at["overkill"]["value"],
+        "overkill_ci95": at["overkill"]["ci95"],
+        "overkills": [at["overkill"]["k"], at["overkill"]["n"]],
+    }
+
+
+def _ms(values: list[float | None], scale: float = 100.0) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    return f"{scale * np.mean(v):.1f} ± {scale * (max(v) - min(v)) / 2:.1f}"
+
+
+def write_imbalance_report(state: dict, stem: Path) -> None:
+    """stem.md: one row per (method, variant), means ± half range over seeds."""
+    meta = state["meta"]
+    rows = [r for r in state["rows"] if "error" not in r]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r.get("variant", "none")), []).append(r)
+    c = meta.get("counts", {})
+    lines = [
+        f"# {meta['backbone']} @ {meta['img_size']} px on an imbalanced {meta['task']}: good class at "
+        f"{100 * meta['imbalance']:.0f} %",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}. Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
+        f"Date: {meta['date']}.",
+        "",
+        f"Data: {sum(c.values())} images, {c} (good class `{meta['ok_class']}`), split {meta['split']} per class "
+        f"(proportional, min {meta['min_per_class']} per class in val and test): {meta.get('split_counts')}. "
+        f"{meta['epochs']} epochs, batch {meta['batch']}, budget {meta['budget']}, lr per method as listed. "
+        f"Epoch chosen on validation `{meta['select']}` only; the reject threshold on P(good) chosen on validation "
+        f"for escape rate <= {meta['max_escape_rate']}; test evaluated once, at that epoch and threshold. "
+        "Mean ± half range over seeds; escape/overkill in %, with the pooled counts over seeds.",
+        "",
+        "| method | variant | lr | seeds | test bal. acc % | test acc % | escape % (escaped/defects) | "
+        "overkill % (rejected/good) | val bal. acc % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, variant), rs in sorted(groups.items()):
+        esc = [sum(r["escapes"][i] for r in rs) for i in (0, 1)]
+        ov = [sum(r["overkills"][i] for r in rs) for i in (0, 1)]
+        lines.append(
+            f"| {method} | {variant} | {rs[0]['lr']:g} | {len(rs)} | {_ms([r['test_balanced_acc'] for r in rs])} | "
+            f"{_ms([r['test_acc'] for r in rs])} | {_ms([r['escape_rate'] for r in rs])} ({esc[0]}/{esc[1]}) | "
+            f"{_ms([r['overkill'] for r in rs])} ({ov[0]}/{ov[1]}) | {_ms([r['val_balanced_acc'] for r in rs])} |"
+        )
+    notes = meta.get("notes")
+    if notes:
+        lines += ["", notes]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")

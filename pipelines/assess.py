@@ -1,0 +1,113 @@
+"""What a line judges a tuned model by, computed once after training and again by `sensitune evaluate`.
+
+- the operating threshold: a part is rejected when P(good) < threshold, chosen on validation for
+  ``evaluate.max_escape_rate`` (`spt_core.metrics.choose_threshold`); it travels with the model (tuned info ->
+  merged -> export manifest) and `predict` and the edge apply it;
+- on test: per-class precision and recall, confusion matrix (also ``confusion.png``), balanced accuracy, and the
+  escape rate and overkill at that threshold, each with a Wilson interval;
+- warnings: a tuned model below the linear probe on validation (same metric, ``train.select``) is flagged in the CLI
+  output, in metrics.json (``below_probe``, ``warnings``) and as an MLflow tag; the flow does not hand it over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spt_core.io import atomic_path
+from spt_core.metrics import choose_threshold, decision_metrics
+
+log = logging.getLogger(__name__)
+
+
+def operating_point(
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None,
+    class_names: Sequence[str],
+    ok_class: str | None,
+    max_escape_rate: float,
+) -> dict[str, Any]:
+    """The threshold chosen on validation (labels, probs) and the metrics of both splits at it.
+
+    Returns:
+        ``threshold`` (None without a good class), ``ok_class``, ``max_escape_rate``, ``val`` and ``test``
+        (`spt_core.metrics.decision_metrics`), and the headline numbers flat: ``test_balanced_acc``,
+        ``escape_rate``, ``overkill`` (test, at the threshold) with ``*_ci95``.
+    """
+    threshold = None
+    if ok_class is not None:
+        g = list(class_names).index(ok_class)
+        threshold = choose_threshold(val[1][:, g], val[0] != g, max_escape_rate)
+    out: dict[str, Any] = {"ok_class": ok_class, "threshold": threshold, "max_escape_rate": max_escape_rate}
+    out["val"] = decision_metrics(*val, class_names, ok_class, threshold)
+    if test is not None:
+        t = out["test"] = decision_metrics(*test, class_names, ok_class, threshold)
+        out["test_balanced_acc"] = t["balanced_accuracy"]
+        if "at_threshold" in t:
+            for rate in ("escape_rate", "overkill"):
+                out[rate], out[f"{rate}_ci95"] = t["at_threshold"][rate]["value"], t["at_threshold"][rate]["ci95"]
+    return out
+
+
+def probe_warnings(metrics: dict[str, Any]) -> list[str]:
+    """The tuned model below the linear probe on validation, on the selection metric (and on accuracy)."""
+    out = []
+    select, tuned, probe = metrics.get("select"), metrics.get("val_score"), metrics.get("probe_val_score")
+    if tuned is not None and probe is not None and tuned < probe:
+        out.append(
+            f"below the linear probe on validation: {select} {tuned:.4f} < probe {probe:.4f}; this model must not "
+            "replace the probe: try more epochs, another lr or budget, or keep the probe"
+        )
+    return out
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "") -> Path | None:
+    """A confusion matrix (true rows, predicted columns, counts in the cells) as PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: skipping %s", path)
+        return None
+    cm = np.asarray(cm)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k), dpi=100)
+    ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    """One line for the CLI: accuracy, balanced accuracy, and escape/overkill at the threshold."""
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def ci(c: Sequence[float] | None) -> str:
+        return "" if not c else f" [{100 * c[0]:.1f}, {100 * c[1]:.1f}]"
+
+    text = f"test accuracy {pct(m.get('test_acc'))}, balanced {pct(m.get('test_balanced_acc'))}"
+    if m.get("threshold") is not None:
+        text += (
+            f"; at threshold P({m['ok_class']}) < {m['threshold']:.4f} -> reject (chosen on validation for escape "
+            f"<= {m['max_escape_rate']}): escape rate {pct(m.get('escape_rate'))}{ci(m.get('escape_rate_ci95'))}, "
+            f"overkill {pct(m.get('overkill'))}{ci(m.get('overkill_ci95'))}"
+        )
+    return text
