@@ -1,11 +1,10 @@
 """Tuned weights: just the trained values, the plan and the head — a few hundred KB instead of a backbone.
 
-A tuned-weights directory holds two files (their names are part of the on-disk format ``sensitune-tuned/1``,
-kept so that every directory written so far still loads)::
+A tuned-weights directory holds two files (their names are part of the on-disk format ``sensitune-tuned/1``)::
 
     <dir>/tuned.safetensors   tuner values + head, keyed by parameter name; plan indices under "plan/…"
     <dir>/tuned.json          model info (timm name, classes, weights source + sha256, preprocess),
-                                plan (JSON), plan hash, sensitune version, anything extra (class names…)
+                              plan (JSON), plan hash, sensitune version, anything extra (class names…)
 Loading checks that the tuned weights fit the base model (names, shapes, class count) and fails in one line if not.
 """
 
