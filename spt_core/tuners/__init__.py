@@ -23,7 +23,7 @@ from .lora import LoRADelta
 from .adapter import Adapter
 
 # isort: on
-from .host import TunerSet, check_tuners_reached, detach_tuners, tuner_set
+from .host import TunerSet, check_tuners_reached, detach_tuners, tuned_modules, tuner_set
 from .registry import (
     TUNERS,
     TunerKind,
@@ -102,11 +102,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
     if got != plan.trainable:  # a structural invariant: every target's count formula matches its module
         raise AssertionError(f"tuners hold {got} values but the plan counts {plan.trainable}")
     return model
-
-
-def tuned_modules(model: nn.Module) -> dict[str, TunerSet]:
-    """Host modules that carry tuners, by module name."""
-    return {n: m.spt for n, m in model.named_modules() if isinstance(getattr(m, "spt", None), TunerSet)}
 
 
 def trainable_count(model: nn.Module) -> int:

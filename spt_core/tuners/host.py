@@ -145,14 +145,17 @@ def tuner_set(host: nn.Module) -> TunerSet:
     return host.spt
 
 
+def tuned_modules(model: nn.Module) -> dict[str, TunerSet]:
+    """Host modules that carry tuners, by module name."""
+    return {n: m.spt for n, m in model.named_modules() if isinstance(getattr(m, "spt", None), TunerSet)}
+
+
 def check_tuners_reached(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names of tuner parameters that get no gradient from one forward/backward of `x` (should be empty).
 
     A tuner is unreachable when the model reads its host's weight from outside the host's forward. Every
     parameter's `.grad` and every module's train/eval mode are left as they were.
     """
-    from . import tuned_modules
-
     tuner_params = [(f"{n}.spt.{pn}", p) for n, t in tuned_modules(model).items() for pn, p in t.named_parameters()]
     grads = [(p, p.grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
