@@ -174,7 +174,9 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
 
         model = args.model_path or stages.run_dir(params) / FILES["merged"]
         result = stages.predict_stage(model, args.inputs, args.out, force=args.force)
-        print(describe(result))
+        text, errors = describe(result)
+        print(text)
+        print("\n".join(errors), file=sys.stderr) if errors else None
         return 1 if result["failed"] else 0
     elif verb == "export":
         _print(stages.export_stage(params))

@@ -127,17 +127,12 @@ def predict_files(model_path: Path, inputs: list[Path], out_csv: Path, *, force:
     return {"out": str(out_csv), "n": len(rows), "failed": failed, "model": desc, "ok_class": ok, "threshold": thr}
 
 
-def describe(result: dict) -> str:
-    """The CLI's lines about a predict run."""
+def describe(result: dict) -> tuple[str, list[str]]:
+    """The CLI's line about a predict run (stdout) and its error lines (stderr)."""
     rule = (f"reject when P({result['ok_class']}) < {result['threshold']:.4f}" if result["threshold"] is not None
             else "the argmax class decides")  # fmt: skip
-    text = f"wrote {result['out']}: {result['n']} image(s) by {result['model']} ({rule})"
-    return (
-        text
-        + "".join(f"\nerror: {r}" for _, r in result["failed"][:20])
-        + (
-            f"\nerror: {len(result['failed'])} of {result['n'] + len(result['failed'])} file(s) failed and were skipped"
-            if result["failed"]
-            else ""
-        )
-    )
+    errors = [f"error: {reason}" for _, reason in result["failed"][:20]]
+    if result["failed"]:
+        total = result["n"] + len(result["failed"])
+        errors.append(f"error: {len(result['failed'])} of {total} file(s) failed and were skipped (exit code 1)")
+    return f"wrote {result['out']}: {result['n']} image(s) by {result['model']} ({rule})", errors

@@ -56,8 +56,11 @@ def fit_linear(images: list[Any], labels: list[int], pre: Preprocess) -> tuple[n
     return coef[:-1].T.copy(), coef[-1].copy()
 
 
-def build_artifact(out_dir: Path, version: str, w: np.ndarray, b: np.ndarray, size: int) -> Path:
-    """Convert a tiny torch model to OpenVINO IR (fp32) + manifest.json per docs/ARCHITECTURE.md, atomically."""
+def build_artifact(
+    out_dir: Path, version: str, w: np.ndarray, b: np.ndarray, size: int, extra: dict[str, Any] | None = None
+) -> Path:
+    """Convert a tiny torch model to OpenVINO IR (fp32) + manifest.json per docs/ARCHITECTURE.md, atomically.
+    The manifest declares ``ok_class: ok``; ``extra`` adds keys (e.g. a ``threshold``)."""
     import openvino as ov
     import torch
 
@@ -100,6 +103,8 @@ def build_artifact(out_dir: Path, version: str, w: np.ndarray, b: np.ndarray, si
         "data_version": "test",
         "files": digest,
         "created": "2026-01-01T00:00:00+00:00",
+        "ok_class": "ok",
+        **(extra or {}),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -63,13 +63,56 @@ def test_merge_predict_equal_unmerged(project, monkeypatch):
     merged = list(csv.DictReader(open(project / "merged.csv")))
     tuned = list(csv.DictReader(open(project / "tuned.csv")))
     assert len(merged) == len(tuned) == sum(1 for p in images.rglob("*.png"))
-    assert [r["pred"] for r in merged] == [r["pred"] for r in tuned]
+    assert [(r["class"], r["decision"]) for r in merged] == [(r["class"], r["decision"]) for r in tuned]
     for a, b in zip(merged, tuned):
         assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-5
     # the merged file is a plain timm state dict of the original class
     model, info = load_merged(project / "run" / "merged" / "model.safetensors")
     assert type(model).__name__ == "EfficientNet" and info["class_names"] == ["crack", "ok", "scratch", "spot"]
     assert not any(".spt." in k for k in model.state_dict())
+
+
+def test_predict_on_the_openvino_export_equals_the_merged_model(project, monkeypatch, capsys, tmp_path):
+    """`predict` on any artifact: merged (PyTorch) and export dir / OpenVINO dir / model.onnx (torch-free) agree."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    import spt_core.preprocess as pp
+
+    monkeypatch.chdir(project)
+    cfg = ["--config", "params.yaml", "-q"]
+    assert main(["merge", *cfg]) == 0
+    assert main(["export", *cfg, "--set", "export.precisions=[fp32]", "--set", "export.calibration_size=8"]) == 0
+    fp32 = json.loads((project / "run" / "export" / "openvino" / "fp32" / "manifest.json").read_text())
+    merged_info = json.loads((project / "run" / "merged" / "merged.json").read_text())
+    assert fp32["ok_class"] == "ok" and fp32["threshold"] == merged_info["threshold"] is not None
+    images = project / "prepared" / "test"
+    assert main(["predict", str(images), "--out", "ref.csv", "--force", *cfg]) == 0
+    ref = list(csv.DictReader(open("ref.csv")))
+    assert {r["decision"] for r in ref} <= {"ok", "reject"} and all(0 <= float(r["p_ok"]) <= 1 for r in ref)
+    for i, path in enumerate(("run/export", "run/export/openvino/fp32", "run/export/model.onnx")):
+        assert main(["predict", str(images), "--model-path", path, "--out", f"e{i}.csv", "--force", *cfg]) == 0
+        rows = list(csv.DictReader(open(f"e{i}.csv")))
+        assert [(r["class"], r["decision"]) for r in rows] == [(r["class"], r["decision"]) for r in ref], path
+        assert max(abs(float(a["p_ok"]) - float(b["p_ok"])) for a, b in zip(rows, ref)) < 1e-4, path
+    # a bad file and an oversized one are reported and skipped; the exit code says some failed
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(next(images.rglob("*.png")), mixed / "a_good.png")
+    (mixed / "b_broken.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(mixed / "c_huge.png")
+    monkeypatch.setattr(pp, "MAX_PIXELS", 50 * 50)
+    capsys.readouterr()
+    assert main(["predict", str(mixed), "--model-path", "run/export", "--out", "mixed.csv", *cfg]) == 1
+    err = capsys.readouterr().err
+    assert "b_broken.png: not a readable image" in err and "c_huge.png: image is 60x60 = 3600 pixels" in err
+    assert "2 of 3 file(s) failed" in err
+    assert [Path(r["path"]).name for r in csv.DictReader(open("mixed.csv"))] == ["a_good.png"]
+    # an existing output is not overwritten without --force
+    assert main(["predict", str(mixed), "--model-path", "run/export", "--out", "mixed.csv", *cfg]) == 2
+    assert "mixed.csv exists; pass --force" in capsys.readouterr().err
 
 
 def test_changed_budget_replans_without_remeasuring(project, monkeypatch):
@@ -132,7 +175,7 @@ def test_train_config_is_built_from_every_train_key():
     params = load_params(None, {"train.epochs": 3, "train.lr": 0.5, "train.grad_clip": 2.0})
     cfg = stages.train_config(params).to_dict()
     assert (cfg["epochs"], cfg["lr"], cfg["grad_clip"]) == (3, 0.5, 2.0)
-    read_here = {"head_init", "probe_baseline", "probe_epochs"}  # the stage's own keys, not TrainConfig's
+    read_here = set(stages._TRAIN_EXTRA)  # the stage's own keys (probe, loaders), not TrainConfig's
     assert set(params["train"]) - read_here <= set(cfg)
 
 

@@ -22,6 +22,7 @@ from spt_core.metrics import Z95, wilson_interval
 
 __all__ = ["Z95", "compare", "mcnemar", "quantiles", "report_for", "resolve_ok_class", "wilson_interval"]
 
+
 def mcnemar(b: int, c: int) -> dict[str, Any]:
     """Paired test on discordant frames: b = only the champion right, c = only the challenger right.
 
