@@ -76,7 +76,8 @@ def decide(report: dict[str, Any], rule: DecisionRule) -> Decision:
     """The promotion rule, applied to a `deploy.rollout.stats.compare` report.
 
     Roll back at once when the challenger's inference error rate is above `max_error_rate` with 95 % confidence, or
-    when its escape rate is worse than the champion's beyond its interval (`escape_worse`). Otherwise wait until both arms have `min_samples` labelled frames (the champion too: its accuracy is the
+    when its escape rate is worse than the champion's beyond its interval (`escape_worse`). Otherwise wait until
+    both arms have `min_samples` labelled frames (the champion too: its accuracy is the
     yardstick); then promote when accuracy gain >= `min_gain` and the relative p50 latency increase is at most
     `max_latency_increase`, else roll back.
     """
