@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from spt_core.errors import SensituneError
 from spt_core.io import atomic_path
-from spt_core.metrics import choose_threshold, decision_metrics
+from spt_core.metrics import choose_threshold, decision_metrics, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,39 @@ def summary_line(m: dict[str, Any]) -> str:
             f"overkill {pct(m.get('overkill'))}{ci(m.get('overkill_ci95'))}"
         )
     return text
+
+
+def registry_scores(uri: str, model_uri: str, images: list[Path], labels: list[str]) -> dict[str, Any]:
+    """Accuracy and, with the good class and threshold its metadata carries, the escape rate of a registered model."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    from deploy.artifact import decide
+    from spt_core.preprocess import Preprocess, preprocess_batch
+
+    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(prev[0])
+        mlflow.set_registry_uri(prev[1])
+    info = (model.metadata.metadata or {}).get("sensitune") or {}
+    if "preprocess" not in info or "class_names" not in info:
+        raise SensituneError(
+            f"{model_uri} has no sensitune metadata (preprocess, class_names); register it with log_run"
+        )
+    pre, names, ok = Preprocess.from_dict(info["preprocess"]), info["class_names"], info.get("ok_class")
+    correct = escaped = defects = 0
+    for i in range(0, len(images), 64):
+        z = np.asarray(model.predict(preprocess_batch(images[i : i + 64], pre)), np.float64)  # (N, C) logits
+        p = np.exp(z - z.max(1, keepdims=True))
+        for row, y in zip(p / p.sum(1, keepdims=True), labels[i : i + 64]):
+            correct += names[int(row.argmax())] == y
+            if ok is not None and y != ok:  # the artifact's own decision at its own threshold
+                defects += 1
+                escaped += decide(row, names, ok, info.get("threshold"))["decision"] == "ok"
+    rate = escaped / defects if defects else None
+    return {"accuracy": correct / len(images), "ok_class": ok, "escaped": escaped, "defects": defects,
+            "escape_rate": rate, "escape_rate_ci95": wilson_interval(escaped, defects)}  # fmt: skip

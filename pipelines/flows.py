@@ -207,8 +207,9 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         )
         promotable = bool(report.get("promotable", {}).get("fp32"))
         decision, reason = t.handover_gate(
-            cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable, metrics.get("warnings")
-        )
+            cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable, metrics.get("warnings"),
+            (cmp["challenger"], cmp["champion"]),
+        )  # fmt: skip
         moved = t.hand_over(
             decision,
             manifest=opt["rollout"],

@@ -31,10 +31,12 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
+from deploy.rollout.decision import escape_worse  # noqa: E402
 from pipelines import (
     stages,  # noqa: E402
     tracking,  # noqa: E402
 )
+from pipelines.assess import registry_scores  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
 from spt_core.io import write_json  # noqa: E402
 
@@ -211,28 +213,7 @@ def split_names(data_dir: Path, splits: tuple[str, ...] = ("train", "val")) -> s
 
 def registry_accuracy(uri: str, model_uri: str, images: list[Path], labels: list[str]) -> float:
     """Accuracy of a registered pyfunc model on images, preprocessed as its own metadata says."""
-    import mlflow.pyfunc
-    import numpy as np
-
-    from spt_core.preprocess import Preprocess, preprocess_batch
-
-    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(prev[0])
-        mlflow.set_registry_uri(prev[1])
-    info = (model.metadata.metadata or {}).get("sensitune") or {}
-    if "preprocess" not in info or "class_names" not in info:
-        raise RetrainError(f"{model_uri} has no sensitune metadata (preprocess, class_names); register it with log_run")
-    pre, names = Preprocess.from_dict(info["preprocess"]), info["class_names"]
-    correct = 0
-    for i in range(0, len(images), 64):
-        logits = np.asarray(model.predict(preprocess_batch(images[i : i + 64], pre)))  # (N, C)
-        correct += sum(names[k] == y for k, y in zip(logits.argmax(1).tolist(), labels[i : i + 64]))
-    return correct / len(images)
+    return registry_scores(uri, model_uri, images, labels)["accuracy"]  # pipelines.assess
 
 
 @task(name="compare-champion", retries=2, retry_delay_seconds=10, timeout_seconds=3600, cache_policy=NO_CACHE)
@@ -256,10 +237,11 @@ def compare_champion(
     if not held:
         raise RetrainError(f"{test}: no test image is unseen by champion v{champion}; add data or lower data.n_train")
     labels = [p.parent.name for p in held]
-    out["challenger_acc"] = registry_accuracy(uri, f"models:/{model_name}/{version}", held, labels)
-    out["champion_acc"] = None
+    out["challenger"] = registry_scores(uri, f"models:/{model_name}/{version}", held, labels)
+    out["challenger_acc"], out["champion_acc"], out["champion"] = out["challenger"]["accuracy"], None, None
     if champion is not None:
-        out["champion_acc"] = registry_accuracy(uri, f"models:/{model_name}/{champion}", held, labels)
+        out["champion"] = registry_scores(uri, f"models:/{model_name}/{champion}", held, labels)
+        out["champion_acc"] = out["champion"]["accuracy"]
     return out
 
 
@@ -269,17 +251,21 @@ def handover_gate(
     min_gain: float,
     promotable: bool,
     warnings: list[str] | None = None,
+    escapes: tuple[dict, dict | None] | None = None,
 ) -> tuple[str, str]:
     """The offline hand-over gate: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover.
 
     It decides whether the flow offers a new model to the line at all; the line's own promotion of a challenger
     to champion, on live operator feedback, is `deploy.rollout.decision.decide`. A model with training warnings
-    (metrics.json ``warnings``: below the linear probe on validation) is never handed over.
+    (metrics.json ``warnings``: below the linear probe on validation) is never handed over, nor one whose held-out
+    escape rate (``escapes``: challenger and champion `registry_scores`) is worse beyond its interval.
     """
     if not promotable:
         return NOT_PROMOTED, "the FP32 artifact failed export verification (export_report.json)"
     if warnings:
         return NOT_PROMOTED, f"training warned: {warnings[0]}"
+    if escapes and escapes[1] and (why := escape_worse(escapes[0], escapes[1])):
+        return NOT_PROMOTED, f"held-out {why}"
     if champion_acc is None:
         return BOOTSTRAP, "no champion yet: the challenger becomes the champion"
     gain = challenger_acc - champion_acc

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: the whole pipeline on the embedded default (Lite0 + demo defects), reproducibly with DVC.
+# The main job: the whole pipeline on the embedded default (Lite0 + an imbalanced demo line), reproducibly with DVC.
 # Called by `make run` (which installs .venv first and puts it on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +19,19 @@ python - <<'PY'
 import json
 m = json.load(open("runs/main/metrics.json"))
 r = json.load(open("runs/main/export/export_report.json"))
-print(f"\ntest accuracy {m['test_acc']:.3f} (epoch {m['best_epoch']} chosen on validation) vs linear probe "
-      f"{m['probe_test_acc']:.3f}; {m['trainable']:,} trainable backbone values ({m['trainable_pct']:.2f}%)")
-print(f"export parity passed: {r.get('passed')}; artifacts in runs/main/export/")
+pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+ci = lambda c: "" if not c else f" [95% CI {100 * c[0]:.1f}-{100 * c[1]:.1f}]"
+t = m["test"]["at_threshold"] if m.get("test", {}).get("at_threshold") else None
+print(f"\ntest accuracy {m['test_acc']:.3f}, balanced accuracy {m['test_balanced_acc']:.3f} (epoch {m['best_epoch']} "
+      f"chosen on validation {m['select']}) vs linear probe {m['probe_test_acc']:.3f}; {m['trainable']:,} trainable "
+      f"backbone values ({m['trainable_pct']:.2f}%)")
+if t:
+    print(f"at the threshold chosen on validation (reject when P({m['ok_class']}) < {m['threshold']:.4f}, escape ceiling "
+          f"{m['max_escape_rate']}): escape rate {pct(m['escape_rate'])} ({t['escape_rate']['k']}/{t['escape_rate']['n']} "
+          f"defects passed){ci(m['escape_rate_ci95'])}, overkill {pct(m['overkill'])} ({t['overkill']['k']}/"
+          f"{t['overkill']['n']} good parts rejected){ci(m['overkill_ci95'])}")
+for w in m.get("warnings", []):
+    print(f"warning: {w}")
+print(f"export parity passed: {r.get('passed')}; artifacts in runs/main/export/; confusion matrix runs/main/confusion.png")
 PY
 echo "main job took $(( $(date +%s) - start )) s"

@@ -46,8 +46,9 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _make_repo(repo: Path) -> Callable[..., str]:
-    """A git repo with this project's pipeline files, code and tiny params; returns a command runner."""
+def _make_repo(repo: Path, demo: bool = True) -> Callable[..., str]:
+    """A git repo with this project's pipeline files, code and tiny params (+ the demo images as data v1 when
+    ``demo``); returns a command runner. The stage commands run the repo's copy of the code (PYTHONPATH)."""
     repo.mkdir(parents=True)
     for d in CODE:
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
@@ -59,7 +60,7 @@ def _make_repo(repo: Path) -> Callable[..., str]:
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text(GITIGNORE)
-    env = _env(repo.parent)
+    env = {**_env(repo.parent), "PYTHONPATH": str(repo)}
 
     def run(*cmd: str, ok: bool = True) -> str:
         exe = DVC if cmd[0] == "dvc" else cmd[0]
@@ -70,12 +71,59 @@ def _make_repo(repo: Path) -> Callable[..., str]:
         return out
 
     run("git", "init", "-q")
+    if not demo:
+        return run
     run(str(BIN / "sensitune"), "demo", "-q")
     run("dvc", "add", "-q", "data/raw")
     run("dvc", "push", "-q")
     run("git", "add", "-A")
     run("git", "commit", "-qm", "tiny pipeline, data v1")
     return run
+
+
+def _line_folder(root: Path, counts: dict[str, int], start: int = 0) -> Path:
+    """A user's ImageFolder: good as 8-bit PNG, defects as 16-bit TIFF (a Mono16 camera's archive)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + n):
+            if cls == "good":
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+            else:
+                Image.fromarray(rng.integers(0, 65535, (32, 32), dtype=np.uint16)).save(root / cls / f"{i}.tif")
+    return root
+
+
+def test_readme_import_recipe_from_a_fresh_clone(tmp_path: Path) -> None:
+    """README "Your own images": import -> dvc repro -> commit; a second batch is a new data version."""
+    repo = tmp_path / "line7"
+    run = _make_repo(repo, demo=False)
+    _set_param(repo, "data", "ok_class", "good")
+    for key, value in (("split", [0.6, 0.2, 0.2]), ("min_per_class", 1), ("n_train", None), ("n_val", None)):
+        _set_param(repo, "data", key, value)
+    out = run(str(BIN / "sensitune"), "import", str(_line_folder(tmp_path / "my_line", {"good": 12, "dent": 6})))
+    assert "imported 18 file(s)" in out and (repo / "data/raw.dvc").is_file()
+    out = run("dvc", "repro", "evaluate")
+    assert RAN.findall(out) == ["prepare", "measure", "plan", "train", "evaluate"], out
+    info = json.loads((repo / "data/prepared/dataset.json").read_text())
+    assert info["ok_class"] == "good" and info["counts"]["test"] == {"dent": 1, "good": 2}
+    metrics = json.loads((repo / "runs/main/metrics.json").read_text())
+    assert metrics["ok_class"] == "good" and metrics["threshold"] is not None and "escape_rate" in metrics
+    assert (repo / "runs/main/confusion.png").is_file()
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "line 7, data v1")
+    assert json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate")) == {}
+    run(str(BIN / "sensitune"), "import", str(_line_folder(tmp_path / "batch2", {"good": 3, "dent": 2}, start=100)))
+    status = json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate"))
+    assert status["prepare"] == [{"changed deps": {"data/raw": "modified"}}]
+    assert yaml.safe_load((repo / "data/raw.dvc").read_text())["outs"][0]["nfiles"] == 23
+    # a class list without the declared good class stops at import, naming what it found
+    _set_param(repo, "data", "ok_class", "ok")
+    out = run(str(BIN / "sensitune"), "import", str(_line_folder(tmp_path / "other", {"pass": 2, "dent": 2})), ok=False)
+    assert "data.ok_class='ok' is not a class of" in out and "['dent', 'pass']" in out
 
 
 def _set_param(repo: Path, section: str, key: str, value: object) -> None:

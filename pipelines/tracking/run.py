@@ -216,7 +216,10 @@ def collect_record(
             "merged": str(merged.resolve()),
             "input_size": list(mi["preprocess"]["size"]),
             "num_classes": len(mi["class_names"]),
-            "info": {k: mi.get(k) for k in ("class_names", "preprocess", "model_args", "plan_hash", "data_hash")},
+            "info": {
+                k: mi.get(k)
+                for k in ("class_names", "preprocess", "model_args", "plan_hash", "data_hash", "ok_class", "threshold")
+            },  # fmt: skip
             "version_tags": {
                 "plan_hash": all_tags.get("plan_hash"),
                 "data_version": all_tags.get("data_version"),
