@@ -110,11 +110,11 @@ def test_candidates_on_cnns():
     assert sc["layers.0.blocks.0.attn.qkv.weight"].segments[1] == (96, 192)
 
 
-def test_measure_task_is_probe_then_seeded_shuffle(tiny_digits):
-    """measure_task == the steps spelled out (probe head, SeededSampler shuffle, Σg²), bit for bit."""
+def test_measure_task_is_probe_then_class_balanced_batches(tiny_digits):
+    """measure_task == the steps spelled out (probe head, class-balanced BalancedSampler batches, Σg²), bit for bit."""
     from torch.utils.data import DataLoader
 
-    from spt_core.data import SeededSampler, load_dataset_info, make_loaders
+    from spt_core.data import BalancedSampler, load_dataset_info, make_loaders
     from spt_core.preprocess import Preprocess
     from spt_core.probe import fit_probe
     from spt_core.sensitivity import measure_task
@@ -130,7 +130,9 @@ def test_measure_task_is_probe_then_seeded_shuffle(tiny_digits):
     kw = {"probe_epochs": 3, "batches": 2, "batch_size": 8, "seed": 3, "device": cpu}
     model = fresh()
     probe = fit_probe(model, loaders, epochs=3, seed=3, device=cpu).to_dict()
-    want = measure_sensitivity(model, DataLoader(ds, batch_size=8, sampler=SeededSampler(len(ds), 3)), 2, device=cpu)
+    want = measure_sensitivity(
+        model, DataLoader(ds, batch_size=8, sampler=BalancedSampler(ds.labels, 3)), 2, device=cpu
+    )
     got_model = fresh()
     got = measure_task(got_model, ds, loaders, head="probe", **kw)
     assert all(torch.equal(got.scores[n], want.scores[n]) for n in want.scores) and set(got.scores) == set(want.scores)

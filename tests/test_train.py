@@ -171,17 +171,24 @@ def test_fit_changes_only_trainable_and_bn_stats_when_asked(freeze_bn_stats):
 def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
     loaders = _loaders()
     scripted_val = iter([0.5, 0.75, 0.75, 0.25])  # best = epoch 2 (epoch 3 ties: the earlier one wins)
-    calls = {"test": 0}
+    calls = {"test": 0, "val": 0}
 
     def fake_evaluate(model, loader, *args, **kw):
         out = evaluate(model, loader, *args, **kw)
-        if loader is loaders["val"]:
-            out["accuracy"] = next(scripted_val)
         if loader is loaders["test"]:
             calls["test"] += 1
         return out
 
+    real_collect = train_loop.collect
+
+    def fake_collect(model, loader, *args, **kw):  # validation: collect -> selection_score (scripted)
+        assert loader is loaders["val"]
+        calls["val"] += 1
+        return real_collect(model, loader, *args, **kw)
+
     monkeypatch.setattr(train_loop, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train_loop, "collect", fake_collect)
+    monkeypatch.setattr(train_loop, "selection_score", lambda *a, **k: next(scripted_val))
 
     class EpochSampler(torch.utils.data.RandomSampler):  # what a DistributedSampler needs each epoch
         def set_epoch(self, epoch):
@@ -198,9 +205,9 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
         test_acc_per_epoch[rec["epoch"]] = evaluate(model, loaders["test"])["accuracy"]
 
     hist = fit(model, loaders, _cfg(epochs=4), on_epoch=on_epoch)
-    assert [e.val_acc for e in hist.epochs] == [0.5, 0.75, 0.75, 0.25]
-    assert hist.best_epoch == 2 and hist.best_val_acc == 0.75
-    assert calls["test"] == 1 and calls["set_epoch"] == [0, 1, 2, 3]
+    assert [e.val_score for e in hist.epochs] == [0.5, 0.75, 0.75, 0.25]
+    assert hist.best_epoch == 2 and hist.best_val_score == 0.75 and hist.best_val_acc == hist.epochs[1].val_acc
+    assert calls["test"] == 1 and calls["val"] == 4 and calls["set_epoch"] == [0, 1, 2, 3]
     final = trainable_parameters(model)
     assert all(torch.equal(final[n], snaps[2][n]) for n in names)
     assert not all(torch.equal(snaps[2][n], snaps[4][n]) for n in names)  # selection is not a no-op
