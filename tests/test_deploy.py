@@ -254,7 +254,8 @@ def test_edge_modules_import_neither_torch_nor_spt_core_internals() -> None:
     code = (
         f"import sys, {', '.join('deploy.' + m for m in edge.split())}\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'onnx', 'onnxruntime', 'nncf')"
-        " or m.startswith('spt_core.') and m not in ('spt_core.preprocess', 'spt_core.errors', 'spt_core.io')]\n"
+        " or m.startswith('spt_core.') and m not in"
+        " ('spt_core.preprocess', 'spt_core.errors', 'spt_core.io', 'spt_core.metrics')]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
