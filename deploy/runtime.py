@@ -239,6 +239,7 @@ class RuntimeControl:
                 self.audit(who, "reload", "refused", error=str(e))
                 return {"ok": False, "error": str(e), **self.runtime.state()}
             self.runtime = rt  # atomic swap; in-flight requests keep their old runtime
+            self.frames.capacity = rt.config.limits.served_frames
             self.metrics.count("reloads")
             self.audit(who, "reload", "ok", state=rt.state())
             return {"ok": True, **rt.state()}
