@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ class Inferencer:
         config = artifact.runtime_config | dict(openvino or {})
         names = {"input_name": m.get("input_name"), "output_name": m.get("output_name")}
         inf = cls(artifact.model_path, config, **names, artifact=artifact)
+        inf.artifact = replace(artifact, data={})  # compiled: OpenVINO holds its own copy of the verified bytes
         shape = inf._input.get_partial_shape()
         want = [None, 3, *pre.size]
         if (
