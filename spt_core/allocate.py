@@ -23,21 +23,21 @@ from .candidates import Candidate
 from .errors import PlanError
 from .plan import Plan, Target, parse_budget
 from .sensitivity import Sensitivity
-
-STRUCTURED = ("lora", "adapter", "none")
+from .tuners.registry import TUNERS, structured_choices
 
 
 def structured_cost(c: Candidate, rows: int, structured: str, rank: int) -> int:
-    """Trainable values of the structured module on `rows` output rows of matrix candidate `c`.
+    """Trainable values of the structured module `structured` on `rows` output rows of matrix candidate `c`.
 
-    LoRA: A (r × fan_in) and B (rows × r) -> r·(fan_in + rows).
-    Adapter: Linear(d→r)+bias, Linear(r→d)+bias on d = rows output channels -> 2·r·d + r + d.
+    The formula is the kind's registered ``cost`` (e.g. LoRA: r·(fan_in + rows); adapter: 2·r·rows + r + rows).
+
+    Raises:
+        PlanError: when `structured` is not a registered kind with a cost formula.
     """
-    if structured == "lora":
-        return rank * (c.fan_in + rows)
-    if structured == "adapter":
-        return 2 * rank * rows + rank + rows
-    raise ValueError(structured)
+    cost = TUNERS[structured].cost if structured in TUNERS else None
+    if cost is None:
+        raise PlanError(f"structured={structured!r}: use one of {', '.join(structured_choices())}")
+    return cost(c, rows, rank)
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,14 @@ def allocate(
     Args:
         sensitivity: scores and candidates from `measure_sensitivity`.
         budget: trainable backbone values: 400000, "0.4M", "400k", or "0.5%" of the backbone.
-        structured: module for matrices with many sensitive entries: "lora", "adapter", or "none" (sparse only).
+        structured: module for matrices with many sensitive entries: a kind of `structured_choices()` ("lora",
+            "adapter") or "none" (sparse only).
         rank: rank of LoRA / bottleneck width of the adapter.
         alpha: a matrix gets the module when ≥ (module params)/alpha of its entries are selected (SPT: 10).
         beta: a vector is trained whole when ≥ 1/beta of it is selected (SPT: 5).
     """
-    if structured not in STRUCTURED:
-        raise PlanError(f"structured={structured!r}: use one of {', '.join(STRUCTURED)}")
+    if structured not in structured_choices():
+        raise PlanError(f"structured={structured!r}: use one of {', '.join(structured_choices())}")
     if rank < 1 or alpha < 1 or beta < 1:
         # alpha < 1 would make a module cheaper than the entries that trigger it: count(k) stops being monotone
         raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha >= 1, beta >= 1")

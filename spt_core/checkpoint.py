@@ -1,11 +1,10 @@
 """Tuned weights: just the trained values, the plan and the head — a few hundred KB instead of a backbone.
 
-A tuned-weights directory holds two files (their names are part of the on-disk format ``sensitune-adapter/1``,
-kept so that every directory written so far still loads)::
+A tuned-weights directory holds two files (their names are part of the on-disk format ``sensitune-tuned/1``)::
 
-    <dir>/adapter.safetensors   tuner values + head, keyed by parameter name; plan indices under "plan/…"
-    <dir>/adapter.json          model info (timm name, classes, weights source + sha256, preprocess),
-                                plan (JSON), plan hash, sensitune version, anything extra (class names…)
+    <dir>/tuned.safetensors   tuner values + head, keyed by parameter name; plan indices under "plan/…"
+    <dir>/tuned.json          model info (timm name, classes, weights source + sha256, preprocess),
+                              plan (JSON), plan hash, sensitune version, anything extra (class names…)
 Loading checks that the tuned weights fit the base model (names, shapes, class count) and fails in one line if not.
 """
 
@@ -61,7 +60,7 @@ def save_tuned(
     tensors.update({_INDEX_PREFIX + k: v.contiguous() for k, v in plan.indices.items()})
     tensors.update({_BUFFER_PREFIX + k: v.detach().cpu().contiguous() for k, v in (buffers or {}).items()})
     meta = {
-        "format": "sensitune-adapter/1",
+        "format": "sensitune-tuned/1",
         "sensitune_version": __version__,
         "plan_hash": plan.hash(),
         "plan": plan.to_dict(),
@@ -70,8 +69,8 @@ def save_tuned(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: a service running as another user could not read it
     try:
-        save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"plan_hash": plan.hash()})
-        (tmp / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(tensors, str(tmp / "tuned.safetensors"), metadata={"plan_hash": plan.hash()})
+        (tmp / "tuned.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -89,7 +88,7 @@ def save_tuned(
 def read_tuned(path: str | Path) -> tuple[Plan, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a tuned-weights directory: (plan, trained tensors by name, metadata)."""
     path = Path(path)
-    st, js = path / "adapter.safetensors", path / "adapter.json"
+    st, js = path / "tuned.safetensors", path / "tuned.json"
     for f in (st, js):
         if not f.is_file():
             raise PlanError(f"{f}: tuned-weights file not found; point to the directory `sensitune train` wrote")
@@ -98,7 +97,7 @@ def read_tuned(path: str | Path) -> tuple[Plan, dict[str, torch.Tensor], dict[st
         tensors = load_file(str(st))
     except (json.JSONDecodeError, SafetensorError, OSError, UnicodeDecodeError) as e:
         raise PlanError(f"{path}: corrupt tuned weights ({type(e).__name__}); re-run `sensitune train`") from e
-    if meta.get("format") != "sensitune-adapter/1" or "plan" not in meta:
+    if meta.get("format") != "sensitune-tuned/1" or "plan" not in meta:
         raise PlanError(f"{js}: not sensitune tuned weights (format {meta.get('format')!r})")
     indices = {k[len(_INDEX_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_INDEX_PREFIX)}
     values = {k: v for k, v in tensors.items() if not k.startswith(_INDEX_PREFIX)}
@@ -107,7 +106,7 @@ def read_tuned(path: str | Path) -> tuple[Plan, dict[str, torch.Tensor], dict[st
     except (KeyError, TypeError) as e:
         raise PlanError(f"{js}: damaged plan in the tuned weights ({e}); re-run `sensitune train`") from e
     if plan.hash() != meta.get("plan_hash"):
-        raise PlanError(f"{path}: plan hash mismatch between adapter.json and adapter.safetensors; files mixed up")
+        raise PlanError(f"{path}: plan hash mismatch between tuned.json and tuned.safetensors; files mixed up")
     return plan, values, meta
 
 

@@ -1,10 +1,11 @@
 """The plan: which values of the backbone are trained, as plain data (JSON + index tensors in safetensors).
 
-A plan is a list of targets, each keyed by a base parameter name:
+A plan is a list of targets, each keyed by a base parameter name, of one registered tuner kind (`KINDS`):
   - "sparse":  single entries of a parameter (flat indices in `Plan.indices[param]`), trained as deltas;
   - "whole":   the whole parameter trained as a dense delta (vectors, grouped-conv kernels, tiny matrices);
   - "lora":    a rank-r LoRA delta on a matrix or on one row segment (q, k or v of a fused qkv);
-  - "adapter": a bottleneck adapter on the output channels of a matrix (or of one segment).
+  - "adapter": a bottleneck adapter on the output channels of a matrix (or of one segment);
+  - any other kind registered in `spt_core.tuners.registry`.
 `count` is the exact number of trainable values of a target; the head is outside the plan.
 """
 
@@ -24,8 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import PlanError
 from .io import atomic_path, write_json
+from .tuners.registry import TUNERS
 
-KINDS = ("sparse", "whole", "lora", "adapter")
+KINDS = TUNERS.keys()  # a live view: the registered tuner kinds, in registration order
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Plan:
     targets: list[Target]
     indices: dict[str, torch.Tensor]
     budget: int  # requested trainable count (head excluded)
-    structured: str  # "lora" | "adapter" | "none"
+    structured: str  # one of spt_core.tuners.structured_choices(): a kind with a cost formula, or "none"
     rank: int
     alpha: float
     beta: float

@@ -208,7 +208,7 @@ def test_tuned_weights_load_errors(tmp_path):
     other_classes = timm.create_model("test_vit", img_size=32, num_classes=5)
     with pytest.raises(PlanError, match="shape"):
         load_tuned_into(other_classes, tmp_path / "a")
-    (tmp_path / "a" / "adapter.safetensors").write_bytes(b"\x00garbage")
+    (tmp_path / "a" / "tuned.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(PlanError, match="corrupt") as e:
         load_tuned_into(_model(name), tmp_path / "a")
     assert "\n" not in str(e.value)

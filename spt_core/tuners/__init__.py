@@ -1,39 +1,60 @@
 """Tuners: put a plan into a model, list its trainable values, take it out again.
 
-apply_plan(model, plan)   freeze everything, attach deltas/adapters, unfreeze the head
+apply_plan(model, plan)   freeze everything, attach one tuner per target (built by its kind), unfreeze the head
 tuned_modules(model)      {host module name: TunerSet}
 tuner_state_dict(model)   the trained values (tuners + head), keyed by parameter name
+
+Each kind lives in its own file and registers itself in `registry.TUNERS` (see registry.py).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
 from ..candidates import head_parameter_names
 from ..errors import PlanError
-from ..plan import Plan
-from .adapter import Adapter
-from .host import TunerSet, check_tuners_reached, detach_tuners, tuner_set
-from .lora import LoRADelta
+
+# Registration order is the order plans and summaries list the kinds in: sparse, whole, lora, adapter.
+# isort: off
 from .sparse import SparseDelta, WholeDelta
+from .lora import LoRADelta
+from .adapter import Adapter
+
+# isort: on
+from .host import TunerSet, check_tuners_reached, detach_tuners, tuned_modules, tuner_set
+from .registry import (
+    TUNERS,
+    TunerKind,
+    build_tuner,
+    plan_is_mergeable,
+    register_tuner,
+    structured_choices,
+    tuner_kind,
+)
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 __all__ = [
+    "TUNERS",
     "Adapter",
     "LoRADelta",
     "SparseDelta",
+    "TunerKind",
     "TunerSet",
     "WholeDelta",
     "apply_plan",
     "check_tuners_reached",
+    "plan_is_mergeable",
+    "register_tuner",
     "remove_tuners",
+    "structured_choices",
     "trainable_count",
     "tuned_modules",
     "tuner_state_dict",
 ]
-
-
-def _channel_dim(host: nn.Module) -> int:
-    return 1 if isinstance(host, nn.modules.conv._ConvNd) else -1
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.Module:
@@ -42,8 +63,14 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
     Afterwards exactly the plan's values and the head have `requires_grad=True`; every other parameter is
     frozen (no `.grad`, no optimizer state). Base parameter names are unchanged.
 
+    Args:
+        model: the base model (no tuners yet).
+        plan: the targets; each is built by its registered kind (`registry.TUNERS`).
+        lora_scale: passed to every kind's builder; LoRA multiplies its delta by it.
+
     Raises:
-        PlanError: when the plan names a parameter the model lacks or with another shape, or the model is tuned.
+        PlanError: when the plan names a parameter the model lacks or with another shape, a kind that is not
+            registered, lacks what a kind needs, or the model is tuned already.
     """
     if tuned_modules(model):
         raise PlanError("the model already has tuners; create a fresh model or merge() before applying a plan")
@@ -55,31 +82,18 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
             raise PlanError(f"plan target {t.param!r} is not a parameter of {type(model).__name__}: wrong backbone?")
         if tuple(p.shape) != tuple(t.shape):
             raise PlanError(f"plan target {t.param!r} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
-        if t.kind == "sparse" and t.param not in plan.indices:
-            raise PlanError(f"plan has no indices for sparse target {t.param!r}; the plan files are incomplete")
+        tuner_kind(t.kind)
+    # Built in target order before the model changes: a builder's PlanError leaves the model untouched, and the
+    # random initialisations (LoRA A, adapter down) draw from the global RNG in plan order.
+    built = []
+    for t in plan.targets:
+        host = modules[t.param.rpartition(".")[0]]
+        built.append(build_tuner(t, params[t.param], host, plan, lora_scale=lora_scale))
     for p in model.parameters():
         p.requires_grad_(False)
-    for t in plan.targets:
+    for t, tuner in zip(plan.targets, built):
         host_name, _, attr = t.param.rpartition(".")
-        host = modules[host_name]
-        tuners = tuner_set(host)
-        p = params[t.param]
-        if t.kind == "adapter":
-            channels = p.shape[0]
-            adapter = Adapter(channels, plan.rank, t.rows, _channel_dim(host))
-            tuners.adapters.append(adapter.to(p.device, p.dtype))
-            continue
-        if t.kind == "sparse":
-            delta = SparseDelta(p.shape, plan.indices[t.param])
-        elif t.kind == "whole":
-            delta = WholeDelta(p.shape)
-        elif t.kind == "lora":
-            delta = LoRADelta(p.shape, plan.rank, t.rows, scale=lora_scale)
-        else:
-            raise PlanError(f"plan target {t.param!r} has unknown kind {t.kind!r}")
-        if attr not in tuners.deltas:
-            tuners.deltas[attr] = nn.ModuleList()
-        tuners.deltas[attr].append(delta.to(p.device, p.dtype))
+        tuner_set(modules[host_name]).add(attr, tuner)
     head = set(head_parameter_names(model))
     for n, p in model.named_parameters():
         if n in head:
@@ -88,11 +102,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
     if got != plan.trainable:  # a structural invariant: every target's count formula matches its module
         raise AssertionError(f"tuners hold {got} values but the plan counts {plan.trainable}")
     return model
-
-
-def tuned_modules(model: nn.Module) -> dict[str, TunerSet]:
-    """Host modules that carry tuners, by module name."""
-    return {n: m.spt for n, m in model.named_modules() if isinstance(getattr(m, "spt", None), TunerSet)}
 
 
 def trainable_count(model: nn.Module) -> int:

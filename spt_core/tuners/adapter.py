@@ -4,14 +4,22 @@
     W_down ∈ R^{r × d} (Kaiming-uniform), W_up ∈ R^{d × r} and b_up zero: the identity at initialisation.
 Trainable count: 2·r·d + r + d with d = rows. Applied along the channel axis: the last axis for Linear outputs
 (B, N, C), axis 1 for Conv outputs (B, C, H, W). Costs one (B, ..., r) activation per adapted module.
-An adapter is nonlinear, so it cannot be folded into the weights: `merge` keeps it (see merge.py).
+An adapter is nonlinear, so it cannot be folded into the weights: registered as not mergeable.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .registry import TunerKind, register_tuner
+
+if TYPE_CHECKING:
+    from ..candidates import Candidate
+    from ..plan import Plan, Target
 
 
 class Adapter(nn.Module):
@@ -34,3 +42,15 @@ class Adapter(nn.Module):
         if self.rows != (0, self.channels):
             out = F.pad(out, (self.rows[0], self.channels - self.rows[1]))
         return (y_c + out).movedim(-1, self.channel_dim)
+
+
+def _cost(c: Candidate, rows: int, rank: int) -> int:
+    return 2 * rank * rows + rank + rows  # Linear(d→r) + bias, Linear(r→d) + bias, d = rows
+
+
+def _build(target: Target, param: nn.Parameter, host: nn.Module, plan: Plan, **_: Any) -> Adapter:
+    channel_dim = 1 if isinstance(host, nn.modules.conv._ConvNd) else -1  # (B, C, H, W) vs (B, N, C)
+    return Adapter(param.shape[0], plan.rank, target.rows, channel_dim)
+
+
+register_tuner(TunerKind("adapter", Adapter, cost=_cost, mergeable=False, build=_build))

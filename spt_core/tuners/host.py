@@ -39,9 +39,22 @@ class TunerSet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.deltas = nn.ModuleDict()  # attr -> ModuleList of deltas with .add_to(w)
-        self.adapters = nn.ModuleList()
+        self.adapters = nn.ModuleList()  # output modules, applied in order after the host's forward
         self._handles: list = []
         self._hooks_ctx: list = []
+
+    def add(self, attr: str, tuner: nn.Module) -> None:
+        """Attach `tuner` for the host's parameter `attr`: a delta (``add_to``) on it, else on the output."""
+        if callable(getattr(tuner, "add_to", None)):
+            if attr not in self.deltas:
+                self.deltas[attr] = nn.ModuleList()
+            self.deltas[attr].append(tuner)
+        else:
+            self.adapters.append(tuner)
+
+    def all_tuners(self) -> list[nn.Module]:
+        """Every tuner of this host: the deltas of each attribute, then the output adapters."""
+        return [*(d for deltas in self.deltas.values() for d in deltas), *self.adapters]
 
     def effective(self, host: nn.Module, attr: str) -> torch.Tensor:
         """W' = W + Σ deltas, differentiable w.r.t. the deltas only (W is detached, frozen).
@@ -132,14 +145,17 @@ def tuner_set(host: nn.Module) -> TunerSet:
     return host.spt
 
 
+def tuned_modules(model: nn.Module) -> dict[str, TunerSet]:
+    """Host modules that carry tuners, by module name."""
+    return {n: m.spt for n, m in model.named_modules() if isinstance(getattr(m, "spt", None), TunerSet)}
+
+
 def check_tuners_reached(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names of tuner parameters that get no gradient from one forward/backward of `x` (should be empty).
 
     A tuner is unreachable when the model reads its host's weight from outside the host's forward. Every
     parameter's `.grad` and every module's train/eval mode are left as they were.
     """
-    from . import tuned_modules
-
     tuner_params = [(f"{n}.spt.{pn}", p) for n, t in tuned_modules(model).items() for pn, p in t.named_parameters()]
     grads = [(p, p.grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]

@@ -14,9 +14,16 @@ in weight space); the reference recipe's drop-path on the block still regularise
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+
+from .registry import TunerKind, register_tuner
+
+if TYPE_CHECKING:
+    from ..candidates import Candidate
+    from ..plan import Plan, Target
 
 
 class LoRADelta(nn.Module):
@@ -46,3 +53,16 @@ class LoRADelta(nn.Module):
 
     def dense(self) -> torch.Tensor:
         return self.add_to(torch.zeros(self.shape, dtype=self.lora_A.dtype, device=self.lora_A.device))
+
+
+def _cost(c: Candidate, rows: int, rank: int) -> int:
+    return rank * (c.fan_in + rows)  # A (r × fan_in) + B (rows × r)
+
+
+def _build(
+    target: Target, param: nn.Parameter, host: nn.Module, plan: Plan, *, lora_scale: float = 1.0, **_: Any
+) -> LoRADelta:
+    return LoRADelta(param.shape, plan.rank, target.rows, scale=lora_scale)
+
+
+register_tuner(TunerKind("lora", LoRADelta, cost=_cost, mergeable=True, build=_build))

@@ -4,6 +4,7 @@ SparseDelta:  W' = W + scatter(idx, v)      v ∈ R^nnz, zero-initialised; idx f
               Trainable count: nnz. Memory: v, its grad and its optimizer state (nnz each) + idx (int64).
 WholeDelta:   W' = W + D                    D has W's shape, zero-initialised (vectors, depthwise kernels).
               Trainable count: numel(W).
+Neither is a `structured` choice: allocation places them by entry count. Both are mergeable (additive).
 Neither keeps a copy of W alive: the effective weight is rebuilt on the fly (see `host.py`), and the frozen W
 never gets a `.grad`. The gradient of v is the dense gradient of W' gathered at idx (exactly the masked
 dense gradient).
@@ -11,8 +12,16 @@ dense gradient).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn as nn
+
+from ..errors import PlanError
+from .registry import TunerKind, register_tuner
+
+if TYPE_CHECKING:
+    from ..plan import Plan, Target
 
 
 class SparseDelta(nn.Module):
@@ -45,3 +54,17 @@ class WholeDelta(nn.Module):
 
     def dense(self) -> torch.Tensor:
         return self.delta
+
+
+def _build_sparse(target: Target, param: nn.Parameter, host: nn.Module, plan: Plan, **_: Any) -> SparseDelta:
+    if target.param not in plan.indices:
+        raise PlanError(f"plan has no indices for sparse target {target.param!r}; the plan files are incomplete")
+    return SparseDelta(param.shape, plan.indices[target.param])
+
+
+def _build_whole(target: Target, param: nn.Parameter, host: nn.Module, plan: Plan, **_: Any) -> WholeDelta:
+    return WholeDelta(param.shape)
+
+
+register_tuner(TunerKind("sparse", SparseDelta, cost=None, mergeable=True, build=_build_sparse))
+register_tuner(TunerKind("whole", WholeDelta, cost=None, mergeable=True, build=_build_whole))
