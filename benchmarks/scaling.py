@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(a.work / "runs/plan" / f, run / f)
         nproc = ["--nproc", str(n)] if n > 1 else []
         threads = max(1, a.threads // n)
-        shutil.copy(run / "plan.json", run / "plan.keep.json")  # measure below must not change the plan used
         measure_s = _cli(a.work, ["measure", "--run", str(run / "m"), *nproc], threads)
-        sens_s = json.loads(json.dumps(_sens_seconds(run / "m" / "sensitivity.safetensors")))
+        sens_s = _sens_seconds(run / "m" / "sensitivity.safetensors")  # measured into m/: the plan stays
         wall = _cli(a.work, ["train", "--run", str(run), *nproc], threads)
         m = json.loads((run / "metrics.json").read_text())
         train_s = m["train_seconds"]
