@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads in all (split over processes)")
     p.add_argument("--model", default="tf_efficientnet_lite0")
+    p.add_argument("--weights", default="embedded", help="model.weights (none: random init, e.g. for test_vit)")
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {
         "demo": {"n_per_class": a.n_train // 4 + 24, "size": a.size},
         "data": {"n_train": a.n_train, "n_val": 48, "n_test": 48},
-        "model": {"name": a.model, "input_size": a.size},
+        "model": {"name": a.model, "weights": a.weights, "input_size": a.size, "drop_path_rate": 0.0},
         "sensitivity": {"batches": 8, "batch_size": 16, "probe_epochs": 20, "device": "cpu"},
         "train": {"epochs": a.epochs, "batch_size": a.batch, "device": "cpu", "probe_epochs": 20},
     }

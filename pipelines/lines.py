@@ -162,8 +162,6 @@ def retrain_lines(
     Returns ``{line: record}`` (the line's retrain record, or ``status: failed`` with the error) and writes it
     to ``<runs_root>/lines.json``; raises after all lines finished if any failed.
     """
-    from prefect_ray.context import remote_options  # only options: harmless without Ray
-
     logger = get_run_logger()
     if not 0.0 <= challenger_share <= 1.0 or not -1.0 <= min_gain <= 1.0:
         raise t.RetrainError(f"challenger_share={challenger_share}, min_gain={min_gain}: give [0, 1] and [-1, 1]")
@@ -173,7 +171,7 @@ def retrain_lines(
            "force": force}  # fmt: skip
     futures = {}
     for line in all_lines:
-        with remote_options(**line.resources) if line.resources else contextlib.nullcontext():
+        with _ray_options(line.resources):
             futures[line.name] = retrain_line.submit(line, uri, opt)
     summary: dict[str, Any] = {}
     for name, future in futures.items():
@@ -190,6 +188,15 @@ def retrain_lines(
     if failed:
         raise t.RetrainError(f"line(s) {', '.join(failed)} failed ({summary[failed[0]]['error']}); the others finished")
     return summary
+
+
+def _ray_options(resources: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """`prefect_ray`'s remote options (read by RayTaskRunner only); nothing when prefect-ray is not installed."""
+    try:
+        from prefect_ray.context import remote_options
+    except ImportError:
+        return contextlib.nullcontext()
+    return remote_options(**resources) if resources else contextlib.nullcontext()
 
 
 def lines_flow(ray_address: str | None = None, ray_init: dict[str, Any] | None = None) -> Any:

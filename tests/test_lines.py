@@ -46,7 +46,7 @@ def _lines_yaml(names: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=600):  # a loaded shared CPU starts it slowly
         yield
 
 
