@@ -51,6 +51,7 @@ from deploy.rollout.manifest import (
 )
 from deploy.rollout.split import assign_arm
 from deploy.rollout.stats import report_for
+from deploy.ui import mount_ui
 from spt_core.errors import SensituneError, one_line
 
 log = logging.getLogger("sensitune.edge")
@@ -330,6 +331,7 @@ def create_app(config_path: Path) -> FastAPI:
 
     app = FastAPI(title="sensitune edge", lifespan=lifespan)
     app.state.service = service
+    ui = mount_ui(app, service)  # the operator pages (GET /); ui.record keeps the line view's last frames
 
     # Plain `def` routes: FastAPI runs them in its thread pool, where OpenVINO releases the GIL.
     @app.post("/predict")
@@ -339,7 +341,10 @@ def create_app(config_path: Path) -> FastAPI:
         camera_id: str = Form(...),
         frame_id: str | None = Form(None),
     ) -> JSONResponse:
-        status, body = service.predict(file.file.read(), camera_id, frame_id, background.add_task)
+        data = file.file.read()
+        status, body = service.predict(data, camera_id, frame_id, background.add_task)
+        if status == 200:
+            background.add_task(ui.record, data, body)
         return JSONResponse(body, status_code=status)
 
     @app.post("/feedback")

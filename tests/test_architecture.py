@@ -25,6 +25,7 @@ EDGE = (
     "deploy.rollout",
     "deploy.service",
     "deploy.sync",
+    "deploy.ui",
 )
 SPT_CORE_MAY_NOT = ("pipelines", "deploy", "mlflow", "dvc", "prefect", "fastapi", "uvicorn", "openvino", "onnxruntime")
 TORCH_FREE_SPT_CORE = ("spt_core", "spt_core.errors", "spt_core.io", "spt_core.preprocess")
