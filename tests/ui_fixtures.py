@@ -54,11 +54,11 @@ def build_line(root: Path, n_per_class: int = 8, size: int = 64, **manifest_fiel
         x = np.stack([preprocess_image(im, pre) for im in pil]).astype(np.float32)
         ov_logits, ref = inf.infer(x), reference_logits(pil, pre, w, b)
         acc = 100 * float((ref.argmax(1) == np.array(labels)).mean())
+        acc_ov = 100 * float((ov_logits.argmax(1) == np.array(labels)).mean())
         m = json.loads((d / "manifest.json").read_text())
         m["data_version"] = "demo-defects-seed0"
         m["verification"] = {
-            "n_images": len(pil), "pytorch_accuracy": acc, "accuracy": 100 * float((ov_logits.argmax(1) == labels).mean()),
-            "accuracy_drop": acc - 100 * float((ov_logits.argmax(1) == labels).mean()),
+            "n_images": len(pil), "pytorch_accuracy": acc, "accuracy": acc_ov, "accuracy_drop": acc - acc_ov,
             "max_abs_diff": float(np.abs(ov_logits - ref).max()),
             "agreement": 100 * float((ov_logits.argmax(1) == ref.argmax(1)).mean()),
         }  # fmt: skip
