@@ -48,7 +48,7 @@ def thumbnail(data: bytes, px: int) -> bytes:
         small = im.convert("RGB")
     small.thumbnail((px, px))
     out = io.BytesIO()
-    small.save(out, "JPEG", quality=75)
+    small.save(out, "JPEG", quality=60)
     return out.getvalue()
 
 
@@ -64,7 +64,7 @@ def p_good_of(body: dict[str, Any], ok_class: str) -> float | None:
 class RecentFrames:
     """Thread-safe ring of the last frames per camera (see the module docstring)."""
 
-    def __init__(self, per_camera: int = 8, max_cameras: int = 256, thumb_px: int = 128) -> None:
+    def __init__(self, per_camera: int = 8, max_cameras: int = 256, thumb_px: int = 96) -> None:
         self.per_camera, self.max_cameras, self.thumb_px = per_camera, max_cameras, thumb_px
         self._lock = threading.Lock()
         self._cams: OrderedDict[str, _Camera] = OrderedDict()

@@ -13,6 +13,7 @@ Every data route needs the page's bearer token when the service has tokens (`dep
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import io
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from PIL import Image
+from starlette.middleware.gzip import GZipMiddleware
 
 from deploy.frames import FrameRule, FrameStore
 from deploy.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision, decide
@@ -136,17 +138,21 @@ class LineUI:
 def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> LineUI:
     """Serve the operator pages on ``app``; returns the `LineUI` whose `record` the /predict route calls."""
     ui = LineUI(service, store)
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.globals.update(pct=_pct, ci=_ci, num=_num, img=ui.img, poll=POLL_S)
+    templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    templates.globals.update(pct=_pct, ci=_ci, num=_num, img=ui.img, poll=POLL_S)
     router = APIRouter(include_in_schema=False)
 
-    def render(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, ctx, status_code=status, headers={"Cache-Control": "no-store"})
+    def render(request: Request, name: str, status: int = 200, **ctx: Any) -> Response:
+        html = templates.get_template(name).render(**ctx).encode()
+        headers = {"Cache-Control": "no-store", "Vary": "Accept-Encoding"}
+        if len(html) > 1400 and "gzip" in request.headers.get("accept-encoding", ""):  # a 20 KB fragment -> ~3 KB
+            html, headers["Content-Encoding"] = gzip.compress(html, 5), "gzip"
+        return Response(html, status_code=status, media_type="text/html; charset=utf-8", headers=headers)
 
-    def denied(request: Request, e: HTTPException) -> HTMLResponse:
+    def denied(request: Request, e: HTTPException) -> Response:
         return render(request, "_denied.html", e.status_code, code=e.status_code, error=e.detail)
 
-    def fragment(request: Request, role: str, name: str, build: Any, **extra: Any) -> HTMLResponse:
+    def fragment(request: Request, role: str, name: str, build: Any, **extra: Any) -> Response:
         try:
             who = authorize(request, role)
         except HTTPException as e:
@@ -158,7 +164,7 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
         return RedirectResponse("/ui/line")
 
     def page_route(page: str) -> Any:
-        def route(request: Request) -> HTMLResponse:
+        def route(request: Request) -> Response:
             return render(request, "page.html", page=page, pages=PAGES)
 
         return route
@@ -167,11 +173,11 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
         router.get(f"/ui/{page}", name=f"ui-{page}")(page_route(page))
 
     @router.get("/ui/f/whoami")
-    def whoami(request: Request) -> HTMLResponse:
+    def whoami(request: Request) -> Response:
         return render(request, "_whoami.html", who=identify(request))
 
     @router.get("/ui/f/line")
-    def line(request: Request) -> HTMLResponse:
+    def line(request: Request) -> Response:
         return fragment(request, OPERATOR, "_line.html", lambda: views.line_view(service, ui.recent))
 
     def review_ctx() -> dict[str, Any]:
@@ -179,11 +185,11 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
         return {"items": items, "classes": views.class_names(service), "store": ui.store is not None}
 
     @router.get("/ui/f/review")
-    def review(request: Request) -> HTMLResponse:
+    def review(request: Request) -> Response:
         return fragment(request, OPERATOR, "_review.html", review_ctx, flash=None)
 
     @router.post("/ui/review/label")
-    def label(request: Request, frame_id: str = Form(...), label: str = Form(...)) -> HTMLResponse:
+    def label(request: Request, frame_id: str = Form(...), label: str = Form(...)) -> Response:
         try:
             who = authorize(request, OPERATOR)
         except HTTPException as e:
@@ -194,11 +200,11 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
         return render(request, "_review.html", status, who=who, flash=flash, **review_ctx())
 
     @router.get("/ui/f/rollout")
-    def rollout(request: Request) -> HTMLResponse:
+    def rollout(request: Request) -> Response:
         return fragment(request, OPERATOR, "_rollout.html", lambda: views.rollout_view(service), no_auth=NO_AUTH_NOTE)
 
     @router.get("/ui/f/confirm")
-    def confirm(request: Request, action: str) -> HTMLResponse:
+    def confirm(request: Request, action: str) -> Response:
         if action not in (PROMOTE, ROLLBACK):
             return denied(request, HTTPException(422, f"action={action[:20]!r}: use promote or rollback"))
         try:
@@ -210,7 +216,7 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
     @router.post("/ui/rollout/{action}")
     def act(
         request: Request, action: str, version: str = Form(...), reason: str = Form(...), confirm: str = Form("")
-    ) -> HTMLResponse:
+    ) -> Response:
         try:
             who = authorize(request, ADMIN)
             if action not in (PROMOTE, ROLLBACK):
@@ -229,7 +235,7 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
         )
 
     @router.get("/ui/f/models")
-    def models(request: Request) -> HTMLResponse:
+    def models(request: Request) -> Response:
         return fragment(request, OPERATOR, "_models.html", lambda: views.models_view(service), now=time.time())
 
     @router.get("/ui/img/{frame_id}")
@@ -242,7 +248,8 @@ def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> Lin
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     app.include_router(router)
-    app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="ui-static")
+    static = GZipMiddleware(StaticFiles(directory=str(HERE / "static")), minimum_size=1000)  # htmx: 52 -> 16 KB
+    app.mount("/ui/static", static, name="ui-static")
     return ui
 
 

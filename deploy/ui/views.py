@@ -57,7 +57,7 @@ def arm_of(service: Any, camera_id: str) -> dict[str, str]:
     return {"role": CHAMPION, "text": f"champion v{cv}"}
 
 
-def line_view(service: Any, recent: RecentFrames, shown: int = 4) -> dict[str, Any]:
+def line_view(service: Any, recent: RecentFrames, shown: int = 3) -> dict[str, Any]:
     """Every camera (seen or pinned) with its arm, its last ``shown`` frames and its class counts for the hour."""
     rt, ok = service.runtime, service.runtime.config.ok_class
     seen = recent.cameras()
