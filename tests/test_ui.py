@@ -123,7 +123,10 @@ def test_a_challenger_frame_appears_under_its_camera(browser: Any, box: Box) -> 
     tab.wait_for_selector(shot)  # the page polls: no reload
     assert tab.locator(f'figure.shot[data-frame="{body["frame_id"]}"]').count() == 1  # under no other camera
     caption = tab.locator(shot + " figcaption").inner_text()
-    assert body["class"] in caption and "P(good)" in caption
+    p_good = tab.locator(shot + " .pg").inner_text()  # the served class's score is P(good) only for a good verdict
+    assert body["class"] in caption and p_good == (
+        f"{body['score']:.2f}" if body["class"] == "ok" else f"≤ {1 - body['score']:.2f}"
+    )
     champ = send(HTTP, box.base, box.line, "cam-0", 7)  # pinned to the champion
     tab.wait_for_selector(
         f'section.cam[data-camera="cam-0"] figure[data-frame="{champ["frame_id"]}"][data-role="champion"]'

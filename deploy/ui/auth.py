@@ -2,10 +2,10 @@
 
 The browser never holds a cookie: the operator pastes a token once, the page keeps it in ``sessionStorage`` and
 sends ``Authorization: Bearer <token>`` on every fetch (a cross-origin page cannot make a browser send that
-header, so a forged form gets 401). The tokens are the service's: any object at ``service.auth`` with
+header, so a forged form gets 401). The tokens are the service's: any object with
 ``authenticate(authorization_header) -> principal | None`` (a principal has ``name`` and ``role``), e.g.
-``deploy.auth.TokenStore``. Roles: ``operator`` reads the pages and labels frames, ``admin`` may do everything,
-including promote and roll back.
+``deploy.auth.TokenStore``, given to `mount_ui` or found at ``service.auth``. Roles: ``operator`` reads the pages
+and labels frames, ``admin`` may do everything, including promote and roll back.
 
 A service without tokens is unauthenticated: everyone may read and label (as ``/feedback`` allows), and nobody may
 promote or roll back from the pages, because nobody can prove the admin role.
@@ -64,13 +64,14 @@ class Tokens:
         return found
 
 
-def tokens_of(service: Any) -> Any:
-    return getattr(service, "auth", None)
+def tokens_of(request: Request) -> Any:
+    """The tokens given to `mount_ui`, else the service's (``service.auth``); None: no authentication."""
+    return getattr(request.app.state, "ui_tokens", None) or getattr(request.app.state.service, "auth", None)
 
 
 def identify(request: Request) -> Who | None:
     """The caller, or None when tokens are configured and the header carries none of them."""
-    tokens = tokens_of(request.app.state.service)
+    tokens = tokens_of(request)
     if tokens is None:
         return ANONYMOUS
     principal = tokens.authenticate(request.headers.get("authorization"))

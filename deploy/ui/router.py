@@ -135,9 +135,13 @@ class LineUI:
         return record
 
 
-def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None) -> LineUI:
-    """Serve the operator pages on ``app``; returns the `LineUI` whose `record` the /predict route calls."""
+def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None, tokens: Any = None) -> LineUI:
+    """Serve the operator pages on ``app``; returns the `LineUI` whose `record` the /predict route calls.
+
+    ``tokens``: the service's token store (``authenticate(header) -> principal``); default ``service.auth``."""
     ui = LineUI(service, store)
+    if tokens is not None:
+        app.state.ui_tokens = tokens
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     templates.globals.update(pct=_pct, ci=_ci, num=_num, img=ui.img, poll=POLL_S)
     router = APIRouter(include_in_schema=False)
