@@ -29,10 +29,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from PIL import Image
 from starlette.middleware.gzip import GZipMiddleware
 
+import deploy.ui.views as views
 from deploy.frames import FrameRule, FrameStore
 from deploy.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision, decide
 from deploy.rollout.stats import report_for
-from deploy.ui import views
 from deploy.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identify
 from deploy.ui.recent import RecentFrames
 
