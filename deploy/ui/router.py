@@ -17,7 +17,9 @@ import gzip
 import hashlib
 import hmac
 import io
+import logging
 import secrets
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from deploy.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identi
 from deploy.ui.recent import RecentFrames
 
 HERE = Path(__file__).parent
+log = logging.getLogger("sensitune.edge.ui")
 PAGES = ("line", "review", "rollout", "models")
 POLL_S = {"line": 2, "rollout": 5, "models": 30}  # review is not polled: a card must not change under a finger
 
@@ -73,7 +76,11 @@ class LineUI:
         elif not self.owns_store:
             self.store = frames
         else:
-            self.store = FrameStore(service.runtime.config.logs / "frames", FrameRule(), quota_mb=quota_mb)
+            try:
+                self.store = FrameStore(service.runtime.config.logs / "frames", FrameRule(), quota_mb=quota_mb)
+            except (OSError, sqlite3.Error) as e:  # the line must run without the pages' store: rejects still listed
+                log.error("operator pages: no frame store under %s (%s)", service.runtime.config.logs, e)
+                self.store, self.owns_store = None, False
 
     def record(self, data: bytes, body: dict[str, Any]) -> None:
         """One answered frame (the /predict body): into the ring, and offered to the UI's own store."""
