@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
+import inspect
 import io
 import logging
 import secrets
@@ -83,19 +84,34 @@ class LineUI:
                 self.store, self.owns_store = None, False
 
     def record(self, data: bytes, body: dict[str, Any]) -> None:
-        """One answered frame (the /predict body): into the ring, and offered to the UI's own store."""
-        cfg = self.service.runtime.config
-        shot = self.recent.add(data, body, cfg.ok_class)
-        if shot is None or not self.owns_store:
-            return
-        record = {**body, "line": cfg.line, "ts": None}
-        if "probs" not in body and "margin" not in body:  # top1 - top2 >= 2 top1 - 1; exact for two classes
-            record["margin"] = max(0.0, 2 * float(body["score"]) - 1)
-        self.store.offer(record, data)
+        """One answered frame (the /predict body): into the ring, and offered to the UI's own store. Runs after
+        the answer is sent; a failure here is logged and never reaches the camera."""
+        try:
+            cfg = self.service.runtime.config
+            shot = self.recent.add(data, body, cfg.ok_class)
+            if shot is None or not self.owns_store:
+                return
+            record = {**body, "line": cfg.line, "ts": None}
+            if "probs" not in body and "margin" not in body:  # top1 - top2 >= 2 top1 - 1; exact for two classes
+                record["margin"] = max(0.0, 2 * float(body["score"]) - 1)
+            self.store.offer(record, data)
+        except Exception:
+            log.exception("operator pages: could not record frame %s", body.get("frame_id"))
+
+    def _feedback(self, frame_id: str, label: str, who: Who) -> tuple[int, dict[str, Any]]:
+        """The service's own feedback path: ``feedback(frame_id, label)``, or ``feedback(item, who, client)`` where
+        the service takes a typed body and the caller (deploy.schemas.FeedbackIn, with authentication)."""
+        fb = self.service.feedback
+        if "item" not in inspect.signature(fb).parameters:
+            return fb(frame_id, label)
+        from deploy.schemas import FeedbackIn  # only where the service has it
+
+        status, body, _ = fb(FeedbackIn(frame_id=frame_id, label=label), who, who.name)
+        return status, body
 
     def label(self, frame_id: str, label: str, who: Who) -> tuple[int, dict[str, Any]]:
         """The operator's label: sent as feedback for that frame (the rollout's log), then onto the store."""
-        status, body = self.service.feedback(frame_id, label)
+        status, body = self._feedback(frame_id, label, who)
         if status != 200:
             return status, body
         self.recent.mark_labelled(frame_id, label)
