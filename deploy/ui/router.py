@@ -33,11 +33,15 @@ from PIL import Image
 from starlette.middleware.gzip import GZipMiddleware
 
 import deploy.ui.views as views
-from deploy.frames import FrameRule, FrameStore
 from deploy.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision, decide
 from deploy.rollout.stats import report_for
 from deploy.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identify
 from deploy.ui.recent import RecentFrames
+
+try:  # the frame store of the flywheel work (deploy.frames.FrameStore); the pages run without it
+    from deploy.frames import FrameRule, FrameStore
+except ImportError:
+    FrameRule = FrameStore = None
 
 HERE = Path(__file__).parent
 log = logging.getLogger("sensitune.edge.ui")
@@ -66,7 +70,7 @@ class LineUI:
             labels them itself), else a store of the UI's own under ``<log_dir>/frames``.
     """
 
-    def __init__(self, service: Any, store: FrameStore | None = None, quota_mb: float = 200.0) -> None:
+    def __init__(self, service: Any, store: Any = None, quota_mb: float = 200.0) -> None:
         self.service = service
         self.recent = RecentFrames()
         self._secret = secrets.token_bytes(16)
@@ -76,6 +80,8 @@ class LineUI:
             self.store = store
         elif not self.owns_store:
             self.store = frames
+        elif FrameStore is None:
+            self.store, self.owns_store = None, False
         else:
             try:
                 self.store = FrameStore(service.runtime.config.logs / "frames", FrameRule(), quota_mb=quota_mb)
@@ -158,7 +164,7 @@ class LineUI:
         return record
 
 
-def mount_ui(app: FastAPI, service: Any, store: FrameStore | None = None, tokens: Any = None) -> LineUI:
+def mount_ui(app: FastAPI, service: Any, store: Any = None, tokens: Any = None) -> LineUI:
     """Serve the operator pages on ``app``; returns the `LineUI` whose `record` the /predict route calls.
 
     ``tokens``: the service's token store (``authenticate(header) -> principal``); default ``service.auth``."""
