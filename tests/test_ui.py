@@ -21,7 +21,7 @@ from deploy.rollout.stats import wilson_interval
 from deploy.service import create_app
 from deploy.ui.auth import Tokens
 from deploy.ui.recent import RecentFrames
-from deploy.ui.views import arm_rates
+from deploy.ui.views import arm_rates, with_age
 
 CAMS = [f"cam-{i}" for i in range(12)]
 PAGES = {"line": "section.cam", "review": "article.review", "rollout": "#champion-version", "models": "section.model"}
@@ -205,6 +205,12 @@ def test_recent_frames_are_bounded_and_count_the_last_hour() -> None:
     for cam in ("b", "c"):
         ring.add(buf.getvalue(), {"frame_id": cam, "camera_id": cam, "class": "ok", "score": 1.0}, "ok")
     assert set(ring.cameras()) == {"b", "c"} and ring.get("a4") is None  # the least recent camera is forgotten
+
+
+def test_sync_times_show_their_age() -> None:
+    assert with_age("2026-01-01T10:00:00+00:00", now=1767261600.0 + 90) == "2026-01-01 10:00:00 (90 s ago)"
+    assert with_age("2026-01-01T10:00:00Z", now=1767261600.0 + 3 * 3600) == "2026-01-01 10:00:00 (3.0 h ago)"
+    assert with_age("ok") == "ok" and with_age(3) == 3
 
 
 def test_escape_rate_and_overkill_are_derived_exactly_from_the_report() -> None:

@@ -7,6 +7,6 @@ Jinja2 templates plus a vendored htmx (static/htmx.min.js, BSD-0, with its licen
 service itself: no CDN, no build step, no Node at run time. See deploy/README.md ("The operator pages").
 """
 
-from deploy.ui.router import LineUI, mount_ui
+from deploy.ui.router import OPEN_PATHS, LineUI, mount_ui
 
-__all__ = ["LineUI", "mount_ui"]
+__all__ = ["OPEN_PATHS", "LineUI", "mount_ui"]

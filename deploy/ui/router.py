@@ -46,6 +46,9 @@ except ImportError:
 HERE = Path(__file__).parent
 log = logging.getLogger("sensitune.edge.ui")
 PAGES = ("line", "review", "rollout", "models")
+# what a front door that wants a token on every path must leave open: page shells and assets carry no data, and an
+# image link is signed (an <img> cannot send a header); everything else here checks the token itself
+OPEN_PATHS = ("/", *(f"/ui/{p}" for p in PAGES), "/ui/static/", "/ui/img/")
 POLL_S = {"line": 2, "rollout": 5, "models": 30}  # review is not polled: a card must not change under a finger
 
 
@@ -286,4 +289,4 @@ def mount_ui(app: FastAPI, service: Any, store: Any = None, tokens: Any = None) 
     return ui
 
 
-__all__ = ["LineUI", "mount_ui"]
+__all__ = ["OPEN_PATHS", "LineUI", "mount_ui"]

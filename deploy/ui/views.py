@@ -12,6 +12,7 @@ import json
 import re
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -228,5 +229,20 @@ def models_view(service: Any, max_manifests: int = 40) -> dict[str, Any]:
     sync_state = None
     if sync is not None:
         state = getattr(sync, "state", None) or getattr(sync, "status", None)
-        sync_state = state() if callable(state) else state
+        sync_state = {k: with_age(v) for k, v in dict((state() if callable(state) else state) or {}).items()}
     return {"state": rt.state(), "models": models, "sync": sync_state}
+
+
+def with_age(value: Any, now: float | None = None) -> Any:
+    """An ISO-8601 time with how long ago it was (staleness at a glance); any other value as it is."""
+    if not isinstance(value, str) or len(value) < 19 or value[4] != "-" or value[10] != "T":
+        return value
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    age = (time.time() if now is None else now) - ts.timestamp()
+    ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.1f} h"
+    return f"{value[:19].replace('T', ' ')} ({ago} ago)"
