@@ -37,6 +37,7 @@ from deploy.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision,
 from deploy.rollout.stats import report_for
 from deploy.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identify
 from deploy.ui.recent import RecentFrames
+from spt_core.errors import SensituneError
 
 try:  # the frame store of the flywheel work (deploy.frames.FrameStore); the pages run without it
     from deploy.frames import FrameRule, FrameStore
@@ -151,13 +152,16 @@ class LineUI:
 
     def force(self, action: str, version: str, reason: str, who: Who) -> dict[str, Any]:
         """Promote or roll back the challenger ``version`` now (the quality engineer's sign-off), then reload."""
-        force = getattr(self.service, "force", None)
-        if callable(force):  # the service's own transactional promotion, where it has one
-            return force(action, who, reason)
         cfg = self.service.runtime.config
         if cfg.challenger is None or cfg.challenger.version != version:
             now = cfg.challenger.version if cfg.challenger else "none"
             raise HTTPException(409, f"the challenger is now {now}, not {version}; reload the page and decide again")
+        force = getattr(self.service, "force", None)
+        if callable(force):  # the service's own transactional promotion, where it has one
+            try:
+                return force(action, who, reason)
+            except SensituneError as e:
+                raise HTTPException(409, str(e)) from None
         rule = decide(report_for(cfg), cfg.decision)
         why = [f"{action} by {who.name} ({who.role}) from the operator page: {reason}"]
         why += [f"the rule said {rule.action}: " + "; ".join(rule.reasons)]
