@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,11 +34,21 @@ class Box:
         self.line, self.base, self.service = line, base, service
 
 
+def create_app_with_tokens(manifest: Path) -> Any:
+    """The service with TOKENS: its own token store where it has one (deploy.auth), else the pages' (service.auth)."""
+    try:
+        from deploy.auth import TokenStore, token_digest
+    except ImportError:
+        app = create_app(manifest)
+        app.state.service.auth = Tokens(TOKENS)
+        return app
+    return create_app(manifest, TokenStore([(n, r, token_digest(t)) for t, (n, r) in TOKENS.items()], "tests"))
+
+
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     line = build_line(tmp_path_factory.mktemp("ui"), n_per_class=6)
-    app = create_app(line.manifest)
-    app.state.service.auth = Tokens(TOKENS)
+    app = create_app_with_tokens(line.manifest)
     with serve(app) as base:
         for k in range(3):
             for j, cam in enumerate(CAMS):
@@ -146,16 +157,13 @@ def test_promote_without_admin_rights_is_refused_in_the_page_and_by_the_api(brow
         assert HTTP.post(f"{box.base}/ui/rollout/promote", data=form, headers=headers).status_code == status
         assert HTTP.get(f"{box.base}/ui/f/confirm?action=promote", headers=headers).status_code == status
     # a box without tokens: nobody can prove the admin role, so the page disables it and says why
-    auth, box.service.auth = box.service.auth, None
-    try:
-        tab = open_page(browser, box, "rollout", None)
+    with serve(create_app(box.line.manifest)) as open_base:
+        tab = open_page(browser, Box(box.line, open_base, None), "rollout", None)
         tab.wait_for_selector("#view #promote")
         assert tab.locator("#promote").is_disabled()
         assert "runs without tokens" in tab.locator("#promote-note").inner_text()
         tab.context.close()
-        assert HTTP.post(f"{box.base}/ui/rollout/promote", data=form).status_code == 403
-    finally:
-        box.service.auth = auth
+        assert HTTP.post(f"{open_base}/ui/rollout/promote", data=form).status_code == 403
     assert load_config(box.line.manifest).challenger.version == "2"  # nothing changed
 
 

@@ -26,6 +26,17 @@
     });
   });
 
+  // A front door (the service's guard) answers a refused request with JSON: show it as the pages' own notice.
+  function esc(t) { return String(t).replace(/[&<>"']/g, function (c) { return "&#" + c.charCodeAt(0) + ";"; }); }
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var xhr = e.detail.xhr;
+    if (xhr.status < 400 || (xhr.getResponseHeader("content-type") || "").indexOf("application/json") !== 0) return;
+    var msg = xhr.responseText;
+    try { msg = JSON.parse(msg).error || msg; } catch (_) { /* not JSON after all: show it as text */ }
+    e.detail.serverResponse = '<div class="denied" data-status="' + xhr.status + '" role="alert"><h2>' +
+      (xhr.status === 401 ? "Sign in needed" : "Not allowed") + "</h2><p>" + esc(msg) + "</p></div>";
+  });
+
   document.addEventListener("click", function (e) {
     if (e.target.closest("[data-close-dialog]")) document.getElementById("dialog").innerHTML = "";
   });
