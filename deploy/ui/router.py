@@ -49,6 +49,7 @@ log = logging.getLogger("sensitune.edge.ui")
 PAGES = ("line", "review", "rollout", "models")
 # what a front door that wants a token on every path must leave open: page shells and assets carry no data, and an
 # image link is signed (an <img> cannot send a header); everything else here checks the token itself
+# (a path ending in "/" is a prefix, except "/" itself)
 OPEN_PATHS = ("/", *(f"/ui/{p}" for p in PAGES), "/ui/static/", "/ui/img/")
 POLL_S = {"line": 2, "rollout": 5, "models": 30}  # review is not polled: a card must not change under a finger
 
