@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.frames import FrameError, FrameRule, FrameStore, margin_of
+from deploy.frame_store import FrameError, FrameRule, FrameStore, margin_of
 
 
 def png(seed: int, size: int = 16) -> bytes:

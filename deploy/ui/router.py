@@ -40,7 +40,7 @@ from deploy.ui.recent import RecentFrames
 from spt_core.errors import SensituneError
 
 try:  # the frame store of the flywheel work (deploy.frames.FrameStore); the pages run without it
-    from deploy.frames import FrameRule, FrameStore
+    from deploy.frame_store import FrameRule, FrameStore
 except ImportError:
     FrameRule = FrameStore = None
 
