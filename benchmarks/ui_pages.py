@@ -33,10 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from deploy_fixtures import serve  # noqa: E402
-from ui_fixtures import TOKENS, build_line, label_of, launch, send  # noqa: E402
-
-from deploy.service import create_app  # noqa: E402
-from deploy.ui.auth import Tokens  # noqa: E402
+from ui_fixtures import build_line, create_app_with_tokens, label_of, launch, send  # noqa: E402
 
 VIEWS = {"line": "section.cam", "review": "article.review", "rollout": "#champion-version", "models": "section.model"}
 CAMS = [f"cam-{i}" for i in range(12)]
@@ -146,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ui-demo-"))
     line = build_line(work, n_per_class=16, size=96, decision={"min_samples": 50, "min_gain": 0.0,
                       "max_latency_increase": 0.5, "max_error_rate": 0.05})  # fmt: skip
-    app = create_app(line.manifest)
-    app.state.service.auth = Tokens(TOKENS)
+    app = create_app_with_tokens(line.manifest)
     rows = []
     with serve(app) as base, sync_playwright() as p:
         n = play_line(base, line, args.frames)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from deploy_fixtures import CLASSES, serve
-from ui_fixtures import TOKENS, Line, build_line, launch, send
+from ui_fixtures import Line, build_line, create_app_with_tokens, launch, send
 
 from deploy.rollout import load_config, read_jsonl
 from deploy.rollout.stats import wilson_interval
 from deploy.service import create_app
-from deploy.ui.auth import Tokens
 from deploy.ui.recent import RecentFrames
 from deploy.ui.views import arm_rates, with_age
 
@@ -32,17 +30,6 @@ HTTP = httpx.Client(timeout=30)
 class Box:
     def __init__(self, line: Line, base: str, service: Any) -> None:
         self.line, self.base, self.service = line, base, service
-
-
-def create_app_with_tokens(manifest: Path) -> Any:
-    """The service with TOKENS: its own token store where it has one (deploy.auth), else the pages' (service.auth)."""
-    try:
-        from deploy.auth import TokenStore, token_digest
-    except ImportError:
-        app = create_app(manifest)
-        app.state.service.auth = Tokens(TOKENS)
-        return app
-    return create_app(manifest, TokenStore([(n, r, token_digest(t)) for t, (n, r) in TOKENS.items()], "tests"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ import numpy as np
 from deploy_fixtures import CLASSES, build_artifact, demo_images, fit_linear, reference_logits, write_manifest
 from PIL import Image
 
+from deploy.auth import TokenStore, token_digest
 from deploy.inferencer import Inferencer
+from deploy.service import create_app
 from spt_core.preprocess import Preprocess, preprocess_image
 
 CHROMIUM = "/usr/bin/chromium"
@@ -85,6 +87,12 @@ def send(client: httpx.Client, base: str, line: Line, camera_id: str, i: int) ->
 
 def label_of(line: Line, i: int) -> str:
     return CLASSES[line.labels[i % len(line.labels)]]
+
+
+def create_app_with_tokens(manifest: Path) -> Any:
+    """The edge service with `TOKENS` in its own token store (deploy.auth), as `--tokens` would give it."""
+    tokens = TokenStore([(name, role, token_digest(t)) for t, (name, role) in TOKENS.items()], "tests")
+    return create_app(manifest, tokens)
 
 
 def launch(playwright: Any) -> Any:

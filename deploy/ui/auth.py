@@ -13,8 +13,6 @@ promote or roll back from the pages, because nobody can prove the admin role.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,28 +42,9 @@ class Who:
 ANONYMOUS = Who("anonymous", None, False)
 
 
-class Tokens:
-    """A minimal token store with the ``authenticate`` interface (tests, the demo): ``{token: (name, role)}``; only
-    digests are kept."""
-
-    def __init__(self, tokens: dict[str, tuple[str, str]]) -> None:
-        self._entries = [(name, role, bytes.fromhex(hashlib.sha256(t.encode()).hexdigest())) for t, (name, role) in
-                         tokens.items()]  # fmt: skip
-
-    def authenticate(self, authorization: str | None) -> Who | None:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        found = None
-        for name, role, expected in self._entries:  # compare all: the time does not tell which matched
-            if hmac.compare_digest(digest, expected):
-                found = Who(name, role, True)
-        return found
-
-
 def tokens_of(request: Request) -> Any:
-    """The tokens given to `mount_ui`, else the service's (``service.auth``); None: no authentication."""
+    """The tokens given to `mount_ui` (``deploy.auth.TokenStore``, or any object at ``service.auth`` with its
+    ``authenticate``); None: no authentication."""
     return getattr(request.app.state, "ui_tokens", None) or getattr(request.app.state.service, "auth", None)
 
 
