@@ -38,6 +38,7 @@ from spt_core.checkpoint import bn_buffers, save_tuned
 from spt_core.data import Augment, load_dataset_info, make_loaders, prepare, scan_split
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 from spt_core.device import resolve_device
+from spt_core.distributed import init_from_env
 from spt_core.errors import DataError, PlanError, SensituneError
 from spt_core.evaluate import collect, evaluate
 from spt_core.io import atomic_path, umask, write_json
@@ -100,6 +101,7 @@ def prepare_stage(params: Params) -> dict:
 def measure_stage(params: Params) -> Sensitivity:
     """Sensitivity of every candidate, measured on the training split; writes run/sensitivity.safetensors."""
     s_cfg, data_dir = params["sensitivity"], Path(params["paths"]["data"])
+    w = init_from_env(s_cfg["device"])  # under torchrun: each rank measures its share of the batches
     ds_info = load_dataset_info(data_dir)
     args = model_args(params, len(ds_info.class_names))
     seed = params["train"]["seed"]
@@ -109,7 +111,7 @@ def measure_stage(params: Params) -> Sensitivity:
     loaders = _loaders(params, info.preprocess, s_cfg["batch_size"], seed)
     sens = measure_task(
         model, loaders["train"].dataset, loaders, head=s_cfg["head"], probe_epochs=s_cfg["probe_epochs"],
-        batches=s_cfg["batches"], batch_size=s_cfg["batch_size"], seed=seed, device=device,
+        batches=s_cfg["batches"], batch_size=s_cfg["batch_size"], seed=seed, device=device, amp=s_cfg["amp"],
     )  # fmt: skip
     sens.meta.update(
         {
@@ -120,7 +122,8 @@ def measure_stage(params: Params) -> Sensitivity:
             "data_hash": ds_info.data_hash,
         }  # fmt: skip
     )
-    sens.save(run_dir(params) / FILES["sensitivity"])
+    if w.main:  # rank 0 alone writes
+        sens.save(run_dir(params) / FILES["sensitivity"])
     return sens
 
 
@@ -161,6 +164,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     run, t = run_dir(params), params["train"]
     plan = Plan.load(run / FILES["plan"])
     cfg = train_config(params)
+    w = init_from_env(cfg.device)  # under torchrun: DDP over the trainable tensors, rank 0 writes
     ds_info = load_dataset_info(Path(params["paths"]["data"]))
     names, ok_class, max_escape = ds_info.class_names, ds_info.ok_class, params["evaluate"]["max_escape_rate"]
     ok_index = names.index(ok_class) if ok_class is not None else None
@@ -194,9 +198,8 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "backbone reads those weights outside their module; use plan.structured and a backbone without it"
         )
     extra = {k: t[k] for k in _TRAIN_EXTRA}
-    state_dir = (
-        run / FILES["train_state"] / _state_key(plan, cfg, ds_info.data_hash, {**extra, **args, "esc": max_escape})
-    )
+    key = _state_key(plan, cfg, ds_info.data_hash, {**extra, **args, "esc": max_escape})
+    state_dir = run / FILES["train_state"] / key
     history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch, ok_index=ok_index, max_escape_rate=max_escape)
     op = operating_point(collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2], names,
                          ok_class, max_escape)  # fmt: skip
@@ -204,7 +207,8 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     tuned_info = {**info.to_dict(), "model_args": args, "class_names": names, "data_hash": ds_info.data_hash,
                   "train": cfg.to_dict(), **decision}  # fmt: skip
     buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
-    save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
+    if w.main:
+        save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
     backbone = plan.backbone_params
     metrics.update(
         {
@@ -233,6 +237,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "data_hash": ds_info.data_hash,
             "model_name": args["name"],
             "sensitune_version": __version__,
+            "processes": w.size,
         }
     )
     if metrics.get("probe_test_acc") is not None and history.test_acc is not None:
@@ -240,8 +245,10 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     metrics["warnings"] = probe_warnings(metrics)
     metrics["below_probe"] = bool(metrics["warnings"])
     metrics["test"], metrics["val"] = op.get("test"), op["val"]
-    for w in metrics["warnings"]:
-        log.warning("warning: %s", w)
+    if not w.main:
+        return metrics
+    for msg in metrics["warnings"]:
+        log.warning("warning: %s", msg)
     write_json(run / FILES["metrics"], metrics)
     plot_confusion(op["test"]["confusion"], names, run / FILES["confusion_png"],
                    f"test, epoch {history.best_epoch} ({cfg.select} on validation)")  # fmt: skip
@@ -266,8 +273,7 @@ def evaluate_stage(params: Params, model_path: Path | None = None, split: str = 
     loader = _loaders(params, ModelInfo.from_dict(info).preprocess, 64, 0)[split]
     result = {"split": split, **evaluate(model, loader, num_classes=len(ds_info.class_names))}
     ok_class, threshold = info.get("ok_class"), info.get("threshold")
-    result["class_names"] = ds_info.class_names
-    result.update({"ok_class": ok_class, "threshold": threshold})
+    result.update({"class_names": ds_info.class_names, "ok_class": ok_class, "threshold": threshold})
     result["defect"] = decision_metrics(*collect(model, loader)[:2], ds_info.class_names, ok_class, threshold)
     write_json(run / FILES["eval"], result)
     return result

@@ -12,6 +12,11 @@ once, on it. ``cfg.balance`` loss/both weighs the cross-entropy by `spt_core.dat
 With an ``out_dir``, ``checkpoint.pt`` is rewritten after every epoch (see `spt_core.train.resume`), so a killed
 run resumed with the same ``fit`` call ends bit-identical to an uninterrupted one on CPU (on CUDA, up to kernel
 non-determinism).
+
+Under torchrun (an initialised process group) the same call trains data-parallel: the loaders are split over
+ranks with the global batch kept (`spt_core.distributed.shard_loaders`), the model is wrapped in DDP over its
+trainable tensors only (`wrap_ddp`), validation and test are summed over ranks, and rank 0 alone writes the
+checkpoint (with every rank's RNG state) and calls ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ from tqdm.auto import tqdm
 from spt_core.checkpoint import bn_buffers
 from spt_core.data.loaders import class_weights
 from spt_core.device import resolve_device
+from spt_core.distributed import all_reduce_sum, gather_objects, shard_loaders, world, wrap_ddp
 from spt_core.errors import SensituneError
 from spt_core.evaluate import collect, evaluate, split_batch
-from spt_core.metrics import selection_score
+from spt_core.metrics import balanced_accuracy, selection_score
 from spt_core.train.config import TrainConfig
 from spt_core.train.resume import (
     CHECKPOINT_NAME,
@@ -209,7 +215,9 @@ def _train_epoch(
         bar.update(1)
         if cfg.log_every and step % cfg.log_every == 0:
             log.info("step %d/%d lr %.3g loss %.4f", step, total, lr, loss_sum.item() / seen)
-    return loss_sum.item() / seen, lr
+    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    all_reduce_sum([totals])  # the mean over every rank's images (a no-op in one process)
+    return (totals[0] / totals[1]).item(), lr
 
 
 def fit(
@@ -245,6 +253,9 @@ def fit(
     missing = [k for k in ("train", "val") if k not in loaders]
     if missing:
         raise SensituneError(f"fit() loaders lack {missing}: pass a dict with 'train', 'val' and optionally 'test'")
+    w = world()
+    if w.active:
+        loaders = shard_loaders(loaders, getattr(loaders["train"].sampler, "seed", cfg.seed), w)
     params = trainable_parameters(model)
     if not params:
         raise SensituneError(
@@ -284,9 +295,16 @@ def fit(
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        if w.main:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         if ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path, list(state), cfg, steps_per_epoch)
+            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+            if len(rngs) != w.size:
+                raise SensituneError(
+                    f"{ckpt_path}: checkpoint was written by {len(rngs)} process(es), this run has {w.size}; resume "
+                    "with the same number (--nproc) or delete it to start over"
+                )
             copy_state(state, ckpt["state"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -294,12 +312,16 @@ def fit(
             history = History.from_dict(ckpt["history"])
             history.device, history.resumed_at_epoch = str(device), ckpt["epoch"]
             step, start_epoch = ckpt["step"], ckpt["epoch"]
-            set_rng_state(ckpt["rng"], loaders)
+            set_rng_state(rngs[w.rank], loaders)
             log.info("resuming %s at epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
 
+    net = wrap_ddp(model, sync_buffers=not cfg.freeze_bn_stats)  # `model` itself in one process
+    sync = all_reduce_sum if w.active else None
     modes = [(m, m.training) for m in model.modules()]
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-    bar = tqdm(total=total, initial=step, disable=not _show_progress(cfg), desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=step, disable=not (w.main and _show_progress(cfg)), desc="train", dynamic_ncols=True
+    )
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -308,16 +330,21 @@ def fit(
                 sampler.set_epoch(epoch - 1)
             _set_train_mode(model, cfg.freeze_bn_stats)
             train_loss, lr = _train_epoch(
-                model, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar, weight
+                net, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar, weight
             )
             step += steps_per_epoch
             if not math.isfinite(train_loss):
                 raise SensituneError(
                     f"train loss became {train_loss} in epoch {epoch}: lower lr (now {cfg.lr}) or set grad_clip"
                 )
-            y_val, p_val, val_loss = collect(model, loaders["val"], device, amp_dtype=amp_dtype)
-            score = selection_score(y_val, p_val, cfg.select, ok_index, max_escape_rate)
-            val_acc = float((p_val.argmax(1) == y_val).mean())
+            if sync is None:
+                y_val, p_val, val_loss = collect(model, loaders["val"], device, amp_dtype=amp_dtype)
+                score = selection_score(y_val, p_val, cfg.select, ok_index, max_escape_rate)
+                val_acc = float((p_val.argmax(1) == y_val).mean())
+            else:  # DDP: the all-reduced confusion gives accuracy / balanced accuracy (overkill needs probabilities)
+                val = evaluate(model, loaders["val"], device, amp_dtype=amp_dtype, sync=sync)
+                val_acc, val_loss = val["accuracy"], val["loss"]
+                score = val_acc if cfg.select == "accuracy" else balanced_accuracy(np.asarray(val["confusion"]))
             rec = EpochRecord(epoch, lr, train_loss, val_acc, val_loss, time.perf_counter() - t0, score)
             history.epochs.append(rec)
             history.train_seconds += rec.seconds
@@ -330,7 +357,8 @@ def fit(
                 epoch, cfg.epochs, lr, train_loss, rec.val_acc, cfg.select, score, rec.val_loss, rec.seconds,
             )  # fmt: skip
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{rec.val_acc:.3f}")
-            if ckpt_path is not None:
+            rngs = gather_objects(rng_state(loaders))  # every rank joins, rank 0 writes
+            if ckpt_path is not None and w.main:
                 ckpt = {
                     "state": clone_state(state, "cpu"),
                     "optimizer": optimizer.state_dict(),
@@ -340,11 +368,11 @@ def fit(
                     "history": history.to_dict(),
                     "best_state": clone_state(best_state, "cpu"),
                     "best_epoch": history.best_epoch,
-                    "rng": rng_state(loaders),
+                    "rng": rngs if w.active else rngs[0],
                     "cfg": cfg.to_dict(),
                 }
                 save_checkpoint(ckpt_path, ckpt)
-            if on_epoch is not None:
+            if on_epoch is not None and w.main:
                 on_epoch(
                     {**dataclasses.asdict(rec), "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc}
                 )
@@ -355,7 +383,7 @@ def fit(
 
     copy_state(state, best_state)
     if loaders.get("test") is not None:
-        test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype)
+        test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype, sync=sync)
         history.test_acc, history.test_loss, history.test_metrics = test["accuracy"], test["loss"], test
     history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
     log.info("best epoch %d val_acc %.4f test_acc %s", history.best_epoch, history.best_val_acc, history.test_acc)

@@ -1,0 +1,90 @@
+"""deploy.frames: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deploy.frame_store import FrameError, FrameRule, FrameStore, margin_of
+
+
+def png(seed: int, size: int = 16) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rec(i: int, cls: str = "ok", probs: list[float] | None = None, **kw) -> dict:
+    return {"frame_id": f"f{i}", "camera_id": "cam-1", "line": "line-1", "model_version": "3", "role": "champion",
+            "class": cls, "score": 0.9, "probs": probs or [0.9, 0.05, 0.03, 0.02], **kw}  # fmt: skip
+
+
+NO_RANDOM = FrameRule(random_rate=0.0, low_margin=0.2)
+
+
+def test_selection_reasons(tmp_path: Path) -> None:
+    s = FrameStore(tmp_path, NO_RANDOM)
+    assert s.offer(rec(1), png(1)) == []  # confident, no disagreement: not kept
+    assert s.offer(rec(2, probs=[0.5, 0.4, 0.05, 0.05]), png(2)) == ["low_margin"]
+    assert s.offer(rec(3, other="scratch"), png(3)) == ["disagreement"]
+    assert s.offer(rec(4, label="spot"), png(4)) == ["corrected"]
+    assert margin_of([0.5, 0.4, 0.1]) == pytest.approx(0.1)
+    always = FrameStore(tmp_path / "r", FrameRule(random_rate=1.0, low_margin=0.0, disagreement=False))
+    assert always.offer(rec(5), png(5)) == ["random"]
+    off = FrameStore(tmp_path / "off", FrameRule(random_rate=0.0, low_margin=0.0, disagreement=False, corrected=False))
+    assert off.offer(rec(6, label="spot", other="crack", probs=[0.5, 0.5]), png(6)) == []
+    with pytest.raises(FrameError):
+        FrameRule.from_dict({"low_margn": 0.1})
+
+
+def test_label_get_queue_and_cursor(tmp_path: Path) -> None:
+    s = FrameStore(tmp_path, NO_RANDOM)
+    s.offer(rec(1, probs=[0.45, 0.44, 0.1, 0.01]), png(1))
+    s.offer(rec(2, probs=[0.5, 0.35, 0.1, 0.05]), png(2))
+    assert [f.frame_id for f in s.review_queue()] == ["f1", "f2"]  # most doubtful first
+    frame, data = s.get("f2")
+    assert data == png(2) and frame.sha256 in s.image_path(frame).name and frame.reasons == ["low_margin"]
+    assert s.labelled_since(0) == []
+    f = s.label("f2", "scratch", who="alice")
+    assert (f.label, f.labelled_by, f.reasons) == ("scratch", "alice", ["low_margin", "corrected"])
+    assert [x.frame_id for x in s.review_queue()] == ["f1"]
+    got = s.labelled_since(0)
+    assert [x.frame_id for x in got] == ["f2"] and s.labelled_since(got[-1].seq) == []
+    # a confident frame the operator corrects later is kept from the recent buffer; a confirmation is not
+    assert s.offer(rec(3), png(3)) == [] and s.offer(rec(4), png(4)) == []
+    assert s.label("f3", "crack", who="bob").reasons == ["corrected"]
+    assert s.label("f4", "ok", who="bob") is None and s.get("f4") is None
+    assert s.label("nope", "ok") is None
+    s.mark_uploaded(["f2", "f3"])
+    assert s.labelled_since(0, not_uploaded=True) == []
+    s.close()
+    again = FrameStore(tmp_path, NO_RANDOM)  # the index survives a restart
+    assert again.get("f3")[0].label == "crack" and again.stats()["labelled"] == 2
+
+
+def test_same_bytes_one_file(tmp_path: Path) -> None:
+    s = FrameStore(tmp_path, NO_RANDOM)
+    s.offer(rec(1, label="spot"), png(1))
+    s.offer(rec(2, label="spot"), png(1))
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 1 and s.stats()["frames"] == 2
+
+
+def test_quota_evicts_unlabelled_then_uploaded_never_pending(tmp_path: Path) -> None:
+    size = len(png(1))
+    s = FrameStore(tmp_path, NO_RANDOM, quota_mb=3.5 * size / 1e6)  # room for 3 frames
+    s.offer(rec(1, label="spot"), png(1))  # labelled, not uploaded: kept whatever happens
+    s.offer(rec(2, other="crack"), png(2))
+    s.offer(rec(3, other="crack"), png(3))
+    s.offer(rec(4, other="crack"), png(4))  # evicts f2 (oldest unlabelled)
+    assert s.get("f2") is None and s.get("f4") is not None and s.get("f1") is not None
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 3
+    s.label("f3", "crack")
+    s.label("f4", "crack")  # now all three are labelled and pending upload: nothing may go
+    assert s.offer(rec(5, other="crack"), png(5)) == [] and s.stats()["refused"] == 1
+    s.mark_uploaded(["f3"])
+    assert s.offer(rec(6, other="crack"), png(6)) == ["disagreement"] and s.get("f3") is None
