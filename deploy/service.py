@@ -51,6 +51,8 @@ from deploy.rollout.manifest import (
 )
 from deploy.rollout.split import assign_arm
 from deploy.rollout.stats import report_for
+from deploy.sync import attach, first_sync, prometheus_lines
+from deploy.sync import main as sync_main
 from spt_core.errors import SensituneError, one_line
 
 log = logging.getLogger("sensitune.edge")
@@ -123,6 +125,8 @@ class EdgeService:
         self.metrics = Metrics()
         self._control = threading.Lock()  # one reload / decision at a time
         self._logs: dict[Path, JsonlLog] = {}  # kept open for the process: old runtimes may still write
+        self.frames: Any = None  # deploy.frames.FrameStore and deploy.sync.Sync when started with --box
+        self.sync: Any = None
         with self._control:
             self.runtime = self._load(load_config(self.config_path), previous=None)
 
@@ -272,6 +276,8 @@ class EdgeService:
         self.metrics.request(ms)
         rec = {**base, "role": role, "model_version": model.version, **out, "request_ms": ms, "served": True}
         self._write(rt.pred_log, {**rec, "fallback": fallback})
+        if self.frames is not None:
+            self.frames.offer({**rec, "line": rt.config.line}, data)
         if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled:
             (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, image, base)
         return 200, {
@@ -293,11 +299,13 @@ class EdgeService:
                 self._auto_rollback_async(rt, f"challenger {rt.challenger.version} error rate over the limit (shadow)")
             return
         rt.health.note(ok=True)
+        if self.frames is not None:
+            self.frames.offer_other(base["frame_id"], out["class"])
         self.metrics.count("shadow_runs")
         self.metrics.model(CHALLENGER, rt.challenger.version, out["latency_ms"])
         self._write(rt.pred_log, {**rec, **out})
 
-    def feedback(self, frame_id: str, label: str) -> tuple[int, dict[str, Any]]:
+    def feedback(self, frame_id: str, label: str, who: str = "operator") -> tuple[int, dict[str, Any]]:
         rt = self.runtime
         known = {c for m in (rt.champion, rt.challenger) if m for c in m.class_names}
         if known and label not in known:
@@ -305,7 +313,8 @@ class EdgeService:
         if not frame_id:
             return 422, {"error": "frame_id: give the frame_id returned by /predict"}
         self._write(rt.feedback_log, {"ts": now_iso(), "frame_id": frame_id, "label": label})
-        return 200, {"ok": True, "frame_id": frame_id, "label": label}
+        kept = self.frames.label(frame_id, label, who) if self.frames is not None else None
+        return 200, {"ok": True, "frame_id": frame_id, "label": label, "frame_kept": kept is not None}
 
     def close(self) -> None:
         for lg in self._logs.values():
@@ -319,13 +328,19 @@ class FeedbackIn(BaseModel):
     label: str
 
 
-def create_app(config_path: Path) -> FastAPI:
-    """The FastAPI app for one rollout manifest; raises RolloutError when the manifest is malformed."""
-    service = EdgeService(config_path)
+def create_app(config_path: Path, box: Path | None = None) -> FastAPI:
+    """The FastAPI app for one rollout manifest (+ the box's sync and frame store with `box`); raises
+    RolloutError when the manifest is malformed."""
+    first_sync(config_path, box)  # with a box.yaml, a new box gets its manifest and models from the registry
+    service = attach(EdgeService(config_path), box)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if service.sync is not None:
+            service.sync.start()
         yield
+        if service.sync is not None:
+            service.sync.stop()
         service.close()  # fsync the logs on shutdown
 
     app = FastAPI(title="sensitune edge", lifespan=lifespan)
@@ -348,8 +363,8 @@ def create_app(config_path: Path) -> FastAPI:
         return JSONResponse(body, status_code=status)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+    def healthz() -> dict[str, Any]:
+        return {"status": "alive", **({"sync": service.sync.status()} if service.sync is not None else {})}
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
@@ -358,9 +373,11 @@ def create_app(config_path: Path) -> FastAPI:
 
     @app.get("/metrics")
     def metrics(format: str = "json") -> Any:
+        sync = service.sync.status() if service.sync is not None else None
         if format == "prometheus":
-            return PlainTextResponse(service.metrics.prometheus(), media_type="text/plain; version=0.0.4")
-        return {**service.metrics.snapshot(), **service.runtime.state()}
+            text = service.metrics.prometheus() + (prometheus_lines(sync) if sync else "")
+            return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return {**service.metrics.snapshot(), **service.runtime.state(), **({"sync": sync} if sync else {})}
 
     @app.get("/report")
     def report() -> dict[str, Any]:
@@ -382,16 +399,21 @@ def create_app(config_path: Path) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`sensitune-edge --config rollout.yaml --host 127.0.0.1 --port 8080`."""
+    """`sensitune-edge --config rollout.yaml --host 127.0.0.1 --port 8080 [--box box.yaml]`; `sensitune-edge
+    sync|promote ...` are `deploy.sync`'s."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["sync"], ["promote"]):
+        return sync_main(argv)
     ap = argparse.ArgumentParser(prog="sensitune-edge", description="Edge inference service (OpenVINO).")
     ap.add_argument("--config", type=Path, required=True, help="rollout manifest (YAML)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve the cameras' network)")
     ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--box", type=Path, help="box.yaml: registry sync + frame store (docs/from-images-to-line.md)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app = create_app(args.config)
+        app = create_app(args.config, args.box)
     except SensituneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

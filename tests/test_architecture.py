@@ -21,6 +21,7 @@ EDGE = (
     "deploy.frames",
     "deploy.inferencer",
     "deploy.metrics",
+    "deploy.mlflow_rest",
     "deploy.registry",
     "deploy.rollout",
     "deploy.service",
