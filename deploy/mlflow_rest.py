@@ -54,7 +54,7 @@ class RestRegistry:
                 payload = r.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode("utf-8", "replace")
-            if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail:
+            if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail or "not found" in detail.lower():
                 raise NotFound(f"{method} {path}: {detail}") from None
             raise RegistryError(f"MLflow at {self.url}: {method} {path} -> HTTP {e.code} {detail}") from None
         except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
@@ -80,7 +80,7 @@ class RestRegistry:
 
     def delete_alias(self, alias: str) -> None:
         try:
-            self._call("DELETE", f"{API}/registered-models/alias", query={"name": self.model_name, "alias": alias})
+            self._call("DELETE", f"{API}/registered-models/alias", body={"name": self.model_name, "alias": alias})
         except NotFound:
             pass
 

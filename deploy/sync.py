@@ -276,7 +276,8 @@ def audit(reg: RestRegistry, alias: str, before: str | None, after: str | None, 
     """Write one alias move's audit record to the registry (model tag ``audit.<time>``); returns it."""
     rec = {"ts": _now(), "model_name": reg.model_name, "alias": alias, "from_version": before, "to_version": after,
            "who": who, "evidence": evidence, "box": box}  # fmt: skip
-    reg.set_model_tag(f"audit.{rec['ts'].replace(':', '').replace('-', '')}.{alias}", json.dumps(rec)[:4900])
+    stamp = "".join(ch for ch in rec["ts"][:23] if ch.isdigit())  # tag keys allow [\w.\- /] only
+    reg.set_model_tag(f"audit.{stamp}.{alias}", json.dumps(rec)[:4900])
     if after is not None:
         reg.set_version_tag(after, f"audit.{alias}", json.dumps(rec)[:4900])
     return rec
