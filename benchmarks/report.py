@@ -20,13 +20,14 @@ def _stat(vals: list[float], scale: float = 1.0) -> str:
     vals = [v * scale for v in vals if v is not None]
     if not vals:
         return "-"
-    mean = sum(vals) / len(vals)
+    mean = round(sum(vals) / len(vals), 12)
     return f"{mean:.2f} ± {(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else f"{mean:.2f}"
 
 
 def _mean(vals: list[float]) -> float | None:
+    """The mean, rounded off float noise (0.967 and 0.966 average to 0.9665, not 0.96649999...)."""
     vals = [v for v in vals if v is not None]
-    return sum(vals) / len(vals) if vals else None
+    return round(sum(vals) / len(vals), 12) if vals else None
 
 
 def summarize(state: dict) -> list[dict]:

@@ -107,8 +107,10 @@ def test_method_counts(method: str) -> None:
         assert info.trainable_backbone == rank * per_rank
         assert abs(rank * per_rank - budget) <= min(abs(r * per_rank - budget) for r in range(1, 50))
         assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
-    else:
-        assert 0 < info.trainable_backbone <= budget
+    else:  # random entries, spent exactly: the sparse fill stops at the budget, and the seed decides which
+        assert info.trainable_backbone == info.details["by_kind"]["sparse"] == budget
+        _, other = setup_method(_model(), method, budget, seed=4)
+        assert other.details["plan_hash"] != info.details["plan_hash"]
 
 
 def test_nearest_rank() -> None:

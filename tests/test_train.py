@@ -169,23 +169,41 @@ def test_fit_changes_only_trainable_and_bn_stats_when_asked(freeze_bn_stats):
 
 
 def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
+    """The epoch is chosen on validation alone: the test images are read once, after the last epoch.
+
+    Test reads are caught at the data itself (whatever code path would evaluate them), and the scripted
+    validation curve picks epoch 2 while the per-epoch test curve (on a separate copy) peaks elsewhere.
+    """
     loaders = _loaders()
     scripted_val = iter([0.5, 0.75, 0.75, 0.25])  # best = epoch 2 (epoch 3 ties: the earlier one wins)
-    calls = {"test": 0}
 
     def fake_evaluate(model, loader, *args, **kw):
         out = evaluate(model, loader, *args, **kw)
         if loader is loaders["val"]:
             out["accuracy"] = next(scripted_val)
-        if loader is loaders["test"]:
-            calls["test"] += 1
         return out
 
     monkeypatch.setattr(train_loop, "evaluate", fake_evaluate)
+    phase = {"epochs_done": 0}
+    test_reads: list[int] = []
+
+    class SpyTest(torch.utils.data.Dataset):  # records when each test image is read
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            test_reads.append(phase["epochs_done"])
+            return self.inner[i]
+
+    test_copy = DataLoader(loaders["test"].dataset, batch_size=8)  # the test's own per-epoch probe
+    loaders["test"] = DataLoader(SpyTest(loaders["test"].dataset), batch_size=8)
 
     class EpochSampler(torch.utils.data.RandomSampler):  # what a DistributedSampler needs each epoch
         def set_epoch(self, epoch):
-            calls.setdefault("set_epoch", []).append(epoch)
+            phase.setdefault("set_epoch", []).append(epoch)
 
     train_set = loaders["train"].dataset
     loaders["train"] = DataLoader(train_set, batch_size=8, sampler=EpochSampler(train_set))
@@ -195,16 +213,19 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
 
     def on_epoch(rec):
         snaps[rec["epoch"]] = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
-        test_acc_per_epoch[rec["epoch"]] = evaluate(model, loaders["test"])["accuracy"]
+        test_acc_per_epoch[rec["epoch"]] = evaluate(model, test_copy)["accuracy"]
+        phase["epochs_done"] = rec["epoch"]
 
     hist = fit(model, loaders, _cfg(epochs=4), on_epoch=on_epoch)
     assert [e.val_acc for e in hist.epochs] == [0.5, 0.75, 0.75, 0.25]
     assert hist.best_epoch == 2 and hist.best_val_acc == 0.75
-    assert calls["test"] == 1 and calls["set_epoch"] == [0, 1, 2, 3]
+    assert phase["set_epoch"] == [0, 1, 2, 3]
+    assert test_reads and set(test_reads) == {4}  # never during training, once after it
+    assert len(test_reads) == len(loaders["test"].dataset)
     final = trainable_parameters(model)
     assert all(torch.equal(final[n], snaps[2][n]) for n in names)
     assert not all(torch.equal(snaps[2][n], snaps[4][n]) for n in names)  # selection is not a no-op
-    assert hist.test_acc == test_acc_per_epoch[2] == evaluate(model, loaders["test"])["accuracy"]
+    assert hist.test_acc == test_acc_per_epoch[2] == evaluate(model, test_copy)["accuracy"]
 
 
 def test_same_seed_same_history_and_lr_record():
