@@ -39,10 +39,10 @@ def ingest_incoming(url: str, raw: str | Path, ledger: str | Path, model_name: s
     classes = {p.name for p in raw.iterdir() if p.is_dir() and not p.name.startswith(".")} if raw.is_dir() else set()
     seen = _known_hashes(raw, ledger)
     out: dict[str, Any] = {"added": 0, "by_label": {}, "skipped": [], "files": []}
-    for line in (f for f in reg.list_files(INCOMING) if f["is_dir"]):
-        for label_dir in (f for f in reg.list_files(line["path"]) if f["is_dir"]):
-            label = Path(label_dir["path"]).name
-            files = {Path(f["path"]).name: f["path"] for f in reg.list_files(label_dir["path"]) if not f["is_dir"]}
+    for line in _listing(reg, INCOMING, dirs=True):
+        for folder in _listing(reg, line, dirs=True):
+            label = Path(folder).name
+            files = {Path(f).name: f for f in _listing(reg, folder, dirs=False)}
             for name, path in sorted(files.items()):
                 sha, ext = Path(name).stem, Path(name).suffix
                 if ext == ".json" or sha in seen:
@@ -71,6 +71,11 @@ def ingest_incoming(url: str, raw: str | Path, ledger: str | Path, model_name: s
                 out["by_label"][label] = out["by_label"].get(label, 0) + 1
                 out["files"].append(str(dest))
     return out
+
+
+def _listing(reg: RestRegistry, folder: str, dirs: bool) -> list[str]:
+    """Full paths of the folders (or files) directly under `folder` (the proxy lists names relative to it)."""
+    return [f"{folder}/{Path(f['path']).name}" for f in reg.list_files(folder) if bool(f.get("is_dir")) == dirs]
 
 
 def file_sha256_bytes(data: bytes) -> str:
