@@ -125,7 +125,7 @@ class EdgeService:
         self.metrics = Metrics()
         self._control = threading.Lock()  # one reload / decision at a time
         self._logs: dict[Path, JsonlLog] = {}  # kept open for the process: old runtimes may still write
-        self.frames: Any = None  # deploy.frames.FrameStore and deploy.sync.Sync when started with --box
+        self.frames: Any = None  # deploy.frame_store.FrameStore and deploy.sync.Sync when started with --box
         self.sync: Any = None
         with self._control:
             self.runtime = self._load(load_config(self.config_path), previous=None)

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from deploy.artifact import MANIFEST, ArtifactError, load_artifact
-from deploy.frames import FrameRule, FrameStore
+from deploy.frame_store import FrameRule, FrameStore
 from deploy.mlflow_rest import RestRegistry
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
 from deploy.rollout.decision import manifest_lock

@@ -18,6 +18,7 @@ PACKAGES = ("spt_core", "pipelines", "deploy")
 MAX_LINES = 400
 EDGE = (
     "deploy.artifact",
+    "deploy.frame_store",
     "deploy.frames",
     "deploy.inferencer",
     "deploy.metrics",

@@ -1,4 +1,4 @@
-"""deploy.frames: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
+"""deploy.frame_store: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.frames import FrameError, FrameRule, FrameStore, margin_of
+from deploy.frame_store import FrameError, FrameRule, FrameStore, margin_of
 
 
 def png(seed: int, size: int = 16) -> bytes:
