@@ -8,16 +8,19 @@ One directory per model version and format (docs/ARCHITECTURE.md, "Artifacts")::
 
 `deploy.export` seals directories with `build_manifest` + `seal`; the edge service, `deploy.verify` and the
 benchmarks read them with `load_artifact`, which trusts nothing: directory, manifest, file names and every
-listed file's sha256 are checked, each failure a one-line `ArtifactError`.
+listed file's sha256 are checked, each failure a one-line `ArtifactError`. Each file is read once: the bytes that
+were hashed are the bytes kept in `Artifact.data` and compiled from memory (`deploy.inferencer`), so a file changed,
+truncated or replaced on disk afterwards cannot change what serves (nor SIGBUS a memory map).
 
 Torch-free (json + spt_core's torch-free leaves): the edge box imports this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ class Artifact:
         class_names: One name per logit, in logit order.
         preprocess: The preprocessing the model takes.
         files: Every file the manifest lists -> its path (sha256-verified).
+        data: Every file the manifest lists -> the bytes read and verified (what a runtime compiles).
     """
 
     dir: Path
@@ -69,6 +73,7 @@ class Artifact:
     class_names: list[str]
     preprocess: Preprocess
     files: dict[str, Path]
+    data: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def model_path(self) -> Path:
@@ -221,13 +226,18 @@ def load_artifact(artifact_dir: str | Path, expected_version: str | None = None)
         if name not in listed:
             raise ArtifactError(f"{mpath} has no checksum for {name}: re-export the artifact")
     files: dict[str, Path] = {}
+    data: dict[str, bytes] = {}
     for name, digest in listed.items():
         path = d / name
         if Path(name).name != name:  # a manifest must not point outside its own directory
             raise ArtifactError(f"{mpath}: file name {name!r} leaves the artifact dir; re-export the artifact")
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: re-copy the whole artifact dir or re-export it")
-        if (actual := file_sha256(path)) != digest:
+        try:
+            data[name] = path.read_bytes()  # read once: these very bytes are hashed and compiled
+        except OSError as e:
+            raise ArtifactError(f"{path}: cannot read it ({one_line(e)}); check its permissions") from e
+        if (actual := hashlib.sha256(data[name]).hexdigest()) != digest:
             raise ArtifactError(
                 f"{path}: sha256 differs from manifest.json ({actual[:12]}... does not match {str(digest)[:12]}...): "
                 "the file is corrupt or was changed in place; re-copy the artifact or publish a new version"
@@ -241,4 +251,4 @@ def load_artifact(artifact_dir: str | Path, expected_version: str | None = None)
         class_names = [str(c) for c in m["class_names"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{mpath}: preprocess or class_names is malformed ({one_line(e)}); re-export it") from e
-    return Artifact(d, m, fmt, str(m["precision"]), version, class_names, pre, files)
+    return Artifact(d, m, fmt, str(m["precision"]), version, class_names, pre, files, data)

@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ from spt_core.preprocess import preprocess_image
 
 _core_lock = threading.Lock()
 _core: Any = None
+
+
+def ov_tensor(array: np.ndarray) -> Any:
+    """An OpenVINO tensor holding a copy of `array` (OpenVINO is imported on first use)."""
+    import openvino as ov
+
+    return ov.Tensor(np.ascontiguousarray(array))
 
 
 def _ov_core() -> Any:
@@ -66,8 +74,18 @@ class Inferencer:
         xml = Path(xml_path)
         self.ov_config = dict(config or {})
         core = _ov_core()
+        if artifact is not None and {xml.name, "model.bin"} <= artifact.data.keys():
+            xml_bytes, bin_bytes = artifact.data[xml.name], artifact.data["model.bin"]  # the verified bytes
+        else:
+            try:
+                xml_bytes, bin_bytes = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+            except OSError as e:
+                raise ArtifactError(f"{xml}: cannot read the IR ({one_line(e)}); re-export it") from None
         try:
-            model = core.read_model(xml, xml.with_suffix(".bin"))
+            # From memory, never from the path: OpenVINO would memory-map model.bin, so a later in-place edit
+            # would change the answers and a truncation would kill the process with SIGBUS.
+            weights = ov_tensor(np.frombuffer(bin_bytes, np.uint8))
+            model = core.read_model(xml_bytes.decode("utf-8"), weights)
             compiled = core.compile_model(model, "CPU", self.ov_config)
             self._input = compiled.input(input_name) if input_name else compiled.input(0)
             self._output = compiled.output(output_name) if output_name else compiled.output(0)
@@ -100,6 +118,7 @@ class Inferencer:
         config = artifact.runtime_config | dict(openvino or {})
         names = {"input_name": m.get("input_name"), "output_name": m.get("output_name")}
         inf = cls(artifact.model_path, config, **names, artifact=artifact)
+        inf.artifact = replace(artifact, data={})  # compiled: OpenVINO holds its own copy of the verified bytes
         shape = inf._input.get_partial_shape()
         want = [None, 3, *pre.size]
         if (
@@ -110,6 +129,17 @@ class Inferencer:
             size = f"{pre.size[0]}, {pre.size[1]}"
             raise ArtifactError(f"{artifact.dir}: input shape {shape} does not take (N, 3, {size})")
         return inf
+
+    def smoke_test(self) -> None:
+        """Run one mid-grey frame through `predict`; raise `ArtifactError` unless it answers a finite score for one
+        of the artifact's classes. A promotion calls this before it writes anything."""
+        h, w = self.artifact.preprocess.size
+        try:
+            out = self.predict(Image.new("RGB", (w, h), (128, 128, 128)))
+        except Exception as e:
+            raise ArtifactError(f"{self.artifact.dir}: smoke test failed ({one_line(e)}); re-export it") from None
+        if not np.isfinite(out["score"]):
+            raise ArtifactError(f"{self.artifact.dir}: smoke test gave a non-finite score; re-export it")
 
     @property
     def version(self) -> str:

@@ -1,4 +1,6 @@
-"""The edge service's counters and recent latencies, for ``GET /metrics`` (JSON) and Prometheus; thread-safe."""
+"""The edge service's counters and latencies: Prometheus exposition through `prometheus_client` (one
+`CollectorRegistry` per service, never the process-global one, so two services or tests never mix counts), and
+a JSON view with recent-window quantiles for ``GET /metrics``; thread-safe."""
 
 from __future__ import annotations
 
@@ -6,31 +8,65 @@ import threading
 from collections import deque
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
 from deploy.rollout.stats import quantiles
+
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+COUNTS = (
+    "requests errors bad_requests fallbacks log_errors reloads reloads_refused shadow_runs "
+    "refused_unauthorized refused_limits feedback_refused"
+).split()
+# ms: the model takes 1-30 ms on an edge CPU; the tail buckets show queueing and oversized frames
+_BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)
 
 
 class Metrics:
-    """Counters and recent latencies (bounded window) for /metrics; thread-safe."""
+    """Counters and latencies of one service, for /metrics (JSON) and ``?format=prometheus``.
+
+    Prometheus gets counters and latency histograms (quantiles are computed by the scraper); the JSON view keeps a
+    bounded window of recent latencies for p50/p90/p99 at a glance.
+    """
 
     def __init__(self, window: int = 20000) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
         self._window = window
-        self.counts = {"requests": 0, "errors": 0, "bad_requests": 0, "fallbacks": 0, "log_errors": 0, "reloads": 0}
-        self.counts |= {"reloads_refused": 0, "shadow_runs": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self._counters = {k: Counter(f"sensitune_{k}", f"edge service: {k.replace('_', ' ')}", registry=self.registry)
+                          for k in COUNTS}  # fmt: skip
         self._latency: deque[float] = deque(maxlen=window)
+        self._request_hist = Histogram(
+            "sensitune_request_latency_ms", "server time per answered /predict request (ms)",
+            buckets=_BUCKETS_MS, registry=self.registry,
+        )  # fmt: skip
+        labels = ("role", "version")
+        self._model_requests = Counter(
+            "sensitune_model_requests", "inferences per model", labels, registry=self.registry
+        )
+        self._model_errors = Counter(
+            "sensitune_model_errors", "failed inferences per model", labels, registry=self.registry
+        )
+        self._model_hist = Histogram(
+            "sensitune_model_latency_ms", "preprocessing + inference per model (ms), queueing excluded", labels,
+            buckets=_BUCKETS_MS, registry=self.registry,
+        )  # fmt: skip
         self._models: dict[tuple[str, str], dict[str, Any]] = {}
 
     def count(self, key: str) -> None:
         with self._lock:
             self.counts[key] += 1
+        self._counters[key].inc()
 
     def request(self, ms: float | None, status: str = "ok") -> None:
-        with self._lock:
-            self.counts["requests"] += 1
-            if status != "ok":
-                self.counts["errors" if status == "error" else "bad_requests"] += 1
-            if ms is not None:
+        self.count("requests")
+        if status != "ok":
+            self.count("errors" if status == "error" else "bad_requests")
+        if ms is not None:
+            with self._lock:
                 self._latency.append(ms)
+            self._request_hist.observe(ms)
 
     def model(self, role: str, version: str, ms: float | None) -> None:
         with self._lock:
@@ -42,6 +78,11 @@ class Metrics:
                 m["errors"] += 1
             else:
                 m["lat"].append(ms)
+        self._model_requests.labels(role, version).inc()
+        if ms is None:
+            self._model_errors.labels(role, version).inc()
+        else:
+            self._model_hist.labels(role, version).observe(ms)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -60,17 +101,6 @@ class Metrics:
                 },
             }
 
-    def prometheus(self) -> str:
-        s = self.snapshot()
-        out = [f"# TYPE sensitune_{k}_total counter\nsensitune_{k}_total {s[k]}" for k in self.counts]
-        out.append("# TYPE sensitune_request_latency_ms summary")
-        out += [f'sensitune_request_latency_ms{{quantile="0.{q[1:]}"}} {v}' for q, v in s["latency_ms"].items() if v]
-        out.append("# TYPE sensitune_model_requests_total counter")
-        for m in s["models"].values():
-            lab = f'role="{m["role"]}",version="{m["version"]}"'
-            out.append(f"sensitune_model_requests_total{{{lab}}} {m['requests']}")
-            out.append(f"sensitune_model_errors_total{{{lab}}} {m['errors']}")
-            out += [
-                f'sensitune_model_latency_ms{{{lab},quantile="0.{q[1:]}"}} {v}' for q, v in m["latency_ms"].items() if v
-            ]
-        return "\n".join(out) + "\n"
+    def prometheus(self) -> bytes:
+        """The text exposition format of this service's registry."""
+        return generate_latest(self.registry)

@@ -230,8 +230,8 @@ class Sync:
             rec = json.loads(line)
             if rec.get("applied") and rec.get("action") in ("promote", "rollback"):
                 version = rec.get("evidence", {}).get("challenger_version")
-                who = f"{self.box.box}:{rec.get('source', 'rule')}"
-                evidence = {k: rec.get(k) for k in ("reasons", "evidence")}
+                who = f"{self.box.box}:{rec.get('actor') or rec.get('source', 'rule')}"
+                evidence = {k: rec.get(k) for k in ("source", "reasons", "evidence")}
                 if rec["action"] == "promote":
                     move(self.reg, version, who=who, evidence=evidence, box=self.box.box, log_to=self._audit)
                 elif (self.reg.alias(CHALLENGER_ALIAS) or {}).get("version") == version:  # not moved on meanwhile
@@ -354,18 +354,20 @@ def attach(service: Any, box_path: str | Path | None) -> Any:
     return the service. The box's rollout manifest is the service's (``--config``). No box: unchanged."""
     if box_path is None:
         return service
+    from deploy.auth import ADMIN, Principal
+
     box = replace(BoxConfig.load(box_path), rollout=service.config_path)
     store = box.frame_store()
-    service.frames = None if store is None else GuardedFrames(store, lambda: service.metrics.count("frame_errors"))
-    service.sync = Sync(box, store, on_change=service.reload)
+    service.frame_store = None if store is None else GuardedFrames(store)
+    service.sync = Sync(box, store, on_change=lambda: service.reload(Principal(f"sync:{box.box}", ADMIN)))
     return service
 
 
 class GuardedFrames:
     """The frame store as the service calls it: a full disk or a broken index never fails a prediction."""
 
-    def __init__(self, store: FrameStore, on_error: Any) -> None:
-        self.store, self.on_error = store, on_error
+    def __init__(self, store: FrameStore) -> None:
+        self.store, self.errors = store, 0
 
     def __getattr__(self, name: str) -> Any:
         fn = getattr(self.store, name)
@@ -374,15 +376,22 @@ class GuardedFrames:
             try:
                 return fn(*args, **kw)
             except Exception as e:
-                self.on_error()
+                self.errors += 1
                 log.error("frame store %s: %s", name, one_line(e))
                 return None
 
         return guarded
 
 
-def prometheus_lines(status: dict[str, Any]) -> str:
-    """The sync status as Prometheus gauges (stale seconds, -1 = never synced; ok 0/1)."""
+def sync_status(service: Any) -> dict[str, Any]:
+    """``{"sync": status}`` for /healthz and /metrics, ``{}`` for a service without a box."""
+    return {} if getattr(service, "sync", None) is None else {"sync": service.sync.status()}
+
+
+def prometheus_lines(status: dict[str, Any] | None) -> str:
+    """The sync status as Prometheus gauges (stale seconds, -1 = never synced; ok 0/1); "" without a box."""
+    if status is None:
+        return ""
     stale = -1 if status.get("stale_s") is None else status["stale_s"]
     ok = 0 if status.get("error") else 1
     return (f"# TYPE sensitune_sync_stale_seconds gauge\nsensitune_sync_stale_seconds {stale}\n"

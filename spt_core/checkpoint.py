@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import PlanError
+from .io import umask
 from .plan import Plan
 from .tuners import apply_plan, remove_tuners, tuner_state_dict
 
@@ -66,6 +67,7 @@ def save_tuned(
         "info": info or {},
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: a service running as another user could not read it
     try:
         save_file(tensors, str(tmp / "tuned.safetensors"), metadata={"plan_hash": plan.hash()})
         (tmp / "tuned.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +23,19 @@ def umask() -> int:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's directory; on success rename it over `path`, on error delete it.
 
-    The temp file keeps the target's suffix (some writers pick the format from it) and gets normal file
-    permissions (mkstemp creates 0600).
+    The temp file keeps the target's suffix (some writers pick the format from it) and the target's permission
+    bits when it exists (a manifest another user's service reads stays readable), else normal file permissions
+    (mkstemp creates 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())
+    os.chmod(tmp, mode)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -158,6 +158,8 @@ def create_model(
         head_loaded = False
     else:
         head_loaded = file_head == num_classes
+    if weights not in ("none",):
+        check_finite(model.state_dict(), f"weights {source}")
     if not head_loaded:
         init_new_head(model)
     data_cfg = timm.data.resolve_data_config({}, model=model)
@@ -167,6 +169,18 @@ def create_model(
     timm_kwargs.pop("img_size", None)
     info = ModelInfo(name, num_classes, source, sha, img_size, pre, drop_path_rate, timm_kwargs)
     return model.eval(), info
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise `ModelError` naming the first floating tensor with a NaN or an infinity (one NaN in a backbone gives
+    NaN sensitivities everywhere and a probe at chance, silently)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(
+                f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN/inf); the file is damaged, "
+                "re-download or re-export it"
+            )
 
 
 def _create_embedded_lite0(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, str, str]:

@@ -72,7 +72,20 @@ class Sensitivity:
         candidates = {c.name: c for c in cands}
         if set(candidates) != set(scores):
             raise PlanError(f"{path}: scores and candidate list disagree; the file is damaged, re-run measure")
+        check_scores_finite(scores, str(path))
         return cls(scores=scores, candidates=candidates, meta=meta)
+
+
+def check_scores_finite(scores: dict[str, torch.Tensor], source: str) -> None:
+    """Raise `PlanError` naming the first parameter whose score has a NaN or an infinity: allocate would rank it
+    "most sensitive" and train it whole."""
+    for name, s in scores.items():
+        finite = torch.isfinite(s)
+        if not bool(finite.all()):
+            raise PlanError(
+                f"{source}: sensitivity of {name!r} has {int((~finite).sum())} non-finite value(s) (NaN/inf); "
+                "check the backbone weights file and the data, then re-run measure"
+            )
 
 
 def _loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
@@ -156,6 +169,7 @@ def measure_sensitivity(
             m.training = t
     if n_batches == 0:
         raise PlanError("the sensitivity loader yielded no batch; check the training split is not empty")
+    check_scores_finite(scores, "measure")
     meta = {
         "batches": n_batches,
         "images": n_images,

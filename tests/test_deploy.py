@@ -37,6 +37,7 @@ from PIL import Image
 
 from deploy import rollout
 from deploy.artifact import ArtifactError
+from deploy.auth import LOCAL
 from deploy.registry import MlflowRegistry
 from deploy.rollout import (
     DecisionRule,
@@ -130,8 +131,9 @@ def frames_for(cams: list[str], per_cam: int, tag: str, n_images: int) -> list[t
 
 
 def give_feedback(base: str, world: World, frames: list[tuple[str, str, int]]) -> None:
-    for _, fid, i in frames:
-        r = HTTP.post(f"{base}/feedback", json={"frame_id": fid, "label": CLASSES[world.labels[i]]})
+    for cam, fid, i in frames:
+        label = CLASSES[world.labels[i]]  # named by the camera's own frame id: (camera, client_frame_id)
+        r = HTTP.post(f"{base}/feedback", json={"camera_id": cam, "client_frame_id": fid, "label": label})
         assert r.status_code == 200, r.text
 
 
@@ -250,6 +252,7 @@ def test_artifact_checksum_version_and_missing_files(world: World, tmp_path: Pat
 
 def test_edge_modules_import_neither_torch_nor_spt_core_internals() -> None:
     edge = "artifact inferencer metrics service registry rollout rollout.cli rollout.decision rollout.logs"
+    edge += " api auth frames guard limits runtime schemas"
     edge += " rollout.manifest rollout.split rollout.stats"
     code = (
         f"import sys, {', '.join('deploy.' + m for m in edge.split())}\n"
@@ -272,14 +275,15 @@ def test_cameras_ab_split_feedback_promotion_and_rollback(world: World, tmp_path
     assert 2 <= len(expected_ch) <= 6  # the hash gives these 12 cameras a share near 0.25 (plus the pinned one)
     frames = frames_for(CAMS, 20, "a", len(world.images))
     with serve(create_app(cfg_path)) as base:
-        assert HTTP.get(f"{base}/healthz").json() == {"status": "alive"}
+        health = HTTP.get(f"{base}/healthz").json()
+        assert (health["status"], health["champion"], health["challenger"]) == ("alive", "1", "2")
         assert HTTP.get(f"{base}/readyz").status_code == 200
         res = send(base, world, frames)
         assert [r.status_code for r in res] == [200] * len(frames)
         seen: dict[str, set[tuple[str, str]]] = {}
         for (cam, fid, i), r in zip(frames, res):
             body = r.json()
-            assert body["frame_id"] == fid and body["camera_id"] == cam
+            assert body["client_frame_id"] == fid and body["camera_id"] == cam and len(body["frame_id"]) == 32
             assert body["class_index"] == world.expect[body["model_version"]][i]  # exact: numpy reference
             assert body["class"] == CLASSES[body["class_index"]] and 0.25 <= body["score"] <= 1.0
             seen.setdefault(cam, set()).add((body["role"], body["model_version"]))
@@ -310,11 +314,11 @@ def test_cameras_ab_split_feedback_promotion_and_rollback(world: World, tmp_path
         assert metrics["models"]["champion:1"]["requests"] == len(frames) - n_ch
         assert metrics["latency_ms"]["p50"] <= metrics["latency_ms"]["p99"]
         prom = HTTP.get(f"{base}/metrics", params={"format": "prometheus"}).text
-        assert f"sensitune_requests_total {len(frames)}\n" in prom
-        assert f'sensitune_model_requests_total{{role="challenger",version="2"}} {n_ch}' in prom
+        assert f"sensitune_requests_total {float(len(frames))}\n" in prom
+        assert f'sensitune_model_requests_total{{role="challenger",version="2"}} {float(n_ch)}' in prom
 
         # promote: manifest rewritten, alias moved, decision + evidence + alias moves logged
-        out = HTTP.post(f"{base}/decide").json()
+        out = HTTP.post(f"{base}/decide", json={}).json()
         assert out["action"] == "promote" and out["applied"] and out["state"]["champion"] == "2"
         cfg = load_config(cfg_path)
         assert cfg.champion.version == "2" and cfg.challenger is None
@@ -329,7 +333,7 @@ def test_cameras_ab_split_feedback_promotion_and_rollback(world: World, tmp_path
         # a worse challenger (always ok), half the cameras, judged through the CLI, which reloads the service
         manifest(cfg_path, world, "2", "3", challenger_share=0.5, registry=reg)
         registry.set_challenger("3")
-        assert HTTP.post(f"{base}/reload").json()["challenger"] == "3"
+        assert HTTP.post(f"{base}/reload", json={}).json()["challenger"] == "3"
         frames_c = frames_for(CAMS, 12, "c", len(world.images))
         assert all(r.status_code == 200 for r in send(base, world, frames_c))
         give_feedback(base, world, frames_c)
@@ -349,10 +353,10 @@ def test_malformed_manifest_on_reload_is_refused_and_old_config_serves(world: Wo
     with serve(create_app(cfg_path)) as base:
         before = [(r.json()["role"], r.json()["model_version"]) for r in send(base, world, frames)]
         cfg_path.write_text("line: [unclosed\n")
-        r = HTTP.post(f"{base}/reload")
+        r = HTTP.post(f"{base}/reload", json={})
         assert r.status_code == 400 and "not valid YAML" in r.json()["error"] and "\n" not in r.json()["error"]
         cfg_path.write_text(good.replace("challenger_share: 0.5", "challenger_share: 1.5"))
-        r = HTTP.post(f"{base}/reload")
+        r = HTTP.post(f"{base}/reload", json={})
         assert r.status_code == 400 and "challenger_share=1.5" in r.json()["error"]
         assert r.json()["champion"] == "2" and r.json()["challenger"] == "1"  # still the old configuration
         again = send(base, world, frames)
@@ -384,7 +388,7 @@ def test_corrupt_challenger_while_serving_is_rolled_back_and_no_request_fails(wo
         blob = bytearray((art / "model.bin").read_bytes())
         blob[: len(blob) // 2] = bytes(len(blob) // 2)
         (art / "model.bin").write_bytes(bytes(blob))
-        r = HTTP.post(f"{base}/reload")
+        r = HTTP.post(f"{base}/reload", json={})
         reloaded = time.monotonic()
         n_before = len(results)
         while len(results) < n_before + 3:  # more traffic after the swap
@@ -475,7 +479,7 @@ def test_missing_champion_starts_unready_until_a_reload_fixes_it(world: World, t
     status, body = service.predict(world.images[0], "cam-0", None)
     assert status == 503 and "champion not loaded" in body["error"]
     manifest(cfg_path, world, "2", None)
-    assert service.reload()["ok"] and service.runtime.champion.version == "2"
+    assert service.reload(LOCAL)["ok"] and service.runtime.champion.version == "2"
     status, body = service.predict(world.images[0], "cam-0", "f1")
     assert status == 200 and body["class_index"] == world.expect["2"][0]
     service.close()

@@ -19,6 +19,7 @@ from deploy_fixtures import CLASSES, N_FEATURES, build_artifact, demo_images, fr
 from mlflow import MlflowClient
 from test_mlflow import server  # noqa: F401  (fixture)
 
+from deploy.auth import ADMIN, Principal
 from deploy.mlflow_rest import RestRegistry
 from deploy.rollout import load_config
 from deploy.rollout.decision import PROMOTE, Decision, apply_decision
@@ -64,7 +65,7 @@ def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(server: str, 
     assert register(server, tmp_path / "models", "champion", 1) == "1"
     boxes = {n: box_yaml(tmp_path / n, f"box-{n}", server, frames=n == "a") for n in ("a", "b")}
     # no manifest yet: the first sync writes it and fetches v1 into the box's own store
-    apps = {n: create_app(tmp_path / n / "rollout.yaml", b) for n, b in boxes.items()}
+    apps = {n: create_app(tmp_path / n / "rollout.yaml", box=b) for n, b in boxes.items()}
     svc = {n: app.state.service for n, app in apps.items()}
     for n in boxes:
         assert load_config(tmp_path / n / "rollout.yaml").champion.version == "1"
@@ -100,25 +101,25 @@ def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(server: str, 
         assert out["uploaded"] == 2
         rest = RestRegistry(server, NAME)
         for fid, label in corrected:
-            frame, data = svc["a"].frames.get(fid)
+            frame, data = svc["a"].frame_store.get(fid)
             names = {Path(f["path"]).name for f in rest.list_files(f"incoming/line-1/{label}")}
             assert {f"{frame.sha256}.png", f"{frame.sha256}.json"} <= names
             prov = json.loads(rest.get_file(f"incoming/line-1/{label}/{frame.sha256}.json"))
-            assert (prov["camera_id"], prov["box"], prov["label"], prov["labelled_by"]) == (
-                frame.camera_id, "box-a", label, "operator")  # fmt: skip
+            assert (prov["camera_id"], prov["box"], prov["label"]) == (frame.camera_id, "box-a", label)
+            assert prov["labelled_by"]  # the token's name (here: the loopback development principal)
             assert prov["model_version"] in ("1", "2") and prov["line"] == "line-1"
         assert svc["a"].sync.run_once()["uploaded"] == 0  # each frame once
 
         # the rule promotes the challenger on box a: registry aliases move (audited), box b follows
         decision = Decision(PROMOTE, ["test evidence"], {"champion_version": "1", "challenger_version": "2"})
-        assert apply_decision(tmp_path / "a/rollout.yaml", decision)["applied"]
-        svc["a"].reload()
+        assert apply_decision(tmp_path / "a/rollout.yaml", decision, actor="qa-lead")["applied"]
+        svc["a"].reload(Principal("test", ADMIN))
         out = svc["a"].sync.run_once()
         assert out.get("pushed") == 1, out
         assert client.get_model_version_by_alias(NAME, "champion").version == "2"
         audits = [json.loads(v) for k, v in client.get_registered_model(NAME).tags.items() if k.startswith("audit.")]
         champ = next(a for a in audits if a["alias"] == "champion")
-        assert (champ["from_version"], champ["to_version"], champ["who"]) == ("1", "2", "box-a:rule")
+        assert (champ["from_version"], champ["to_version"], champ["who"]) == ("1", "2", "box-a:qa-lead")
         assert champ["evidence"]["reasons"] == ["test evidence"] and champ["ts"]
         svc["b"].sync.run_once()
         assert svc["b"].runtime.state()["champion"] == "2" and svc["b"].runtime.state()["challenger"] is None

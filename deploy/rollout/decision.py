@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -138,13 +138,27 @@ def manifest_lock(config_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def apply_decision(config_path: Path, decision: Decision, *, source: str = "rule") -> dict[str, Any]:
+def apply_decision(
+    config_path: Path,
+    decision: Decision,
+    *,
+    source: str = "rule",
+    actor: str = "cli",
+    before_write: Callable[[RolloutConfig], Any] | None = None,
+) -> dict[str, Any]:
     """Carry out a decision: rewrite the manifest, move the registry aliases, append to decisions.jsonl.
 
     Promote: challenger -> champion, challenger -> null, alias `champion` -> the new version, `challenger`
-    deleted. Roll back: challenger -> null, alias `challenger` deleted. A decision about a challenger that is
-    no longer in the manifest is logged as not applied. A registry failure never undoes the manifest change
-    (the line must keep running); it is logged in the record.
+    deleted. Roll back: challenger -> null, alias `challenger` deleted. Only a change is logged: a wait, or a
+    decision about a challenger that is no longer in the manifest, returns its record with ``applied: false`` and
+    writes nothing. A registry failure never undoes the manifest change (the line must keep running); it is logged
+    in the record.
+
+    Args:
+        before_write: Called with the new configuration under the manifest lock before anything is written (the
+            service loads and smoke-tests the new runtime here); if it raises, nothing is written or logged and the
+            exception propagates. Its result is returned as ``record["prepared"]`` (not logged).
+        actor: Who asked (the token's name), for the audit trail.
 
     Returns:
         The decisions.jsonl record.
@@ -152,45 +166,44 @@ def apply_decision(config_path: Path, decision: Decision, *, source: str = "rule
     config_path = Path(config_path)
     with manifest_lock(config_path):
         cfg = load_config(config_path)
+        versions = {CHAMPION: cfg.champion.version, CHALLENGER: cfg.challenger.version if cfg.challenger else None}
         record: dict[str, Any] = {
             "ts": now_iso(),
             "source": source,
+            "actor": actor,
             "line": cfg.line,
             **decision.to_dict(),
-            "before": {CHAMPION: cfg.champion.version, CHALLENGER: cfg.challenger.version if cfg.challenger else None},
+            "before": versions,
+            "after": dict(versions),
             "applied": False,
             "alias_moves": [],
         }
         wanted = decision.evidence.get("challenger_version")
-        if decision.action in (PROMOTE, ROLLBACK):
-            if cfg.challenger is None or cfg.challenger.version != wanted:
-                record["not_applied"] = (
-                    f"manifest challenger is {record['before'][CHALLENGER]}, decision is on {wanted}"
-                )
-            else:
-                new_champion = cfg.challenger if decision.action == PROMOTE else cfg.champion
-                write_config(replace(cfg, champion=new_champion, challenger=None), config_path)
-                record["applied"] = True
-                if cfg.registry is not None:
-                    _move_aliases(cfg.registry, decision.action, cfg.challenger.version, record)
-        after = load_config(config_path)
-        record["after"] = {
-            CHAMPION: after.champion.version,
-            CHALLENGER: after.challenger.version if after.challenger else None,
-        }
+        if decision.action not in (PROMOTE, ROLLBACK):
+            return record
+        if cfg.challenger is None or cfg.challenger.version != wanted:
+            record["not_applied"] = f"manifest challenger is {versions[CHALLENGER]}, decision is on {wanted}"
+            return record
+        new_cfg = replace(cfg, champion=cfg.challenger if decision.action == PROMOTE else cfg.champion, challenger=None)
+        prepared = before_write(new_cfg) if before_write is not None else None
+        write_config(new_cfg, config_path)
+        record["applied"] = True
+        record["after"] = {CHAMPION: new_cfg.champion.version, CHALLENGER: None}
+        if cfg.registry is not None:
+            _move_aliases(cfg.registry, decision.action, cfg.challenger.version, record)
         log = JsonlLog(cfg.logs / DECISION_LOG)
         try:
             log.append(record)
         finally:
             log.close()
-    return record
+    return record | ({"prepared": prepared} if prepared is not None else {})
 
 
-def roll_back(config_path: Path, cfg: RolloutConfig, reason: str, why: str) -> dict[str, Any]:
+def roll_back(config_path: Path, cfg: RolloutConfig, reason: str, why: str, actor: str = "service") -> dict[str, Any]:
     """The automatic roll-back of `cfg`'s challenger (it failed to load, or `ChallengerHealth` broke), source
     ``auto:<why>``; see `apply_decision`."""
     evidence = {"champion_version": cfg.champion.version, "challenger_version": cfg.challenger.version}
-    return apply_decision(config_path, Decision(ROLLBACK, [reason], evidence), source=f"auto:{why}")
+    return apply_decision(config_path, Decision(ROLLBACK, [reason], evidence), source=f"auto:{why}", actor=actor)
 
 
 def _move_aliases(reg: RegistryRef, action: str, version: str, record: dict[str, Any]) -> None:

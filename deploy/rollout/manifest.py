@@ -13,6 +13,8 @@ The manifest (YAML; paths are relative to the manifest's folder; unknown keys ar
     openvino: {PERFORMANCE_HINT: THROUGHPUT}   # optional: OpenVINO CPU properties over each artifact's runtime_config
     decision: {min_samples: 200, min_gain: 0.0, max_latency_increase: 0.2, max_error_rate: 0.05}
     registry: {tracking_uri: "sqlite:///mlflow.db", model_name: defect-inspector}   # or null
+    limits: {max_body_bytes: 16777216, max_pixels: 25000000, formats: [PNG, JPEG], ...}   # deploy.limits
+    challenger_retry_s: 300       # a challenger missing at start is retried this long before it is rolled back
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from deploy.limits import Limits, parse_limits
 from spt_core.errors import SensituneError
 from spt_core.io import write_text
 
@@ -73,6 +76,8 @@ class RolloutConfig:
     openvino: dict[str, Any] = field(default_factory=dict)  # compile properties over the artifact's runtime_config
     decision: DecisionRule = field(default_factory=DecisionRule)
     registry: RegistryRef | None = None
+    limits: Limits = field(default_factory=Limits)
+    challenger_retry_s: float = 300.0
     base_dir: Path = Path(".")
 
     def resolve(self, path: str) -> Path:
@@ -95,11 +100,13 @@ class RolloutConfig:
             "openvino": dict(self.openvino),
             "decision": asdict(self.decision),
             "registry": asdict(self.registry) if self.registry else None,
+            "limits": self.limits.to_dict(),
+            "challenger_retry_s": self.challenger_retry_s,
         }
 
 
 _TOP_KEYS = ("line", "champion", "challenger", "challenger_share", "cameras", "shadow", "ok_class", "log_dir")
-_TOP_KEYS += ("openvino", "decision", "registry")
+_TOP_KEYS += ("openvino", "decision", "registry", "limits", "challenger_retry_s")
 
 
 def _model_ref(value: Any, key: str, errors: list[str]) -> ModelRef | None:
@@ -184,6 +191,8 @@ def parse_config(data: Any, base_dir: Path, source: str = "rollout manifest") ->
             errors.append(f"registry={reg!r}: give {{tracking_uri: ..., model_name: ...}} or null")
         else:
             registry = RegistryRef(reg["tracking_uri"], reg["model_name"])
+    limits = parse_limits(data.get("limits"), errors)
+    retry_s = _number(data.get("challenger_retry_s", 300.0), "challenger_retry_s", 0.0, 86400.0, errors)
     if errors:
         raise RolloutError(f"{source}: " + "; ".join(errors))
     return RolloutConfig(
@@ -198,6 +207,8 @@ def parse_config(data: Any, base_dir: Path, source: str = "rollout manifest") ->
         openvino=dict(openvino),
         decision=rule,
         registry=registry,
+        limits=limits,
+        challenger_retry_s=float(retry_s),
         base_dir=base_dir,
     )
 

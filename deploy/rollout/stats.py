@@ -50,9 +50,13 @@ def quantiles(values: Collection[float]) -> dict[str, float | None]:
     return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
 
 
-def _arm_stats(recs: list[dict[str, Any]], labels: dict[str, str], ok_class: str) -> dict[str, Any]:
+def _key(record: dict[str, Any]) -> tuple[str, str]:
+    return str(record.get("camera_id")), str(record.get("frame_id"))
+
+
+def _arm_stats(recs: list[dict[str, Any]], labels: dict[tuple[str, str], str], ok_class: str) -> dict[str, Any]:
     good = [r for r in recs if not r.get("error")]
-    pairs = [(r.get("class"), labels[r["frame_id"]]) for r in good if r.get("frame_id") in labels]
+    pairs = [(r.get("class"), labels[_key(r)]) for r in good if _key(r) in labels]
     correct = sum(p == t for p, t in pairs)
     defects = [(p, t) for p, t in pairs if t != ok_class]
     caught = sum(p != ok_class for p, _ in defects)  # a defect flagged as any defect class gets the part off the line
@@ -91,7 +95,7 @@ def compare(
     """Champion vs challenger from the prediction and feedback logs, overall and per camera.
 
     Only records of the given (role, version) count when versions are given, so that a promoted model's history
-    as challenger does not leak into its record as champion. Feedback joins on frame_id (last label wins).
+    as challenger does not leak into its record as champion. Feedback joins on (camera_id, frame_id) (last label wins).
 
     Returns:
         {"versions", "ok_class", "overall": {role: stats}, "per_camera": {camera: {role: stats}},
@@ -99,19 +103,27 @@ def compare(
     """
     preds, skipped_p = read_jsonl(Path(pred_log))
     feedback, skipped_f = read_jsonl(Path(feedback_log))
-    labels = {str(r["frame_id"]): str(r["label"]) for r in feedback if "frame_id" in r and "label" in r}
+    # Frame ids are server-issued (deploy.frames) and joined together with the camera, so that a frame id two
+    # cameras both used can never carry one label to the other camera's prediction.
+    labels = {
+        (str(r.get("camera_id")), str(r["frame_id"])): str(r["label"])
+        for r in feedback
+        if "frame_id" in r and "label" in r
+    }
     wanted = {CHAMPION: champion_version, CHALLENGER: challenger_version}
     overall: dict[str, list[dict[str, Any]]] = {CHAMPION: [], CHALLENGER: []}
     per_camera: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    by_frame: dict[str, dict[str, str]] = {}
+    by_frame: dict[tuple[str, str], dict[str, str]] = {}
     for r in preds:
         role = r.get("role")
         if role not in wanted or (wanted[role] is not None and str(r.get("model_version")) != wanted[role]):
             continue
         overall[role].append(r)
         per_camera.setdefault(str(r.get("camera_id")), {CHAMPION: [], CHALLENGER: []})[role].append(r)
-        if not r.get("error") and "frame_id" in r:
-            by_frame.setdefault(str(r["frame_id"]), {})[role] = r.get("class")
+        # a pair is the champion's served answer and the challenger's shadow answer on the same frame: shadow mode
+        paired_side = (role == CHAMPION and r.get("served", True)) or (role == CHALLENGER and r.get("shadow"))
+        if paired_side and not r.get("error") and "frame_id" in r:
+            by_frame.setdefault(_key(r), {})[role] = r.get("class")
     both = {f: v for f, v in by_frame.items() if len(v) == 2}
     paired = None
     if both:

@@ -113,6 +113,7 @@ def prepare(
         if n is not None and n < 0:
             raise DataError(f"{flag}={n}: give a count >= 0 or None for all")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the renamed dataset should be readable like any dir
     try:
@@ -249,6 +250,16 @@ def data_hash(root: Path) -> str:
     for p in files:
         h.update(f"{p.relative_to(root).as_posix()}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+def _remove_orphans(out_dir: Path) -> None:
+    """Delete the temp and old folders a killed `prepare` of this out_dir left beside it (`<name>.tmp-*`,
+    `<name>.old-*`). Two prepares of one out_dir at once are not supported anyway: the second would replace the first.
+    """
+    for pattern in (f"{out_dir.name}.tmp-*", f"{out_dir.name}.old-*"):
+        for orphan in out_dir.parent.glob(pattern):
+            if orphan.is_dir() and not orphan.is_symlink():
+                shutil.rmtree(orphan, ignore_errors=True)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
