@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Fashion-MNIST ships in Debian (MIT); the tests read it from /usr/share/datasets/fashion-mnist.
+# The operator pages' browser tests drive Debian's chromium through Playwright (never `playwright install`).
 test-deps:
 	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 run: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/run_default.sh

@@ -31,6 +31,7 @@ from deploy.schemas import (
     StateOut,
 )
 from deploy.sync import prometheus_lines, sync_status
+from deploy.ui import mount_ui
 from spt_core.errors import SensituneError
 
 STATIC = Path(__file__).parent / "static"
@@ -63,6 +64,7 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
         max_body=lambda: service.runtime.config.limits.max_body_bytes,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    ui = mount_ui(app, service, tokens=tokens)  # the operator pages (GET /); ui.record keeps the last frames
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -84,7 +86,9 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
         camera_id: str = Form(..., description="1..128 of [A-Za-z0-9._:-]"),
         frame_id: str | None = Form(None, description="the camera's own frame id (optional)"),
     ) -> Any:
-        status, body = service.predict(file.file.read(), camera_id, frame_id, background.add_task)
+        status, body = service.predict(data := file.file.read(), camera_id, frame_id, background.add_task)
+        if status == 200:
+            background.add_task(ui.record, data, body)
         return body if status == 200 else JSONResponse(body, status_code=status)
 
     @app.post("/feedback", response_model=FeedbackOut, responses=_errors(404), dependencies=SECURED)

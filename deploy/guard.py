@@ -18,8 +18,9 @@ from typing import Any
 from fastapi import HTTPException
 
 from deploy.auth import LOCAL, Principal, TokenStore
+from deploy.ui import OPEN_PATHS as UI_OPEN_PATHS
 
-OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static/")
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static/", *UI_OPEN_PATHS)
 
 
 async def _answer(send: Callable, status: int, error: str, headers: Mapping[str, str] | None = None) -> None:
@@ -56,7 +57,7 @@ class Guard:
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not any(path == p or (p.endswith("/") and path.startswith(p)) for p in OPEN_PATHS):
+        if not any(path == p or (p != "/" and p.endswith("/") and path.startswith(p)) for p in OPEN_PATHS):
             principal = LOCAL if self.tokens is None else self.tokens.authenticate(headers.get("authorization"))
             if principal is None:
                 why = "missing or unknown bearer token" if headers.get("authorization") else "no Authorization header"

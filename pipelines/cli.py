@@ -15,6 +15,10 @@
 Values come from params.yaml (`--config`, default ./params.yaml when present); `--set section.key=value`
 overrides any key, and each verb has flags for its common keys (derived from `pipelines.config`).
 Bad input is one line on stderr and exit code 2; `--debug` shows the traceback.
+
+`measure` and `train` also run data-parallel (docs/scaling.md): `sensitune train --nproc 4` launches
+`torchrun --standalone --nproc-per-node 4 -m pipelines.cli -- train ...` (one process per GPU; gloo on CPU), or
+run that torchrun line yourself (multi-node: `--nnodes`, `--rdzv-endpoint`). Rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -47,6 +53,7 @@ VERBS = {
     "publish": "register the merged model once and seal its export with the registry version",
 }
 _NULL_WORDS = ("none", "null", "all")
+DISTRIBUTED_VERBS = ("measure", "train")  # the verbs that run under torchrun
 
 
 def _flag_type(key: config.Key) -> Any:
@@ -88,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                 # no argparse `choices`: config.validate reports a bad value in the one-line error format
                 p.add_argument(key.flag, dest=key.dotted, type=_flag_type(key), help=key.help,
                                default=argparse.SUPPRESS)  # fmt: skip
+        if verb in DISTRIBUTED_VERBS:
+            p.add_argument("--nproc", type=int, default=None, metavar="N",
+                           help="run on N processes (one per GPU) through torchrun --standalone")  # fmt: skip
         if verb in ("evaluate", "predict"):
             p.add_argument("--model-path", type=Path, help="tuned-weights dir or merged .safetensors")
         if verb == "evaluate":
@@ -179,10 +189,39 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> None:
         _print(_summary(metrics))
 
 
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun line `--nproc N` stands for: this CLI with the same arguments, N processes on this machine."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*run, "-m", "pipelines.cli", "--", *rest]  # "--": torchrun would take --run as its --run-path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    quiet = args.quiet or rank != 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        print(f"error: --nproc {nproc}: give 1 or more processes", file=sys.stderr)
+        return 2
+    if nproc is not None and nproc > 1 and size == 1:
+        return subprocess.call(torchrun_command(argv, nproc))
+    if size > 1 and args.verb not in DISTRIBUTED_VERBS:
+        print(f"error: `{args.verb}` runs in one process; only {', '.join(DISTRIBUTED_VERBS)} run under torchrun",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone reports
     try:
         _run_verb(args, params_from_args(args))
     except SensituneError as e:
@@ -194,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume training", file=sys.stderr)
         return 130
+    if size > 1:
+        from spt_core.distributed import close
+
+        close()
     return 0
 
 

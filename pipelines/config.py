@@ -83,6 +83,8 @@ class SensitivitySection:
                    choices=("probe", "random"))  # fmt: skip
     probe_epochs: int = _f(50, "linear-probe epochs before measuring")
     device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("measure",))
+    amp: bool = _f(False, "bf16 autocast forward on CUDA, fp32 gradients and sums (less memory); CPU: fp32 always",
+                   verbs=("measure",))  # fmt: skip
 
 
 @dataclass

@@ -110,34 +110,27 @@ def retrain(
         ``status`` (trained | no-new-data | settling | locked) and, when trained, data/model versions, MLflow
         run id, comparison and ``decision`` (bootstrap | handover | not promoted).
     """
-    logger = get_run_logger()
     if not 0.0 <= challenger_share <= 1.0 or not -1.0 <= min_gain <= 1.0:
         raise t.RetrainError(f"challenger_share={challenger_share}, min_gain={min_gain}: give [0, 1] and [-1, 1]")
     params = load_params(config)
+    uri, name = tracking.tracking_uri(tracking_uri), model_name_for(params, model_name)
+    return retrain_once(params, Path(runs_root), uri, name, rollout=rollout, line=line, share=challenger_share,
+                        min_gain=min_gain, use_dvc=use_dvc, settle_seconds=settle_seconds, force=force)  # fmt: skip
+
+
+def retrain_once(params: dict, root: Path, uri: str, name: str, **opt: Any) -> dict[str, Any]:
+    """One line's retrain under its lock (`root/.retrain.lock`); `retrain` and each line of `pipelines.lines`."""
     if params["data"]["source"] != "raw":
-        raise t.RetrainError(f"{config}: data.source={params['data']['source']!r}; retrain watches paths.raw: set raw")
-    root = Path(runs_root)
+        raise t.RetrainError(f"data.source={params['data']['source']!r}; retrain watches paths.raw: set raw")
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / LOCK_FILE), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        logger.warning("another retrain holds %s: skipping this run", root / LOCK_FILE)
+        get_run_logger().warning("another retrain holds %s: skipping this run", root / LOCK_FILE)
         return {"status": "locked"}
     try:
-        return _retrain_locked(
-            params,
-            root,
-            tracking.tracking_uri(tracking_uri),
-            model_name_for(params, model_name),
-            rollout=rollout,
-            line=line,
-            share=challenger_share,
-            min_gain=min_gain,
-            use_dvc=use_dvc,
-            settle_seconds=settle_seconds,
-            force=force,
-        )
+        return _retrain_locked(params, root, uri, name, **opt)
     finally:
         lock.release()
 

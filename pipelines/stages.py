@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from spt_core.device import resolve_device
 
 from spt_core import __version__
 from spt_core.allocate import allocate
 from spt_core.checkpoint import bn_buffers, save_tuned
 from spt_core.data import load_dataset_info, make_loaders, prepare, scan_split
 from spt_core.demo import generate_demo_defects
+from spt_core.device import resolve_device
+from spt_core.distributed import init_from_env
 from spt_core.errors import DataError, PlanError, SensituneError
 from spt_core.evaluate import evaluate
 from spt_core.io import atomic_path, umask, write_json
@@ -87,6 +88,7 @@ def prepare_stage(params: Params) -> dict:
 def measure_stage(params: Params) -> Sensitivity:
     """Sensitivity of every candidate, measured on the training split; writes run/sensitivity.safetensors."""
     s_cfg, data_dir = params["sensitivity"], Path(params["paths"]["data"])
+    w = init_from_env(s_cfg["device"])  # under torchrun: each rank measures its share of the batches
     ds_info = load_dataset_info(data_dir)
     args = model_args(params, len(ds_info.class_names))
     seed = params["train"]["seed"]
@@ -96,7 +98,7 @@ def measure_stage(params: Params) -> Sensitivity:
     loaders = _loaders(params, info.preprocess, s_cfg["batch_size"], seed)
     sens = measure_task(
         model, loaders["train"].dataset, loaders, head=s_cfg["head"], probe_epochs=s_cfg["probe_epochs"],
-        batches=s_cfg["batches"], batch_size=s_cfg["batch_size"], seed=seed, device=device,
+        batches=s_cfg["batches"], batch_size=s_cfg["batch_size"], seed=seed, device=device, amp=s_cfg["amp"],
     )  # fmt: skip
     sens.meta.update(
         {
@@ -106,7 +108,8 @@ def measure_stage(params: Params) -> Sensitivity:
             "data_hash": ds_info.data_hash,
         }  # fmt: skip
     )
-    sens.save(run_dir(params) / FILES["sensitivity"])
+    if w.main:  # rank 0 alone writes
+        sens.save(run_dir(params) / FILES["sensitivity"])
     return sens
 
 
@@ -146,6 +149,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     run, t = run_dir(params), params["train"]
     plan = Plan.load(run / FILES["plan"])
     cfg = train_config(params)
+    w = init_from_env(cfg.device)  # under torchrun: DDP over the trainable tensors, rank 0 writes
     ds_info = load_dataset_info(Path(params["paths"]["data"]))
     if plan.meta.get("data_hash") and plan.meta["data_hash"] != ds_info.data_hash:
         log.warning("the plan was measured on another data version (%s); using it anyway", plan.meta["data_hash"])
@@ -178,7 +182,8 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     tuned_info = {**info.to_dict(), "model_args": args, "class_names": ds_info.class_names,
                   "data_hash": ds_info.data_hash, "train": cfg.to_dict()}  # fmt: skip
     buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
-    save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
+    if w.main:
+        save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
     backbone = plan.backbone_params
     metrics.update(
         {
@@ -202,10 +207,13 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "data_hash": ds_info.data_hash,
             "model_name": args["name"],
             "sensitune_version": __version__,
+            "processes": w.size,
         }
     )
     if metrics.get("probe_test_acc") is not None and history.test_acc is not None:
         metrics["gain_over_probe"] = history.test_acc - metrics["probe_test_acc"]
+    if not w.main:
+        return metrics
     write_json(run / FILES["metrics"], metrics)
     with atomic_path(run / FILES["history"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)

@@ -27,6 +27,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before pre
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+from filelock import FileLock  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
@@ -114,11 +115,14 @@ def version_data(raw: str, fp: str, use_dvc: bool = True) -> dict[str, Any]:
         logger.warning("DVC versioning skipped (%s): data version = content fingerprint", why)
         return {"data_version": f"fp-{fp[:12]}", "dvc": False, "dvc_file": None}
     target = raw_path.resolve().relative_to(root).as_posix()
-    _dvc(root, "add", "-q", target)
-    md5 = tracking.dvc_md5(root / target)
-    if md5 is None:
-        raise RetrainError(f"`dvc add {target}` wrote no md5 into {target}.dvc; check the DVC repository at {root}")
-    _dvc(root, "push", "-q", f"{target}.dvc")
+    # lines retrained at once share the repository, and DVC refuses a second concurrent command: take turns
+    (root / ".dvc" / "tmp").mkdir(exist_ok=True)
+    with FileLock(str(root / ".dvc" / "tmp" / "sensitune-dvc.lock"), timeout=DVC_TIMEOUT_S):
+        _dvc(root, "add", "-q", target)
+        md5 = tracking.dvc_md5(root / target)
+        if md5 is None:
+            raise RetrainError(f"`dvc add {target}` wrote no md5 into {target}.dvc; check the DVC repository at {root}")
+        _dvc(root, "push", "-q", f"{target}.dvc")
     logger.info("data version %s (dvc add + push of %s)", md5, target)
     return {"data_version": md5, "dvc": True, "dvc_file": str(root / f"{target}.dvc")}
 

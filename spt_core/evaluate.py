@@ -11,7 +11,7 @@ import contextlib
 import csv
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ def evaluate(
     num_classes: int | None = None,
     *,
     amp_dtype: torch.dtype | None = None,
+    sync: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a classifier on a labelled loader.
 
@@ -74,6 +75,8 @@ def evaluate(
         device: Where to run; defaults to the device of the model's first parameter.
         num_classes: Size of the confusion matrix; defaults to the number of logits.
         amp_dtype: Autocast dtype (e.g. ``torch.bfloat16`` on CUDA); ``None`` runs in full precision.
+        sync: Sums tensors over processes in place (`spt_core.distributed.all_reduce_sum`) when each process
+            evaluates its own shard of the split: the confusion matrix and loss sum become the whole split's.
 
     Returns:
         JSON-serialisable dict: ``accuracy``, ``loss`` (mean cross-entropy), ``n``, ``confusion``
@@ -106,6 +109,8 @@ def evaluate(
                 )
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             confusion += torch.bincount(y * c + logits.argmax(1), minlength=c * c).view(c, c)
+        if sync is not None and confusion is not None:
+            sync([confusion, loss_sum])
     if confusion is None or int(confusion.sum()) == 0:
         raise SensituneError("evaluate() got an empty loader: check the split has images")
     cm = confusion.cpu()

@@ -6,6 +6,11 @@
 First-order Taylor: the loss drop when w alone takes a gradient step of size ε·g is ε·g², so s ∝ g² (SPT §3.1).
 One forward + one backward per batch, no optimizer step. Squared gradients are folded into fp32 accumulators by
 a post-accumulate-grad hook, so at most one parameter's `.grad` exists at a time beyond the accumulators.
+
+``amp=True`` runs the forward under bf16 autocast on CUDA (activations saved for backward in bf16: less peak
+memory); the weights, their gradients and the Σg² accumulators stay fp32. On CPU the pass is always fp32, so the
+option changes nothing there (as ``train.amp``). Under torchrun each rank measures its share of the batches and
+the sums are added over ranks (`spt_core.distributed`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .candidates import Candidate, block_index, count_backbone_params, find_candidates
 from .data.loaders import SeededSampler
+from .distributed import all_reduce_sum, broadcast_module, shard_batches, world
 from .errors import PlanError, SensituneError
 from .io import atomic_path
 from .probe import fit_probe
@@ -88,9 +94,18 @@ def check_scores_finite(scores: dict[str, torch.Tensor], source: str) -> None:
             )
 
 
-def _loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+def _loss(model: nn.Module, batch: Any, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
     x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-    return F.cross_entropy(model(x), y)  # mean over the batch, as in SPT
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x)  # (B, C)
+    return F.cross_entropy(logits.float(), y)  # mean over the batch, as in SPT
+
+
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 when `amp` on a CUDA device that supports it; None (fp32) otherwise, the CPU included."""
+    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def measure_sensitivity(
@@ -103,6 +118,7 @@ def measure_sensitivity(
     freeze_bn_stats: bool = True,
     include_stem: bool = False,
     candidates: dict[str, Candidate] | None = None,
+    amp: bool = False,
 ) -> Sensitivity:
     """Σ_b g_b² for every candidate over `batches` mini-batches of `loader` (yielding (images, labels)).
 
@@ -118,11 +134,13 @@ def measure_sensitivity(
         freeze_bn_stats: keep BatchNorm in eval mode (running statistics), matching how sensitune trains.
         include_stem: measure the stem too (see `find_candidates`).
         candidates: precomputed candidates (default: `find_candidates(model)`).
+        amp: bf16 autocast forward on CUDA (fp32 gradients and accumulators); no effect on CPU.
     """
     if batches < 1:
         raise PlanError(f"batches={batches}: measure at least one batch (SPT uses 16)")
     cands = candidates if candidates is not None else find_candidates(model, include_stem=include_stem)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    amp_dtype = amp_dtype_for(device, amp)
     params = dict(model.named_parameters())
     was_training = {m: m.training for m in model.modules()}
     requires = {n: p.requires_grad for n, p in params.items()}
@@ -153,7 +171,7 @@ def measure_sensitivity(
         for batch in loader:
             if n_batches == batches:
                 break
-            _loss(model, batch, device).backward()
+            _loss(model, batch, device, amp_dtype).backward()
             n_batches += 1
             n_images += len(batch[1])
     finally:
@@ -176,6 +194,7 @@ def measure_sensitivity(
         "seconds": round(time.perf_counter() - t0, 3),
         "train_mode": train_mode,
         "freeze_bn_stats": freeze_bn_stats,
+        "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
         "backbone_params": count_backbone_params(model),
         "model_class": type(model).__name__,
         "block_names": block_index(model)[1],
@@ -195,6 +214,7 @@ def measure_task(
     batch_size: int,
     seed: int,
     device: str | torch.device,
+    amp: bool = False,
 ) -> Sensitivity:
     """The sensitivity of `model` on a task: fit the head first (``head="probe"``), then measure Σg².
 
@@ -212,6 +232,10 @@ def measure_task(
         batches, batch_size: how much of the shuffled training set the measurement sees (SPT: 16 x 32).
         seed: seed of the probe and of the shuffle.
         device: where to compute.
+        amp: bf16 autocast forward on CUDA (see `measure_sensitivity`).
+
+    Under torchrun, rank r measures batches r, r + N, ... of the same shuffle and the sums are added over ranks:
+    the result equals one process over the same `batches` batches (up to fp32 summation order).
 
     Returns:
         The Sensitivity; ``meta["head"]`` records the head, and the probe's results (``probe_*``) when fitted.
@@ -224,7 +248,20 @@ def measure_task(
     probe = {}
     if head == "probe":
         probe = fit_probe(model, loaders, epochs=probe_epochs, seed=seed, device=device).to_dict()
-    loader = DataLoader(train_dataset, batch_size=batch_size, sampler=SeededSampler(len(train_dataset), seed))
-    sens = measure_sensitivity(model, loader, batches=batches, device=device)
+        broadcast_module(model.get_classifier())  # every rank measures rank 0's head
+    w, sampler = world(), SeededSampler(len(train_dataset), seed)
+    if not w.active:
+        loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
+        sens = measure_sensitivity(model, loader, batches=batches, device=device, amp=amp)
+    else:
+        mine = shard_batches(sampler, batch_size, w, limit=batches)
+        if len(mine) == 0:
+            raise PlanError(f"sensitivity.batches={batches} < {w.size} processes: measure at least one batch per rank")
+        sens = measure_sensitivity(model, DataLoader(train_dataset, batch_sampler=mine), batches=len(mine),
+                                   device=device, amp=amp)  # fmt: skip
+        all_reduce_sum(list(sens.scores.values()))
+        counts = torch.tensor([sens.meta["batches"], sens.meta["images"]], dtype=torch.int64)
+        all_reduce_sum([counts])
+        sens.meta.update({"batches": int(counts[0]), "images": int(counts[1]), "processes": w.size})
     sens.meta.update({"head": head, **probe})
     return sens

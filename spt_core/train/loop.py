@@ -10,6 +10,11 @@ accuracy, its trainable state is loaded back at the end, and the test split is e
 With an ``out_dir``, ``checkpoint.pt`` is rewritten after every epoch (see `spt_core.train.resume`), so a killed
 run resumed with the same ``fit`` call ends bit-identical to an uninterrupted one on CPU (on CUDA, up to kernel
 non-determinism).
+
+Under torchrun (an initialised process group) the same call trains data-parallel: the loaders are split over
+ranks with the global batch kept (`spt_core.distributed.shard_loaders`), the model is wrapped in DDP over its
+trainable tensors only (`wrap_ddp`), validation and test are summed over ranks, and rank 0 alone writes the
+checkpoint (with every rank's RNG state) and calls ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 
 from spt_core.checkpoint import bn_buffers
 from spt_core.device import resolve_device
+from spt_core.distributed import all_reduce_sum, gather_objects, shard_loaders, world, wrap_ddp
 from spt_core.errors import SensituneError
 from spt_core.evaluate import evaluate, split_batch
 from spt_core.train.config import TrainConfig
@@ -201,7 +207,9 @@ def _train_epoch(
         bar.update(1)
         if cfg.log_every and step % cfg.log_every == 0:
             log.info("step %d/%d lr %.3g loss %.4f", step, total, lr, loss_sum.item() / seen)
-    return loss_sum.item() / seen, lr
+    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    all_reduce_sum([totals])  # the mean over every rank's images (a no-op in one process)
+    return (totals[0] / totals[1]).item(), lr
 
 
 def fit(
@@ -233,6 +241,9 @@ def fit(
     missing = [k for k in ("train", "val") if k not in loaders]
     if missing:
         raise SensituneError(f"fit() loaders lack {missing}: pass a dict with 'train', 'val' and optionally 'test'")
+    w = world()
+    if w.active:
+        loaders = shard_loaders(loaders, getattr(loaders["train"].sampler, "seed", cfg.seed), w)
     params = trainable_parameters(model)
     if not params:
         raise SensituneError(
@@ -263,9 +274,16 @@ def fit(
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        if w.main:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         if ckpt_path.exists():
             ckpt = load_checkpoint(ckpt_path, list(state), cfg, steps_per_epoch)
+            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+            if len(rngs) != w.size:
+                raise SensituneError(
+                    f"{ckpt_path}: checkpoint was written by {len(rngs)} process(es), this run has {w.size}; resume "
+                    "with the same number (--nproc) or delete it to start over"
+                )
             copy_state(state, ckpt["state"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -273,12 +291,16 @@ def fit(
             history = History.from_dict(ckpt["history"])
             history.device, history.resumed_at_epoch = str(device), ckpt["epoch"]
             step, start_epoch = ckpt["step"], ckpt["epoch"]
-            set_rng_state(ckpt["rng"], loaders)
+            set_rng_state(rngs[w.rank], loaders)
             log.info("resuming %s at epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
 
+    net = wrap_ddp(model, sync_buffers=not cfg.freeze_bn_stats)  # `model` itself in one process
+    sync = all_reduce_sum if w.active else None
     modes = [(m, m.training) for m in model.modules()]
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-    bar = tqdm(total=total, initial=step, disable=not _show_progress(cfg), desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=step, disable=not (w.main and _show_progress(cfg)), desc="train", dynamic_ncols=True
+    )
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -286,13 +308,13 @@ def fit(
             if callable(getattr(sampler, "set_epoch", None)):
                 sampler.set_epoch(epoch - 1)
             _set_train_mode(model, cfg.freeze_bn_stats)
-            train_loss, lr = _train_epoch(model, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar)
+            train_loss, lr = _train_epoch(net, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar)
             step += steps_per_epoch
             if not math.isfinite(train_loss):
                 raise SensituneError(
                     f"train loss became {train_loss} in epoch {epoch}: lower lr (now {cfg.lr}) or set grad_clip"
                 )
-            val = evaluate(model, loaders["val"], device, amp_dtype=amp_dtype)
+            val = evaluate(model, loaders["val"], device, amp_dtype=amp_dtype, sync=sync)
             rec = EpochRecord(epoch, lr, train_loss, val["accuracy"], val["loss"], time.perf_counter() - t0)
             history.epochs.append(rec)
             history.train_seconds += rec.seconds
@@ -305,7 +327,8 @@ def fit(
                 epoch, cfg.epochs, lr, train_loss, rec.val_acc, rec.val_loss, rec.seconds,
             )  # fmt: skip
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{rec.val_acc:.3f}")
-            if ckpt_path is not None:
+            rngs = gather_objects(rng_state(loaders))  # every rank joins, rank 0 writes
+            if ckpt_path is not None and w.main:
                 ckpt = {
                     "state": clone_state(state, "cpu"),
                     "optimizer": optimizer.state_dict(),
@@ -315,11 +338,11 @@ def fit(
                     "history": history.to_dict(),
                     "best_state": clone_state(best_state, "cpu"),
                     "best_epoch": history.best_epoch,
-                    "rng": rng_state(loaders),
+                    "rng": rngs if w.active else rngs[0],
                     "cfg": cfg.to_dict(),
                 }
                 save_checkpoint(ckpt_path, ckpt)
-            if on_epoch is not None:
+            if on_epoch is not None and w.main:
                 on_epoch(
                     {**dataclasses.asdict(rec), "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc}
                 )
@@ -330,7 +353,7 @@ def fit(
 
     copy_state(state, best_state)
     if loaders.get("test") is not None:
-        test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype)
+        test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype, sync=sync)
         history.test_acc, history.test_loss, history.test_metrics = test["accuracy"], test["loss"], test
     history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
     log.info("best epoch %d val_acc %.4f test_acc %s", history.best_epoch, history.best_val_acc, history.test_acc)

@@ -1,7 +1,8 @@
 """The per-epoch training checkpoint: everything a killed run needs to end bit-identical to an uninterrupted one.
 
 ``out_dir/checkpoint.pt`` holds the tracked state, optimizer, grad scaler, step, history, best state, the RNG
-states (global generators and any ``torch.Generator`` attached to the loaders) and the config. It is written
+states (global generators and any ``torch.Generator`` attached to the loaders; under torchrun a list, one per
+rank) and the config. It is written
 atomically with fsync, and loaded with ``weights_only=True`` (plain types and tensors only). Persistent
 DataLoader workers are not restored.
 """

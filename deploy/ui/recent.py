@@ -1,0 +1,131 @@
+"""The last frames per camera, for the line view: a small ring of thumbnails and the class counts of the last hour.
+
+Memory is bounded by construction: ``per_camera`` thumbnails (JPEG, longest side ``thumb_px``, a few KB each) for
+at most ``max_cameras`` cameras (the camera seen least recently is forgotten first), and per camera one class
+counter per minute for the last 60 minutes. The default 8 x 256 cameras x ~5 KB is about 10 MB at most.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+HOUR_S = 3600
+
+
+@dataclass
+class Shot:
+    """One served frame as the line view shows it."""
+
+    frame_id: str
+    camera_id: str
+    ts: float  # unix seconds
+    role: str
+    version: str
+    cls: str
+    score: float
+    p_good: float | None  # P(ok class): from the answer, or the score when the served class is the good class
+    thumb: bytes  # JPEG
+    label: str | None = None  # set when an operator labels it through the UI
+
+
+@dataclass
+class _Camera:
+    shots: deque[Shot]
+    minutes: dict[int, Counter[str]] = field(default_factory=dict)  # unix minute -> class counts
+
+
+def thumbnail(data: bytes, px: int) -> bytes:
+    """A JPEG of at most ``px`` on its longest side (``draft`` lets a large JPEG decode at a fraction of the cost)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (px, px))
+        small = im.convert("RGB")
+    small.thumbnail((px, px))
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=60)
+    return out.getvalue()
+
+
+def p_good_of(body: dict[str, Any], ok_class: str) -> float | None:
+    """P(good) from a /predict answer: its ``p_good`` when the service gives one, else the score of a good verdict.
+
+    A defect verdict without ``p_good`` leaves it unknown (it is at most 1 - score); the view says so."""
+    if body.get("p_good") is not None:
+        return float(body["p_good"])
+    return float(body["score"]) if body.get("class") == ok_class else None
+
+
+class RecentFrames:
+    """Thread-safe ring of the last frames per camera (see the module docstring)."""
+
+    def __init__(self, per_camera: int = 8, max_cameras: int = 256, thumb_px: int = 96) -> None:
+        self.per_camera, self.max_cameras, self.thumb_px = per_camera, max_cameras, thumb_px
+        self._lock = threading.Lock()
+        self._cams: OrderedDict[str, _Camera] = OrderedDict()
+        self._by_id: dict[str, Shot] = {}
+
+    def add(self, data: bytes, body: dict[str, Any], ok_class: str, now: float | None = None) -> Shot | None:
+        """Record one answered frame (``body`` is the /predict answer); None when the image cannot be read."""
+        try:
+            thumb = thumbnail(data, self.thumb_px)
+        except Exception:  # the service answered it, so this is rare; the line view must never break the line
+            return None
+        now = time.time() if now is None else now
+        shot = Shot(
+            frame_id=str(body["frame_id"]),
+            camera_id=str(body["camera_id"]),
+            ts=now,
+            role=str(body.get("role", "")),
+            version=str(body.get("model_version", "")),
+            cls=str(body.get("class", "")),
+            score=float(body.get("score", 0.0)),
+            p_good=p_good_of(body, ok_class),
+            thumb=thumb,
+        )
+        minute = int(now // 60)
+        with self._lock:
+            cam = self._cams.get(shot.camera_id)
+            if cam is None:
+                cam = self._cams[shot.camera_id] = _Camera(deque(maxlen=self.per_camera))
+                while len(self._cams) > self.max_cameras:
+                    _, old = self._cams.popitem(last=False)
+                    for s in old.shots:
+                        self._by_id.pop(s.frame_id, None)
+            self._cams.move_to_end(shot.camera_id)
+            if len(cam.shots) == cam.shots.maxlen:
+                self._by_id.pop(cam.shots[0].frame_id, None)
+            cam.shots.append(shot)
+            self._by_id[shot.frame_id] = shot
+            cam.minutes.setdefault(minute, Counter())[shot.cls] += 1
+            for m in [m for m in cam.minutes if m <= minute - 60]:
+                del cam.minutes[m]
+        return shot
+
+    def get(self, frame_id: str) -> Shot | None:
+        with self._lock:
+            return self._by_id.get(frame_id)
+
+    def mark_labelled(self, frame_id: str, label: str) -> None:
+        with self._lock:
+            if frame_id in self._by_id:
+                self._by_id[frame_id].label = label
+
+    def cameras(self, now: float | None = None) -> dict[str, tuple[list[Shot], Counter[str]]]:
+        """camera -> (its shots, newest first; its class counts over the last hour)."""
+        now = time.time() if now is None else now
+        first = int((now - HOUR_S) // 60) + 1
+        with self._lock:
+            out = {}
+            for cid, cam in self._cams.items():
+                counts: Counter[str] = Counter()
+                for m, c in cam.minutes.items():
+                    if m >= first:
+                        counts.update(c)
+                out[cid] = (list(reversed(cam.shots)), counts)
+            return out
