@@ -30,6 +30,7 @@ from deploy.schemas import (
     ReportOut,
     StateOut,
 )
+from deploy.sync import prometheus_lines, sync_status
 from deploy.ui import mount_ui
 from spt_core.errors import SensituneError
 
@@ -99,7 +100,7 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
     @app.get("/healthz", response_model=HealthOut)
     def healthz() -> Any:
         """Alive, and the rollout state (what serves, challenger state, when it was loaded)."""
-        return {"status": "alive", **service.runtime.state()}
+        return {"status": "alive", **service.runtime.state(), **sync_status(service)}
 
     @app.get("/readyz", response_model=StateOut, responses={503: {"model": StateOut}})
     def readyz() -> Any:
@@ -114,8 +115,9 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
     )
     def metrics(format: Literal["json", "prometheus"] = "json") -> Any:
         if format == "prometheus":
-            return Response(service.metrics.prometheus(), media_type=PROMETHEUS_CONTENT_TYPE)
-        return {**service.metrics.snapshot(), **service.runtime.state()}
+            text = service.metrics.prometheus() + prometheus_lines(sync_status(service).get("sync")).encode()
+            return Response(text, media_type=PROMETHEUS_CONTENT_TYPE)
+        return {**service.metrics.snapshot(), **service.runtime.state(), **sync_status(service)}
 
     @app.get("/report", response_model=ReportOut, responses=_errors(), dependencies=SECURED)
     def report() -> Any:

@@ -171,6 +171,23 @@ class FrameStore:
                 return []
             return reasons if self._keep(rec, image, reasons, margin) else []
 
+    def offer_other(self, frame_id: str, other: str) -> list[str]:
+        """The other arm's class for a frame already offered (shadow mode): kept on a disagreement."""
+        with self._lock:
+            frame = self._row(frame_id)
+            if frame is not None:
+                frame.other = other
+                if other != frame.predicted and self.rule.disagreement and "disagreement" not in frame.reasons:
+                    frame.reasons = [*frame.reasons, "disagreement"]
+                self._put(frame)
+                return frame.reasons
+            recent = self._recent.get(frame_id)
+        if recent is None:
+            return []
+        with self._lock:
+            self._recent.pop(frame_id, None)
+        return self.offer({**recent[0], "other": other}, recent[1]) if other != recent[0].get("class") else []
+
     def label(self, frame_id: str, label: str, who: str = "operator") -> Frame | None:
         """Attach an operator's label; a recent unkept frame the operator corrected is kept now.
 

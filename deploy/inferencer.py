@@ -192,6 +192,7 @@ class Inferencer:
             "class": self.class_names[i],
             "class_index": i,
             "score": float(p[i]),
+            "margin": float(p[i] - np.partition(p, -2)[-2]) if len(p) > 1 else 1.0,  # top-1 - top-2 probability
             **self.artifact.decide(p),  # p_good and the decision at the manifest's threshold
             "latency_ms": ms,
             "queue_ms": queue_ms,

@@ -34,6 +34,7 @@ class StateOut(BaseModel):
 
 class HealthOut(StateOut):
     status: Literal["alive"]
+    sync: dict[str, Any] | None = Field(None, description="registry sync (deploy.sync): last_ok, stale_s, error")
 
 
 class ReloadOut(StateOut):
@@ -71,6 +72,7 @@ class FeedbackOut(BaseModel):
     frame_id: str
     camera_id: str
     label: str
+    frame_kept: bool | None = Field(None, description="the frame is in the box's frame store (deploy.frame_store)")
 
 
 class AdminIn(BaseModel):

@@ -34,6 +34,8 @@ from deploy.rollout.logs import JsonlLog, now_iso
 from deploy.rollout.manifest import CHALLENGER, CHAMPION
 from deploy.runtime import Runtime, RuntimeControl, load_model
 from deploy.schemas import FeedbackIn
+from deploy.sync import attach, first_sync
+from deploy.sync import main as sync_main
 from spt_core.errors import SensituneError, one_line
 
 __all__ = ["EdgeService", "Runtime", "create_app", "load_model", "main"]
@@ -44,6 +46,9 @@ Reply = tuple[int, dict[str, Any]]
 
 class EdgeService(RuntimeControl):
     """The service behind the HTTP routes (usable without HTTP, e.g. in tests)."""
+
+    frame_store: Any = None  # deploy.frame_store.FrameStore and deploy.sync.Sync with --box (deploy.sync.attach)
+    sync: Any = None
 
     def _write(self, target: JsonlLog, record: dict[str, Any]) -> None:
         try:
@@ -105,6 +110,8 @@ class EdgeService(RuntimeControl):
         rec = {**base, "role": role, "model_version": model.version, **out, "request_ms": ms, "served": True}
         self._write(rt.pred_log, {**rec, "fallback": fallback})
         self.frames.add(ServedFrame(served_id, camera_id, client_frame_id))
+        if self.frame_store is not None:
+            self.frame_store.offer({**rec, "line": rt.config.line}, data)
         if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled:
             (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, image, base)
         return 200, {
@@ -128,6 +135,8 @@ class EdgeService(RuntimeControl):
                 self._auto_rollback_async(rt, f"challenger {rt.challenger.version} error rate over the limit (shadow)")
             return
         rt.health.note(ok=True)
+        if self.frame_store is not None:
+            self.frame_store.offer_other(base["frame_id"], out["class"])
         self.metrics.count("shadow_runs")
         self.metrics.model(CHALLENGER, rt.challenger.version, out["latency_ms"])
         self._write(rt.pred_log, {**rec, **out})
@@ -167,17 +176,25 @@ class EdgeService(RuntimeControl):
         record = {"ts": now_iso(), "frame_id": frame.frame_id, "camera_id": frame.camera_id}
         record |= {"client_frame_id": frame.client_frame_id, "label": item.label, "by": who.name}
         self._write(rt.feedback_log, record)
-        return 200, {"ok": True, "frame_id": frame.frame_id, "camera_id": frame.camera_id, "label": item.label}, {}
+        kept = self.frame_store.label(frame.frame_id, item.label, who.name) if self.frame_store is not None else None
+        body = {"ok": True, "frame_id": frame.frame_id, "camera_id": frame.camera_id, "label": item.label}
+        return 200, {**body, "frame_kept": kept is not None}, {}
 
 
-def create_app(config_path: Path, tokens: TokenStore | None = None) -> Any:
+def create_app(config_path: Path, tokens: TokenStore | None = None, box: Path | None = None) -> Any:
     """The FastAPI app for one rollout manifest, behind `deploy.guard.Guard`; raises RolloutError when the manifest
-    is malformed. `tokens` None: no authentication (the caller must only bind loopback; `main` enforces it)."""
-    service = EdgeService(config_path)
+    is malformed. `tokens` None: no authentication (the caller must only bind loopback; `main` enforces it).
+    `box`: box.yaml, the registry sync and frame store (`deploy.sync`; a new box gets its manifest from it)."""
+    first_sync(config_path, box)
+    service = attach(EdgeService(config_path), box)
 
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
+        if service.sync is not None:
+            service.sync.start()
         yield
+        if service.sync is not None:
+            service.sync.stop()
         service.close()  # fsync the logs on shutdown
 
     return build_api(service, tokens, lifespan)
@@ -193,7 +210,11 @@ def is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`sensitune-edge --config rollout.yaml [--tokens tokens.yaml] --host 127.0.0.1 --port 8080`."""
+    """`sensitune-edge --config rollout.yaml [--tokens tokens.yaml] [--box box.yaml] --host 127.0.0.1 --port 8080`;
+    `sensitune-edge sync|promote ...` are `deploy.sync`'s."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["sync"], ["promote"]):
+        return sync_main(argv)
     ap = argparse.ArgumentParser(prog="sensitune-edge", description="Edge inference service (OpenVINO).")
     ap.add_argument("--config", type=Path, required=True, help="rollout manifest (YAML)")
     ap.add_argument(
@@ -204,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--ssl-keyfile", help="TLS private key (PEM), passed to uvicorn")
     ap.add_argument("--ssl-certfile", help="TLS certificate chain (PEM), passed to uvicorn")
+    ap.add_argument("--box", type=Path, help="box.yaml: registry sync + frame store (docs/from-images-to-line.md)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -216,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
             raise AuthError("give both --ssl-keyfile and --ssl-certfile, or neither")
-        app = create_app(args.config, tokens)
+        app = create_app(args.config, tokens, args.box)
     except (SensituneError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@
     sensitune predict    -> predictions.csv (class, P(good), decision; any artifact; exit 1 if files failed)
     sensitune export     -> runs/main/export/ (ONNX, OpenVINO FP32/FP16/INT8, manifests)
     sensitune run        every stage in order
+    sensitune publish    -> MLflow model version (once per identical model) + runs/main/published/ (sealed)
 
 Values come from params.yaml (`--config`, default ./params.yaml when present); `--set section.key=value`
 overrides any key, and each verb has flags for its common keys (derived from `pipelines.config`).
@@ -51,6 +52,7 @@ VERBS = {
     "predict": "predict images or folders to CSV",
     "export": "export ONNX/OpenVINO artifacts",
     "run": "run every stage in order",
+    "publish": "register the merged model once and seal its export with the registry version",
 }
 _NULL_WORDS = ("none", "null", "all")
 DISTRIBUTED_VERBS = ("measure", "train")  # the verbs that run under torchrun
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add` on paths.raw")
         if verb == "run":
             p.add_argument("--no-export", action="store_true", help="stop after merge")
+        if verb == "publish":
+            p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     return parser
 
 
@@ -151,6 +155,17 @@ def _report_train(metrics: dict) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
+def _live(params: config.Params) -> Any:
+    """Per-epoch MLflow metrics while training, when $MLFLOW_TRACKING_URI names a tracking server or store."""
+    import os
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    from .tracking.live import LiveRun
+
+    return LiveRun(params, experiment=params["publish"]["experiment"])
+
+
 def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
     from . import stages
 
@@ -171,7 +186,7 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
         r = import_images(args.source, params, replace=args.replace, link=args.link, dvc=not args.no_dvc)
         print(f"imported {r['files']} file(s) of {r['classes']} into {r['raw']}; {r['next']}")
     elif verb == "train":
-        _report_train(stages.train_stage(params))
+        _report_train(stages.train_stage(params, on_epoch=_live(params)))
     elif verb == "evaluate":
         r = stages.evaluate_stage(params, args.model_path, args.split)
         print(f"{args.split} accuracy {r['accuracy']:.4f} on {r['n']} images")
@@ -190,12 +205,16 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
         return 1 if result["failed"] else 0
     elif verb == "export":
         _print(stages.export_stage(params))
+    elif verb == "publish":
+        from .publish import publish
+
+        _print(publish(params, tracking_uri_=args.tracking_uri))
     elif verb == "run":
         if params["data"]["source"] == "raw" and not Path(params["paths"]["raw"]).is_dir():
             stages.demo_stage(params)
         metrics: dict = {}
         for s in stages.stages_until("merge" if args.no_export else "export"):
-            result = s.run(params)
+            result = stages.train_stage(params, on_epoch=_live(params)) if s.name == "train" else s.run(params)
             if s.name == "plan":
                 print(result.summary())
             elif s.name == "train":

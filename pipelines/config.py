@@ -154,6 +154,18 @@ class ExportSection:
     model_version: str = _f("auto", "version label of the artifacts (auto = the plan hash)", verbs=("export",))
 
 
+@dataclass
+class PublishSection:
+    model_name: str | None = _f(None, "registered model name (null = sensitune-<model.name>)", verbs=("publish",))
+    experiment: str = _f("sensitune", "MLflow experiment", verbs=("publish",))
+    challenger: str = _f(
+        "publish",
+        "publish (a new version becomes challenger, except in a `dvc exp run` sweep) | always | never",
+        verbs=("publish",),
+        choices=("publish", "always", "never"),
+    )
+
+
 SECTIONS: dict[str, type] = {
     "paths": PathsSection,
     "demo": DemoSection,
@@ -164,6 +176,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "evaluate": EvaluateSection,
     "export": ExportSection,
+    "publish": PublishSection,
 }
 
 

@@ -5,15 +5,18 @@
 
 One retrain: new images in ``paths.raw``? (content fingerprint vs the state file; nothing new -> done) ->
 `dvc add` + `dvc push` (data version = DVC md5) -> prepare -> measure -> plan -> train -> evaluate -> merge ->
-register in MLflow (alias ``challenger``) -> export with that registry version -> compare with the ``champion``
-on held-out images -> hand over to the rollout manifest (or bootstrap the champion, or "not promoted").
+export -> publish (`pipelines.publish`: registered once, alias ``challenger``, ``published/`` sealed with the
+registry version) -> compare with the ``champion`` on held-out images -> hand over to the rollout manifest (or
+bootstrap the champion, or "not promoted"). Before it, labelled frames uploaded by the edge boxes are ingested
+into ``paths.raw`` (`pipelines.incoming`). "No new data", "Settling" and "Not promoted" end as named Completed
+states with a markdown artifact (`pipelines.flow_hooks.outcome`).
 
 Each attempt works in its own ``<runs_root>/<data version>[.k]/`` (data split, artifacts, params used), so a
 failure never touches the champion's files; the state file records a data version only once it is finished.
 Two retrains never run at once: the deployment has ``concurrency_limit=1`` (ENQUEUE), and the flow holds a
 non-blocking file lock (a second run exits at once, saying so).
 
-Register before export: the edge refuses an artifact whose manifest ``model_version`` is not the rollout
+Publish seals after registering: the edge refuses an artifact whose manifest ``model_version`` is not the rollout
 manifest's (= MLflow's) version, and MLflow assigns that number at registration.
 """
 
@@ -137,27 +140,24 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     raw = params["paths"]["raw"]
     state_path = root / STATE_FILE
     state = t.load_state(state_path)
+    fed = t.ingest_feedback(uri, raw, str(root / t.INGEST_LEDGER), name)  # labelled frames from the boxes
     fp = detect_new_data(raw)
     done = state["trained"].get(fp["fingerprint"])
-    if done is not None and not opt["force"]:
-        logger.info(
-            "no new data in %s (data version %s trained in run %s): nothing to do",
-            raw,
-            done["data_version"],
-            done["run_dir"],
-        )
-        return {"status": "no-new-data", "data_version": done["data_version"], "fingerprint": fp["fingerprint"]}
+    nothing = {"status": "no-new-data", "fingerprint": fp["fingerprint"]}
+    if done is not None and not opt["force"]:  # outcome(): a named Completed state + artifact, and the log line
+        why = f"no new data in {raw} (data version {done['data_version']} trained in run {done['run_dir']})"
+        return t.outcome("No new data", why, {**nothing, "data_version": done["data_version"]})
     age = datetime.now(timezone.utc).timestamp() - fp["newest_mtime"]
     if age < opt["settle_seconds"]:
-        logger.info("a file in %s changed %.0f s ago (< settle_seconds): data still arriving, next run", raw, age)
-        return {"status": "settling", "fingerprint": fp["fingerprint"]}
+        why = f"a file in {raw} changed {age:.0f} s ago (< settle_seconds): data still arriving, next run"
+        return t.outcome("Settling", why, {"status": "settling", "fingerprint": fp["fingerprint"]})
     ver = t.version_data(raw, fp["fingerprint"], opt["use_dvc"])
     trained = {r["data_version"]: r for r in state["trained"].values()}
     if ver["data_version"] in trained and not opt["force"]:
-        logger.info("data version %s was trained already: nothing to do", ver["data_version"])
         state["trained"][fp["fingerprint"]] = trained[ver["data_version"]]  # next time the fingerprint suffices
         t.save_state(state_path, state)
-        return {"status": "no-new-data", "data_version": ver["data_version"], "fingerprint": fp["fingerprint"]}
+        why = f"data version {ver['data_version']} was trained already"
+        return t.outcome("No new data", why, {**nothing, "data_version": ver["data_version"]})
 
     run_dir = t.new_run_dir(root, ver["data_version"])
     logger.info("new data version %s (%d files): training in %s", ver["data_version"], fp["files"], run_dir)
@@ -165,7 +165,9 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     (run_dir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     if ver["dvc_file"]:
         (run_dir / "raw.dvc").write_bytes(Path(ver["dvc_file"]).read_bytes())  # to check this version out later
-    results = {s.name: t.run_stage(s.name, p) for s in stages.stages_until("merge")}
+    results = {
+        s.name: t.run_stage(s.name, p, uri) for s in stages.stages_until("merge")
+    }  # train: epochs -> logs, MLflow
     metrics = results["train"]
     if "skipped" in results["merge"]:  # e.g. an adapter plan: nothing the edge could serve
         logger.warning("nothing to hand over: %s", results["merge"]["skipped"])
@@ -185,11 +187,10 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         "retrain.data_version": ver["data_version"],
     }
     try:  # from registration on, a failure must leave the aliases as they were (the manifest is written last)
-        reg = t.register(p, str(run_dir), uri, name, tags)
-        version = str(reg["model_version"])
-        p["export"]["model_version"] = version
         report = t.run_stage("export", p)
-        export_dir = run_dir / "export"
+        reg = t.publish_run(p, str(run_dir), uri, name, tags)  # register once, seal published/ with its version
+        version = str(reg["model_version"])
+        export_dir = run_dir / "published"
         champ = before[CHAMPION_ALIAS]
         champ_rec = next(
             (r for r in state["trained"].values() if (r.get("model_name"), r["model_version"]) == (name, champ)), None
@@ -203,6 +204,8 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
             cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable, metrics.get("warnings"),
             (cmp["challenger"], cmp["champion"]),
         )  # fmt: skip
+        if version in (champ, before[CHALLENGER_ALIAS]):  # publish found this very model registered already
+            decision, reason = t.NOT_PROMOTED, f"identical to v{version} (same plan hash, data version, params)"
         moved = t.hand_over(
             decision,
             manifest=opt["rollout"],
@@ -228,7 +231,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         reg["run_id"],
         metrics=extra,
         tags={"retrain.decision": decision, "retrain.reason": reason},
-        export_dir=str(export_dir),
+        export_dir=None,  # publish logged the sealed export once
         return_state=True,
     )
     if not logged.is_completed():  # the hand-over happened: missing run metadata must not make it look failed
@@ -251,6 +254,8 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         "reason": reason,
         "handover": moved,
         "prefect_flow_run_id": str(flow_run.id),
+        "ingested": fed,
+        "publish": {k: reg.get(k) for k in ("status", "registered", "identity")},
     }
     write_json(run_dir / RECORD_FILE, record)
     state["trained"][fp["fingerprint"]] = {
@@ -259,6 +264,8 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     }
     t.save_state(state_path, state)
     _link_prefect(record, logger)
+    if decision == t.NOT_PROMOTED:
+        return t.outcome("Not promoted", f"v{version}: {reason}", record)
     return record
 
 
@@ -369,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "run":
             result = retrain(**kw)
-            print(f"retrain: {result['status']}" + (f", {result['decision']}" if "decision" in result else ""))
+            print(
+                f"retrain: {result.get('outcome', result['status'])}"
+                + (f", {result['decision']}" if "decision" in result else "")
+            )
         else:
             serve(
                 build_deployment(

@@ -34,6 +34,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
 from deploy.rollout.decision import escape_worse  # noqa: E402
 from pipelines import (
+    flow_hooks,  # noqa: E402
     stages,  # noqa: E402
     tracking,  # noqa: E402
 )
@@ -142,13 +143,22 @@ STAGE_LIMITS: dict[str, dict[str, Any]] = {
 
 
 @task(cache_policy=NO_CACHE)
-def _stage(name: str, params: dict) -> Any:
-    return stages.stage(name).run(params)  # looked up at call time: the one stage list decides what runs
+def _stage(name: str, params: dict, uri: str | None = None) -> Any:
+    run = stages.stage(name).run  # looked up at call time: the one stage list decides what runs
+    if name == "train":  # each epoch: one line in the flow's log and live metrics in MLflow
+        return run(params, on_epoch=flow_hooks.epoch_reporter(params, uri))
+    return run(params)
 
 
-def run_stage(name: str, params: dict) -> Any:
+def run_stage(name: str, params: dict, uri: str | None = None) -> Any:
     """Run stage `name` of `pipelines.stages.STAGES` as a Prefect task named after it (CUDA when present)."""
-    return _stage.with_options(name=name, **STAGE_LIMITS[name])(name, params)
+    return _stage.with_options(name=name, **STAGE_LIMITS[name])(name, params, uri)
+
+
+ingest_feedback = flow_hooks.ingest_feedback
+publish_run = flow_hooks.publish_run
+outcome = flow_hooks.outcome
+INGEST_LEDGER = flow_hooks.INGEST_LEDGER
 
 
 # ------------------------------------------------------------------------------------------------ MLflow

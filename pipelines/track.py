@@ -1,4 +1,5 @@
-"""`python -m pipelines.track`: the DVC `track` stage; logs runs/main to MLflow and writes mlflow_run.json.
+"""`python -m pipelines.track`: the DVC `track` stage; publishes runs/main (`pipelines.publish`: MLflow run,
+model registered once, export sealed with the registry version in runs/main/published/) and writes mlflow_run.json.
 
     python -m pipelines.track                         params.yaml + paths.run -> MLflow (sqlite:///mlflow.db)
     python -m pipelines.track --tracking-uri http://mlflow:5000
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="params.yaml (default: ./params.yaml if present)")
     p.add_argument("--run", dest="run_dir", type=Path, help="run directory (default: paths.run)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default="sensitune", help="MLflow experiment name")
+    p.add_argument("--experiment", help="MLflow experiment name (default: publish.experiment)")
     p.add_argument("--model-name", help="registered model name (default: sensitune-<timm model name>)")
     p.add_argument("--no-register", action="store_true", help="log the run without registering the model")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra run tag (repeatable)")
@@ -64,15 +65,16 @@ def _run(args: argparse.Namespace) -> dict:
     config = args.config or ("params.yaml" if Path("params.yaml").is_file() else None)
     params = load_params(config)
     run_dir = args.run_dir or Path(params["paths"]["run"])
-    result = log_run(
-        params,
-        run_dir,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        register=not args.no_register,
-        tags=dict(_tag(t) for t in args.tag),
-        model_name=args.model_name,
-    )
+    if args.experiment:
+        params["publish"]["experiment"] = args.experiment
+    tags = dict(_tag(t) for t in args.tag)
+    if args.no_register:
+        result = log_run(params, run_dir, tracking_uri=args.tracking_uri, experiment=params["publish"]["experiment"],
+                         register=False, tags=tags, model_name=args.model_name)  # fmt: skip
+    else:
+        from .publish import publish  # imports deploy.artifact (torch-free)
+
+        result = publish(params, run_dir, tracking_uri_=args.tracking_uri, model_name=args.model_name, tags=tags)
     write_json(run_dir / RECORD_FILE, result)
     return result
 

@@ -18,7 +18,7 @@ PACKAGES = ("spt_core", "pipelines", "deploy")
 MAX_LINES = 400
 EDGE = ("deploy.artifact", "deploy.inferencer", "deploy.metrics", "deploy.registry", "deploy.rollout", "deploy.service")
 EDGE += ("deploy.api", "deploy.auth", "deploy.frames", "deploy.guard", "deploy.limits", "deploy.runtime")
-EDGE += ("deploy.schemas", "deploy.frame_store", "deploy.ui")
+EDGE += ("deploy.schemas", "deploy.frame_store", "deploy.ui", "deploy.mlflow_rest", "deploy.sync")
 SPT_CORE_MAY_NOT = ("pipelines", "deploy", "mlflow", "dvc", "prefect", "fastapi", "uvicorn", "openvino", "onnxruntime")
 TORCH_FREE_SPT_CORE = ("spt_core", "spt_core.errors", "spt_core.io", "spt_core.metrics", "spt_core.preprocess")
 

@@ -36,7 +36,7 @@ def _env(tmp: Path) -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `sensitune` and `python` of this venv for the stage cmds
         DVC_NO_ANALYTICS="1",
         GIT_PYTHON_REFRESH="quiet",
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+        MLFLOW_TRACKING_URI=os.environ.get("SENSITUNE_TEST_TRACKING_URI") or f"sqlite:///{tmp / 'mlflow.db'}",
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@example.com",
         GIT_COMMITTER_NAME="t",
@@ -251,7 +251,9 @@ def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> 
     stages = ["prepare", "measure", "plan", "train", "evaluate", "merge", "export", "track"]
     assert sorted(RAN.findall(out)) == sorted(stages), out
     record = json.loads((repo / "runs/main/mlflow_run.json").read_text())
-    assert record["status"] == "logged" and record["model_version"] == "1"
+    assert record["status"] == "published" and record["model_version"] == "1" and record["challenger_moved"]
+    sealed = json.loads((repo / "runs/main/published/openvino/fp32/manifest.json").read_text())
+    assert sealed["model_version"] == "1"  # `dvc repro` yields an artifact the edge accepts
     assert RAN.findall(run("dvc", "repro")) == []
 
     _set_param(repo, "train", "lr", 0.01)
@@ -261,7 +263,16 @@ def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> 
 
     run("git", "add", "-A")
     run("git", "commit", "-qm", "lr 0.01")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"], _env(tmp_path)["MLFLOW_TRACKING_URI"])
+    name = "sensitune-test_vit"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
     run("dvc", "exp", "run", "-S", "plan.budget=10%")
+    # the sweep's run is registered (tagged with its experiment) but `challenger` stays (publish.challenger: publish)
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == 3 and client.get_model_version_by_alias(name, "challenger").version == "2"
+    assert client.get_run(max(versions, key=lambda v: int(v.version)).run_id).data.tags["dvc.experiment"]
     exps = json.loads(run("dvc", "exp", "show", "--json"))
     budgets = []
     for commit in exps:

@@ -136,7 +136,7 @@ def test_first_run_trains_registers_and_bootstraps_champion(project: Project) ->
     cfg = load_config(project.root / "rollout.yaml")
     assert cfg.champion.version == "1" and cfg.challenger is None
     art = cfg.resolve(cfg.champion.path)
-    assert art == (run_dir / "export/openvino/fp32").resolve()
+    assert art == (run_dir / "published/openvino/fp32").resolve()  # sealed by publish with the registry version
     assert json.loads((art / "manifest.json").read_text())["model_version"] == "1"
     assert cfg.registry is not None and cfg.registry.model_name == NAME
     # held out = the whole test split (no champion yet), accuracy measured through the registered pyfunc
@@ -150,6 +150,13 @@ def test_first_run_trains_registers_and_bootstraps_champion(project: Project) ->
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(state.state_details.flow_run_id)
     assert f"mlflow-run:{r['mlflow_run_id']}" in fr.tags
+    # per-epoch progress in the flow run's logs (and live in MLflow: the run's epoch metrics)
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))
+    assert any(lg.message.startswith("epoch 1/1: train_loss") for lg in logs), [lg.message for lg in logs][:20]
+    assert MlflowClient(project.uri).get_metric_history(r["mlflow_run_id"], "val_acc")[0].step == 1
 
 
 def _replace_stage(mp: pytest.MonkeyPatch, name: str, fn) -> None:
@@ -165,6 +172,7 @@ def test_no_new_data_exits_early_without_training(project: Project, monkeypatch:
     before = project.n_mlflow_runs()
     state = project.run()
     assert state.is_completed(), state.message
+    assert state.name == "No new data" and "no new data in" in state.message  # a named outcome, not "Completed"
     r = state.result()
     assert r["status"] == "no-new-data" and r["data_version"] == project.first.result()["data_version"]
     assert project.n_mlflow_runs() == before
@@ -193,7 +201,7 @@ def test_new_batch_is_a_new_data_version_and_handed_over(project: Project) -> No
     assert project.aliases() == {"champion": "1", "challenger": "2"}
     cfg = load_config(project.root / "rollout.yaml")
     assert (cfg.champion.version, cfg.challenger.version, cfg.challenger_share) == ("1", "2", 0.5)
-    assert cfg.resolve(cfg.challenger.path) == (Path(r["run_dir"]) / "export/openvino/fp32").resolve()
+    assert cfg.resolve(cfg.challenger.path) == (Path(r["run_dir"]) / "published/openvino/fp32").resolve()
     # the comparison leaves out test images the champion trained or selected on
     test = {f"{p.parent.name}/{p.name}" for p in (Path(r["run_dir"]) / "data/test").glob("*/*.png")}
     c = r["comparison"]

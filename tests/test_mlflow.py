@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +69,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path
     return params, tmp / "run", config
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real MLflow tracking server with a sqlite backend; killed (its process group) at the end."""
-    tmp = tmp_path_factory.mktemp("mlflow-server")
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by `mlflow_server` (its process group); a no-op when it has exited."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextmanager
+def mlflow_server(tmp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real MLflow tracking server (sqlite backend, proxied artifacts in tmp/artifacts): (URI, process)."""
     port = _free_port()
     log = open(tmp / "server.log", "w")
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
@@ -89,15 +102,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
                 time.sleep(0.5)
         else:
             pytest.fail(f"mlflow server not healthy: {(tmp / 'server.log').read_text()[-2000:]}")
-        yield uri
+        yield uri, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real MLflow tracking server with a sqlite backend; killed (its process group) at the end."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
+        yield uri
 
 
 def _client(uri: str) -> Any:
@@ -148,14 +163,11 @@ def test_log_run_to_server_reads_back_and_registered_model_predicts(
 
     # artifacts
     names = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"plan.json", "plan.png", "merged", "tuned", "export", "metrics.json"} <= names
+    assert {"plan.json", "plan.png", "tuned", "metrics.json"} <= names
+    # no large file twice: the merged weights live only in the registered model, the export is publish's
+    assert not names & {"merged", "export"}, names
     assert {a.path for a in client.list_artifacts(r.info.run_id, "tuned")} == {
         f"tuned/{f.name}" for f in (run / "tuned").iterdir()
-    }
-    assert {a.path for a in client.list_artifacts(r.info.run_id, "merged")} == {"merged/model.safetensors",
-                                                                                 "merged/merged.json"}  # fmt: skip
-    assert "export/openvino/fp32/manifest.json" in {
-        a.path for a in client.list_artifacts(r.info.run_id, "export/openvino/fp32")
     }
     got = Path(client.download_artifacts(r.info.run_id, "plan.json", str(tmp_path)))
     assert got.read_bytes() == (run / "plan.json").read_bytes()

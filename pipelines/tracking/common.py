@@ -28,6 +28,8 @@ HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 HEALTH_TIMEOUT_S = 5.0
+# MLflow 3 opens an experiment in its GenAI view unless this tag says it holds model training runs
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingWarning(UserWarning):
@@ -105,19 +107,40 @@ def mlflow_session(uri: str) -> Iterator[Any]:
 
 
 def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment's id, created if missing; tagged so that MLflow 3 opens it in the classic ML view."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # sqlite:///rel.db or sqlite:////abs.db
         location = (Path(uri[len("sqlite:///") :]).resolve().parent / ARTIFACT_DIR).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created meanwhile by a concurrent run
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def run_name(params: dict, model_name: str | None, data_version: str | None) -> str:
+    """``<model> <budget> <structured> data=<version[:8]>``: short enough that MLflow's column shows it all."""
+    short = str(model_name or params["model"]["name"]).removeprefix("tf_").replace("efficientnet", "effnet")
+    data = (data_version or "none").removeprefix("fp-")[:8]
+    return f"{short} {params['plan']['budget']} {params['plan']['structured']} data={data}"
+
+
+def data_version(params: dict) -> str | None:
+    """The data version a run trains on: DVC's md5 of paths.raw, else the prepared split's content hash."""
+    prepared = (read_json(Path(params["paths"]["data"]) / "dataset.json") or {}).get("data_hash")
+    return dvc_md5(Path(params["paths"]["raw"])) or prepared
+
+
+def dvc_experiment() -> str | None:
+    """The DVC experiment being run (`dvc exp run` sets DVC_EXP_NAME for the stage commands), or None."""
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 def fingerprint(path: Path) -> str | None:

@@ -17,7 +17,8 @@ CHALLENGER = "challenger"
 
 
 def register_model(mlflow: Any, client: Any, model: dict) -> str:
-    """Log the merged model as a pyfunc model, register it, alias the version ``challenger``; returns it."""
+    """Log the merged model as a pyfunc model, register it, alias the version (``model["alias"]``, default
+    ``challenger``; None: no alias); returns the version."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
@@ -44,7 +45,8 @@ def register_model(mlflow: Any, client: Any, model: dict) -> str:
             registered_model_name=model["name"],
         )
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(model["name"], CHALLENGER, version)
+    if (alias := model.get("alias", CHALLENGER)) is not None:
+        client.set_registered_model_alias(model["name"], alias, version)
     for k, v in model["version_tags"].items():
         if v is not None:
             client.set_model_version_tag(model["name"], version, k, v)

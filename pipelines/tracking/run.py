@@ -29,6 +29,7 @@ from ..layout import FILES
 from .common import (
     TrackingWarning,
     check_reachable,
+    dvc_experiment,
     dvc_md5,
     experiment_id,
     fingerprint,
@@ -38,8 +39,10 @@ from .common import (
     metric,
     mlflow_session,
     read_json,
+    run_name,
     tracking_uri,
 )
+from .live import live_run_id
 from .registry import CHALLENGER, register_model
 
 RECORD_FILE = "mlflow_run.json"  # what the track stage wrote (run id, model version or fallback)
@@ -78,7 +81,9 @@ FINAL_METRICS = {
     "seconds_per_epoch": "seconds_per_epoch",
 }
 RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval", "confusion_png")  # at the run's root
-RUN_FOLDERS = ("tuned", "merged_dir", "export")  # logged under their own names
+# logged under their own names. Not merged/ (the registered pyfunc model holds those weights) nor export/ (publish
+# logs the export once, sealed with the registry version): no large file is stored twice.
+RUN_FOLDERS = ("tuned",)
 EXPORT_REPORT_KEYS = ("accuracy", "accuracy_drop", "max_abs_diff", "agreement")
 
 
@@ -91,6 +96,8 @@ def log_run(
     register: bool = True,
     tags: dict[str, str] | None = None,
     model_name: str | None = None,
+    register_alias: str | None = CHALLENGER,
+    version_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Log one finished pipeline run to MLflow; never raises for MLflow failures.
 
@@ -102,6 +109,8 @@ def log_run(
         register: Register merged.safetensors as a pyfunc model version and alias it ``challenger``.
         tags: Extra run tags (e.g. the Prefect flow run id).
         model_name: Registered model name; default ``sensitune-<timm model name>``.
+        register_alias: The alias the new version gets (None: none; `pipelines.publish` decides).
+        version_tags: Extra tags of the registered version.
 
     Returns:
         ``status`` ("logged" or "fallback"), ``tracking_uri``, ``experiment_id``, ``run_id``, ``model_name``,
@@ -111,6 +120,9 @@ def log_run(
         SensituneError: run_dir lacks metrics.json (train has not run); a user error, not a tracking one.
     """
     record = collect_record(params, Path(run_dir), experiment=experiment, tags=tags, model_name=model_name)
+    if record["model"] is not None:
+        record["model"]["alias"] = register_alias
+        record["model"]["version_tags"].update(version_tags or {})
     return _log_or_fallback(record, tracking_uri, register, Path(run_dir) / FALLBACK_FILE)
 
 
@@ -201,6 +213,7 @@ def collect_record(
         # below the linear probe on validation (pipelines.assess): visible in the run list, and the flow's gate
         "sensitune.warning.below_probe": "true" if m.get("below_probe") else None,
         "sensitune.warnings": " | ".join(m.get("warnings") or []) or None,
+        "dvc.experiment": dvc_experiment(),
         **(tags or {}),
     }
     all_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
@@ -227,10 +240,28 @@ def collect_record(
                 "sensitune.version": __version__,
             },
         }
+    ds = read_json(Path(params["paths"]["data"]) / "dataset.json") or {}
+    dataset = {
+        "name": Path(params["paths"]["raw"]).name
+        if params["data"]["source"] == "raw"
+        else str(params["data"]["source"]),
+        "source": str(Path(params["paths"]["raw"]).resolve())
+        if params["data"]["source"] == "raw"
+        else str(params["data"]["source"]),
+        "digest": (raw_md5 or prepared or "")[:36] or None,
+        "dvc_md5": raw_md5,
+        "prepared_hash": prepared,
+        "class_counts": {
+            c: sum(split.get(c, 0) for split in (ds.get("counts") or {}).values()) for c in ds.get("class_names", [])
+        },
+        "split_counts": ds.get("counts"),
+    }
     return {
         "experiment": experiment,
         "fingerprint": fingerprint(metrics_path),
-        "run_name": f"{m.get('model_name')} budget={params['plan']['budget']} plan={m.get('plan_hash')}",
+        "run_dir": str(run_dir.resolve()),
+        "dataset": dataset if ds else None,
+        "run_name": run_name(params, m.get("model_name"), all_tags.get("data_version")),
         "params": flat,
         "metrics": metrics,
         "tags": all_tags,
@@ -277,8 +308,16 @@ def _log_record(record: dict, uri: str, register: bool, result: dict) -> dict[st
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp_id = experiment_id(client, record["experiment"], uri)
         result["experiment_id"] = exp_id
-        run = client.create_run(exp_id, run_name=record["run_name"], tags=record["tags"])
-        run_id = result["run_id"] = run.info.run_id
+        run_id = _live_run(client, record, uri)  # the run train opened, when it logged epochs live
+        if run_id is None:
+            run_id = client.create_run(exp_id, run_name=record["run_name"], tags=record["tags"]).info.run_id
+        else:
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+            client.set_tag(run_id, "mlflow.runName", record["run_name"])
+            record = {**record, "metrics": [x for x in record["metrics"] if x.get("epoch_metric") is not True]}
+        result["run_id"] = run_id
         try:
             _log_into(mlflow, client, run_id, record, register, result)
         except Exception:
@@ -286,6 +325,38 @@ def _log_record(record: dict, uri: str, register: bool, result: dict) -> dict[st
                 client.set_terminated(run_id, "FAILED")
             raise
     return result
+
+
+def _live_run(client: Any, record: dict, uri: str) -> str | None:
+    """The live run of this run directory, if still open (a finished one belongs to an earlier track)."""
+    run_id = live_run_id(Path(record.get("run_dir") or "."), uri) if record.get("run_dir") else None
+    if run_id is None:
+        return None
+    try:
+        return run_id if client.get_run(run_id).info.status == "RUNNING" else None
+    except Exception:
+        return None
+
+
+def _log_dataset(client: Any, run_id: str, ds: dict) -> None:
+    """The training data as an MLflow dataset input: source, DVC md5, class counts (the UI's Dataset column)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    profile = {"class_counts": ds["class_counts"], "split_counts": ds["split_counts"], "dvc_md5": ds["dvc_md5"],
+               "prepared_hash": ds["prepared_hash"]}  # fmt: skip
+
+    class _Data(MetaDataset):
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local-file source
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(ds["source"]).as_uri() if ds["source"].startswith("/") else ds["source"])
+    data = _Data(source=source, name=ds["name"], digest=ds["digest"])
+    tag = InputTag("mlflow.data.context", "training")
+    client.log_inputs(run_id, datasets=[DatasetInput(data._to_mlflow_entity(), tags=[tag])])
 
 
 def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: bool, result: dict) -> None:
@@ -299,6 +370,11 @@ def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: boo
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
     client.log_batch(run_id, tags=[RunTag("sensitune.logged", record["created"])])
+    if record.get("dataset"):
+        try:
+            _log_dataset(client, run_id, record["dataset"])
+        except Exception as e:  # a dataset record is a convenience; the data version is in the tags
+            warnings.warn(f"MLflow dataset input not logged ({type(e).__name__}: {e})", TrackingWarning, stacklevel=2)
     for a in record["artifacts"]:
         path = Path(a["path"])
         if path.is_dir():
@@ -309,7 +385,7 @@ def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: boo
     if register and model is not None:
         with mlflow.start_run(run_id=run_id):  # log_model needs an active run; leaving it ends the run FINISHED
             version = register_model(mlflow, client, model)
-        result.update(model_name=model["name"], model_version=version, alias=CHALLENGER)
+        result.update(model_name=model["name"], model_version=version, alias=model.get("alias", CHALLENGER))
     else:
         client.set_terminated(run_id, "FINISHED")
 
@@ -322,5 +398,5 @@ def _epoch_metrics(history: Path) -> list[dict[str, Any]]:
         for row in csv.DictReader(f):
             for col, key in EPOCH_METRICS.items():
                 if row.get(col) not in (None, ""):
-                    out.append(metric(key, float(row[col]), int(row["epoch"])))
+                    out.append({**metric(key, float(row[col]), int(row["epoch"])), "epoch_metric": True})
     return out

@@ -1,4 +1,4 @@
-"""deploy.frames: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
+"""deploy.frame_store: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
 
 from __future__ import annotations
 

@@ -1,0 +1,80 @@
+"""What the retrain flow gained for the flywheel (issue 14), kept beside `pipelines.tasks`: ingesting the boxes'
+labelled frames, publishing (register once + seal), per-epoch progress, and named outcomes.
+
+    ingest_feedback   MLflow server's incoming/ -> paths.raw/<label>/fb-<sha>.png (ledger: runs_root/ingested.jsonl)
+    publish_run       `pipelines.publish.publish` as a retried task; a fallback (server down) is a failure here
+    epoch_reporter    fit's on_epoch: one log line per epoch in the flow run + live MLflow metrics
+    outcome           a Completed state with a name ("No new data", "Settling", "Not promoted"), its message and
+                      a markdown artifact, so that the UI and `--watch` show why a run did nothing
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from spt_core.errors import SensituneError
+
+INGEST_LEDGER = "ingested.jsonl"
+
+
+@task(name="ingest-feedback", retries=2, retry_delay_seconds=10, timeout_seconds=1800, cache_policy=NO_CACHE)
+def ingest_feedback(uri: str, raw: str, ledger: str, model_name: str) -> dict[str, Any] | None:
+    """Labelled frames uploaded by the boxes -> new images in paths.raw (only with an HTTP MLflow server)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from .incoming import ingest_incoming
+
+    out = ingest_incoming(uri, raw, ledger, model_name)
+    logger = get_run_logger()
+    logger.info("ingested %d labelled frame(s) from the edge into %s: %s", out["added"], raw, out["by_label"])
+    for why in out["skipped"]:
+        logger.warning("not ingested: %s", why)
+    return {k: out[k] for k in ("added", "by_label", "skipped")}
+
+
+@task(name="publish", retries=3, retry_delay_seconds=[10, 30, 90], timeout_seconds=1800, cache_policy=NO_CACHE)
+def publish_run(params: dict, run_dir: str, uri: str, model_name: str, tags: dict[str, str]) -> dict[str, Any]:
+    """Register the merged model once and seal run/published/ with that version; the flow's gate moves aliases."""
+    from pathlib import Path
+
+    from .publish import publish
+
+    result = publish(params, Path(run_dir), tracking_uri_=uri, model_name=model_name, tags=tags, move_challenger=True)
+    if result["status"] not in ("published", "identical"):
+        raise SensituneError(f"MLflow at {uri} did not register the model ({result.get('error')}); check the server")
+    if result["status"] == "identical":
+        get_run_logger().warning("identical to %s v%s: not registered again", model_name, result["model_version"])
+    return result
+
+
+def epoch_reporter(params: dict, uri: str | None) -> Any:
+    """An on_epoch callback: a log line in the flow run, and the epoch's metrics in MLflow as it ends."""
+    from .tracking.live import LiveRun
+
+    live = LiveRun(params, tracking_uri=uri) if uri else None
+    logger, epochs = get_run_logger(), params["train"]["epochs"]
+
+    def report(rec: dict[str, Any]) -> None:
+        logger.info(
+            "epoch %d/%d: train_loss %.4f, val_acc %.4f (best %.4f at epoch %d), %.1f s",
+            rec["epoch"], epochs, rec["train_loss"], rec["val_acc"], rec["best_val_acc"], rec["best_epoch"],
+            rec["seconds"],
+        )  # fmt: skip
+        if live is not None:
+            live(rec)
+
+    return report
+
+
+def outcome(name: str, message: str, result: dict[str, Any]) -> Completed:
+    """The flow's visible outcome: Completed named `name` with `message`, plus a markdown artifact."""
+    get_run_logger().info("%s: %s", name, message)
+    rows = "".join(f"| {k} | `{v}` |\n" for k, v in result.items() if not isinstance(v, (dict, list)))
+    create_markdown_artifact(f"## {name}\n\n{message}\n\n| | |\n|---|---|\n{rows}", key="retrain-outcome",
+                             description=f"retrain: {name}")  # fmt: skip
+    return Completed(name=name, message=message, data={**result, "outcome": name})

@@ -1,0 +1,158 @@
+"""The whole loop of issue 14 on loopback: a real `mlflow server`, the Prefect retrain flow, `dvc repro`, and two
+edge boxes as two `python -m deploy.service --box` processes, each with its own sync, store and frame store.
+
+    flow (bootstrap) -> v1 champion on both boxes
+    dvc repro (train.lr changed) -> track = publish -> v2 challenger on both boxes, no hand edit
+    /predict + /feedback on box A -> sync uploads the labelled frames -> flow ingests exactly those (counted),
+    trains, publishes v3, hands it over -> v3 challenger on both boxes
+    mlflow server stopped -> both boxes keep serving and report staleness in /healthz and /metrics
+
+Slow (many minutes on a small CPU box); the default suite covers the same path in parts: test_sync.py (boxes,
+registry, uploads, staleness), test_publish.py (publish once, sweep rule, live metrics), test_flows.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from deploy_fixtures import CLASSES, demo_images, free_port
+from mlflow import MlflowClient
+from test_dvc import _make_repo, _set_param
+from test_flows import prefect_server  # noqa: F401  (autouse: one temporary Prefect server)
+from test_mlflow import mlflow_server, stop_server
+
+from pipelines import flows
+from pipelines.publish import publish  # noqa: F401  (the function every path shares)
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "sensitune-test_vit"  # publish's default name for TINY's model (flow and dvc repro alike)
+N_FEEDBACK = 6
+
+pytestmark = pytest.mark.slow
+
+
+def _box(root: Path, name: str, url: str, frames: bool) -> tuple[subprocess.Popen, str]:
+    root.mkdir(parents=True)
+    reg = {"url": url, "model_name": NAME, "timeout_s": 3}
+    box = {"box": name, "line": "line-1", "store": "store", "registry": reg,
+           "sync": {"interval_s": 1, "stale_after_s": 5, "challenger_share": 0.5}}  # fmt: skip
+    if frames:  # keep every served frame, so that each labelled one is uploaded
+        box["frames"] = {"dir": "frames", "random_rate": 1.0, "quota_mb": 50}
+    (root / "box.yaml").write_text(yaml.safe_dump(box))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "deploy.service", "--config", str(root / "rollout.yaml"), "--box",
+           str(root / "box.yaml"), "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=open(root / "service.log", "w"), stderr=subprocess.STDOUT, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait(what: str, fn, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (got := fn()) is not None and got is not False:
+                return got
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ready(url: str, champion: str, challenger: str | None):
+    s = httpx.get(f"{url}/readyz", timeout=5).json()
+    return s if (s.get("champion"), s.get("challenger")) == (champion, challenger) else None
+
+
+def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with mlflow_server(tmp_path) as (uri, server_proc):
+        monkeypatch.setenv("SENSITUNE_TEST_TRACKING_URI", uri)  # dvc repro's track stage publishes there
+        repo = tmp_path / "project"
+        run = _make_repo(repo)
+        monkeypatch.chdir(repo)
+        client = MlflowClient(uri, uri)
+        kw = {"config": "params.yaml", "tracking_uri": uri, "settle_seconds": 0.0, "rollout": "rollout.yaml"}
+
+        # 1. the first retrain bootstraps the champion
+        first = flows.retrain(**kw, return_state=True)
+        assert first.is_completed(), first.message
+        assert (first.result()["decision"], first.result()["model_version"]) == ("bootstrap", "1")
+
+        # 2. two boxes start from the registry alone (no manifest, empty stores)
+        boxes = {n: _box(tmp_path / f"box-{n}", f"box-{n}", uri, frames=n == "a") for n in ("a", "b")}
+        try:
+            for _, url in boxes.values():
+                _wait("champion v1", lambda url=url: _ready(url, "1", None))
+
+            # 3. `dvc repro` (another lr) publishes v2: both boxes serve it as challenger, nobody edits anything
+            _set_param(repo, "train", "lr", 0.01)
+            out = run("dvc", "repro")
+            rec = json.loads((repo / "runs/main/mlflow_run.json").read_text())
+            assert (rec["status"], rec["model_version"], rec["challenger_moved"]) == ("published", "2", True), out
+            again = run(sys.executable, "-m", "pipelines.track")  # publishing the same model again: no v3
+            assert json.loads(again[again.index("{") :])["status"] == "identical"
+            assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+            for _, url in boxes.values():
+                _wait("challenger v2", lambda url=url: _ready(url, "1", "2"))
+
+            # 4. operators label frames on box A; its sync uploads them; the next retrain ingests exactly those
+            url_a = boxes["a"][1]
+            images = demo_images(tmp_path / "new-images", 2, 32, seed=99)[:N_FEEDBACK]
+            for i, (path, y) in enumerate(images):
+                r = httpx.post(f"{url_a}/predict", files={"file": path.read_bytes()}, data={"camera_id": f"cam-{i}"})
+                assert r.status_code == 200, r.text
+                fb = httpx.post(f"{url_a}/feedback", json={"frame_id": r.json()["frame_id"], "label": CLASSES[y]})
+                assert fb.json()["frame_kept"] is True
+            n_raw = len(list((repo / "data/raw").rglob("*.png")))
+
+            def uploaded() -> int | None:
+                files = [f for c in CLASSES for f in _list(uri, f"incoming/line-1/{c}") if f.endswith(".png")]
+                return len(files) if len(files) == N_FEEDBACK else None
+
+            _wait("uploads", uploaded, timeout=60)
+            second = flows.retrain(**kw, min_gain=-1.0, return_state=True)
+            assert second.is_completed(), second.message
+            r2 = second.result()
+            assert r2["ingested"]["added"] == N_FEEDBACK and r2["decision"] == "handover", r2
+            assert len(list((repo / "data/raw").rglob("*.png"))) == n_raw + N_FEEDBACK
+            counts = json.loads((Path(r2["run_dir"]) / "data/dataset.json").read_text())["counts"]
+            assert sum(n for split in counts.values() for n in split.values()) == n_raw + N_FEEDBACK
+            ledger = [json.loads(x) for x in (repo / "runs/retrain/ingested.jsonl").read_text().splitlines()]
+            assert len(ledger) == N_FEEDBACK and {x["box"] for x in ledger} == {"box-a"}
+            assert all(x["camera_id"] and x["model_version"] in ("1", "2") and x["labelled_by"] for x in ledger)
+            v3 = r2["model_version"]
+            assert v3 == "3"
+            for _, url in boxes.values():
+                _wait("challenger v3", lambda url=url: _ready(url, "1", v3))
+
+            # 5. the server goes away: both boxes keep serving and report staleness
+            stop_server(server_proc)
+            for _, url in boxes.values():
+                health = _wait("staleness", lambda url=url: _stale(url), timeout=60)
+                assert health["sync"]["error"] and health["sync"]["last_ok"]
+                r = httpx.post(f"{url}/predict", files={"file": images[0][0].read_bytes()}, data={"camera_id": "x"})
+                assert r.status_code == 200 and r.json()["model_version"] in ("1", v3)
+                assert "sensitune_sync_ok 0" in httpx.get(f"{url}/metrics", params={"format": "prometheus"}).text
+        finally:
+            for proc, _ in boxes.values():
+                proc.terminate()
+                proc.wait(30)
+
+
+def _stale(url: str):
+    h = httpx.get(f"{url}/healthz", timeout=5).json()
+    return h if h["sync"]["stale"] and h["sync"]["error"] else None
+
+
+def _list(uri: str, path: str) -> list[str]:
+    from deploy.mlflow_rest import RestRegistry
+
+    return [f["path"] for f in RestRegistry(uri, NAME).list_files(path)]

