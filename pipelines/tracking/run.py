@@ -81,8 +81,7 @@ FINAL_METRICS = {
     "seconds_per_epoch": "seconds_per_epoch",
 }
 RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval", "confusion_png")  # at the run's root
-# logged under their own names. Not merged/ (the registered pyfunc model holds those weights) nor export/ (publish
-# logs the export once, sealed with the registry version): no large file is stored twice.
+# Not merged/ (the pyfunc model holds it) nor export/ (publish logs it once, sealed): no large file stored twice.
 RUN_FOLDERS = ("tuned",)
 EXPORT_REPORT_KEYS = ("accuracy", "accuracy_drop", "max_abs_diff", "agreement")
 
@@ -210,7 +209,6 @@ def collect_record(
         "mlflow.source.git.commit": commit,
         "git.dirty": None if commit is None else str(dirty).lower(),
         "ok_class": m.get("ok_class"),
-        # below the linear probe on validation (pipelines.assess): visible in the run list, and the flow's gate
         "sensitune.warning.below_probe": "true" if m.get("below_probe") else None,
         "sensitune.warnings": " | ".join(m.get("warnings") or []) or None,
         "dvc.experiment": dvc_experiment(),
