@@ -31,7 +31,7 @@ from spt_core.sensitivity import Sensitivity, measure_sensitivity
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "demo": {"n_per_class": 8, "size": 32},
-    "data": {"n_train": 16, "n_val": 8},
+    "data": {"split": None, "n_train": 16, "n_val": 8},
     "model": {"name": "test_vit", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 4, "batch_size": 4, "probe_epochs": 2, "device": "cpu"},
     "plan": {"budget": "5%"},  # on test_vit: sparse, whole and LoRA targets
