@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|---:|",
     ]
     lines += [f"| {v} | {t}x | {kb:.1f} | {req} | {p50:.0f} | {mx:.0f} |" for v, t, kb, p50, mx, req in rows]
-    lines += ["", "Screenshots: " + ", ".join(f"`{s.relative_to(ROOT)}`" for s in shots), ""]
+    lines += ["", "Screenshots: " + ", ".join(f"`{os.path.relpath(Path(s).resolve(), ROOT)}`" for s in shots), ""]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -239,7 +239,8 @@ def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: 
     assert [p.name for p in (repo / "runs/main/export").iterdir()] == ["export_report.json"]
     assert json.loads((repo / "runs/main/eval.json").read_text())["n"] > 0  # the tuned model is still evaluated
     record = json.loads((repo / "runs/main/mlflow_run.json").read_text())
-    assert record["status"] == "logged" and record["run_id"] and record["model_version"] is None
+    assert record["status"] == "skipped" and record["run_id"] and record["model_version"] is None
+    assert record["reason"] == merged["skipped"]  # logged in MLflow, nothing registered
     assert RAN.findall(run("dvc", "repro")) == []  # and the skip records are stable outputs
 
 
