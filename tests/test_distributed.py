@@ -35,8 +35,9 @@ PARAMS = {
     "model": {"name": "test_vit", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 4, "batch_size": 4, "probe_epochs": 2, "device": "cpu"},
     "plan": {"budget": "5%"},  # on test_vit: sparse, whole and LoRA targets
+    # plain shuffled batches: the class-balanced sampler (train.balance) is not sharded across ranks yet
     "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False,
-              "lr": 0.01},
+              "lr": 0.01, "balance": "none", "augment": False},
 }  # fmt: skip
 
 
