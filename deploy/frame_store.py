@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import sqlite3
 import threading
@@ -30,10 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spt_core.errors import SensituneError
+from spt_core.errors import SensituneError, one_line
 from spt_core.io import write_bytes
 
 INDEX = "frames.db"
+log = logging.getLogger("sensitune.frames")
 REASONS = ("corrected", "low_margin", "disagreement", "random")
 
 
@@ -335,3 +337,23 @@ class FrameStore:
             d["size"], d["seq"] = int(d["size"]), int(d["seq"])
             out.append(Frame(**d))
         return out
+
+
+class GuardedFrames:
+    """The frame store as the service calls it: a full disk or a broken index never fails a prediction."""
+
+    def __init__(self, store: FrameStore) -> None:
+        self.store, self.errors = store, 0
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.store, name)
+
+        def guarded(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except Exception as e:
+                self.errors += 1
+                log.error("frame store %s: %s", name, one_line(e))
+                return None
+
+        return guarded

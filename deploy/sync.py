@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from deploy.artifact import MANIFEST, ArtifactError, load_artifact
-from deploy.frame_store import FrameRule, FrameStore
+from deploy.frame_store import FrameRule, FrameStore, GuardedFrames
 from deploy.mlflow_rest import RestRegistry
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
 from deploy.rollout.decision import manifest_lock
@@ -361,26 +361,6 @@ def attach(service: Any, box_path: str | Path | None) -> Any:
     service.frame_store = None if store is None else GuardedFrames(store)
     service.sync = Sync(box, store, on_change=lambda: service.reload(Principal(f"sync:{box.box}", ADMIN)))
     return service
-
-
-class GuardedFrames:
-    """The frame store as the service calls it: a full disk or a broken index never fails a prediction."""
-
-    def __init__(self, store: FrameStore) -> None:
-        self.store, self.errors = store, 0
-
-    def __getattr__(self, name: str) -> Any:
-        fn = getattr(self.store, name)
-
-        def guarded(*args: Any, **kw: Any) -> Any:
-            try:
-                return fn(*args, **kw)
-            except Exception as e:
-                self.errors += 1
-                log.error("frame store %s: %s", name, one_line(e))
-                return None
-
-        return guarded
 
 
 def sync_status(service: Any) -> dict[str, Any]:

@@ -330,17 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     run, serve = sub.add_parser("run", help="one retrain now"), sub.add_parser("serve", help="serve the deployment")
-    helps = _arg_helps(retrain.fn.__doc__ or "")
-    for name, param in inspect.signature(retrain.fn).parameters.items():
-        flag, default = "--" + name.replace("_", "-"), param.default
-        targets = (run,) if name in RUN_ONLY else (run, serve)
-        for s in targets:
-            if isinstance(default, bool):
-                s.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
-                               help=helps.get(name))  # fmt: skip
-            else:
-                kind = float if isinstance(default, float) else str
-                s.add_argument(flag, dest=name, type=kind, default=default, help=helps.get(name))
+    add_flags(run, retrain.fn)
+    add_flags(serve, retrain.fn, skip=RUN_ONLY)
     run.set_defaults(settle_seconds=0.0)  # asked for now: the data is there (a schedule waits for settling)
     serve.add_argument("--name", default="nightly")
     serve.add_argument("--cron", default=DEFAULT_CRON)
@@ -350,6 +341,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 RUN_ONLY = ("force", "settle_seconds")  # a scheduled deployment keeps their defaults
+
+
+def add_flags(parser: argparse.ArgumentParser, fn: Any, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per parameter of `fn` (a flow's function), typed by its default, helped by its docstring."""
+    helps = _arg_helps(fn.__doc__ or "")
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in skip:
+            continue
+        flag, default = "--" + name.replace("_", "-"), param.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                                help=helps.get(name))  # fmt: skip
+        else:
+            kind = float if isinstance(default, float) else str
+            parser.add_argument(flag, dest=name, type=kind, default=default, help=helps.get(name))
 
 
 def _arg_helps(doc: str) -> dict[str, str]:

@@ -21,13 +21,7 @@ from spt_core.data import IMAGE_SUFFIXES
 from spt_core.errors import DataError
 
 from .config import Params
-
-
-def _dvc_root(start: Path) -> Path | None:
-    for d in (start, *start.parents):
-        if (d / ".dvc").is_dir():
-            return d
-    return None
+from .layout import dvc_root
 
 
 def import_images(source: Path, params: Params, *, replace: bool = False, link: bool = False, dvc: bool = True) -> dict:
@@ -82,7 +76,7 @@ def import_images(source: Path, params: Params, *, replace: bool = False, link: 
             shutil.copy2(f, d)
         n += 1
     out: dict[str, Any] = {"raw": str(raw), "files": n, "classes": classes, "dvc": None}
-    root = _dvc_root(raw.parent) if dvc else None
+    root = dvc_root(raw.parent) if dvc else None
     if root is not None:
         try:
             r = subprocess.run(["dvc", "add", "-q", str(raw.relative_to(root))], cwd=root, capture_output=True,

@@ -14,6 +14,8 @@ export/                   export    ONNX + OpenVINO FP32/FP16/INT8 with manifest
 
 from __future__ import annotations
 
+from pathlib import Path
+
 FILES = {
     "sensitivity": "sensitivity.safetensors",
     "plan": "plan.json",
@@ -31,3 +33,11 @@ FILES = {
     "export_report": "export/export_report.json",
     "train_state": "train_state",
 }
+
+
+def dvc_root(path: Path) -> Path | None:
+    """The DVC repository (folder with ``.dvc/``) that contains `path`, or None."""
+    for d in [Path(path).resolve(), *Path(path).resolve().parents]:
+        if (d / ".dvc").is_dir():
+            return d
+    return None

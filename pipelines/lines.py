@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines import flows, tracking
@@ -136,13 +137,16 @@ def check_classes(line: Line) -> None:
 
 
 @task(name="retrain-line", cache_policy=NO_CACHE)
-def retrain_line(line: Line, uri: str, opt: dict[str, Any]) -> dict[str, Any]:
+def retrain_line(line: Line, uri: str, opt: dict[str, Any]) -> dict[str, Any] | State:
     """One line's retrain (`pipelines.flows.retrain_once`), wherever the task runner placed it."""
     started = time.time()
     check_classes(line)
-    record = flows.retrain_once(line.params, line.root, uri, line.model_name, rollout=str(line.rollout),
-                                line=line.name, **opt)  # fmt: skip
-    return {**record, "line": line.name, "pid": os.getpid(), "started": started, "ended": time.time()}
+    got = flows.retrain_once(line.params, line.root, uri, line.model_name, rollout=str(line.rollout),
+                             line=line.name, **opt)  # fmt: skip
+    where = {"line": line.name, "pid": os.getpid(), "started": started, "ended": time.time()}
+    if isinstance(got, State):  # a named outcome (No new data, Settling, Not promoted): the task's state keeps it
+        return Completed(name=got.name, message=f"line {line.name}: {got.message}", data={**got.result(), **where})
+    return {**got, **where}
 
 
 @flow(name="retrain-lines", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -159,8 +163,20 @@ def retrain_lines(
 ) -> dict[str, Any]:
     """Retrain every line of `lines` that has new data: one task per line, placed by the flow's task runner.
 
-    Returns ``{line: record}`` (the line's retrain record, or ``status: failed`` with the error) and writes it
-    to ``<runs_root>/lines.json``; raises after all lines finished if any failed.
+    Args:
+        lines: lines.yaml: each line's raw folder, classes, good class, budget, registry model, resources.
+        config: The params.yaml every line starts from (a line's ``set:`` overrides it).
+        runs_root: Where each line's attempts, state file and rollout manifest live (one folder per line).
+        tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        challenger_share: Fraction of a line's cameras its handed-over challenger gets.
+        min_gain: Margin: hand over only if challenger - champion held-out accuracy >= min_gain (may be < 0).
+        use_dvc: Version each line's data with DVC when a DVC repository is found.
+        settle_seconds: Skip a line whose folder changed this recently (a batch still being copied).
+        force: Retrain even when a line's data version was trained already.
+
+    Returns:
+        ``{line: record}`` (the line's retrain record, or ``status: failed`` with the error), also written to
+        ``<runs_root>/lines.json``; raises after all lines finished if any failed.
     """
     logger = get_run_logger()
     if not 0.0 <= challenger_share <= 1.0 or not -1.0 <= min_gain <= 1.0:
@@ -212,21 +228,13 @@ def lines_flow(ray_address: str | None = None, ray_init: dict[str, Any] | None =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.lines", description=__doc__.split("\n\n")[0])
     p.add_argument("cmd", choices=["run"])
-    p.add_argument("--lines", default="lines.yaml")
-    p.add_argument("--config", default="params.yaml")
-    p.add_argument("--runs-root", default="runs/lines")
-    p.add_argument("--tracking-uri")
     p.add_argument("--ray-address", help="auto | ray://head:10001 | local (default: no Ray, one line at a time)")
-    p.add_argument("--min-gain", type=float, default=0.0)
-    p.add_argument("--challenger-share", type=float, default=0.25)
-    p.add_argument("--no-dvc", dest="use_dvc", action="store_false")
-    p.add_argument("--force", action="store_true")
-    a = p.parse_args(argv)
+    flows.add_flags(p, retrain_lines.fn)
+    p.set_defaults(settle_seconds=0.0)  # asked for now: the data is there (a schedule waits for settling)
+    a = vars(p.parse_args(argv))
+    a.pop("cmd")
     try:
-        summary = lines_flow(a.ray_address)(
-            lines=a.lines, config=a.config, runs_root=a.runs_root, tracking_uri=a.tracking_uri, min_gain=a.min_gain,
-            challenger_share=a.challenger_share, use_dvc=a.use_dvc, settle_seconds=0.0, force=a.force,
-        )  # fmt: skip
+        summary = lines_flow(a.pop("ray_address"))(**a)
     except SensituneError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from pipelines import (
     tracking,  # noqa: E402
 )
 from pipelines.assess import registry_scores  # noqa: E402
+from pipelines.layout import dvc_root  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
 from spt_core.io import write_json  # noqa: E402
 
@@ -76,14 +77,6 @@ def fingerprint(raw: Path) -> dict[str, Any]:
     for p in files:
         h.update(f"{p.relative_to(raw).as_posix()}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
     return {"fingerprint": h.hexdigest(), "files": len(files), "newest_mtime": max(p.stat().st_mtime for p in files)}
-
-
-def dvc_root(path: Path) -> Path | None:
-    """The DVC repository (folder with ``.dvc/``) that contains `path`, or None."""
-    for d in [Path(path).resolve(), *Path(path).resolve().parents]:
-        if (d / ".dvc").is_dir():
-            return d
-    return None
 
 
 def _dvc(root: Path, *args: str) -> str:

@@ -10,11 +10,12 @@ Under torchrun (``WORLD_SIZE`` > 1) `init_from_env` starts the group, NCCL on CU
                 (`shard_batches`); Σg² is then summed over ranks (`all_reduce_sum`), so the file equals a
                 one-process pass over the same batches up to fp32 summation order. The probe head is fitted on
                 every rank and rank 0's is broadcast (`broadcast_module`), so all ranks measure the same model.
-  training      a `DistributedSampler` (same permutation as `SeededSampler`: randperm(seed + epoch),
-                interleaved over ranks) with ``batch_size / N`` per rank: step k of every rank together is
-                step k of one process with the global batch. `wrap_ddp` hands DDP the trainable tensors only
-                (tuner deltas + head): frozen weights and (with frozen BN statistics) buffers are ignored, so
-                nothing full-size is broadcast at start-up nor all-reduced per step.
+  training      a `RankSampler`: the one-process order (the seeded shuffle, or the class-balanced sampler
+                of train.balance) interleaved over ranks as `DistributedSampler` does, with ``batch_size / N``
+                per rank: step k of every rank together is step k of one process with the global batch.
+                `wrap_ddp` hands DDP the trainable tensors only (tuner deltas + head): frozen weights and
+                (with frozen BN statistics) buffers are ignored, so nothing full-size is broadcast at start-up
+                nor all-reduced per step.
   validation    disjoint shards (`ShardSampler`, no padding); the confusion matrix and loss sum are summed
                 over ranks, so every rank selects the same epoch.
   writing       rank 0 alone writes (checkpoints, tuned weights, metrics, sensitivity); the others only read.
@@ -22,7 +23,7 @@ Under torchrun (``WORLD_SIZE`` > 1) `init_from_env` starts the group, NCCL on CU
                 file; the checkpoint holds every rank's RNG state, so a resumed run replays each rank.
 
 Exactness: one-process and N-process runs agree to fp32 rounding when the global batch divides the training
-set (DistributedSampler pads the last partial batch with repeated images) and no layer draws random numbers
+set (`RankSampler` pads the last partial batch with repeated images) and no layer draws random numbers
 (dropout / drop-path draw from each rank's own generator).
 """
 
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from spt_core.errors import SensituneError
 
@@ -165,6 +166,36 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class RankSampler(Sampler[int]):
+    """This rank's share of the training order a one-process run would use: the one-process sampler's indices
+    (a `SeededSampler`, or the class-balanced `BalancedSampler`; anything with ``set_epoch``), padded by
+    repeating the first ones to a multiple of N, then every N-th from ``rank`` — `DistributedSampler`'s
+    interleaving. With per-rank batches of ``B / N``, step k of all ranks together holds exactly the images of
+    one-process batch k of size ``B``. Without a seeded sampler (plain ``shuffle``), a seeded permutation."""
+
+    def __init__(self, base: Sampler[int], w: World, seed: int = 0) -> None:
+        self.base, self.w, self.seed, self.epoch = base, w, seed, 0
+        self.n = len(base)
+        self.per_rank = -(-self.n // w.size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if callable(getattr(self.base, "set_epoch", None)):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if callable(getattr(self.base, "set_epoch", None)):
+            order = list(self.base)
+        else:  # RandomSampler / SequentialSampler: DistributedSampler's own seeded shuffle
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        total = self.per_rank * self.w.size
+        order += (order * (total // max(len(order), 1) + 1))[: total - len(order)]
+        return iter(order[self.w.rank : total : self.w.size])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def shard_batches(sampler: Sampler[int], batch_size: int, w: World, limit: int | None = None) -> list[list[int]]:
     """This rank's whole batches (numbers rank, rank + N, ... below `limit`) of the batches `sampler` gives."""
     batches = list(BatchSampler(sampler, batch_size, drop_last=False))[:limit]
@@ -172,7 +203,7 @@ def shard_batches(sampler: Sampler[int], batch_size: int, w: World, limit: int |
 
 
 def shard_loaders(loaders: Mapping[str, DataLoader], seed: int, w: World | None = None) -> dict[str, DataLoader]:
-    """The same datasets split over ranks: ``train`` by a `DistributedSampler`, the others by `ShardSampler`.
+    """The same datasets split over ranks: ``train`` by a `RankSampler`, the others by `ShardSampler`.
 
     The global batch stays the loaders' batch size: each rank loads ``batch_size / N`` images per step.
     """
@@ -190,7 +221,7 @@ def shard_loaders(loaders: Mapping[str, DataLoader], seed: int, w: World | None 
                 raise SensituneError(
                     f"train.batch_size={bs} is not divisible by {w.size} processes: make it a multiple"
                 )
-            sampler: Sampler[int] = DistributedSampler(ds, w.size, w.rank, shuffle=True, seed=seed, drop_last=False)
+            sampler: Sampler[int] = RankSampler(loader.sampler, w, seed)
             bs //= w.size
         else:
             sampler = ShardSampler(len(ds), w)

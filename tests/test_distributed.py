@@ -19,11 +19,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 
 from pipelines import stages
 from pipelines.cli import torchrun_command
 from pipelines.config import load_params
-from spt_core.distributed import ShardSampler, World, shard_batches, world
+from spt_core.data.loaders import BalancedSampler, SeededSampler
+from spt_core.distributed import RankSampler, ShardSampler, World, shard_batches, world
 from spt_core.errors import SensituneError
 from spt_core.plan import Plan
 from spt_core.sensitivity import Sensitivity, measure_sensitivity
@@ -35,9 +37,9 @@ PARAMS = {
     "model": {"name": "test_vit", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
     "sensitivity": {"batches": 4, "batch_size": 4, "probe_epochs": 2, "device": "cpu"},
     "plan": {"budget": "5%"},  # on test_vit: sparse, whole and LoRA targets
-    # plain shuffled batches: the class-balanced sampler (train.balance) is not sharded across ranks yet
+    # the default class-balanced sampler (train.balance); no augmentation (each rank would draw its own)
     "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False,
-              "lr": 0.01, "balance": "none", "augment": False},
+              "lr": 0.01, "augment": False},
 }  # fmt: skip
 
 
@@ -131,6 +133,30 @@ def test_batches_are_shared_without_overlap() -> None:
     assert world() == World()  # no process group here: every helper is the identity
 
 
+@pytest.mark.parametrize("kind", ["seeded", "balanced"])
+def test_ranks_together_take_the_one_process_global_batches(kind: str) -> None:
+    labels = [0] * 13 + [1] * 3 + [2] * 4  # imbalanced: the balanced sampler repeats class 1 and sub-samples 0
+    one = BalancedSampler(labels, seed=3) if kind == "balanced" else SeededSampler(len(labels), seed=3)
+    per_rank = [RankSampler(BalancedSampler(labels, 3) if kind == "balanced" else SeededSampler(20, 3), World(r, 2))
+                for r in range(2)]  # fmt: skip
+    for epoch in (0, 1):
+        one.set_epoch(epoch)
+        for s in per_rank:
+            s.set_epoch(epoch)
+        order = list(one)
+        ranks = [list(BatchSampler(s, 4, drop_last=False)) for s in per_rank]
+        for k, (b0, b1) in enumerate(zip(*ranks)):  # global batch 8 = 2 ranks x 4
+            assert sorted(b0 + b1) == sorted(order[8 * k : 8 * k + 8])
+    if kind == "balanced":  # what the one-process run trains on, not a plain shuffle of the imbalanced set
+        assert sum(labels[i] == 1 for i in order) >= 6
+    # a plain seeded shuffle is exactly DistributedSampler's split (torch's own reference)
+    ref = [list(DistributedSampler(range(20), 2, r, shuffle=True, seed=3)) for r in range(2)]
+    plain = [list(RankSampler(RandomSampler(range(20)), World(r, 2), seed=3)) for r in range(2)]
+    assert plain == ref
+    odd = [list(RankSampler(SeededSampler(5, 0), World(r, 2))) for r in range(2)]  # 5 images: one repeated
+    assert len(odd[0]) == len(odd[1]) == 3 and set(odd[0] + odd[1]) == set(range(5))
+
+
 def test_nproc_launches_torchrun_with_the_same_arguments() -> None:
     cmd = torchrun_command(["train", "--nproc", "4", "--run", "runs/x", "--epochs", "2"], 4)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
@@ -153,3 +179,40 @@ def test_sensitivity_amp_on_cpu_is_fp32(tiny_digits: Path) -> None:
     assert amp.meta["amp_dtype"] is None
     for k in plain.scores:
         assert torch.equal(plain.scores[k], amp.scores[k]), k
+
+
+def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    worker, out = ROOT / "tests/ddp_resume_worker.py", tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "SENSITUNE_NO_PROGRESS": "1"}  # fmt: skip
+
+    def torchrun(**extra: str) -> subprocess.CompletedProcess:
+        launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(worker), str(out)]
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=600)
+
+    killed = torchrun(KILL_AFTER_EPOCH="1")
+    assert killed.returncode != 0 and not (out / "history.json").exists(), killed.stdout[-2000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2  # each rank's RNG state
+    resumed = torchrun()
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["resumed_at_epoch"] == 1 and [e["epoch"] for e in hist["epochs"]] == [1, 2, 3]
+
+    # the same training in one process, uninterrupted: same epochs, same selection, same tensors (fp32 rounding)
+    ns: dict = {}
+    exec(compile(worker.read_text(), str(worker), "exec"), ns)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, trained = ns["run"](tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert one.best_epoch == hist["best_epoch"] and one.resumed_at_epoch == 0
+    for a, b in zip(one.to_dict()["epochs"], hist["epochs"]):
+        assert a["val_acc"] == b["val_acc"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    ddp = torch.load(out / "trained.pt", weights_only=True)
+    assert set(ddp) == set(trained)
+    for n, t in trained.items():
+        torch.testing.assert_close(ddp[n], t, rtol=1e-5, atol=1e-6, msg=n)

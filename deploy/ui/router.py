@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
-import inspect
 import io
 import logging
 import secrets
@@ -33,16 +32,13 @@ from PIL import Image
 from starlette.middleware.gzip import GZipMiddleware
 
 import deploy.ui.views as views
+from deploy.frame_store import FrameRule, FrameStore, GuardedFrames
 from deploy.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision, decide
 from deploy.rollout.stats import report_for
+from deploy.schemas import FeedbackIn
 from deploy.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identify
 from deploy.ui.recent import RecentFrames
 from spt_core.errors import SensituneError
-
-try:  # the frame store of the flywheel work (deploy.frames.FrameStore); the pages run without it
-    from deploy.frame_store import FrameRule, FrameStore
-except ImportError:
-    FrameRule = FrameStore = None
 
 HERE = Path(__file__).parent
 log = logging.getLogger("sensitune.edge.ui")
@@ -67,69 +63,36 @@ def _ci(ci: tuple[float, float] | list[float] | None) -> str:
 
 
 class LineUI:
-    """The pages' state: the recent frames ring, the frame store, and the secret that signs image links.
+    """The pages' state: the recent frames ring and the secret that signs image links. The review queue is the
+    service's one frame store (``service.frame_store``: the box's, deploy.sync.attach); a service without a box gets
+    one under ``<log_dir>/frames`` here, which the service then offers its frames to and labels, as with a box.
 
     Args:
         service: The `deploy.service.EdgeService`.
-        store: The frame store; default ``service.frames`` when that is one (the service then offers frames and
-            labels them itself), else a store of the UI's own under ``<log_dir>/frames``.
+        quota_mb: Disk quota of the store made here (a box's store has the box's quota).
     """
 
-    def __init__(self, service: Any, store: Any = None, quota_mb: float = 200.0) -> None:
+    def __init__(self, service: Any, quota_mb: float = 200.0) -> None:
         self.service = service
         self.recent = RecentFrames()
         self._secret = secrets.token_bytes(16)
-        frames = getattr(service, "frames", None)
-        self.owns_store = store is None and not hasattr(frames, "review_queue")
-        if store is not None:
-            self.store = store
-        elif not self.owns_store:
-            self.store = frames
-        elif FrameStore is None:
-            self.store, self.owns_store = None, False
-        else:
-            try:
-                self.store = FrameStore(service.runtime.config.logs / "frames", FrameRule(), quota_mb=quota_mb)
-            except (OSError, sqlite3.Error) as e:  # the line must run without the pages' store: rejects still listed
-                log.error("operator pages: no frame store under %s (%s)", service.runtime.config.logs, e)
-                self.store, self.owns_store = None, False
+        if getattr(service, "frame_store", None) is None:
+            service.frame_store = _own_store(service.runtime.config.logs / "frames", quota_mb)
+        self.store = service.frame_store
 
     def record(self, data: bytes, body: dict[str, Any]) -> None:
-        """One answered frame (the /predict body): into the ring, and offered to the UI's own store. Runs after
-        the answer is sent; a failure here is logged and never reaches the camera."""
+        """One answered frame (the /predict body) into the ring. Runs after the answer is sent; a failure here is
+        logged and never reaches the camera."""
         try:
-            cfg = self.service.runtime.config
-            shot = self.recent.add(data, body, cfg.ok_class)
-            if shot is None or not self.owns_store:
-                return
-            record = {**body, "line": cfg.line, "ts": None}
-            if "probs" not in body and "margin" not in body:  # top1 - top2 >= 2 top1 - 1; exact for two classes
-                record["margin"] = max(0.0, 2 * float(body["score"]) - 1)
-            self.store.offer(record, data)
+            self.recent.add(data, body, self.service.runtime.config.ok_class)
         except Exception:
             log.exception("operator pages: could not record frame %s", body.get("frame_id"))
 
-    def _feedback(self, frame_id: str, label: str, who: Who) -> tuple[int, dict[str, Any]]:
-        """The service's own feedback path: ``feedback(frame_id, label)``, or ``feedback(item, who, client)`` where
-        the service takes a typed body and the caller (deploy.schemas.FeedbackIn, with authentication)."""
-        fb = self.service.feedback
-        if "item" not in inspect.signature(fb).parameters:
-            return fb(frame_id, label)
-        from deploy.schemas import FeedbackIn  # only where the service has it
-
-        status, body, _ = fb(FeedbackIn(frame_id=frame_id, label=label), who, who.name)
-        return status, body
-
     def label(self, frame_id: str, label: str, who: Who) -> tuple[int, dict[str, Any]]:
-        """The operator's label: sent as feedback for that frame (the rollout's log), then onto the store."""
-        status, body = self._feedback(frame_id, label, who)
-        if status != 200:
-            return status, body
-        self.recent.mark_labelled(frame_id, label)
-        if self.store is not None:
-            got = self.store.get(frame_id)
-            if got is None or got[0].label != label:  # unless the service labelled it already
-                self.store.label(frame_id, label, who=who.name)
+        """The operator's label: the service's feedback path (the rollout's log and the frame store)."""
+        status, body, _ = self.service.feedback(FeedbackIn(frame_id=frame_id, label=label), who, who.name)
+        if status == 200:
+            self.recent.mark_labelled(frame_id, label)
         return status, body
 
     def sign(self, frame_id: str) -> str:
@@ -172,11 +135,21 @@ class LineUI:
         return record
 
 
-def mount_ui(app: FastAPI, service: Any, store: Any = None, tokens: Any = None) -> LineUI:
+def _own_store(root: Path, quota_mb: float) -> GuardedFrames | None:
+    """A frame store for a service without a box (nothing leaves it: no sync); None when it cannot be opened
+    (the line runs without it; rejects are still listed from the recent frames)."""
+    try:
+        return GuardedFrames(FrameStore(root, FrameRule(), quota_mb=quota_mb))
+    except (OSError, sqlite3.Error) as e:
+        log.error("operator pages: no frame store under %s (%s)", root, e)
+        return None
+
+
+def mount_ui(app: FastAPI, service: Any, tokens: Any = None) -> LineUI:
     """Serve the operator pages on ``app``; returns the `LineUI` whose `record` the /predict route calls.
 
     ``tokens``: the service's token store (``authenticate(header) -> principal``); default ``service.auth``."""
-    ui = LineUI(service, store)
+    ui = LineUI(service)
     if tokens is not None:
         app.state.ui_tokens = tokens
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))

@@ -88,7 +88,7 @@ def review_items(service: Any, recent: RecentFrames, store: Any, limit: int = 30
     sample) and the rejected parts among the recent frames that nobody has labelled yet."""
     ok = service.runtime.config.ok_class
     items: dict[str, dict[str, Any]] = {}
-    for f in store.review_queue(limit=limit) if store is not None else []:
+    for f in (store.review_queue(limit=limit) if store is not None else None) or []:  # None: the store failed
         reasons = list(f.reasons) + (["rejected"] if f.predicted and f.predicted != ok else [])
         items[f.frame_id] = {
             "frame_id": f.frame_id, "camera_id": f.camera_id, "predicted": f.predicted, "score": f.score,
