@@ -10,6 +10,9 @@ labelled frames, publishing (register once + seal), per-epoch progress, and name
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import re
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -78,3 +81,32 @@ def outcome(name: str, message: str, result: dict[str, Any]) -> Completed:
     create_markdown_artifact(f"## {name}\n\n{message}\n\n| | |\n|---|---|\n{rows}", key="retrain-outcome",
                              description=f"retrain: {name}")  # fmt: skip
     return Completed(name=name, message=message, data={**result, "outcome": name})
+
+
+def add_flags(parser: argparse.ArgumentParser, fn: Any, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per parameter of `fn` (a flow's function), typed by its default, helped by its docstring."""
+    helps = _arg_helps(fn.__doc__ or "")
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in skip:
+            continue
+        flag, default = "--" + name.replace("_", "-"), param.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                                help=helps.get(name))  # fmt: skip
+        else:
+            kind = float if isinstance(default, float) else str
+            parser.add_argument(flag, dest=name, type=kind, default=default, help=helps.get(name))
+
+
+def _arg_helps(doc: str) -> dict[str, str]:
+    """``name: text`` lines of a Google-style ``Args:`` section (continuation lines joined)."""
+    helps: dict[str, str] = {}
+    body = doc.split("Args:", 1)[-1].split("Returns:", 1)[0]
+    last = None
+    for line in body.splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            last, helps[m[1]] = m[1], m[2]
+        elif last and line.strip():
+            helps[last] += " " + line.strip()
+    return {k: v.replace("%", "%%") for k, v in helps.items()}

@@ -26,7 +26,6 @@ import argparse
 import copy
 import inspect
 import os
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,10 +45,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS  # noqa: E402
-from pipelines import (
-    stages,  # noqa: E402
-    tracking,  # noqa: E402
-)
+from pipelines import flow_hooks, stages, tracking  # noqa: E402
 from pipelines import tasks as t  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
@@ -330,8 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     run, serve = sub.add_parser("run", help="one retrain now"), sub.add_parser("serve", help="serve the deployment")
-    add_flags(run, retrain.fn)
-    add_flags(serve, retrain.fn, skip=RUN_ONLY)
+    flow_hooks.add_flags(run, retrain.fn)
+    flow_hooks.add_flags(serve, retrain.fn, skip=RUN_ONLY)
     run.set_defaults(settle_seconds=0.0)  # asked for now: the data is there (a schedule waits for settling)
     serve.add_argument("--name", default="nightly")
     serve.add_argument("--cron", default=DEFAULT_CRON)
@@ -341,35 +337,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 RUN_ONLY = ("force", "settle_seconds")  # a scheduled deployment keeps their defaults
-
-
-def add_flags(parser: argparse.ArgumentParser, fn: Any, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per parameter of `fn` (a flow's function), typed by its default, helped by its docstring."""
-    helps = _arg_helps(fn.__doc__ or "")
-    for name, param in inspect.signature(fn).parameters.items():
-        if name in skip:
-            continue
-        flag, default = "--" + name.replace("_", "-"), param.default
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
-                                help=helps.get(name))  # fmt: skip
-        else:
-            kind = float if isinstance(default, float) else str
-            parser.add_argument(flag, dest=name, type=kind, default=default, help=helps.get(name))
-
-
-def _arg_helps(doc: str) -> dict[str, str]:
-    """``name: text`` lines of a Google-style ``Args:`` section (continuation lines joined)."""
-    helps: dict[str, str] = {}
-    body = doc.split("Args:", 1)[-1].split("Returns:", 1)[0]
-    last = None
-    for line in body.splitlines():
-        m = re.match(r"\s{8}(\w+): (.*)", line)
-        if m:
-            last, helps[m[1]] = m[1], m[2]
-        elif last and line.strip():
-            helps[last] += " " + line.strip()
-    return {k: v.replace("%", "%%") for k, v in helps.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines import flows, tracking
+from pipelines import flow_hooks, flows, tracking
 from pipelines import tasks as t
 from pipelines.config import load_params
 from spt_core.errors import SensituneError, one_line
@@ -229,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.lines", description=__doc__.split("\n\n")[0])
     p.add_argument("cmd", choices=["run"])
     p.add_argument("--ray-address", help="auto | ray://head:10001 | local (default: no Ray, one line at a time)")
-    flows.add_flags(p, retrain_lines.fn)
+    flow_hooks.add_flags(p, retrain_lines.fn)
     p.set_defaults(settle_seconds=0.0)  # asked for now: the data is there (a schedule waits for settling)
     a = vars(p.parse_args(argv))
     a.pop("cmd")
     try:
+        load_lines(a["lines"], a["config"], a["runs_root"])  # a bad lines.yaml fails here, before Prefect starts
         summary = lines_flow(a.pop("ray_address"))(**a)
     except SensituneError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -134,3 +134,16 @@ def test_lines_file_problems_are_reported_at_once(tmp_path: Path, monkeypatch: p
     msg = str(e.value)
     assert "line x: unknown key(s) ['colour']" in msg and "train.lrr" in msg and "line z: give raw" in msg
     assert L.absolute_uri("sqlite:///m.db", tmp_path) == f"sqlite:///{tmp_path / 'm.db'}"
+
+
+def test_the_command_line_refuses_a_bad_lines_file_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert L.main(["run", "--lines", "nope.yaml", "--no-use-dvc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --lines nope.yaml: file not found") and "\n" not in err
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    lines = {"lines": {"x": {"raw": "r", "budget": "2%", "set": {"train.lrr": 1}}}}
+    (tmp_path / "lines.yaml").write_text(yaml.safe_dump(lines))
+    assert L.main(["run"]) == 2  # the flow's own flags and defaults (lines.yaml, params.yaml), from its signature
+    err = capsys.readouterr().err
+    assert err.startswith("error: lines.yaml: line x:") and "train.lrr" in err
