@@ -41,14 +41,14 @@ class _Camera:
     minutes: dict[int, Counter[str]] = field(default_factory=dict)  # unix minute -> class counts
 
 
-def thumbnail(data: bytes, px: int) -> bytes:
+def thumbnail(data: bytes, px: int, quality: int = 60) -> bytes:
     """A JPEG of at most ``px`` on its longest side (``draft`` lets a large JPEG decode at a fraction of the cost)."""
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (px, px))
         small = im.convert("RGB")
     small.thumbnail((px, px))
     out = io.BytesIO()
-    small.save(out, "JPEG", quality=60)
+    small.save(out, "JPEG", quality=quality)
     return out.getvalue()
 
 

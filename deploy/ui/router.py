@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
-import io
 import logging
 import secrets
 import sqlite3
@@ -28,7 +27,6 @@ from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from PIL import Image
 from starlette.middleware.gzip import GZipMiddleware
 
 import deploy.ui.views as views
@@ -37,7 +35,7 @@ from deploy.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision,
 from deploy.rollout.stats import report_for
 from deploy.schemas import FeedbackIn
 from deploy.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identify
-from deploy.ui.recent import RecentFrames
+from deploy.ui.recent import RecentFrames, thumbnail
 from spt_core.errors import SensituneError
 
 HERE = Path(__file__).parent
@@ -102,17 +100,11 @@ class LineUI:
         return f"/ui/img/{frame_id}?sig={self.sign(frame_id)}"
 
     def image(self, frame_id: str, px: int = 480) -> bytes | None:
-        shot = self.recent.get(frame_id)
         got = self.store.get(frame_id) if self.store is not None else None
-        if got is None:
-            return shot.thumb if shot else None
-        with Image.open(io.BytesIO(got[1])) as im:
-            im.draft("RGB", (px, px))
-            small = im.convert("RGB")
-        small.thumbnail((px, px))
-        out = io.BytesIO()
-        small.save(out, "JPEG", quality=85)
-        return out.getvalue()
+        if got is not None:
+            return thumbnail(got[1], px, quality=85)
+        shot = self.recent.get(frame_id)
+        return shot.thumb if shot else None
 
     def force(self, action: str, version: str, reason: str, who: Who) -> dict[str, Any]:
         """Promote or roll back the challenger ``version`` now (the quality engineer's sign-off), then reload."""
