@@ -52,6 +52,7 @@ from spt_core.errors import SensituneError  # noqa: E402
 from spt_core.io import write_json  # noqa: E402
 
 DEFAULT_CRON = "0 2 * * *"  # nightly at 02:00
+SHARE, SETTLE_S = 0.25, 60.0  # defaults of challenger_share and settle_seconds, for `retrain` and `retrain_lines`
 STATE_FILE, LOCK_FILE, RECORD_FILE = "retrain_state.json", ".retrain.lock", "retrain.json"
 
 
@@ -81,10 +82,10 @@ def retrain(
     model_name: str | None = None,
     rollout: str = "rollout.yaml",
     line: str = "line-1",
-    challenger_share: float = 0.25,
+    challenger_share: float = SHARE,
     min_gain: float = 0.0,
     use_dvc: bool = True,
-    settle_seconds: float = 60.0,
+    settle_seconds: float = SETTLE_S,
     force: bool = False,
 ) -> dict[str, Any]:
     """Retrain when ``paths.raw`` holds data not trained yet; see the module docstring for the steps.
@@ -106,12 +107,17 @@ def retrain(
         ``status`` (trained | no-new-data | settling | locked) and, when trained, data/model versions, MLflow
         run id, comparison and ``decision`` (bootstrap | handover | not promoted).
     """
-    if not 0.0 <= challenger_share <= 1.0 or not -1.0 <= min_gain <= 1.0:
-        raise t.RetrainError(f"challenger_share={challenger_share}, min_gain={min_gain}: give [0, 1] and [-1, 1]")
+    opt = retrain_options(challenger_share, min_gain, use_dvc, settle_seconds, force)
     params = load_params(config)
     uri, name = tracking.tracking_uri(tracking_uri), model_name_for(params, model_name)
-    return retrain_once(params, Path(runs_root), uri, name, rollout=rollout, line=line, share=challenger_share,
-                        min_gain=min_gain, use_dvc=use_dvc, settle_seconds=settle_seconds, force=force)  # fmt: skip
+    return retrain_once(params, Path(runs_root), uri, name, rollout=rollout, line=line, **opt)
+
+
+def retrain_options(share: float, min_gain: float, use_dvc: bool, settle_seconds: float, force: bool) -> dict:
+    """`retrain_once`'s options, checked (one line's retrain: `retrain`, and each line of `pipelines.lines`)."""
+    if not 0.0 <= share <= 1.0 or not -1.0 <= min_gain <= 1.0:
+        raise t.RetrainError(f"challenger_share={share}, min_gain={min_gain}: give [0, 1] and [-1, 1]")
+    return {"share": share, "min_gain": min_gain, "use_dvc": use_dvc, "settle_seconds": settle_seconds, "force": force}
 
 
 def retrain_once(params: dict, root: Path, uri: str, name: str, **opt: Any) -> dict[str, Any]:

@@ -155,10 +155,10 @@ def retrain_lines(
     config: str | None = "params.yaml",
     runs_root: str = "runs/lines",
     tracking_uri: str | None = None,
-    challenger_share: float = 0.25,
+    challenger_share: float = flows.SHARE,
     min_gain: float = 0.0,
     use_dvc: bool = True,
-    settle_seconds: float = 60.0,
+    settle_seconds: float = flows.SETTLE_S,
     force: bool = False,
 ) -> dict[str, Any]:
     """Retrain every line of `lines` that has new data: one task per line, placed by the flow's task runner.
@@ -179,12 +179,9 @@ def retrain_lines(
         ``<runs_root>/lines.json``; raises after all lines finished if any failed.
     """
     logger = get_run_logger()
-    if not 0.0 <= challenger_share <= 1.0 or not -1.0 <= min_gain <= 1.0:
-        raise t.RetrainError(f"challenger_share={challenger_share}, min_gain={min_gain}: give [0, 1] and [-1, 1]")
+    opt = flows.retrain_options(challenger_share, min_gain, use_dvc, settle_seconds, force)
     all_lines = load_lines(lines, config, runs_root)
     uri = absolute_uri(tracking.tracking_uri(tracking_uri), Path.cwd())
-    opt = {"share": challenger_share, "min_gain": min_gain, "use_dvc": use_dvc, "settle_seconds": settle_seconds,
-           "force": force}  # fmt: skip
     futures = {}
     for line in all_lines:
         with _ray_options(line.resources):
