@@ -120,16 +120,11 @@ def registry_scores(uri: str, model_uri: str, images: list[Path], labels: list[s
     import numpy as np
 
     from deploy.artifact import decide
+    from pipelines.tracking.common import mlflow_session
     from spt_core.preprocess import Preprocess, preprocess_batch
 
-    prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with mlflow_session(uri):
         model = mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(prev[0])
-        mlflow.set_registry_uri(prev[1])
     info = (model.metadata.metadata or {}).get("sensitune") or {}
     if "preprocess" not in info or "class_names" not in info:
         raise SensituneError(

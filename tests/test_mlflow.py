@@ -277,3 +277,29 @@ def test_fallbacks_of_two_runs_are_both_kept_and_a_stale_replay_sends_no_files(
     r = client.get_run(result["run_id"])
     assert r.data.metrics["test_acc"] == metrics["test_acc"] and r.data.tags["sensitune.replay"] == "no-files"
     assert client.list_artifacts(r.info.run_id) == []
+
+
+def test_mlflow_session_leaves_no_uri_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry that followed the tracking URI follows it again after a session, and mlflow's environment
+    variables are as before (they would reach every later client and subprocess)."""
+    import mlflow
+
+    from pipelines.tracking.common import mlflow_session
+
+    uri = {k: f"sqlite:///{tmp_path / k}.db" for k in "abc"}
+    prev = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    try:
+        mlflow.set_tracking_uri(uri["a"])
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        with mlflow_session(uri["b"]):
+            assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (uri["b"], uri["b"])
+        assert mlflow.get_tracking_uri() == uri["a"]
+        assert "MLFLOW_REGISTRY_URI" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+        mlflow.set_tracking_uri(uri["c"])
+        assert mlflow.get_registry_uri() == uri["c"]  # not pinned to a
+    finally:
+        mlflow.set_tracking_uri(prev)
+        mlflow.set_registry_uri(None)

@@ -85,13 +85,20 @@ def check_reachable(uri: str) -> None:
 
 @contextlib.contextmanager
 def mlflow_session(uri: str) -> Iterator[Any]:
-    """mlflow with this tracking/registry URI and bounded HTTP retries; restores the previous URI."""
+    """mlflow with this tracking/registry URI and bounded HTTP retries; restores the previous state exactly.
+
+    mlflow's setters also write ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` into the environment, and setting
+    the registry back to the value ``get_registry_uri()`` reported pins it even when it was only following the
+    tracking URI; both would leak into every later client and subprocess. So the environment is restored as it
+    was, and a registry that followed the tracking URI follows it again."""
     import mlflow
 
-    saved_env = {k: os.environ.get(k) for k in HTTP_ENV}
+    saved_env = {k: os.environ.get(k) for k in (*HTTP_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     for k, v in HTTP_ENV.items():
         os.environ.setdefault(k, v)  # a user's own setting wins
     prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    if saved_env["MLFLOW_REGISTRY_URI"] is None and prev_registry == prev_tracking:
+        prev_registry = None  # it was following the tracking URI, not set
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
