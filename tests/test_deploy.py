@@ -24,16 +24,15 @@ import httpx
 import numpy as np
 import pytest
 from deploy_fixtures import (
+    ALWAYS_OK,
     CLASSES,
-    N_FEATURES,
     build_artifact,
-    demo_images,
+    demo_set,
     fit_linear,
     reference_logits,
     serve,
     write_manifest,
 )
-from PIL import Image
 
 from deploy import rollout
 from deploy.artifact import ArtifactError
@@ -74,12 +73,9 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("edge")
-    items = demo_images(root / "images", n_per_class=12, size=64)
-    pil = [Image.open(p).convert("RGB") for p, _ in items]
-    labels = [c for _, c in items]
+    items, pil, labels = demo_set(root / "images", n_per_class=12, size=64)
     w_good, b_good = fit_linear(pil, labels, Preprocess(size=(48, 48)))
-    always_ok = (np.zeros((len(CLASSES), N_FEATURES)), np.array([1.0, 0.0, 0.0, 0.0]))  # misses every defect
-    specs = {"1": (*always_ok, 32), "2": (w_good, b_good, 48), "3": (*always_ok, 32)}
+    specs = {"1": (*ALWAYS_OK, 32), "2": (w_good, b_good, 48), "3": (*ALWAYS_OK, 32)}
     art, expect = {}, {}
     for v, (w, b, size) in specs.items():
         art[v] = build_artifact(root / "artifacts" / f"v{v}", v, w, b, size)

@@ -22,10 +22,10 @@ import httpx
 import numpy as np
 import pytest
 from deploy_fixtures import (
+    ALWAYS_OK,
     CLASSES,
-    N_FEATURES,
     build_artifact,
-    demo_images,
+    demo_set,
     fit_linear,
     free_port,
     serve,
@@ -57,12 +57,9 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("sec")
-    items = demo_images(root / "images", n_per_class=4, size=48)
-    pil = [Image.open(p).convert("RGB") for p, _ in items]
-    labels = [c for _, c in items]
+    items, pil, labels = demo_set(root / "images", n_per_class=4, size=48)
     w, b = fit_linear(pil, labels, Preprocess(size=(40, 40)))
-    always_ok = (np.zeros((len(CLASSES), N_FEATURES)), np.array([1.0, 0.0, 0.0, 0.0]))
-    art = {"1": build_artifact(root / "v1", "1", *always_ok, 32), "2": build_artifact(root / "v2", "2", w, b, 40)}
+    art = {"1": build_artifact(root / "v1", "1", *ALWAYS_OK, 32), "2": build_artifact(root / "v2", "2", w, b, 40)}
     return World(root, [p.read_bytes() for p, _ in items], labels, art)
 
 

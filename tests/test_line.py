@@ -265,11 +265,11 @@ def test_the_edge_applies_the_manifests_threshold(tmp_path):
     import io
 
     import yaml
-    from deploy_fixtures import CLASSES, N_FEATURES, build_artifact
+    from deploy_fixtures import ALWAYS_OK, build_artifact
 
     from deploy.service import EdgeService
 
-    w, b = np.zeros((len(CLASSES), N_FEATURES)), np.array([1.0, 0.0, 0.0, 0.0])  # always "ok"
+    w, b = ALWAYS_OK
     p_ok = math.e / (math.e + 3)  # 0.475: the argmax is ok whatever the threshold
     buf = io.BytesIO()
     Image.fromarray(np.full((16, 16), 30000, np.uint16)).save(buf, format="PNG")  # a 16-bit camera frame

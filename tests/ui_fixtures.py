@@ -16,8 +16,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from deploy_fixtures import CLASSES, build_artifact, demo_images, fit_linear, reference_logits, write_manifest
-from PIL import Image
+from deploy_fixtures import CLASSES, build_artifact, demo_set, fit_linear, reference_logits, write_manifest
 
 from deploy.auth import TokenStore, token_digest
 from deploy.inferencer import Inferencer
@@ -42,9 +41,7 @@ class Line:
 
 def build_line(root: Path, n_per_class: int = 8, size: int = 64, **manifest_fields: Any) -> Line:
     """Artifacts v1 (fitted at 32 px, the champion) and v2 (fitted at 48 px, the challenger) and rollout.yaml."""
-    items = demo_images(root / "images", n_per_class=n_per_class, size=size)
-    pil = [Image.open(p).convert("RGB") for p, _ in items]
-    labels = [c for _, c in items]
+    items, pil, labels = demo_set(root / "images", n_per_class=n_per_class, size=size)
     arts = {}
     for version, px in (("1", 32), ("2", 48)):
         pre = Preprocess(size=(px, px))
