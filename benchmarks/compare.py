@@ -183,7 +183,15 @@ def train_job(job: dict) -> dict:
         job["epochs"], lr=job["lr"], batch_size=job["batch"], seed=job["seed"], device=job["device"], progress=False,
         balance=parse_variant(job.get("variant", "none"))[0], select=job.get("select", "accuracy"),
     )  # fmt: skip
-    hist = fit(model, loaders, cfg, None, ok_index=ok_index, max_escape_rate=job.get("max_escape_rate", 0.0))
+    curve: list[dict] = []
+
+    def record(epoch: dict) -> None:  # --curves: the selection study's per-epoch numbers (never used to select)
+        test = evaluate(model, loaders["test"], torch.device(job["device"]))
+        curve.append({"epoch": epoch["epoch"], "val_acc": epoch["val_acc"], "val_loss": round(epoch["val_loss"], 6),
+                      "test_acc": test["accuracy"]})  # fmt: skip
+
+    hist = fit(model, loaders, cfg, None, ok_index=ok_index, max_escape_rate=job.get("max_escape_rate", 0.0),
+               on_epoch=record if job.get("curves") else None)  # fmt: skip
     line = line_metrics(model, loaders, ok_index, job["max_escape_rate"]) if ok_index is not None else {}
     fit_peak = _hwm_mb() if hwm_reset else hist.peak_memory_mb
     t0 = time.perf_counter()  # one validation pass, to split s/epoch into training and validation time
@@ -214,6 +222,7 @@ def train_job(job: dict) -> dict:
         "s_per_epoch": round(s_epoch, 2),
         "s_per_train_epoch": round(s_epoch - val_s, 2),
         "wall_s": round(time.perf_counter() - t_start, 1),
+        **({"curve": curve} if curve else {}),
         **({"variant": job["variant"], "select": cfg.select, **line} if ok_index is not None else {}),
     }
 
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--weights", help="override the preset's weights: embedded | hub | none | PATH")
     ap.add_argument("--img-size", type=int, help="override the preset's input size")
     ap.add_argument(
-        "--task", default="digits", help="digits | fashion-mnist | demo-defects | a VTAB-1k/ImageFolder dir"
+        "--task", default="digits", help="digits | fashion-mnist | mnist | lfw-faces | demo-defects | a VTAB-1k dir"
     )
     ap.add_argument("--n-train", type=int, default=800)
     ap.add_argument("--n-val", type=int, default=200)
@@ -303,10 +312,16 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--budget", default="1%", help="trainable backbone values: 1%%, 0.4M, 40000")
     ap.add_argument("--curve-budgets", default="", help="extra budgets for the accuracy-vs-params curve (seed 0)")
     ap.add_argument("--curve-methods", default="sparse-only,spt-lora,peft-lora")
+    ap.add_argument(
+        "--curve-seeds", type=int, default=1, help="seeds of the curve budgets (--seeds: the budget chosen on val)"
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument(
         "--seed-start", type=int, default=0, help="run only seeds >= N at the first lr of each grid (a parallel shard)"
+    )
+    ap.add_argument(
+        "--grid-seeds", type=int, default=1, help="seeds that run the whole lr grid (the selection study: >1)"
     )
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
@@ -340,6 +355,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--variants", default="none", help="--imbalance: <none|loss|sampler|both>[+aug], comma-separated")
     ap.add_argument("--select", default="balanced_accuracy", help="--imbalance: the epoch-selection metric")
     ap.add_argument("--max-escape-rate", type=float, default=0.005, help="--imbalance: escape ceiling on validation")
+    ap.add_argument(
+        "--curves",
+        action="store_true",
+        help="also record each epoch's val accuracy, val loss and test accuracy (for benchmarks/selection.py; "
+        "selection still reads validation only; costs one test pass per epoch)",
+    )
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.parallel < 1:
@@ -417,7 +438,8 @@ def main(argv: list[str] | None = None) -> Path:
         line_job = {}
     work.mkdir(parents=True, exist_ok=True)
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
-            "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers}  # fmt: skip
+            "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers,
+            "curves": args.curves}  # fmt: skip
 
     def save() -> None:
         write_json(out_json, state)
@@ -517,8 +539,9 @@ def main(argv: list[str] | None = None) -> Path:
         save()
         return out_json
     variants = args.variants.split(",") if args.imbalance is not None else ["none"]
-    # seed 0: the lr grid, chosen on val
-    run_all([(m, 0, lr, args.budget, v) for v in variants for m in methods for lr in grid[m]])
+    # seed 0 (or --grid-seeds): the lr grid, chosen on seed-0 val
+    run_all([(m, seed, lr, args.budget, v) for seed in range(args.grid_seeds) for v in variants for m in methods
+             for lr in grid[m]])  # fmt: skip
 
     def at_chosen_lr(seeds: range, budget: str) -> list[tuple]:
         lrs = {(m, v): chosen_lr(state["rows"], m, args.budget, v) for m in methods for v in variants}
@@ -528,7 +551,7 @@ def main(argv: list[str] | None = None) -> Path:
     run_all(at_chosen_lr(range(1, args.seeds), args.budget))
     curve_methods = [m for m in args.curve_methods.split(",") if m]
     for budget in [b for b in args.curve_budgets.split(",") if b]:
-        run_all([k for k in at_chosen_lr(range(1), budget) if k[0] in curve_methods])
+        run_all([k for k in at_chosen_lr(range(args.curve_seeds), budget) if k[0] in curve_methods])
     save()
     if args.mlflow:
         log_to_mlflow(out_json)

@@ -9,6 +9,7 @@
     spt-lora       sensitune SPT plan, LoRA for matrices past the alpha rule (structured="lora")
     spt-adapter    the same with adapters (structured="adapter")
     sparse-only    the SPT ranking, every chosen matrix entry a sparse delta (structured="none")
+    per-row-sparse the SPT scores, every output row its top-k entries (allocation="per_row", GPS's rule), all sparse
 
 Every method leaves the head trainable; backbone counts exclude the head.
 """
@@ -27,9 +28,12 @@ from spt_core.errors import SensituneError
 from spt_core.sensitivity import Sensitivity
 from spt_core.tuners import apply_plan
 
-METHODS = ("linear", "bitfit", "full", "peft-lora", "random-sparse", "spt-lora", "spt-adapter", "sparse-only")
-SENSITIVITY_METHODS = ("spt-lora", "spt-adapter", "sparse-only")  # need a measured Sensitivity
-PLAN_METHODS = {"random-sparse": "none", "spt-lora": "lora", "spt-adapter": "adapter", "sparse-only": "none"}
+METHODS = ("linear", "bitfit", "full", "peft-lora", "random-sparse", "spt-lora", "spt-adapter", "sparse-only",
+           "per-row-sparse")  # fmt: skip
+SENSITIVITY_METHODS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse")  # need a measured Sensitivity
+PLAN_METHODS = {"random-sparse": "none", "spt-lora": "lora", "spt-adapter": "adapter", "sparse-only": "none",
+                "per-row-sparse": "none"}  # fmt: skip
+ALLOCATION = {"per-row-sparse": "per_row"}  # the others: the global top-k
 FULL_LR_METHODS = ("full",)  # methods that take the full fine-tuning learning-rate grid
 VIT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
@@ -172,7 +176,8 @@ def setup_method(
             raise SensituneError(f"method {method!r} needs a measured sensitivity; run the sensitivity job first")
         else:
             sens = sensitivity
-        plan = allocate(sens, budget, structured=PLAN_METHODS[method], rank=rank)
+        plan = allocate(sens, budget, structured=PLAN_METHODS[method], rank=rank,
+                        allocation=ALLOCATION.get(method, "global"))  # fmt: skip
         apply_plan(model, plan)
         details = {"by_kind": {k: v["params"] for k, v in plan.by_kind().items()}, "plan_hash": plan.hash()}
     else:

@@ -5,6 +5,7 @@ write_report(state, s)  s.md (main table, sensitivity pass, budget curve) and s.
                         values across budgets; training memory per method)
 summary_metrics(state)  the headline numbers as MLflow metrics
 chosen_lr(rows, m, b)   the seed-0 lr with the best validation accuracy
+budget_on_val(state, m) per seed, the rung `spt_core.budget.choose_rung` picks among m's budgets and full
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.methods import METHODS
+from spt_core.budget import FULL, Rung, choose_rung
 from spt_core.io import atomic_path
 
 
@@ -55,6 +57,27 @@ def summarize(state: dict) -> list[dict]:
             "s_epoch": _mean([r["s_per_train_epoch"] for r in sel]), "wall": _mean([r["wall_s"] for r in sel]),
             "test": _mean([r["test_acc"] for r in sel]),
         })  # fmt: skip
+    return out
+
+
+def budget_on_val(state: dict, method: str) -> list[dict]:
+    """Per seed: the row `choose_rung` picks among `method`'s budgets (each at the lr chosen at the main budget)
+    and full fine-tuning (at its own chosen lr), on validation accuracy; only seeds that have every rung."""
+    rows, main = state["rows"], state["meta"]["budget"]
+    lr, lr_full = chosen_lr(rows, method, main), chosen_lr(rows, "full", main)
+    ok = [r for r in rows if "error" not in r and r.get("variant", "none") == "none"]
+    mine = [r for r in ok if r["method"] == method and r["lr"] == lr]
+    full = [r for r in ok if r["method"] == "full" and r["lr"] == lr_full and r["budget"] == main]
+    budgets = sorted({r["budget"] for r in mine}, key=lambda b: next(r["trainable_backbone"] for r in mine
+                                                                     if r["budget"] == b))  # fmt: skip
+    out = []
+    for seed in sorted({r["seed"] for r in mine}):
+        rungs = {r["budget"]: r for r in mine if r["seed"] == seed}
+        rungs.update([(FULL, r) for r in full if r["seed"] == seed][:1])
+        if len(budgets) < 2 or set(rungs) != {*budgets, FULL}:
+            continue
+        pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"]) for b, r in rungs.items()])
+        out.append({"seed": seed, "budget": pick.budget, "row": rungs[pick.budget], "ladder": [*budgets, FULL]})
     return out
 
 
@@ -141,11 +164,35 @@ def write_report(state: dict, stem: Path) -> None:
             lines.append(f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['trainable_backbone']:,} | "
                          f"{100 * r['val_acc']:.2f} | "
                          f"{100 * r['test_acc']:.2f} |")  # fmt: skip
+    lines += _budget_on_val_lines(state, by)
     lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]
     with atomic_path(stem.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     if summ:
         _plot(state, summ, stem.with_suffix(".png"), mem_name)
+
+
+def _budget_on_val_lines(state: dict, by: dict) -> list[str]:
+    """The budget chosen on validation (`budget_on_val`) per method with a ladder, against full and peft LoRA."""
+    lines: list[str] = []
+    for m in METHODS:
+        picks = budget_on_val(state, m)
+        if not picks:
+            continue
+        if not lines:
+            lines += ["", "Budget chosen on validation (`spt_core.budget.choose_rung`, as `plan.budget: auto`): per "
+                      "seed the rung with the best validation accuracy among the method's budgets and full "
+                      "fine-tuning (ties: fewer values); test % of the chosen rung.", "",
+                      "| method | ladder | chosen per seed | test % | seeds | vs full, points | vs peft-lora |",
+                      "|---|---|---|---|---|---|---|"]  # fmt: skip
+        test = _mean([p["row"]["test_acc"] for p in picks])
+        d = [f"{100 * (test - by[o]['test']):+.2f}" if o in by and by[o]["test"] is not None else "-"
+             for o in ("full", "peft-lora")]  # fmt: skip
+        lines.append(
+            f"| {m} | {', '.join(picks[0]['ladder'])} | {', '.join(p['budget'] for p in picks)} | "
+            f"{_stat([p['row']['test_acc'] for p in picks], 100)} | {len(picks)} | {d[0]} | {d[1]} |"
+        )
+    return lines
 
 
 def _machines_line(state: dict) -> list[str]:

@@ -143,7 +143,11 @@ def _print(obj: Any) -> None:
 def _summary(metrics: dict) -> dict:
     keys = ("test_acc", "test_balanced_acc", "escape_rate", "overkill", "threshold", "val_acc", "val_score",
             "probe_val_score", "probe_test_acc", "trainable", "best_epoch", "below_probe")  # fmt: skip
-    return {k: metrics.get(k) for k in keys}
+    out = {k: metrics.get(k) for k in keys}
+    if metrics.get("ladder"):  # plan.budget: auto
+        out["budget_chosen"] = metrics["budget_chosen"]
+        out["ladder_val_score"] = {r["budget"]: round(r["val_score"], 4) for r in metrics["ladder"]}
+    return out
 
 
 def _report_train(metrics: dict) -> None:

@@ -101,11 +101,18 @@ class SensitivitySection:
 
 @dataclass
 class PlanSection:
-    budget: str = _f("1%", "trainable values: 400000, 0.4M, 400k or 0.5%% of the backbone", verbs=("plan", "run"))
+    budget: str = _f("1%", "trainable values: 400000, 0.4M, 400k or 0.5%% of the backbone, or auto (the ladder's "
+                     "budget with the best validation score)", verbs=("plan", "run"))  # fmt: skip
+    ladder: list[str] = _f(["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"],
+                           "budget: auto tries these, smallest first; full = every backbone value")  # fmt: skip
     structured: str = _f("lora", "lora | adapter | none (sparse only)", verbs=("plan", "run"))
     rank: int = _f(8, "LoRA rank / adapter width", verbs=("plan", "run"))
     alpha: float = _f(10.0, "structured when >= module params/alpha entries are selected", verbs=("plan",))
     beta: float = _f(5.0, "vector trained whole when >= 1/beta of it is selected", verbs=("plan",))
+    allocation: str = _f(
+        "global", "global (one top-k, then the alpha/beta rule) | per_row (every output row its top-k entries; "
+        "structured: none)", verbs=("plan",), choices=("global", "per_row"),
+    )  # fmt: skip
 
 
 @dataclass

@@ -17,9 +17,6 @@ and evaluate and track still run.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -34,45 +31,29 @@ from safetensors.torch import save_file
 
 from spt_core import __version__
 from spt_core.allocate import allocate
-from spt_core.checkpoint import bn_buffers, save_tuned
-from spt_core.data import Augment, load_dataset_info, make_loaders, prepare, scan_split
+from spt_core.budget import AUTO, check_ladder, rung_plan
+from spt_core.checkpoint import read_tuned
+from spt_core.data import load_dataset_info, prepare, scan_split
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 from spt_core.device import resolve_device
 from spt_core.distributed import init_from_env
-from spt_core.errors import DataError, PlanError, SensituneError
+from spt_core.errors import DataError, SensituneError
 from spt_core.evaluate import collect, evaluate
 from spt_core.io import atomic_path, umask, write_json
 from spt_core.merge import merge
 from spt_core.metrics import decision_metrics
 from spt_core.model import ModelInfo
 from spt_core.plan import Plan
-from spt_core.probe import fit_probe
 from spt_core.sensitivity import Sensitivity, measure_task
-from spt_core.train import RESUME_FREE, TrainConfig, fit
-from spt_core.tuners import apply_plan, check_tuners_reached, plan_is_mergeable
+from spt_core.tuners import plan_is_mergeable
 
-from .assess import operating_point, plot_confusion, probe_warnings
 from .config import Params
 from .layout import FILES
 from .models import build_model, load_any, load_merged, load_tuned, model_args
+from .training import _TRAIN_EXTRA, run_dir, train_config, train_stage  # noqa: F401  (stages.* is the API)
+from .training import data_loaders as _loaders
 
 log = logging.getLogger(__name__)
-# train.* keys read here (probe, loaders), not by TrainConfig
-_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs", "augment", "aug_flip", "aug_scale", "aug_color_jitter")
-
-
-def run_dir(params: Params) -> Path:
-    return Path(params["paths"]["run"])
-
-
-def _loaders(params: Params, pre: Any, batch_size: int, seed: int, train: bool = False) -> dict:
-    """Plain loaders (validation, test, the probe, sensitivity), or with ``train`` the training loader with
-    train.balance's sampler and train.augment's augmentation."""
-    t = params["train"]
-    aug = Augment(t["aug_flip"], tuple(t["aug_scale"]), t["aug_color_jitter"]) if train and t["augment"] else None
-    balance = t["balance"] if train else "none"
-    return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed, balance=balance,
-                        augment=aug)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -129,10 +110,22 @@ def measure_stage(params: Params) -> Sensitivity:
 
 # ------------------------------------------------------------------------------------------------- plan
 def plan_stage(params: Params) -> Plan:
-    """Allocate the budget; writes run/plan.json, plan.safetensors and plan.png."""
+    """Allocate the budget; writes run/plan.json, plan.safetensors and plan.png.
+
+    ``plan.budget: auto``: every budget of ``plan.ladder`` is allocated from the same scores; plan.json holds the
+    smallest and records the ladder (budget, hash, count of each rung) for the train stage, which trains them all.
+    """
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
-    plan = allocate(sens, p["budget"], structured=p["structured"], rank=p["rank"], alpha=p["alpha"], beta=p["beta"])
+    kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation")}
+    if str(p["budget"]).strip().lower() == AUTO:
+        labels = check_ladder(p["ladder"], int(sens.meta.get("backbone_params", 0)))
+        rungs = [(b, rung_plan(sens, b, **kw)) for b in labels]
+        plan = rungs[0][1]
+        ladder = [{"budget": b, "plan_hash": r.hash(), "trainable": r.trainable} for b, r in rungs]
+        plan.meta.update({"ladder": ladder, "allocate": kw})
+    else:
+        plan = allocate(sens, p["budget"], **kw)
     keep = ("model_args", "model_info", "class_names", "ok_class", "data_hash", "head", "seconds")
     plan.meta.update({k: sens.meta[k] for k in keep if k in sens.meta})
     plan.meta["sensitivity_seconds"] = sens.meta.get("seconds")
@@ -144,121 +137,6 @@ def plan_stage(params: Params) -> Plan:
     except ImportError:  # matplotlib missing: the plan itself is what matters
         log.warning("matplotlib not installed: skipping plan.png")
     return plan
-
-
-# ------------------------------------------------------------------------------------------------ train
-def train_config(params: Params) -> TrainConfig:
-    return TrainConfig.from_dict({k: v for k, v in params["train"].items() if k not in _TRAIN_EXTRA})
-
-
-def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str:
-    """Which checkpoint a run may resume: everything that changes the numbers (not the device)."""
-    numbers = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
-    blob = json.dumps([plan.hash(), numbers, data_hash, extra], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train the plan (epoch chosen on validation by train.select, reject threshold chosen on validation for
-    evaluate.max_escape_rate, test reported at both); writes tuned/, metrics.json, history.csv, confusion.png."""
-    run, t = run_dir(params), params["train"]
-    plan = Plan.load(run / FILES["plan"])
-    cfg = train_config(params)
-    w = init_from_env(cfg.device)  # under torchrun: DDP over the trainable tensors, rank 0 writes
-    ds_info = load_dataset_info(Path(params["paths"]["data"]))
-    names, ok_class, max_escape = ds_info.class_names, ds_info.ok_class, params["evaluate"]["max_escape_rate"]
-    ok_index = names.index(ok_class) if ok_class is not None else None
-    if plan.meta.get("data_hash") and plan.meta["data_hash"] != ds_info.data_hash:
-        log.warning("the plan was measured on another data version (%s); using it anyway", plan.meta["data_hash"])
-    args = plan.meta.get("model_args") or model_args(params, len(names))
-    if args["num_classes"] != len(names):
-        raise SensituneError(
-            f"plan was made for {args['num_classes']} classes, the data has {len(names)}: "
-            "re-run `sensitune measure` and `sensitune plan`"
-        )
-    model, info = build_model(args, cfg.seed)
-    info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, bit_depth=ds_info.bit_depth))
-    device = resolve_device(cfg.device)
-    model.to(device)
-    plain = _loaders(params, info.preprocess, cfg.batch_size, cfg.seed)
-    loaders = {**plain, "train": _loaders(params, info.preprocess, cfg.batch_size, cfg.seed, train=True)["train"]}
-    metrics: dict[str, Any] = {}
-    if t["probe_baseline"] or t["head_init"] == "probe":
-        head0 = {k: v.clone() for k, v in model.get_classifier().state_dict().items()}
-        probe = fit_probe(model, plain, epochs=t["probe_epochs"], seed=cfg.seed, device=device, select=cfg.select,
-                          ok_index=ok_index, max_escape_rate=max_escape)  # fmt: skip
-        metrics.update(probe.to_dict())
-        if t["head_init"] == "random":
-            model.get_classifier().load_state_dict(head0)
-    apply_plan(model, plan)
-    unreached = check_tuners_reached(model, next(iter(plain["train"]))[0][:2].to(device))
-    if unreached:
-        raise PlanError(
-            f"{len(unreached)} tuner(s) never reach the output on {args['name']} (e.g. {unreached[0]}): this "
-            "backbone reads those weights outside their module; use plan.structured and a backbone without it"
-        )
-    extra = {k: t[k] for k in _TRAIN_EXTRA}
-    key = _state_key(plan, cfg, ds_info.data_hash, {**extra, **args, "esc": max_escape})
-    state_dir = run / FILES["train_state"] / key
-    history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch, ok_index=ok_index, max_escape_rate=max_escape)
-    op = operating_point(collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2], names,
-                         ok_class, max_escape)  # fmt: skip
-    decision = {"ok_class": ok_class, "threshold": op["threshold"], "max_escape_rate": max_escape}
-    tuned_info = {**info.to_dict(), "model_args": args, "class_names": names, "data_hash": ds_info.data_hash,
-                  "train": cfg.to_dict(), **decision}  # fmt: skip
-    buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
-    if w.main:
-        save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
-    backbone = plan.backbone_params
-    metrics.update(
-        {
-            "test_acc": history.test_acc,
-            "val_acc": history.best_val_acc,
-            "select": cfg.select,
-            "val_score": history.best_val_score,
-            "best_epoch": history.best_epoch,
-            "epochs": cfg.epochs,
-            "balance": cfg.balance,
-            "augment": t["augment"],
-            **{k: v for k, v in op.items() if k not in ("val", "test")},
-            "trainable": plan.trainable,
-            "trainable_pct": 100.0 * plan.trainable / backbone,
-            "trainable_head": sum(p.numel() for p in model.get_classifier().parameters()),
-            "backbone_params": backbone,
-            "budget": plan.budget,
-            "by_kind": {k: v["params"] for k, v in plan.by_kind().items()},
-            "sensitivity_seconds": plan.meta.get("sensitivity_seconds"),
-            "train_seconds": round(history.train_seconds, 2),
-            "seconds_per_epoch": round(history.train_seconds / max(len(history.epochs), 1), 2),
-            "peak_memory_mb": round(history.peak_memory_mb, 1),
-            "peak_memory_kind": history.peak_memory_kind,
-            "device": history.device,
-            "plan_hash": plan.hash(),
-            "data_hash": ds_info.data_hash,
-            "model_name": args["name"],
-            "sensitune_version": __version__,
-            "processes": w.size,
-        }
-    )
-    if metrics.get("probe_test_acc") is not None and history.test_acc is not None:
-        metrics["gain_over_probe"] = history.test_acc - metrics["probe_test_acc"]
-    metrics["warnings"] = probe_warnings(metrics)
-    metrics["below_probe"] = bool(metrics["warnings"])
-    metrics["test"], metrics["val"] = op.get("test"), op["val"]
-    if not w.main:
-        return metrics
-    for msg in metrics["warnings"]:
-        log.warning("warning: %s", msg)
-    write_json(run / FILES["metrics"], metrics)
-    plot_confusion(op["test"]["confusion"], names, run / FILES["confusion_png"],
-                   f"test, epoch {history.best_epoch} ({cfg.select} on validation)")  # fmt: skip
-    with atomic_path(run / FILES["history"]) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "lr", "train_loss", "val_acc", "val_score", "val_loss", "seconds"])
-        for e in history.epochs:
-            w.writerow([e.epoch, f"{e.lr:.6g}", f"{e.train_loss:.6f}", f"{e.val_acc:.6f}", f"{e.val_score:.6f}",
-                        f"{e.val_loss:.6f}", f"{e.seconds:.2f}"])  # fmt: skip
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -283,7 +161,7 @@ def evaluate_stage(params: Params, model_path: Path | None = None, split: str = 
 def merge_stage(params: Params, check_images: int = 16) -> dict:
     """Fold the tuners into the backbone (checked equal on validation images); skipped for unmergeable plans."""
     run = run_dir(params)
-    plan = Plan.load(run / FILES["plan"])
+    plan = read_tuned(run / FILES["tuned"])[0]  # the trained plan (with plan.budget: auto, the chosen rung)
     (run / FILES["merged"]).unlink(missing_ok=True)  # never leave an older run's model beside a new record
     if not plan_is_mergeable(plan):
         record = {"skipped": _unmergeable(plan), "plan_hash": plan.hash(), "sensitune_version": __version__}

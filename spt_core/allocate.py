@@ -11,11 +11,17 @@ The resulting count, count(k), is non-decreasing in k, so a binary search finds 
 the budget. What is left (less than the largest single jump: one module or vector) is then spent on the
 next-ranked entries that can stay sparse, so the plan matches the budget exactly unless no such entry is left.
 Ties in the scores are broken by position in `named_parameters()` order (stable sort): deterministic.
+
+`allocation="per_row"` is the other rule (GPS's idea, Zhang et al., CVPR 2024): every output row (a matrix row,
+a conv kernel's output channel; a vector is one row) gets its k most sensitive entries, with one k for the whole
+backbone, the largest whose count fits; the rest of the budget goes to the best-scored entries of rank k in their
+rows. Every chosen entry is a sparse delta (no modules): it needs structured="none".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -116,6 +122,48 @@ def _fill(
     return torch.cat(taken) if taken else order[:0]
 
 
+ALLOCATIONS = ("global", "per_row")
+Allocation = Literal["global", "per_row"]
+
+
+def _row_view(score: torch.Tensor) -> torch.Tensor:
+    """Scores as (output rows, entries per row): a vector is one row."""
+    return score.reshape(1, -1) if score.dim() == 1 else score.reshape(score.shape[0], -1)
+
+
+def _per_row(cands: list[Candidate], sensitivity: Sensitivity, budget: int) -> dict[str, torch.Tensor]:
+    """Sorted flat indices per candidate: each row's top-k entries (one k), then the best entries of rank k."""
+    ranked = []  # per candidate: (row-wise order of flat indices, scores in that order), both (rows, row_len)
+    lengths = []
+    for c in cands:
+        rows = _row_view(sensitivity.scores[c.name].float())
+        order = torch.sort(rows, dim=1, descending=True, stable=True)
+        flat = order.indices + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
+        ranked.append((flat, order.values))
+        lengths.append(rows.shape[1])
+
+    def count(k: int) -> int:
+        return sum(min(k, n) * flat.shape[0] for (flat, _), n in zip(ranked, lengths))
+
+    lo, hi = 0, max(lengths)  # the largest k with count(k) <= budget
+    while hi - lo > 0:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid - 1)
+    k, gap = lo, budget - count(lo)
+    # the fill: entries of rank k (the next one of each row), best score first; ties by candidate, then row
+    nxt = [(i, flat[:, k], vals[:, k]) for i, ((flat, vals), n) in enumerate(zip(ranked, lengths)) if k < n]
+    chosen = {c.name: [flat[:, :k].reshape(-1)] for c, (flat, _) in zip(cands, ranked)}
+    if gap > 0 and nxt:
+        vals = torch.cat([v for _, _, v in nxt])
+        owner = torch.cat([torch.full((len(v),), i) for i, _, v in nxt])
+        pos = torch.cat([f for _, f, _ in nxt])
+        take = torch.sort(vals, descending=True, stable=True).indices[:gap]
+        for i in owner[take].unique().tolist():
+            chosen[cands[i].name].append(pos[take][owner[take] == i])
+    out = {name: torch.sort(torch.cat(parts)).values for name, parts in chosen.items()}
+    return {name: idx for name, idx in out.items() if len(idx)}
+
+
 def allocate(
     sensitivity: Sensitivity,
     budget: int | float | str,
@@ -123,6 +171,7 @@ def allocate(
     rank: int = 8,
     alpha: float = 10.0,
     beta: float = 5.0,
+    allocation: Allocation = "global",
 ) -> Plan:
     """Turn sensitivity scores into a plan whose trainable count is at most `budget`.
 
@@ -134,7 +183,16 @@ def allocate(
         rank: rank of LoRA / bottleneck width of the adapter.
         alpha: a matrix gets the module when ≥ (module params)/alpha of its entries are selected (SPT: 10).
         beta: a vector is trained whole when ≥ 1/beta of it is selected (SPT: 5).
+        allocation: "global" (one top-k over the backbone, then the α/β rule) or "per_row" (every output row its
+            top-k entries, all sparse; needs structured="none").
     """
+    if allocation not in ALLOCATIONS:
+        raise PlanError(f"allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+    if allocation == "per_row" and structured != "none":
+        raise PlanError(
+            f"allocation=per_row chooses single entries only, structured={structured!r} builds modules: "
+            "set plan.structured: none, or plan.allocation: global"
+        )
     if structured not in structured_choices():
         raise PlanError(f"structured={structured!r}: use one of {', '.join(structured_choices())}")
     if rank < 1 or alpha < 1 or beta < 1:
@@ -149,6 +207,8 @@ def allocate(
     if count_budget > total:
         raise PlanError(f"budget {count_budget:,} exceeds the {total:,} candidate values: lower the budget")
 
+    if allocation == "per_row":
+        return _per_row_plan(cands, sensitivity, count_budget, rank, alpha, beta, backbone, total)
     units = _units(cands, structured, rank, alpha, beta)
     starts = torch.tensor([u.start for u in units], dtype=torch.int64)
     rule_struct = torch.tensor([u.rule == "structured" for u in units])
@@ -225,4 +285,38 @@ def allocate(
             "candidate_values": total,
             "saturated": k == len(order),
         },
+    )
+
+
+def _per_row_plan(
+    cands: list[Candidate],
+    sensitivity: Sensitivity,
+    count_budget: int,
+    rank: int,
+    alpha: float,
+    beta: float,
+    backbone: int,
+    total: int,
+) -> Plan:
+    indices = _per_row(cands, sensitivity, count_budget)
+    targets = [
+        Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block) for c in cands if c.name in indices
+    ]
+    trainable = sum(t.count for t in targets)
+    return Plan(
+        targets=targets,
+        indices=indices,
+        budget=count_budget,
+        structured="none",
+        rank=rank,
+        alpha=alpha,
+        beta=beta,
+        backbone_params=backbone,
+        block_names=list(sensitivity.meta.get("block_names", [])),
+        meta={
+            "allocation": "per_row",
+            "candidates": len(cands),
+            "candidate_values": total,
+            "saturated": trainable == total,
+        },  # fmt: skip
     )

@@ -99,6 +99,9 @@ class Plan:
         ]
         for k, v in self.by_kind().items():
             lines.append(f"  {k:<8} {v['targets']:>5} targets {v['params']:>12,} values")
+        if self.meta.get("ladder"):
+            rungs = ", ".join(f"{r['budget']} ({r['trainable']:,})" for r in self.meta["ladder"])
+            lines.append(f"budget: auto; `sensitune train` trains each rung and keeps the best on validation: {rungs}")
         return "\n".join(lines)
 
     # --- serialisation -------------------------------------------------------------------------------

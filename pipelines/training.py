@@ -1,0 +1,250 @@
+"""The train stage: train the plan (or, with ``plan.budget: auto``, every rung of the plan's ladder and keep the
+one validation prefers), pick the epoch and the reject threshold on validation, test the chosen model once.
+
+Writes run/tuned/, run/metrics.json, run/history.csv and run/confusion.png (`pipelines.layout`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spt_core import __version__
+from spt_core.budget import Rung, choose_rung, rung_plan
+from spt_core.checkpoint import bn_buffers, save_tuned
+from spt_core.data import Augment, load_dataset_info, make_loaders
+from spt_core.device import resolve_device
+from spt_core.distributed import init_from_env
+from spt_core.errors import PlanError, SensituneError
+from spt_core.evaluate import collect, evaluate
+from spt_core.io import atomic_path, write_json
+from spt_core.plan import Plan
+from spt_core.probe import fit_probe
+from spt_core.sensitivity import Sensitivity
+from spt_core.train import RESUME_FREE, History, TrainConfig, fit
+from spt_core.tuners import apply_plan, check_tuners_reached
+
+from .assess import operating_point, plot_confusion, probe_warnings
+from .config import Params
+from .layout import FILES
+from .models import build_model, model_args
+
+log = logging.getLogger(__name__)
+# train.* keys read here (probe, loaders), not by TrainConfig
+_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs", "augment", "aug_flip", "aug_scale", "aug_color_jitter")
+
+
+def run_dir(params: Params) -> Path:
+    return Path(params["paths"]["run"])
+
+
+def data_loaders(params: Params, pre: Any, batch_size: int, seed: int, train: bool = False) -> dict:
+    """Plain loaders (validation, test, the probe, sensitivity), or with ``train`` the training loader with
+    train.balance's sampler and train.augment's augmentation."""
+    t = params["train"]
+    aug = Augment(t["aug_flip"], tuple(t["aug_scale"]), t["aug_color_jitter"]) if train and t["augment"] else None
+    balance = t["balance"] if train else "none"
+    return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed, balance=balance,
+                        augment=aug)  # fmt: skip
+
+
+def train_config(params: Params) -> TrainConfig:
+    return TrainConfig.from_dict({k: v for k, v in params["train"].items() if k not in _TRAIN_EXTRA})
+
+
+def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str:
+    """Which checkpoint a run may resume: everything that changes the numbers (not the device)."""
+    numbers = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
+    blob = json.dumps([plan.hash(), numbers, data_hash, extra], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ladder_plans(plan: Plan, sensitivity: Sensitivity) -> list[tuple[str, Plan]]:
+    """The rungs recorded in an auto plan (`plan_stage`), re-allocated from the scores and checked by hash."""
+    out = []
+    for rung in plan.meta["ladder"]:
+        p = rung_plan(sensitivity, rung["budget"], **plan.meta["allocate"])
+        if p.hash() != rung["plan_hash"]:
+            raise PlanError(
+                f"rung {rung['budget']} of plan.json does not match {FILES['sensitivity']}: re-run `sensitune plan`"
+            )
+        out.append((rung["budget"], p))
+    return out
+
+
+@dataclass
+class _Setup:
+    """What every rung shares: the config, data, device, the starting head, and the resume key's extras."""
+
+    params: Params
+    cfg: TrainConfig
+    args: dict
+    device: torch.device
+    plain: dict
+    loaders: dict
+    head: dict[str, torch.Tensor]
+    data_hash: str
+    key_extra: dict
+    ok_index: int | None
+    max_escape: float
+
+
+def _fit_plan(s: _Setup, plan: Plan, on_epoch: Callable[[dict], None] | None, with_test: bool) -> tuple[Any, History]:
+    """A fresh model with the shared starting head, `plan` applied, trained by `fit` (resumable per plan)."""
+    model, _ = build_model(s.args, s.cfg.seed)
+    model.get_classifier().load_state_dict(s.head)
+    model.to(s.device)
+    apply_plan(model, plan)
+    unreached = check_tuners_reached(model, next(iter(s.plain["train"]))[0][:2].to(s.device))
+    if unreached:
+        raise PlanError(
+            f"{len(unreached)} tuner(s) never reach the output on {s.args['name']} (e.g. {unreached[0]}): this "
+            "backbone reads those weights outside their module; use plan.structured and a backbone without it"
+        )
+    state_dir = run_dir(s.params) / FILES["train_state"] / _state_key(plan, s.cfg, s.data_hash, s.key_extra)
+    loaders = s.loaders if with_test else {k: v for k, v in s.loaders.items() if k != "test"}
+    history = fit(model, loaders, s.cfg, state_dir, on_epoch=on_epoch, ok_index=s.ok_index,
+                  max_escape_rate=s.max_escape)  # fmt: skip
+    return model, history
+
+
+def _train_ladder(
+    s: _Setup, rungs: list[tuple[str, Plan]], on_epoch: Callable[[dict], None] | None
+) -> tuple[Any, History, Plan, list[dict]]:
+    """Train every rung without the test split, keep the one `choose_rung` prefers, test only that one."""
+    best: tuple[Rung, Any, History, Plan] | None = None
+    record = []
+    for label, plan in rungs:
+        model, history = _fit_plan(s, plan, on_epoch, with_test=False)
+        rung = Rung(label, plan.trainable, history.best_val_score, history.best_val_acc, history.best_epoch,
+                    plan.hash())  # fmt: skip
+        record.append(rung.to_dict())
+        log.info("rung %s (%d values): %s %.4f on validation", label, plan.trainable, s.cfg.select, rung.val_score)
+        if best is None or choose_rung([best[0], rung]) is rung:
+            best = (rung, model, history, plan)
+        del model
+    assert best is not None  # a ladder has at least one rung (check_ladder)
+    rung, model, history, plan = best
+    test = evaluate(model, s.loaders["test"], s.device)
+    history.test_acc, history.test_loss, history.test_metrics = test["accuracy"], test["loss"], test
+    return model, history, plan, [{**r, "chosen": r["budget"] == rung.budget} for r in record]
+
+
+def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train the plan (epoch chosen on validation by train.select, reject threshold chosen on validation for
+    evaluate.max_escape_rate, test reported at both); writes tuned/, metrics.json, history.csv, confusion.png.
+
+    With an auto plan (``plan.budget: auto``) every rung of its ladder is trained the same way and the one with
+    the best validation score is kept (ties: fewer values); only that one sees the test split.
+    """
+    run, t = run_dir(params), params["train"]
+    plan = Plan.load(run / FILES["plan"])
+    cfg = train_config(params)
+    w = init_from_env(cfg.device)  # under torchrun: DDP over the trainable tensors, rank 0 writes
+    ds_info = load_dataset_info(Path(params["paths"]["data"]))
+    names, ok_class, max_escape = ds_info.class_names, ds_info.ok_class, params["evaluate"]["max_escape_rate"]
+    ok_index = names.index(ok_class) if ok_class is not None else None
+    if plan.meta.get("data_hash") and plan.meta["data_hash"] != ds_info.data_hash:
+        log.warning("the plan was measured on another data version (%s); using it anyway", plan.meta["data_hash"])
+    args = plan.meta.get("model_args") or model_args(params, len(names))
+    if args["num_classes"] != len(names):
+        raise SensituneError(
+            f"plan was made for {args['num_classes']} classes, the data has {len(names)}: "
+            "re-run `sensitune measure` and `sensitune plan`"
+        )
+    rungs = ladder_plans(plan, Sensitivity.load(run / FILES["sensitivity"])) if plan.meta.get("ladder") else []
+    model, info = build_model(args, cfg.seed)
+    info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, bit_depth=ds_info.bit_depth))
+    device = resolve_device(cfg.device)
+    model.to(device)
+    plain = data_loaders(params, info.preprocess, cfg.batch_size, cfg.seed)
+    loaders = {**plain, "train": data_loaders(params, info.preprocess, cfg.batch_size, cfg.seed, train=True)["train"]}
+    metrics: dict[str, Any] = {}
+    if t["probe_baseline"] or t["head_init"] == "probe":
+        head0 = {k: v.clone() for k, v in model.get_classifier().state_dict().items()}
+        probe = fit_probe(model, plain, epochs=t["probe_epochs"], seed=cfg.seed, device=device, select=cfg.select,
+                          ok_index=ok_index, max_escape_rate=max_escape)  # fmt: skip
+        metrics.update(probe.to_dict())
+        if t["head_init"] == "random":
+            model.get_classifier().load_state_dict(head0)
+    head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()}
+    del model
+    extra = {k: t[k] for k in _TRAIN_EXTRA}
+    setup = _Setup(params, cfg, args, device, plain, loaders, head, ds_info.data_hash,
+                   {**extra, **args, "esc": max_escape}, ok_index, max_escape)  # fmt: skip
+    if rungs:
+        model, history, plan, ladder = _train_ladder(setup, rungs, on_epoch)
+        metrics.update({"ladder": ladder, "budget_chosen": next(r["budget"] for r in ladder if r["chosen"])})
+    else:
+        model, history = _fit_plan(setup, plan, on_epoch, with_test=True)
+    op = operating_point(collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2], names,
+                         ok_class, max_escape)  # fmt: skip
+    decision = {"ok_class": ok_class, "threshold": op["threshold"], "max_escape_rate": max_escape}
+    tuned_info = {**info.to_dict(), "model_args": args, "class_names": names, "data_hash": ds_info.data_hash,
+                  "train": cfg.to_dict(), **decision}  # fmt: skip
+    buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
+    if w.main:
+        save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
+    backbone = plan.backbone_params
+    metrics.update(
+        {
+            "test_acc": history.test_acc,
+            "val_acc": history.best_val_acc,
+            "select": cfg.select,
+            "val_score": history.best_val_score,
+            "best_epoch": history.best_epoch,
+            "epochs": cfg.epochs,
+            "balance": cfg.balance,
+            "augment": t["augment"],
+            **{k: v for k, v in op.items() if k not in ("val", "test")},
+            "trainable": plan.trainable,
+            "trainable_pct": 100.0 * plan.trainable / backbone,
+            "trainable_head": sum(p.numel() for p in model.get_classifier().parameters()),
+            "backbone_params": backbone,
+            "budget": plan.budget,
+            "by_kind": {k: v["params"] for k, v in plan.by_kind().items()},
+            "sensitivity_seconds": plan.meta.get("sensitivity_seconds"),
+            "train_seconds": round(history.train_seconds, 2),
+            "seconds_per_epoch": round(history.train_seconds / max(len(history.epochs), 1), 2),
+            "peak_memory_mb": round(history.peak_memory_mb, 1),
+            "peak_memory_kind": history.peak_memory_kind,
+            "device": history.device,
+            "plan_hash": plan.hash(),
+            "data_hash": ds_info.data_hash,
+            "model_name": args["name"],
+            "sensitune_version": __version__,
+            "processes": w.size,
+        }
+    )
+    if metrics.get("probe_test_acc") is not None and history.test_acc is not None:
+        metrics["gain_over_probe"] = history.test_acc - metrics["probe_test_acc"]
+    metrics["warnings"] = probe_warnings(metrics)
+    metrics["below_probe"] = bool(metrics["warnings"])
+    metrics["test"], metrics["val"] = op.get("test"), op["val"]
+    if not w.main:
+        return metrics
+    for msg in metrics["warnings"]:
+        log.warning("warning: %s", msg)
+    write_json(run / FILES["metrics"], metrics)
+    plot_confusion(op["test"]["confusion"], names, run / FILES["confusion_png"],
+                   f"test, epoch {history.best_epoch} ({cfg.select} on validation)")  # fmt: skip
+    _write_history(run / FILES["history"], history)
+    return metrics
+
+
+def _write_history(path: Path, history: History) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "lr", "train_loss", "val_acc", "val_score", "val_loss", "seconds"])
+        for e in history.epochs:
+            w.writerow([e.epoch, f"{e.lr:.6g}", f"{e.train_loss:.6f}", f"{e.val_acc:.6f}", f"{e.val_score:.6f}",
+                        f"{e.val_loss:.6f}", f"{e.seconds:.2f}"])  # fmt: skip

@@ -1,0 +1,88 @@
+"""The budget chosen on validation: one sensitivity pass, a ladder of nested plans, the best one on validation.
+
+A ladder is a list of budgets, e.g. ``["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"]``. Every rung is
+allocated from the same scores (so a larger budget keeps the smaller one's top entries), trained with the same
+schedule and seed, and scored on the validation split only; `choose_rung` picks the best score, and on a tie the
+smaller budget (fewer values to ship and to overfit). ``"full"`` is the limit: every candidate value trained as a
+dense delta (`full_plan`): full fine-tuning of the backbone except the stem and the position/class tokens, which
+every plan keeps frozen (`spt_core.candidates`), with weight decay towards the pretrained weights.
+The product (`sensitune train` with ``plan.budget: auto``) and the benchmark harness use these functions, so the
+published "budget chosen on validation" rows are what the product does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .allocate import allocate
+from .errors import PlanError
+from .plan import Plan, Target, parse_budget
+from .sensitivity import Sensitivity
+
+FULL = "full"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One trained rung of a ladder: its budget label, exact trainable count and validation result."""
+
+    budget: str
+    trainable: int
+    val_score: float
+    val_acc: float | None = None
+    best_epoch: int | None = None
+    plan_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def check_ladder(ladder: Sequence[str], backbone_params: int) -> list[str]:
+    """The ladder as labels, smallest first; every entry a budget `parse_budget` reads, or "full".
+
+    Raises:
+        PlanError: an empty ladder, an unreadable or repeated budget, or one not in increasing order.
+    """
+    labels = [str(b).strip() for b in ladder]
+    if not labels:
+        raise PlanError("plan.ladder is empty: give budgets such as [0.5%, 2%, 8%, full]")
+    counts = [backbone_params + 1 if b == FULL else parse_budget(b, backbone_params) for b in labels]
+    if any(b >= a for a, b in zip(counts[1:], counts)) or labels.count(FULL) > 1:
+        raise PlanError(f"plan.ladder {labels}: give distinct budgets in increasing order, 'full' last if at all")
+    return labels
+
+
+def full_plan(sensitivity: Sensitivity, rank: int = 8, alpha: float = 10.0, beta: float = 5.0) -> Plan:
+    """Every candidate trained whole, as dense deltas (mergeable): the backbone but its stem and tokens."""
+    cands = list(sensitivity.candidates.values())
+    total = sum(c.numel for c in cands)
+    targets = [Target(c.name, "whole", c.numel, c.kind, c.shape, c.block) for c in cands]
+    return Plan(
+        targets=targets,
+        indices={},
+        budget=total,
+        structured="none",
+        rank=rank,
+        alpha=alpha,
+        beta=beta,
+        backbone_params=int(sensitivity.meta.get("backbone_params", total)),
+        block_names=list(sensitivity.meta.get("block_names", [])),
+        meta={"full": True, "candidates": len(cands), "candidate_values": total, "saturated": True},
+    )
+
+
+def rung_plan(sensitivity: Sensitivity, budget: str, **allocate_kw: Any) -> Plan:
+    """The plan of one rung: `full_plan` for "full", else `allocate` with the plan section's options."""
+    if budget == FULL:
+        return full_plan(sensitivity, **{k: v for k, v in allocate_kw.items() if k in ("rank", "alpha", "beta")})
+    return allocate(sensitivity, budget, **allocate_kw)
+
+
+def choose_rung(rungs: Sequence[Rung]) -> Rung:
+    """The rung with the best validation score; ties go to the fewer trainable values (then the earlier rung)."""
+    if not rungs:
+        raise PlanError("no trained rung to choose from")
+    return min(rungs, key=lambda r: (-r.val_score, r.trainable))
