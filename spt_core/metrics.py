@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-SELECT = ("accuracy", "balanced_accuracy", "overkill_at_escape")  # what `train.select` may name
+SELECT = ("accuracy", "balanced_accuracy", "overkill_at_escape", "loss")  # what `train.select` may name
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -108,7 +108,8 @@ def choose_threshold(p_good: np.ndarray, is_defect: np.ndarray, max_escape_rate:
 def selection_score(
     labels: np.ndarray, probs: np.ndarray, select: str, ok_index: int | None = None, max_escape_rate: float = 0.0
 ) -> float:
-    """Higher is better: accuracy, balanced accuracy, or minus the overkill at the validation-chosen threshold."""
+    """Higher is better: accuracy, balanced accuracy, minus the overkill at the validation-chosen threshold, or
+    ("loss") minus the mean cross-entropy of the true class (unweighted, no label smoothing)."""
     labels, probs = np.asarray(labels), np.asarray(probs)
     if select == "accuracy":
         return float((probs.argmax(1) == labels).mean())
@@ -121,6 +122,8 @@ def selection_score(
         t = choose_threshold(probs[:, ok_index], is_defect, max_escape_rate)
         ov = rates_at(probs[:, ok_index], is_defect, t)["overkill"]["value"]
         return -(ov if ov is not None else 0.0)
+    if select == "loss":
+        return float(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
     raise ValueError(f"select={select!r}: use one of {', '.join(SELECT)}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def test_harness_table_and_counts(tmp_path: Path) -> None:
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and n not in head)
     for r in rows:
         assert r["trainable_head"] == 10 * model.num_features + 10 and r["backbone_params"] == backbone
-        assert 0 <= r["test_acc"] <= 1 and r["epochs"] == 1
+        assert round(20 * r["test_acc"], 6).is_integer() and r["epochs"] == 1  # a share of the 20 test images
         if r["method"] == "bitfit":
             assert r["trainable_backbone"] == biases
         else:  # the plan never exceeds the budget and is all sparse entries or whole vectors
@@ -212,3 +213,49 @@ def test_vtab_script_runs_a_task_and_rejects_bad_roots(tmp_path: Path) -> None:
     for args, message in (([], "usage"), (["nowhere"], "is not a directory"), (["vtab", "cifar"], "train800.txt")):
         bad = subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_per_row_sparse_gives_every_output_row_the_same_number_of_entries() -> None:
+    """per-row-sparse: the SPT scores under allocation=per_row; a budget of whole rows leaves no fill."""
+    from benchmarks.methods import random_sensitivity
+    from spt_core.candidates import find_candidates
+
+    model = _model()
+    sens = random_sensitivity(model, seed=0)
+    rows = sum(c.shape[0] if c.kind != "vector" else 1 for c in find_candidates(model).values())
+    model, info = setup_method(model, "per-row-sparse", 2 * rows, sensitivity=sens)
+    assert info.trainable_backbone == info.details["by_kind"]["sparse"] == 2 * rows
+    from spt_core.tuners.sparse import SparseDelta
+
+    deltas = [m for m in model.modules() if isinstance(m, SparseDelta)]
+    assert sum(len(m.indices) for m in deltas) == 2 * rows
+    for m in deltas:  # a vector is one row; a matrix or kernel row is one output channel
+        row_len = math.prod(m.shape[1:]) if len(m.shape) > 1 else m.shape[0]
+        assert torch.bincount(m.indices // row_len, minlength=m.shape[0] if len(m.shape) > 1 else 1).eq(2).all()
+
+
+def test_selection_replay_rules_on_known_curves() -> None:
+    """benchmarks/selection.py on hand-made curves where every rule picks a different (epoch, lr)."""
+    from benchmarks.selection import replay
+
+    def run(seed, lr, vals, losses, tests):
+        curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
+                 for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
+        return {"method": "spt-lora", "seed": seed, "lr": lr, "budget": "2%", "curve": curve}
+
+    rows = [
+        # seed 0: lr 1e-3 peaks at epoch 1 on val acc (0.9) but its loss is lowest at epoch 3
+        run(0, 1e-3, [0.9, 0.5, 0.8], [0.5, 0.6, 0.4], [0.70, 0.60, 0.80]),
+        run(0, 3e-3, [0.85, 0.85, 0.85], [0.45, 0.45, 0.45], [0.90, 0.90, 0.90]),
+        # seed 1: 3e-3 is better on val; pooled over seeds 3e-3 wins on acc (0.85 + 0.7 > 0.9 + 0.6)
+        run(1, 1e-3, [0.6, 0.6, 0.6], [0.9, 0.9, 0.9], [0.50, 0.50, 0.50]),
+        run(1, 3e-3, [0.7, 0.6, 0.6], [0.3, 0.3, 0.2], [0.95, 0.96, 0.97]),
+    ]
+    assert replay(rows, "spt-lora", "acc", "seed0") == {0: 0.70, 1: 0.50}
+    assert replay(rows, "spt-lora", "acc", "per-seed") == {0: 0.70, 1: 0.95}
+    assert replay(rows, "spt-lora", "acc", "pooled") == {0: 0.90, 1: 0.95}
+    # smoothed: 1e-3 seed 0 -> means (0.7, 0.733, 0.65), 3e-3 -> 0.85 everywhere: 3e-3 epoch 1
+    assert replay(rows, "spt-lora", "smooth", "seed0") == {0: 0.90, 1: 0.95}
+    # loss: seed 0's 1e-3 reaches 0.4 (< 0.45) at epoch 3 -> lr 1e-3; seed 1 at 1e-3 reads epoch 1 (all 0.9)
+    assert replay(rows, "spt-lora", "loss", "seed0") == {0: 0.80, 1: 0.50}
+    assert replay(rows, "spt-lora", "loss", "per-seed") == {0: 0.80, 1: 0.97}

@@ -285,3 +285,16 @@ def test_the_edge_applies_the_manifests_threshold(tmp_path):
         assert body["class"] == "ok" and body["p_good"] == pytest.approx(p_ok, abs=1e-5)
         answers[threshold] = body["decision"]
     assert answers == {0.45: "ok", 0.50: "reject"}
+
+
+def test_loss_selection_prefers_the_confident_epoch():
+    """select=loss: minus the mean cross-entropy of the true class; accuracy prefers the other model here."""
+    from spt_core.metrics import selection_score
+
+    labels = np.array([0, 1])
+    hesitant = np.array([[0.51, 0.49], [0.49, 0.51]])  # both right, barely: accuracy 1.0, mean log p = log 0.51
+    confident = np.array([[0.99, 0.01], [0.6, 0.4]])  # one wrong: accuracy 0.5, mean log p = (log .99 + log .4) / 2
+    assert selection_score(labels, hesitant, "loss") == pytest.approx(np.log(0.51))
+    assert selection_score(labels, confident, "loss") == pytest.approx((np.log(0.99) + np.log(0.4)) / 2)
+    assert selection_score(labels, confident, "loss") > selection_score(labels, hesitant, "loss")
+    assert selection_score(labels, confident, "accuracy") < selection_score(labels, hesitant, "accuracy")

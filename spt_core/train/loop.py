@@ -344,7 +344,8 @@ def fit(
             else:  # DDP: the all-reduced confusion gives accuracy / balanced accuracy (overkill needs probabilities)
                 val = evaluate(model, loaders["val"], device, amp_dtype=amp_dtype, sync=sync)
                 val_acc, val_loss = val["accuracy"], val["loss"]
-                score = val_acc if cfg.select == "accuracy" else balanced_accuracy(np.asarray(val["confusion"]))
+                score = {"accuracy": val_acc, "loss": -val_loss}.get(cfg.select)
+                score = balanced_accuracy(np.asarray(val["confusion"])) if score is None else score
             rec = EpochRecord(epoch, lr, train_loss, val_acc, val_loss, time.perf_counter() - t0, score)
             history.epochs.append(rec)
             history.train_seconds += rec.seconds
