@@ -85,7 +85,8 @@ def replay(rows: list[dict], method: str, epoch_rule: str, lr_rule: str) -> dict
 
 def oracle(rows: list[dict], method: str) -> dict[int, float]:
     runs = [r for r in rows if r["method"] == method]
-    return {s: max(e["test_acc"] for r in runs if r["seed"] == s for e in r["curve"]) for s in {r["seed"] for r in runs}}
+    seeds = {r["seed"] for r in runs}
+    return {s: max(e["test_acc"] for r in runs if r["seed"] == s for e in r["curve"]) for s in seeds}
 
 
 def report(state: dict) -> str:
@@ -93,7 +94,8 @@ def report(state: dict) -> str:
     rows = [r for r in state["rows"] if "curve" in r and "error" not in r and r["budget"] == meta["budget"]]
     rules = [(e, lr) for lr in ("seed0", "pooled", "per-seed") for e in EPOCH_RULES]
     lines = [
-        f"# Selection protocols on {meta['backbone']} @ {meta['img_size']} px, {meta['task']} (budget {meta['budget']})",
+        f"# Selection protocols on {meta['backbone']} @ {meta['img_size']} px, {meta['task']} "
+        f"(budget {meta['budget']})",
         "",
         f"From `{meta['command']}`; replayed by `python benchmarks/selection.py` (rules: its docstring). Test % is "
         "the mean over the seeds that ran the whole lr grid, at the epoch and lr each rule picked on validation; "

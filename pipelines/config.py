@@ -132,9 +132,11 @@ class TrainSection:
     grad_clip: float | None = _f(None, "clip the gradient norm (null = off)")
     balance: str = _f("sampler", "none | loss (class-weighted) | sampler (class-balanced batches) | both",
                       verbs=("train", "run"), choices=("none", "loss", "sampler", "both"))  # fmt: skip
-    select: str = _f("balanced_accuracy", "validation metric that picks the epoch: accuracy | balanced_accuracy | "
-                     "overkill_at_escape (lowest overkill under evaluate.max_escape_rate) | loss (lowest val loss)",
-                     verbs=("train",), choices=("accuracy", "balanced_accuracy", "overkill_at_escape", "loss"))  # fmt: skip
+    select: str = _f(
+        "balanced_accuracy", "validation metric that picks the epoch: accuracy | balanced_accuracy | "
+        "overkill_at_escape (lowest overkill under evaluate.max_escape_rate) | loss (lowest val loss)",
+        verbs=("train",), choices=("accuracy", "balanced_accuracy", "overkill_at_escape", "loss"),
+    )  # fmt: skip
     augment: bool = _f(True, "timm train-time augmentation: flips, small zoom/shift, colour jitter (off for VTAB-1k)",
                        verbs=("train",))  # fmt: skip
     aug_flip: float = _f(0.5, "augment: probability of a horizontal and of a vertical flip")
