@@ -103,3 +103,16 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     md = (tmp_path / "t.md").read_text()
     # test 92.00 ± 1.00 over 2 seeds; full at 1e-4 over seeds 0-2 = (0.95 + 0.93 + 0.5) / 3 = 0.7933 -> +12.67
     assert "| spt-lora | 0.5%, 2%, 8%, full | 2%, full | 92.00 ± 1.00 | 2 | +12.67 | - |" in md
+
+
+def test_readme_table_row_from_a_table(tmp_path: Path):
+    """benchmarks/summary.py: the README row is the chosen-lr means (the 3e-4 trap excluded), best in bold."""
+    import json
+
+    from benchmarks.summary import markdown
+
+    (tmp_path / "compare_lite0_demo.json").write_text(json.dumps({"meta": META, "rows": ROWS}))
+    md = markdown([tmp_path / "compare_lite0_demo.json"]).splitlines()
+    assert md[0].startswith("| backbone, task (budget) | linear | BitFit | full FT | peft LoRA |")
+    # full 96.65 and sparse-only 96.65 tie for best (both bold, the same rounding); peft LoRA (0.94 + 0.92) / 2
+    assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | 2 |"

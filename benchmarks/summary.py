@@ -1,0 +1,71 @@
+"""The README's comparison table, regenerated from the committed method tables (never typed by hand).
+
+One row per `results/compare_<backbone>_<task>.json` (the balanced protocol; `--imbalance` tables have their own
+section): mean test % over seeds at each method's validation-chosen lr (`benchmarks.report.summarize`), the
+budget chosen on validation for SPT-LoRA where the table has its ladder (`benchmarks.report.budget_on_val`; with
+its own seed count when fewer seeds ran every rung), and the seed count. The best mean of a row is bold; "-" = not
+run.
+
+    python benchmarks/summary.py            # prints the markdown table
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import budget_on_val, summarize  # noqa: E402
+
+COLUMNS = {  # method -> header, in the README's order
+    "linear": "linear", "bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA",
+    "random-sparse": "random sparse", "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter",
+    "sparse-only": "sparse-only", "per-row-sparse": "per-row sparse",
+}  # fmt: skip
+AUTO = "SPT-LoRA, budget on val"
+NAMES = {"tf_efficientnet_lite0": "Lite0", "vit_small_patch14_dinov2": "ViT-S/14"}
+
+
+def table_row(state: dict) -> tuple[str, dict[str, float | None], str, int]:
+    """(row label, {column: mean test %}, seeds, seeds of the budget-on-val column) of one compare table."""
+    meta = state["meta"]
+    by = {s["method"]: s for s in summarize(state)}
+    cells: dict[str, float | None] = {m: (100 * by[m]["test"] if m in by else None) for m in COLUMNS}
+    picks = budget_on_val(state, "spt-lora")
+    cells[AUTO] = 100 * sum(p["row"]["test_acc"] for p in picks) / len(picks) if picks else None
+    seeds = sorted({len(s["seeds"]) for s in by.values()})
+    name = NAMES.get(meta["backbone"], meta["backbone"])
+    label = f"{name} @{meta['img_size']}, {meta['task']} ({meta['budget'].replace('%', ' %')})"
+    n = "-".join(str(n) for n in (seeds[0], seeds[-1])) if len(seeds) > 1 else str(seeds[0])
+    return label, cells, n, len(picks)
+
+
+def markdown(paths: list[Path]) -> str:
+    head = [*COLUMNS.values(), AUTO]
+    lines = ["| backbone, task (budget) | " + " | ".join(head) + " | seeds |", "|---" * (len(head) + 2) + "|"]
+    for path in paths:
+        label, cells, seeds, auto_seeds = table_row(json.loads(path.read_text()))
+        best = max((v for v in cells.values() if v is not None), default=None)
+        shown = []
+        for key in [*COLUMNS, AUTO]:
+            v = cells[key]
+            text = "-" if v is None else f"{v:.1f}"
+            text = f"**{text}**" if v is not None and round(v, 1) == round(best, 1) else text
+            shown.append(f"{text} ({auto_seeds} seed{'s' * (auto_seeds > 1)})" if key == AUTO and v is not None
+                         and str(auto_seeds) != seeds else text)  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(shown) + f" | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:
+    """The balanced-protocol tables, Lite0 first."""
+    paths = [p for p in results.glob("compare_*.json") if "imbalanced" not in p.name]
+    return sorted(paths, key=lambda p: (not p.name.startswith("compare_lite0"), p.name))
+
+
+if __name__ == "__main__":
+    print(markdown(tables()), end="")
