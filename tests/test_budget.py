@@ -143,3 +143,17 @@ def test_a_plan_whose_scores_changed_is_refused(auto_project, monkeypatch, capsy
         assert "re-run `sensitune plan`" in capsys.readouterr().err
     finally:
         plan_json.write_text(saved)
+
+
+def test_per_row_allocation_from_the_cli(auto_project, monkeypatch, capsys, tmp_path):
+    import shutil
+
+    shutil.copy(auto_project / "runs" / "main" / "sensitivity.safetensors", tmp_path / "sensitivity.safetensors")
+    monkeypatch.chdir(auto_project)
+    base = ["plan", "--config", "params.yaml", "--run", str(tmp_path), "--budget", "1%", "-q"]
+    assert main([*base, "--set", "plan.allocation=per_row", "--set", "plan.structured=none"]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["meta"]["allocation"] == "per_row" and set(plan["by_kind"]) >= {"sparse"}
+    assert plan["trainable"] == plan["by_kind"]["sparse"]["params"] == plan["budget"]
+    assert main([*base, "--set", "plan.allocation=per_row"]) == 2  # structured: lora (the default) builds modules
+    assert "set plan.structured: none" in capsys.readouterr().err
