@@ -154,14 +154,13 @@ def write_report(state: dict, stem: Path) -> None:
                          f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
     curve = [r for r in state["rows"] if r["budget"] != meta["budget"] and "error" not in r]
     if curve:
-        lines += ["", "Budget curve (seed 0; each method at its chosen lr unless the lr column says otherwise):", "",
-                  "| budget | method | lr | trainable backbone | val % | test % |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        pts = curve + [
-            r for s in summ for r in s["rows"] if r["seed"] == 0 and s["method"] in {c["method"] for c in curve}
-        ]
-        for r in sorted(pts, key=lambda r: (r["method"], r["trainable_backbone"])):
-            lines.append(f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['trainable_backbone']:,} | "
+        lines += ["", "Budget curve (each method at its chosen lr unless the lr column says otherwise; one row per "
+                  "seed):", "", "| budget | method | seed | lr | trainable backbone | val % | test % |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        seeds = {(c["method"], c["seed"]) for c in curve}
+        pts = curve + [r for s in summ for r in s["rows"] if (s["method"], r["seed"]) in seeds]
+        for r in sorted(pts, key=lambda r: (r["method"], r["trainable_backbone"], r["seed"])):
+            lines.append(f"| {r['budget']} | {r['method']} | {r['seed']} | {r['lr']:g} | {r['trainable_backbone']:,} | "
                          f"{100 * r['val_acc']:.2f} | "
                          f"{100 * r['test_acc']:.2f} |")  # fmt: skip
     lines += _budget_on_val_lines(state, by)
