@@ -208,7 +208,7 @@ def allocate(
         raise PlanError(f"budget {count_budget:,} exceeds the {total:,} candidate values: lower the budget")
 
     if allocation == "per_row":
-        return _per_row_plan(cands, sensitivity, count_budget, rank, alpha, beta, backbone, total)
+        return _per_row_plan(cands, sensitivity, count_budget, rank, alpha, beta)
     units = _units(cands, structured, rank, alpha, beta)
     starts = torch.tensor([u.start for u in units], dtype=torch.int64)
     rule_struct = torch.tensor([u.rule == "structured" for u in units])
@@ -267,56 +267,45 @@ def allocate(
             indices[c.name] = idx.contiguous()
             targets.append(Target(c.name, "sparse", per_cand[i], c.kind, c.shape, c.block))
         targets.extend(by_cand[c.name])
+    # saturated: every candidate entry is selected and the plan still costs less than the budget
+    meta = {"top_k": k, "filled": len(extra), "candidates": len(cands), "candidate_values": total,
+            "saturated": k == len(order)}  # fmt: skip
+    return plan_of(sensitivity, targets, indices, count_budget, (structured, rank, alpha, beta), meta)
+
+
+def plan_of(
+    sensitivity: Sensitivity,
+    targets: list[Target],
+    indices: dict[str, torch.Tensor],
+    budget: int,
+    options: tuple[str, int, float, float],
+    meta: dict,
+) -> Plan:
+    """A Plan of `targets` measured on `sensitivity`; `options` = (structured, rank, alpha, beta)."""
+    structured, rank, alpha, beta = options
+    backbone = int(sensitivity.meta.get("backbone_params", sum(c.numel for c in sensitivity.candidates.values())))
     return Plan(
         targets=targets,
         indices=indices,
-        budget=count_budget,
+        budget=budget,
         structured=structured,
         rank=rank,
         alpha=alpha,
         beta=beta,
         backbone_params=backbone,
         block_names=list(sensitivity.meta.get("block_names", [])),
-        # saturated: every candidate entry is selected and the plan still costs less than the budget
-        meta={
-            "top_k": k,
-            "filled": len(extra),
-            "candidates": len(cands),
-            "candidate_values": total,
-            "saturated": k == len(order),
-        },
+        meta=meta,
     )
 
 
 def _per_row_plan(
-    cands: list[Candidate],
-    sensitivity: Sensitivity,
-    count_budget: int,
-    rank: int,
-    alpha: float,
-    beta: float,
-    backbone: int,
-    total: int,
+    cands: list[Candidate], sensitivity: Sensitivity, count_budget: int, rank: int, alpha: float, beta: float
 ) -> Plan:
     indices = _per_row(cands, sensitivity, count_budget)
     targets = [
         Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block) for c in cands if c.name in indices
     ]
-    trainable = sum(t.count for t in targets)
-    return Plan(
-        targets=targets,
-        indices=indices,
-        budget=count_budget,
-        structured="none",
-        rank=rank,
-        alpha=alpha,
-        beta=beta,
-        backbone_params=backbone,
-        block_names=list(sensitivity.meta.get("block_names", [])),
-        meta={
-            "allocation": "per_row",
-            "candidates": len(cands),
-            "candidate_values": total,
-            "saturated": trainable == total,
-        },  # fmt: skip
-    )
+    total = sum(c.numel for c in cands)
+    meta = {"allocation": "per_row", "candidates": len(cands), "candidate_values": total,
+            "saturated": sum(t.count for t in targets) == total}  # fmt: skip
+    return plan_of(sensitivity, targets, indices, count_budget, ("none", rank, alpha, beta), meta)

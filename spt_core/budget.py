@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .allocate import allocate
+from .allocate import allocate, plan_of
 from .errors import PlanError
 from .plan import Plan, Target, parse_budget
 from .sensitivity import Sensitivity
@@ -60,18 +60,8 @@ def full_plan(sensitivity: Sensitivity, rank: int = 8, alpha: float = 10.0, beta
     cands = list(sensitivity.candidates.values())
     total = sum(c.numel for c in cands)
     targets = [Target(c.name, "whole", c.numel, c.kind, c.shape, c.block) for c in cands]
-    return Plan(
-        targets=targets,
-        indices={},
-        budget=total,
-        structured="none",
-        rank=rank,
-        alpha=alpha,
-        beta=beta,
-        backbone_params=int(sensitivity.meta.get("backbone_params", total)),
-        block_names=list(sensitivity.meta.get("block_names", [])),
-        meta={"full": True, "candidates": len(cands), "candidate_values": total, "saturated": True},
-    )
+    meta = {"full": True, "candidates": len(cands), "candidate_values": total, "saturated": True}
+    return plan_of(sensitivity, targets, {}, total, ("none", rank, alpha, beta), meta)
 
 
 def rung_plan(sensitivity: Sensitivity, budget: str, **allocate_kw: Any) -> Plan:

@@ -116,3 +116,14 @@ def test_readme_table_row_from_a_table(tmp_path: Path):
     assert md[0].startswith("| backbone, task (budget) | linear | BitFit | full FT | peft LoRA |")
     # full 96.65 and sparse-only 96.65 tie for best (both bold, the same rounding); peft LoRA (0.94 + 0.92) / 2
     assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | 2 |"
+
+
+def test_the_readme_comparison_is_the_committed_tables():
+    """README's "How it compares" table is `benchmarks/summary.py`'s output on benchmarks/results, line for line."""
+    from benchmarks.summary import markdown, tables
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text().splitlines()
+    start = readme.index(next(ln for ln in readme if ln.startswith("| backbone, task (budget) | linear |")))
+    end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
+    assert "\n".join(readme[start:end]) + "\n" == markdown(tables()), "run `python benchmarks/summary.py`"
