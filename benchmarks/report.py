@@ -62,22 +62,24 @@ def summarize(state: dict) -> list[dict]:
 
 def budget_on_val(state: dict, method: str) -> list[dict]:
     """Per seed: the row `choose_rung` picks among `method`'s budgets (each at the lr chosen at the main budget)
-    and full fine-tuning (at its own chosen lr), on validation accuracy; only seeds that have every rung."""
+    and full fine-tuning (at its own chosen lr), on validation accuracy. The ladder is the budgets every seed ran
+    (a budget only some seeds ran is left out), and a seed needs every rung of it and a full row."""
     rows, main = state["rows"], state["meta"]["budget"]
     lr, lr_full = chosen_lr(rows, method, main), chosen_lr(rows, "full", main)
     ok = [r for r in rows if "error" not in r and r.get("variant", "none") == "none"]
     mine = [r for r in ok if r["method"] == method and r["lr"] == lr]
-    full = [r for r in ok if r["method"] == "full" and r["lr"] == lr_full and r["budget"] == main]
-    budgets = sorted({r["budget"] for r in mine}, key=lambda b: next(r["trainable_backbone"] for r in mine
-                                                                     if r["budget"] == b))  # fmt: skip
+    full = {r["seed"]: r for r in ok if r["method"] == "full" and r["lr"] == lr_full and r["budget"] == main}
+    seeds = sorted({r["seed"] for r in mine if r["budget"] == main} & set(full))
+    ran = [{r["budget"]: r for r in mine if r["seed"] == seed} for seed in seeds]
+    common = set.intersection(*(set(b) for b in ran)) if ran else set()
+    if len(common) < 2:
+        return []
+    ladder = sorted(common, key=lambda b: ran[0][b]["trainable_backbone"])
     out = []
-    for seed in sorted({r["seed"] for r in mine}):
-        rungs = {r["budget"]: r for r in mine if r["seed"] == seed}
-        rungs.update([(FULL, r) for r in full if r["seed"] == seed][:1])
-        if len(budgets) < 2 or set(rungs) != {*budgets, FULL}:
-            continue
-        pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"]) for b, r in rungs.items()])
-        out.append({"seed": seed, "budget": pick.budget, "row": rungs[pick.budget], "ladder": [*budgets, FULL]})
+    for seed, rungs in zip(seeds, ran):
+        cands = {b: rungs[b] for b in ladder} | {FULL: full[seed]}
+        pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"]) for b, r in cands.items()])
+        out.append({"seed": seed, "budget": pick.budget, "row": cands[pick.budget], "ladder": [*ladder, FULL]})
     return out
 
 

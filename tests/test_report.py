@@ -76,7 +76,7 @@ def test_means_at_the_chosen_lr_and_memory_ratios(tmp_path: Path):
 
 def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     """Seed 0: 2% and 8% tie on validation -> 2% (fewer values), though 8% tests better; seed 1: full wins;
-    seed 2 lacks the 8% rung and is left out. The rows at the non-chosen lr (a better val) are never rungs."""
+    seed 2: 2%. A budget one seed lacks leaves the ladder; rows at the non-chosen lr are never rungs."""
     from benchmarks.report import budget_on_val
 
     def rung(budget: str, count: int, seed: int, val: float, test: float, lr: float = 1e-3) -> dict:
@@ -89,6 +89,7 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
         rung("2%", 2000, 1, 0.80, 0.81), rung("0.5%", 500, 1, 0.70, 0.70), rung("8%", 8000, 1, 0.82, 0.90),
         _row("full", 1, 1e-4, 0.86, 0.93, 100.0),
         rung("2%", 2000, 2, 0.99, 0.99), rung("0.5%", 500, 2, 0.70, 0.70), _row("full", 2, 1e-4, 0.5, 0.5, 100.0),
+        rung("8%", 8000, 2, 0.60, 0.60),
     ]  # fmt: skip
     state = {"meta": META, "rows": rows}
     # the lr at the main budget is chosen on seed-0 validation: 3e-3 (0.95); its only rows are the 2% ones
@@ -96,13 +97,15 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     assert budget_on_val(state, "spt-lora") == []  # 3e-3 has no other rung: no ladder to choose from
     rows[1]["val_acc"] = 0.89  # now 1e-3 is chosen
     picks = budget_on_val(state, "spt-lora")
-    assert [(p["seed"], p["budget"]) for p in picks] == [(0, "2%"), (1, "full")]
+    assert [(p["seed"], p["budget"]) for p in picks] == [(0, "2%"), (1, "full"), (2, "2%")]
     assert picks[0]["ladder"] == ["0.5%", "2%", "8%", "full"]
-    assert [p["row"]["test_acc"] for p in picks] == [0.91, 0.93]
+    assert [p["row"]["test_acc"] for p in picks] == [0.91, 0.93, 0.99]
     write_report(state, tmp_path / "t")
     md = (tmp_path / "t.md").read_text()
-    # test 92.00 ± 1.00 over 2 seeds; full at 1e-4 over seeds 0-2 = (0.95 + 0.93 + 0.5) / 3 = 0.7933 -> +12.67
-    assert "| spt-lora | 0.5%, 2%, 8%, full | 2%, full | 92.00 ± 1.00 | 2 | +12.67 | - |" in md
+    # test (0.91 + 0.93 + 0.99) / 3 = 94.33 ± 4.00; full at 1e-4 = (0.95 + 0.93 + 0.5) / 3 = 0.7933 -> +15.00
+    assert "| spt-lora | 0.5%, 2%, 8%, full | 2%, full, 2% | 94.33 ± 4.00 | 3 | +15.00 | - |" in md
+    del rows[-1]  # seed 2 without its 8% row: 8% leaves every seed's ladder
+    assert [p["ladder"] for p in budget_on_val(state, "spt-lora")] == [["0.5%", "2%", "full"]] * 3
 
 
 def test_readme_table_row_from_a_table(tmp_path: Path):
