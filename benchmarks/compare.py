@@ -298,6 +298,51 @@ def task_source(task: str, work_dir: Path, n_images: int) -> str:
     return str(src)
 
 
+ROWS = {False: "rows", True: "kfold"}  # where a row lives: the table's rows, or --kfold's (never in the table)
+
+
+def kfold_dirs(data_dir: Path, k: int) -> tuple[list[Path], Path]:
+    """K stratified folds of train+val and the refit split, prepared beside `data_dir` (seed 0, idempotent).
+
+    Fold i trains on the other folds and validates on fold i; the refit trains on all of train+val (its val split
+    is the original val, which the k-fold rule never reads). Every one keeps the original test split.
+    """
+    import random
+
+    from spt_core.data import load_dataset_info, prepare
+    from spt_core.data.loaders import scan_split
+
+    root = data_dir.parent / f"{data_dir.name}_kfold{k}"
+    outs = [root / f"fold{i}" for i in range(k)] + [root / "refit"]
+    if all((d / "dataset.json").is_file() for d in outs):
+        return outs[:-1], outs[-1]
+    names = load_dataset_info(data_dir).class_names
+    pool = [(f"{split}_{p.name}", p, y) for split in ("train", "val") for p, y in scan_split(data_dir / split, names)]
+    fold_of = {}
+    for label in range(len(names)):  # stratified: each class dealt round-robin after a seeded shuffle
+        mine = sorted(n for n, _, y in pool if y == label)
+        random.Random(f"{label}").shuffle(mine)
+        fold_of |= {n: j % k for j, n in enumerate(mine)}
+    test = scan_split(data_dir / "test", names)
+    for i, out in enumerate(outs):
+        src = root / "src" / out.name
+        for name, path, y in pool:
+            split = "train" if i == k or fold_of[name] != i else "val"
+            _link(src / split / names[y] / name, path)
+        for path, y in scan_split(data_dir / "val", names) if i == k else []:
+            _link(src / "val" / names[y] / f"val_{path.name}", path)
+        for path, y in test:
+            _link(src / "test" / names[y] / path.name, path)
+        prepare(str(src), out, n_train=None, n_val=None, n_test=None, seed=0)
+    return outs[:-1], outs[-1]
+
+
+def _link(dst: Path, target: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.is_symlink():
+        dst.symlink_to(target.resolve())
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="lite0", help=f"preset ({', '.join(BACKBONES)}) or a timm model name")
@@ -361,8 +406,18 @@ def main(argv: list[str] | None = None) -> Path:
         help="also record each epoch's val accuracy, val loss and test accuracy (for benchmarks/selection.py; "
         "selection still reads validation only; costs one test pass per epoch)",
     )
+    ap.add_argument(
+        "--kfold",
+        type=int,
+        default=0,
+        help="also run K stratified folds of train+val and a refit on train+val at every lr of the grid "
+        "(curves recorded; benchmarks/selection.py replays the k-fold rule)",
+    )
+    ap.add_argument("--kfold-seeds", type=int, default=0, help="seeds of the --kfold runs (default: --grid-seeds)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kfold == 1 or args.kfold < 0:
+        raise SensituneError(f"--kfold {args.kfold}: give 2 or more folds (0: no k-fold runs)")
     if args.parallel < 1:
         raise SensituneError(f"--parallel {args.parallel}: give 1 or more runs at a time")
     if args.job:
@@ -437,6 +492,13 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         line_job = {}
     work.mkdir(parents=True, exist_ok=True)
+    kfold: dict[int | str, Path] = {}
+    if args.kfold:
+        if args.imbalance is not None:
+            raise SensituneError("--kfold: not with --imbalance (its folds would need the proportional split)")
+        folds, refit = kfold_dirs(data_dir, args.kfold)
+        kfold = {**dict(enumerate(folds)), "refit": refit}
+        state["meta"]["kfold"] = args.kfold
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
             "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers,
             "curves": args.curves}  # fmt: skip
@@ -477,32 +539,40 @@ def main(argv: list[str] | None = None) -> Path:
     lock = threading.Lock()  # --parallel: jobs run in subprocesses, their rows are added here one at a time
 
     def key_of(r: dict) -> tuple:
-        return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none")
+        return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none"), r.get("fold")
 
     def done(key: tuple) -> bool:  # a failed run is retried by the next invocation
-        return any(key_of(r) == key and "error" not in r for r in state["rows"])
+        return any(key_of(r) == key and "error" not in r for r in state.get(ROWS[key[5] is not None], []))
 
-    def run(method: str, seed: int, lr: float, budget: str, variant: str = "none") -> None:
+    def run(method: str, seed: int, lr: float, budget: str, variant: str = "none", fold: int | str | None = None
+            ) -> None:  # fmt: skip
         job = {**base, "kind": "train", "method": method, "seed": seed, "lr": lr, "budget_label": budget,
                "budget": parse_budget(budget, n_backbone), "variant": variant, **line_job}  # fmt: skip
+        if fold is not None:  # --kfold: a fold (or the refit on train+val), curves recorded for the replay
+            job.update({"data_dir": str(kfold[fold]), "curves": True})
         t0 = time.time()
         if method in SENSITIVITY_METHODS:
             job["sens_path"] = str(sens_path(seed))
+        name = f"{method}_{variant}_seed{seed}_lr{lr:g}_{budget}" + ("" if fold is None else f"_fold{fold}")
         if method in SENSITIVITY_METHODS and not sens_path(seed).is_file():
             row = {"error": f"no sensitivity pass for seed {seed}: see {job_log(f'sensitivity_seed{seed}')}"}
         else:
-            row = run_job(job, args.in_process, job_log(f"{method}_{variant}_seed{seed}_lr{lr:g}_{budget}"))
+            row = run_job(job, args.in_process, job_log(name))
         # where and when it ran: a resumed table can hold rows of several invocations (machines)
         row.update({"method": method, "seed": seed, "lr": lr, "budget": budget, "variant": variant,
                     "machine": state["meta"]["machine"],
                     "parallel": args.parallel, "started": round(t0, 1), "finished": round(time.time(), 1)})  # fmt: skip
+        if fold is not None:
+            row["fold"] = fold
         with lock:
             print(f"[{slug}] {json.dumps(row)}", flush=True)
-            state["rows"] = [r for r in state["rows"] if key_of(r) != key_of(row)] + [row]
+            rows = ROWS[fold is not None]
+            state[rows] = [r for r in state.get(rows, []) if key_of(r) != key_of(row)] + [row]
             save()
 
     def run_all(keys: list[tuple]) -> None:
-        """The (method, seed, lr, budget) runs not yet in the JSON, up to --parallel at a time."""
+        """The (method, seed, lr, budget[, variant[, fold]]) runs not yet in the JSON, up to --parallel at a time."""
+        keys = [(*k, "none", None)[:6] if len(k) == 4 else (*k, None)[:6] for k in keys]
         todo = [k for k in dict.fromkeys(keys) if not done(k)]
         for seed in sorted({k[1] for k in todo if k[0] in SENSITIVITY_METHODS}):
             ensure_sensitivity(seed)  # before the runs that read it, never two passes of one seed at once
@@ -549,6 +619,10 @@ def main(argv: list[str] | None = None) -> Path:
                 if lrs[m, v] is not None]  # fmt: skip
 
     run_all(at_chosen_lr(range(1, args.seeds), args.budget))
+    if args.kfold:  # every fold and the refit, at every lr of the grid: selection.py replays the k-fold rule
+        state.setdefault("kfold", [])
+        run_all([(m, seed, lr, args.budget, "none", fold) for seed in range(args.kfold_seeds or args.grid_seeds)
+                 for m in methods for lr in grid[m] for fold in [*range(args.kfold), "refit"]])  # fmt: skip
     curve_methods = [m for m in args.curve_methods.split(",") if m]
     for budget in [b for b in args.curve_budgets.split(",") if b]:
         run_all([k for k in at_chosen_lr(range(args.curve_seeds), budget) if k[0] in curve_methods])

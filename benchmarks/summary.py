@@ -19,13 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.methods import METHODS  # noqa: E402
 from benchmarks.report import budget_on_val, summarize  # noqa: E402
 
-COLUMNS = {  # method -> header, in the README's order
-    "linear": "linear", "bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA",
-    "random-sparse": "random sparse", "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter",
-    "sparse-only": "sparse-only", "per-row-sparse": "per-row sparse",
-}  # fmt: skip
+HEADERS = {"bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA", "random-sparse": "random sparse",
+           "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "per-row-sparse": "per-row sparse"}  # fmt: skip
+COLUMNS = {m: HEADERS.get(m, m) for m in METHODS}  # method -> header, in the harness's order
 AUTO = "SPT-LoRA, budget on val"
 NAMES = {"tf_efficientnet_lite0": "Lite0", "vit_small_patch14_dinov2": "ViT-S/14"}
 

@@ -98,9 +98,23 @@ class _Setup:
     max_escape: float
 
 
-def _fit_plan(s: _Setup, plan: Plan, on_epoch: Callable[[dict], None] | None, with_test: bool) -> tuple[Any, History]:
-    """A fresh model with the shared starting head, `plan` applied, trained by `fit` (resumable per plan)."""
-    model, _ = build_model(s.args, s.cfg.seed)
+def _fit_plan(
+    s: _Setup,
+    plan: Plan,
+    on_epoch: Callable[[dict], None] | None,
+    with_test: bool,
+    built: tuple[torch.nn.Module, torch.Tensor] | None = None,
+) -> tuple[Any, History]:
+    """A fresh model with the shared starting head, `plan` applied, trained by `fit` (resumable per plan).
+
+    ``built`` = (a model from `build_model` whose backbone nothing has changed, the CPU RNG state right after that
+    build): that model is used instead of building another, with the RNG put back, so the numbers are the same.
+    """
+    if built is None:
+        model, _ = build_model(s.args, s.cfg.seed)
+    else:
+        model, rng = built
+        torch.set_rng_state(rng)  # what a fresh build leaves: tuner init (LoRA A, adapters) draws from here
     model.get_classifier().load_state_dict(s.head)
     model.to(s.device)
     apply_plan(model, plan)
@@ -163,6 +177,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
         )
     rungs = ladder_plans(plan, Sensitivity.load(run / FILES["sensitivity"])) if plan.meta.get("ladder") else []
     model, info = build_model(args, cfg.seed)
+    rng_after_build = torch.get_rng_state()
     info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, bit_depth=ds_info.bit_depth))
     device = resolve_device(cfg.device)
     model.to(device)
@@ -177,15 +192,15 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
         if t["head_init"] == "random":
             model.get_classifier().load_state_dict(head0)
     head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()}
-    del model
     extra = {k: t[k] for k in _TRAIN_EXTRA}
     setup = _Setup(params, cfg, args, device, plain, loaders, head, ds_info.data_hash,
                    {**extra, **args, "esc": max_escape}, ok_index, max_escape)  # fmt: skip
     if rungs:
+        del model  # every rung starts from a fresh build
         model, history, plan, ladder = _train_ladder(setup, rungs, on_epoch)
         metrics.update({"ladder": ladder, "budget_chosen": next(r["budget"] for r in ladder if r["chosen"])})
     else:
-        model, history = _fit_plan(setup, plan, on_epoch, with_test=True)
+        model, history = _fit_plan(setup, plan, on_epoch, with_test=True, built=(model, rng_after_build))
     op = operating_point(collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2], names,
                          ok_class, max_escape)  # fmt: skip
     decision = {"ok_class": ok_class, "threshold": op["threshold"], "max_escape_rate": max_escape}

@@ -12,6 +12,8 @@ from tiny_params import TINY
 
 from pipelines import training
 from pipelines.cli import main
+from pipelines.config import load_params
+from pipelines.tracking import collect_record
 from spt_core.budget import Rung, check_ladder, choose_rung, full_plan, rung_plan
 from spt_core.candidates import count_backbone_params
 from spt_core.checkpoint import read_tuned
@@ -108,6 +110,13 @@ def test_auto_trains_every_rung_on_validation_and_tests_only_the_chosen_one(auto
     tuned_plan = read_tuned(auto_project / "runs" / "main" / "tuned")[0]
     assert tuned_plan.hash() == plan["meta"]["ladder"][1]["plan_hash"] == m["plan_hash"] != plan["hash"]
     assert m["trainable"] == tuned_plan.trainable == plan["meta"]["ladder"][1]["trainable"]
+    # MLflow gets every rung (keys without "%") and the chosen budget
+    record = collect_record(load_params("params.yaml"), auto_project / "runs" / "main")
+    logged = {x["key"]: x["value"] for x in record["metrics"] if x["key"].startswith("ladder.")}
+    assert [logged[f"ladder.{b}.val_score"] for b in ("1pct", "5pct", "full")] == [0.5, 0.75, 0.75]
+    assert [logged[f"ladder.{b}.chosen"] for b in ("1pct", "5pct", "full")] == [0.0, 1.0, 0.0]
+    assert logged["ladder.full.trainable"] == plan["meta"]["candidate_values"]
+    assert record["params"]["budget_chosen"] == "5%"
 
 
 def test_a_chosen_full_rung_merges_into_a_plain_model(auto_project, monkeypatch):
@@ -157,3 +166,32 @@ def test_per_row_allocation_from_the_cli(auto_project, monkeypatch, capsys, tmp_
     assert plan["trainable"] == plan["by_kind"]["sparse"]["params"] == plan["budget"]
     assert main([*base, "--set", "plan.allocation=per_row"]) == 2  # structured: lora (the default) builds modules
     assert "set plan.structured: none" in capsys.readouterr().err
+
+
+def test_a_plain_plan_trains_the_model_it_probed_and_gets_the_numbers_of_a_fresh_build(
+    auto_project, monkeypatch, tmp_path
+):
+    """One build for a plain plan; forcing a second build (the old path) gives the same tuned values, bit for bit:
+    the RNG the tuners' init draws from is the one a fresh build leaves, although the probe drew from it."""
+    import shutil
+
+    builds = []
+    real_build, real_fit_plan = training.build_model, training._fit_plan
+    monkeypatch.setattr(training, "build_model", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    monkeypatch.chdir(auto_project)
+    tuned = {}
+    for mode in ("reuse", "rebuild"):
+        run = tmp_path / mode
+        run.mkdir()
+        shutil.copy(auto_project / "runs" / "main" / "sensitivity.safetensors", run / "sensitivity.safetensors")
+        if mode == "rebuild":
+            monkeypatch.setattr(training, "_fit_plan", lambda *a, built=None, **kw: real_fit_plan(*a, **kw))
+        builds.clear()
+        common = ["--config", "params.yaml", "--run", str(run), "-q"]
+        assert main(["plan", *common, "--budget", "5%"]) == 0 and main(["train", *common]) == 0
+        assert len(builds) == (1 if mode == "reuse" else 2)
+        plan, values, _ = read_tuned(run / "tuned")
+        assert plan.by_kind().get("lora", {}).get("params", 0) > 0  # LoRA's A is drawn from the RNG at apply_plan
+        tuned[mode] = values
+    assert tuned["reuse"].keys() == tuned["rebuild"].keys()
+    assert all(torch.equal(tuned["reuse"][k], tuned["rebuild"][k]) for k in tuned["reuse"])

@@ -259,3 +259,67 @@ def test_selection_replay_rules_on_known_curves() -> None:
     # loss: seed 0's 1e-3 reaches 0.4 (< 0.45) at epoch 3 -> lr 1e-3; seed 1 at 1e-3 reads epoch 1 (all 0.9)
     assert replay(rows, "spt-lora", "loss", "seed0") == {0: 0.80, 1: 0.50}
     assert replay(rows, "spt-lora", "loss", "per-seed") == {0: 0.80, 1: 0.97}
+
+
+def test_kfold_replay_picks_lr_and_epoch_on_the_mean_of_the_folds() -> None:
+    """Fold 0 alone would pick lr 1e-3 epoch 1; the mean over both folds picks 3e-3 epoch 2, read on the refit."""
+    from benchmarks.selection import kfold
+
+    def run(lr, fold, vals, losses, tests=(0.0, 0.0, 0.0), seed=0):
+        curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
+                 for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
+        return {"method": "spt-lora", "seed": seed, "lr": lr, "budget": "2%", "fold": fold, "curve": curve}
+
+    rows = [
+        run(1e-3, 0, [0.9, 0.5, 0.5], [0.5, 0.6, 0.7]),  # means: (0.70, 0.55, 0.50)
+        run(1e-3, 1, [0.5, 0.6, 0.5], [0.9, 0.3, 0.9]),  # loss means: (0.70, 0.45, 0.80)
+        run(3e-3, 0, [0.8, 0.8, 0.6], [0.6, 0.6, 0.6]),  # means: (0.70, 0.75, 0.65)
+        run(3e-3, 1, [0.6, 0.7, 0.7], [0.5, 0.5, 0.2]),  # loss means: (0.55, 0.55, 0.40)
+        run(1e-3, "refit", [0, 0, 0], [0, 0, 0], (0.61, 0.62, 0.63)),
+        run(3e-3, "refit", [0, 0, 0], [0, 0, 0], (0.71, 0.72, 0.73)),
+        run(3e-3, 0, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], seed=1),  # seed 1 lacks folds: left out
+    ]
+    assert kfold(rows, "spt-lora", "acc") == {0: 0.72}
+    assert kfold(rows, "spt-lora", "loss") == {0: 0.73}
+
+
+def test_kfold_splits_are_stratified_disjoint_and_the_refit_has_every_labelled_image(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from PIL import Image
+
+    from spt_core.data import prepare
+    from spt_core.data.loaders import scan_split
+
+    data = tmp_path / "digits_30_15_10"
+    prepare("digits", data, n_train=30, n_val=15, n_test=10, seed=0)
+    folds, refit = compare.kfold_dirs(data, 3)
+    names = [str(i) for i in range(10)]
+
+    def ids(d, split):  # the source image each prepared file came from: its pixels
+        return Counter((y, Image.open(p).tobytes()) for p, y in scan_split(d / split, names))
+
+    labelled = ids(data, "train") + ids(data, "val")
+    vals = [ids(f, "val") for f in folds]
+    assert sum(vals, Counter()) == labelled  # every labelled image validates exactly once
+    for f, v in zip(folds, vals):
+        assert ids(f, "train") + v == labelled and ids(f, "test") == ids(data, "test")
+        per_class = Counter(y for y, _ in v.elements())
+        assert max(per_class.values()) - min(per_class[c] for c in range(10)) <= 1  # 45 images / 3 folds, 4-5 a class
+    assert ids(refit, "train") == labelled and ids(refit, "test") == ids(data, "test")
+
+
+def test_harness_kfold_rows_stay_out_of_the_table(tmp_path: Path) -> None:
+    argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "30", "--n-val", "15", "--n-test", "10",
+            "--epochs", "2", "--seeds", "1", "--methods", "bitfit", "--lr-grid", "1e-3", "--budget", "1%",
+            "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
+            "--in-process", "--kfold", "2"]  # fmt: skip
+    state = json.loads(compare.main(argv).read_text())
+    assert [(r["method"], r.get("fold")) for r in state["rows"]] == [("bitfit", None)]
+    assert sorted(str(r["fold"]) for r in state["kfold"]) == ["0", "1", "refit"]
+    assert all(len(r["curve"]) == 2 for r in state["kfold"]) and state["meta"]["kfold"] == 2
+    refit = next(r for r in state["kfold"] if r["fold"] == "refit")
+    assert round(10 * refit["curve"][-1]["test_acc"], 6).is_integer()  # read on the 10 test images
+    from benchmarks.selection import report
+
+    assert "| bitfit | 1 |" in report(state).split("k-fold")[1]

@@ -80,6 +80,7 @@ FINAL_METRICS = {
     "train_seconds": "train_seconds",
     "seconds_per_epoch": "seconds_per_epoch",
 }
+LADDER_KEYS = ("val_score", "val_acc", "best_epoch", "trainable")  # per rung of an auto plan (metrics.json "ladder")
 RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval", "confusion_png")  # at the run's root
 # Not merged/ (the pyfunc model holds it) nor export/ (publish logs it once, sealed): no large file stored twice.
 RUN_FOLDERS = ("tuned",)
@@ -183,6 +184,9 @@ def collect_record(
 
     metrics = _epoch_metrics(run_dir / FILES["history"])
     metrics += [metric(FINAL_METRICS[k], m[k]) for k in FINAL_METRICS if is_number(m.get(k))]
+    metrics += ladder_metrics(m.get("ladder") or [])
+    if m.get("budget_chosen") is not None:
+        flat["budget_chosen"] = str(m["budget_chosen"])
     if (ev := read_json(run_dir / FILES["eval"])) is not None:
         split = ev.get("split", "test")
         metrics += [metric(f"eval_{split}_{k}", ev[k]) for k in ("accuracy", "loss") if is_number(ev.get(k))]
@@ -386,6 +390,16 @@ def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: boo
         result.update(model_name=model["name"], model_version=version, alias=model.get("alias", CHALLENGER))
     else:
         client.set_terminated(run_id, "FINISHED")
+
+
+def ladder_metrics(ladder: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``plan.budget: auto``'s rungs as ``ladder.<budget>.<key>`` (MLflow keys take no "%": 0.5% -> 0.5pct)."""
+    out = []
+    for rung in ladder:
+        name = str(rung["budget"]).replace("%", "pct")
+        out += [metric(f"ladder.{name}.{k}", rung[k]) for k in LADDER_KEYS if is_number(rung.get(k))]
+        out.append(metric(f"ladder.{name}.chosen", int(bool(rung.get("chosen")))))
+    return out
 
 
 def _epoch_metrics(history: Path) -> list[dict[str, Any]]:
