@@ -108,6 +108,7 @@ def _build(job: dict) -> tuple[Any, Any, dict]:
 
     torch.set_num_threads(job["threads"])
     balance, aug = parse_variant(job.get("variant", "none"))
+    aug = aug or job.get("augment", False)  # --augment: every method of the table trains on augmented images
     n_classes = len(load_dataset_info(Path(job["data_dir"])).class_names)
     torch.manual_seed(job["seed"])  # the seeded random head, as spt_core.stages.build_model
     model, info = create_model(job["model"], n_classes, weights=job["weights"], img_size=job["img_size"])
@@ -414,6 +415,12 @@ def main(argv: list[str] | None = None) -> Path:
         "(curves recorded; benchmarks/selection.py replays the k-fold rule)",
     )
     ap.add_argument("--kfold-seeds", type=int, default=0, help="seeds of the --kfold runs (default: --grid-seeds)")
+    ap.add_argument(
+        "--augment",
+        action="store_true",
+        help="train every method on augmented images (timm flips, scale/aspect and colour jitter; "
+        "`spt_core.data.Augment`); the table is <task>-aug",
+    )
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.kfold == 1 or args.kfold < 0:
@@ -452,6 +459,8 @@ def main(argv: list[str] | None = None) -> Path:
         for v in args.variants.split(","):
             parse_variant(v)
         task_slug = f"{task_slug}-imbalanced{round(100 * args.imbalance)}"
+    if args.augment:
+        task_slug += "-aug"
     slug = f"{args.backbone.replace('/', '-')}_{task_slug}"
     work = args.work_dir / slug
     if args.imbalance is not None:
@@ -483,7 +492,7 @@ def main(argv: list[str] | None = None) -> Path:
         "weights": weights, "img_size": img, "task": args.task, "data_dir": str(data_dir), "budget": args.budget,
         "epochs": args.epochs, "batch": args.batch, "device": args.device, "threads": args.threads,
         "freeze_bn_stats": True, "sens_images": SENS_BATCHES * SENS_BATCH_SIZE, "n_train": args.n_train,
-        "parallel": args.parallel, **line,
+        "parallel": args.parallel, "augment": args.augment, **line,
     }  # fmt: skip
     if args.imbalance is not None:
         ds = json.loads((data_dir / "dataset.json").read_text())
@@ -501,7 +510,7 @@ def main(argv: list[str] | None = None) -> Path:
         state["meta"]["kfold"] = args.kfold
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
             "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers,
-            "curves": args.curves}  # fmt: skip
+            "curves": args.curves, "augment": args.augment}  # fmt: skip
 
     def save() -> None:
         write_json(out_json, state)

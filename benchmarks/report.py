@@ -98,7 +98,9 @@ def write_report(state: dict, stem: Path) -> None:
         *_machines_line(state),
         f"Protocol: {meta['n_train']} train / val / test from `{meta['data_dir']}`, {meta['epochs']} epochs, batch "
         f"{meta['batch']}, AdamW + cosine (`TrainConfig.scaled`), epoch chosen on validation only, test evaluated "
-        "once at that epoch. BatchNorm statistics frozen for every method (full fine-tuning too). lr chosen per "
+        "once at that epoch. "
+        + ("Every method trains on augmented images (`spt_core.data.Augment`). " if meta.get("augment") else "")
+        + "BatchNorm statistics frozen for every method (full fine-tuning too). lr chosen per "
         "method on seed-0 validation accuracy, then used for the other seeds. Accuracy: mean ± half range over "
         "seeds. Each (method, seed, lr) ran in its own process.", "",
         f"| method | lr (grid: val %) | trainable backbone | % | head | val % | test % | seeds | {mem_name} "

@@ -323,3 +323,23 @@ def test_harness_kfold_rows_stay_out_of_the_table(tmp_path: Path) -> None:
     from benchmarks.selection import report
 
     assert "| bitfit | 1 |" in report(state).split("k-fold")[1]
+
+
+def test_augment_reaches_every_methods_training_loader_and_only_it(tmp_path: Path) -> None:
+    from spt_core.data import prepare
+
+    data = tmp_path / "digits_20_10_10"
+    prepare("digits", data, n_train=20, n_val=10, n_test=10, seed=0)
+    job = {"model": "test_efficientnet", "weights": "none", "img_size": 32, "data_dir": str(data), "batch": 4,
+           "seed": 0, "threads": 1, "device": "cpu", "kind": "train"}  # fmt: skip
+    plain = compare._build(job)[2]
+    aug = compare._build({**job, "augment": True})[2]
+    x = plain["train"].dataset[0][0]
+    torch.manual_seed(0)
+    draws = [aug["train"].dataset[0][0] for _ in range(4)]
+    assert any(not torch.equal(d, x) for d in draws)  # random flips / crops / jitter of the same image
+    assert all(torch.equal(plain["train"].dataset[0][0], x) for _ in range(2))  # no augmentation: the same tensor
+    assert torch.equal(aug["val"].dataset[0][0], plain["val"].dataset[0][0])  # validation is never augmented
+    assert torch.equal(aug["test"].dataset[0][0], plain["test"].dataset[0][0])
+    sens = compare._build({**job, "augment": True, "kind": "sensitivity"})[2]
+    assert torch.equal(sens["train"].dataset[0][0], x)  # the sensitivity pass reads plain images
