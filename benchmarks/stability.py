@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import BACKBONES, MALLOC_ENV, PROBE_EPOCHS, SENS_BATCH_SIZE, task_source  # noqa: E402
-from spt_core.data import load_dataset_info, make_loaders, prepare  # noqa: E402
+from spt_core.data import Augment, load_dataset_info, make_loaders, prepare  # noqa: E402
 from spt_core.data.loaders import BalancedSampler  # noqa: E402
 from spt_core.model import create_model  # noqa: E402
 from spt_core.probe import fit_probe  # noqa: E402
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--random-head", action="store_true", help="also compare SPT's random head with the probe's")
+    ap.add_argument(
+        "--augmented", action="store_true", help="also measure the same batches augmented (spt_core.data.Augment)"
+    )
     ap.add_argument("--work-dir", type=Path, default=Path("~/.cache/sensitune-compare").expanduser())
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -134,9 +137,18 @@ def main(argv: list[str] | None = None) -> Path:
         rnd, _ = _model(name, weights, img, n_classes, args.seed)  # same seed: the head the probe started from
         g2r, _ = per_batch_scores(rnd, loaders["train"].dataset, m, args.seed)
         heads = {"batches": m, **agreement(g2[:m].sum(0), g2r.sum(0), sizes)}
+    augmented = None
+    if args.augmented:  # the same images in the same order, through the training augmentation
+        m = min(16, args.pool)
+        aug = make_loaders(data_dir, info.preprocess, batch_size=SENS_BATCH_SIZE, seed=args.seed, augment=Augment())
+        torch.manual_seed(args.seed)
+        g2a, _ = per_batch_scores(model, aug["train"].dataset, m, args.seed)
+        augmented = {"batches": m, **agreement(g2[:m].sum(0), g2a.sum(0), sizes),
+                     "plain_halves": agreement(g2[: m // 2].sum(0), g2[m // 2 : m].sum(0), sizes)}  # fmt: skip
     result = {"backbone": args.backbone, "model": name, "img_size": img, "task": args.task, "data_dir": str(data_dir),
               "entries": int(g2.shape[1]), "matrices": len(mats), "pool": args.pool, "batch_size": SENS_BATCH_SIZE,
               "probe_val_acc": probe.val_acc, "measure_seconds": round(measure_s, 1), "rows": rows, "heads": heads,
+              "augmented": augmented,
               "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
               "command": " ".join([*(f"{k}={v}" for k, v in MALLOC_ENV.items()), "python benchmarks/stability.py",
                                    *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip
@@ -168,6 +180,13 @@ def report(r: dict[str, Any]) -> str:
                   f"default), the same batches: Spearman {h['spearman']:.3f}, top-1 % overlap "
                   f"{h['overlap@0.01']:.3f}, top-2 % overlap {h['overlap@0.02']:.3f}, "
                   f"per-tensor top-2 % count r {h['matrix_r@0.02']:.3f}."]  # fmt: skip
+    if r.get("augmented"):
+        a, h = r["augmented"], r["augmented"]["plain_halves"]
+        lines += ["", f"Augmented vs plain batches (the same {a['batches']} batches, the same probe head, through "
+                  f"`spt_core.data.Augment`): Spearman {a['spearman']:.3f}, top-1 % overlap {a['overlap@0.01']:.3f}, "
+                  f"top-2 % overlap {a['overlap@0.02']:.3f}, per-tensor top-2 % count r {a['matrix_r@0.02']:.3f}. "
+                  f"For scale, two disjoint halves of the plain batches ({a['batches'] // 2} each): Spearman "
+                  f"{h['spearman']:.3f}, top-1 % overlap {h['overlap@0.01']:.3f}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

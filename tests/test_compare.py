@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -343,3 +344,32 @@ def test_augment_reaches_every_methods_training_loader_and_only_it(tmp_path: Pat
     assert torch.equal(aug["test"].dataset[0][0], plain["test"].dataset[0][0])
     sens = compare._build({**job, "augment": True, "kind": "sensitivity"})[2]
     assert torch.equal(sens["train"].dataset[0][0], x)  # the sensitivity pass reads plain images
+
+
+def test_stability_agreement_on_known_vectors() -> None:
+    from benchmarks.stability import agreement
+
+    a = np.arange(1000, dtype=np.float64)  # two "tensors" of 500 entries
+    same = agreement(a, a.copy(), [500, 500])
+    assert same["spearman"] == pytest.approx(1.0) and same["overlap@0.01"] == 1.0
+    rev = agreement(a, a[::-1].copy(), [500, 500])
+    # reversed: rank correlation -1, no top entry shared, and the top-k counts per tensor are opposite
+    assert rev["spearman"] == pytest.approx(-1.0) and rev["overlap@0.01"] == 0.0
+    assert rev["matrix_r@0.02"] == pytest.approx(-1.0)
+    half = a.copy()
+    half[990:] = -1  # the top 10 (1 %) of a drop to the bottom: the top-1 % sets are disjoint, top-2 % share half
+    h = agreement(a, half, [500, 500])
+    assert h["overlap@0.01"] == 0.0 and h["overlap@0.02"] == 0.5
+
+
+def test_stability_script_end_to_end(tmp_path: Path) -> None:
+    from benchmarks import stability
+
+    argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "128", "--n-val", "20", "--pool", "4",
+            "--ns", "1,2", "--reps", "2", "--threads", "1", "--random-head", "--augmented",
+            "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path)]  # fmt: skip
+    md = stability.main(argv)
+    r = json.loads(md.with_suffix(".json").read_text())
+    assert [x["batches"] for x in r["rows"]] == [1, 2] and r["heads"]["batches"] == r["augmented"]["batches"] == 4
+    assert -1 <= r["augmented"]["spearman"] < 1  # augmented images give other gradients than the plain ones
+    assert "Augmented vs plain" in md.read_text() and "Random head" in md.read_text()
