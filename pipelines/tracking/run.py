@@ -12,7 +12,6 @@ it once the server is back.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import re
@@ -43,44 +42,11 @@ from .common import (
     tracking_uri,
 )
 from .live import live_run_id
+from .metrics import FINAL_METRICS, epoch_metrics, ladder_metrics
 from .registry import CHALLENGER, register_model
 
 RECORD_FILE = "mlflow_run.json"  # what the track stage wrote (run id, model version or fallback)
 FALLBACK_FILE = "mlflow_fallback.json"
-# history.csv column -> MLflow metric, logged with step = epoch
-EPOCH_METRICS = {
-    "train_loss": "train_loss",
-    "val_acc": "val_acc",
-    "val_loss": "val_loss",
-    "lr": "lr",
-    "seconds": "epoch_seconds",
-}
-# metrics.json key -> MLflow metric (val_acc is the validation-selected epoch's, hence best_val_acc)
-FINAL_METRICS = {
-    "test_acc": "test_acc",
-    "test_balanced_acc": "test_balanced_acc",
-    "escape_rate": "test_escape_rate",  # at the validation-chosen threshold
-    "overkill": "test_overkill",
-    "threshold": "threshold",
-    "val_score": "best_val_score",
-    "probe_val_score": "probe_val_score",
-    "val_acc": "best_val_acc",
-    "best_epoch": "best_epoch",
-    "probe_test_acc": "probe_test_acc",
-    "probe_val_acc": "probe_val_acc",
-    "gain_over_probe": "gain_over_probe",
-    "trainable": "trainable",
-    "trainable_pct": "trainable_pct",
-    "trainable_head": "trainable_head",
-    "backbone_params": "backbone_params",
-    "budget": "budget_values",
-    "peak_memory_mb": "peak_memory_mb",
-    "sensitivity_seconds": "sensitivity_seconds",
-    "probe_seconds": "probe_seconds",
-    "train_seconds": "train_seconds",
-    "seconds_per_epoch": "seconds_per_epoch",
-}
-LADDER_KEYS = ("val_score", "val_acc", "best_epoch", "trainable")  # per rung of an auto plan (metrics.json "ladder")
 RUN_ARTIFACTS = ("plan", "plan_tensors", "plan_png", "metrics", "history", "eval", "confusion_png")  # at the run's root
 # Not merged/ (the pyfunc model holds it) nor export/ (publish logs it once, sealed): no large file stored twice.
 RUN_FOLDERS = ("tuned",)
@@ -182,7 +148,7 @@ def collect_record(
     flat.update({f"trainable.{kind}": str(n) for kind, n in (m.get("by_kind") or {}).items()})
     flat["trainable.total"] = str(m.get("trainable"))
 
-    metrics = _epoch_metrics(run_dir / FILES["history"])
+    metrics = epoch_metrics(run_dir / FILES["history"])
     metrics += [metric(FINAL_METRICS[k], m[k]) for k in FINAL_METRICS if is_number(m.get(k))]
     metrics += ladder_metrics(m.get("ladder") or [])
     if m.get("budget_chosen") is not None:
@@ -390,25 +356,3 @@ def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: boo
         result.update(model_name=model["name"], model_version=version, alias=model.get("alias", CHALLENGER))
     else:
         client.set_terminated(run_id, "FINISHED")
-
-
-def ladder_metrics(ladder: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``plan.budget: auto``'s rungs as ``ladder.<budget>.<key>`` (MLflow keys take no "%": 0.5% -> 0.5pct)."""
-    out = []
-    for rung in ladder:
-        name = str(rung["budget"]).replace("%", "pct")
-        out += [metric(f"ladder.{name}.{k}", rung[k]) for k in LADDER_KEYS if is_number(rung.get(k))]
-        out.append(metric(f"ladder.{name}.chosen", int(bool(rung.get("chosen")))))
-    return out
-
-
-def _epoch_metrics(history: Path) -> list[dict[str, Any]]:
-    if not history.is_file():
-        return []
-    out = []
-    with open(history, newline="") as f:
-        for row in csv.DictReader(f):
-            for col, key in EPOCH_METRICS.items():
-                if row.get(col) not in (None, ""):
-                    out.append({**metric(key, float(row[col]), int(row["epoch"])), "epoch_metric": True})
-    return out
