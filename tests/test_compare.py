@@ -119,6 +119,7 @@ def test_nearest_rank() -> None:
     assert nearest_rank(67420, 22784) == 3 and nearest_rank(100, 1000) == 1 and nearest_rank(1500, 1000) == 1
 
 
+@pytest.mark.slow  # default suite <= ~10 min: `make slow` runs it
 def test_parallel_runs_demo_defects_and_retries_failed_rows(tmp_path: Path) -> None:
     """--parallel in subprocesses, the demo set sized to the splits, and a failed row retried on resume."""
     out = tmp_path / "results"
@@ -193,6 +194,7 @@ def test_results_logged_to_mlflow_once(tmp_path: Path) -> None:
         log_benchmark(tmp_path / "compare_lite0_digits.md", tracking_uri=uri)
 
 
+@pytest.mark.slow  # default suite <= ~10 min: `make slow` runs it
 def test_vtab_script_runs_a_task_and_rejects_bad_roots(tmp_path: Path) -> None:
     """benchmarks/vtab_vit_b16.sh end to end on CPU (its smoke overrides), and its exit-2 errors."""
     import os

@@ -97,6 +97,7 @@ def _line_folder(root: Path, counts: dict[str, int], start: int = 0) -> Path:
     return root
 
 
+@pytest.mark.slow  # default suite <= ~10 min: `make slow` runs it
 def test_readme_import_recipe_from_a_fresh_clone(tmp_path: Path) -> None:
     """README "Your own images": import -> dvc repro -> commit; a second batch is a new data version."""
     repo = tmp_path / "line7"
@@ -182,6 +183,7 @@ def test_lr_change_reruns_train_and_later_only(pipeline: tuple[Path, Callable[..
     assert json.loads((repo / "runs/main/metrics.json").read_text())["epochs"] == 1
 
 
+@pytest.mark.slow  # default suite <= ~10 min: `make slow` runs it
 def test_budget_change_reruns_plan_and_later_not_measure(pipeline: tuple[Path, Callable[..., str]]) -> None:
     repo, run = pipeline
     lock0 = _lock(repo)
@@ -224,6 +226,7 @@ def test_new_defect_batch_is_a_new_data_version(pipeline: tuple[Path, Callable[.
     assert len(list((repo / "data/raw").rglob("*.png"))) == 4 * 6
 
 
+@pytest.mark.slow  # default suite <= ~10 min: `make slow` runs it
 def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: tuple[Path, Callable]) -> None:
     """Adapters are nonlinear: no plain model to merge or export, yet `dvc repro` runs to the end."""
     repo, run = pipeline
