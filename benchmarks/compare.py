@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     def run_all(keys: list[tuple]) -> None:
         """The (method, seed, lr, budget[, variant[, fold]]) runs not yet in the JSON, up to --parallel at a time."""
-        keys = [(*k, "none", None)[:6] if len(k) == 4 else (*k, None)[:6] for k in keys]
+        keys = [(*k, "none", None) if len(k) == 4 else (*k, None)[:6] for k in keys]  # variant "none", fold None
         todo = [k for k in dict.fromkeys(keys) if not done(k)]
         for seed in sorted({k[1] for k in todo if k[0] in SENSITIVITY_METHODS}):
             ensure_sensitivity(seed)  # before the runs that read it, never two passes of one seed at once
