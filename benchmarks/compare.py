@@ -307,6 +307,9 @@ def kfold_dirs(data_dir: Path, k: int) -> tuple[list[Path], Path]:
 
     Fold i trains on the other folds and validates on fold i; the refit trains on all of train+val (its val split
     is the original val, which the k-fold rule never reads). Every one keeps the original test split.
+
+    Raises:
+        SensituneError: the folds were made from another version of `data_dir` (its data hash changed).
     """
     import random
 
@@ -315,26 +318,31 @@ def kfold_dirs(data_dir: Path, k: int) -> tuple[list[Path], Path]:
 
     root = data_dir.parent / f"{data_dir.name}_kfold{k}"
     outs = [root / f"fold{i}" for i in range(k)] + [root / "refit"]
+    info = load_dataset_info(data_dir)
+    stamp = root / "source.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("data_hash") != info.data_hash:
+        raise SensituneError(f"{root}: folds of another version of {data_dir}; delete {root} and run again")
     if all((d / "dataset.json").is_file() for d in outs):
         return outs[:-1], outs[-1]
-    names = load_dataset_info(data_dir).class_names
+    names = info.class_names
     pool = [(f"{split}_{p.name}", p, y) for split in ("train", "val") for p, y in scan_split(data_dir / split, names)]
-    fold_of = {}
+    fold_of: dict[tuple[int, str], int] = {}  # (label, file): names are unique within a class only
     for label in range(len(names)):  # stratified: each class dealt round-robin after a seeded shuffle
         mine = sorted(n for n, _, y in pool if y == label)
         random.Random(f"{label}").shuffle(mine)
-        fold_of |= {n: j % k for j, n in enumerate(mine)}
+        fold_of |= {(label, n): (j + label) % k for j, n in enumerate(mine)}  # spare images spread over folds
     test = scan_split(data_dir / "test", names)
     for i, out in enumerate(outs):
         src = root / "src" / out.name
         for name, path, y in pool:
-            split = "train" if i == k or fold_of[name] != i else "val"
+            split = "train" if i == k or fold_of[y, name] != i else "val"
             _link(src / split / names[y] / name, path)
         for path, y in scan_split(data_dir / "val", names) if i == k else []:
             _link(src / "val" / names[y] / f"val_{path.name}", path)
         for path, y in test:
             _link(src / "test" / names[y] / path.name, path)
         prepare(str(src), out, n_train=None, n_val=None, n_test=None, seed=0)
+    write_json(stamp, {"data_hash": info.data_hash, "k": k})
     return outs[:-1], outs[-1]
 
 
@@ -501,12 +509,13 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         line_job = {}
     work.mkdir(parents=True, exist_ok=True)
-    kfold: dict[int | str, Path] = {}
+    kfold: dict[int | str, Path] = {}  # --kfold: fold -> data dir, filled before the k-fold runs
+    if args.kfold and args.imbalance is not None:
+        raise SensituneError("--kfold: not with --imbalance (its folds would need the proportional split)")
+    ran_k = {r.get("k") for r in state.get("kfold", [])}
+    if args.kfold and ran_k - {args.kfold}:
+        raise SensituneError(f"--kfold {args.kfold}: {out_json} holds k-fold rows of K={sorted(ran_k)}; use that K")
     if args.kfold:
-        if args.imbalance is not None:
-            raise SensituneError("--kfold: not with --imbalance (its folds would need the proportional split)")
-        folds, refit = kfold_dirs(data_dir, args.kfold)
-        kfold = {**dict(enumerate(folds)), "refit": refit}
         state["meta"]["kfold"] = args.kfold
     base = {"model": name, "weights": weights, "img_size": img, "data_dir": str(data_dir), "epochs": args.epochs,
             "batch": args.batch, "device": args.device, "threads": args.threads, "workers": args.workers,
@@ -572,7 +581,7 @@ def main(argv: list[str] | None = None) -> Path:
                     "machine": state["meta"]["machine"],
                     "parallel": args.parallel, "started": round(t0, 1), "finished": round(time.time(), 1)})  # fmt: skip
         if fold is not None:
-            row["fold"] = fold
+            row.update({"fold": fold, "k": args.kfold})
         with lock:
             print(f"[{slug}] {json.dumps(row)}", flush=True)
             rows = ROWS[fold is not None]
@@ -591,8 +600,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.merge:
         state["meta"] = old_meta or state["meta"]  # the run's own command, machine and date stay
         other = json.loads(args.merge.read_text())
-        for name, key in (("rows", key_of), ("sensitivity", lambda r: r.get("seed"))):
-            for r in other[name]:  # a shard's row is added, and replaces a failed row of the same key
+        for name, key in (("rows", key_of), ("kfold", key_of), ("sensitivity", lambda r: r.get("seed"))):
+            state.setdefault(name, [])
+            for r in other.get(name, []):  # a shard's row is added, and replaces a failed row of the same key
                 mine = next((x for x in state[name] if key(x) == key(r)), None)
                 if mine is None or ("error" in mine and "error" not in r):
                     state[name] = [x for x in state[name] if key(x) != key(r)] + [r]
@@ -629,6 +639,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     run_all(at_chosen_lr(range(1, args.seeds), args.budget))
     if args.kfold:  # every fold and the refit, at every lr of the grid: selection.py replays the k-fold rule
+        folds, refit = kfold_dirs(data_dir, args.kfold)
+        kfold.update({**dict(enumerate(folds)), "refit": refit})
         state.setdefault("kfold", [])
         run_all([(m, seed, lr, args.budget, "none", fold) for seed in range(args.kfold_seeds or args.grid_seeds)
                  for m in methods for lr in grid[m] for fold in [*range(args.kfold), "refit"]])  # fmt: skip

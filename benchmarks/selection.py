@@ -96,12 +96,14 @@ def kfold(rows: list[dict], method: str, by: str = "acc") -> dict[int, float]:
     runs = {(r["seed"], r["lr"], r["fold"]): r["curve"] for r in rows if r["method"] == method}
     seeds, lrs = sorted({s for s, _, _ in runs}), sorted({lr for _, lr, _ in runs})
     seeds = [s for s in seeds if all((s, lr, f) in runs for lr in lrs for f in [*folds, "refit"])]
+    if not folds:
+        return {}
     out = {}
     for s in seeds:
         best = None  # (mean score, -lr, -epoch index) -> the first best epoch, the smaller lr on ties
         for lr in lrs:
             curves = [runs[s, lr, f] for f in folds]
-            for i in range(min(len(c) for c in curves)):
+            for i in range(min(len(c) for c in [*curves, runs[s, lr, "refit"]])):
                 mean = sum(c[i]["val_acc"] if by == "acc" else -c[i]["val_loss"] for c in curves) / len(curves)
                 if best is None or (mean, -lr, -i) > best[0]:
                     best = ((mean, -lr, -i), lr, i)
@@ -143,19 +145,21 @@ def report(state: dict) -> str:
                      + f" | {100 * sum(orc.values()) / len(orc):.2f} |")  # fmt: skip
     kf = [r for r in state.get("kfold", []) if "curve" in r and "error" not in r and r["budget"] == meta["budget"]]
     if kf:
+        ks = ", ".join(str(k) for k in sorted({r.get("k") for r in kf}, key=str))
         lines += [
             "",
-            f"k-fold ({meta.get('kfold')} stratified folds of train+val; the refit trains on all of them, the test "
+            f"k-fold ({ks} stratified folds of train+val; the refit trains on all of them, the test "
             "% is its test accuracy at the chosen epoch), beside the plain protocol (acc / seed0, acc / per-seed):",
             "",
             "| method | seeds | kfold acc | kfold loss | acc / seed0 | acc / per-seed |",
             "|---|---|---|---|---|---|",
         ]
         for m in METHODS:
-            res = [kfold(kf, m, "acc"), kfold(kf, m, "loss"), replay(rows, m, "acc", "seed0"),
-                   replay(rows, m, "acc", "per-seed")]  # fmt: skip
+            res = [kfold(kf, m, "acc"), kfold(kf, m, "loss")]
             if not res[0]:
                 continue
+            res += [{s: t for s, t in replay(rows, m, "acc", rule).items() if s in res[0]} for rule in ("seed0",
+                    "per-seed")]  # the plain protocol on the same seeds  # fmt: skip
             cells = [f"{100 * sum(d.values()) / len(d):.2f}" if d else "-" for d in res]
             lines.append(f"| {m} | {len(res[0])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -287,6 +287,7 @@ def test_kfold_replay_picks_lr_and_epoch_on_the_mean_of_the_folds() -> None:
 
 
 def test_kfold_splits_are_stratified_disjoint_and_the_refit_has_every_labelled_image(tmp_path: Path) -> None:
+    """Two classes whose files share names (a folder source): each class is dealt on its own, folds differ by <= 1."""
     from collections import Counter
 
     from PIL import Image
@@ -294,10 +295,17 @@ def test_kfold_splits_are_stratified_disjoint_and_the_refit_has_every_labelled_i
     from spt_core.data import prepare
     from spt_core.data.loaders import scan_split
 
-    data = tmp_path / "digits_30_15_10"
-    prepare("digits", data, n_train=30, n_val=15, n_test=10, seed=0)
-    folds, refit = compare.kfold_dirs(data, 3)
-    names = [str(i) for i in range(10)]
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 11), ("val", 4), ("test", 3)):
+        for c in ("a", "b"):
+            (src / split / c).mkdir(parents=True)
+            for j in range(n):  # the same file names in both classes
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(src / split / c / f"{j}.png")
+    data = tmp_path / "data"
+    prepare(str(src), data, n_train=None, n_val=None, n_test=None, seed=0)
+    folds, refit = compare.kfold_dirs(data, 4)
+    names = ["a", "b"]
 
     def ids(d, split):  # the source image each prepared file came from: its pixels
         return Counter((y, Image.open(p).tobytes()) for p, y in scan_split(d / split, names))
@@ -307,25 +315,42 @@ def test_kfold_splits_are_stratified_disjoint_and_the_refit_has_every_labelled_i
     assert sum(vals, Counter()) == labelled  # every labelled image validates exactly once
     for f, v in zip(folds, vals):
         assert ids(f, "train") + v == labelled and ids(f, "test") == ids(data, "test")
-        per_class = Counter(y for y, _ in v.elements())
-        assert max(per_class.values()) - min(per_class[c] for c in range(10)) <= 1  # 45 images / 3 folds, 4-5 a class
+        assert sorted(Counter(y for y, _ in v.elements()).values()) in ([3, 4], [4, 4], [4, 3])  # 15 a class / 4
+    assert sorted(sum(vals[i].values()) for i in range(4)) == [7, 7, 8, 8]  # 30 images: the spares spread out
     assert ids(refit, "train") == labelled and ids(refit, "test") == ids(data, "test")
+    assert compare.kfold_dirs(data, 4) == (folds, refit)  # made once
+    info = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**info, "data_hash": "another"}))
+    with pytest.raises(SensituneError, match="delete"):
+        compare.kfold_dirs(data, 4)
 
 
-def test_harness_kfold_rows_stay_out_of_the_table(tmp_path: Path) -> None:
+def test_harness_kfold_rows_stay_out_of_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs: list[dict] = []
+    real_build = compare._build
+    monkeypatch.setattr(compare, "_build", lambda job: jobs.append(job) or real_build(job))
     argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "30", "--n-val", "15", "--n-test", "10",
             "--epochs", "2", "--seeds", "1", "--methods", "bitfit", "--lr-grid", "1e-3", "--budget", "1%",
             "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
-            "--in-process", "--kfold", "2"]  # fmt: skip
-    state = json.loads(compare.main(argv).read_text())
+            "--in-process", "--kfold", "2", "--augment"]  # fmt: skip
+    path = compare.main(argv)
+    state = json.loads(path.read_text())
+    assert path.name == "compare_test-effnet_digits-aug.json" and state["meta"]["augment"] is True
     assert [(r["method"], r.get("fold")) for r in state["rows"]] == [("bitfit", None)]
     assert sorted(str(r["fold"]) for r in state["kfold"]) == ["0", "1", "refit"]
-    assert all(len(r["curve"]) == 2 for r in state["kfold"]) and state["meta"]["kfold"] == 2
+    assert all(len(r["curve"]) == 2 and r["k"] == 2 for r in state["kfold"])
+    assert len(jobs) == 4 and all(j["augment"] for j in jobs)  # the table's run and every fold: augmented
+    assert len({j["data_dir"] for j in jobs}) == 4
     refit = next(r for r in state["kfold"] if r["fold"] == "refit")
     assert round(10 * refit["curve"][-1]["test_acc"], 6).is_integer()  # read on the 10 test images
     from benchmarks.selection import report
 
     assert "| bitfit | 1 |" in report(state).split("k-fold")[1]
+    finished = sorted(r["finished"] for r in state["kfold"])
+    compare.main(argv)  # resume: nothing left to run
+    assert len(jobs) == 4 and sorted(r["finished"] for r in json.loads(path.read_text())["kfold"]) == finished
+    with pytest.raises(SensituneError, match="K=\\[2\\]"):
+        compare.main([*argv[:-3], "--kfold", "3", "--augment"])
 
 
 def test_augment_reaches_every_methods_training_loader_and_only_it(tmp_path: Path) -> None:
