@@ -6,7 +6,7 @@ budget chosen on validation for SPT-LoRA where the table has its ladder (`benchm
 its own seed count when fewer seeds ran every rung), and the seed count. The best mean of a row is bold; "-" = not
 run.
 
-    python benchmarks/summary.py            # prints the markdown table
+    python benchmarks/summary.py            # prints the markdown table, then the SPT variants against the targets
 """
 
 from __future__ import annotations
@@ -60,6 +60,37 @@ def markdown(paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+VARIANTS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse")  # what `plan.structured`/allocation offer
+
+
+def targets(paths: list[Path]) -> str:
+    """Each SPT variant against the issue's targets on every table that ran it: its gap to peft LoRA at equal count
+    (target >= 0) and to full fine-tuning (target >= -0.5 on the ViT tables), in test points, worst case first."""
+    rows: dict[str, list[tuple[float, float | None]]] = {v: [] for v in VARIANTS}
+    n_tables = 0
+    for path in paths:
+        by = {s["method"]: 100 * s["test"] for s in summarize(json.loads(path.read_text()))}
+        if "peft-lora" not in by or "full" not in by:
+            continue
+        n_tables += 1
+        vit = "vit" in json.loads(path.read_text())["meta"]["backbone"]
+        for v in VARIANTS:
+            if v in by:
+                rows[v].append((by[v] - by["peft-lora"], by[v] - by["full"] if vit else None))
+    head = "| variant | tables | vs peft LoRA: worst | mean | tables >= 0 | vs full FT on ViT: worst | tables >= -0.5 |"
+    lines = [head, "|---" * 7 + "|"]
+    for v, gaps in rows.items():
+        if not gaps:
+            continue
+        lora = [g for g, _ in gaps]
+        vit = [f for _, f in gaps if f is not None]
+        worst_vit = f"{min(vit):+.1f}" if vit else "-"
+        lines.append(f"| {COLUMNS[v]} | {len(gaps)} of {n_tables} | {min(lora):+.1f} | "
+                     f"{sum(lora) / len(lora):+.1f} | {sum(g >= 0 for g in lora)} | {worst_vit} | "
+                     f"{sum(f >= -0.5 for f in vit)} of {len(vit)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:
     """The balanced-protocol tables, Lite0 first."""
     paths = [p for p in results.glob("compare_*.json") if "imbalanced" not in p.name]
@@ -67,4 +98,5 @@ def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:
 
 
 if __name__ == "__main__":
-    print(markdown(tables()), end="")
+    print(markdown(tables()))
+    print(targets(tables()), end="")

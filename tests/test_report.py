@@ -121,12 +121,36 @@ def test_readme_table_row_from_a_table(tmp_path: Path):
     assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | 2 |"
 
 
+def test_targets_table_gaps_on_known_tables(tmp_path: Path):
+    """Two tables: gaps to peft LoRA on both, to full FT on the ViT one only; worst, mean and counts."""
+    import json
+
+    from benchmarks.summary import targets
+
+    def table(name, backbone, acc):  # one seed-0 row per method at its only lr
+        rows = [{**ROWS[0], "method": m, "lr": 1e-3, "seed": 0, "test_acc": a, "val_acc": 0.9} for m, a in acc.items()]
+        (tmp_path / name).write_text(json.dumps({"meta": {**META, "backbone": backbone}, "rows": rows}))
+        return tmp_path / name
+
+    paths = [table("compare_a.json", "tf_efficientnet_lite0", {"full": 0.95, "peft-lora": 0.90, "spt-lora": 0.92}),
+             table("compare_b.json", "vit_small_patch14_dinov2",
+                   {"full": 0.80, "peft-lora": 0.79, "spt-lora": 0.785, "sparse-only": 0.81})]  # fmt: skip
+    lines = targets(paths).splitlines()
+    # SPT-LoRA: +2.0 and -0.5 vs peft (worst -0.5, mean +0.75, 1 table >= 0); vs full on ViT -1.5 (missed)
+    assert lines[2] == "| SPT-LoRA | 2 of 2 | -0.5 | +0.8 | 1 | -1.5 | 0 of 1 |"
+    assert lines[3] == "| sparse-only | 1 of 2 | +2.0 | +2.0 | 1 | +1.0 | 1 of 1 |"
+    assert len(lines) == 4  # variants no table ran are left out
+
+
 def test_the_readme_comparison_is_the_committed_tables():
     """README's "How it compares" table is `benchmarks/summary.py`'s output on benchmarks/results, line for line."""
-    from benchmarks.summary import markdown, tables
+    from benchmarks.summary import markdown, tables, targets
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text().splitlines()
     start = readme.index(next(ln for ln in readme if ln.startswith("| backbone, task (budget) | linear |")))
     end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
     assert "\n".join(readme[start:end]) + "\n" == markdown(tables()), "run `python benchmarks/summary.py`"
+    start = readme.index(next(ln for ln in readme if ln.startswith("| variant | tables | vs peft LoRA")))
+    end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
+    assert "\n".join(readme[start:end]) + "\n" == targets(tables()), "run `python benchmarks/summary.py`"
