@@ -92,8 +92,10 @@ def targets(paths: list[Path]) -> str:
 
 
 def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:
-    """The balanced-protocol tables, Lite0 first."""
-    paths = [p for p in results.glob("compare_*.json") if "imbalanced" not in p.name]
+    """The balanced-protocol tables with at least one finished method (a table still running may have none),
+    Lite0 first."""
+    paths = [p for p in results.glob("compare_*.json")
+             if "imbalanced" not in p.name and summarize(json.loads(p.read_text()))]  # fmt: skip
     return sorted(paths, key=lambda p: (not p.name.startswith("compare_lite0"), p.name))
 
 
