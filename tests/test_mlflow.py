@@ -256,6 +256,7 @@ def test_fallbacks_of_two_runs_are_both_kept_and_a_stale_replay_sends_no_files(
     with pytest.warns(TrackingWarning):
         log_run(params2, run2, tracking_uri=dead)
     first = json.loads((run2 / FALLBACK_FILE).read_text())["record"]
+    time.sleep(1.1)  # the retry's clock reads a later second: the record keeps the first one's `created`
     with pytest.warns(TrackingWarning):  # the same run again (a retry): still one file
         log_run(params2, run2, tracking_uri=dead)
     assert [f.name for f in run2.glob("mlflow_fallback*.json")] == [FALLBACK_FILE]

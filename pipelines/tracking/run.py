@@ -249,7 +249,7 @@ def _log_or_fallback(record: dict, uri: str | None, register: bool, fallback: Pa
     except Exception as e:  # any tracking failure must leave the trained run intact
         error = " ".join(f"{type(e).__name__}: {e}".split())[:500]
         result.update(status="fallback", error=error, fallback=str(fallback))
-        _keep_unsent(fallback, record)
+        record = _keep_unsent(fallback, record)
         saved = {"tracking_uri": uri, "error": error, "partial_run_id": result["run_id"], "record": record}
         write_json(fallback, saved)
         warnings.warn(
@@ -261,14 +261,17 @@ def _log_or_fallback(record: dict, uri: str | None, register: bool, fallback: Pa
     return result
 
 
-def _keep_unsent(fallback: Path, record: dict) -> None:
-    """An older fallback of another run is renamed (``mlflow_fallback.<created>.json``), not overwritten."""
+def _keep_unsent(fallback: Path, record: dict) -> dict:
+    """An older fallback of another run is renamed (``mlflow_fallback.<created>.json``), not overwritten; a retry
+    of the same run keeps its first ``created``. Returns the record to write."""
     old = read_json(fallback)
     if not isinstance(old, dict) or not isinstance(old.get("record"), dict):
-        return
+        return record
     if old["record"].get("fingerprint") != record.get("fingerprint"):
         stamp = re.sub(r"[^0-9A-Za-z]", "", str(old["record"].get("created", "old")))
         os.replace(fallback, fallback.with_name(f"{fallback.stem}.{stamp}.json"))
+        return record
+    return {**record, "created": old["record"].get("created", record["created"])}
 
 
 def _log_record(record: dict, uri: str, register: bool, result: dict) -> dict[str, Any]:
