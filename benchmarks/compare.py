@@ -641,7 +641,6 @@ def main(argv: list[str] | None = None) -> Path:
     if args.kfold:  # every fold and the refit, at every lr of the grid: selection.py replays the k-fold rule
         folds, refit = kfold_dirs(data_dir, args.kfold)
         kfold.update({**dict(enumerate(folds)), "refit": refit})
-        state.setdefault("kfold", [])
         run_all([(m, seed, lr, args.budget, "none", fold) for seed in range(args.kfold_seeds or args.grid_seeds)
                  for m in methods for lr in grid[m] for fold in [*range(args.kfold), "refit"]])  # fmt: skip
     curve_methods = [m for m in args.curve_methods.split(",") if m]

@@ -69,11 +69,12 @@ def targets(paths: list[Path]) -> str:
     rows: dict[str, list[tuple[float, float | None]]] = {v: [] for v in VARIANTS}
     n_tables = 0
     for path in paths:
-        by = {s["method"]: 100 * s["test"] for s in summarize(json.loads(path.read_text()))}
+        state = json.loads(path.read_text())
+        by = {s["method"]: 100 * s["test"] for s in summarize(state)}
         if "peft-lora" not in by or "full" not in by:
             continue
         n_tables += 1
-        vit = "vit" in json.loads(path.read_text())["meta"]["backbone"]
+        vit = "vit" in state["meta"]["backbone"]
         for v in VARIANTS:
             if v in by:
                 rows[v].append((by[v] - by["peft-lora"], by[v] - by["full"] if vit else None))
@@ -100,5 +101,6 @@ def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:
 
 
 if __name__ == "__main__":
-    print(markdown(tables()))
-    print(targets(tables()), end="")
+    found = tables()
+    print(markdown(found))
+    print(targets(found), end="")
