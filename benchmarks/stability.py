@@ -11,7 +11,9 @@ n-batch measurement, so the pair shows how much two users who measured n batches
 
 - Spearman rank correlation of the two score vectors over all candidate entries (average ranks for ties);
 - top-k overlap |A ∩ B| / k of the two top-k entry sets at the budgets below (what the global top-k allocates);
-- the Pearson correlation of the per-matrix counts of top-k entries (what SPT's α rule turns into LoRA/adapter).
+- the Pearson correlation of the per-matrix counts of top-k entries (what SPT's α rule turns into LoRA/adapter);
+- the overlap of the two per-row plans at 1 % and 2 % (`allocate(..., allocation="per_row")`, the product's default
+  plan: every output row its top-k entries), the entry sets the default actually trains.
 
 With ``--random-head`` the same pool is also measured with the seeded random head (SPT's original), and the table
 says how far a random head's ranking is from the probe's (16 batches each, i.e. the product's default).
@@ -39,17 +41,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import BACKBONES, MALLOC_ENV, PROBE_EPOCHS, SENS_BATCH_SIZE, task_source  # noqa: E402
+from spt_core.allocate import allocate  # noqa: E402
+from spt_core.candidates import Candidate  # noqa: E402
 from spt_core.data import Augment, load_dataset_info, make_loaders, prepare  # noqa: E402
 from spt_core.data.loaders import BalancedSampler  # noqa: E402
 from spt_core.model import create_model  # noqa: E402
 from spt_core.probe import fit_probe  # noqa: E402
-from spt_core.sensitivity import find_candidates, measure_sensitivity  # noqa: E402
+from spt_core.sensitivity import Sensitivity, find_candidates, measure_sensitivity  # noqa: E402
 
 BUDGETS = (0.005, 0.01, 0.02, 0.04)  # top-k fractions of the candidate entries
+PER_ROW_BUDGETS = (0.01, 0.02)  # the per-row plan's budgets, fractions of the candidate entries
 
 
-def per_batch_scores(model: torch.nn.Module, dataset: Any, pool: int, seed: int) -> tuple[np.ndarray, list]:
-    """(pool, entries) float32: g² of every candidate entry on each class-balanced batch; the matrix names+sizes."""
+def per_batch_scores(
+    model: torch.nn.Module, dataset: Any, pool: int, seed: int
+) -> tuple[np.ndarray, dict[str, Candidate]]:
+    """(pool, entries) float32: g² of every candidate entry on each class-balanced batch (the candidates' order);
+    the candidates."""
     cands = find_candidates(model)
     loader = DataLoader(dataset, batch_size=SENS_BATCH_SIZE, sampler=BalancedSampler(dataset.labels, seed))
     rows = []
@@ -60,12 +68,30 @@ def per_batch_scores(model: torch.nn.Module, dataset: Any, pool: int, seed: int)
         rows.append(torch.cat([sens.scores[n].reshape(-1) for n in cands]).numpy())
     if len(rows) < pool:
         raise SystemExit(f"--pool {pool}: the training split has only {len(rows)} batches of {SENS_BATCH_SIZE}")
-    return np.stack(rows), [(n, int(np.prod(c.shape))) for n, c in cands.items()]
+    return np.stack(rows), cands
 
 
-def agreement(a: np.ndarray, b: np.ndarray, sizes: list[int]) -> dict[str, float]:
-    """Spearman of the two score vectors, top-k overlap and per-matrix top-k count correlation per budget."""
+def per_row_entries(scores: np.ndarray, cands: dict[str, Candidate], frac: float) -> np.ndarray:
+    """Flat indices (into `scores`, the candidates' order) of the entries the per-row plan trains at `frac` of
+    the candidate entries: the product's own rule, `allocate(..., structured="none", allocation="per_row")`."""
+    split, offsets, start = {}, {}, 0
+    for n, c in cands.items():
+        split[n], offsets[n] = torch.from_numpy(scores[start : start + c.numel]).reshape(c.shape), start
+        start += c.numel
+    plan = allocate(Sensitivity(split, cands, {"backbone_params": start}), max(1, int(frac * start)),
+                    structured="none", allocation="per_row")  # fmt: skip
+    return np.concatenate([plan.indices[n].numpy() + offsets[n] for n in plan.indices])
+
+
+def agreement(
+    a: np.ndarray, b: np.ndarray, sizes: list[int], cands: dict[str, Candidate] | None = None
+) -> dict[str, float]:
+    """Spearman of the two score vectors, top-k overlap and per-matrix top-k count correlation per budget; with
+    the candidates, also the overlap of the two per-row plans (`per_row@f`)."""
     out = {"spearman": float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])}
+    for f in PER_ROW_BUDGETS if cands else ():
+        ra, rb = per_row_entries(a, cands, f), per_row_entries(b, cands, f)
+        out[f"per_row@{f:g}"] = len(np.intersect1d(ra, rb, assume_unique=True)) / len(ra)
     bounds = np.cumsum([0, *sizes])
     for f in BUDGETS:
         k = max(1, int(f * len(a)))
@@ -76,13 +102,13 @@ def agreement(a: np.ndarray, b: np.ndarray, sizes: list[int]) -> dict[str, float
     return out
 
 
-def bootstrap(g2: np.ndarray, sizes: list[int], ns: list[int], reps: int, seed: int) -> list[dict[str, Any]]:
-    rng, rows = np.random.default_rng(seed), []
+def bootstrap(g2: np.ndarray, cands: dict[str, Candidate], ns: list[int], reps: int, seed: int) -> list[dict[str, Any]]:
+    rng, rows, sizes = np.random.default_rng(seed), [], [c.numel for c in cands.values()]
     for n in ns:
         draws = []
         for _ in range(reps):
             pick = rng.choice(len(g2), size=2 * n, replace=False)
-            draws.append(agreement(g2[pick[:n]].sum(0), g2[pick[n:]].sum(0), sizes))
+            draws.append(agreement(g2[pick[:n]].sum(0), g2[pick[n:]].sum(0), sizes, cands))
         keys = draws[0].keys()
         rows.append({"batches": n, "images": n * SENS_BATCH_SIZE, "reps": reps,
                      **{k: float(np.mean([d[k] for d in draws])) for k in keys},
@@ -128,16 +154,16 @@ def main(argv: list[str] | None = None) -> Path:
     model, info = _model(name, weights, img, n_classes, args.seed)
     loaders = make_loaders(data_dir, info.preprocess, batch_size=SENS_BATCH_SIZE, seed=args.seed)
     probe = fit_probe(model, loaders, epochs=PROBE_EPOCHS, seed=args.seed, device="cpu")
-    g2, mats = per_batch_scores(model, loaders["train"].dataset, args.pool, args.seed)
+    g2, cands = per_batch_scores(model, loaders["train"].dataset, args.pool, args.seed)
     measure_s = time.perf_counter() - t0
-    sizes = [s for _, s in mats]
-    rows = bootstrap(g2, sizes, ns, args.reps, args.seed)
+    sizes = [c.numel for c in cands.values()]
+    rows = bootstrap(g2, cands, ns, args.reps, args.seed)
     heads = None
     if args.random_head:
         m = min(16, args.pool)
         rnd, _ = _model(name, weights, img, n_classes, args.seed)  # same seed: the head the probe started from
         g2r, _ = per_batch_scores(rnd, loaders["train"].dataset, m, args.seed)
-        heads = {"batches": m, **agreement(g2[:m].sum(0), g2r.sum(0), sizes)}
+        heads = {"batches": m, **agreement(g2[:m].sum(0), g2r.sum(0), sizes, cands)}
     augmented = None
     if args.augmented:  # the same images in the same order, through the training augmentation
         m = min(16, args.pool)
@@ -145,9 +171,9 @@ def main(argv: list[str] | None = None) -> Path:
         torch.manual_seed(args.seed)
         random.seed(args.seed)  # timm's RandomResizedCrop draws from `random`
         g2a, _ = per_batch_scores(model, aug["train"].dataset, m, args.seed)
-        augmented = {"batches": m, **agreement(g2[:m].sum(0), g2a.sum(0), sizes)}
+        augmented = {"batches": m, **agreement(g2[:m].sum(0), g2a.sum(0), sizes, cands)}
     result = {"backbone": args.backbone, "model": name, "img_size": img, "task": args.task, "data_dir": str(data_dir),
-              "entries": int(g2.shape[1]), "matrices": len(mats), "pool": args.pool, "batch_size": SENS_BATCH_SIZE,
+              "entries": int(g2.shape[1]), "matrices": len(cands), "pool": args.pool, "batch_size": SENS_BATCH_SIZE,
               "probe_val_acc": probe.val_acc, "measure_seconds": round(measure_s, 1), "rows": rows, "heads": heads,
               "augmented": augmented,
               "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads",
@@ -169,23 +195,26 @@ def report(r: dict[str, Any]) -> str:
              f"{r['rows'][0]['reps']} draws; mean (5th percentile) of the agreement of their two Σg² measurements. "
              f"Machine: {r['machine']}; {r['measure_seconds']} s for the probe and the pool.", "",
              "| batches | images | Spearman (all entries) | top-0.5 % overlap | top-1 % overlap | top-2 % overlap | "
-             "top-4 % overlap | per-tensor top-2 % count r |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "top-4 % overlap | per-tensor top-2 % count r | per-row plan 1 % overlap | per-row plan 2 % overlap |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x in r["rows"]:
         cell = lambda k, x=x: f"{x[k]:.3f} ({x[k + '_p05']:.3f})"  # noqa: E731
         lines.append(f"| {x['batches']} | {x['images']} | {cell('spearman')} | {cell('overlap@0.005')} | "
                      f"{cell('overlap@0.01')} | {cell('overlap@0.02')} | {cell('overlap@0.04')} | "
-                     f"{cell('matrix_r@0.02')} |")  # fmt: skip
+                     f"{cell('matrix_r@0.02')} | {cell('per_row@0.01')} | {cell('per_row@0.02')} |")  # fmt: skip
     if r.get("heads"):
         h = r["heads"]
         lines += ["", f"Random head (SPT's original) vs the probe head, {h['batches']} batches each (16: the product's "
                   f"default), the same batches: Spearman {h['spearman']:.3f}, top-1 % overlap "
                   f"{h['overlap@0.01']:.3f}, top-2 % overlap {h['overlap@0.02']:.3f}, "
-                  f"per-tensor top-2 % count r {h['matrix_r@0.02']:.3f}."]  # fmt: skip
+                  f"per-tensor top-2 % count r {h['matrix_r@0.02']:.3f}, per-row plan 1 % / 2 % overlap "
+                  f"{h['per_row@0.01']:.3f} / {h['per_row@0.02']:.3f}."]  # fmt: skip
     if r.get("augmented"):
         a = r["augmented"]
         lines += ["", f"Augmented vs plain batches (the same {a['batches']} batches, the same probe head, through "
                   f"`spt_core.data.Augment`): Spearman {a['spearman']:.3f}, top-1 % overlap {a['overlap@0.01']:.3f}, "
-                  f"top-2 % overlap {a['overlap@0.02']:.3f}, per-tensor top-2 % count r {a['matrix_r@0.02']:.3f}. "
+                  f"top-2 % overlap {a['overlap@0.02']:.3f}, per-tensor top-2 % count r {a['matrix_r@0.02']:.3f}, "
+                  f"per-row plan 1 % / 2 % overlap {a['per_row@0.01']:.3f} / {a['per_row@0.02']:.3f}. "
                   f"For scale: the {a['batches']}-batch row above (two disjoint sets of plain batches)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -2,9 +2,9 @@
 
 One row per `results/compare_<backbone>_<task>.json` (the balanced protocol; `--imbalance` tables have their own
 section): mean test % over seeds at each method's validation-chosen lr (`benchmarks.report.summarize`), the
-budget chosen on validation for SPT-LoRA where the table has its ladder (`benchmarks.report.budget_on_val`; with
-its own seed count when fewer seeds ran every rung), and the seed count. The best mean of a row is bold; "-" = not
-run.
+budget chosen on validation for per-row sparse (the product's default plan) and SPT-LoRA where the table has
+their ladder (`benchmarks.report.budget_on_val`; with its own seed count when fewer seeds ran every rung), and the
+seed count. The best mean of a row is bold; "-" = not run.
 
     python benchmarks/summary.py            # prints the markdown table, then the SPT variants against the targets
 """
@@ -25,37 +25,48 @@ from benchmarks.report import budget_on_val, summarize  # noqa: E402
 HEADERS = {"bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA", "random-sparse": "random sparse",
            "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "per-row-sparse": "per-row sparse"}  # fmt: skip
 COLUMNS = {m: HEADERS.get(m, m) for m in METHODS}  # method -> header, in the harness's order
-AUTO = "SPT-LoRA, budget on val"
+AUTO = {"per-row-sparse": "per-row, budget on val", "spt-lora": "SPT-LoRA, budget on val"}  # method -> header
+DEFAULT = "per-row-sparse"  # the product's default plan (params.yaml: plan.allocation per_row, structured none)
 NAMES = {"tf_efficientnet_lite0": "Lite0", "vit_small_patch14_dinov2": "ViT-S/14"}
 
 
-def table_row(state: dict) -> tuple[str, dict[str, float | None], str, int]:
-    """(row label, {column: mean test %}, seeds, seeds of the budget-on-val column) of one compare table."""
+def auto_cells(state: dict) -> dict[str, tuple[float, int] | None]:
+    """method -> (mean test % of the budget chosen on validation, seeds), None where the table has no ladder."""
+    out: dict[str, tuple[float, int] | None] = {}
+    for m in AUTO:
+        picks = budget_on_val(state, m)
+        out[m] = (100 * sum(p["row"]["test_acc"] for p in picks) / len(picks), len(picks)) if picks else None
+    return out
+
+
+def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str, int]]:
+    """(row label, {method or AUTO key: mean test %}, seeds, {AUTO key: seeds of its budget-on-val column})."""
     meta = state["meta"]
     by = {s["method"]: s for s in summarize(state)}
     cells: dict[str, float | None] = {m: (100 * by[m]["test"] if m in by else None) for m in COLUMNS}
-    picks = budget_on_val(state, "spt-lora")
-    cells[AUTO] = 100 * sum(p["row"]["test_acc"] for p in picks) / len(picks) if picks else None
+    autos = auto_cells(state)
+    cells |= {f"auto:{m}": (a[0] if a else None) for m, a in autos.items()}
     seeds = sorted({len(s["seeds"]) for s in by.values()})
     name = NAMES.get(meta["backbone"], meta["backbone"])
     label = f"{name} @{meta['img_size']}, {meta['task']} ({meta['budget'].replace('%', ' %')})"
     n = "-".join(str(n) for n in (seeds[0], seeds[-1])) if len(seeds) > 1 else str(seeds[0])
-    return label, cells, n, len(picks)
+    return label, cells, n, {f"auto:{m}": a[1] for m, a in autos.items() if a}
 
 
 def markdown(paths: list[Path]) -> str:
-    head = [*COLUMNS.values(), AUTO]
+    keys = [*COLUMNS, *(f"auto:{m}" for m in AUTO)]
+    head = [*COLUMNS.values(), *AUTO.values()]
     lines = ["| backbone, task (budget) | " + " | ".join(head) + " | seeds |", "|---" * (len(head) + 2) + "|"]
     for path in paths:
         label, cells, seeds, auto_seeds = table_row(json.loads(path.read_text()))
         best = max((v for v in cells.values() if v is not None), default=None)
         shown = []
-        for key in [*COLUMNS, AUTO]:
+        for key in keys:
             v = cells[key]
             text = "-" if v is None else f"{v:.1f}"
             text = f"**{text}**" if v is not None and round(v, 1) == round(best, 1) else text
-            shown.append(f"{text} ({auto_seeds} seed{'s' * (auto_seeds > 1)})" if key == AUTO and v is not None
-                         and str(auto_seeds) != seeds else text)  # fmt: skip
+            n = auto_seeds.get(key)
+            shown.append(f"{text} ({n} seed{'s' * (n > 1)})" if n is not None and str(n) != seeds else text)
         lines.append(f"| {label} | " + " | ".join(shown) + f" | {seeds} |")
     return "\n".join(lines) + "\n"
 
@@ -65,8 +76,11 @@ VARIANTS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse")  # what 
 
 def targets(paths: list[Path]) -> str:
     """Each SPT variant against the issue's targets on every table that ran it: its gap to peft LoRA at equal count
-    (target >= 0) and to full fine-tuning (target >= -0.5 on the ViT tables), in test points, worst case first."""
+    (target >= 0), to full fine-tuning (target >= -0.5 on the ViT tables), and, for a variant with a ladder, the
+    budget chosen on validation against full fine-tuning (target >= -0.5 on the Lite0 tables); test points, worst
+    case first. The default plan is marked."""
     rows: dict[str, list[tuple[float, float | None]]] = {v: [] for v in VARIANTS}
+    chosen: dict[str, list[float]] = {v: [] for v in VARIANTS}
     n_tables = 0
     for path in paths:
         state = json.loads(path.read_text())
@@ -78,18 +92,27 @@ def targets(paths: list[Path]) -> str:
         for v in VARIANTS:
             if v in by:
                 rows[v].append((by[v] - by["peft-lora"], by[v] - by["full"] if vit else None))
-    head = "| variant | tables | vs peft LoRA: worst | mean | tables >= 0 | vs full FT on ViT: worst | tables >= -0.5 |"
-    lines = [head, "|---" * 7 + "|"]
+        if not vit:
+            for m, a in auto_cells(state).items():
+                if a is not None:
+                    chosen[m].append(a[0] - by["full"])
+    head = ("| variant | tables | vs peft LoRA: worst | mean | tables >= 0 | vs full FT on ViT: worst | tables >= -0.5 "
+            "| budget on val vs full FT on Lite0: worst | tables >= -0.5 |")  # fmt: skip
+    lines = [head, "|---" * 9 + "|"]
     for v, gaps in rows.items():
         if not gaps:
             continue
         lora = [g for g, _ in gaps]
         vit = [f for _, f in gaps if f is not None]
-        worst_vit = f"{min(vit):+.1f}" if vit else "-"
-        lines.append(f"| {COLUMNS[v]} | {len(gaps)} of {n_tables} | {min(lora):+.1f} | "
-                     f"{sum(lora) / len(lora):+.1f} | {sum(g >= 0 for g in lora)} | {worst_vit} | "
-                     f"{sum(f >= -0.5 for f in vit)} of {len(vit)} |")  # fmt: skip
+        name = COLUMNS[v] + (" (default)" if v == DEFAULT else "")
+        lines.append(f"| {name} | {len(gaps)} of {n_tables} | {min(lora):+.1f} | {sum(lora) / len(lora):+.1f} | "
+                     f"{sum(g >= 0 for g in lora)} | {_worst(vit)} | {_worst(chosen[v])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _worst(gaps: list[float], floor: float = -0.5) -> str:
+    """ "worst | n of N" cells: the smallest gap and how many gaps reach the floor; "- | -" without any."""
+    return f"{min(gaps):+.1f} | {sum(g >= floor for g in gaps)} of {len(gaps)}" if gaps else "- | -"
 
 
 def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:

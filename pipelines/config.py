@@ -105,13 +105,14 @@ class PlanSection:
                      "budget with the best validation score)", verbs=("plan", "run"))  # fmt: skip
     ladder: list[str] = _f(["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"],
                            "budget: auto tries these, smallest first; full = every backbone value")  # fmt: skip
-    structured: str = _f("lora", "lora | adapter | none (sparse only)", verbs=("plan", "run"))
+    structured: str = _f("none", "none (sparse deltas only) | lora | adapter (allocation: global)",
+                         verbs=("plan", "run"))  # fmt: skip
     rank: int = _f(8, "LoRA rank / adapter width", verbs=("plan", "run"))
     alpha: float = _f(10.0, "structured when >= module params/alpha entries are selected", verbs=("plan",))
     beta: float = _f(5.0, "vector trained whole when >= 1/beta of it is selected", verbs=("plan",))
     allocation: str = _f(
-        "global", "global (one top-k, then the alpha/beta rule) | per_row (every output row its top-k entries; "
-        "structured: none)", verbs=("plan",), choices=("global", "per_row"),
+        "per_row", "per_row (every output row its top-k entries; structured: none) | global (one top-k, then the "
+        "alpha/beta rule)", verbs=("plan", "run"), choices=("per_row", "global"),
     )  # fmt: skip
 
 
@@ -297,6 +298,10 @@ def _cross_problems(params: Params) -> list[str]:
     if d.get("split") is not None and counts:
         out.append(f"data.split and data.{counts[0]} are two split modes: set data.split: null to split by counts, "
                    f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
+    p = params.get("plan", {})
+    if p.get("allocation") == "per_row" and p.get("structured") not in (None, "none"):
+        out.append(f"plan.allocation=per_row trains single entries only (plan.structured: none); "
+                   f"plan.structured={p['structured']} needs plan.allocation: global")  # fmt: skip
     if d.get("ok_class") is None and params.get("train", {}).get("select") == "overkill_at_escape":
         out.append("train.select=overkill_at_escape needs data.ok_class (the good class)")
     return out

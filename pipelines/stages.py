@@ -189,7 +189,8 @@ def merge_stage(params: Params, check_images: int = 16) -> dict:
 def _unmergeable(plan: Plan) -> str:
     kinds = sorted({t.kind for t in plan.targets})
     return (f"plan.structured={plan.structured!r} gives tuners ({', '.join(kinds)}) that cannot be folded into a "
-            "plain model; use plan.structured: lora or none for a model the edge can serve")  # fmt: skip
+            "plain model; for a model the edge can serve use plan.structured: none (the default) or lora "
+            "(with plan.allocation: global)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- predict

@@ -92,10 +92,12 @@ class Plan:
     def summary(self) -> str:
         """A short human-readable table of the plan."""
         pct = 100.0 * self.trainable / max(self.backbone_params, 1)
+        rule = f"structured={self.structured} rank={self.rank} alpha={self.alpha:g} beta={self.beta:g}"
+        if self.meta.get("allocation") == "per_row":
+            rule = "allocation=per_row (every output row its top-k entries)"
         lines = [
             f"plan: {self.trainable:,} trainable backbone values ({pct:.3f}% of {self.backbone_params:,}); "
-            f"requested {self.budget:,}; structured={self.structured} rank={self.rank} "
-            f"alpha={self.alpha:g} beta={self.beta:g}",
+            f"requested {self.budget:,}; {rule}",
         ]
         for k, v in self.by_kind().items():
             lines.append(f"  {k:<8} {v['targets']:>5} targets {v['params']:>12,} values")

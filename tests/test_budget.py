@@ -164,8 +164,10 @@ def test_per_row_allocation_from_the_cli(auto_project, monkeypatch, capsys, tmp_
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["meta"]["allocation"] == "per_row" and set(plan["by_kind"]) >= {"sparse"}
     assert plan["trainable"] == plan["by_kind"]["sparse"]["params"] == plan["budget"]
-    assert main([*base, "--set", "plan.allocation=per_row"]) == 2  # structured: lora (the default) builds modules
-    assert "set plan.structured: none" in capsys.readouterr().err
+    assert main([*base, "--set", "plan.allocation=per_row", "--set", "plan.structured=lora"]) == 2  # modules
+    assert "plan.structured=lora needs plan.allocation: global" in capsys.readouterr().err
+    assert main([*base, "--set", "plan.allocation=global", "--set", "plan.structured=lora"]) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["meta"].get("allocation", "global") == "global"
 
 
 def test_a_plain_plan_trains_the_model_it_probed_and_gets_the_numbers_of_a_fresh_build(
@@ -188,7 +190,8 @@ def test_a_plain_plan_trains_the_model_it_probed_and_gets_the_numbers_of_a_fresh
             monkeypatch.setattr(training, "_fit_plan", lambda *a, built=None, **kw: real_fit_plan(*a, **kw))
         builds.clear()
         common = ["--config", "params.yaml", "--run", str(run), "-q"]
-        assert main(["plan", *common, "--budget", "5%"]) == 0 and main(["train", *common]) == 0
+        lora = ["--structured", "lora", "--allocation", "global"]  # LoRA: its init draws from the RNG
+        assert main(["plan", *common, "--budget", "5%", *lora]) == 0 and main(["train", *common]) == 0
         assert len(builds) == (1 if mode == "reuse" else 2)
         plan, values, _ = read_tuned(run / "tuned")
         assert plan.by_kind().get("lora", {}).get("params", 0) > 0  # LoRA's A is drawn from the RNG at apply_plan

@@ -149,7 +149,16 @@ BAD = [
     ("bad budget text", lambda p: ["plan", "--config", "params.yaml", "--budget", "lots"], "budget='lots'"),
     ("zero budget", lambda p: ["plan", "--config", "params.yaml", "--budget", "0"], "positive budget"),
     ("budget above model", lambda p: ["plan", "--config", "params.yaml", "--budget", "900M"], "exceeds"),
-    ("bad structured", lambda p: ["plan", "--config", "params.yaml", "--structured", "dora"], "structured='dora'"),
+    (
+        "bad structured",
+        lambda p: ["plan", "--config", "params.yaml", "--structured", "dora", "--allocation", "global"],
+        "structured='dora'",
+    ),
+    (
+        "modules with per-row",
+        lambda p: ["plan", "--config", "params.yaml", "--structured", "lora"],
+        "plan.structured=lora needs plan.allocation: global",
+    ),
     ("no sensitivity yet", lambda p: ["plan", "--config", "params.yaml", "--run", str(p / "empty")], "measure"),
     ("unknown model", lambda p: ["measure", "--config", "params.yaml", "--model", "vit_hugee"], "unknown model"),
     ("weights file missing", lambda p: ["measure", "--config", "params.yaml", "--weights", "w.pth"], "w.pth"),

@@ -389,6 +389,22 @@ def test_stability_agreement_on_known_vectors() -> None:
     assert h["overlap@0.01"] == 0.0 and h["overlap@0.02"] == 0.5
 
 
+def test_stability_per_row_overlap_is_the_default_plans_entry_sets() -> None:
+    """Two 10x50 matrices: flipping the order within the top row empties the global top-1 % overlap, but the
+    per-row plan (1 % = 10 entries: each of the 10 best rows its best entry) still shares 9 of 10."""
+    from benchmarks.stability import agreement, per_row_entries
+    from spt_core.candidates import Candidate
+
+    cands = {f"m{i}.weight": Candidate(f"m{i}.weight", f"m{i}", "weight", "linear", (10, 50), i) for i in (0, 1)}
+    a = np.arange(1000, dtype=np.float32)
+    assert sorted(per_row_entries(a, cands, 0.01)) == list(range(549, 1000, 50))  # the max of rows 10-19
+    b = a.copy()
+    b[950:] = a[950:][::-1]  # the top row (m1's last) now peaks at its first entry
+    r = agreement(a, b, [500, 500], cands)
+    assert r["overlap@0.01"] == 0.0 and r["per_row@0.01"] == 0.9
+    assert agreement(a, a.copy(), [500, 500], cands)["per_row@0.02"] == 1.0
+
+
 def test_stability_script_end_to_end(tmp_path: Path) -> None:
     from benchmarks import stability
 

@@ -231,6 +231,7 @@ def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: 
     """Adapters are nonlinear: no plain model to merge or export, yet `dvc repro` runs to the end."""
     repo, run = pipeline
     _set_param(repo, "plan", "structured", "adapter")
+    _set_param(repo, "plan", "allocation", "global")
     ran = RAN.findall(run("dvc", "repro"))
     assert {"plan", "train", "evaluate", "merge", "export", "track"} <= set(ran), ran
     plan = json.loads((repo / "runs/main/plan.json").read_text())

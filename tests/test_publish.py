@@ -120,7 +120,7 @@ def test_epoch_metrics_are_logged_live_with_their_own_timestamps(
     assert res["run_id"] == live.run_id
     r = client.get_run(live.run_id)
     assert len(client.get_metric_history(live.run_id, "val_acc")) == 3 and r.info.status == "FINISHED"
-    assert r.info.run_name == "test_vit 5% lora data=01234567"
+    assert r.info.run_name == "test_vit 5% per_row data=01234567"
     ds = r.inputs.dataset_inputs[0].dataset
     assert json.loads(ds.profile)["dvc_md5"].startswith("0123") and json.loads(ds.profile)["class_counts"]
     exp = client.get_experiment(r.info.experiment_id)

@@ -85,6 +85,7 @@ def test_every_page_loads_with_no_request_leaving_loopback(browser: Any, box: Bo
     tab = open_page(browser, box, "line", None)
     tab.goto(box.base)
     assert tab.url.endswith("/ui/line")
+    tab.locator("#view", has_text="Sign in needed").wait_for()  # the page renders after its script runs
     assert "Sign in needed" in tab.locator("#view").inner_text()
     tab.context.close()
 

@@ -133,10 +133,13 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
 
 
 def run_name(params: dict, model_name: str | None, data_version: str | None) -> str:
-    """``<model> <budget> <structured> data=<version[:8]>``: short enough that MLflow's column shows it all."""
+    """``<model> <budget> <plan kind> data=<version[:8]>``: short enough that MLflow's column shows it all; the kind
+    is ``per_row`` for the per-row allocation, else ``plan.structured`` (lora, adapter, none)."""
     short = str(model_name or params["model"]["name"]).removeprefix("tf_").replace("efficientnet", "effnet")
     data = (data_version or "none").removeprefix("fp-")[:8]
-    return f"{short} {params['plan']['budget']} {params['plan']['structured']} data={data}"
+    plan = params["plan"]
+    kind = "per_row" if plan.get("allocation") == "per_row" else plan["structured"]
+    return f"{short} {plan['budget']} {kind} data={data}"
 
 
 def data_version(params: dict) -> str | None:
