@@ -16,7 +16,7 @@ n-batch measurement, so the pair shows how much two users who measured n batches
   plan: every output row its top-k entries), the entry sets the default actually trains.
 
 With ``--random-head`` the same pool is also measured with the seeded random head (SPT's original), and the table
-says how far a random head's ranking is from the probe's (16 batches each, i.e. the product's default).
+says how far a random head's ranking is from the probe's (16 batches of 32 each, SPT's setting).
 
 Writes benchmarks/results/stability_<backbone>_<task>.{md,json}.
 """
@@ -204,8 +204,8 @@ def report(r: dict[str, Any]) -> str:
                      f"{cell('matrix_r@0.02')} | {cell('per_row@0.01')} | {cell('per_row@0.02')} |")  # fmt: skip
     if r.get("heads"):
         h = r["heads"]
-        lines += ["", f"Random head (SPT's original) vs the probe head, {h['batches']} batches each (16: the product's "
-                  f"default), the same batches: Spearman {h['spearman']:.3f}, top-1 % overlap "
+        lines += ["", f"Random head (SPT's original) vs the probe head, {h['batches']} batches each (16 x 32: SPT's "
+                  f"setting), the same batches: Spearman {h['spearman']:.3f}, top-1 % overlap "
                   f"{h['overlap@0.01']:.3f}, top-2 % overlap {h['overlap@0.02']:.3f}, "
                   f"per-tensor top-2 % count r {h['matrix_r@0.02']:.3f}, per-row plan 1 % / 2 % overlap "
                   f"{h['per_row@0.01']:.3f} / {h['per_row@0.02']:.3f}."]  # fmt: skip

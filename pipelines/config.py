@@ -300,8 +300,11 @@ def _cross_problems(params: Params) -> list[str]:
                    f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
     p = params.get("plan", {})
     if p.get("allocation") == "per_row" and p.get("structured") not in (None, "none"):
-        out.append(f"plan.allocation=per_row trains single entries only (plan.structured: none); "
-                   f"plan.structured={p['structured']} needs plan.allocation: global")  # fmt: skip
+        from spt_core.tuners.registry import structured_choices  # lazy: torch is imported on this path only
+
+        if p["structured"] in structured_choices():  # an unknown kind gets the plan stage's "use one of" line
+            out.append(f"plan.allocation=per_row trains single entries only (plan.structured: none); "
+                       f"plan.structured={p['structured']} needs plan.allocation: global")  # fmt: skip
     if d.get("ok_class") is None and params.get("train", {}).get("select") == "overkill_at_escape":
         out.append("train.select=overkill_at_escape needs data.ok_class (the good class)")
     return out

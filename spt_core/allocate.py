@@ -188,13 +188,13 @@ def allocate(
     """
     if allocation not in ALLOCATIONS:
         raise PlanError(f"allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+    if structured not in structured_choices():
+        raise PlanError(f"structured={structured!r}: use one of {', '.join(structured_choices())}")
     if allocation == "per_row" and structured != "none":
         raise PlanError(
             f"allocation=per_row chooses single entries only, structured={structured!r} builds modules: "
             "set plan.structured: none, or plan.allocation: global"
         )
-    if structured not in structured_choices():
-        raise PlanError(f"structured={structured!r}: use one of {', '.join(structured_choices())}")
     if rank < 1 or alpha < 1 or beta < 1:
         # alpha < 1 would make a module cheaper than the entries that trigger it: count(k) stops being monotone
         raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha >= 1, beta >= 1")

@@ -149,11 +149,7 @@ BAD = [
     ("bad budget text", lambda p: ["plan", "--config", "params.yaml", "--budget", "lots"], "budget='lots'"),
     ("zero budget", lambda p: ["plan", "--config", "params.yaml", "--budget", "0"], "positive budget"),
     ("budget above model", lambda p: ["plan", "--config", "params.yaml", "--budget", "900M"], "exceeds"),
-    (
-        "bad structured",
-        lambda p: ["plan", "--config", "params.yaml", "--structured", "dora", "--allocation", "global"],
-        "structured='dora'",
-    ),
+    ("bad structured", lambda p: ["plan", "--config", "params.yaml", "--structured", "dora"], "structured='dora'"),
     (
         "modules with per-row",
         lambda p: ["plan", "--config", "params.yaml", "--structured", "lora"],

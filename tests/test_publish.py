@@ -125,3 +125,15 @@ def test_epoch_metrics_are_logged_live_with_their_own_timestamps(
     assert json.loads(ds.profile)["dvc_md5"].startswith("0123") and json.loads(ds.profile)["class_counts"]
     exp = client.get_experiment(r.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_run_name_names_the_plan_kind() -> None:
+    """The run name carries the rule that made the plan: per_row for the default, else plan.structured."""
+    from pipelines.tracking.common import run_name
+
+    params = {"model": {"name": "tf_efficientnet_lite0"}, "plan": {"budget": "1%", "structured": "none"}}
+    per_row = {**params, "plan": {**params["plan"], "allocation": "per_row"}}
+    lora = {**params, "plan": {"budget": "1%", "structured": "lora", "allocation": "global"}}
+    assert run_name(per_row, None, "fp-0123456789ab") == "effnet_lite0 1% per_row data=01234567"
+    assert run_name(lora, None, None) == "effnet_lite0 1% lora data=none"
+    assert run_name({**params, "plan": {**params["plan"], "allocation": "global"}}, "m", "v") == "m 1% none data=v"
