@@ -7,6 +7,7 @@ here only to score a rule after it has chosen. The rules:
   epoch rules   acc       the epoch with the best validation accuracy (first on ties): the harness and product
                 loss      the epoch with the lowest validation loss
                 smooth    the best centred 3-epoch mean of validation accuracy (ends: the 2 epochs there are)
+                acc>loss  the best validation accuracy, ties broken by the lower validation loss (also between lrs)
   lr rules      seed0     one lr per method from seed 0's validation (the harness so far)
                 pooled    one lr per method from the mean validation score over every grid seed
                 per-seed  each seed its own lr from its own validation
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,24 +46,35 @@ def _smooth(values: list[float]) -> list[float]:
     return [sum(values[max(0, i - 1) : i + 2]) / len(values[max(0, i - 1) : i + 2]) for i in range(len(values))]
 
 
-def _pick(values: list[float]) -> int:
+Score = tuple[float, ...]  # compared left to right: a rule's criterion, then its tie-break
+
+
+def _pick(values: list[Score]) -> int:
     """Index of the first maximum."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-EPOCH_RULES: dict[str, Callable[[Curve], int]] = {
-    "acc": lambda c: _pick([e["val_acc"] for e in c]),
-    "loss": lambda c: _pick([-e["val_loss"] for e in c]),
-    "smooth": lambda c: _pick(_smooth([e["val_acc"] for e in c])),
-}
-
-
-def _val_score(curve: Curve, rule: str) -> float:
-    """The validation number a rule compares learning rates by: its own criterion at its chosen epoch."""
-    i = EPOCH_RULES[rule](curve)
+def _scores(curve: Curve, rule: str) -> list[Score]:
+    """Each epoch's validation score under `rule` (higher is better)."""
     if rule == "loss":
-        return -curve[i]["val_loss"]
-    return _smooth([e["val_acc"] for e in curve])[i] if rule == "smooth" else curve[i]["val_acc"]
+        return [(-e["val_loss"],) for e in curve]
+    if rule == "smooth":
+        return [(v,) for v in _smooth([e["val_acc"] for e in curve])]
+    if rule == "acc>loss":
+        return [(e["val_acc"], -e["val_loss"]) for e in curve]
+    return [(e["val_acc"],) for e in curve]
+
+
+EPOCH_RULES = ("acc", "loss", "smooth", "acc>loss")
+
+
+def _epoch(curve: Curve, rule: str) -> int:
+    return _pick(_scores(curve, rule))
+
+
+def _val_score(curve: Curve, rule: str) -> Score:
+    """What a rule compares learning rates by: its own score at its chosen epoch."""
+    return _scores(curve, rule)[_epoch(curve, rule)]
 
 
 def replay(rows: list[dict], method: str, epoch_rule: str, lr_rule: str) -> dict[int, float]:
@@ -74,20 +85,23 @@ def replay(rows: list[dict], method: str, epoch_rule: str, lr_rule: str) -> dict
     if not seeds:
         return {}
 
-    def score(seed: int, lr: float) -> float:
+    def score(seed: int, lr: float) -> Score:
         return _val_score(runs[seed, lr], epoch_rule)
+
+    def pooled(lr: float) -> Score:  # each component summed over the seeds
+        return tuple(map(sum, zip(*(score(s, lr) for s in seeds))))
 
     if lr_rule == "seed0":
         lr0 = max(lrs, key=lambda lr: (score(seeds[0], lr), -lr))
         chosen = {s: lr0 for s in seeds}
     elif lr_rule == "pooled":
-        lr0 = max(lrs, key=lambda lr: (sum(score(s, lr) for s in seeds), -lr))
+        lr0 = max(lrs, key=lambda lr: (pooled(lr), -lr))
         chosen = {s: lr0 for s in seeds}
     elif lr_rule == "per-seed":
         chosen = {s: max(lrs, key=lambda lr, s=s: (score(s, lr), -lr)) for s in seeds}
     else:
         raise ValueError(lr_rule)
-    return {s: runs[s, chosen[s]][EPOCH_RULES[epoch_rule](runs[s, chosen[s]])]["test_acc"] for s in seeds}
+    return {s: runs[s, chosen[s]][_epoch(runs[s, chosen[s]], epoch_rule)]["test_acc"] for s in seeds}
 
 
 def kfold(rows: list[dict], method: str, by: str = "acc") -> dict[int, float]:

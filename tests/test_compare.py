@@ -264,6 +264,30 @@ def test_selection_replay_rules_on_known_curves() -> None:
     assert replay(rows, "spt-lora", "loss", "per-seed") == {0: 0.80, 1: 0.97}
 
 
+def test_acc_then_loss_breaks_accuracy_ties_by_loss_for_epochs_and_lrs() -> None:
+    """Saturated validation accuracy: "acc" takes the first epoch and the smaller lr, "acc>loss" the lower loss."""
+    from benchmarks.selection import replay
+
+    def run(seed, lr, vals, losses, tests):
+        curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
+                 for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
+        return {"method": "full", "seed": seed, "lr": lr, "budget": "2%", "curve": curve}
+
+    rows = [
+        run(0, 1e-4, [1.0, 0.9, 1.0], [0.30, 0.40, 0.20], [0.80, 0.85, 0.90]),  # acc ties at epochs 1 and 3
+        run(0, 3e-4, [1.0, 1.0, 1.0], [0.25, 0.10, 0.15], [0.95, 0.99, 0.97]),  # the lowest loss of all: epoch 2
+        run(1, 1e-4, [0.8, 0.8, 0.8], [0.50, 0.40, 0.45], [0.70, 0.75, 0.72]),
+        run(1, 3e-4, [0.9, 0.7, 0.7], [0.60, 0.05, 0.05], [0.60, 0.90, 0.90]),  # best acc, not best loss
+    ]
+    assert replay(rows, "full", "acc", "seed0") == {0: 0.80, 1: 0.70}  # 1e-4 (tie -> smaller), epoch 1
+    assert replay(rows, "full", "acc>loss", "seed0") == {0: 0.99, 1: 0.60}  # 3e-4 (0.10 < 0.20), epoch 2
+    assert replay(rows, "full", "acc>loss", "per-seed") == {0: 0.99, 1: 0.60}  # seed 1: accuracy still rules
+    assert replay(rows, "full", "acc", "per-seed") == {0: 0.80, 1: 0.60}
+    # pooled: acc sums 1.8 (1e-4) vs 1.9 (3e-4) -> 3e-4 for both; seed 1 at 3e-4 reads epoch 1
+    assert replay(rows, "full", "acc>loss", "pooled") == {0: 0.99, 1: 0.60}
+    assert replay(rows, "full", "loss", "seed0") == {0: 0.99, 1: 0.90}
+
+
 def test_kfold_replay_picks_lr_and_epoch_on_the_mean_of_the_folds() -> None:
     """Fold 0 alone would pick lr 1e-3 epoch 1; the mean over both folds picks 3e-3 epoch 2, read on the refit."""
     from benchmarks.selection import kfold
