@@ -15,6 +15,7 @@ from pathlib import Path
 from benchmarks.methods import METHODS
 from spt_core.budget import FULL, Rung, choose_rung
 from spt_core.io import atomic_path
+from spt_core.metrics import selection_key
 
 
 def _stat(vals: list[float], scale: float = 1.0) -> str:
@@ -78,7 +79,8 @@ def budget_on_val(state: dict, method: str) -> list[dict]:
     out = []
     for seed, rungs in zip(seeds, ran):
         cands = {b: rungs[b] for b in ladder} | {FULL: full[seed]}
-        pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"]) for b, r in cands.items()])
+        pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"], val_loss=r.get("val_loss"))
+                            for b, r in cands.items()])  # fmt: skip
         out.append({"seed": seed, "budget": pick.budget, "row": cands[pick.budget], "ladder": [*ladder, FULL]})
     return out
 
@@ -261,7 +263,8 @@ def summary_metrics(state: dict) -> dict[str, float]:
 
 
 def chosen_lr(rows: list[dict], method: str, budget: str, variant: str = "none") -> float | None:
-    """The seed-0 learning rate with the best validation accuracy (ties: the smaller lr, whatever order ran)."""
+    """The seed-0 learning rate `selection_key` ranks first on validation accuracy (then the lower validation loss
+    where every row has one, as the product ranks epochs and rungs); ties: the smaller lr, whatever order ran."""
     cands = [
         r
         for r in rows
@@ -271,4 +274,7 @@ def chosen_lr(rows: list[dict], method: str, budget: str, variant: str = "none")
         and "error" not in r
         and r.get("variant", "none") == variant
     ]
-    return max(cands, key=lambda r: (r["val_acc"], -r["lr"]))["lr"] if cands else None
+    if not cands:
+        return None
+    losses = all("val_loss" in r for r in cands)
+    return max(cands, key=lambda r: (selection_key(r["val_acc"], r["val_loss"] if losses else None), -r["lr"]))["lr"]

@@ -135,7 +135,8 @@ class TrainSection:
                       verbs=("train", "run"), choices=("none", "loss", "sampler", "both"))  # fmt: skip
     select: str = _f(
         "balanced_accuracy", "validation metric that picks the epoch: accuracy | balanced_accuracy | "
-        "overkill_at_escape (lowest overkill under evaluate.max_escape_rate) | loss (lowest val loss)",
+        "overkill_at_escape (lowest overkill under evaluate.max_escape_rate) | loss (lowest val loss); ties: "
+        "the lower val loss",
         verbs=("train",), choices=("accuracy", "balanced_accuracy", "overkill_at_escape", "loss"),
     )  # fmt: skip
     augment: bool = _f(True, "timm train-time augmentation: flips, small zoom/shift, colour jitter (off for VTAB-1k)",

@@ -140,7 +140,7 @@ def _train_ladder(
     for label, plan in rungs:
         model, history = _fit_plan(s, plan, on_epoch, with_test=False)
         rung = Rung(label, plan.trainable, history.best_val_score, history.best_val_acc, history.best_epoch,
-                    plan.hash())  # fmt: skip
+                    plan.hash(), history.best_val_loss)  # fmt: skip
         record.append(rung.to_dict())
         log.info("rung %s (%d values): %s %.4f on validation", label, plan.trainable, s.cfg.select, rung.val_score)
         if best is None or choose_rung([best[0], rung]) is rung:
@@ -158,7 +158,8 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     evaluate.max_escape_rate, test reported at both); writes tuned/, metrics.json, history.csv, confusion.png.
 
     With an auto plan (``plan.budget: auto``) every rung of its ladder is trained the same way and the one with
-    the best validation score is kept (ties: fewer values); only that one sees the test split.
+    the best validation score is kept (ties: the lower validation loss, then fewer values); only that one sees the
+    test split.
     """
     run, t = run_dir(params), params["train"]
     plan = Plan.load(run / FILES["plan"])
@@ -216,6 +217,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "val_acc": history.best_val_acc,
             "select": cfg.select,
             "val_score": history.best_val_score,
+            "val_loss": history.best_val_loss,  # breaks ties of val_score (spt_core.metrics.selection_key)
             "best_epoch": history.best_epoch,
             "epochs": cfg.epochs,
             "balance": cfg.balance,

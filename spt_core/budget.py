@@ -2,8 +2,9 @@
 
 A ladder is a list of budgets, e.g. ``["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"]``. Every rung is
 allocated from the same scores (so a larger budget keeps the smaller one's top entries), trained with the same
-schedule and seed, and scored on the validation split only; `choose_rung` picks the best score, and on a tie the
-smaller budget (fewer values to ship and to overfit). ``"full"`` is the limit: every candidate value trained as a
+schedule and seed, and scored on the validation split only; `choose_rung` picks the best score, on a tie the
+lower validation loss (the rule that picks epochs, `spt_core.metrics.selection_key`), and then the smaller budget
+(fewer values to ship and to overfit). ``"full"`` is the limit: every candidate value trained as a
 dense delta (`full_plan`): full fine-tuning of the backbone except the stem and the position/class tokens, which
 every plan keeps frozen (`spt_core.candidates`), with weight decay towards the pretrained weights.
 The product (`sensitune train` with ``plan.budget: auto``) and the benchmark harness use these functions, so the
@@ -18,6 +19,7 @@ from typing import Any
 
 from .allocate import allocate, plan_of
 from .errors import PlanError
+from .metrics import selection_key
 from .plan import Plan, Target, parse_budget
 from .sensitivity import Sensitivity
 
@@ -35,6 +37,7 @@ class Rung:
     val_acc: float | None = None
     best_epoch: int | None = None
     plan_hash: str | None = None
+    val_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -72,7 +75,10 @@ def rung_plan(sensitivity: Sensitivity, budget: str, **allocate_kw: Any) -> Plan
 
 
 def choose_rung(rungs: Sequence[Rung]) -> Rung:
-    """The rung with the best validation score; ties go to the fewer trainable values (then the earlier rung)."""
+    """The rung `selection_key` ranks first (the best validation score, then the lower validation loss, as for
+    epochs); remaining ties go to the fewer trainable values, then the earlier rung. Losses count only when every
+    rung has one."""
     if not rungs:
         raise PlanError("no trained rung to choose from")
-    return min(rungs, key=lambda r: (-r.val_score, r.trainable))
+    losses = all(r.val_loss is not None for r in rungs)
+    return max(rungs, key=lambda r: (selection_key(r.val_score, r.val_loss if losses else None), -r.trainable))

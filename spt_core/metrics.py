@@ -105,6 +105,14 @@ def choose_threshold(p_good: np.ndarray, is_defect: np.ndarray, max_escape_rate:
     return float((edge + above.min()) / 2) if above.size else float(np.nextafter(edge, np.inf))
 
 
+def selection_key(score: float, loss: float | None) -> tuple[float, float]:
+    """What epochs and ladder rungs are ranked by (higher is better): the validation score (``train.select``),
+    then the lower validation loss. A small validation set ties often (40 images that all pass tie every epoch
+    and rung), and the loss still tells the confident candidate from the lucky one
+    (`benchmarks/results/compare_*_selection.md`, rule "acc>loss"). No loss (older records): the score alone."""
+    return (score, -math.inf if loss is None else -loss)
+
+
 def selection_score(
     labels: np.ndarray, probs: np.ndarray, select: str, ok_index: int | None = None, max_escape_rate: float = 0.0
 ) -> float:

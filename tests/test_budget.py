@@ -30,6 +30,14 @@ def test_the_best_validation_score_wins_and_a_tie_goes_to_fewer_values():
         choose_rung([])
 
 
+def test_a_score_tie_goes_to_the_lower_validation_loss_before_fewer_values():
+    tie = [Rung("1%", 200, 0.90, val_loss=0.40), Rung("full", 5000, 0.90, val_loss=0.30), Rung("0.5%", 100, 0.80)]
+    assert choose_rung(tie[:2]).budget == "full"  # fewer values would pick 1%
+    assert choose_rung([Rung("2%", 400, 0.90, val_loss=0.30), *tie[:2]]).budget == "2%"  # loss tie: fewer values
+    assert choose_rung([Rung("0.5%", 100, 0.91, val_loss=0.9), *tie[:2]]).budget == "0.5%"  # the score first
+    assert choose_rung([*tie, Rung("2%", 400, 0.90)]).budget == "1%"  # a rung without a loss: scores and counts
+
+
 @pytest.mark.parametrize(
     "ladder, fragment",
     [([], "empty"), (["2%", "1%"], "increasing"), (["1%", "full", "2%"], "increasing"), (["1%", "1%"], "increasing"),
@@ -79,14 +87,14 @@ def auto_project(tmp_path_factory):
 
 def test_auto_trains_every_rung_on_validation_and_tests_only_the_chosen_one(auto_project, monkeypatch):
     """Scripted validation scores 0.5, 0.75, 0.75: the 5% rung wins the tie with full; test is read once."""
-    scripted = iter([0.5, 0.75, 0.75])
+    scripted, losses = iter([0.5, 0.75, 0.75]), iter([0.9, 0.4, 0.4])  # a tie on both: fewer values decide
     calls: list[set[str]] = []
     real_fit = training.fit
 
     def fit(model, loaders, *a, **kw):
         calls.append(set(loaders))
         history = real_fit(model, loaders, *a, **kw)
-        history.best_val_score = next(scripted)
+        history.best_val_score, history.best_val_loss = next(scripted), next(losses)
         return history
 
     test_reads = []

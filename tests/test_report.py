@@ -165,3 +165,27 @@ def test_the_readme_comparison_is_the_committed_tables():
     start = readme.index(next(ln for ln in readme if ln.startswith("| variant | tables | vs peft LoRA")))
     end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
     assert "\n".join(readme[start:end]) + "\n" == targets(tables()), "run `python benchmarks/summary.py`"
+
+
+def test_rows_with_a_validation_loss_break_ties_by_it_for_lrs_and_budgets():
+    """The product's rule (`selection_key`): a tie on validation accuracy goes to the lower validation loss; a table
+    whose rows lack losses (made before rows recorded them) keeps accuracy alone, as it was chosen."""
+    from benchmarks.report import budget_on_val
+
+    def with_loss(row: dict, loss: float) -> dict:
+        return {**row, "val_loss": loss}
+
+    tie = [with_loss(ROWS[3], 0.30), with_loss(ROWS[4], 0.40)]  # peft LoRA 3e-3 and 1e-3 tie at 0.85
+    assert chosen_lr(tie, "peft-lora", "2%") == 3e-3  # the lower loss, not the smaller lr
+    assert chosen_lr([tie[0], ROWS[4]], "peft-lora", "2%") == 1e-3  # one row without a loss: accuracy, smaller lr
+
+    def rung(budget: str, count: int, val: float, loss: float, test: float) -> dict:
+        return {**_row("spt-lora", 0, 1e-3, val, test, 50.0), "budget": budget, "trainable_backbone": count,
+                "val_loss": loss}  # fmt: skip
+
+    rows = [rung("2%", 2000, 0.90, 0.35, 0.91), rung("8%", 8000, 0.90, 0.25, 0.97), rung("0.5%", 500, 0.8, 0.2, 0.8),
+            with_loss(_row("full", 0, 1e-4, 0.85, 0.95, 100.0), 0.1)]  # fmt: skip
+    picks = budget_on_val({"meta": META, "rows": rows}, "spt-lora")
+    assert [(p["budget"], p["row"]["test_acc"]) for p in picks] == [("8%", 0.97)]  # fewer values would take 2%
+    del rows[-1]["val_loss"]  # the full row without a loss: the old rule for every rung
+    assert [p["budget"] for p in budget_on_val({"meta": META, "rows": rows}, "spt-lora")] == ["2%"]

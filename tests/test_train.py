@@ -175,7 +175,8 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
     validation curve picks epoch 2 while the per-epoch test curve (on a separate copy) peaks elsewhere.
     """
     loaders = _loaders()
-    scripted_val = iter([0.5, 0.75, 0.75, 0.25])  # best = epoch 2 (epoch 3 ties: the earlier one wins)
+    scripted_val = iter([0.5, 0.75, 0.75, 0.25])  # best = epoch 2 (epoch 3 ties on the score, its loss is higher)
+    scripted_loss = iter([1.0, 0.5, 0.6, 0.4])
     calls = {"val": 0}
 
     def fake_evaluate(model, loader, *args, **kw):
@@ -187,7 +188,8 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
     def fake_collect(model, loader, *args, **kw):  # validation: collect -> selection_score (scripted)
         assert loader is loaders["val"]
         calls["val"] += 1
-        return real_collect(model, loader, *args, **kw)
+        y, p, _ = real_collect(model, loader, *args, **kw)
+        return y, p, next(scripted_loss)
 
     monkeypatch.setattr(train_loop, "evaluate", fake_evaluate)
     monkeypatch.setattr(train_loop, "collect", fake_collect)
@@ -227,6 +229,7 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
     hist = fit(model, loaders, _cfg(epochs=4), on_epoch=on_epoch)
     assert [e.val_score for e in hist.epochs] == [0.5, 0.75, 0.75, 0.25]
     assert hist.best_epoch == 2 and hist.best_val_score == 0.75 and hist.best_val_acc == hist.epochs[1].val_acc
+    assert hist.best_val_loss == 0.5
     assert calls["val"] == 4 and phase["set_epoch"] == [0, 1, 2, 3]
     assert test_reads and set(test_reads) == {4}  # never during training, once after it
     assert len(test_reads) == len(loaders["test"].dataset)
@@ -234,6 +237,26 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
     assert all(torch.equal(final[n], snaps[2][n]) for n in names)
     assert not all(torch.equal(snaps[2][n], snaps[4][n]) for n in names)  # selection is not a no-op
     assert hist.test_acc == test_acc_per_epoch[2] == evaluate(model, test_copy)["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "losses, best",
+    [([1.0, 0.6, 0.5, 0.4], 3),  # epochs 2 and 3 tie on the score: the lower loss (epoch 3), not the earlier one
+     ([1.0, 0.5, 0.5, 0.1], 2),  # a tie on both keeps the earlier epoch; epoch 4's low loss cannot beat a score
+     ([0.2, 0.6, 0.5, 0.4], 3)],  # epoch 1's lowest loss does not make up for its lower score
+)  # fmt: skip
+def test_a_validation_tie_goes_to_the_lower_validation_loss(monkeypatch, losses, best):
+    scores, loss_iter = iter([0.5, 0.75, 0.75, 0.25]), iter(losses)
+    real_collect = train_loop.collect
+
+    def scripted_collect(model, loader, *args, **kw):
+        y, p, _ = real_collect(model, loader, *args, **kw)
+        return y, p, next(loss_iter)
+
+    monkeypatch.setattr(train_loop, "collect", scripted_collect)
+    monkeypatch.setattr(train_loop, "selection_score", lambda *a, **k: next(scores))
+    hist = fit(_vit(), _loaders(), _cfg(epochs=4))
+    assert (hist.best_epoch, hist.best_val_score, hist.best_val_loss) == (best, 0.75, losses[best - 1])
 
 
 def test_same_seed_same_history_and_lr_record():

@@ -26,6 +26,7 @@ FINAL_METRICS = {
     "val_score": "best_val_score",
     "probe_val_score": "probe_val_score",
     "val_acc": "best_val_acc",
+    "val_loss": "best_val_loss",
     "best_epoch": "best_epoch",
     "probe_test_acc": "probe_test_acc",
     "probe_val_acc": "probe_val_acc",
@@ -41,7 +42,8 @@ FINAL_METRICS = {
     "train_seconds": "train_seconds",
     "seconds_per_epoch": "seconds_per_epoch",
 }
-LADDER_KEYS = ("val_score", "val_acc", "best_epoch", "trainable")  # per rung of an auto plan (metrics.json "ladder")
+# per rung of an auto plan (metrics.json "ladder")
+LADDER_KEYS = ("val_score", "val_loss", "val_acc", "best_epoch", "trainable")
 
 
 def ladder_metrics(ladder: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,9 +4,10 @@ The trainable set is exactly ``{name: p for name, p in model.named_parameters() 
 tuner deltas and the head after ``apply_plan``, everything in full fine-tuning. The schedule is a per-step
 cosine with linear warm-up (`lr_at`); AdamW never decays 1-D parameters (`make_optimizer`).
 
-Model selection uses the validation split only: the best epoch is the first with the highest validation score
-(``cfg.select``: accuracy, balanced accuracy, or the lowest overkill under the escape ceiling, see
-`spt_core.metrics.selection_score`), its trainable state is loaded back at the end, and the test split is evaluated
+Model selection uses the validation split only: the best epoch has the highest validation score (``cfg.select``:
+accuracy, balanced accuracy, or the lowest overkill under the escape ceiling, see
+`spt_core.metrics.selection_score`); a tie goes to the lower validation loss, then to the earlier epoch
+(`spt_core.metrics.selection_key`). Its trainable state is loaded back at the end, and the test split is evaluated
 once, on it. ``cfg.balance`` loss/both weighs the cross-entropy by `spt_core.data.class_weights` of the train labels.
 
 With an ``out_dir``, ``checkpoint.pt`` is rewritten after every epoch (see `spt_core.train.resume`), so a killed
@@ -48,7 +49,7 @@ from spt_core.device import resolve_device
 from spt_core.distributed import all_reduce_sum, gather_objects, shard_loaders, world, wrap_ddp
 from spt_core.errors import SensituneError
 from spt_core.evaluate import collect, evaluate, split_batch
-from spt_core.metrics import balanced_accuracy, selection_score
+from spt_core.metrics import balanced_accuracy, selection_key, selection_score
 from spt_core.train.config import TrainConfig
 from spt_core.train.resume import (
     CHECKPOINT_NAME,
@@ -84,6 +85,7 @@ class History:
     best_epoch: int = 0  # 1-based; 0 before the first epoch
     best_val_acc: float = -1.0  # validation accuracy of best_epoch
     best_val_score: float = -math.inf  # cfg.select's value of best_epoch
+    best_val_loss: float = math.inf  # validation loss of best_epoch (breaks ties of best_val_score)
     select: str = "accuracy"
     test_acc: float | None = None
     test_loss: float | None = None
@@ -349,8 +351,9 @@ def fit(
             rec = EpochRecord(epoch, lr, train_loss, val_acc, val_loss, time.perf_counter() - t0, score)
             history.epochs.append(rec)
             history.train_seconds += rec.seconds
-            if score > history.best_val_score:  # strict: a tie keeps the earlier epoch
+            if selection_key(score, val_loss) > selection_key(history.best_val_score, history.best_val_loss):
                 history.best_epoch, history.best_val_acc, history.best_val_score = epoch, rec.val_acc, score
+                history.best_val_loss = val_loss
                 best_state = clone_state(state)
             history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
             log.info(
