@@ -237,14 +237,19 @@ def test_per_row_sparse_gives_every_output_row_the_same_number_of_entries() -> N
         assert torch.bincount(m.indices // row_len, minlength=m.shape[0] if len(m.shape) > 1 else 1).eq(2).all()
 
 
+def _curve_row(method: str, seed: int, lr: float, vals, losses, tests, **extra) -> dict:
+    """A harness row with per-epoch curves (`compare.py --curves`), as `benchmarks/selection.py` reads them."""
+    curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
+             for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
+    return {"method": method, "seed": seed, "lr": lr, "budget": "2%", "curve": curve, **extra}
+
+
 def test_selection_replay_rules_on_known_curves() -> None:
     """benchmarks/selection.py on hand-made curves where every rule picks a different (epoch, lr)."""
     from benchmarks.selection import replay
 
     def run(seed, lr, vals, losses, tests):
-        curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
-                 for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
-        return {"method": "spt-lora", "seed": seed, "lr": lr, "budget": "2%", "curve": curve}
+        return _curve_row("spt-lora", seed, lr, vals, losses, tests)
 
     rows = [
         # seed 0: lr 1e-3 peaks at epoch 1 on val acc (0.9) but its loss is lowest at epoch 3
@@ -269,9 +274,7 @@ def test_acc_then_loss_breaks_accuracy_ties_by_loss_for_epochs_and_lrs() -> None
     from benchmarks.selection import replay
 
     def run(seed, lr, vals, losses, tests):
-        curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
-                 for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
-        return {"method": "full", "seed": seed, "lr": lr, "budget": "2%", "curve": curve}
+        return _curve_row("full", seed, lr, vals, losses, tests)
 
     rows = [
         run(0, 1e-4, [1.0, 0.9, 1.0], [0.30, 0.40, 0.20], [0.80, 0.85, 0.90]),  # acc ties at epochs 1 and 3
@@ -293,9 +296,7 @@ def test_kfold_replay_picks_lr_and_epoch_on_the_mean_of_the_folds() -> None:
     from benchmarks.selection import kfold
 
     def run(lr, fold, vals, losses, tests=(0.0, 0.0, 0.0), seed=0):
-        curve = [{"epoch": i + 1, "val_acc": v, "val_loss": lo, "test_acc": t}
-                 for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]  # fmt: skip
-        return {"method": "spt-lora", "seed": seed, "lr": lr, "budget": "2%", "fold": fold, "curve": curve}
+        return _curve_row("spt-lora", seed, lr, vals, losses, tests, fold=fold)
 
     rows = [
         run(1e-3, 0, [0.9, 0.5, 0.5], [0.5, 0.6, 0.7]),  # means: (0.70, 0.55, 0.50)
