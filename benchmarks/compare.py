@@ -213,7 +213,7 @@ def train_job(job: dict) -> dict:
         "backbone_params": minfo.backbone_params,
         "details": minfo.details,
         "val_acc": hist.best_val_acc,
-        "val_loss": round(next(e.val_loss for e in hist.epochs if e.epoch == hist.best_epoch), 6),  # the chosen epoch's
+        "val_loss": round(hist.best_val_loss, 6),  # the chosen epoch's
         "test_acc": hist.test_acc,
         "best_epoch": hist.best_epoch,
         "epochs": n_ep,

@@ -4,10 +4,11 @@
 validation accuracy, validation loss and test accuracy. Selection reads validation only; the test column is read
 here only to score a rule after it has chosen. The rules:
 
-  epoch rules   acc       the epoch with the best validation accuracy (first on ties): the harness and product
+  epoch rules   acc       the epoch with the best validation accuracy (first on ties): the committed tables
                 loss      the epoch with the lowest validation loss
                 smooth    the best centred 3-epoch mean of validation accuracy (ends: the 2 epochs there are)
-                acc>loss  the best validation accuracy, ties broken by the lower validation loss (also between lrs)
+                acc>loss  the best validation accuracy, ties broken by the lower validation loss (also between lrs):
+                          the product's rule since 2026-11-30 (`spt_core.metrics.selection_key`)
   lr rules      seed0     one lr per method from seed 0's validation (the harness so far)
                 pooled    one lr per method from the mean validation score over every grid seed
                 per-seed  each seed its own lr from its own validation
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.methods import METHODS  # noqa: E402
 from spt_core.io import atomic_path  # noqa: E402
+from spt_core.metrics import selection_key  # noqa: E402
 
 Curve = list[dict]
 
@@ -61,7 +63,7 @@ def _scores(curve: Curve, rule: str) -> list[Score]:
     if rule == "smooth":
         return [(v,) for v in _smooth([e["val_acc"] for e in curve])]
     if rule == "acc>loss":
-        return [(e["val_acc"], -e["val_loss"]) for e in curve]
+        return [selection_key(e["val_acc"], e["val_loss"]) for e in curve]
     return [(e["val_acc"],) for e in curve]
 
 
