@@ -353,6 +353,17 @@ def _link(dst: Path, target: Path) -> None:
         dst.symlink_to(target.resolve())
 
 
+def write_any_report(state: dict, stem: Path) -> None:
+    """stem.md/.png of a results JSON: the imbalanced-line report when its meta records `imbalance`, else the
+    method table."""
+    if state["meta"].get("imbalance") is not None:
+        from benchmarks.imbalance import write_imbalance_report
+
+        write_imbalance_report(state, stem)
+    else:
+        write_report(state, stem)
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="lite0", help=f"preset ({', '.join(BACKBONES)}) or a timm model name")
@@ -441,7 +452,7 @@ def main(argv: list[str] | None = None) -> Path:
         print("RESULT " + json.dumps(sensitivity_job(job) if job["kind"] == "sensitivity" else train_job(job)))
         return Path()
     if args.report_only:
-        write_report(json.loads(args.report_only.read_text()), args.report_only.with_suffix(""))
+        write_any_report(json.loads(args.report_only.read_text()), args.report_only.with_suffix(""))
         if args.mlflow:
             log_to_mlflow(args.report_only)
         return args.report_only
@@ -524,12 +535,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     def save() -> None:
         write_json(out_json, state)
-        if args.imbalance is not None:
-            from benchmarks.imbalance import write_imbalance_report
-
-            write_imbalance_report(state, args.out_dir / f"compare_{slug}")
-        else:
-            write_report(state, args.out_dir / f"compare_{slug}")
+        write_any_report(state, args.out_dir / f"compare_{slug}")
 
     def backbone_total() -> int:
         from spt_core.candidates import count_backbone_params

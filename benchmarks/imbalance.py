@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from spt_core.io import write_text
+
 FASHION_GOOD, FASHION_DEFECTS = "Coat", ("Pullover", "Shirt", "T-shirt_top")
 DEMO_GOOD, DEMO_DEFECTS = "ok", ("scratch", "spot", "crack")
 DEFECT_SHARES = (0.5, 0.3, 0.2)  # of the defect images: one common defect, two rare ones
@@ -143,4 +145,4 @@ def write_imbalance_report(state: dict, stem: Path) -> None:
     notes = meta.get("notes")
     if notes:
         lines += ["", notes]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_text(f"{stem}.md", "\n".join(lines) + "\n")

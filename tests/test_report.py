@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -189,3 +190,21 @@ def test_rows_with_a_validation_loss_break_ties_by_it_for_lrs_and_budgets():
     assert [(p["budget"], p["row"]["test_acc"]) for p in picks] == [("8%", 0.97)]  # fewer values would take 2%
     del rows[-1]["val_loss"]  # the full row without a loss: the old rule for every rung
     assert [p["budget"] for p in budget_on_val({"meta": META, "rows": rows}, "spt-lora")] == ["2%"]
+
+
+def test_every_committed_table_is_its_json_report(tmp_path: Path, monkeypatch):
+    """Each benchmarks/results/compare_*.md is what its JSON writes now (`compare.py --report-only`): a table never
+    shows a choice the current rules would not make (e.g. a tie-break changed after the table was written)."""
+    import benchmarks.report
+    from benchmarks.compare import write_any_report
+
+    monkeypatch.setattr(benchmarks.report, "_plot", lambda *a, **k: None)  # the .md only
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    jsons = sorted(results.glob("compare_*.json"))
+    assert len(jsons) >= 10
+    stale = []
+    for path in jsons:
+        write_any_report(json.loads(path.read_text()), tmp_path / path.stem)
+        if (tmp_path / f"{path.stem}.md").read_text() != path.with_suffix(".md").read_text():
+            stale.append(path.name)
+    assert not stale, f"run `python benchmarks/compare.py --report-only` on {stale}"
