@@ -27,6 +27,7 @@ from spt_core.distributed import init_from_env
 from spt_core.errors import PlanError, SensituneError
 from spt_core.evaluate import collect, evaluate
 from spt_core.io import atomic_path, write_json
+from spt_core.metrics import SELECTION_RULE
 from spt_core.plan import Plan
 from spt_core.probe import fit_probe
 from spt_core.sensitivity import Sensitivity
@@ -64,7 +65,7 @@ def train_config(params: Params) -> TrainConfig:
 def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str:
     """Which checkpoint a run may resume: everything that changes the numbers (not the device)."""
     numbers = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
-    blob = json.dumps([plan.hash(), numbers, data_hash, extra], sort_keys=True, default=str)
+    blob = json.dumps([plan.hash(), numbers, data_hash, extra, SELECTION_RULE], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -268,8 +268,8 @@ def allocate(
             targets.append(Target(c.name, "sparse", per_cand[i], c.kind, c.shape, c.block))
         targets.extend(by_cand[c.name])
     # saturated: every candidate entry is selected and the plan still costs less than the budget
-    meta = {"top_k": k, "filled": len(extra), "candidates": len(cands), "candidate_values": total,
-            "saturated": k == len(order)}  # fmt: skip
+    meta = {"allocation": "global", "top_k": k, "filled": len(extra), "candidates": len(cands),
+            "candidate_values": total, "saturated": k == len(order)}  # fmt: skip
     return plan_of(sensitivity, targets, indices, count_budget, (structured, rank, alpha, beta), meta)
 
 

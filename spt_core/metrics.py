@@ -105,6 +105,9 @@ def choose_threshold(p_good: np.ndarray, is_defect: np.ndarray, max_escape_rate:
     return float((edge + above.min()) / 2) if above.size else float(np.nextafter(edge, np.inf))
 
 
+SELECTION_RULE = "score>loss"  # names `selection_key`: a checkpoint's best epoch was chosen by this rule
+
+
 def selection_key(score: float, loss: float | None) -> tuple[float, float]:
     """What epochs and ladder rungs are ranked by (higher is better): the validation score (``train.select``),
     then the lower validation loss. A small validation set ties often (40 images that all pass tie every epoch

@@ -181,7 +181,8 @@ def test_per_row_gives_every_output_row_its_top_entries():
     assert plan.meta["allocation"] == "per_row" and plan.structured == "none"
     head = plan.summary().splitlines()[0]  # the rule that made the plan, not the unused LoRA settings
     assert head.endswith("allocation=per_row (every output row its top-k entries)") and "rank=" not in head
-    assert "structured=lora rank=2" in allocate(_toy(), 119, structured="lora", rank=2).summary()
+    spt = allocate(_toy(), 119, structured="lora", rank=2)
+    assert "structured=lora rank=2" in spt.summary() and spt.meta["allocation"] == "global"  # plan.json says which
 
 
 def test_per_row_takes_no_modules():

@@ -20,6 +20,7 @@ import torch
 
 from spt_core.errors import SensituneError
 from spt_core.io import write_bytes
+from spt_core.metrics import SELECTION_RULE
 from spt_core.train.config import RESUME_FREE, TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -86,7 +87,7 @@ def set_rng_state(rng: Mapping[str, Any], loaders: Mapping[str, Any]) -> None:
 def save_checkpoint(path: Path, ckpt: Mapping[str, Any]) -> None:
     """Write ``ckpt`` to ``path`` atomically; the bytes are on disk before the rename, so a kill never leaves half."""
     buf = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, buf)
+    torch.save({"format": CHECKPOINT_FORMAT, "selection_rule": SELECTION_RULE, **ckpt}, buf)
     write_bytes(path, buf.getvalue(), fsync=True)
 
 
@@ -103,6 +104,11 @@ def load_checkpoint(path: Path, state_names: list[str], cfg: TrainConfig, steps_
         raise SensituneError(
             f"{path}: checkpoint trains other tensors than this model (only in checkpoint: {only_ckpt[:3]}, "
             f"only in model: {only_model[:3]}, {len(only_ckpt) + len(only_model)} differences); {fix}"
+        )
+    if ckpt.get("selection_rule") != SELECTION_RULE:  # its best epoch so far was ranked by another rule
+        raise SensituneError(
+            f"{path}: checkpoint chose its best epoch by selection rule {ckpt.get('selection_rule', 'score only')!r}, "
+            f"this version by {SELECTION_RULE!r}; {fix}"
         )
     old, new = ckpt["cfg"], cfg.to_dict()
     changed = [f"{k}={old.get(k)!r}->{new[k]!r}" for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
