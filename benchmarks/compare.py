@@ -46,7 +46,7 @@ from benchmarks.methods import (  # noqa: E402
     SENSITIVITY_METHODS,
     setup_method,
 )
-from benchmarks.report import chosen_lr, summary_metrics, write_report  # noqa: E402
+from benchmarks.report import chosen_lr, rows_tied_without_loss, summary_metrics, write_report  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
 from spt_core.io import write_json  # noqa: E402
 
@@ -410,6 +410,13 @@ def main(argv: list[str] | None = None) -> Path:
         help="re-run the table's rows (main budget, chosen lr) whose CPU memory was measured by an older harness "
         "(no heap trim before the baseline); the old rows are kept under 'replaced' in the JSON",
     )
+    ap.add_argument(
+        "--rerun-ties",
+        action="store_true",
+        help="re-run the rows tied on validation in a budget-on-val choice that lack val_loss (made before rows "
+        "recorded it), so the tie-break is the product's; run with the table's own options; old rows kept under "
+        "'replaced'",
+    )
     ap.add_argument("--report-only", type=Path, help="rewrite the .md/.png of this JSON and exit")
     ap.add_argument(
         "--mlflow", action="store_true", help="log the table to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
@@ -614,6 +621,22 @@ def main(argv: list[str] | None = None) -> Path:
                 if mine is None or ("error" in mine and "error" not in r):
                     state[name] = [x for x in state[name] if key(x) != key(r)] + [r]
         state["meta"]["command"] += f"  # + rows of {args.merge.name}: `{other['meta']['command']}`"
+        save()
+        return out_json
+    if args.rerun_ties:
+        if old_meta is None:
+            raise SensituneError(f"--rerun-ties: no table at {out_json}; copy the table's JSON into --out-dir")
+        state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-ties: `{command}`"}
+        tied = rows_tied_without_loss(state)
+        why = "tied on validation in a budget-on-val choice, recorded no val_loss"
+        state["replaced"] = state.get("replaced", []) + [{**r, "replaced_because": why} for r in tied]
+        state["rows"] = [r for r in state["rows"] if not any(r is x for x in tied)]
+        print(f"[{slug}] re-running {len(tied)} tied rows without a validation loss", flush=True)
+        run_all([key_of(r) for r in tied])
+        for old in tied:  # same seed, code path and threads: the run should reproduce its validation accuracy
+            new = next((r for r in state["rows"] if key_of(r) == key_of(old)), {})
+            if new.get("val_acc") != old["val_acc"]:
+                print(f"[{slug}] {key_of(old)}: val_acc {old['val_acc']} -> {new.get('val_acc')}", flush=True)
         save()
         return out_json
     if args.rerun_stale:

@@ -6,6 +6,7 @@ write_report(state, s)  s.md (main table, sensitivity pass, budget curve) and s.
 summary_metrics(state)  the headline numbers as MLflow metrics
 chosen_lr(rows, m, b)   the seed-0 lr with the best validation accuracy
 budget_on_val(state, m) per seed, the rung `spt_core.budget.choose_rung` picks among m's budgets and full
+rows_tied_without_loss  the rows whose missing val_loss leaves such a choice to the old tie-break
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from benchmarks.methods import METHODS
 from spt_core.budget import FULL, Rung, choose_rung
 from spt_core.io import atomic_path
-from spt_core.metrics import selection_key
+from spt_core.metrics import best_by_selection
 
 
 def _stat(vals: list[float], scale: float = 1.0) -> str:
@@ -81,8 +82,24 @@ def budget_on_val(state: dict, method: str) -> list[dict]:
         cands = {b: rungs[b] for b in ladder} | {FULL: full[seed]}
         pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"], val_loss=r.get("val_loss"))
                             for b, r in cands.items()])  # fmt: skip
-        out.append({"seed": seed, "budget": pick.budget, "row": cands[pick.budget], "ladder": [*ladder, FULL]})
+        out.append({"seed": seed, "budget": pick.budget, "row": cands[pick.budget], "ladder": [*ladder, FULL],
+                    "candidates": cands})  # fmt: skip
     return out
+
+
+def rows_tied_without_loss(state: dict) -> list[dict]:
+    """The rows a budget-on-val choice needs a validation loss from: per method and seed, the candidates tied at
+    the best validation accuracy when some of them lack `val_loss` (rows made before they recorded it). Until they
+    have one, `choose_rung` breaks that tie by the fewer values, not by the product's lower loss."""
+    out: dict[int, dict] = {}
+    for m in METHODS:
+        for pick in budget_on_val(state, m):
+            cands = list(pick["candidates"].values())
+            best = max(r["val_acc"] for r in cands)
+            top = [r for r in cands if r["val_acc"] == best]
+            if len(top) > 1:
+                out.update({id(r): r for r in top if r.get("val_loss") is None})
+    return list(out.values())
 
 
 def write_report(state: dict, stem: Path) -> None:
@@ -263,8 +280,9 @@ def summary_metrics(state: dict) -> dict[str, float]:
 
 
 def chosen_lr(rows: list[dict], method: str, budget: str, variant: str = "none") -> float | None:
-    """The seed-0 learning rate `selection_key` ranks first on validation accuracy (then the lower validation loss
-    where every row has one, as the product ranks epochs and rungs); ties: the smaller lr, whatever order ran."""
+    """The seed-0 learning rate `best_by_selection` ranks first on validation accuracy (then the lower validation
+    loss where every tied row has one, as the product ranks epochs and rungs); ties: the smaller lr, whatever
+    order ran."""
     cands = [
         r
         for r in rows
@@ -276,5 +294,4 @@ def chosen_lr(rows: list[dict], method: str, budget: str, variant: str = "none")
     ]
     if not cands:
         return None
-    losses = all("val_loss" in r for r in cands)
-    return max(cands, key=lambda r: (selection_key(r["val_acc"], r["val_loss"] if losses else None), -r["lr"]))["lr"]
+    return best_by_selection(cands, lambda r: r["val_acc"], lambda r: r.get("val_loss"), lambda r: -r["lr"])["lr"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from .allocate import allocate, plan_of
 from .errors import PlanError
-from .metrics import selection_key
+from .metrics import best_by_selection
 from .plan import Plan, Target, parse_budget
 from .sensitivity import Sensitivity
 
@@ -76,9 +76,8 @@ def rung_plan(sensitivity: Sensitivity, budget: str, **allocate_kw: Any) -> Plan
 
 def choose_rung(rungs: Sequence[Rung]) -> Rung:
     """The rung `selection_key` ranks first (the best validation score, then the lower validation loss, as for
-    epochs); remaining ties go to the fewer trainable values, then the earlier rung. Losses count only when every
-    rung has one."""
+    epochs); remaining ties go to the fewer trainable values, then the earlier rung. Losses break the tie only
+    when every rung tied at the best score has one (records made before losses were kept: scores and counts)."""
     if not rungs:
         raise PlanError("no trained rung to choose from")
-    losses = all(r.val_loss is not None for r in rungs)
-    return max(rungs, key=lambda r: (selection_key(r.val_score, r.val_loss if losses else None), -r.trainable))
+    return best_by_selection(rungs, lambda r: r.val_score, lambda r: r.val_loss, lambda r: -r.trainable)

@@ -16,10 +16,12 @@ with the lowest overkill among those that meet it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 SELECT = ("accuracy", "balanced_accuracy", "overkill_at_escape", "loss")  # what `train.select` may name
@@ -114,6 +116,18 @@ def selection_key(score: float, loss: float | None) -> tuple[float, float]:
     and rung), and the loss still tells the confident candidate from the lucky one
     (`benchmarks/results/compare_*_selection.md`, rule "acc>loss"). No loss (older records): the score alone."""
     return (score, -math.inf if loss is None else -loss)
+
+
+def best_by_selection(
+    items: Sequence[T], score: Callable[[T], float], loss: Callable[[T], float | None], tiebreak: Callable[[T], Any]
+) -> T:
+    """The item `selection_key` ranks first, then the highest `tiebreak`, then the earliest. A loss breaks the score
+    tie only when every item tied at the best score has one (records made before losses were kept: the score and
+    `tiebreak` alone, as they were chosen)."""
+    best = max(score(i) for i in items)
+    top = [i for i in items if score(i) == best]
+    losses = all(loss(i) is not None for i in top)
+    return max(top, key=lambda i: (selection_key(best, loss(i) if losses else None), tiebreak(i)))
 
 
 def selection_score(

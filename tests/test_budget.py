@@ -35,7 +35,8 @@ def test_a_score_tie_goes_to_the_lower_validation_loss_before_fewer_values():
     assert choose_rung(tie[:2]).budget == "full"  # fewer values would pick 1%
     assert choose_rung([Rung("2%", 400, 0.90, val_loss=0.30), *tie[:2]]).budget == "2%"  # loss tie: fewer values
     assert choose_rung([Rung("0.5%", 100, 0.91, val_loss=0.9), *tie[:2]]).budget == "0.5%"  # the score first
-    assert choose_rung([*tie, Rung("2%", 400, 0.90)]).budget == "1%"  # a rung without a loss: scores and counts
+    assert choose_rung([*tie, Rung("2%", 400, 0.90)]).budget == "1%"  # a tied rung without a loss: counts decide
+    assert choose_rung(tie).budget == "full"  # a rung below the best score may lack its loss: the tie still uses it
 
 
 @pytest.mark.parametrize(

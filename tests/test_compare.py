@@ -29,6 +29,10 @@ from benchmarks.methods import (  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
 
 
+def compare_key(r: dict) -> tuple:
+    return r["method"], r["seed"], r["lr"], r["budget"]
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("test_efficientnet", num_classes=10)
@@ -88,6 +92,24 @@ def test_harness_table_and_counts(tmp_path: Path) -> None:
     assert len(again["rows"]) == len(rows) and [r["overhead_peak"] for r in again["replaced"]] == ["vmhwm_reset"]
     new = next(r for r in again["rows"] if r["method"] == "bitfit" and r["seed"] == 1)
     assert new["overhead_peak"] == "vmhwm_reset_trim" and new["test_acc"] == old["test_acc"]  # same run, same result
+    # --rerun-ties: seed 1's budget-on-val choice ties sparse-only's 1 % rung with full fine-tuning, neither has a
+    # val_loss (rows made before they recorded one): both run again and record it; the untied rows stay
+    lr = compare.chosen_lr(again["rows"], "sparse-only", "1%")
+    tied = next(r for r in again["rows"] if r["method"] == "sparse-only" and r["seed"] == 1)
+    for r in again["rows"]:
+        r.pop("val_loss", None)
+    fake = [{**r, "budget": "4%", "trainable_backbone": 4 * r["trainable_backbone"], "val_acc": r["val_acc"] / 2}
+            for r in again["rows"] if r["method"] == "sparse-only" and r["lr"] == lr]  # fmt: skip
+    fake += [{**r, "method": "full", "lr": 1e-4, "budget": "1%", "val_acc": tied["val_acc"] if r["seed"] else 0.0}
+             for r in fake]  # fmt: skip
+    again["rows"] += fake
+    path.write_text(json.dumps(again))
+    third = json.loads(compare.main([*argv, "--rerun-ties"]).read_text())
+    redone = [(r["method"], r["seed"], r["budget"]) for r in third["replaced"][1:]]
+    assert sorted(redone) == [("full", 1, "1%"), ("sparse-only", 1, "1%")]
+    assert all("val_loss" in r for r in third["rows"] if (r["method"], r["seed"], r["budget"]) in redone)
+    assert len(third["rows"]) == len(again["rows"]) and "--rerun-ties" in third["meta"]["command"]
+    assert next(r for r in third["rows"] if compare_key(r) == compare_key(tied))["val_acc"] == tied["val_acc"]
 
 
 @pytest.mark.parametrize("method", ["linear", "full", "peft-lora", "random-sparse"])

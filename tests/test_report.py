@@ -169,9 +169,9 @@ def test_the_readme_comparison_is_the_committed_tables():
 
 
 def test_rows_with_a_validation_loss_break_ties_by_it_for_lrs_and_budgets():
-    """The product's rule (`selection_key`): a tie on validation accuracy goes to the lower validation loss; a table
+    """The product's rule (`selection_key`): a tie on validation accuracy goes to the lower validation loss; a tie
     whose rows lack losses (made before rows recorded them) keeps accuracy alone, as it was chosen."""
-    from benchmarks.report import budget_on_val
+    from benchmarks.report import budget_on_val, rows_tied_without_loss
 
     def with_loss(row: dict, loss: float) -> dict:
         return {**row, "val_loss": loss}
@@ -188,8 +188,13 @@ def test_rows_with_a_validation_loss_break_ties_by_it_for_lrs_and_budgets():
             with_loss(_row("full", 0, 1e-4, 0.85, 0.95, 100.0), 0.1)]  # fmt: skip
     picks = budget_on_val({"meta": META, "rows": rows}, "spt-lora")
     assert [(p["budget"], p["row"]["test_acc"]) for p in picks] == [("8%", 0.97)]  # fewer values would take 2%
-    del rows[-1]["val_loss"]  # the full row without a loss: the old rule for every rung
+    assert rows_tied_without_loss({"meta": META, "rows": rows}) == []
+    del rows[-1]["val_loss"]  # the full row (0.85, below the tie) without a loss: the tie still goes by loss
+    assert [p["budget"] for p in budget_on_val({"meta": META, "rows": rows}, "spt-lora")] == ["8%"]
+    assert rows_tied_without_loss({"meta": META, "rows": rows}) == []
+    del rows[0]["val_loss"]  # a tied rung without one: the old rule (fewer values), and it is the row to re-run
     assert [p["budget"] for p in budget_on_val({"meta": META, "rows": rows}, "spt-lora")] == ["2%"]
+    assert rows_tied_without_loss({"meta": META, "rows": rows}) == [rows[0]]
 
 
 def test_every_committed_table_is_its_json_report(tmp_path: Path, monkeypatch):
