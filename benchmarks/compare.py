@@ -190,6 +190,10 @@ def train_job(job: dict) -> dict:
         test = evaluate(model, loaders["test"], torch.device(job["device"]))
         curve.append({"epoch": epoch["epoch"], "val_acc": epoch["val_acc"], "val_loss": round(epoch["val_loss"], 6),
                       "test_acc": test["accuracy"]})  # fmt: skip
+        if ok_index is not None:  # a line: balanced accuracy, and escape / overkill at that epoch's threshold
+            lm = line_metrics(model, loaders, ok_index, job["max_escape_rate"])
+            curve[-1].update({"val_bacc": lm["val_balanced_acc"], "test_bacc": lm["test_balanced_acc"],
+                              "test_escape": lm["escape_rate"], "test_overkill": lm["overkill"]})  # fmt: skip
 
     hist = fit(model, loaders, cfg, None, ok_index=ok_index, max_escape_rate=job.get("max_escape_rate", 0.0),
                on_epoch=record if job.get("curves") else None)  # fmt: skip

@@ -5,6 +5,7 @@ validation accuracy, validation loss and test accuracy. Selection reads validati
 here only to score a rule after it has chosen. The rules:
 
   epoch rules   acc       the epoch with the best validation accuracy (first on ties): the committed tables
+                          (an imbalanced line's table, `--imbalance`: balanced accuracy, on val and on test)
                 loss      the epoch with the lowest validation loss
                 smooth    the best centred 3-epoch mean of validation accuracy (ends: the 2 epochs there are)
                 acc>loss  the best validation accuracy, ties broken by the lower validation loss (also between lrs):
@@ -135,9 +136,21 @@ def oracle(rows: list[dict], method: str) -> dict[int, float]:
     return {s: max(e["test_acc"] for r in runs if r["seed"] == s for e in r["curve"]) for s in seeds}
 
 
+def on_balanced_accuracy(rows: list[dict], test: str = "test_bacc") -> list[dict]:
+    """An imbalanced line's rows (`compare.py --imbalance --curves`) with their curves read as balanced accuracy:
+    the line's selection metric (`train.select`'s default). `test` is what a rule's pick is then scored by
+    (balanced accuracy, or "test_overkill"); the rules read validation only, so it never changes a pick."""
+    return [{**r, "curve": [{**e, "val_acc": e["val_bacc"], "test_acc": e[test]} for e in r["curve"]]}
+            for r in rows]  # fmt: skip
+
+
 def report(state: dict) -> str:
     meta = state["meta"]
     rows = [r for r in state["rows"] if "curve" in r and "error" not in r and r["budget"] == meta["budget"]]
+    line = meta.get("imbalance") is not None
+    plain = rows
+    if line:
+        rows = on_balanced_accuracy(plain)
     rules = [(e, lr) for lr in ("seed0", "pooled", "per-seed") for e in EPOCH_RULES]
     lines = [
         f"# Selection protocols on {meta['backbone']} @ {meta['img_size']} px, {meta['task']} "
@@ -145,7 +158,13 @@ def report(state: dict) -> str:
         "",
         f"From `{meta['command']}`; replayed by `python benchmarks/selection.py` (rules: its docstring). Test % is "
         "the mean over the seeds that ran the whole lr grid, at the epoch and lr each rule picked on validation; "
-        "'oracle' picks on test and is not a protocol.",
+        "'oracle' picks on test and is not a protocol."
+        + (
+            f" An imbalanced line (good class at {100 * meta['imbalance']:.0f} %): every accuracy here, on validation "
+            "(what the rules read) and on test, is balanced accuracy."
+            if line
+            else ""
+        ),
         "",
         "| method | seeds | lrs | " + " | ".join(f"{e} / {lr}" for e, lr in rules) + " | oracle |",
         "|---|---|---|" + "---|" * (len(rules) + 1),
@@ -159,6 +178,16 @@ def report(state: dict) -> str:
         orc = oracle(rows, m)
         lines.append(f"| {m} | {len(res[0])} | {', '.join(f'{x:g}' for x in lrs)} | " + " | ".join(cells)
                      + f" | {100 * sum(orc.values()) / len(orc):.2f} |")  # fmt: skip
+    if line:  # what a line pays for a pick: good parts rejected at the validation-chosen escape threshold
+        lines += ["", f"Test overkill % (good parts rejected at the threshold chosen on validation for escape "
+                  f"<= {meta['max_escape_rate']:g}) at the same picks; lower is better:", "",
+                  "| method | " + " | ".join(f"{e} / {lr}" for e, lr in rules) + " |",
+                  "|---|" + "---|" * len(rules)]  # fmt: skip
+        overkill = on_balanced_accuracy(plain, "test_overkill")
+        for m in METHODS:
+            res = [replay(overkill, m, e, lr) for e, lr in rules]
+            if res[0]:
+                lines.append(f"| {m} | " + " | ".join(f"{100 * sum(d.values()) / len(d):.2f}" for d in res) + " |")
     kf = [r for r in state.get("kfold", []) if "curve" in r and "error" not in r and r["budget"] == meta["budget"]]
     if kf:
         ks = ", ".join(str(k) for k in sorted({r.get("k") for r in kf}, key=str))

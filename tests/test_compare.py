@@ -463,3 +463,41 @@ def test_stability_script_end_to_end(tmp_path: Path) -> None:
     assert [x["batches"] for x in r["rows"]] == [1, 2] and r["heads"]["batches"] == r["augmented"]["batches"] == 4
     assert -1 <= r["augmented"]["spearman"] < 1  # augmented images give other gradients than the plain ones
     assert "Augmented vs plain" in md.read_text() and "Random head" in md.read_text()
+
+
+def test_an_imbalanced_line_table_records_line_curves_and_replays_on_balanced_accuracy(tmp_path: Path) -> None:
+    """`--imbalance --curves`: the harness's line protocol end to end (demo images at 90 % good, the validation
+    threshold, escape / overkill), and each epoch's balanced accuracy and overkill for `selection.py`."""
+    from benchmarks.selection import report
+
+    out = tmp_path / "results"
+    argv = ["--backbone", "test-effnet", "--task", "demo-defects", "--imbalance", "0.9", "--n-images", "300",
+            "--epochs", "2", "--seeds", "1", "--methods", "bitfit", "--lr-grid", "1e-3", "--variants", "sampler",
+            "--curves", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(out),
+            "--in-process"]  # fmt: skip
+    path = compare.main(argv)
+    assert path.name == "compare_test-effnet_demo-defects-imbalanced90.json"
+    state = json.loads(path.read_text())
+    # 300 images: 270 good, defects 50/30/20 % of the other 30; split 0.6/0.15/0.25 per class
+    assert state["meta"]["counts"] == {"ok": 270, "scratch": 15, "spot": 9, "crack": 6}
+    (row,) = state["rows"]
+    test_counts = state["meta"]["split_counts"]["test"]
+    n_defects, n_good = sum(v for k, v in test_counts.items() if k != "ok"), test_counts["ok"]
+    assert row["escapes"][1] == n_defects and row["overkills"][1] == n_good and row["variant"] == "sampler"
+    assert len(row["curve"]) == 2
+    last = row["curve"][-1]
+    assert round(last["test_overkill"] * n_good, 6).is_integer() and round(last["test_escape"] * n_defects, 6) % 1 == 0
+    chosen = row["curve"][row["best_epoch"] - 1]  # the row's own numbers are its chosen epoch's
+    assert (chosen["test_bacc"], chosen["test_overkill"]) == (row["test_balanced_acc"], row["overkill"])
+    md = report(state)
+    assert "every accuracy here, on validation (what the rules read) and on test, is balanced accuracy" in md
+    body = md.split("Test overkill %")
+    cells = body[0].split("| bitfit | 1 | 0.001 | ")[1].split(" |")[0]  # acc / seed0: the row's own pick
+    assert (
+        cells == f"{100 * chosen['test_bacc']:.2f}" and f"| bitfit | {100 * chosen['test_overkill']:.2f} |" in body[1]
+    )
+    assert (
+        (out / "compare_test-effnet_demo-defects-imbalanced90.md")
+        .read_text()
+        .startswith("# test_efficientnet @ 32 px on an imbalanced demo-defects: good class at 90 %")
+    )
