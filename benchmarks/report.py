@@ -62,12 +62,14 @@ def summarize(state: dict) -> list[dict]:
     return out
 
 
-def budget_on_val(state: dict, method: str) -> list[dict]:
+def budget_on_val(state: dict, method: str, full_at_method_lr: bool = False) -> list[dict]:
     """Per seed: the row `choose_rung` picks among `method`'s budgets (each at the lr chosen at the main budget)
-    and full fine-tuning (at its own chosen lr), on validation accuracy. The ladder is the budgets every seed ran
-    (a budget only some seeds ran is left out), and a seed needs every rung of it and a full row."""
+    and full fine-tuning (at its own chosen lr; `full_at_method_lr`: at the method's, as the product's ladder
+    trains every rung at `train.lr`), on validation accuracy. The ladder is the budgets every seed ran (a budget
+    only some seeds ran is left out), and a seed needs every rung of it and a full row."""
     rows, main = state["rows"], state["meta"]["budget"]
-    lr, lr_full = chosen_lr(rows, method, main), chosen_lr(rows, "full", main)
+    lr = chosen_lr(rows, method, main)
+    lr_full = lr if full_at_method_lr else chosen_lr(rows, "full", main)
     ok = [r for r in rows if "error" not in r and r.get("variant", "none") == "none"]
     mine = [r for r in ok if r["method"] == method and r["lr"] == lr]
     full = {r["seed"]: r for r in ok if r["method"] == "full" and r["lr"] == lr_full and r["budget"] == main}
@@ -88,12 +90,13 @@ def budget_on_val(state: dict, method: str) -> list[dict]:
 
 
 def rows_tied_without_loss(state: dict) -> list[dict]:
-    """The rows a budget-on-val choice needs a validation loss from: per method and seed, the candidates tied at
-    the best validation accuracy when some of them lack `val_loss` (rows made before they recorded it). Until they
-    have one, `choose_rung` breaks that tie by the fewer values, not by the product's lower loss."""
+    """The rows a budget-on-val choice needs a validation loss from: per method and seed (full rung at its own lr
+    or at the method's), the candidates tied at the best validation accuracy when some of them lack `val_loss`
+    (rows made before they recorded it). Until they have one, `choose_rung` breaks that tie by the fewer values,
+    not by the product's lower loss."""
     out: dict[int, dict] = {}
-    for m in METHODS:
-        for pick in budget_on_val(state, m):
+    for m, same_lr in [(m, same) for m in METHODS for same in (False, True)]:
+        for pick in budget_on_val(state, m, full_at_method_lr=same_lr):
             cands = list(pick["candidates"].values())
             best = max(r["val_acc"] for r in cands)
             top = [r for r in cands if r["val_acc"] == best]
@@ -197,21 +200,26 @@ def write_report(state: dict, stem: Path) -> None:
 def _budget_on_val_lines(state: dict, by: dict) -> list[str]:
     """The budget chosen on validation (`budget_on_val`) per method with a ladder, against full and peft LoRA."""
     lines: list[str] = []
-    for m in METHODS:
-        picks = budget_on_val(state, m)
-        if not picks:
-            continue
+    for m, same_lr in [(m, same) for m in METHODS for same in (False, True)]:
+        picks = budget_on_val(state, m, full_at_method_lr=same_lr)
+        if not picks or (
+            same_lr and picks[0]["candidates"][FULL]["lr"] == chosen_lr(state["rows"], "full", state["meta"]["budget"])
+        ):
+            continue  # no ladder, or the full rung at the method's lr is the row already shown
         if not lines:
             lines += ["", "Budget chosen on validation (`spt_core.budget.choose_rung`, as `plan.budget: auto`): per "
                       "seed the rung with the best validation accuracy among the method's budgets and full "
-                      "fine-tuning (ties: fewer values); test % of the chosen rung.", "",
+                      "fine-tuning (ties: the lower validation loss where every tied row records one, then the "
+                      "fewer values); test % of the chosen rung. \"full at lr\": the full rung trained at the "
+                      "method's lr, as the product's ladder trains every rung at `train.lr`.", "",
                       "| method | ladder | chosen per seed | test % | seeds | vs full, points | vs peft-lora |",
                       "|---|---|---|---|---|---|---|"]  # fmt: skip
         test = _mean([p["row"]["test_acc"] for p in picks])
         d = [f"{100 * (test - by[o]['test']):+.2f}" if o in by and by[o]["test"] is not None else "-"
              for o in ("full", "peft-lora")]  # fmt: skip
+        name = f"{m} (full at lr {picks[0]['candidates'][FULL]['lr']:g})" if same_lr else m
         lines.append(
-            f"| {m} | {', '.join(picks[0]['ladder'])} | {', '.join(p['budget'] for p in picks)} | "
+            f"| {name} | {', '.join(picks[0]['ladder'])} | {', '.join(p['budget'] for p in picks)} | "
             f"{_stat([p['row']['test_acc'] for p in picks], 100)} | {len(picks)} | {d[0]} | {d[1]} |"
         )
     return lines

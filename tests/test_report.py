@@ -105,6 +105,18 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     md = (tmp_path / "t.md").read_text()
     # test (0.91 + 0.93 + 0.99) / 3 = 94.33 ± 4.00; full at 1e-4 = (0.95 + 0.93 + 0.5) / 3 = 0.7933 -> +15.00
     assert "| spt-lora | 0.5%, 2%, 8%, full | 2%, full, 2% | 94.33 ± 4.00 | 3 | +15.00 | - |" in md
+    # the product's ladder trains its full rung at the method's lr: full rows at 1e-3 replace the 1e-4 ones
+    # (seed 0 at 1e-3: 0.84 < 0.85 at 1e-4, so full fine-tuning's own lr stays 1e-4)
+    at_lr = [_row("full", s, 1e-3, v, t, 100.0) for s, v, t in ((0, 0.84, 0.97), (1, 0.90, 0.88), (2, 0.5, 0.5))]
+    state["rows"] = rows + at_lr
+    same = budget_on_val(state, "spt-lora", full_at_method_lr=True)
+    assert [(p["seed"], p["budget"]) for p in same] == [(0, "2%"), (1, "full"), (2, "2%")]
+    assert [p["row"]["test_acc"] for p in same] == [0.91, 0.88, 0.99]
+    assert [p["budget"] for p in budget_on_val(state, "spt-lora")] == ["2%", "full", "2%"]  # full at its own lr
+    write_report(state, tmp_path / "t")
+    md = (tmp_path / "t.md").read_text()  # (0.91 + 0.88 + 0.99) / 3 = 92.67, full at 1e-4 79.33 -> +13.33
+    assert "| spt-lora (full at lr 0.001) | 0.5%, 2%, 8%, full | 2%, full, 2% | 92.67 ± 5.50 | 3 | +13.33 | - |" in md
+    state["rows"] = rows
     del rows[-1]  # seed 2 without its 8% row: 8% leaves every seed's ladder
     assert [p["ladder"] for p in budget_on_val(state, "spt-lora")] == [["0.5%", "2%", "full"]] * 3
 
