@@ -357,6 +357,14 @@ def _link(dst: Path, target: Path) -> None:
         dst.symlink_to(target.resolve())
 
 
+def key_of(r: dict) -> tuple:
+    """A row's identity in a table: (method, seed, lr, budget, variant, fold)."""
+    return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none"), r.get("fold")
+
+
+RERUN_SAME = ("backbone", "weights", "img_size", "data_dir", "epochs", "batch", "augment", "n_train")
+
+
 def write_any_report(state: dict, stem: Path) -> None:
     """stem.md/.png of a results JSON: the imbalanced-line report when its meta records `imbalance`, else the
     method table."""
@@ -574,9 +582,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     lock = threading.Lock()  # --parallel: jobs run in subprocesses, their rows are added here one at a time
 
-    def key_of(r: dict) -> tuple:
-        return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none"), r.get("fold")
-
     def done(key: tuple) -> bool:  # a failed run is retried by the next invocation
         return any(key_of(r) == key and "error" not in r for r in state.get(ROWS[key[5] is not None], []))
 
@@ -630,6 +635,13 @@ def main(argv: list[str] | None = None) -> Path:
     if args.rerun_ties:
         if old_meta is None:
             raise SensituneError(f"--rerun-ties: no table at {out_json}; copy the table's JSON into --out-dir")
+        other = [
+            f"{k}={state['meta'].get(k)!r} (table: {old_meta.get(k)!r})"
+            for k in RERUN_SAME
+            if (old_meta.get(k) or None) != (state["meta"].get(k) or None)
+        ]  # fmt: skip (no augment key: off)
+        if other:
+            raise SensituneError(f"--rerun-ties: give the table's own options; {', '.join(other)}")
         state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-ties: `{command}`"}
         tied = rows_tied_without_loss(state)
         why = "tied on validation in a budget-on-val choice, recorded no val_loss"
@@ -641,6 +653,9 @@ def main(argv: list[str] | None = None) -> Path:
             new = next((r for r in state["rows"] if key_of(r) == key_of(old)), {})
             if new.get("val_acc") != old["val_acc"]:
                 print(f"[{slug}] {key_of(old)}: val_acc {old['val_acc']} -> {new.get('val_acc')}", flush=True)
+        left = rows_tied_without_loss(state)  # a changed val_acc can move an lr or make a new tie
+        if left:
+            print(f"[{slug}] {len(left)} tied rows still without a loss: run --rerun-ties again", flush=True)
         save()
         return out_json
     if args.rerun_stale:

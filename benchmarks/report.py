@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.methods import METHODS
 from spt_core.budget import FULL, Rung, choose_rung
 from spt_core.io import atomic_path
-from spt_core.metrics import best_by_selection
+from spt_core.metrics import best_by_selection, tied_at_best
 
 
 def _stat(vals: list[float], scale: float = 1.0) -> str:
@@ -97,9 +97,7 @@ def rows_tied_without_loss(state: dict) -> list[dict]:
     out: dict[int, dict] = {}
     for m, same_lr in [(m, same) for m in METHODS for same in (False, True)]:
         for pick in budget_on_val(state, m, full_at_method_lr=same_lr):
-            cands = list(pick["candidates"].values())
-            best = max(r["val_acc"] for r in cands)
-            top = [r for r in cands if r["val_acc"] == best]
+            top = tied_at_best(list(pick["candidates"].values()), lambda r: r["val_acc"])
             if len(top) > 1:
                 out.update({id(r): r for r in top if r.get("val_loss") is None})
     return list(out.values())

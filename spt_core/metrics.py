@@ -118,16 +118,21 @@ def selection_key(score: float, loss: float | None) -> tuple[float, float]:
     return (score, -math.inf if loss is None else -loss)
 
 
+def tied_at_best(items: Sequence[T], score: Callable[[T], float]) -> list[T]:
+    """The items with the highest score, in their order."""
+    best = max(score(i) for i in items)
+    return [i for i in items if score(i) == best]
+
+
 def best_by_selection(
     items: Sequence[T], score: Callable[[T], float], loss: Callable[[T], float | None], tiebreak: Callable[[T], Any]
 ) -> T:
     """The item `selection_key` ranks first, then the highest `tiebreak`, then the earliest. A loss breaks the score
     tie only when every item tied at the best score has one (records made before losses were kept: the score and
     `tiebreak` alone, as they were chosen)."""
-    best = max(score(i) for i in items)
-    top = [i for i in items if score(i) == best]
+    top = tied_at_best(items, score)
     losses = all(loss(i) is not None for i in top)
-    return max(top, key=lambda i: (selection_key(best, loss(i) if losses else None), tiebreak(i)))
+    return max(top, key=lambda i: (selection_key(score(i), loss(i) if losses else None), tiebreak(i)))
 
 
 def selection_score(

@@ -29,10 +29,6 @@ from benchmarks.methods import (  # noqa: E402
 from spt_core.errors import SensituneError  # noqa: E402
 
 
-def compare_key(r: dict) -> tuple:
-    return r["method"], r["seed"], r["lr"], r["budget"]
-
-
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("test_efficientnet", num_classes=10)
@@ -104,12 +100,15 @@ def test_harness_table_and_counts(tmp_path: Path) -> None:
              for r in fake]  # fmt: skip
     again["rows"] += fake
     path.write_text(json.dumps(again))
+    with pytest.raises(SensituneError, match=r"--rerun-ties: give the table's own options; epochs=2 \(table: 1\)"):
+        compare.main([*argv[:-1], "--epochs", "2", "--in-process", "--rerun-ties"])  # rows unlike the table's
     third = json.loads(compare.main([*argv, "--rerun-ties"]).read_text())
     redone = [(r["method"], r["seed"], r["budget"]) for r in third["replaced"][1:]]
     assert sorted(redone) == [("full", 1, "1%"), ("sparse-only", 1, "1%")]
     assert all("val_loss" in r for r in third["rows"] if (r["method"], r["seed"], r["budget"]) in redone)
     assert len(third["rows"]) == len(again["rows"]) and "--rerun-ties" in third["meta"]["command"]
-    assert next(r for r in third["rows"] if compare_key(r) == compare_key(tied))["val_acc"] == tied["val_acc"]
+    assert next(r for r in third["rows"] if compare.key_of(r) == compare.key_of(tied))["val_acc"] == tied["val_acc"]
+    assert compare.rows_tied_without_loss(third) == []  # nothing left to re-run
 
 
 @pytest.mark.parametrize("method", ["linear", "full", "peft-lora", "random-sparse"])
@@ -491,11 +490,11 @@ def test_an_imbalanced_line_table_records_line_curves_and_replays_on_balanced_ac
     assert (chosen["test_bacc"], chosen["test_overkill"]) == (row["test_balanced_acc"], row["overkill"])
     md = report(state)
     assert "every accuracy here, on validation (what the rules read) and on test, is balanced accuracy" in md
-    body = md.split("Test overkill %")
-    cells = body[0].split("| bitfit | 1 | 0.001 | ")[1].split(" |")[0]  # acc / seed0: the row's own pick
-    assert (
-        cells == f"{100 * chosen['test_bacc']:.2f}" and f"| bitfit | {100 * chosen['test_overkill']:.2f} |" in body[1]
-    )
+    tables = [[ln.strip("|").split(" | ") for ln in part.splitlines() if ln.startswith("| ")]
+              for part in md.split("Test overkill %")]  # fmt: skip
+    col = [c.strip() for c in tables[0][0]].index("acc>loss / seed0")  # the product's rule: the row's own pick
+    assert tables[0][1][col].strip() == f"{100 * chosen['test_bacc']:.2f}"
+    assert tables[1][1][col - 2].strip() == f"{100 * chosen['test_overkill']:.2f}"  # no seeds / lrs columns
     assert (
         (out / "compare_test-effnet_demo-defects-imbalanced90.md")
         .read_text()

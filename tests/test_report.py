@@ -207,6 +207,10 @@ def test_rows_with_a_validation_loss_break_ties_by_it_for_lrs_and_budgets():
     del rows[0]["val_loss"]  # a tied rung without one: the old rule (fewer values), and it is the row to re-run
     assert [p["budget"] for p in budget_on_val({"meta": META, "rows": rows}, "spt-lora")] == ["2%"]
     assert rows_tied_without_loss({"meta": META, "rows": rows}) == [rows[0]]
+    rows[0]["val_loss"] = 0.35  # every rung has its loss again
+    rows[-1]["val_acc"] = 0.95  # full at its own lr (1e-4) wins outright: no tie in that ladder
+    at_lr = _row("full", 0, 1e-3, 0.90, 0.93, 100.0)  # the product's full rung (the method's lr) ties 2 % and 8 %
+    assert rows_tied_without_loss({"meta": META, "rows": [*rows, at_lr]}) == [at_lr]
 
 
 def test_every_committed_table_is_its_json_report(tmp_path: Path, monkeypatch):

@@ -355,11 +355,13 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
         fit(other, _loaders(), cfg, out)
     with pytest.raises(SensituneError, match=r"epochs=4->5"):
         fit(_effnet(), _loaders(), TrainConfig(**{**cfg.to_dict(), "epochs": 5}), out)
-    # one whose best epoch was ranked by an older rule (score only, before the loss tie-break) is refused too
+    # one that does not record the rule that ranked its best epoch (an older version) is refused too
     old = torch.load(out / "checkpoint.pt", weights_only=True)
     del old["selection_rule"]
     torch.save(old, out / "checkpoint.pt")
-    with pytest.raises(SensituneError, match=r"selection rule 'score only'.*'score>loss'.*delete it"):
+    with pytest.raises(
+        SensituneError, match=r"selection rule 'unrecorded \(an older version\)'.*'score>loss'.*delete it"
+    ):
         fit(_effnet(), _loaders(), cfg, out)
 
 

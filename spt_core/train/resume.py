@@ -107,7 +107,8 @@ def load_checkpoint(path: Path, state_names: list[str], cfg: TrainConfig, steps_
         )
     if ckpt.get("selection_rule") != SELECTION_RULE:  # its best epoch so far was ranked by another rule
         raise SensituneError(
-            f"{path}: checkpoint chose its best epoch by selection rule {ckpt.get('selection_rule', 'score only')!r}, "
+            f"{path}: checkpoint chose its best epoch by selection rule "
+            f"{ckpt.get('selection_rule', 'unrecorded (an older version)')!r}, "
             f"this version by {SELECTION_RULE!r}; {fix}"
         )
     old, new = ckpt["cfg"], cfg.to_dict()
