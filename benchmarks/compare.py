@@ -638,8 +638,8 @@ def main(argv: list[str] | None = None) -> Path:
         other = [
             f"{k}={state['meta'].get(k)!r} (table: {old_meta.get(k)!r})"
             for k in RERUN_SAME
-            if (old_meta.get(k) or None) != (state["meta"].get(k) or None)
-        ]  # fmt: skip (no augment key: off)
+            if (old_meta.get(k) or None) != (state["meta"].get(k) or None)  # an older table without `augment`: off
+        ]
         if other:
             raise SensituneError(f"--rerun-ties: give the table's own options; {', '.join(other)}")
         state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-ties: `{command}`"}
