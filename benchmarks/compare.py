@@ -362,6 +362,12 @@ def key_of(r: dict) -> tuple:
     return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none"), r.get("fold")
 
 
+def retire(state: dict, rows: list[dict], why: str) -> None:
+    """Move `rows` (objects of ``state["rows"]``) to ``state["replaced"]`` with the reason, before they re-run."""
+    state["replaced"] = state.get("replaced", []) + [{**r, "replaced_because": why} for r in rows]
+    state["rows"] = [r for r in state["rows"] if not any(r is x for x in rows)]
+
+
 RERUN_SAME = ("backbone", "weights", "img_size", "data_dir", "epochs", "batch", "augment", "n_train")
 
 
@@ -644,9 +650,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise SensituneError(f"--rerun-ties: give the table's own options; {', '.join(other)}")
         state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-ties: `{command}`"}
         tied = rows_tied_without_loss(state)
-        why = "tied on validation in a budget-on-val choice, recorded no val_loss"
-        state["replaced"] = state.get("replaced", []) + [{**r, "replaced_because": why} for r in tied]
-        state["rows"] = [r for r in state["rows"] if not any(r is x for x in tied)]
+        retire(state, tied, "tied on validation in a budget-on-val choice, recorded no val_loss")
         print(f"[{slug}] re-running {len(tied)} tied rows without a validation loss", flush=True)
         run_all([key_of(r) for r in tied])
         for old in tied:  # same seed, code path and threads: the run should reproduce its validation accuracy
@@ -665,9 +669,7 @@ def main(argv: list[str] | None = None) -> Path:
             if "error" not in r and r["budget"] == args.budget and r.get("train_overhead_mb") is not None
             and r.get("overhead_peak") != "vmhwm_reset_trim" and r["lr"] == lrs.get(r["method"])
         ]  # fmt: skip
-        state["replaced"] = state.get("replaced", []) + [{**r, "replaced_because": "memory baseline without heap trim"}
-                                                         for r in stale]  # fmt: skip
-        state["rows"] = [r for r in state["rows"] if not any(r is x for x in stale)]
+        retire(state, stale, "memory baseline without heap trim")
         print(f"[{slug}] re-running {len(stale)} rows measured by an older harness", flush=True)
     grid = {m: _parse_lrs(args.lr_grid_full if m in FULL_LR_METHODS else args.lr_grid) for m in methods}
     if "linear" in grid and args.lr_grid_linear:  # a probe is cheap (no backward through the backbone)

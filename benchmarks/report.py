@@ -11,6 +11,7 @@ rows_tied_without_loss  the rows whose missing val_loss leaves such a choice to 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.methods import METHODS
@@ -89,14 +90,25 @@ def budget_on_val(state: dict, method: str, full_at_method_lr: bool = False) -> 
     return out
 
 
+def ladders(state: dict) -> Iterator[tuple[str, bool, list[dict]]]:
+    """(method, full_at_method_lr, `budget_on_val` picks) of every method with a ladder: the full rung at full
+    fine-tuning's own lr, and again at the method's lr (the product's ladder) where that is another lr."""
+    lr_full = chosen_lr(state["rows"], "full", state["meta"]["budget"])
+    for m in METHODS:
+        for same_lr in (False, True):
+            picks = budget_on_val(state, m, full_at_method_lr=same_lr)
+            if picks and not (same_lr and picks[0]["candidates"][FULL]["lr"] == lr_full):
+                yield m, same_lr, picks
+
+
 def rows_tied_without_loss(state: dict) -> list[dict]:
     """The rows a budget-on-val choice needs a validation loss from: per method and seed (full rung at its own lr
     or at the method's), the candidates tied at the best validation accuracy when some of them lack `val_loss`
     (rows made before they recorded it). Until they have one, `choose_rung` breaks that tie by the fewer values,
     not by the product's lower loss."""
     out: dict[int, dict] = {}
-    for m, same_lr in [(m, same) for m in METHODS for same in (False, True)]:
-        for pick in budget_on_val(state, m, full_at_method_lr=same_lr):
+    for _, _, picks in ladders(state):
+        for pick in picks:
             top = tied_at_best(list(pick["candidates"].values()), lambda r: r["val_acc"])
             if len(top) > 1:
                 out.update({id(r): r for r in top if r.get("val_loss") is None})
@@ -198,12 +210,7 @@ def write_report(state: dict, stem: Path) -> None:
 def _budget_on_val_lines(state: dict, by: dict) -> list[str]:
     """The budget chosen on validation (`budget_on_val`) per method with a ladder, against full and peft LoRA."""
     lines: list[str] = []
-    for m, same_lr in [(m, same) for m in METHODS for same in (False, True)]:
-        picks = budget_on_val(state, m, full_at_method_lr=same_lr)
-        if not picks or (
-            same_lr and picks[0]["candidates"][FULL]["lr"] == chosen_lr(state["rows"], "full", state["meta"]["budget"])
-        ):
-            continue  # no ladder, or the full rung at the method's lr is the row already shown
+    for m, same_lr, picks in ladders(state):
         if not lines:
             lines += ["", "Budget chosen on validation (`spt_core.budget.choose_rung`, as `plan.budget: auto`): per "
                       "seed the rung with the best validation accuracy among the method's budgets and full "
