@@ -53,12 +53,13 @@ def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str,
     return label, cells, n, {f"auto:{m}": a[1] for m, a in autos.items() if a}
 
 
-def markdown(paths: list[Path]) -> str:
+def markdown(states: list[dict]) -> str:
+    """The README's comparison: one row per table (`tables()`)."""
     keys = [*COLUMNS, *(f"auto:{m}" for m in AUTO)]
     head = [*COLUMNS.values(), *AUTO.values()]
     lines = ["| backbone, task (budget) | " + " | ".join(head) + " | seeds |", "|---" * (len(head) + 2) + "|"]
-    for path in paths:
-        label, cells, seeds, auto_seeds = table_row(json.loads(path.read_text()))
+    for state in states:
+        label, cells, seeds, auto_seeds = table_row(state)
         best = max((v for v in cells.values() if v is not None), default=None)
         shown = []
         for key in keys:
@@ -74,7 +75,7 @@ def markdown(paths: list[Path]) -> str:
 VARIANTS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse")  # what `plan.structured`/allocation offer
 
 
-def targets(paths: list[Path]) -> str:
+def targets(states: list[dict]) -> str:
     """Each SPT variant against the issue's targets on every table that ran it: its gap to peft LoRA at equal count
     (target >= 0), to full fine-tuning (target >= -0.5 on the ViT tables), and, for a variant with a ladder, the
     budget chosen on validation against full fine-tuning (target >= -0.5 on the Lite0 tables); test points, worst
@@ -82,8 +83,7 @@ def targets(paths: list[Path]) -> str:
     rows: dict[str, list[tuple[float, float | None]]] = {v: [] for v in VARIANTS}
     chosen: dict[str, list[float]] = {v: [] for v in VARIANTS}
     n_tables = 0
-    for path in paths:
-        state = json.loads(path.read_text())
+    for state in states:
         by = {s["method"]: 100 * s["test"] for s in summarize(state)}
         if "peft-lora" not in by or "full" not in by:
             continue
@@ -115,12 +115,12 @@ def _worst(gaps: list[float], floor: float = -0.5) -> str:
     return f"{min(gaps):+.1f} | {sum(g >= floor for g in gaps)} of {len(gaps)}" if gaps else "- | -"
 
 
-def tables(results: Path = ROOT / "benchmarks" / "results") -> list[Path]:
-    """The balanced-protocol tables with at least one finished method (a table still running may have none),
-    Lite0 first."""
-    paths = [p for p in results.glob("compare_*.json")
-             if "imbalanced" not in p.name and summarize(json.loads(p.read_text()))]  # fmt: skip
-    return sorted(paths, key=lambda p: (not p.name.startswith("compare_lite0"), p.name))
+def tables(results: Path = ROOT / "benchmarks" / "results") -> list[dict]:
+    """The balanced-protocol tables (`results/compare_*.json`, each read once) with at least one finished method (a
+    table still running may have none), Lite0 first. Tables in sub-folders (`gpu/`, `selection/`) are not in it."""
+    paths = sorted((p for p in results.glob("compare_*.json") if "imbalanced" not in p.name),
+                   key=lambda p: (not p.name.startswith("compare_lite0"), p.name))  # fmt: skip
+    return [s for s in (json.loads(p.read_text()) for p in paths) if summarize(s)]
 
 
 if __name__ == "__main__":

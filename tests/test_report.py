@@ -121,48 +121,44 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     assert [p["ladder"] for p in budget_on_val(state, "spt-lora")] == [["0.5%", "2%", "full"]] * 3
 
 
-def test_readme_table_row_from_a_table(tmp_path: Path):
+def test_readme_table_row_from_a_table():
     """benchmarks/summary.py: the README row is the chosen-lr means (the 3e-4 trap excluded), best in bold."""
-    import json
 
     from benchmarks.summary import markdown
 
-    (tmp_path / "compare_lite0_demo.json").write_text(json.dumps({"meta": META, "rows": ROWS}))
-    md = markdown([tmp_path / "compare_lite0_demo.json"]).splitlines()
+    md = markdown([{"meta": META, "rows": ROWS}]).splitlines()
     assert md[0].startswith("| backbone, task (budget) | linear | BitFit | full FT | peft LoRA |")
     # full 96.65 and sparse-only 96.65 tie for best (both bold, the same rounding); peft LoRA (0.94 + 0.92) / 2
     assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | - | 2 |"
 
 
-def test_targets_table_gaps_on_known_tables(tmp_path: Path):
+def test_targets_table_gaps_on_known_tables():
     """Two tables: gaps to peft LoRA on both, to full FT on the ViT one only, and the default's budget chosen on
     validation against full FT on the Lite0 one only; worst, mean and counts."""
-    import json
 
     from benchmarks.summary import markdown, targets
 
-    def table(name, backbone, acc, extra=()):  # one seed-0 row per method at its only lr
+    def table(backbone, acc, extra=()):  # one seed-0 row per method at its only lr
         rows = [{**ROWS[0], "method": m, "lr": 1e-3, "seed": 0, "test_acc": a, "val_acc": 0.9} for m, a in acc.items()]
-        (tmp_path / name).write_text(json.dumps({"meta": {**META, "backbone": backbone}, "rows": [*rows, *extra]}))
-        return tmp_path / name
+        return {"meta": {**META, "backbone": backbone}, "rows": [*rows, *extra]}
 
     def rung(budget, n, val, test):  # a per-row rung at the chosen lr; 8 % wins on val over 2 % (0.9) and full
         return {**ROWS[0], "method": "per-row-sparse", "lr": 1e-3, "seed": 0, "budget": budget,
                 "trainable_backbone": n, "val_acc": val, "test_acc": test}  # fmt: skip
 
     ladder = [rung("0.5%", 250, 0.85, 0.99), rung("8%", 4000, 0.95, 0.93)]  # 0.5 %: the test-best trap, val-worst
-    paths = [table("compare_a.json", "tf_efficientnet_lite0",
+    states = [table("tf_efficientnet_lite0",
                    {"full": 0.95, "peft-lora": 0.90, "spt-lora": 0.92, "per-row-sparse": 0.91}, ladder),
-             table("compare_b.json", "vit_small_patch14_dinov2",
+              table("vit_small_patch14_dinov2",
                    {"full": 0.80, "peft-lora": 0.79, "spt-lora": 0.785, "sparse-only": 0.81})]  # fmt: skip
-    lines = targets(paths).splitlines()
+    lines = targets(states).splitlines()
     # SPT-LoRA: +2.0 and -0.5 vs peft (worst -0.5, mean +0.75, 1 table >= 0); vs full on ViT -1.5 (missed)
     assert lines[2] == "| SPT-LoRA | 2 of 2 | -0.5 | +0.8 | 1 | -1.5 | 0 of 1 | - | - |"
     assert lines[3] == "| sparse-only | 1 of 2 | +2.0 | +2.0 | 1 | +1.0 | 1 of 1 | - | - |"
     # per-row: +1.0 vs peft; its 8 % rung (val 0.95 > full's 0.9) tests 93.0, 2.0 below full's 95.0
     assert lines[4] == "| per-row sparse (default) | 1 of 2 | +1.0 | +1.0 | 1 | - | - | -2.0 | 0 of 1 |"
     assert len(lines) == 5  # variants no table ran are left out
-    row = markdown(paths[:1]).splitlines()[2].split(" | ")
+    row = markdown(states[:1]).splitlines()[2].split(" | ")
     assert row[-3:] == ["93.0", "-", "1 |"]  # per-row's budget on val, SPT-LoRA's (no ladder), seeds
 
 
@@ -221,11 +217,13 @@ def test_every_committed_table_is_its_json_report(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(benchmarks.report, "_plot", lambda *a, **k: None)  # the .md only
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    jsons = sorted(results.glob("compare_*.json"))
-    assert len(jsons) >= 10
+    jsons = sorted(results.rglob("compare_*.json"))  # with results/gpu/ and results/selection/
+    assert len(jsons) >= 13
     stale = []
     for path in jsons:
-        write_any_report(json.loads(path.read_text()), tmp_path / path.stem)
-        if (tmp_path / f"{path.stem}.md").read_text() != path.with_suffix(".md").read_text():
-            stale.append(path.name)
+        out = tmp_path / path.parent.name
+        out.mkdir(exist_ok=True)
+        write_any_report(json.loads(path.read_text()), out / path.stem)
+        if (out / f"{path.stem}.md").read_text() != path.with_suffix(".md").read_text():
+            stale.append(str(path.relative_to(results)))
     assert not stale, f"run `python benchmarks/compare.py --report-only` on {stale}"
