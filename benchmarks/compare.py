@@ -12,7 +12,8 @@ then add balanced accuracy and escape rate / overkill at the validation-chosen t
 
 Each (method, seed, lr) and each sensitivity pass runs in its own subprocess so that its peak memory (CPU:
 ru_maxrss; CUDA: max_memory_allocated) is its own. Rows are appended to the JSON as they finish; a re-run skips
-rows already there (resume). Writes benchmarks/results/compare_<backbone>_<task>.{json,md,png}.
+rows already there (resume), and refuses a table made with other settings (`PROTOCOL`: input size, epochs, data, ...).
+Writes benchmarks/results/compare_<backbone>_<task>.{json,md,png}.
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
       .venv/bin/python benchmarks/compare.py --backbone lite0 --task digits --budget 2% --seeds 2 --epochs 8
@@ -368,7 +369,23 @@ def retire(state: dict, rows: list[dict], why: str) -> None:
     state["rows"] = [r for r in state["rows"] if not any(r is x for x in rows)]
 
 
-RERUN_SAME = ("backbone", "weights", "img_size", "data_dir", "epochs", "batch", "augment", "n_train")
+# The settings every row of one table shares: a resumed, re-run or merged table refuses rows made under others (a
+# --img-size 56 run must not resume a 224 px table of the same backbone and task). Paths by file name only: a table
+# travels between machines.
+PROTOCOL = ("backbone", "weights", "img_size", "task", "data_dir", "budget", "epochs", "batch", "augment", "n_train",
+            "device", "freeze_bn_stats", "sens_images", "imbalance", "select")  # fmt: skip
+PATHS = ("weights", "data_dir")
+
+
+def protocol_differences(table: dict, run: dict) -> list[str]:
+    """`key=run's (table: table's)` for each PROTOCOL setting in which a run's meta differs from a table's; a setting
+    an older table did not record counts as off (None)."""
+
+    def value(meta: dict, k: str) -> Any:
+        v = meta.get(k) or None
+        return Path(v).name if k in PATHS and v else v
+
+    return [f"{k}={run.get(k)!r} (table: {table.get(k)!r})" for k in PROTOCOL if value(table, k) != value(run, k)]
 
 
 def write_any_report(state: dict, stem: Path) -> None:
@@ -531,7 +548,7 @@ def main(argv: list[str] | None = None) -> Path:
         + " ".join(["benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
     )
     old_meta = state.get("meta")
-    state["meta"] = {
+    meta = {
         "command": command, "machine": _machine(args.device), "versions": _versions(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "backbone": name,
         "weights": weights, "img_size": img, "task": args.task, "data_dir": str(data_dir), "budget": args.budget,
@@ -539,6 +556,14 @@ def main(argv: list[str] | None = None) -> Path:
         "freeze_bn_stats": True, "sens_images": SENS_BATCHES * SENS_BATCH_SIZE, "n_train": args.n_train,
         "parallel": args.parallel, "augment": args.augment, **line,
     }  # fmt: skip
+    differ = protocol_differences(old_meta, meta) if old_meta else []
+    if args.merge and not differ:  # the shard's rows too
+        shard = json.loads(args.merge.read_text())["meta"]
+        differ = [f"{args.merge.name}: {d}" for d in protocol_differences(old_meta or meta, shard)]
+    if differ:
+        raise SensituneError(f"{out_json}: made with other settings ({', '.join(differ)}); give the table's own "
+                             "options, or another --out-dir")  # fmt: skip
+    state["meta"] = meta
     if args.imbalance is not None:
         ds = json.loads((data_dir / "dataset.json").read_text())
         line_job = {"ok_index": ds["class_names"].index(line["ok_class"]), "select": args.select,
@@ -641,13 +666,6 @@ def main(argv: list[str] | None = None) -> Path:
     if args.rerun_ties:
         if old_meta is None:
             raise SensituneError(f"--rerun-ties: no table at {out_json}; copy the table's JSON into --out-dir")
-        other = [
-            f"{k}={state['meta'].get(k)!r} (table: {old_meta.get(k)!r})"
-            for k in RERUN_SAME
-            if (old_meta.get(k) or None) != (state["meta"].get(k) or None)  # an older table without `augment`: off
-        ]
-        if other:
-            raise SensituneError(f"--rerun-ties: give the table's own options; {', '.join(other)}")
         state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-ties: `{command}`"}
         tied = rows_tied_without_loss(state)
         retire(state, tied, "tied on validation in a budget-on-val choice, recorded no val_loss")

@@ -10,7 +10,7 @@
 #        when too little is left). Results land in OUT_DIR/results.tgz (tables, JSON, plots, logs), re-packed after
 #        each step so a cut-off run still returns what finished.
 # Environment: PYTHON (python3), VIT_WEIGHTS (the make_vit_s14.py file; fp16-rounded copies load too),
-#   STEPS ("tests compare memory"), PARALLEL (compare.py runs at a time, 4). Step 2 resumes from benchmarks/results/compare_vit-s14_demo-defects.json when
+#   STEPS ("tests compare memory"), PARALLEL (compare.py runs at a time, 4). Step 2 resumes from benchmarks/results/gpu/compare_vit-s14_demo-defects.json when
 #   that exists (finished rows are kept, failed ones retried).
 set -uo pipefail
 
@@ -63,7 +63,7 @@ pack
 fi
 
 if [[ $STEPS == *compare* && $(left) -gt 120 ]]; then
-  cp -n benchmarks/results/compare_vit-s14_demo-defects.json "$RES/" 2>/dev/null
+  cp -n benchmarks/results/gpu/compare_vit-s14_demo-defects.json "$RES/" 2>/dev/null
   step "2. compare.py on CUDA: ViT-S/14 @224, demo defects"
   reserve=$([[ $STEPS == *memory* ]] && echo 70 || echo 10)
   timeout $(($(left) - reserve)) "$PY" benchmarks/compare.py --backbone vit-s14 --weights "$VIT" --img-size 224 \

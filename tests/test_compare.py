@@ -100,8 +100,10 @@ def test_harness_table_and_counts(tmp_path: Path) -> None:
              for r in fake]  # fmt: skip
     again["rows"] += fake
     path.write_text(json.dumps(again))
-    with pytest.raises(SensituneError, match=r"--rerun-ties: give the table's own options; epochs=2 \(table: 1\)"):
+    with pytest.raises(SensituneError, match=r"made with other settings \(epochs=2 \(table: 1\)\); give the table"):
         compare.main([*argv[:-1], "--epochs", "2", "--in-process", "--rerun-ties"])  # rows unlike the table's
+    with pytest.raises(SensituneError, match=r"img_size=40 \(table: 32\)"):  # a plain resume refuses them too
+        compare.main([*argv, "--img-size", "40"])
     third = json.loads(compare.main([*argv, "--rerun-ties"]).read_text())
     redone = [(r["method"], r["seed"], r["budget"]) for r in third["replaced"][1:]]
     assert sorted(redone) == [("full", 1, "1%"), ("sparse-only", 1, "1%")]
@@ -109,6 +111,15 @@ def test_harness_table_and_counts(tmp_path: Path) -> None:
     assert len(third["rows"]) == len(again["rows"]) and "--rerun-ties" in third["meta"]["command"]
     assert next(r for r in third["rows"] if compare.key_of(r) == compare.key_of(tied))["val_acc"] == tied["val_acc"]
     assert compare.rows_tied_without_loss(third) == []  # nothing left to re-run
+    # --merge: a shard of the same protocol adds its rows; a shard made at another input size is refused whole
+    shard = tmp_path / "shard.json"
+    new_row = {**third["rows"][0], "seed": 5}
+    shard.write_text(json.dumps({"meta": {**third["meta"], "img_size": 224}, "rows": [new_row]}))
+    with pytest.raises(SensituneError, match=r"shard.json: img_size=224 \(table: 32\)"):
+        compare.main([*argv, "--merge", str(shard)])
+    shard.write_text(json.dumps({"meta": third["meta"], "rows": [new_row]}))
+    merged = json.loads(compare.main([*argv, "--merge", str(shard)]).read_text())
+    assert len(merged["rows"]) == len(third["rows"]) + 1 and "# + rows of shard.json" in merged["meta"]["command"]
 
 
 @pytest.mark.parametrize("method", ["linear", "full", "peft-lora", "random-sparse"])
