@@ -102,11 +102,9 @@ def agreement(
     return out
 
 
-def bootstrap(
-    g2: np.ndarray, cands: dict[str, Candidate], sizes: list[int], ns: list[int], reps: int, seed: int
-) -> list[dict[str, Any]]:
+def bootstrap(g2: np.ndarray, cands: dict[str, Candidate], ns: list[int], reps: int, seed: int) -> list[dict[str, Any]]:
     """`agreement` of two disjoint draws of n batches each (`reps` draws per n), averaged, with its 5th percentile."""
-    rng, rows = np.random.default_rng(seed), []
+    rng, rows, sizes = np.random.default_rng(seed), [], [c.numel for c in cands.values()]
     for n in ns:
         draws = []
         for _ in range(reps):
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
     g2, cands = per_batch_scores(model, loaders["train"].dataset, args.pool, args.seed)
     measure_s = time.perf_counter() - t0
     sizes = [c.numel for c in cands.values()]
-    rows = bootstrap(g2, cands, sizes, ns, args.reps, args.seed)
+    rows = bootstrap(g2, cands, ns, args.reps, args.seed)
     heads = None
     if args.random_head:
         m = min(16, args.pool)
