@@ -48,8 +48,8 @@ from benchmarks.methods import (  # noqa: E402
     setup_method,
 )
 from benchmarks.report import chosen_lr, rows_tied_without_loss, summary_metrics, write_report  # noqa: E402
-from spt_core.errors import SensituneError  # noqa: E402
-from spt_core.io import write_json  # noqa: E402
+from spt_core.portable.errors import SensituneError  # noqa: E402
+from spt_core.portable.io import write_json  # noqa: E402
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 BACKBONES = {  # preset: (timm name, weights, img_size)

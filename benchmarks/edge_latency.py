@@ -1,8 +1,8 @@
 """Edge latency: PyTorch eager vs ONNX Runtime vs OpenVINO FP32 / FP16 / INT8, side by side in one run.
 
-Exports the model with `deploy.export` (the artifacts the edge gets), then measures, interleaved per round so a
+Exports the model with `deploy.compile.export` (the artifacts the edge gets), then measures, interleaved per round so a
 noisy machine hits every format alike: batch-1 latency p50/p90/p99 with preprocessing excluded (a ready tensor)
-and included (`spt_core.preprocess.preprocess_image` on a full-size real photo), and batch throughput. Writes a
+and included (`spt_core.portable.preprocess.preprocess_image` on a full-size real photo), and batch throughput. Writes a
 markdown table headed by the exact command, the CPU (model, ISA flags), threads, versions and precision hints.
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
@@ -37,11 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from deploy.artifact import RUNTIME_CONFIG  # noqa: E402
-from deploy.export import compile_openvino, export_onnx  # noqa: E402
-from deploy.inferencer import Inferencer  # noqa: E402
-from deploy.verify import verify  # noqa: E402
-from spt_core.preprocess import Preprocess, preprocess_batch, preprocess_image  # noqa: E402
+from deploy.compile.export import compile_openvino, export_onnx  # noqa: E402
+from deploy.compile.verify import verify  # noqa: E402
+from deploy.edge.artifact import RUNTIME_CONFIG  # noqa: E402
+from deploy.edge.inferencer import Inferencer  # noqa: E402
+from spt_core.portable.preprocess import Preprocess, preprocess_batch, preprocess_image  # noqa: E402
 
 FORMATS = ("pytorch", "onnxruntime", "openvino-fp32", "openvino-fp16", "openvino-int8")
 ISA_FLAGS = tuple("avx2 avx512f avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_tile amx_int8 amx_bf16".split())

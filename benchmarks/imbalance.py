@@ -9,7 +9,7 @@ A line's data: one good class at ~90 % and a few defect classes with few images 
 Both are split proportionally (``prepare(split=...)``: every image, each class in proportion, a minimum per class
 in validation and test). Every run picks its epoch on validation (``--select``, balanced accuracy by default),
 chooses the reject threshold on P(good) on validation for ``--max-escape-rate`` and reports test balanced
-accuracy, escape rate and overkill at that threshold (`spt_core.metrics`).
+accuracy, escape rate and overkill at that threshold (`spt_core.portable.metrics`).
 
 A variant is ``<balance>[+aug]``: ``none`` (plain), ``loss``/``sampler``/``both`` (`train.balance`), ``+aug`` adds
 timm's train-time augmentation (`spt_core.data.Augment`).
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from spt_core.io import write_text
+from spt_core.portable.io import write_text
 
 FASHION_GOOD, FASHION_DEFECTS = "Coat", ("Pullover", "Shirt", "T-shirt_top")
 DEMO_GOOD, DEMO_DEFECTS = "ok", ("scratch", "spot", "crack")
@@ -77,7 +77,7 @@ def parse_variant(variant: str) -> tuple[str, bool]:
 def line_metrics(model: Any, loaders: dict, ok_index: int, max_escape_rate: float) -> dict[str, Any]:
     """Validation-chosen threshold; test balanced accuracy, escape rate and overkill at it (with Wilson CIs)."""
     from spt_core.evaluate import collect
-    from spt_core.metrics import balanced_accuracy, choose_threshold, confusion_matrix, rates_at
+    from spt_core.portable.metrics import balanced_accuracy, choose_threshold, confusion_matrix, rates_at
 
     yv, pv, _ = collect(model, loaders["val"])
     yt, pt, _ = collect(model, loaders["test"])

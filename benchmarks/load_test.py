@@ -11,7 +11,7 @@ the oversized answers and the service's peak RSS per run, and writes results/loa
 unless the mixed p99 is within 1.5x of the clean one with 0 errors on normal frames.
 
 Builds an OpenVINO FP32 artifact of the embedded EfficientNet-Lite0 (4-class head, untrained: speed only) through
-`deploy.export` (twice: champion v1 and challenger v2, 25 % of the cameras on the challenger, so the A/B path is
+`deploy.compile.export` (twice: champion v1 and challenger v2, 25 % of the cameras on the challenger, so the A/B path is
 what is measured), starts the service in its own process (so the clients do not share its GIL), sends a bounded
 number of multipart PNG frames from 12 camera ids, and writes benchmarks/results/load_test.md.
 
@@ -47,7 +47,7 @@ CAMERAS = [f"cam-{i}" for i in range(12)]
 
 def build_lite0(work: Path, size: int) -> tuple[dict[str, Path], str]:
     """Lite0 -> ONNX -> OpenVINO FP32 for versions 1 and 2 (same weights, separate sealed directories)."""
-    from deploy.export import compile_openvino, export_onnx, write_manifest
+    from deploy.compile.export import compile_openvino, export_onnx, write_manifest
     from spt_core.model import create_model
 
     model, info = create_model("tf_efficientnet_lite0", num_classes=4, weights="embedded", img_size=size)
@@ -222,7 +222,8 @@ def serve_and_load(
                                    "challenger_share": 0.25, "openvino": {"PERFORMANCE_HINT": hint},
                                    "log_dir": f"logs-{hint}"}))  # fmt: skip
     port = _free_port()
-    cmd = [sys.executable, "-m", "deploy.service", "--config", str(cfg), "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "deploy.edge.service", "--config", str(cfg), "--port", str(port),
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -334,7 +335,7 @@ def run_oversized(args: argparse.Namespace, command: str) -> int:
         cfg.write_text(yaml.safe_dump({"line": "bench", "champion": ref("1"), "challenger": ref("2"),
                                        "challenger_share": 0.25, "log_dir": "logs"}))  # fmt: skip
         port = _free_port()
-        cmd = [sys.executable, "-m", "deploy.service", "--config", str(cfg), "--port", str(port)]
+        cmd = [sys.executable, "-m", "deploy.edge.service", "--config", str(cfg), "--port", str(port)]
         cmd += ["--tokens", str(work / "tokens.yaml"), "--log-level", "warning"]
         proc = subprocess.Popen(cmd, cwd=ROOT)
         headers = {"Authorization": f"Bearer {token}"}

@@ -211,7 +211,7 @@ def main() -> None:
         "gradients, optimizer state, transient weight copies). `naive-sparse` keeps the effective weight alive "
         "for backward, as the official SPT code does; `sparse` is sensitune's tuner (rebuilt on demand).",
     ]
-    from spt_core.io import write_bytes  # atomic: a killed run leaves the old table
+    from spt_core.portable.io import write_bytes  # atomic: a killed run leaves the old table
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(args.out, ("\n".join(lines) + "\n").encode())

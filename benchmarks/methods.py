@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from spt_core.allocate import allocate
 from spt_core.candidates import block_index, count_backbone_params, find_candidates, head_parameter_names
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 from spt_core.sensitivity import Sensitivity
 from spt_core.tuners import apply_plan
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from benchmarks.methods import METHODS
 from spt_core.budget import FULL, Rung, choose_rung
-from spt_core.io import atomic_path
-from spt_core.metrics import best_by_selection, tied_at_best
+from spt_core.portable.io import atomic_path
+from spt_core.portable.metrics import best_by_selection, tied_at_best
 
 
 def _stat(vals: list[float], scale: float = 1.0) -> str:

@@ -9,7 +9,7 @@ here only to score a rule after it has chosen. The rules:
                 loss      the epoch with the lowest validation loss
                 smooth    the best centred 3-epoch mean of validation accuracy (ends: the 2 epochs there are)
                 acc>loss  the best validation accuracy, ties broken by the lower validation loss (also between lrs):
-                          the product's rule since 2026-11-30 (`spt_core.metrics.selection_key`)
+                          the product's rule since 2026-11-30 (`spt_core.portable.metrics.selection_key`)
   lr rules      seed0     one lr per method from seed 0's validation (the harness so far)
                 pooled    one lr per method from the mean validation score over every grid seed
                 per-seed  each seed its own lr from its own validation
@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.methods import METHODS  # noqa: E402
-from spt_core.io import atomic_path  # noqa: E402
-from spt_core.metrics import selection_key  # noqa: E402
+from spt_core.portable.io import atomic_path  # noqa: E402
+from spt_core.portable.metrics import selection_key  # noqa: E402
 
 Curve = list[dict]
 

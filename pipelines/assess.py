@@ -1,7 +1,7 @@
 """What a line judges a tuned model by, computed once after training and again by `sensitune evaluate`.
 
 - the operating threshold: a part is rejected when P(good) < threshold, chosen on validation for
-  ``evaluate.max_escape_rate`` (`spt_core.metrics.choose_threshold`); it travels with the model (tuned info ->
+  ``evaluate.max_escape_rate`` (`spt_core.portable.metrics.choose_threshold`); it travels with the model (tuned info ->
   merged -> export manifest) and `predict` and the edge apply it;
 - on test: per-class precision and recall, confusion matrix (also ``confusion.png``), balanced accuracy, and the
   escape rate and overkill at that threshold, each with a Wilson interval;
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from spt_core.errors import SensituneError
-from spt_core.io import atomic_path
-from spt_core.metrics import choose_threshold, decision_metrics, wilson_interval
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import atomic_path
+from spt_core.portable.metrics import choose_threshold, decision_metrics, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def operating_point(
 
     Returns:
         ``threshold`` (None without a good class), ``ok_class``, ``max_escape_rate``, ``val`` and ``test``
-        (`spt_core.metrics.decision_metrics`), and the headline numbers flat: ``test_balanced_acc``,
+        (`spt_core.portable.metrics.decision_metrics`), and the headline numbers flat: ``test_balanced_acc``,
         ``escape_rate``, ``overkill`` (test, at the threshold) with ``*_ci95``.
     """
     threshold = None
@@ -119,9 +119,9 @@ def registry_scores(uri: str, model_uri: str, images: list[Path], labels: list[s
     import mlflow.pyfunc
     import numpy as np
 
-    from deploy.artifact import decide
+    from deploy.edge.artifact import decide
     from pipelines.tracking.common import mlflow_session
-    from spt_core.preprocess import Preprocess, preprocess_batch
+    from spt_core.portable.preprocess import Preprocess, preprocess_batch
 
     with mlflow_session(uri):
         model = mlflow.pyfunc.load_model(model_uri)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_core import __version__
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 from . import config
 from .layout import FILES

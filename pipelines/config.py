@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import yaml
 
-from spt_core.errors import SensituneError, one_line
+from spt_core.portable.errors import SensituneError, one_line
 
 Params = dict[str, dict[str, Any]]
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

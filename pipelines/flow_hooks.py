@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 INGEST_LEDGER = "ingested.jsonl"
 

@@ -44,12 +44,12 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
-from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS  # noqa: E402
+from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS  # noqa: E402
 from pipelines import flow_hooks, stages, tracking  # noqa: E402
 from pipelines import tasks as t  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
-from spt_core.errors import SensituneError  # noqa: E402
-from spt_core.io import write_json  # noqa: E402
+from spt_core.portable.errors import SensituneError  # noqa: E402
+from spt_core.portable.io import write_json  # noqa: E402
 
 DEFAULT_CRON = "0 2 * * *"  # nightly at 02:00
 SHARE, SETTLE_S = 0.25, 60.0  # defaults of challenger_share and settle_seconds, for `retrain` and `retrain_lines`

@@ -2,7 +2,7 @@
 
     ingest_incoming("http://mlflow:5000", "data/raw", ledger="runs/retrain/ingested.jsonl")
 
-Boxes (`deploy.sync`) upload ``incoming/<line>/<label>/<sha256>.<ext>`` plus ``<sha256>.json`` (provenance) to
+Boxes (`deploy.edge.sync`) upload ``incoming/<line>/<label>/<sha256>.<ext>`` plus ``<sha256>.json`` (provenance) to
 the MLflow server's artifact store. Each image whose provenance is complete and whose content hash is neither in
 the ledger nor already in ``paths.raw`` is written to ``paths.raw/<label>/fb-<sha256[:16]><ext>`` (atomically;
 its mtime is the upload time) and its provenance appended to the ledger. The retrain flow then sees a new data
@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from deploy.mlflow_rest import RestRegistry
-from spt_core.io import file_sha256, write_bytes
+from deploy.edge.mlflow_rest import RestRegistry
+from spt_core.portable.io import file_sha256, write_bytes
 
 INCOMING = "incoming"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_core.data import IMAGE_SUFFIXES
-from spt_core.errors import DataError
+from spt_core.portable.errors import DataError
 
 from .config import Params
 from .layout import dvc_root

@@ -46,8 +46,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipelines import flow_hooks, flows, tracking
 from pipelines import tasks as t
 from pipelines.config import load_params
-from spt_core.errors import SensituneError, one_line
-from spt_core.io import write_json
+from spt_core.portable.errors import SensituneError, one_line
+from spt_core.portable.io import write_json
 
 SUMMARY_FILE = "lines.json"
 LINE_KEYS = {"raw", "classes", "ok_class", "budget", "model_name", "rollout", "set", "resources"}

@@ -2,9 +2,10 @@
 
 The model may be a merged ``model.safetensors`` or tuned-weights directory (PyTorch), or an export: the export
 directory (its ``openvino/fp32``), an OpenVINO artifact directory or ``model.xml``, an ONNX ``model.onnx`` (or its
-directory); those run torch-free through `deploy.inferencer`, as on the edge. Every path reads images through
-`spt_core.preprocess` (16-bit frames scaled by the model's ``bit_depth``; oversized images refused in one line) and
-decides through `deploy.artifact.decide`, so predict and the edge give the same answer.
+directory); those run torch-free through `deploy.edge.inferencer`, as on the edge. Every path reads images through
+`spt_core.portable.preprocess` (16-bit frames scaled by the model's ``bit_depth``; oversized images refused in one line)
+and
+decides through `deploy.edge.artifact.decide`, so predict and the edge give the same answer.
 
 A file that cannot be read is reported and skipped; the CSV holds the others; the caller exits non-zero when any
 failed. An existing CSV is only replaced with ``force``.
@@ -21,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from spt_core.data import IMAGE_SUFFIXES
-from spt_core.errors import DataError, ModelError, SensituneError
-from spt_core.io import atomic_path
-from spt_core.preprocess import Preprocess, preprocess_image
+from spt_core.portable.errors import DataError, ModelError, SensituneError
+from spt_core.portable.io import atomic_path
+from spt_core.portable.preprocess import Preprocess, preprocess_image
 
 log = logging.getLogger(__name__)
 Logits = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) float32 -> (N, C)
@@ -59,8 +60,8 @@ def load_model(path: Path) -> tuple[Logits, dict[str, Any], str]:
     """(logits function, info with class_names, preprocess, ok_class, threshold, description) of any artifact."""
     adir = artifact_dir(path)
     if adir is not None:
-        from deploy.artifact import load_artifact
-        from deploy.inferencer import Inferencer, OnnxInferencer
+        from deploy.edge.artifact import load_artifact
+        from deploy.edge.inferencer import Inferencer, OnnxInferencer
 
         art = load_artifact(adir)
         inf = Inferencer.from_artifact(art) if art.format == "openvino" else OnnxInferencer(art)
@@ -90,7 +91,7 @@ def predict_files(model_path: Path, inputs: list[Path], out_csv: Path, *, force:
     Raises:
         SensituneError: the output exists (without ``force``), no images, or an unusable model.
     """
-    from deploy.artifact import decide
+    from deploy.edge.artifact import decide
 
     out_csv = Path(out_csv)
     if out_csv.exists() and not force:

@@ -32,9 +32,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from deploy.artifact import MANIFEST, load_artifact, seal
-from spt_core.errors import SensituneError
-from spt_core.io import umask, write_json
+from deploy.edge.artifact import MANIFEST, load_artifact, seal
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import umask, write_json
 
 from .layout import FILES
 from .tracking import TrackingWarning, collect_record, flatten, log_run, tracking_uri

@@ -1,7 +1,7 @@
 """The merged model as an MLflow pyfunc model, so `models:/<name>@champion` loads and predicts anywhere.
 
 Input: a float32 numpy array (N, 3, H, W), already preprocessed with the model's `Preprocess` (recorded in
-the model's ``sensitune_info`` metadata and in ``merged.json``; `spt_core.preprocess.preprocess_batch`
+the model's ``sensitune_info`` metadata and in ``merged.json``; `spt_core.portable.preprocess.preprocess_batch`
 makes it from images). Output: float32 logits (N, classes) in ``class_names`` order, or softmax
 probabilities with ``params={"output": "probabilities"}``.
 
@@ -50,7 +50,7 @@ class SensituneModel(mlflow.pyfunc.PythonModel):
         """
         import torch
 
-        from spt_core.errors import SensituneError
+        from spt_core.portable.errors import SensituneError
 
         output = (params or {}).get("output", "logits")
         if output not in OUTPUTS:

@@ -37,13 +37,13 @@ from spt_core.data import load_dataset_info, prepare, scan_split
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 from spt_core.device import resolve_device
 from spt_core.distributed import init_from_env
-from spt_core.errors import DataError, SensituneError
 from spt_core.evaluate import collect, evaluate
-from spt_core.io import atomic_path, umask, write_json
 from spt_core.merge import merge
-from spt_core.metrics import decision_metrics
 from spt_core.model import ModelInfo
 from spt_core.plan import Plan
+from spt_core.portable.errors import DataError, SensituneError
+from spt_core.portable.io import atomic_path, umask, write_json
+from spt_core.portable.metrics import decision_metrics
 from spt_core.sensitivity import Sensitivity, measure_task
 from spt_core.tuners import plan_is_mergeable
 
@@ -204,7 +204,7 @@ def predict_stage(model_path: Path, inputs: list[Path], out_csv: Path, force: bo
 # ----------------------------------------------------------------------------------------------- export
 def export_stage(params: Params) -> dict:
     """ONNX + OpenVINO FP32/FP16/INT8 of the merged model, with manifests, parity and accuracy checks."""
-    from deploy.export import export_all  # the torch side of the edge; imported only here
+    from deploy.compile.export import export_all  # the torch side of the edge; imported only here
 
     run, e = run_dir(params), params["export"]
     merged_info = json.loads((run / FILES["merged_info"]).read_text()) if (run / FILES["merged_info"]).is_file() else {}

@@ -1,11 +1,12 @@
 """The steps of the `retrain` flow (pipelines/flows.py) as Prefect tasks, and the few flow-only helpers.
 
 Every training step is `run_stage`, one task per entry of `pipelines.stages.STAGES`; tracking goes through
-`pipelines.tracking`, alias moves through `deploy.registry`, the rollout manifest through `deploy.rollout`. What
+`pipelines.tracking`, alias moves through `deploy.edge.registry`, the rollout manifest through `deploy.edge.rollout`.
+What
 only the flow needs lives here: the watched folder's fingerprint, the DVC versioning call, the champion
 comparison on held-out images, the hand-over gate (offline: is the new model offered to the line at all?) and
 the hand-over itself. The edge's online promotion (champion vs challenger on live feedback) is
-`deploy.rollout.decision`, not this gate.
+`deploy.edge.rollout.decision`, not this gate.
 
 Retries: each task retries what can fail transiently (DVC/MLflow I/O, a killed worker) and has a timeout.
 A retried `train` resumes from its last finished epoch (``run/train_state``). Nothing here writes outside
@@ -31,8 +32,8 @@ from filelock import FileLock  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from deploy.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
-from deploy.rollout.decision import escape_worse  # noqa: E402
+from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
+from deploy.edge.rollout.decision import escape_worse  # noqa: E402
 from pipelines import (
     flow_hooks,  # noqa: E402
     stages,  # noqa: E402
@@ -40,8 +41,8 @@ from pipelines import (
 )
 from pipelines.assess import registry_scores  # noqa: E402
 from pipelines.layout import dvc_root  # noqa: E402
-from spt_core.errors import SensituneError  # noqa: E402
-from spt_core.io import write_json  # noqa: E402
+from spt_core.portable.errors import SensituneError  # noqa: E402
+from spt_core.portable.io import write_json  # noqa: E402
 
 BOOTSTRAP, HANDOVER, NOT_PROMOTED = "bootstrap", "handover", "not promoted"
 DVC_TIMEOUT_S = 3600
@@ -263,7 +264,7 @@ def handover_gate(
     """The offline hand-over gate: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover.
 
     It decides whether the flow offers a new model to the line at all; the line's own promotion of a challenger
-    to champion, on live operator feedback, is `deploy.rollout.decision.decide`. A model with training warnings
+    to champion, on live operator feedback, is `deploy.edge.rollout.decision.decide`. A model with training warnings
     (metrics.json ``warnings``: below the linear probe on validation) is never handed over, nor one whose held-out
     escape rate (``escapes``: challenger and champion `registry_scores`) is worse beyond its interval.
     """
@@ -302,13 +303,13 @@ def hand_over(
 
     bootstrap: alias ``champion`` -> version, manifest champion -> its FP32 artifact (manifest created if absent).
     handover: manifest challenger -> version at ``share`` of the cameras (alias ``challenger`` stays on it);
-    the rollout's own rule (`deploy.rollout.decide`) promotes or rolls it back from live feedback.
+    the rollout's own rule (`deploy.edge.rollout.decide`) promotes or rolls it back from live feedback.
     not promoted: alias ``challenger`` back where it was; the manifest is not touched.
 
     Returns:
         ``decision`` (as carried out), ``manifest`` (path, or None when untouched), ``alias_moves``, ``note``.
     """
-    from deploy import rollout
+    from deploy.edge import rollout
 
     reg, path = MlflowRegistry(uri, model_name), Path(manifest)
     out: dict[str, Any] = {"decision": decision, "manifest": None, "alias_moves": [], "note": ""}

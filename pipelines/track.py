@@ -18,8 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from spt_core.errors import SensituneError
-from spt_core.io import write_json
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import write_json
 
 from .config import load_params
 from .tracking import RECORD_FILE, TrackingWarning, log_run, replay
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> dict:
         result = log_run(params, run_dir, tracking_uri=args.tracking_uri, experiment=params["publish"]["experiment"],
                          register=False, tags=tags, model_name=args.model_name)  # fmt: skip
     else:
-        from .publish import publish  # imports deploy.artifact (torch-free)
+        from .publish import publish  # imports deploy.edge.artifact (torch-free)
 
         result = publish(params, run_dir, tracking_uri_=args.tracking_uri, model_name=args.model_name, tags=tags)
     write_json(run_dir / RECORD_FILE, result)

@@ -24,11 +24,11 @@ from spt_core.checkpoint import bn_buffers, save_tuned
 from spt_core.data import Augment, load_dataset_info, make_loaders
 from spt_core.device import resolve_device
 from spt_core.distributed import init_from_env
-from spt_core.errors import PlanError, SensituneError
 from spt_core.evaluate import collect, evaluate
-from spt_core.io import atomic_path, write_json
-from spt_core.metrics import SELECTION_RULE
 from spt_core.plan import Plan
+from spt_core.portable.errors import PlanError, SensituneError
+from spt_core.portable.io import atomic_path, write_json
+from spt_core.portable.metrics import SELECTION_RULE
 from spt_core.probe import fit_probe
 from spt_core.sensitivity import Sensitivity
 from spt_core.train import RESUME_FREE, History, TrainConfig, fit
@@ -218,7 +218,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "val_acc": history.best_val_acc,
             "select": cfg.select,
             "val_score": history.best_val_score,
-            "val_loss": history.best_val_loss,  # breaks ties of val_score (spt_core.metrics.selection_key)
+            "val_loss": history.best_val_loss,  # breaks ties of val_score (spt_core.portable.metrics.selection_key)
             "best_epoch": history.best_epoch,
             "epochs": cfg.epochs,
             "balance": cfg.balance,

@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 
 from .candidates import Candidate
-from .errors import PlanError
 from .plan import Plan, Target, parse_budget
+from .portable.errors import PlanError
 from .sensitivity import Sensitivity
 from .tuners.registry import TUNERS, structured_choices
 

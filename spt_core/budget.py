@@ -3,7 +3,8 @@
 A ladder is a list of budgets, e.g. ``["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"]``. Every rung is
 allocated from the same scores (so a larger budget keeps the smaller one's top entries), trained with the same
 schedule and seed, and scored on the validation split only; `choose_rung` picks the best score, on a tie the
-lower validation loss (the rule that picks epochs, `spt_core.metrics.selection_key`), and then the smaller budget
+lower validation loss (the rule that picks epochs, `spt_core.portable.metrics.selection_key`), and then the smaller
+budget
 (fewer values to ship and to overfit). ``"full"`` is the limit: every candidate value trained as a
 dense delta (`full_plan`): full fine-tuning of the backbone except the stem and the position/class tokens, which
 every plan keeps frozen (`spt_core.candidates`), with weight decay towards the pretrained weights.
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .allocate import allocate, plan_of
-from .errors import PlanError
-from .metrics import best_by_selection
 from .plan import Plan, Target, parse_budget
+from .portable.errors import PlanError
+from .portable.metrics import best_by_selection
 from .sensitivity import Sensitivity
 
 FULL = "full"

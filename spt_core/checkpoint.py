@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .errors import PlanError
-from .io import umask
 from .plan import Plan
+from .portable.errors import PlanError
+from .portable.io import umask
 from .tuners import apply_plan, remove_tuners, tuner_state_dict
 
 _INDEX_PREFIX = "plan/"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from spt_core.errors import DataError
-from spt_core.io import write_bytes
+from spt_core.portable.errors import DataError
+from spt_core.portable.io import write_bytes
 
 __all__ = ["DEMO_CLASSES", "generate_demo_defects"]
 

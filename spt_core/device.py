@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,7 +19,7 @@ Under torchrun (``WORLD_SIZE`` > 1) `init_from_env` starts the group, NCCL on CU
   validation    disjoint shards (`ShardSampler`, no padding); the confusion matrix and loss sum are summed
                 over ranks, so every rank selects the same epoch.
   writing       rank 0 alone writes (checkpoints, tuned weights, metrics, sensitivity); the others only read.
-                Every write is a temp file + rename (`spt_core.io`), so a killed rank 0 never leaves half a
+                Every write is a temp file + rename (`spt_core.portable.io`), so a killed rank 0 never leaves half a
                 file; the checkpoint holds every rank's RNG state, so a resumed run replays each rank.
 
 Exactness: one-process and N-process runs agree to fp32 rounding when the global batch divides the training
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 # torch >= 2.13 renamed DDP's per-forward buffer broadcast (the ignored buffers are never synced either way)
 _SYNC_ARG = (

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,7 +134,7 @@ def collect(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Labels (N,) int64, softmax probabilities (N, C) float32 and the mean cross-entropy of a labelled loader:
-    what the defect metrics (`spt_core.metrics`) and the threshold are computed from."""
+    what the defect metrics (`spt_core.portable.metrics`) and the threshold are computed from."""
     device = _device_or_models(model, device)
     labels, probs = [], []
     loss_sum, n = 0.0, 0

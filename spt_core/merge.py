@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from .errors import PlanError
+from .portable.errors import PlanError
 from .tuners import tuned_modules
 from .tuners.host import detach_tuners
 from .tuners.registry import TUNERS, kind_of

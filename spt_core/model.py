@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from spt_core.errors import ModelError, one_line
-from spt_core.io import file_sha256
-from spt_core.preprocess import Preprocess
+from spt_core.portable.errors import ModelError, one_line
+from spt_core.portable.io import file_sha256
+from spt_core.portable.preprocess import Preprocess
 
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

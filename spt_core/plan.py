@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import PlanError
-from .io import atomic_path, write_json
+from .portable.errors import PlanError
+from .portable.io import atomic_path, write_json
 from .tuners.registry import TUNERS
 
 KINDS = TUNERS.keys()  # a live view: the registered tuner kinds, in registration order

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import SensituneError
-from .metrics import selection_score
+from .portable.errors import SensituneError
+from .portable.metrics import selection_score
 
 
 @dataclass

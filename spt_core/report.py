@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path
 from .plan import Plan
+from .portable.io import atomic_path
 from .sensitivity import Sensitivity
 
 

@@ -33,8 +33,8 @@ from . import __version__
 from .candidates import Candidate, block_index, count_backbone_params, find_candidates
 from .data.loaders import BalancedSampler, SeededSampler
 from .distributed import all_reduce_sum, broadcast_module, shard_batches, world
-from .errors import PlanError, SensituneError
-from .io import atomic_path
+from .portable.errors import PlanError, SensituneError
+from .portable.io import atomic_path
 from .probe import fit_probe
 
 HEADS = ("random", "probe")

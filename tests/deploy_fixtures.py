@@ -1,11 +1,11 @@
-"""Test helpers for the edge service: tiny OpenVINO artifacts built here (not via deploy.export), demo images,
+"""Test helpers for the edge service: tiny OpenVINO artifacts built here (not via deploy.compile.export), demo images,
 a real uvicorn server on a free loopback port.
 
 The models are deterministic functions of image statistics, so the tests know every answer exactly:
     features f(x) = per-channel mean and std, min, max, mean and max |horizontal / vertical gradient|
     of the normalised (3, H, W) input
     logits = f @ W.T + b
-`reference_logits` computes the same in numpy from `spt_core.preprocess`, the edge's own preprocessing.
+`reference_logits` computes the same in numpy from `spt_core.portable.preprocess`, the edge's own preprocessing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from spt_core.preprocess import Preprocess, preprocess_image
+from spt_core.portable.preprocess import Preprocess, preprocess_image
 
 CLASSES = ["ok", "scratch", "spot", "crack"]
 

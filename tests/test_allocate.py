@@ -8,8 +8,8 @@ import torch
 
 from spt_core.allocate import allocate, structured_cost
 from spt_core.candidates import Candidate
-from spt_core.errors import PlanError
 from spt_core.plan import Plan, parse_budget
+from spt_core.portable.errors import PlanError
 from spt_core.sensitivity import Sensitivity, measure_sensitivity
 
 

@@ -25,8 +25,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from deploy.auth import TokenStore, token_digest
-from deploy.service import create_app
+from deploy.edge.auth import TokenStore, token_digest
+from deploy.edge.service import create_app
 
 ADMIN = {"Authorization": "Bearer fuzz-admin"}
 CHECKS = [

@@ -16,8 +16,8 @@ from deploy_fixtures import CLASSES, free_port
 from fastapi.testclient import TestClient
 from ui_fixtures import TOKENS, Line, build_line, label_of
 
-from deploy.auth import TokenStore, token_digest
-from deploy.service import create_app
+from deploy.edge.auth import TokenStore, token_digest
+from deploy.edge.service import create_app
 
 AS = {role: {"Authorization": f"Bearer {t}"} for t, (_, role) in TOKENS.items()}
 NAME_OF = {role: name for _, (name, role) in TOKENS.items()}

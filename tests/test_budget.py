@@ -17,7 +17,7 @@ from pipelines.tracking import collect_record
 from spt_core.budget import Rung, check_ladder, choose_rung, full_plan, rung_plan
 from spt_core.candidates import count_backbone_params
 from spt_core.checkpoint import read_tuned
-from spt_core.errors import PlanError
+from spt_core.portable.errors import PlanError
 from spt_core.sensitivity import measure_sensitivity
 from spt_core.tuners import apply_plan
 

@@ -13,7 +13,7 @@ from pipelines import stages
 from pipelines.cli import build_parser, main, params_from_args
 from pipelines.config import load_params
 from pipelines.models import load_merged
-from spt_core.errors import PlanError
+from spt_core.portable.errors import PlanError
 
 TINY = {
     "paths": {"raw": "raw", "data": "prepared", "run": "run"},
@@ -89,7 +89,7 @@ def test_predict_on_the_openvino_export_equals_the_merged_model(project, monkeyp
     import numpy as np
     from PIL import Image
 
-    import spt_core.preprocess as pp
+    import spt_core.portable.preprocess as pp
 
     monkeypatch.chdir(project)
     cfg = ["--config", "params.yaml", "-q"]

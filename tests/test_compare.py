@@ -26,7 +26,7 @@ from benchmarks.methods import (  # noqa: E402
     nearest_rank,
     setup_method,
 )
-from spt_core.errors import SensituneError  # noqa: E402
+from spt_core.portable.errors import SensituneError  # noqa: E402
 
 
 def _model() -> torch.nn.Module:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines import config
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 ROOT = Path(__file__).resolve().parents[1]
 

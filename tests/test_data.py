@@ -25,8 +25,8 @@ from spt_core.data import (
     scan_split,
 )
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
-from spt_core.errors import DataError
-from spt_core.preprocess import Preprocess, preprocess_image
+from spt_core.portable.errors import DataError
+from spt_core.portable.preprocess import Preprocess, preprocess_image
 
 
 def _png(path: Path, seed: int, size: int = 12) -> Path:

@@ -1,7 +1,7 @@
 """Edge service + rollout: a real uvicorn server on loopback, 12 cameras sending demo defect images, feedback,
 promotion and rollback (manifest + MLflow aliases), hot reload, and faults that must not take the line down.
 
-Artifacts are tiny OpenVINO models built in deploy_fixtures (not via deploy.export), whose answers the tests
+Artifacts are tiny OpenVINO models built in deploy_fixtures (not via deploy.compile.export), whose answers the tests
 compute independently in numpy, so every served class is checked exactly.
 """
 
@@ -34,11 +34,11 @@ from deploy_fixtures import (
     write_manifest,
 )
 
-from deploy import rollout
-from deploy.artifact import ArtifactError
-from deploy.auth import LOCAL
-from deploy.registry import MlflowRegistry
-from deploy.rollout import (
+from deploy.edge import rollout
+from deploy.edge.artifact import ArtifactError
+from deploy.edge.auth import LOCAL
+from deploy.edge.registry import MlflowRegistry
+from deploy.edge.rollout import (
     DecisionRule,
     JsonlLog,
     RolloutError,
@@ -50,8 +50,8 @@ from deploy.rollout import (
     read_jsonl,
     wilson_interval,
 )
-from deploy.service import EdgeService, create_app, load_model
-from spt_core.preprocess import Preprocess
+from deploy.edge.service import EdgeService, create_app, load_model
+from spt_core.portable.preprocess import Preprocess
 
 CAMS = [f"cam-{i}" for i in range(12)]
 HTTP = httpx.Client(timeout=30)  # one pooled client: a fresh httpx client per call costs tens of ms
@@ -251,10 +251,9 @@ def test_edge_modules_import_neither_torch_nor_spt_core_internals() -> None:
     edge += " api auth frames guard limits runtime schemas"
     edge += " rollout.manifest rollout.split rollout.stats"
     code = (
-        f"import sys, {', '.join('deploy.' + m for m in edge.split())}\n"
+        f"import sys, {', '.join('deploy.edge.' + m for m in edge.split())}\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'onnx', 'onnxruntime', 'nncf')"
-        " or m.startswith('spt_core.') and m not in"
-        " ('spt_core.preprocess', 'spt_core.errors', 'spt_core.io', 'spt_core.metrics')]\n"
+        " or m.startswith('spt_core.') and m != 'spt_core.portable' and not m.startswith('spt_core.portable.')]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -26,8 +26,8 @@ from pipelines.cli import torchrun_command
 from pipelines.config import load_params
 from spt_core.data.loaders import BalancedSampler, SeededSampler
 from spt_core.distributed import RankSampler, ShardSampler, World, shard_batches, world
-from spt_core.errors import SensituneError
 from spt_core.plan import Plan
+from spt_core.portable.errors import SensituneError
 from spt_core.sensitivity import Sensitivity, measure_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_sensitivity_amp_on_cpu_is_fp32(tiny_digits: Path) -> None:
     from torch.utils.data import DataLoader
 
     from spt_core.data import make_loaders
-    from spt_core.preprocess import Preprocess
+    from spt_core.portable.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=10)

@@ -33,10 +33,10 @@ from deploy_fixtures import (
 )
 from PIL import Image, ImageFile
 
-from deploy.auth import AuthError, TokenStore, token_digest
-from deploy.rollout import load_config, read_jsonl
-from deploy.service import EdgeService, create_app, main
-from spt_core.preprocess import Preprocess
+from deploy.edge.auth import AuthError, TokenStore, token_digest
+from deploy.edge.rollout import load_config, read_jsonl
+from deploy.edge.service import EdgeService, create_app, main
+from spt_core.portable.preprocess import Preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 HTTP = httpx.Client(timeout=60)
@@ -164,7 +164,7 @@ def test_tokens_from_a_file_or_the_environment_are_stored_hashed(tmp_path: Path)
         TokenStore([("a", "boss", token_digest("x"))], "t")
     with pytest.raises(AuthError, match="same token"):
         TokenStore([("a", "admin", token_digest("x")), ("b", "camera", token_digest("x"))], "t")
-    out = subprocess.run([sys.executable, "-m", "deploy.auth", "new", "cam-7", "camera"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "deploy.edge.auth", "new", "cam-7", "camera"], capture_output=True,
                          text=True, check=True, cwd=ROOT).stdout  # fmt: skip
     token = out.split("): ")[1].split()[0]
     entry = json.loads(out.split("- ", 1)[1])
@@ -177,7 +177,8 @@ def test_rewriting_or_truncating_model_files_while_serving_changes_no_answer_and
 ) -> None:
     cfg = rollout(tmp_path, world, "2", "1", challenger_share=0.5)
     port = free_port()
-    cmd = [sys.executable, "-m", "deploy.service", "--config", str(cfg), "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "deploy.edge.service", "--config", str(cfg), "--port", str(port),
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -276,7 +277,7 @@ def bomb() -> bytes:
 def test_a_12000px_png_is_refused_before_decode_with_bounded_memory(world: World, tmp_path: Path, bomb: bytes) -> None:
     code = (
         "import resource, sys\n"
-        "from deploy.limits import Limits, LimitError, open_image\n"
+        "from deploy.edge.limits import Limits, LimitError, open_image\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n    open_image(data, Limits())\nexcept LimitError as e:\n    print(e.status, str(e))\n"

@@ -16,9 +16,8 @@ import timm
 import torch
 from torch import nn
 
-import deploy.export as export_mod
-from deploy.artifact import ArtifactError, load_artifact
-from deploy.export import (
+import deploy.compile.export as export_mod
+from deploy.compile.export import (
     ExportError,
     compile_openvino,
     export_all,
@@ -27,12 +26,13 @@ from deploy.export import (
     onnx_opset,
     write_manifest,
 )
-from deploy.inferencer import Inferencer
-from deploy.quantize import calibration_fingerprint, nncf_model_type
-from deploy.verify import runner, verify
-from spt_core.io import file_sha256
+from deploy.compile.quantize import calibration_fingerprint, nncf_model_type
+from deploy.compile.verify import runner, verify
+from deploy.edge.artifact import ArtifactError, load_artifact
+from deploy.edge.inferencer import Inferencer
 from spt_core.model import create_model
-from spt_core.preprocess import Preprocess, preprocess_batch, preprocess_image
+from spt_core.portable.io import file_sha256
+from spt_core.portable.preprocess import Preprocess, preprocess_batch, preprocess_image
 
 CLASSES = ["coffee", "astronaut", "brick", "chelsea"]
 PRE = Preprocess(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -349,6 +349,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, vit: nn.Module, data:
 
 
 def test_verify_reads_the_contract_not_export() -> None:
-    """export calls verify, so verify takes the contract from deploy.artifact and never imports export (no cycle)."""
-    code = "import sys, deploy.verify\nassert 'deploy.export' not in sys.modules, 'deploy.verify imports deploy.export'"
+    """export calls verify, so verify takes the contract from deploy.edge.artifact and never imports export."""
+    code = ("import sys, deploy.compile.verify\n"
+            "assert 'deploy.compile.export' not in sys.modules, 'verify imports export'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

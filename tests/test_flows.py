@@ -30,7 +30,7 @@ from filelock import FileLock  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from deploy.rollout import load_config  # noqa: E402
+from deploy.edge.rollout import load_config  # noqa: E402
 from pipelines import (
     flows,  # noqa: E402
     stages,  # noqa: E402

@@ -1,5 +1,5 @@
 """The whole loop of issue 14 on loopback: a real `mlflow server`, the Prefect retrain flow, `dvc repro`, and two
-edge boxes as two `python -m deploy.service --box` processes, each with its own sync, store and frame store.
+edge boxes as two `python -m deploy.edge.service --box` processes, each with its own sync, store and frame store.
 
     flow (bootstrap) -> v1 champion on both boxes
     dvc repro (train.lr changed) -> track = publish -> v2 challenger on both boxes, no hand edit
@@ -49,7 +49,7 @@ def _box(root: Path, name: str, url: str, frames: bool) -> tuple[subprocess.Pope
     (root / "box.yaml").write_text(yaml.safe_dump(box))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "deploy.service", "--config", str(root / "rollout.yaml"), "--box",
+    cmd = [sys.executable, "-m", "deploy.edge.service", "--config", str(root / "rollout.yaml"), "--box",
            str(root / "box.yaml"), "--port", str(port), "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=open(root / "service.log", "w"), stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
@@ -159,6 +159,6 @@ def _stale(url: str):
 
 
 def _list(uri: str, path: str) -> list[str]:
-    from deploy.mlflow_rest import RestRegistry
+    from deploy.edge.mlflow_rest import RestRegistry
 
     return [f["path"] for f in RestRegistry(uri, NAME).list_files(path)]

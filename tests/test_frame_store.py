@@ -1,4 +1,4 @@
-"""deploy.frame_store: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
+"""deploy.edge.frame_store: which frames are kept, labels, the review queue, the upload cursor, the disk quota."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.frame_store import FrameError, FrameRule, FrameStore, margin_of
+from deploy.edge.frame_store import FrameError, FrameRule, FrameStore, margin_of
 
 
 def png(seed: int, size: int = 16) -> bytes:

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from spt_core.allocate import allocate
 from spt_core.checkpoint import save_tuned
-from spt_core.errors import ModelError, PlanError
-from spt_core.io import write_text
+from spt_core.portable.errors import ModelError, PlanError
+from spt_core.portable.io import write_text
 from spt_core.sensitivity import Sensitivity, measure_sensitivity
 from spt_core.tuners import apply_plan
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spt_core.device import resolve_device
-from spt_core.errors import SensituneError, one_line
-from spt_core.io import umask, write_text
+from spt_core.portable.errors import SensituneError, one_line
+from spt_core.portable.io import umask, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 

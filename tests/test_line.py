@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from spt_core.data import BalancedSampler, class_weights, prepare
-from spt_core.errors import DataError
-from spt_core.metrics import (
+from spt_core.portable.errors import DataError
+from spt_core.portable.metrics import (
     choose_threshold,
     class_metrics,
     confusion_matrix,
@@ -27,7 +27,7 @@ from spt_core.metrics import (
     rates_at,
     wilson_interval,
 )
-from spt_core.preprocess import Preprocess, load_rgb, preprocess_image
+from spt_core.portable.preprocess import Preprocess, load_rgb, preprocess_image
 
 
 def _folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
@@ -119,7 +119,7 @@ def test_demo_writes_an_imbalanced_mono16_line(tmp_path):
 
 
 def test_oversized_image_is_the_documented_one_line_error(tmp_path, monkeypatch):
-    import spt_core.preprocess as pp
+    import spt_core.portable.preprocess as pp
 
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(pp, "MAX_PIXELS", 1000)
@@ -231,8 +231,8 @@ def _arm(escaped: int, defects: int, acc: float) -> dict:
 
 
 def test_promotion_never_lets_a_worse_escape_rate_through_whatever_its_accuracy():
-    from deploy.rollout.decision import PROMOTE, ROLLBACK, decide
-    from deploy.rollout.manifest import DecisionRule
+    from deploy.edge.rollout.decision import PROMOTE, ROLLBACK, decide
+    from deploy.edge.rollout.manifest import DecisionRule
 
     def report(ch: dict) -> dict:
         return {"versions": {"champion": "1", "challenger": "2"}, "ok_class": "ok",
@@ -245,8 +245,8 @@ def test_promotion_never_lets_a_worse_escape_rate_through_whatever_its_accuracy(
 
 
 def test_rollout_reads_ok_class_from_the_champion_artifact(tmp_path):
-    from deploy.rollout.manifest import RolloutError, parse_config
-    from deploy.rollout.stats import resolve_ok_class
+    from deploy.edge.rollout.manifest import RolloutError, parse_config
+    from deploy.edge.rollout.stats import resolve_ok_class
 
     art = tmp_path / "art"
     art.mkdir()
@@ -267,7 +267,7 @@ def test_the_edge_applies_the_manifests_threshold(tmp_path):
     import yaml
     from deploy_fixtures import ALWAYS_OK, build_artifact
 
-    from deploy.service import EdgeService
+    from deploy.edge.service import EdgeService
 
     w, b = ALWAYS_OK
     p_ok = math.e / (math.e + 3)  # 0.475: the argmax is ok whatever the threshold
@@ -289,7 +289,7 @@ def test_the_edge_applies_the_manifests_threshold(tmp_path):
 
 def test_loss_selection_prefers_the_confident_epoch():
     """select=loss: minus the mean cross-entropy of the true class; accuracy prefers the other model here."""
-    from spt_core.metrics import selection_score
+    from spt_core.portable.metrics import selection_score
 
     labels = np.array([0, 1])
     hesitant = np.array([[0.51, 0.49], [0.49, 0.51]])  # both right, barely: accuracy 1.0, mean log p = log 0.51

@@ -24,12 +24,12 @@ from mlflow import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from test_flows import TINY, _sh  # noqa: E402
 
-from deploy.rollout import load_config  # noqa: E402
+from deploy.edge.rollout import load_config  # noqa: E402
 from pipelines import lines as L  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines import tasks as t  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
-from spt_core.errors import SensituneError  # noqa: E402
+from spt_core.portable.errors import SensituneError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # minutes on a shared 2-core CPU (three lines' whole retrain, Ray and Prefect start-up): `pytest -m slow`

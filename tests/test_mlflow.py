@@ -34,7 +34,7 @@ from pipelines.models import load_merged
 from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
 from spt_core.data import load_dataset_info, scan_split
 from spt_core.model import ModelInfo
-from spt_core.preprocess import preprocess_batch
+from spt_core.portable.preprocess import preprocess_batch
 
 BIN = Path(sys.executable).parent
 NAME = "sensitune-test-tiny"

@@ -12,9 +12,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from spt_core.errors import ModelError
 from spt_core.model import ModelInfo, create_model, file_sha256
-from spt_core.preprocess import preprocess_image
+from spt_core.portable.errors import ModelError
+from spt_core.portable.preprocess import preprocess_image
 
 ESPRESSO = 967  # ImageNet-1k class index
 

@@ -14,7 +14,7 @@ from deploy_fixtures import CLASSES, N_FEATURES, build_artifact
 from mlflow import MlflowClient
 from test_mlflow import server, tiny_run  # noqa: F401  (fixtures)
 
-from deploy.artifact import load_artifact
+from deploy.edge.artifact import load_artifact
 from pipelines import stages
 from pipelines.publish import IDENTITY_TAG, publish
 from pipelines.tracking import log_run

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spt_core.candidates import find_candidates, head_parameter_names
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 from spt_core.sensitivity import Sensitivity, measure_sensitivity
 
 
@@ -115,7 +115,7 @@ def test_measure_task_is_probe_then_class_balanced_batches(tiny_digits):
     from torch.utils.data import DataLoader
 
     from spt_core.data import BalancedSampler, load_dataset_info, make_loaders
-    from spt_core.preprocess import Preprocess
+    from spt_core.portable.preprocess import Preprocess
     from spt_core.probe import fit_probe
     from spt_core.sensitivity import measure_task
 

@@ -1,4 +1,4 @@
-"""deploy.sync against a real `mlflow server` (tests/test_mlflow.py's fixture): two edge boxes, each an app with
+"""deploy.edge.sync against a real `mlflow server` (tests/test_mlflow.py's fixture): two edge boxes, each an app with
 its own store, follow the registry's aliases; a promotion on one box moves the registry (audited) and the other
 follows; labelled frames are uploaded once with provenance; a dead server leaves the boxes serving, stale.
 
@@ -19,13 +19,13 @@ from deploy_fixtures import CLASSES, N_FEATURES, build_artifact, demo_images, fr
 from mlflow import MlflowClient
 from test_mlflow import server  # noqa: F401  (fixture)
 
-from deploy.auth import ADMIN, Principal
-from deploy.mlflow_rest import RestRegistry
-from deploy.rollout import load_config
-from deploy.rollout.decision import PROMOTE, Decision, apply_decision
-from deploy.service import create_app
-from deploy.sync import BoxConfig, Sync
-from deploy.sync import main as sync_main
+from deploy.edge.auth import ADMIN, Principal
+from deploy.edge.mlflow_rest import RestRegistry
+from deploy.edge.rollout import load_config
+from deploy.edge.rollout.decision import PROMOTE, Decision, apply_decision
+from deploy.edge.service import create_app
+from deploy.edge.sync import BoxConfig, Sync
+from deploy.edge.sync import main as sync_main
 
 NAME = "sensitune-test-sync"
 

@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import spt_core.train.loop as train_loop
-from spt_core.errors import SensituneError
 from spt_core.evaluate import evaluate, predict, write_predictions_csv
+from spt_core.portable.errors import SensituneError
 from spt_core.train import (
     SPT_RECIPE,
     History,

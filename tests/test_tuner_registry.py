@@ -12,9 +12,9 @@ import torch.nn as nn
 from spt_core.allocate import allocate, structured_cost
 from spt_core.candidates import Candidate
 from spt_core.checkpoint import load_tuned_into, save_tuned
-from spt_core.errors import PlanError
 from spt_core.merge import merge
 from spt_core.plan import KINDS, Plan, Target
+from spt_core.portable.errors import PlanError
 from spt_core.sensitivity import measure_sensitivity
 from spt_core.tuners import (
     TUNERS,

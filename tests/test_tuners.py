@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from spt_core.candidates import head_parameter_names
 from spt_core.checkpoint import load_tuned_into, save_tuned
-from spt_core.errors import PlanError
 from spt_core.merge import merge
 from spt_core.plan import Plan, Target
+from spt_core.portable.errors import PlanError
 from spt_core.tuners import apply_plan, remove_tuners, trainable_count, tuned_modules
 from spt_core.tuners.host import _Rebuild
 

@@ -16,11 +16,11 @@ import pytest
 from deploy_fixtures import CLASSES, serve
 from ui_fixtures import Line, build_line, create_app_with_tokens, launch, send
 
-from deploy.rollout import load_config, read_jsonl
-from deploy.rollout.stats import wilson_interval
-from deploy.service import create_app
-from deploy.ui.recent import RecentFrames
-from deploy.ui.views import arm_rates, with_age
+from deploy.edge.rollout import load_config, read_jsonl
+from deploy.edge.rollout.stats import wilson_interval
+from deploy.edge.service import create_app
+from deploy.edge.ui.recent import RecentFrames
+from deploy.edge.ui.views import arm_rates, with_age
 
 CAMS = [f"cam-{i}" for i in range(12)]
 PAGES = {"line": "section.cam", "review": "article.review", "rollout": "#champion-version", "models": "section.model"}

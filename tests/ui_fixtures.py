@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 from deploy_fixtures import CLASSES, build_artifact, demo_set, fit_linear, reference_logits, write_manifest
 
-from deploy.auth import TokenStore, token_digest
-from deploy.inferencer import Inferencer
-from deploy.service import create_app
-from spt_core.preprocess import Preprocess, preprocess_image
+from deploy.edge.auth import TokenStore, token_digest
+from deploy.edge.inferencer import Inferencer
+from deploy.edge.service import create_app
+from spt_core.portable.preprocess import Preprocess, preprocess_image
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -87,7 +87,7 @@ def label_of(line: Line, i: int) -> str:
 
 
 def create_app_with_tokens(manifest: Path) -> Any:
-    """The edge service with `TOKENS` in its own token store (deploy.auth), as `--tokens` would give it."""
+    """The edge service with `TOKENS` in its own token store (deploy.edge.auth), as `--tokens` would give it."""
     tokens = TokenStore([(name, role, token_digest(t)) for t, (name, role) in TOKENS.items()], "tests")
     return create_app(manifest, tokens)
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spt_core.errors import SensituneError
+from spt_core.portable.errors import SensituneError
 
 from .common import TrackingWarning, check_reachable, experiment_id, flatten, is_number, mlflow_session
 from .common import tracking_uri as resolve_uri

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from spt_core.io import write_json
+from spt_core.portable.io import write_json
 
 from .common import (
     EXPERIMENT_KIND,

@@ -1,6 +1,6 @@
 """The MLflow model registry: the merged model as a pyfunc model version, aliased ``challenger``.
 
-The rollout (the edge's online promotion, `deploy.rollout`) moves ``champion``; the retrain flow's hand-over
+The rollout (the edge's online promotion, `deploy.edge.rollout`) moves ``champion``; the retrain flow's hand-over
 gate (`pipelines.tasks.handover_gate`) decides whether a new version is offered to the line at all.
 """
 

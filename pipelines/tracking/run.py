@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from spt_core import __version__
-from spt_core.errors import SensituneError
-from spt_core.io import write_json
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import write_json
 
 from ..layout import FILES
 from .common import (

@@ -3,7 +3,7 @@
 Training may add two things the edge never sees: timm's train-time augmentation (`Augment`: flips, a small
 scale/aspect jitter, colour jitter; off for the VTAB-1k protocol) and a class-balanced sampler
 (`BalancedSampler`, ``balance="sampler"``/``"both"``), so that a good class at 90 % does not fill every batch.
-Validation and test always use `eval_transform`, the same numbers as `spt_core.preprocess` on the edge.
+Validation and test always use `eval_transform`, the same numbers as `spt_core.portable.preprocess` on the edge.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spt_core.data.prepare import load_dataset_info
 from spt_core.data.sources import IMAGE_SUFFIXES, SPLITS
-from spt_core.errors import DataError
-from spt_core.preprocess import Preprocess, load_rgb
+from spt_core.portable.errors import DataError
+from spt_core.portable.preprocess import Preprocess, load_rgb
 
 
 def scan_split(split_dir: Path, class_names: Sequence[str]) -> list[tuple[Path, int]]:
@@ -58,7 +58,7 @@ class ImageDataset(Dataset):
 
 
 def eval_transform(pre: Preprocess) -> Any:
-    """The timm transform equal to `spt_core.preprocess.preprocess_image`: direct resize to (H, W), normalise.
+    """The timm transform equal to `spt_core.portable.preprocess.preprocess_image`: direct resize to (H, W), normalise.
 
     ``crop_mode="squash"`` with ``crop_pct=1.0`` resizes both edges straight to the target and crops nothing.
     Training uses it too (no augmentation, as in the VTAB-1k recipe).

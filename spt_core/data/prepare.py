@@ -32,9 +32,9 @@ import numpy as np
 from PIL import Image
 
 from spt_core.data.sources import BUILTINS, SPLITS, Item, Source, read_source, skip_or_raise
-from spt_core.errors import DataError
-from spt_core.io import write_bytes
-from spt_core.preprocess import load_rgb
+from spt_core.portable.errors import DataError
+from spt_core.portable.io import write_bytes
+from spt_core.portable.preprocess import load_rgb
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _stage(
     items: list[Item], staging: Path, image_size: int | None, skip_bad: bool, bad: list[str], bit_depth: int | None
 ) -> list[Item]:
     """Decode every file once (so bad files are found before the split draws) into staged 8-bit RGB PNGs, through
-    the edge's own conversion (`spt_core.preprocess.load_rgb`: 16-bit frames scaled by ``bit_depth``)."""
+    the edge's own conversion (`spt_core.portable.preprocess.load_rgb`: 16-bit frames scaled by ``bit_depth``)."""
     staging.mkdir(parents=True, exist_ok=True)
     kept = []
     for k, it in enumerate(items):

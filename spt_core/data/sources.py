@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
-from spt_core.errors import DataError
+from spt_core.portable.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spt_core.errors import SensituneError
-from spt_core.metrics import SELECT
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.metrics import SELECT
 
 # Config fields that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE = {"device", "progress", "log_every"}

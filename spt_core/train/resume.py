@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from spt_core.errors import SensituneError
-from spt_core.io import write_bytes
-from spt_core.metrics import SELECTION_RULE
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import write_bytes
+from spt_core.portable.metrics import SELECTION_RULE
 from spt_core.train.config import RESUME_FREE, TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from ..candidates import head_parameter_names
-from ..errors import PlanError
+from ..portable.errors import PlanError
 
 # Registration order is the order plans and summaries list the kinds in: sparse, whole, lora, adapter.
 # isort: off

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
-from ..errors import PlanError
+from ..portable.errors import PlanError
 
 if TYPE_CHECKING:
     from ..candidates import Candidate

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from ..errors import PlanError
+from ..portable.errors import PlanError
 from .registry import TunerKind, register_tuner
 
 if TYPE_CHECKING:

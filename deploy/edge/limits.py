@@ -1,0 +1,160 @@
+"""What one request may cost the edge box: body bytes, pixels, image formats, ids, feedback rate.
+
+Every limit is a key of the rollout manifest's ``limits`` section (safe defaults below) and breaking one is a 4xx
+with a one-line reason, before the expensive step it protects:
+
+    limits:
+      max_body_bytes: 16777216      # 16 MiB: 413 from Content-Length, else while the body streams in
+      max_pixels: 25000000          # 25 MP: 413 after Image.open read the header, before any pixel is decoded
+      formats: [PNG, JPEG]          # Pillow format names; anything else is 415
+      max_id_length: 128            # camera_id / frame ids: 1..128 of [A-Za-z0-9._:-], else 422
+      feedback_per_minute: 600      # per client (token name, else address); 429 with Retry-After beyond it
+      served_frames: 100000         # frame ids remembered for feedback (oldest forgotten first)
+
+A 140 KB PNG of 12000 x 12000 px decodes to 432 MB of RGB: the pixel check runs on the header Pillow has parsed
+(``im.size``) and the decode is never attempted. ``Image.MAX_IMAGE_PIXELS`` alone would only warn below 2x its
+value. Torch-free (Pillow only).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+
+from spt_core.portable.errors import SensituneError, one_line
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+class LimitError(SensituneError):
+    """A request over one of the limits; `status` is the HTTP answer (413, 415, 422, 429)."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ``limits`` section of the rollout manifest (see the module docstring)."""
+
+    max_body_bytes: int = 16 * 2**20  # a 5 MP 16-bit PNG frame is ~10 MB; an upload is never larger than this
+    max_pixels: int = 25_000_000  # 25 MP covers common area-scan sensors (5120 x 5120 = 26.2 MP needs a raise)
+    formats: tuple[str, ...] = ("PNG", "JPEG")
+    max_id_length: int = 128
+    feedback_per_minute: int = 600  # 10/s sustained per client, burst of the same size
+    served_frames: int = 100_000  # ~10 MB of index: a day of a 1 fps camera per camera slot
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"formats": list(self.formats)}
+
+
+_INT_LIMITS = {
+    "max_body_bytes": (1024, 2**31),
+    "max_pixels": (1, 10**9),
+    "max_id_length": (8, 1024),
+    "feedback_per_minute": (1, 10**6),
+    "served_frames": (1, 10**7),
+}
+
+
+def parse_limits(value: Any, errors: list[str]) -> Limits:
+    """The manifest's ``limits`` mapping -> `Limits`; each bad key is appended to `errors`."""
+    if value is None:
+        return Limits()
+    if not isinstance(value, dict):
+        errors.append(f"limits={value!r}: give a mapping, e.g. {{max_pixels: 25000000}}")
+        return Limits()
+    allowed = list(Limits.__dataclass_fields__)
+    if unknown := sorted(set(value) - set(allowed)):
+        errors.append(f"limits: unknown key(s) {unknown}; allowed {allowed}")
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in _INT_LIMITS.items():
+        if key in value:
+            v = value[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                errors.append(f"limits.{key}={v!r}: give an integer in [{lo}, {hi}]")
+            else:
+                out[key] = v
+    if "formats" in value:
+        fmts = value["formats"]
+        known = set(Image.registered_extensions().values())
+        if not isinstance(fmts, list) or not fmts or not all(isinstance(f, str) and f.upper() in known for f in fmts):
+            errors.append(f"limits.formats={fmts!r}: give Pillow format names, e.g. [PNG, JPEG]")
+        else:
+            out["formats"] = tuple(f.upper() for f in fmts)
+    return Limits(**out)
+
+
+def check_id(value: str, key: str, limits: Limits) -> str:
+    """`value` if it is a usable id (1..max_id_length of [A-Za-z0-9._:-], starting alphanumeric), else 422."""
+    if len(value) > limits.max_id_length or not ID_PATTERN.fullmatch(value):
+        shown = value[:40] + ("..." if len(value) > 40 else "")
+        raise LimitError(
+            422,
+            f"{key}={shown!r} ({len(value)} chars): give 1..{limits.max_id_length} of letters, digits and . _ : - "
+            "starting with a letter or digit",
+        )
+    return value
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Decode an uploaded frame to RGB, refusing (before decoding a pixel) what the limits do not allow.
+
+    Raises:
+        LimitError: 415 format not allowed or unreadable, 413 more pixels than ``max_pixels``.
+    """
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(limits.formats))  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at 2x MAX_IMAGE_PIXELS
+        raise LimitError(413, f"file: {one_line(e)}; at most {limits.max_pixels} pixels") from None
+    except Exception as e:
+        allowed = "/".join(limits.formats)
+        raise LimitError(415, f"file: not a readable {allowed} image ({one_line(e, 120)}); send {allowed}") from None
+    with im:
+        w, h = im.size
+        if w * h > limits.max_pixels:
+            raise LimitError(
+                413, f"file: {w}x{h} = {w * h} pixels, over limits.max_pixels={limits.max_pixels}; send smaller frames"
+            )
+        try:  # the decode, bounded now by max_pixels; kept in its own mode: the model's preprocess scales 16-bit
+            im.load()  # frames by its manifest's bit_depth (`preprocess.to_rgb`), never clipped to white
+            return im.copy()
+        except Exception as e:
+            raise LimitError(415, f"file: the {im.format} image does not decode ({one_line(e, 120)})") from None
+
+
+class RateLimiter:
+    """A token bucket per client: `per_minute` requests a minute sustained, bursts up to the same number.
+
+    At most `max_clients` buckets are kept (least recently used dropped), so a flood of client names costs bounded
+    memory. Thread-safe.
+    """
+
+    def __init__(self, max_clients: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, last time)
+        self._max = max_clients
+
+    def take(self, client: str, per_minute: int) -> None:
+        """Spend one token of `client`'s bucket, or raise `LimitError` 429 with the seconds to wait."""
+        rate, now = per_minute / 60.0, time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.pop(client, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * rate)
+            if tokens < 1.0:
+                self._buckets[client] = (tokens, now)
+                wait = (1.0 - tokens) / rate
+                raise LimitError(
+                    429, f"feedback from {client!r}: over limits.feedback_per_minute={per_minute}", retry_after=wait
+                )
+            self._buckets[client] = (tokens - 1.0, now)
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)

@@ -1,0 +1,5 @@
+import sys
+
+from deploy.edge.rollout.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""The rollout's append-only JSON-lines logs (predictions, feedback, decisions) and their reader."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from deploy.edge.rollout.manifest import RolloutError
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class JsonlLog:
+    """Append-only JSON-lines file; one write() per record so concurrent writers never interleave a line.
+
+    Records reach the OS on every append; fsync runs every `fsync_every` records or `fsync_interval_s` seconds,
+    whichever comes first (group commit: a power cut loses at most that much, a process crash nothing).
+    """
+
+    def __init__(self, path: Path, fsync_every: int = 1, fsync_interval_s: float = 0.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+        self._every, self._interval = max(1, fsync_every), fsync_interval_s
+        self._pending, self._last_sync = 0, time.monotonic()
+        size = os.fstat(self._fd).st_size
+        if size:  # a crash may have torn the last line: end it so the next record starts clean
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self._fd, b"\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        with self._lock:
+            if self._fd is None:
+                raise RolloutError(f"{self.path}: log already closed")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            self._pending += 1
+            now = time.monotonic()
+            if self._pending >= self._every or now - self._last_sync >= self._interval:
+                os.fsync(self._fd)
+                self._pending, self._last_sync = 0, now
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """All records of a JSONL file and the number of unreadable lines skipped (a torn tail after a crash)."""
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                skipped += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                skipped += 1
+    return records, skipped

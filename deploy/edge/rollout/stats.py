@@ -1,0 +1,193 @@
+"""The champion/challenger comparison from the logs: Wilson intervals, McNemar, latency quantiles, per camera.
+
+The good class comes from the champion artifact's manifest (``ok_class``, declared once in params.yaml and carried
+by every artifact); a rollout manifest may only restate it. Without one, no defect metrics are reported (never a
+guessed "ok"). A defect counts as caught when the served decision rejected it (the manifest's threshold on
+P(good)), or, for records without a decision, when the predicted class is not the good class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.edge.rollout.logs import read_jsonl
+from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig, RolloutError
+from spt_core.portable.metrics import Z95, wilson_interval
+
+__all__ = ["Z95", "compare", "mcnemar", "quantiles", "report_for", "resolve_ok_class", "wilson_interval"]
+
+
+def mcnemar(b: int, c: int) -> dict[str, Any]:
+    """Paired test on discordant frames: b = only the champion right, c = only the challenger right.
+
+    Exact two-sided binomial test (b ~ Bin(b + c, 1/2)) up to 1000 discordant pairs, chi-square with continuity
+    correction above (the exact sum's big integers get slow, and the two agree there).
+    """
+    n = b + c
+    if n == 0:
+        return {"b": b, "c": c, "p_value": 1.0, "method": "exact"}
+    if n <= 1000:
+        tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+        return {"b": b, "c": c, "p_value": min(1.0, 2 * tail / 2**n), "method": "exact"}
+    stat = (abs(b - c) - 1) ** 2 / n
+    return {"b": b, "c": c, "statistic": stat, "p_value": math.erfc(math.sqrt(stat / 2)), "method": "chi2-cc"}
+
+
+def quantiles(values: Collection[float]) -> dict[str, float | None]:
+    """p50, p90 and p99 of latencies in ms (None each when there are none)."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    q = np.percentile(np.fromiter(values, dtype=np.float64, count=len(values)), [50, 90, 99])
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str]:
+    return str(record.get("camera_id")), str(record.get("frame_id"))
+
+
+def _rejected(r: dict[str, Any], ok_class: str) -> bool:
+    """The served call took the part off the line: the decision at the threshold, else a defect class."""
+    return r["decision"] == "reject" if r.get("decision") in ("ok", "reject") else r.get("class") != ok_class
+
+
+def _arm_stats(recs: list[dict[str, Any]], labels: dict[tuple[str, str], str], ok_class: str | None) -> dict[str, Any]:
+    good = [r for r in recs if not r.get("error")]
+    labelled = [(r, labels[_key(r)]) for r in good if _key(r) in labels]
+    pairs = [(r.get("class"), t) for r, t in labelled]
+    correct = sum(p == t for p, t in pairs)
+    defects = [r for r, t in labelled if ok_class is not None and t != ok_class]
+    caught = sum(_rejected(r, ok_class) for r in defects)  # a defect rejected by the threshold leaves the line
+    goods = [r for r, t in labelled if ok_class is not None and t == ok_class]
+    overkill = sum(_rejected(r, ok_class) for r in goods)
+    per_class: dict[str, list[int]] = {}
+    for p, t in pairs:
+        per_class.setdefault(t, [0, 0])[0] += p == t
+        per_class[t][1] += 1
+    errors = len(recs) - len(good)
+    return {
+        "versions": sorted({str(r.get("model_version")) for r in recs}),
+        "requests": len(recs),
+        "served": sum(bool(r.get("served", True)) for r in good),
+        "shadow": sum(not r.get("served", True) for r in good),
+        "errors": errors,
+        "error_rate": errors / len(recs) if recs else None,
+        "labelled": len(pairs),
+        "correct": correct,
+        "accuracy": correct / len(pairs) if pairs else None,
+        "accuracy_ci95": wilson_interval(correct, len(pairs)),
+        "defects": len(defects),
+        "defect_recall": caught / len(defects) if defects else None,
+        "defect_recall_ci95": wilson_interval(caught, len(defects)),
+        "escaped": len(defects) - caught,
+        "escape_rate": (len(defects) - caught) / len(defects) if defects else None,
+        "escape_rate_ci95": wilson_interval(len(defects) - caught, len(defects)),
+        "goods": len(goods),
+        "overkill": overkill / len(goods) if goods else None,
+        "overkill_ci95": wilson_interval(overkill, len(goods)),
+        "recall_per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
+        "latency_ms": quantiles([r["latency_ms"] for r in good if "latency_ms" in r]),
+    }
+
+
+def compare(
+    pred_log: Path,
+    feedback_log: Path,
+    *,
+    champion_version: str | None = None,
+    challenger_version: str | None = None,
+    ok_class: str | None = None,
+) -> dict[str, Any]:
+    """Champion vs challenger from the prediction and feedback logs, overall and per camera.
+
+    Only records of the given (role, version) count when versions are given, so that a promoted model's history
+    as challenger does not leak into its record as champion. Feedback joins on (camera_id, frame_id) (last label wins).
+    Without ``ok_class`` the defect metrics (recall, escape rate, overkill) are None.
+
+    Returns:
+        {"versions", "ok_class", "overall": {role: stats}, "per_camera": {camera: {role: stats}},
+        "paired": McNemar on frames both models answered (shadow mode) or None, "log": line counts}.
+    """
+    preds, skipped_p = read_jsonl(Path(pred_log))
+    feedback, skipped_f = read_jsonl(Path(feedback_log))
+    # Frame ids are server-issued (deploy.edge.frames) and joined together with the camera, so that a frame id two
+    # cameras both used can never carry one label to the other camera's prediction.
+    labels = {
+        (str(r.get("camera_id")), str(r["frame_id"])): str(r["label"])
+        for r in feedback
+        if "frame_id" in r and "label" in r
+    }
+    wanted = {CHAMPION: champion_version, CHALLENGER: challenger_version}
+    overall: dict[str, list[dict[str, Any]]] = {CHAMPION: [], CHALLENGER: []}
+    per_camera: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    by_frame: dict[tuple[str, str], dict[str, str]] = {}
+    for r in preds:
+        role = r.get("role")
+        if role not in wanted or (wanted[role] is not None and str(r.get("model_version")) != wanted[role]):
+            continue
+        overall[role].append(r)
+        per_camera.setdefault(str(r.get("camera_id")), {CHAMPION: [], CHALLENGER: []})[role].append(r)
+        # a pair is the champion's served answer and the challenger's shadow answer on the same frame: shadow mode
+        paired_side = (role == CHAMPION and r.get("served", True)) or (role == CHALLENGER and r.get("shadow"))
+        if paired_side and not r.get("error") and "frame_id" in r:
+            by_frame.setdefault(_key(r), {})[role] = r.get("class")
+    both = {f: v for f, v in by_frame.items() if len(v) == 2}
+    paired = None
+    if both:
+        lab = [(v[CHAMPION] == labels[f], v[CHALLENGER] == labels[f]) for f, v in both.items() if f in labels]
+        only_champion = sum(cp and not ch for cp, ch in lab)
+        only_challenger = sum(ch and not cp for cp, ch in lab)
+        agree = sum(v[CHAMPION] == v[CHALLENGER] for v in both.values())
+        paired = {"frames": len(both), "labelled": len(lab), "agreement": agree / len(both)}
+        paired |= mcnemar(only_champion, only_challenger)
+    return {
+        "versions": {CHAMPION: champion_version, CHALLENGER: challenger_version},
+        "ok_class": ok_class,
+        "overall": {role: _arm_stats(recs, labels, ok_class) for role, recs in overall.items()},
+        "per_camera": {
+            cam: {role: _arm_stats(recs, labels, ok_class) for role, recs in arms.items() if recs}
+            for cam, arms in sorted(per_camera.items())
+        },
+        "paired": paired,
+        "log": {"predictions": len(preds), "feedback": len(feedback), "skipped_lines": skipped_p + skipped_f},
+    }
+
+
+def resolve_ok_class(cfg: RolloutConfig) -> str | None:
+    """The good class: the champion artifact's manifest ``ok_class``; rollout.yaml's ``ok_class`` may only restate it.
+
+    Raises:
+        RolloutError: rollout.yaml names a class the champion does not have, or another good class than its manifest.
+    """
+    mpath = cfg.resolve(cfg.champion.path) / "manifest.json"
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        m = {}  # an unreadable champion is reported by the service's loader; here only its declared good class counts
+    declared, names = m.get("ok_class"), m.get("class_names")
+    if cfg.ok_class is not None:
+        if names and cfg.ok_class not in names:
+            raise RolloutError(f"ok_class={cfg.ok_class!r} is not a class of the champion ({names}); fix rollout.yaml")
+        if declared is not None and declared != cfg.ok_class:
+            raise RolloutError(
+                f"ok_class={cfg.ok_class!r} in rollout.yaml but the champion's manifest declares {declared!r}; "
+                "drop ok_class from rollout.yaml (the artifact carries it)"
+            )
+        return cfg.ok_class
+    return declared
+
+
+def report_for(cfg: RolloutConfig) -> dict[str, Any]:
+    """`compare` over the manifest's logs for its current champion and challenger, good class from the champion."""
+    return compare(
+        cfg.logs / PRED_LOG,
+        cfg.logs / FEEDBACK_LOG,
+        champion_version=cfg.champion.version,
+        challenger_version=cfg.challenger.version if cfg.challenger else None,
+        ok_class=resolve_ok_class(cfg),
+    )

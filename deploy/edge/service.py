@@ -1,0 +1,256 @@
+"""Edge inference service: an OpenVINO champion (and challenger) behind one HTTP API for the line's cameras.
+
+Start (one command): ``sensitune-edge --config rollout.yaml --tokens tokens.yaml --host 0.0.0.0 --port 8080``
+
+Endpoints (roles in brackets, `deploy.edge.auth`): POST /predict [camera] (multipart `file` + form `camera_id`,
+optional `frame_id`), POST /feedback [operator] {frame_id, label}, GET /report [operator], GET /metrics [any
+token], POST /reload /decide /promote /rollback [admin, JSON body], GET /healthz /readyz /docs /redoc (open).
+
+Edge-only dependencies: OpenVINO, numpy, Pillow, FastAPI/uvicorn, PyYAML, prometheus_client. No torch; from
+spt_core only its torch-free leaves. This module is the data path (`EdgeService.predict`, `feedback`) and the HTTP
+API; `deploy.edge.runtime` owns the runtime and its changes, `deploy.edge.guard` the front door, `deploy.edge.limits`
+the limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from deploy.edge.api import build_api
+from deploy.edge.artifact import ArtifactError
+from deploy.edge.auth import AuthError, Principal, TokenStore, load_tokens
+from deploy.edge.frames import ServedFrame, ServedFrames
+from deploy.edge.limits import LimitError, check_id, open_image
+from deploy.edge.rollout.logs import JsonlLog, now_iso
+from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION
+from deploy.edge.runtime import Runtime, RuntimeControl, load_model
+from deploy.edge.schemas import FeedbackIn
+from deploy.edge.sync import attach, first_sync
+from deploy.edge.sync import main as sync_main
+from spt_core.portable.errors import SensituneError, one_line
+
+__all__ = ["EdgeService", "Runtime", "create_app", "load_model", "main"]
+log = logging.getLogger("sensitune.edge")
+
+Reply = tuple[int, dict[str, Any]]
+
+
+class EdgeService(RuntimeControl):
+    """The service behind the HTTP routes (usable without HTTP, e.g. in tests)."""
+
+    frame_store: Any = None  # frame_store.FrameStore and sync.Sync with --box (sync.attach)
+    sync: Any = None
+
+    def _write(self, target: JsonlLog, record: dict[str, Any]) -> None:
+        try:
+            target.append(record)
+        except OSError as e:  # a full disk must not stop the line; it shows in /metrics
+            self.metrics.count("log_errors")
+            log.error("cannot append to %s: %s", target.path, e)
+
+    def predict(
+        self, data: bytes, camera_id: str, frame_id: str | None, defer: Callable[..., Any] | None = None
+    ) -> Reply:
+        """One frame -> (HTTP status, body). `frame_id` is the camera's own id (optional); the answer carries a
+        server-issued ``frame_id`` for feedback. `defer(fn, *args)` runs the shadow challenger after the response."""
+        t0 = time.perf_counter()
+        rt = self.runtime  # read once: this request finishes on this runtime even if a reload swaps it
+        if rt.champion is None:
+            self.metrics.request(None, "error")
+            return 503, {"error": f"not ready: champion not loaded ({rt.champion_error})"}
+        limits = rt.config.limits
+        try:
+            check_id(camera_id, "camera_id", limits)
+            client_frame_id = check_id(frame_id, "frame_id", limits) if frame_id else None
+            image = open_image(data, limits)  # format and pixel count checked before the decode
+        except LimitError as e:
+            self.metrics.request(None, "bad")
+            self.metrics.count("refused_limits")
+            return e.status, {"error": str(e)}
+        served_id = ServedFrames.new_id()
+        base = {"ts": now_iso(), "frame_id": served_id, "client_frame_id": client_frame_id, "camera_id": camera_id}
+        role, fallback, out = rt.arm(camera_id), False, None
+        if role == CHALLENGER:
+            try:
+                out = rt.challenger.predict(image, rt.gate)
+                rt.health.note(ok=True)
+            except Exception as e:  # the champion answers instead; counted against the challenger
+                err = one_line(e)
+                self.metrics.model(CHALLENGER, rt.challenger.version, None)
+                self._write(
+                    rt.pred_log,
+                    {**base, "role": CHALLENGER, "model_version": rt.challenger.version, "error": err, "served": False},
+                )
+                if rt.health.note(ok=False):
+                    why = f"challenger {rt.challenger.version} error rate over the limit: {err}"
+                    self._auto_rollback_async(rt, why)
+                role, fallback = CHAMPION, True
+                self.metrics.count("fallbacks")
+        model = rt.challenger if role == CHALLENGER else rt.champion
+        if out is None:
+            try:
+                out = rt.champion.predict(image, rt.gate)
+            except Exception as e:
+                self.metrics.model(CHAMPION, model.version, None)
+                self.metrics.request(None, "error")
+                log.exception("champion failed on frame %s", served_id)
+                return 500, {"error": f"inference failed: {one_line(e)}"}
+        ms = (time.perf_counter() - t0) * 1e3
+        self.metrics.model(role, model.version, out["latency_ms"])
+        self.metrics.request(ms)
+        rec = {**base, "role": role, "model_version": model.version, **out, "request_ms": ms, "served": True}
+        self._write(rt.pred_log, {**rec, "fallback": fallback})
+        self.frames.add(ServedFrame(served_id, camera_id, client_frame_id))
+        if self.frame_store is not None:
+            self.frame_store.offer({**rec, "line": rt.config.line}, data)
+        if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled:
+            (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, image, base)
+        return 200, {
+            **{k: rec.get(k) for k in ("frame_id", "client_frame_id", "camera_id", "class", "class_index", "score")},
+            "p_good": rec.get("p_good"),  # P(good) and the decision at the manifest's threshold
+            "decision": rec.get("decision"),
+            "model_version": model.version,
+            "role": role,
+            "latency_ms": ms,
+        }
+
+    def _shadow(self, rt: Runtime, image: Image.Image, base: dict[str, Any]) -> None:
+        """Challenger on a champion frame, logged only (paired comparison); errors count against it."""
+        rec = {**base, "role": CHALLENGER, "model_version": rt.challenger.version, "served": False, "shadow": True}
+        try:
+            out = rt.challenger.predict(image, rt.gate)
+        except Exception as e:
+            self.metrics.model(CHALLENGER, rt.challenger.version, None)
+            self._write(rt.pred_log, {**rec, "error": one_line(e)})
+            if rt.health.note(ok=False):
+                self._auto_rollback_async(rt, f"challenger {rt.challenger.version} error rate over the limit (shadow)")
+            return
+        rt.health.note(ok=True)
+        if self.frame_store is not None:
+            self.frame_store.offer_other(base["frame_id"], out["class"])
+        self.metrics.count("shadow_runs")
+        self.metrics.model(CHALLENGER, rt.challenger.version, out["latency_ms"])
+        self._write(rt.pred_log, {**rec, **out})
+
+    def feedback(self, item: FeedbackIn, who: Principal, client: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The operator's label for a frame this service served -> (status, body, headers).
+
+        The frame is named by its server ``frame_id``, or by ``camera_id`` + ``client_frame_id``; an unknown frame
+        is 404, a label no served model knows 422, a client over ``limits.feedback_per_minute`` 429.
+        """
+        rt = self.runtime
+        limits = rt.config.limits
+        try:
+            self.rate.take(client, limits.feedback_per_minute)
+            if item.frame_id is not None:
+                frame = self.frames.get(check_id(item.frame_id, "frame_id", limits))
+                named = f"frame_id={item.frame_id!r}"
+            elif item.camera_id is not None and item.client_frame_id is not None:
+                cam = check_id(item.camera_id, "camera_id", limits)
+                frame = self.frames.by_client(cam, check_id(item.client_frame_id, "client_frame_id", limits))
+                named = f"camera_id={item.camera_id!r}, client_frame_id={item.client_frame_id!r}"
+            else:
+                raise LimitError(422, "give frame_id (returned by /predict), or camera_id and client_frame_id")
+        except LimitError as e:
+            self.metrics.count("feedback_refused")
+            retry = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else {}
+            return e.status, {"error": str(e)}, retry
+        known = {c for m in (rt.champion, rt.challenger) if m for c in m.class_names}
+        if known and item.label not in known:
+            self.metrics.count("feedback_refused")
+            shown = item.label[:40]
+            return 422, {"error": f"label={shown!r}: not a class of the served models; use one of {sorted(known)}"}, {}
+        if frame is None:
+            self.metrics.count("feedback_refused")
+            why = f"{named}: this service served no such frame (or it is older than the last {self.frames.capacity} "
+            return 404, {"error": why + "frames); label frames by the frame_id /predict returned"}, {}
+        record = {"ts": now_iso(), "frame_id": frame.frame_id, "camera_id": frame.camera_id}
+        record |= {"client_frame_id": frame.client_frame_id, "label": item.label, "by": who.name}
+        self._write(rt.feedback_log, record)
+        kept = self.frame_store.label(frame.frame_id, item.label, who.name) if self.frame_store is not None else None
+        body = {"ok": True, "frame_id": frame.frame_id, "camera_id": frame.camera_id, "label": item.label}
+        return 200, {**body, "frame_kept": kept is not None}, {}
+
+
+def create_app(config_path: Path, tokens: TokenStore | None = None, box: Path | None = None) -> Any:
+    """The FastAPI app for one rollout manifest, behind `deploy.edge.guard.Guard`; raises RolloutError when the manifest
+    is malformed. `tokens` None: no authentication (the caller must only bind loopback; `main` enforces it).
+    `box`: box.yaml, the registry sync and frame store (`deploy.edge.sync`; a new box gets its manifest from it)."""
+    first_sync(config_path, box)
+    service = attach(EdgeService(config_path), box)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        if service.sync is not None:
+            service.sync.start()
+        yield
+        if service.sync is not None:
+            service.sync.stop()
+        service.close()  # fsync the logs on shutdown
+
+    return build_api(service, tokens, lifespan)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sensitune-edge --config rollout.yaml [--tokens tokens.yaml] [--box box.yaml] --host 127.0.0.1 --port 8080`;
+    `sensitune-edge sync|promote ...` are `deploy.edge.sync`'s."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["sync"], ["promote"]):
+        return sync_main(argv)
+    ap = argparse.ArgumentParser(prog="sensitune-edge", description="Edge inference service (OpenVINO).")
+    ap.add_argument("--config", type=Path, required=True, help="rollout manifest (YAML)")
+    ap.add_argument(
+        "--tokens", type=Path, help="tokens file (deploy/README.md); default $SENSITUNE_EDGE_TOKENS_FILE or "
+        "$SENSITUNE_EDGE_TOKENS; required unless --host is loopback"
+    )  # fmt: skip
+    ap.add_argument("--host", default="127.0.0.1", help="bind address; any non-loopback address needs tokens")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--ssl-keyfile", help="TLS private key (PEM), passed to uvicorn")
+    ap.add_argument("--ssl-certfile", help="TLS certificate chain (PEM), passed to uvicorn")
+    ap.add_argument("--box", type=Path, help="box.yaml: registry sync + frame store (docs/from-images-to-line.md)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tokens = load_tokens(args.tokens)
+        if tokens is None and not is_loopback(args.host):
+            raise AuthError(
+                f"--host {args.host} is not a loopback address and no tokens are configured: give --tokens FILE "
+                "(python -m deploy.edge.auth new NAME ROLE), or bind 127.0.0.1 behind a reverse proxy"
+            )
+        if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+            raise AuthError("give both --ssl-keyfile and --ssl-certfile, or neither")
+        app = create_app(args.config, tokens, args.box)
+    except (SensituneError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokens is None:
+        log.warning("no tokens configured: every loopback caller acts as admin (development only)")
+    import uvicorn
+
+    tls = {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile} if args.ssl_keyfile else {}
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **tls)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

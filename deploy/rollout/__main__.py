@@ -1,5 +1,0 @@
-import sys
-
-from deploy.rollout.cli import main
-
-sys.exit(main())

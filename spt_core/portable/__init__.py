@@ -1,0 +1,3 @@
+"""spt_core's torch-free pieces (numpy, PIL and the standard library only): the only part of the method
+library the edge box may import. Errors, atomic I/O, metrics, and THE image -> array conversion.
+"""

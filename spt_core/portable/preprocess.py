@@ -1,0 +1,132 @@
+"""The one preprocessing definition, shared by training, export and the edge runtime.
+
+Torch-free on purpose (numpy + Pillow only): the edge box imports this module without torch. Training builds
+the equivalent timm transform from the same `Preprocess` (`spt_core.data.eval_transform`), and a test checks
+that both give the same numbers on real images.
+
+Pipeline (what the manifest's ``preprocess`` block records):
+    any PIL image -> 8-bit RGB (`to_rgb`: 16/32-bit and float frames scaled by ``bit_depth``)
+    -> resize to (height, width) with PIL bicubic (antialiased, aspect ratio not kept,
+    the VTAB-1k "direct resize") -> float32 in [0, 1] -> (x - mean) / std -> CHW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from spt_core.portable.errors import DataError
+
+# The largest image accepted (pixels): Pillow's own decompression-bomb limit. A larger file is refused before it is
+# decoded, with this one-line error (docs: README "Image formats"): "<file>: image is WxH = N pixels, over the
+# limit of MAX_PIXELS; resize it (the model sees <size> px anyway)".
+MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow's modes of 16-bit, 32-bit and float frames
+_AUTO_DEPTH = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 16}  # "I": how Pillow opens many 16-bit files
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model input. Plain data; stored in every artifact manifest."""
+
+    size: tuple[int, int] = (224, 224)  # (height, width)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    antialias: bool = True  # PIL resizes with antialiasing; recorded so other runtimes can match it
+    color: str = "RGB"
+    layout: str = "NCHW"
+    # Bits per pixel of 16/32-bit and float frames (Mono10/12 in a 16-bit container: 10/12); None = auto from the
+    # file's mode (16 for I;16 and I, 1.0 = white for F). 8-bit files describe themselves and ignore it.
+    bit_depth: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"preprocess.interpolation={self.interpolation!r}: use one of {sorted(_RESAMPLE)}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"preprocess.size={self.size!r}: give (height, width) with positive integers")
+        if self.bit_depth is not None and not 1 <= self.bit_depth <= 32:
+            raise ValueError(f"preprocess.bit_depth={self.bit_depth!r}: give the camera's bits (8..16, 32) or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"], d["mean"], d["std"] = list(self.size), list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        known = {k: d[k] for k in ("interpolation", "antialias", "color", "layout", "bit_depth", "extra") if k in d}
+        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]), **known)
+
+
+def open_image(path: Any) -> Image.Image:
+    """Open and fully decode an image file (or file object) in its own mode; refuse one over `MAX_PIXELS`.
+
+    Raises:
+        DataError: too many pixels (checked before decoding), or not a readable image.
+    """
+    try:
+        with Image.open(path) as f:
+            w, h = f.size
+            if w * h > MAX_PIXELS:
+                raise DataError(
+                    f"{_name(path)}: image is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS}; resize it "
+                    "(the model sees a few hundred pixels anyway)"
+                )
+            f.load()  # decodes fully: a truncated file fails here
+            return f.copy()
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{_name(path)}: {' '.join(str(e).split())}; resize it") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{_name(path)}: not a readable image ({' '.join(str(e).split())})") from None
+
+
+def _name(path: Any) -> str:
+    return str(getattr(path, "name", None) or path) if not hasattr(path, "read") else "uploaded file"
+
+
+def to_rgb(img: Image.Image, bit_depth: int | None = None) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. 16/32-bit integer frames are scaled by ``2**bit_depth - 1`` (auto: 16 for
+    ``I;16*`` and ``I``), float frames (``F``) by the same or, with no depth, taken as 0..1; never clipped to white
+    as ``Image.convert("RGB")`` does."""
+    if img.mode not in _WIDE:
+        return img.convert("RGB")
+    x = np.asarray(img).astype(np.float64)  # (H, W)
+    depth = bit_depth or _AUTO_DEPTH.get(img.mode)
+    top = float(2**depth - 1) if depth else 1.0
+    grey = np.clip(np.rint(x * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")  # grey (L) -> 3 equal channels
+
+
+def load_rgb(path_or_image: Any, bit_depth: int | None = None) -> Image.Image:
+    """Open an image file (or take a PIL image / HxW[xC] array) as 8-bit RGB (`open_image` + `to_rgb`)."""
+    if isinstance(path_or_image, Image.Image):
+        img = path_or_image
+    elif isinstance(path_or_image, np.ndarray):
+        img = Image.fromarray(path_or_image)
+    else:
+        img = open_image(path_or_image)
+    return to_rgb(img, bit_depth)
+
+
+def preprocess_image(image: Any, pre: Preprocess) -> np.ndarray:
+    """One image -> float32 array (3, H, W), normalised exactly as in training."""
+    img = load_rgb(image, pre.bit_depth)
+    h, w = pre.size
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=_RESAMPLE[pre.interpolation])
+    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_batch(images: list[Any], pre: Preprocess) -> np.ndarray:
+    """Images -> float32 array (N, 3, H, W)."""
+    return np.stack([preprocess_image(im, pre) for im in images])
