@@ -37,4 +37,4 @@ slow: install test-deps
 
 # The committed benchmark tables -> MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); idempotent.
 benchmarks-mlflow: install
-	for f in benchmarks/results/compare_*.json; do $(PY) benchmarks/compare.py --report-only $$f --mlflow || exit 1; done
+	$(PY) benchmarks/tracking.py benchmarks/results/compare_*.json

@@ -1,6 +1,9 @@
-"""Edge latency: PyTorch eager vs ONNX Runtime vs OpenVINO FP32 / FP16 / INT8, side by side in one run.
+"""Edge latency: PyTorch eager vs every export precision (ONNX Runtime FP32 / INT8, OpenVINO FP32 / FP16 / INT8), side
+by side in one run.
 
-Exports the model with `deploy.compile.export` (the artifacts the edge gets), then measures, interleaved per round so a
+Builds each precision of `deploy.edge.precision` (``--precisions``, default all) as `deploy.compile.export` does
+(`deploy.compile.build`, the artifacts the edge gets) and runs each through the one model runner
+(`deploy.compile.inferencer.open_inferencer`), then measures, interleaved per round so a
 noisy machine hits every format alike: batch-1 latency p50/p90/p99 with preprocessing excluded (a ready tensor)
 and included (`spt_core.portable.preprocess.preprocess_image` on a full-size real photo), and batch throughput. Writes a
 markdown table headed by the exact command, the CPU (model, ISA flags), threads, versions and precision hints.
@@ -35,15 +38,14 @@ import openvino as ov
 import skimage.data
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+from deploy.compile.build import build
+from deploy.compile.export import export_onnx
+from deploy.compile.inferencer import TorchInferencer, open_inferencer
+from deploy.compile.verify import verify
+from deploy.edge.precision import PRECISIONS, SOURCE
+from spt_core.portable.preprocess import Preprocess, preprocess_batch, preprocess_image
 
-from deploy.compile.export import compile_openvino, export_onnx  # noqa: E402
-from deploy.compile.verify import verify  # noqa: E402
-from deploy.edge.artifact import RUNTIME_CONFIG  # noqa: E402
-from deploy.edge.inferencer import Inferencer  # noqa: E402
-from spt_core.portable.preprocess import Preprocess, preprocess_batch, preprocess_image  # noqa: E402
-
-FORMATS = ("pytorch", "onnxruntime", "openvino-fp32", "openvino-fp16", "openvino-int8")
+RUNTIMES = {"openvino": "openvino", "onnx": "onnxruntime"}  # manifest format -> the runtime a row is named by
 ISA_FLAGS = tuple("avx2 avx512f avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_tile amx_int8 amx_bf16".split())
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -51,7 +53,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Preprocess, str]:
     """The model to benchmark, its preprocessing and a note on where its weights came from."""
     try:
-        from spt_core.model import create_model
+        from spt_core.api import create_model
     except ImportError as e:  # spt_core.model is optional here: fall back to a random-init timm model
         import timm
 
@@ -92,35 +94,35 @@ def image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
+def label(name: str) -> str:
+    """The row name of a precision in the table: runtime-weights (``onnx_int8`` -> ``onnxruntime-int8``)."""
+    row = PRECISIONS[name]
+    return f"{RUNTIMES[row.format]}-{row.weights}"
+
+
 def make_runners(model: torch.nn.Module, art: dict[str, Path], threads: int) -> tuple[dict[str, Callable], dict]:
-    """format -> f(x (N,3,H,W) float32) -> logits, and format -> settings actually in effect."""
+    """row label -> f(x (N,3,H,W) float32) -> logits, and row label -> settings actually in effect."""
     torch.set_num_threads(threads)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    # ORT's pool spin-waits after each run by default, stealing the cores from the next format's call (PyTorch
-    # measured 4x slower behind it on a 2-core box); an edge box runs one runtime, so this costs ORT nothing real.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(art["onnx"]), so, providers=["CPUExecutionProvider"])
-
-    def torch_run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
-
-    runners: dict[str, Callable] = {
-        "pytorch": torch_run,
-        "onnxruntime": lambda x: sess.run(None, {"input": x})[0],
-    }
-    settings = {
-        "pytorch": f"eager fp32, torch.set_num_threads({torch.get_num_threads()})",
-        "onnxruntime": f"CPUExecutionProvider fp32, intra_op_num_threads={threads}, allow_spinning=0",
-    }
-    for p in ("fp32", "fp16", "int8"):  # the edge's own inferencer, with the manifest's runtime_config
-        cfg = {**RUNTIME_CONFIG[p], "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-        inferencer = Inferencer(art[p], cfg)
-        runners[f"openvino-{p}"] = inferencer.infer
-        props = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")
-        values = (inferencer.compiled.get_property(k) for k in props)
-        settings[f"openvino-{p}"] = ", ".join(f"{k}={_text(v)}" for k, v in zip(props, values))
+    runners: dict[str, Callable] = {"pytorch": TorchInferencer(model).infer}
+    settings = {"pytorch": f"eager fp32, torch.set_num_threads({torch.get_num_threads()})"}
+    for name, path in art.items():  # the edge's own inferencers, with the manifest's runtime_config
+        row = PRECISIONS[name]
+        if row.format == "openvino":
+            cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        else:
+            # ORT's pool spin-waits after each run by default, stealing the cores from the next format's call
+            # (PyTorch measured 4x slower behind it on a 2-core box); an edge box runs one runtime, so this costs
+            # ORT nothing real.
+            cfg = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "session.intra_op.allow_spinning": "0"}
+        inferencer = open_inferencer(path, name, config=cfg)
+        runners[label(name)] = inferencer.infer
+        if row.format == "openvino":
+            props = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")
+            values = (inferencer.compiled.get_property(k) for k in props)
+            settings[label(name)] = ", ".join(f"{k}={_text(v)}" for k, v in zip(props, values))
+        else:
+            threading = f"intra_op_num_threads={threads}, allow_spinning=0"
+            settings[label(name)] = f"CPUExecutionProvider {row.weights}, {threading}"
     return runners, settings
 
 
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         help="threads per runtime (default: all cores, as on an edge box; use 1 on a shared, oversubscribed machine)",
     )
     ap.add_argument("--calibration-size", type=int, default=300)
+    ap.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS),
+                    help="rows of deploy.edge.precision to build and time (default: all)")  # fmt: skip
     ap.add_argument("--accuracy-dir", type=Path, default=None, help="ImageFolder split: adds an accuracy column")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edge_latency.md")
     args = ap.parse_args(argv)
@@ -204,14 +208,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="edge_latency.") as tmp:
         t0 = time.time()
-        art: dict[str, Path] = {"onnx": export_onnx(model, pre, Path(tmp) / "model.onnx")}
+        source = export_onnx(model, pre, Path(tmp) / "model.onnx")
         calib = [preprocess_image(im, pre)[None] for im in calibration_crops(args.calibration_size)]  # (1, 3, H, W)
-        for p in ("fp32", "fp16", "int8"):
-            d = compile_openvino(art["onnx"], Path(tmp) / p, p, calibration=calib, subset_size=len(calib))
-            art[p] = d / "model.xml"
+        art = {n: source if n == SOURCE else build(n, source, Path(tmp) / n, calib) for n in args.precisions}
         export_s = time.time() - t0
-        sizes = {"onnxruntime": art["onnx"].stat().st_size}
-        sizes |= {f"openvino-{p}": art[p].with_suffix(".bin").stat().st_size for p in ("fp32", "fp16", "int8")}
+        sizes = {label(n): (p.with_suffix(".bin") if p.suffix == ".xml" else p).stat().st_size for n, p in art.items()}
         runners, settings = make_runners(model, art, args.threads)
         t0 = time.time()
         times = measure(runners, pre, args)
@@ -221,10 +222,8 @@ def main(argv: list[str] | None = None) -> None:
             paths, labels, classes = image_folder(args.accuracy_dir)
             if len(classes) != args.num_classes:
                 raise SystemExit(f"error: --accuracy-dir has {len(classes)} classes, --num-classes {args.num_classes}")
-            fmt_art = {"onnx": art["onnx"], "fp32": art["fp32"], "fp16": art["fp16"], "int8": art["int8"]}
-            acc = verify(model, fmt_art, paths, labels, pre)["accuracy"]
-            accuracy = {"pytorch": acc["pytorch"], "onnxruntime": acc["onnx"]}
-            accuracy |= {f"openvino-{p}": acc[p] for p in ("fp32", "fp16", "int8")}
+            acc = verify(model, art, paths, labels, pre)["accuracy"]
+            accuracy = {"pytorch": acc["pytorch"]} | {label(n): acc[n] for n in art}
 
     cpu, isa = cpu_info()
     versions = {"torch": torch.__version__, "onnxruntime": ort.__version__, "openvino": ov.get_version()}
@@ -251,14 +250,15 @@ def main(argv: list[str] | None = None) -> None:
         f"| batch-{args.batch} img/s | speed-up (p50) | weights MB |" + (" accuracy % |" if accuracy else ""),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if accuracy else ""),
     ]
-    for n in FORMATS:
+    formats = ["pytorch", *map(label, art)]
+    for n in formats:
         e, i = (np.percentile(ms[n][k], [50, 90, 99]) for k in ("excl", "incl"))
         tput = args.batch / (np.median(ms[n]["batch"]) / 1e3)
         size = f"{sizes[n] / 2**20:.1f}" if n in sizes else "-"
         row = f"| {n} | {e[0]:.2f} | {e[1]:.2f} | {e[2]:.2f} | {i[0]:.2f} | {i[1]:.2f} | {i[2]:.2f} | {tput:.0f} "
         row += f"| {base / e[0]:.2f}x | {size} |" + (f" {accuracy[n]:.1f} |" if accuracy else "")
         lines.append(row)
-    lines += ["", "Runtime settings in effect:", ""] + [f"- {n}: {settings[n]}" for n in FORMATS]
+    lines += ["", "Runtime settings in effect:", ""] + [f"- {n}: {settings[n]}" for n in formats]
     lines += [
         "",
         "All OpenVINO rows compile with `INFERENCE_PRECISION_HINT=f32`, as their manifests tell the edge to: on this "

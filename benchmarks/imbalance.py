@@ -40,7 +40,7 @@ def imbalanced_source(task: str, work_dir: Path, n_images: int, good_fraction: f
     from PIL import Image
 
     if task == "demo-defects":
-        from spt_core.demo import generate_demo_defects
+        from spt_core.api import generate_demo_defects
 
         c = counts(n_images, good_fraction, DEMO_GOOD, DEMO_DEFECTS)
         src = work_dir / "data" / f"demo-imb_{n_images}_{good_fraction:g}"
@@ -76,14 +76,17 @@ def parse_variant(variant: str) -> tuple[str, bool]:
 
 def line_metrics(model: Any, loaders: dict, ok_index: int, max_escape_rate: float) -> dict[str, Any]:
     """Validation-chosen threshold; test balanced accuracy, escape rate and overkill at it (with Wilson CIs)."""
-    from spt_core.evaluate import collect
-    from spt_core.portable.metrics import balanced_accuracy, choose_threshold, confusion_matrix, rates_at
+    from spt_core.api import collect
+    from spt_core.portable.metrics import balanced_accuracy, confusion_matrix
+    from spt_core.portable.operating_point import OperatingPoint
 
     yv, pv, _ = collect(model, loaders["val"])
     yt, pt, _ = collect(model, loaders["test"])
-    t = choose_threshold(pv[:, ok_index], yv != ok_index, max_escape_rate)
-    at = rates_at(pt[:, ok_index], yt != ok_index, t)
-    val_at = rates_at(pv[:, ok_index], yv != ok_index, t)
+    names = [str(i) for i in range(pt.shape[1])]  # the labels are indices; the rule needs only which is good
+    op = OperatingPoint.choose(yv, pv, names, names[ok_index], max_escape_rate)
+    t = op.threshold
+    at = op.rates(yt, op.decide(op.p_good(pt, names)), names)
+    val_at = op.rates(yv, op.decide(op.p_good(pv, names)), names)
     k = pt.shape[1]
     return {
         "threshold": t,

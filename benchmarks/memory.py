@@ -57,16 +57,15 @@ def child(args: argparse.Namespace) -> dict:
     y = torch.randint(0, 10, (args.batch,))
     method = args.method
     if method == "plans":  # measured once, in its own process, so no method's baseline includes it
-        from spt_core.allocate import allocate
-        from spt_core.sensitivity import measure_sensitivity
+        from spt_core.api import SPT_RULE, allocate, measure_sensitivity
 
         sens = measure_sensitivity(model, [(x[:4], y[:4])], batches=1)
         for structured in ("none", "lora"):
-            allocate(sens, args.budget, structured=structured).save(Path(args.plan_dir) / f"{structured}.json")
+            plan = allocate(sens, args.budget, **{**SPT_RULE, "structured": structured})
+            plan.save(Path(args.plan_dir) / f"{structured}.json")
         return {}
     if method in ("sparse", "spt-lora", "naive-sparse"):
-        from spt_core.plan import Plan
-        from spt_core.tuners import apply_plan
+        from spt_core.api import Plan, apply_plan
 
         plan = Plan.load(Path(args.plan_dir) / ("lora.json" if method == "spt-lora" else "none.json"))
         apply_plan(model, plan)
@@ -77,7 +76,7 @@ def child(args: argparse.Namespace) -> dict:
     elif method == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
-        from spt_core.plan import Plan
+        from spt_core.api import Plan
 
         # rank chosen so the LoRA count is nearest the sparse plan's count (equal budget)
         targets = ["qkv", "proj", "fc1", "fc2"] if "vit" in args.model else ["conv_pw", "conv_pwl"]

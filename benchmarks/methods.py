@@ -22,11 +22,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from spt_core.allocate import allocate
+from spt_core.api import SPT_RULE, Sensitivity, allocate, apply_plan
 from spt_core.candidates import block_index, count_backbone_params, find_candidates, head_parameter_names
 from spt_core.portable.errors import SensituneError
-from spt_core.sensitivity import Sensitivity
-from spt_core.tuners import apply_plan
 
 METHODS = ("linear", "bitfit", "full", "peft-lora", "random-sparse", "spt-lora", "spt-adapter", "sparse-only",
            "per-row-sparse")  # fmt: skip
@@ -176,8 +174,8 @@ def setup_method(
             raise SensituneError(f"method {method!r} needs a measured sensitivity; run the sensitivity job first")
         else:
             sens = sensitivity
-        plan = allocate(sens, budget, structured=PLAN_METHODS[method], rank=rank,
-                        allocation=ALLOCATION.get(method, "global"))  # fmt: skip
+        plan = allocate(sens, budget, **{**SPT_RULE, "structured": PLAN_METHODS[method], "rank": rank,
+                                         "allocation": ALLOCATION.get(method, "global")})  # fmt: skip
         apply_plan(model, plan)
         details = {"by_kind": {k: v["params"] for k, v in plan.by_kind().items()}, "plan_hash": plan.hash()}
     else:

@@ -3,6 +3,7 @@
 summarize(state)        per method at the main budget: rows at the chosen lr, means over seeds
 write_report(state, s)  s.md (main table, sensitivity pass, budget curve) and s.png (accuracy vs trainable
                         values across budgets; training memory per method)
+write_any_report        the same for any results JSON (an `--imbalance` table: `imbalance.write_imbalance_report`)
 summary_metrics(state)  the headline numbers as MLflow metrics
 chosen_lr(rows, m, b)   the seed-0 lr with the best validation accuracy
 budget_on_val(state, m) per seed, the rung `spt_core.budget.choose_rung` picks among m's budgets and full
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.methods import METHODS
-from spt_core.budget import FULL, Rung, choose_rung
+from spt_core.api import FULL, Rung, choose_rung
 from spt_core.portable.io import atomic_path
 from spt_core.portable.metrics import best_by_selection, tied_at_best
 
@@ -120,6 +121,18 @@ def write_report(state: dict, stem: Path) -> None:
     meta, summ = state["meta"], summarize(state)
     by = {s["method"]: s for s in summ}
     mem_name = "train overhead MB (peak RSS - RSS before fit)" if meta["device"] == "cpu" else "peak CUDA MB"
+    lines = _header_lines(state, mem_name) + _method_lines(summ, by) + _note_lines(state, summ)
+    lines += _sensitivity_lines(state, by) + _curve_lines(state, summ) + _budget_on_val_lines(state, by)
+    lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]
+    with atomic_path(stem.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    if summ:
+        _plot(state, summ, stem.with_suffix(".png"), mem_name)
+
+
+def _header_lines(state: dict, mem_name: str) -> list[str]:
+    """Title, command, machine, protocol and the main table's header."""
+    meta = state["meta"]
     lines = [
         f"# {meta['backbone']} @ {meta['img_size']} px on {meta['task']}: methods at equal budget {meta['budget']}",
         "", f"Command: `{meta['command']}`", "",
@@ -139,6 +152,12 @@ def write_report(state: dict, stem: Path) -> None:
         "| x full | x peft-lora | peak MB | s/train epoch | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+    return lines
+
+
+def _method_lines(summ: list[dict], by: dict) -> list[str]:
+    """One row per method at the main budget (`summarize`), memory also as a ratio to full FT and peft LoRA."""
+    lines = []
     full, lora = by.get("full"), by.get("peft-lora")
     for s in summ:
         grid = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(s["grid"].items()))
@@ -152,6 +171,12 @@ def write_report(state: dict, stem: Path) -> None:
             f"{rf} | {rl} | {s['peak']:.0f} | {s['s_epoch']:.1f} | "
             f"{s['wall']:.0f} |"
         )
+    return lines
+
+
+def _note_lines(state: dict, summ: list[dict]) -> list[str]:
+    """The caveats of older memory measurements, the plans' composition and the failed runs."""
+    lines: list[str] = []
     if any(not s["mem_exact"] for s in summ):
         lines += ["", "\\* upper bound: these runs predate the peak reset, so their peak is the process lifetime's "
                   "(ru_maxrss), which includes the weight-load spike (~80 MB above the loaded RSS for ViT-S). "
@@ -170,6 +195,12 @@ def write_report(state: dict, stem: Path) -> None:
     if errors:
         lines += ["", "Failed runs: " + "; ".join(f"{r['method']} seed {r['seed']} lr {r['lr']}: {r['error']}"
                                                    for r in errors)]  # fmt: skip
+    return lines
+
+
+def _sensitivity_lines(state: dict, by: dict) -> list[str]:
+    """The sensitivity passes: their time against one training epoch on as many images."""
+    meta, lines = state["meta"], []
     sens = state.get("sensitivity", [])
     if sens:
         n_img, n_train = meta["sens_images"], meta["n_train"]
@@ -188,6 +219,12 @@ def write_report(state: dict, stem: Path) -> None:
                 ratios.append(f"{r['seconds'] / (s['s_epoch'] * n_img / n_train):.2f}x" if s and s["s_epoch"] else "-")
             lines.append(f"| {r['seed']} | {r['probe_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
                          f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
+    return lines
+
+
+def _curve_lines(state: dict, summ: list[dict]) -> list[str]:
+    """The rows at other budgets than the main one, beside the main budget's rows of the same (method, seed)."""
+    meta, lines = state["meta"], []
     curve = [r for r in state["rows"] if r["budget"] != meta["budget"] and "error" not in r]
     if curve:
         lines += ["", "Budget curve (each method at its chosen lr unless the lr column says otherwise; one row per "
@@ -199,12 +236,18 @@ def write_report(state: dict, stem: Path) -> None:
             lines.append(f"| {r['budget']} | {r['method']} | {r['seed']} | {r['lr']:g} | {r['trainable_backbone']:,} | "
                          f"{100 * r['val_acc']:.2f} | "
                          f"{100 * r['test_acc']:.2f} |")  # fmt: skip
-    lines += _budget_on_val_lines(state, by)
-    lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]
-    with atomic_path(stem.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    if summ:
-        _plot(state, summ, stem.with_suffix(".png"), mem_name)
+    return lines
+
+
+def write_any_report(state: dict, stem: Path) -> None:
+    """stem.md/.png of a results JSON: the imbalanced-line report when its meta records `imbalance`, else the
+    method table."""
+    if state["meta"].get("imbalance") is not None:
+        from benchmarks.imbalance import write_imbalance_report
+
+        write_imbalance_report(state, stem)
+    else:
+        write_report(state, stem)
 
 
 def _budget_on_val_lines(state: dict, by: dict) -> list[str]:

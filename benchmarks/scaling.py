@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sens_seconds(path: Path) -> float:
-    from spt_core.sensitivity import Sensitivity
+    from spt_core.api import Sensitivity
 
     return float(Sensitivity.load(path).meta["seconds"])
 

@@ -31,16 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.methods import METHODS  # noqa: E402
-from spt_core.portable.io import atomic_path  # noqa: E402
-from spt_core.portable.metrics import selection_key  # noqa: E402
+from benchmarks.methods import METHODS
+from spt_core.portable.io import atomic_path
+from spt_core.portable.metrics import selection_key
 
 Curve = list[dict]
 

@@ -37,17 +37,25 @@ import torch
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.protocol import BACKBONES, MALLOC_ENV, PROBE_EPOCHS, SENS_BATCH_SIZE
+from benchmarks.task_data import task_source
+from spt_core.api import (
+    SPT_RULE,
+    Augment,
+    Candidate,
+    Sensitivity,
+    allocate,
+    create_model,
+    find_candidates,
+    fit_probe,
+    load_dataset_info,
+    make_loaders,
+    measure_sensitivity,
+    prepare,
+)
+from spt_core.data.loaders import BalancedSampler
 
-from benchmarks.compare import BACKBONES, MALLOC_ENV, PROBE_EPOCHS, SENS_BATCH_SIZE, task_source  # noqa: E402
-from spt_core.allocate import allocate  # noqa: E402
-from spt_core.candidates import Candidate  # noqa: E402
-from spt_core.data import Augment, load_dataset_info, make_loaders, prepare  # noqa: E402
-from spt_core.data.loaders import BalancedSampler  # noqa: E402
-from spt_core.model import create_model  # noqa: E402
-from spt_core.probe import fit_probe  # noqa: E402
-from spt_core.sensitivity import Sensitivity, find_candidates, measure_sensitivity  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 BUDGETS = (0.005, 0.01, 0.02, 0.04)  # top-k fractions of the candidate entries
 PER_ROW_BUDGETS = (0.01, 0.02)  # the per-row plan's budgets, fractions of the candidate entries
@@ -79,7 +87,7 @@ def per_row_entries(scores: np.ndarray, cands: dict[str, Candidate], frac: float
         split[n], offsets[n] = torch.from_numpy(scores[start : start + c.numel]).reshape(c.shape), start
         start += c.numel
     plan = allocate(Sensitivity(split, cands, {"backbone_params": start}), max(1, int(frac * start)),
-                    structured="none", allocation="per_row")  # fmt: skip
+                    **{**SPT_RULE, "structured": "none", "allocation": "per_row"})  # fmt: skip
     return np.concatenate([plan.indices[n].numpy() + offsets[n] for n in plan.indices])
 
 
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
         "--augmented", action="store_true", help="also measure the same batches augmented (spt_core.data.Augment)"
     )
     ap.add_argument("--work-dir", type=Path, default=Path("~/.cache/sensitune-compare").expanduser())
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.ns.split(",")]
     if 2 * max(ns) > args.pool:

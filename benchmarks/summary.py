@@ -12,15 +12,12 @@ seed count. The best mean of a row is bold; "-" = not run.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.methods import METHODS
+from benchmarks.report import budget_on_val, summarize
 
-from benchmarks.methods import METHODS  # noqa: E402
-from benchmarks.report import budget_on_val, summarize  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 HEADERS = {"bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA", "random-sparse": "random sparse",
            "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "per-row-sparse": "per-row sparse"}  # fmt: skip
@@ -115,7 +112,7 @@ def _worst(gaps: list[float], floor: float = -0.5) -> str:
     return f"{min(gaps):+.1f} | {sum(g >= floor for g in gaps)} of {len(gaps)}" if gaps else "- | -"
 
 
-def tables(results: Path = ROOT / "benchmarks" / "results") -> list[dict]:
+def tables(results: Path = RESULTS) -> list[dict]:
     """The balanced-protocol tables (`results/compare_*.json`, each read once) with at least one finished method (a
     table still running may have none), Lite0 first. Tables in sub-folders (`gpu/`, `selection/`) are not in it."""
     paths = sorted((p for p in results.glob("compare_*.json") if "imbalanced" not in p.name),

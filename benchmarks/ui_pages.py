@@ -1,8 +1,8 @@
 """The operator pages on a demo line: screenshots of each view, and the weight and render time of each page.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/ui_pages.py [--runs 5] [--shots docs/ui]
+    .venv/bin/python benchmarks/ui_pages.py [--runs 5] [--shots docs/ui]
 
-Builds two OpenVINO artifacts fitted to the demo defect images (tests/ui_fixtures.py: champion v1 at 32 px,
+Builds two OpenVINO artifacts fitted to the demo defect images (`benchmarks/demo_line.py`: champion v1 at 32 px,
 challenger v2 at 48 px, with their verification records), starts the edge service on loopback with a camera, an
 operator and an admin token, and plays the demo line: 12 cameras, 25 % of them on the challenger (cam-3 pinned),
 20 frames each, about half of them labelled by "operators" through /feedback. Then Debian's chromium (Playwright):
@@ -29,11 +29,10 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from benchmarks.demo_line import build_line, create_app_with_tokens, label_of, launch, send
+from benchmarks.edge_box import serve
 
-from deploy_fixtures import serve  # noqa: E402
-from ui_fixtures import build_line, create_app_with_tokens, label_of, launch, send  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VIEWS = {"line": "section.cam", "review": "article.review", "rollout": "#champion-version", "models": "section.model"}
 CAMS = [f"cam-{i}" for i in range(12)]
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((view, throttle, kb, statistics.median(ms), max(ms), runs[0][2]))
         version = browser.version
         browser.close()
-    cmd = "PYTHONPATH=. .venv/bin/python benchmarks/ui_pages.py " + shlex.join(argv or sys.argv[1:])
+    cmd = ".venv/bin/python benchmarks/ui_pages.py " + shlex.join(argv or sys.argv[1:])
     lines = [
         "# Operator pages: weight and render time per view",
         "",

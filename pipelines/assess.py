@@ -1,8 +1,8 @@
 """What a line judges a tuned model by, computed once after training and again by `sensitune evaluate`.
 
-- the operating threshold: a part is rejected when P(good) < threshold, chosen on validation for
-  ``evaluate.max_escape_rate`` (`spt_core.portable.metrics.choose_threshold`); it travels with the model (tuned info ->
-  merged -> export manifest) and `predict` and the edge apply it;
+- the operating point: a part is rejected when P(good) < threshold, chosen on validation for
+  ``evaluate.max_escape_rate`` (`spt_core.portable.operating_point.OperatingPoint.choose`); it travels with the model
+  (tuned info -> merged -> export manifest) and `predict`, the hand-over gate and the edge apply it;
 - on test: per-class precision and recall, confusion matrix (also ``confusion.png``), balanced accuracy, and the
   escape rate and overkill at that threshold, each with a Wilson interval;
 - warnings: a tuned model below the linear probe on validation (same metric, ``train.select``) is flagged in the CLI
@@ -20,38 +20,35 @@ import numpy as np
 
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import atomic_path
-from spt_core.portable.metrics import choose_threshold, decision_metrics, wilson_interval
+from spt_core.portable.metrics import softmax
+from spt_core.portable.operating_point import OperatingPoint, flat_rates
 
 log = logging.getLogger(__name__)
 
 
-def operating_point(
+def choose_operating_point(
     val: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray] | None,
     class_names: Sequence[str],
     ok_class: str | None,
     max_escape_rate: float,
-) -> dict[str, Any]:
-    """The threshold chosen on validation (labels, probs) and the metrics of both splits at it.
+) -> tuple[OperatingPoint, dict[str, Any]]:
+    """The operating point chosen on validation (labels, probs) and the metrics of both splits at it.
 
     Returns:
-        ``threshold`` (None without a good class), ``ok_class``, ``max_escape_rate``, ``val`` and ``test``
-        (`spt_core.portable.metrics.decision_metrics`), and the headline numbers flat: ``test_balanced_acc``,
-        ``escape_rate``, ``overkill`` (test, at the threshold) with ``*_ci95``.
+        The `OperatingPoint` (no threshold without a good class), and its ``to_dict`` keys with ``val`` and
+        ``test`` (`OperatingPoint.metrics`) and the headline numbers flat: ``test_balanced_acc``, ``escape_rate``,
+        ``overkill`` (test, at the threshold) with ``*_ci95``.
     """
-    threshold = None
-    if ok_class is not None:
-        g = list(class_names).index(ok_class)
-        threshold = choose_threshold(val[1][:, g], val[0] != g, max_escape_rate)
-    out: dict[str, Any] = {"ok_class": ok_class, "threshold": threshold, "max_escape_rate": max_escape_rate}
-    out["val"] = decision_metrics(*val, class_names, ok_class, threshold)
+    op = OperatingPoint.choose(*val, class_names, ok_class, max_escape_rate)
+    out: dict[str, Any] = {**op.to_dict(), "val": op.metrics(*val, class_names)}
     if test is not None:
-        t = out["test"] = decision_metrics(*test, class_names, ok_class, threshold)
+        t = out["test"] = op.metrics(*test, class_names)
         out["test_balanced_acc"] = t["balanced_accuracy"]
         if "at_threshold" in t:
             for rate in ("escape_rate", "overkill"):
                 out[rate], out[f"{rate}_ci95"] = t["at_threshold"][rate]["value"], t["at_threshold"][rate]["ci95"]
-    return out
+    return op, out
 
 
 def probe_warnings(metrics: dict[str, Any]) -> list[str]:
@@ -114,32 +111,39 @@ def summary_line(m: dict[str, Any]) -> str:
     return text
 
 
-def registry_scores(uri: str, model_uri: str, images: list[Path], labels: list[str]) -> dict[str, Any]:
-    """Accuracy and, with the good class and threshold its metadata carries, the escape rate of a registered model."""
-    import mlflow.pyfunc
-    import numpy as np
+def held_out_scores(
+    probs: Any, labels: Sequence[str], class_names: Sequence[str], op: OperatingPoint
+) -> dict[str, Any]:
+    """Accuracy and, with a good class, the escape rate and overkill of `op`'s decisions on labelled parts (class
+    names): what the hand-over gate weighs (`pipelines.tasks.handover_gate`), in the rollout statistics' keys."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    accuracy = float((np.asarray(class_names)[probs.argmax(1)] == labels).mean())
+    out: dict[str, Any] = {"accuracy": accuracy, "ok_class": op.ok_class, "escaped": 0, "defects": 0,
+                           "escape_rate": None, "escape_rate_ci95": None}  # fmt: skip
+    if op.ok_class is not None:  # the model's own decision at its own threshold
+        out |= flat_rates(op.rates(labels, op.decisions(probs, class_names)))
+    return out
 
-    from deploy.edge.artifact import decide
+
+def registry_scores(uri: str, model_uri: str, images: list[Path], labels: list[str]) -> dict[str, Any]:
+    """`held_out_scores` of a registered model, at the operating point its metadata carries. The merged model MLflow
+    loads runs through the one model runner (`deploy.compile.inferencer.open_inferencer`), as predict and verify."""
+    import mlflow.pyfunc
+
+    from deploy.compile.inferencer import open_inferencer
+    from deploy.edge.inferencer import ModelCard
     from pipelines.tracking.common import mlflow_session
-    from spt_core.portable.preprocess import Preprocess, preprocess_batch
+    from spt_core.portable.preprocess import preprocess_batch
 
     with mlflow_session(uri):
-        model = mlflow.pyfunc.load_model(model_uri)
-    info = (model.metadata.metadata or {}).get("sensitune") or {}
+        registered = mlflow.pyfunc.load_model(model_uri)
+    info = (registered.metadata.metadata or {}).get("sensitune") or {}
     if "preprocess" not in info or "class_names" not in info:
         raise SensituneError(
             f"{model_uri} has no sensitune metadata (preprocess, class_names); register it with log_run"
         )
-    pre, names, ok = Preprocess.from_dict(info["preprocess"]), info["class_names"], info.get("ok_class")
-    correct = escaped = defects = 0
-    for i in range(0, len(images), 64):
-        z = np.asarray(model.predict(preprocess_batch(images[i : i + 64], pre)), np.float64)  # (N, C) logits
-        p = np.exp(z - z.max(1, keepdims=True))
-        for row, y in zip(p / p.sum(1, keepdims=True), labels[i : i + 64]):
-            correct += names[int(row.argmax())] == y
-            if ok is not None and y != ok:  # the artifact's own decision at its own threshold
-                defects += 1
-                escaped += decide(row, names, ok, info.get("threshold"))["decision"] == "ok"
-    rate = escaped / defects if defects else None
-    return {"accuracy": correct / len(images), "ok_class": ok, "escaped": escaped, "defects": defects,
-            "escape_rate": rate, "escape_rate_ci95": wilson_interval(escaped, defects)}  # fmt: skip
+    op = OperatingPoint.from_dict(info, where=f"{model_uri} metadata")
+    card = ModelCard.from_info(info)
+    inf = open_inferencer(registered.unwrap_python_model().model, card=card)  # pipelines.pyfunc.SensituneModel
+    batches = [inf.infer(preprocess_batch(images[i : i + 64], card.preprocess)) for i in range(0, len(images), 64)]
+    return held_out_scores(softmax(np.concatenate(batches)), labels, card.class_names, op)  # (N, C) logits -> probs

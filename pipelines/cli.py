@@ -1,4 +1,4 @@
-"""`sensitune <verb>`: one verb per stage, each one call into `pipelines.stages` writing one named output.
+"""`sensitune <verb>`: one verb per stage of `pipelines.stages.STAGES`, each one call writing one named output.
 
     sensitune demo       -> data/raw/<class>/*.png         (synthetic defects on real textures, a line's imbalance)
     sensitune import DIR -> data/raw/<class>/...            (your images, copied in; then `dvc add data/raw`)
@@ -10,7 +10,8 @@
     sensitune merge      -> runs/main/merged/
     sensitune predict    -> predictions.csv (class, P(good), decision; any artifact; exit 1 if files failed)
     sensitune export     -> runs/main/export/ (ONNX, OpenVINO FP32/FP16/INT8, manifests)
-    sensitune run        every stage in order
+    sensitune track      -> publish (below) + runs/main/mlflow_run.json: DVC's last stage
+    sensitune run        every stage in order up to track
     sensitune publish    -> MLflow model version (once per identical model) + runs/main/published/ (sealed)
 
 Values come from params.yaml (`--config`, default ./params.yaml when present); `--set section.key=value`
@@ -37,25 +38,26 @@ from typing import Any
 from spt_core import __version__
 from spt_core.portable.errors import SensituneError
 
-from . import config
+from . import config, stages
 from .layout import FILES
 
-VERBS = {
+# The verbs that are not pipeline stages; every stage of `pipelines.stages.STAGES` is a verb too (`verbs()`).
+OTHER_VERBS = {
     "demo": "write a batch of demo defect images",
     "import": "copy your ImageFolder (DIR/<class>/...) into paths.raw and version it with DVC",
-    "prepare": "split a source into train/val/test",
-    "measure": "measure parameter sensitivity",
-    "plan": "allocate the trainable budget",
-    "train": "train the plan (validation-selected)",
-    "evaluate": "evaluate on a split",
-    "merge": "fold the tuners into the backbone",
     "predict": "predict images or folders to CSV",
-    "export": "export ONNX/OpenVINO artifacts",
-    "run": "run every stage in order",
+    "run": "run every stage in order, up to the ones that track (DVC's track stage, `sensitune publish`)",
     "publish": "register the merged model once and seal its export with the registry version",
 }
 _NULL_WORDS = ("none", "null", "all")
 DISTRIBUTED_VERBS = ("measure", "train")  # the verbs that run under torchrun
+
+
+def verbs() -> dict[str, str]:
+    """Every verb with its help: demo and import, then each stage in the pipeline's order, then the rest."""
+    head = ("demo", "import")
+    return {**{v: OTHER_VERBS[v] for v in head}, **{s.name: s.help for s in stages.STAGES},
+            **{v: t for v, t in OTHER_VERBS.items() if v not in head}}  # fmt: skip
 
 
 def _flag_type(key: config.Key) -> Any:
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="less logging")
     sub = parser.add_subparsers(dest="verb", required=True)
     all_keys = config.keys()
-    for verb, text in VERBS.items():
+    for verb, text in verbs().items():
         p = sub.add_parser(verb, parents=[common], help=text, description=text)
         for key in (k for k in all_keys if verb in k.verbs):
             if key.type is bool:
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--link", action="store_true", help="hard-link the files instead of copying them")
             p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add` on paths.raw")
         if verb == "run":
-            p.add_argument("--no-export", action="store_true", help="stop after merge")
+            p.add_argument("--no-export", action="store_true", help="stop before the stages that need the merged model")
         if verb == "publish":
             p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     return parser
@@ -140,25 +142,6 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _summary(metrics: dict) -> dict:
-    keys = ("test_acc", "test_balanced_acc", "escape_rate", "overkill", "threshold", "val_acc", "val_score",
-            "probe_val_score", "probe_test_acc", "trainable", "best_epoch", "below_probe")  # fmt: skip
-    out = {k: metrics.get(k) for k in keys}
-    if metrics.get("ladder"):  # plan.budget: auto
-        out["budget_chosen"] = metrics["budget_chosen"]
-        out["ladder_val_score"] = {r["budget"]: round(r["val_score"], 4) for r in metrics["ladder"]}
-    return out
-
-
-def _report_train(metrics: dict) -> None:
-    from .assess import summary_line
-
-    _print(_summary(metrics))
-    print(summary_line(metrics))
-    for w in metrics.get("warnings", []):
-        print(f"warning: {w}", file=sys.stderr)
-
-
 def _live(params: config.Params) -> Any:
     """Per-epoch MLflow metrics while training, when $MLFLOW_TRACKING_URI names a tracking server or store."""
     import os
@@ -170,34 +153,27 @@ def _live(params: config.Params) -> Any:
     return LiveRun(params, experiment=params["publish"]["experiment"])
 
 
-def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
-    from . import stages
+def _run_stage(s: stages.Stage, args: argparse.Namespace, params: config.Params) -> Any:
+    """Run stage `s` with the verb's own flags it takes (e.g. evaluate's --split), print its report and warnings."""
+    offered = {k: (lambda v=v: v) for k, v in vars(args).items() if "." not in k}
+    result = stages.call(s, params, **offered, on_epoch=lambda: _live(params))
+    print(s.report(result, params))
+    for w in result.get("warnings", []) if isinstance(result, dict) else []:
+        print(f"warning: {w}", file=sys.stderr)
+    return result
 
+
+def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
     verb = args.verb
-    if verb == "demo":
+    if verb in (s.name for s in stages.STAGES):
+        _run_stage(stages.stage(verb), args, params)
+    elif verb == "demo":
         print(f"wrote {stages.demo_stage(params)}")
-    elif verb == "prepare":
-        info = stages.prepare_stage(params)
-        print(f"prepared {params['paths']['data']}: {json.dumps(info['counts'])} (hash {info['data_hash'][:12]})")
-    elif verb == "measure":
-        s = stages.measure_stage(params)
-        print(f"sensitivity of {len(s.candidates)} candidates in {s.meta['seconds']}s -> {params['paths']['run']}")
-    elif verb == "plan":
-        print(stages.plan_stage(params).summary())
     elif verb == "import":
         from .ingest import import_images
 
         r = import_images(args.source, params, replace=args.replace, link=args.link, dvc=not args.no_dvc)
         print(f"imported {r['files']} file(s) of {r['classes']} into {r['raw']}; {r['next']}")
-    elif verb == "train":
-        _report_train(stages.train_stage(params, on_epoch=_live(params)))
-    elif verb == "evaluate":
-        r = stages.evaluate_stage(params, args.model_path, args.split)
-        print(f"{args.split} accuracy {r['accuracy']:.4f} on {r['n']} images")
-    elif verb == "merge":
-        r = stages.merge_stage(params)
-        print(f"merge skipped: {r['skipped']}" if "skipped" in r else
-              f"merged; max |merged - tuned| on val images = {r['merge_max_abs_diff']:.2e}")  # fmt: skip
     elif verb == "predict":
         from .predict import describe
 
@@ -207,8 +183,6 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
         print(text)
         print("\n".join(errors), file=sys.stderr) if errors else None
         return 1 if result["failed"] else 0
-    elif verb == "export":
-        _print(stages.export_stage(params))
     elif verb == "publish":
         from .publish import publish
 
@@ -216,17 +190,15 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
     elif verb == "run":
         if params["data"]["source"] == "raw" and not Path(params["paths"]["raw"]).is_dir():
             stages.demo_stage(params)
-        metrics: dict = {}
-        for s in stages.stages_until("merge" if args.no_export else "export"):
-            result = stages.train_stage(params, on_epoch=_live(params)) if s.name == "train" else s.run(params)
-            if s.name == "plan":
-                print(result.summary())
-            elif s.name == "train":
-                metrics = result
-            elif s.name in ("merge", "export") and "skipped" in result:
-                print(f"{s.name} skipped: {result['skipped']}")
-        _report_train(metrics)
+        for s in run_order(no_export=args.no_export):
+            _run_stage(s, argparse.Namespace(), params)  # run passes no verb flags: each stage's defaults
     return 0
+
+
+def run_order(no_export: bool = False) -> tuple[stages.Stage, ...]:
+    """The stages `sensitune run` runs: every stage in order but those that track (MLflow: DVC's track stage and
+    `sensitune publish`), and with `no_export` none that needs the merged model."""
+    return tuple(s for s in stages.STAGES if not s.tracks and not (no_export and s.needs_merge))
 
 
 def torchrun_command(argv: list[str], nproc: int) -> list[str]:
@@ -274,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; re-run the same command to resume training", file=sys.stderr)
         return 130
     if size > 1:
-        from spt_core.distributed import close
+        from spt_core.api import close_distributed
 
-        close()
+        close_distributed()
     return code or 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -23,6 +24,8 @@ from typing import Any, Union
 
 import yaml
 
+from deploy.edge.precision import BUILDABLE, PRECISIONS
+from deploy.edge.precision import DEFAULT as DEFAULT_PRECISIONS
 from spt_core.portable.errors import SensituneError, one_line
 
 Params = dict[str, dict[str, Any]]
@@ -158,9 +161,10 @@ class EvaluateSection:
 
 @dataclass
 class ExportSection:
-    precisions: list[str] = _f(["fp32", "fp16", "int8"], "precisions to export", choices=("fp32", "fp16", "int8"))
+    precisions: list[str] = _f(list(DEFAULT_PRECISIONS), "precisions to export besides model.onnx (rows of "
+                               "deploy.edge.precision; onnx_int8 is opt-in)", choices=BUILDABLE)  # fmt: skip
     calibration_size: int = _f(160, "INT8 calibration images", verbs=("export",))
-    int8_max_drop: float = _f(1.0, "max INT8 accuracy loss in points", verbs=("export",))
+    int8_max_drop: float = _f(PRECISIONS["int8"].max_drop, "max INT8 accuracy loss in points", verbs=("export",))
     opset: int = _f(18, "ONNX opset (the torch dynamo exporter implements >= 18)")
     model_version: str = _f("auto", "version label of the artifacts (auto = the plan hash)", verbs=("export",))
 
@@ -274,6 +278,8 @@ def parse_set(text: str) -> tuple[str, Any]:
         raise SensituneError(f"--set {text!r}: the value is not valid YAML ({one_line(e)})") from e
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 3e-4 as text
         value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf: no setting means them
+        raise SensituneError(f"--set {text!r}: give a finite number")
     return dotted.strip(), value
 
 
@@ -301,7 +307,7 @@ def _cross_problems(params: Params) -> list[str]:
                    f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
     p = params.get("plan", {})
     if p.get("allocation") == "per_row" and p.get("structured") not in (None, "none"):
-        from spt_core.tuners.registry import structured_choices  # lazy: torch is imported on this path only
+        from spt_core.api import structured_choices  # lazy: torch is imported on this path only
 
         if p["structured"] in structured_choices():  # an unknown kind gets the plan stage's "use one of" line
             out.append(f"plan.allocation=per_row trains single entries only (plan.structured: none); "

@@ -44,7 +44,9 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
+from deploy.edge.precision import SERVED, artifact_dir  # noqa: E402
 from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS  # noqa: E402
+from deploy.edge.rollout.manifest import CHALLENGER_SHARE  # noqa: E402
 from pipelines import flow_hooks, stages, tracking  # noqa: E402
 from pipelines import tasks as t  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
@@ -52,7 +54,7 @@ from spt_core.portable.errors import SensituneError  # noqa: E402
 from spt_core.portable.io import write_json  # noqa: E402
 
 DEFAULT_CRON = "0 2 * * *"  # nightly at 02:00
-SHARE, SETTLE_S = 0.25, 60.0  # defaults of challenger_share and settle_seconds, for `retrain` and `retrain_lines`
+SETTLE_S = 60.0  # default settle_seconds of `retrain` and `retrain_lines` (challenger_share: CHALLENGER_SHARE)
 STATE_FILE, LOCK_FILE, RECORD_FILE = "retrain_state.json", ".retrain.lock", "retrain.json"
 
 
@@ -82,7 +84,7 @@ def retrain(
     model_name: str | None = None,
     rollout: str = "rollout.yaml",
     line: str = "line-1",
-    challenger_share: float = SHARE,
+    challenger_share: float = CHALLENGER_SHARE,
     min_gain: float = 0.0,
     use_dvc: bool = True,
     settle_seconds: float = SETTLE_S,
@@ -167,16 +169,16 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     (run_dir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     if ver["dvc_file"]:
         (run_dir / "raw.dvc").write_bytes(Path(ver["dvc_file"]).read_bytes())  # to check this version out later
-    results = {
-        s.name: t.run_stage(s.name, p, uri) for s in stages.stages_until("merge")
-    }  # train: epochs -> logs, MLflow
+    # the stage list in its order: first every stage up to the merged model (train: epochs -> logs, MLflow) ...
+    results = {s.name: t.run_stage(s.name, p, uri) for s in stages.STAGES if not s.needs_merge}
     metrics = results["train"]
-    if "skipped" in results["merge"]:  # e.g. an adapter plan: nothing the edge could serve
-        logger.warning("nothing to hand over: %s", results["merge"]["skipped"])
+    skipped = stages.merge_skipped(p)
+    if skipped is not None:  # e.g. an adapter plan: nothing the edge could serve
+        logger.warning("nothing to hand over: %s", skipped)
         return {
             "status": "trained",
             "decision": t.NOT_PROMOTED,
-            "reason": results["merge"]["skipped"],
+            "reason": skipped,
             "data_version": ver["data_version"],
             "run_dir": str(run_dir),
             "test_acc": metrics.get("test_acc"),
@@ -189,8 +191,12 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         "retrain.data_version": ver["data_version"],
     }
     try:  # from registration on, a failure must leave the aliases as they were (the manifest is written last)
-        report = t.run_stage("export", p)
-        reg = t.publish_run(p, str(run_dir), uri, name, tags)  # register once, seal published/ with its version
+        for s in (s for s in stages.STAGES if s.needs_merge):  # ... then the rest: export, and track as publish_run
+            if s.tracks:  # register once, seal published/ with its version; the gate below moves the aliases
+                reg = t.publish_run(p, str(run_dir), uri, name, tags)
+            else:
+                results[s.name] = t.run_stage(s.name, p, uri)
+        report = results["export"]
         version = str(reg["model_version"])
         export_dir = run_dir / "published"
         champ = before[CHAMPION_ALIAS]
@@ -214,8 +220,8 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
             uri=uri,
             model_name=name,
             version=version,
-            artifact=str(export_dir / "openvino" / "fp32"),
-            champion_artifact=str(champ_run / "export" / "openvino" / "fp32") if champ_run else None,
+            artifact=str(artifact_dir(export_dir, SERVED)),
+            champion_artifact=str(artifact_dir(champ_run / "export", SERVED)) if champ_run else None,
             share=opt["share"],
             line=opt["line"],
             prev_challenger=before[CHALLENGER_ALIAS],

@@ -5,7 +5,9 @@ hard-links) an ImageFolder (``DIR/<class>/<images>``, any depth below the class,
 16 bit) into it and runs ``dvc add`` on it, so the new images are a new data version and ``dvc repro`` re-runs
 prepare and everything after it. A second import adds a new batch; ``replace`` starts over.
 
-The class names are checked against ``data.ok_class`` here already (prepare checks again), with the names found.
+The class names are checked against ``data.ok_class`` and the safe character set here already (prepare checks
+again), with the names found. Nothing outside DIR is imported: a symlink that leaves it is refused, and every file
+must open as an image of its kind (its header is read, not the pixels).
 """
 
 from __future__ import annotations
@@ -17,11 +19,33 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from spt_core.data import IMAGE_SUFFIXES
-from spt_core.portable.errors import DataError
+from PIL import Image
+
+from spt_core.api import IMAGE_SUFFIXES
+from spt_core.portable.errors import DataError, check_class_name
 
 from .config import Params
 from .layout import dvc_root
+
+IMPORT_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")  # what IMAGE_SUFFIXES name, as Pillow calls them
+
+
+def _inside(path: Path, source: Path) -> None:
+    """Refuse `path` when it (or a link on the way) leads out of `source` (resolved already)."""
+    real = path.resolve()
+    if real != source and source not in real.parents:
+        raise DataError(f"{path}: a link to {real}, outside {source}; copy the file into the folder or remove the link")
+
+
+def _check_image(path: Path) -> None:
+    """Refuse a file that does not open as one of `IMPORT_FORMATS` (only its header is read)."""
+    try:
+        with Image.open(path) as im:
+            kind = im.format
+    except Exception as e:
+        raise DataError(f"{path}: not an image ({' '.join(str(e).split())[:100]}); remove it or replace it") from None
+    if kind not in IMPORT_FORMATS:
+        raise DataError(f"{path}: a {kind} file; give {'/'.join(IMPORT_FORMATS)} images, or remove it")
 
 
 def import_images(source: Path, params: Params, *, replace: bool = False, link: bool = False, dvc: bool = True) -> dict:
@@ -40,11 +64,18 @@ def import_images(source: Path, params: Params, *, replace: bool = False, link: 
     if raw == source or raw in source.parents or source in raw.parents:
         raise DataError(f"{source} and paths.raw={raw} overlap; import from a folder outside the raw data")
     classes = sorted(d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for c in classes:
+        _inside(source / c, source)
     files = {
         c: sorted(f for f in (source / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         for c in classes
     }
     classes = [c for c in classes if files[c]]
+    for c in classes:
+        check_class_name(c, str(source / c))
+        for f in files[c]:
+            _inside(f, source)
+            _check_image(f)
     if len(classes) < 2:
         raise DataError(f"{source}: found {len(classes)} class folder(s) with images {classes}; need DIR/<class>/ x2+")
     ok = params["data"]["ok_class"]

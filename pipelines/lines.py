@@ -43,6 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from deploy.edge.rollout.manifest import CHALLENGER_SHARE
 from pipelines import flow_hooks, flows, tracking
 from pipelines import tasks as t
 from pipelines.config import load_params
@@ -155,7 +156,7 @@ def retrain_lines(
     config: str | None = "params.yaml",
     runs_root: str = "runs/lines",
     tracking_uri: str | None = None,
-    challenger_share: float = flows.SHARE,
+    challenger_share: float = CHALLENGER_SHARE,
     min_gain: float = 0.0,
     use_dvc: bool = True,
     settle_seconds: float = flows.SETTLE_S,

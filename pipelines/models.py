@@ -10,8 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from spt_core.checkpoint import load_tuned_into, read_tuned
-from spt_core.model import ModelInfo, create_model
+from spt_core.api import ModelInfo, create_model, load_tuned_into, read_tuned
 from spt_core.portable.errors import ModelError, one_line
 
 from .config import Params

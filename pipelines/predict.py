@@ -1,11 +1,11 @@
 """`sensitune predict`: images -> CSV with class, P(good) and the decision at the model's threshold, on any artifact.
 
 The model may be a merged ``model.safetensors`` or tuned-weights directory (PyTorch), or an export: the export
-directory (its ``openvino/fp32``), an OpenVINO artifact directory or ``model.xml``, an ONNX ``model.onnx`` (or its
-directory); those run torch-free through `deploy.edge.inferencer`, as on the edge. Every path reads images through
-`spt_core.portable.preprocess` (16-bit frames scaled by the model's ``bit_depth``; oversized images refused in one line)
-and
-decides through `deploy.edge.artifact.decide`, so predict and the edge give the same answer.
+directory (its ``openvino/fp32``), any artifact directory of it or its ``model.xml`` / ``model.onnx``; those run
+torch-free through `deploy.edge.inferencer`, as on the edge (`deploy.compile.inferencer.open_inferencer` opens
+all). Every path reads images through `spt_core.portable.preprocess` (16-bit frames scaled by the model's
+``bit_depth``; oversized images refused in one line) and decides through the model's
+`spt_core.portable.operating_point.OperatingPoint`, so predict and the edge give the same answer.
 
 A file that cannot be read is reported and skipped; the CSV holds the others; the caller exits non-zero when any
 failed. An existing CSV is only replaced with ``force``.
@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spt_core.data import IMAGE_SUFFIXES
+from spt_core.api import IMAGE_SUFFIXES
 from spt_core.portable.errors import DataError, ModelError, SensituneError
 from spt_core.portable.io import atomic_path
-from spt_core.portable.preprocess import Preprocess, preprocess_image
+from spt_core.portable.metrics import softmax
+from spt_core.portable.preprocess import preprocess_image
+
+if TYPE_CHECKING:
+    from deploy.edge.inferencer import Inferencer
 
 log = logging.getLogger(__name__)
-Logits = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) float32 -> (N, C)
 
 
 def list_images(inputs: list[Path]) -> list[Path]:
@@ -44,45 +46,22 @@ def list_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def artifact_dir(path: Path) -> Path | None:
-    """The sealed artifact directory `path` names (export dir -> openvino/fp32 or its ONNX), or None (PyTorch)."""
-    path = Path(path)
-    if path.is_file() and path.name in ("model.xml", "model.onnx"):
-        return path.parent
-    if path.is_dir():
-        for cand in (path / "openvino" / "fp32", path):
-            if (cand / "manifest.json").is_file():
-                return cand
-    return None
+def load_model(path: Path) -> tuple[Inferencer, str]:
+    """The model at `path` through the one model runner (`deploy.compile.inferencer.open_inferencer`: an export dir,
+    an artifact dir or its model file torch-free, merged weights or a tuned-weights dir in PyTorch), and a line
+    naming it. Refused without a manifest or merged info: predict needs the class names and operating point."""
+    from deploy.compile.inferencer import open_inferencer
 
+    def read_torch(p: Path) -> tuple[Any, dict[str, Any]]:
+        from .models import load_any  # torch is imported only for a PyTorch model
 
-def load_model(path: Path) -> tuple[Logits, dict[str, Any], str]:
-    """(logits function, info with class_names, preprocess, ok_class, threshold, description) of any artifact."""
-    adir = artifact_dir(path)
-    if adir is not None:
-        from deploy.edge.artifact import load_artifact
-        from deploy.edge.inferencer import Inferencer, OnnxInferencer
+        return load_any(p)
 
-        art = load_artifact(adir)
-        inf = Inferencer.from_artifact(art) if art.format == "openvino" else OnnxInferencer(art)
-        info = {"class_names": art.class_names, "preprocess": art.preprocess, "ok_class": art.ok_class,
-                "threshold": art.threshold}  # fmt: skip
-        return inf.infer, info, f"{art.format} {art.precision} artifact {adir}"
-    if Path(path).suffix in (".xml", ".onnx", ".bin"):
+    inf = open_inferencer(path, torch_loader=read_torch)
+    if inf.card is None:
         raise ModelError(f"{path}: no manifest.json beside it; predict runs sealed artifacts from `sensitune export`")
-    import torch
-
-    from .models import load_any
-
-    model, raw = load_any(Path(path))
-
-    def logits(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x)).float().numpy()
-
-    info = {"class_names": raw["class_names"], "preprocess": Preprocess.from_dict(raw["preprocess"]),
-            "ok_class": raw.get("ok_class"), "threshold": raw.get("threshold")}  # fmt: skip
-    return logits, info, f"PyTorch model {path}"
+    art = inf.artifact
+    return inf, f"{art.format} {art.precision} artifact {art.dir}" if art is not None else f"PyTorch model {path}"
 
 
 def predict_files(model_path: Path, inputs: list[Path], out_csv: Path, *, force: bool = False, batch: int = 32) -> dict:
@@ -91,14 +70,12 @@ def predict_files(model_path: Path, inputs: list[Path], out_csv: Path, *, force:
     Raises:
         SensituneError: the output exists (without ``force``), no images, or an unusable model.
     """
-    from deploy.edge.artifact import decide
-
     out_csv = Path(out_csv)
     if out_csv.exists() and not force:
         raise SensituneError(f"{out_csv} exists; pass --force to replace it or --out another file")
     files = list_images(inputs)
-    logits_of, info, desc = load_model(model_path)
-    names, pre, ok, thr = info["class_names"], info["preprocess"], info["ok_class"], info["threshold"]
+    inf, desc = load_model(model_path)
+    names, pre, op = inf.card.class_names, inf.card.preprocess, inf.card.operating_point
     rows, failed = [], []
     for i in range(0, len(files), batch):
         xs, kept = [], []
@@ -111,21 +88,20 @@ def predict_files(model_path: Path, inputs: list[Path], out_csv: Path, *, force:
                 log.error("skipped %s", e)
         if not xs:
             continue
-        z = logits_of(np.stack(xs).astype(np.float32))  # (B, C)
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
+        z = inf.infer(np.stack(xs).astype(np.float32))  # (B, C)
+        p = softmax(z)  # float64, as the edge decides
         for f, row in zip(kept, p):
             k = int(row.argmax())
-            d = decide(row, names, ok, thr)
+            d = op.answer(row, names)
             good = "" if d["p_good"] is None else f"{d['p_good']:.6f}"
             rows.append([str(f), names[k], f"{row[k]:.6f}", good, d["decision"], *(f"{v:.6f}" for v in row)])
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_csv) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "class", "confidence", f"p_{ok}" if ok else "p_good", "decision",
+        w.writerow(["path", "class", "confidence", "P(good)", "decision",  # never a p_<class> column
                     *(f"p_{c}" for c in names)])  # fmt: skip
         w.writerows(rows)
-    return {"out": str(out_csv), "n": len(rows), "failed": failed, "model": desc, "ok_class": ok, "threshold": thr}
+    return {"out": str(out_csv), "n": len(rows), "failed": failed, "model": desc, **op.to_dict()}
 
 
 def describe(result: dict) -> tuple[str, list[str]]:

@@ -10,6 +10,10 @@ seals ``export/`` with the plan hash (it runs before any registry exists); publi
 ``published/openvino/<precision>/`` and seals a new manifest there with the registry version (a sealed
 directory is never rewritten).
 
+Signing: with ``$SENSITUNE_SIGNING_KEY`` (an Ed25519 private key file, kept out of the registry and the run), each
+sealed manifest is signed (``signature.json`` beside it, `deploy.edge.signing`); boxes that trust the public key
+refuse anything else (deploy/README.md, "Signed models").
+
 Identity: a model with the same plan hash, data version and params (all but paths and export.model_version)
 as a registered version is that version: nothing is registered again, and publish says which version it is.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.edge.artifact import MANIFEST, load_artifact, seal
+from deploy.edge.precision import BUILDABLE, artifact_dir
+from deploy.edge.signing import KEY_ENV, sign_artifact
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import umask, write_json
 
@@ -88,7 +95,7 @@ def publish(
     pub = params.get("publish") or {}
     uri = tracking_uri(tracking_uri_)
     merged_info = _read(run_dir / FILES["merged_info"])
-    if "skipped" in merged_info or not (run_dir / FILES["export"] / "openvino").is_dir():
+    if "skipped" in merged_info or not any(artifact_dir(run_dir / FILES["export"], p).is_dir() for p in BUILDABLE):
         why = merged_info.get("skipped") or f"{run_dir / FILES['export']}/openvino missing: run `sensitune export`"
         result = {"status": "skipped", "reason": why, "model_version": None, "tracking_uri": uri}
         result.update(log_run(params, run_dir, tracking_uri=uri, register=False, tags=tags, model_name=model_name))
@@ -132,10 +139,12 @@ def publish(
 
 
 def seal_published(run_dir: Path, model_name: str, version: str, run_id: str | None) -> Path:
-    """Copy every OpenVINO precision of export/ into published/openvino/<precision>/, sealed with `version`."""
-    src_root, dst_root = run_dir / FILES["export"] / "openvino", run_dir / PUBLISHED / "openvino"
-    for src in sorted(p for p in src_root.iterdir() if (p / MANIFEST).is_file()):
-        dst = dst_root / src.name
+    """Copy every precision export/ built (besides the ONNX source) into the same place under published/
+    (``published/openvino/<precision>/``, ...), sealed with `version`."""
+    for p in BUILDABLE:
+        src, dst = artifact_dir(run_dir / FILES["export"], p), artifact_dir(run_dir / PUBLISHED, p)
+        if not (src / MANIFEST).is_file():
+            continue
         if (dst / MANIFEST).is_file():
             if load_artifact(dst).version == version:
                 continue
@@ -148,6 +157,8 @@ def seal_published(run_dir: Path, model_name: str, version: str, run_id: str | N
         for name in art.files:
             shutil.copy2(src / name, tmp / name)
         seal(tmp, manifest)
+        if key := os.environ.get(KEY_ENV):  # signs the very manifest bytes the box will read
+            sign_artifact(tmp, key)
         tmp.rename(dst)
     if (rep := run_dir / FILES["export_report"]).is_file():
         shutil.copy2(rep, run_dir / PUBLISHED / rep.name)

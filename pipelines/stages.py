@@ -9,6 +9,7 @@ Each stage reads the files the previous one wrote (`pipelines.layout`) and write
     evaluate  run/eval.json
     merge     run/merged/ (model.safetensors + merged.json)
     export    run/export/ (ONNX + OpenVINO FP32/FP16/INT8 + manifests + report)
+    track     run/mlflow_run.json, run/published/ (MLflow run, the model registered once, the export sealed)
 
 A plan whose tuners cannot be folded into a plain model (adapters are nonlinear) skips merge and export: both
 stages then write a record that says so instead of a model, so every path (CLI, DVC, Prefect) treats it alike
@@ -17,6 +18,7 @@ and evaluate and track still run.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -30,26 +32,34 @@ import torch
 from safetensors.torch import save_file
 
 from spt_core import __version__
-from spt_core.allocate import allocate
-from spt_core.budget import AUTO, check_ladder, rung_plan
-from spt_core.checkpoint import read_tuned
-from spt_core.data import load_dataset_info, prepare, scan_split
-from spt_core.demo import DEMO_CLASSES, generate_demo_defects
-from spt_core.device import resolve_device
-from spt_core.distributed import init_from_env
-from spt_core.evaluate import collect, evaluate
-from spt_core.merge import merge
-from spt_core.model import ModelInfo
-from spt_core.plan import Plan
+from spt_core.api import (
+    DEMO_CLASSES,
+    ModelInfo,
+    Plan,
+    Sensitivity,
+    collect,
+    evaluate,
+    generate_demo_defects,
+    init_from_env,
+    load_dataset_info,
+    measure_task,
+    merge,
+    plan_budget,
+    plan_is_mergeable,
+    plot_plan,
+    prepare,
+    read_tuned,
+    resolve_device,
+    scan_split,
+)
 from spt_core.portable.errors import DataError, SensituneError
 from spt_core.portable.io import atomic_path, umask, write_json
-from spt_core.portable.metrics import decision_metrics
-from spt_core.sensitivity import Sensitivity, measure_task
-from spt_core.tuners import plan_is_mergeable
+from spt_core.portable.operating_point import OperatingPoint
 
-from .config import Params
+from .config import SECTIONS, Params
 from .layout import FILES
 from .models import build_model, load_any, load_merged, load_tuned, model_args
+from .track import track_stage
 from .training import _TRAIN_EXTRA, run_dir, train_config, train_stage  # noqa: F401  (stages.* is the API)
 from .training import data_loaders as _loaders
 
@@ -118,21 +128,12 @@ def plan_stage(params: Params) -> Plan:
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
     kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation")}
-    if str(p["budget"]).strip().lower() == AUTO:
-        labels = check_ladder(p["ladder"], int(sens.meta.get("backbone_params", 0)))
-        rungs = [(b, rung_plan(sens, b, **kw)) for b in labels]
-        plan = rungs[0][1]
-        ladder = [{"budget": b, "plan_hash": r.hash(), "trainable": r.trainable} for b, r in rungs]
-        plan.meta.update({"ladder": ladder, "allocate": kw})
-    else:
-        plan = allocate(sens, p["budget"], **kw)
+    plan = plan_budget(sens, p["budget"], p["ladder"], **kw)
     keep = ("model_args", "model_info", "class_names", "ok_class", "data_hash", "head", "seconds")
     plan.meta.update({k: sens.meta[k] for k in keep if k in sens.meta})
     plan.meta["sensitivity_seconds"] = sens.meta.get("seconds")
     plan.save(run_dir(params) / FILES["plan"])
     try:
-        from spt_core.report import plot_plan
-
         plot_plan(sens, plan, run_dir(params) / FILES["plan_png"])
     except ImportError:  # matplotlib missing: the plan itself is what matters
         log.warning("matplotlib not installed: skipping plan.png")
@@ -150,9 +151,9 @@ def evaluate_stage(params: Params, model_path: Path | None = None, split: str = 
         raise DataError(f"model classes {info['class_names']} differ from the data's {ds_info.class_names}")
     loader = _loaders(params, ModelInfo.from_dict(info).preprocess, 64, 0)[split]
     result = {"split": split, **evaluate(model, loader, num_classes=len(ds_info.class_names))}
-    ok_class, threshold = info.get("ok_class"), info.get("threshold")
-    result.update({"class_names": ds_info.class_names, "ok_class": ok_class, "threshold": threshold})
-    result["defect"] = decision_metrics(*collect(model, loader)[:2], ds_info.class_names, ok_class, threshold)
+    op = OperatingPoint.from_dict(info, where=str(model_path or run / FILES["tuned"]))
+    result.update({"class_names": ds_info.class_names, "ok_class": op.ok_class, "threshold": op.threshold})
+    result["defect"] = op.metrics(*collect(model, loader)[:2], ds_info.class_names)
     write_json(run / FILES["eval"], result)
     return result
 
@@ -186,6 +187,12 @@ def merge_stage(params: Params, check_images: int = 16) -> dict:
     return record
 
 
+def merge_skipped(params: Params) -> str | None:
+    """Why the last merge made no model (its record says so), or None: the stages that need the merged model ask."""
+    info = run_dir(params) / FILES["merged_info"]
+    return json.loads(info.read_text()).get("skipped") if info.is_file() else None
+
+
 def _unmergeable(plan: Plan) -> str:
     kinds = sorted({t.kind for t in plan.targets})
     return (f"plan.structured={plan.structured!r} gives tuners ({', '.join(kinds)}) that cannot be folded into a "
@@ -207,9 +214,9 @@ def export_stage(params: Params) -> dict:
     from deploy.compile.export import export_all  # the torch side of the edge; imported only here
 
     run, e = run_dir(params), params["export"]
-    merged_info = json.loads((run / FILES["merged_info"]).read_text()) if (run / FILES["merged_info"]).is_file() else {}
-    if "skipped" in merged_info:
-        report = {"skipped": merged_info["skipped"], "passed": False, "promotable": {}}
+    skipped = merge_skipped(params)
+    if skipped is not None:
+        report = {"skipped": skipped, "passed": False, "promotable": {}}
         _replace_dir_with_report(run / FILES["export"], report)
         log.warning("export skipped: %s", report["skipped"])
         return report
@@ -226,8 +233,9 @@ def export_stage(params: Params) -> dict:
         model, pre, ds_info.class_names, run / FILES["export"], calibration_images=calib,
         eval_images=[p for p, _ in test], eval_labels=[y for _, y in test], model_name=info["model_args"]["name"],
         model_version=str(version), plan_hash=info["plan_hash"], data_version=ds_info.data_hash,
-        precisions=tuple(e["precisions"]), calibration_size=e["calibration_size"], int8_max_drop=e["int8_max_drop"],
-        opset=e["opset"], decision={k: info.get(k) for k in ("ok_class", "threshold", "max_escape_rate")},
+        precisions=tuple(e["precisions"]), calibration_size=e["calibration_size"],
+        max_drop={"int8": e["int8_max_drop"]}, opset=e["opset"],
+        decision=OperatingPoint.from_dict(info, where=str(run / FILES["merged"])).to_dict(),
     )  # fmt: skip
     if not report.get("passed", False):
         raise SensituneError(
@@ -250,23 +258,62 @@ def _replace_dir_with_report(target: Path, report: dict) -> None:
 # ------------------------------------------------------------------------------------------- the order
 @dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline: the CLI verb, the dvc.yaml stage and the Prefect task share its name."""
+    """One step of the pipeline: the CLI verb, the dvc.yaml stage and the Prefect task share its name.
+
+    The CLI (its verbs and `run`), the Prefect flow and dvc.yaml read these fields; none of them names a stage.
+    `run` takes the params and, by name, what a caller offers and it accepts (``on_epoch``, ``model_path``, ...).
+    """
 
     name: str
-    run: Callable[[Params], Any]
-    params: tuple[str, ...]  # the params.yaml sections whose values change its outputs (dvc.yaml `params:`)
+    run: Callable[..., Any]
+    params: tuple[str, ...]  # the params.yaml sections or keys whose values change its outputs (dvc.yaml `params:`)
+    help: str  # the CLI verb's one line
+    report: Callable[[Any, Params], str]  # what the verb and `sensitune run` print of its result
+    needs_merge: bool = False  # reads the merged model: `run --no-export` stops before it, the flow after a skip
+    tracks: bool = False  # records in MLflow and the registry: DVC runs it, `sensitune run` and the flow do not
+    command: str = ""  # dvc.yaml `cmd` when not `sensitune <name>`
+
+    @property
+    def cmd(self) -> str:
+        return self.command or f"sensitune {self.name}"
+
+
+def _json(result: Any, params: Params) -> str:
+    return json.dumps(result, indent=2, default=str)
+
+
+def _said_merge(r: dict, params: Params) -> str:
+    return f"merge skipped: {r['skipped']}" if "skipped" in r else (
+        f"merged; max |merged - tuned| on val images = {r['merge_max_abs_diff']:.2e}")  # fmt: skip
+
+
+def _said_train(metrics: dict, params: Params) -> str:
+    from .assess import summary_line
+
+    keys = ("test_acc", "test_balanced_acc", "escape_rate", "overkill", "threshold", "val_acc", "val_score",
+            "probe_val_score", "probe_test_acc", "trainable", "best_epoch", "below_probe")  # fmt: skip
+    out = {k: metrics.get(k) for k in keys}
+    if metrics.get("ladder"):  # plan.budget: auto
+        out["budget_chosen"] = metrics["budget_chosen"]
+        out["ladder_val_score"] = {r["budget"]: round(r["val_score"], 4) for r in metrics["ladder"]}
+    return f"{_json(out, params)}\n{summary_line(metrics)}"
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", prepare_stage, ("data",)),
-    Stage("measure", measure_stage, ("model", "sensitivity", "train.seed")),
-    Stage("plan", plan_stage, ("plan",)),
-    Stage("train", train_stage, ("train", "evaluate")),
-    Stage("evaluate", evaluate_stage, ()),
-    Stage("merge", merge_stage, ()),
-    Stage("export", export_stage, ("export",)),
-)
-TRACK_STAGE = "track"  # after export in dvc.yaml: `python -m pipelines.track` (MLflow), not a torch stage
+    Stage("prepare", prepare_stage, ("data",), "split a source into train/val/test",
+          lambda i, p: f"prepared {p['paths']['data']}: {json.dumps(i['counts'])} (hash {i['data_hash'][:12]})"),
+    Stage("measure", measure_stage, ("model", "sensitivity", "train.seed"), "measure parameter sensitivity",
+          lambda s, p: f"sensitivity of {len(s.candidates)} candidates in {s.meta['seconds']}s -> {p['paths']['run']}"),
+    Stage("plan", plan_stage, ("plan",), "allocate the trainable budget", lambda plan, p: plan.summary()),
+    Stage("train", train_stage, ("train", "evaluate"), "train the plan (validation-selected)", _said_train),
+    Stage("evaluate", evaluate_stage, (), "evaluate on a split",
+          lambda r, p: f"{r['split']} accuracy {r['accuracy']:.4f} on {r['n']} images"),
+    Stage("merge", merge_stage, (), "fold the tuners into the backbone", _said_merge),
+    Stage("export", export_stage, ("export",), "export ONNX/OpenVINO artifacts", _json, needs_merge=True),
+    Stage("track", track_stage, tuple(SECTIONS), "log the run in MLflow, register the merged model once and seal "
+          "its export with the registry version", _json, needs_merge=True, tracks=True,
+          command="python -m pipelines.track"),
+)  # fmt: skip
 
 
 def stage(name: str) -> Stage:
@@ -277,3 +324,10 @@ def stages_until(last: str) -> tuple[Stage, ...]:
     """The stages in order up to and including `last`."""
     names = [s.name for s in STAGES]
     return STAGES[: names.index(last) + 1]
+
+
+def call(s: Stage, params: Params, **offered: Callable[[], Any]) -> Any:
+    """Run stage `s` with the params and each offered option its function accepts (offers are made lazily:
+    e.g. an MLflow live run is opened only for a stage that reports epochs)."""
+    names = inspect.signature(s.run).parameters
+    return s.run(params, **{k: make() for k, make in offered.items() if k in names})

@@ -21,7 +21,7 @@ from pathlib import Path
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import write_json
 
-from .config import load_params
+from .config import Params, load_params
 from .tracking import RECORD_FILE, TrackingWarning, log_run, replay
 
 
@@ -64,17 +64,34 @@ def _run(args: argparse.Namespace) -> dict:
         return replay(args.replay, tracking_uri=args.tracking_uri, register=not args.no_register)
     config = args.config or ("params.yaml" if Path("params.yaml").is_file() else None)
     params = load_params(config)
-    run_dir = args.run_dir or Path(params["paths"]["run"])
     if args.experiment:
         params["publish"]["experiment"] = args.experiment
     tags = dict(_tag(t) for t in args.tag)
-    if args.no_register:
-        result = log_run(params, run_dir, tracking_uri=args.tracking_uri, experiment=params["publish"]["experiment"],
-                         register=False, tags=tags, model_name=args.model_name)  # fmt: skip
+    return track_stage(params, args.run_dir, tracking_uri=args.tracking_uri, model_name=args.model_name, tags=tags,
+                       register=not args.no_register)  # fmt: skip
+
+
+def track_stage(
+    params: Params,
+    run_dir: Path | None = None,
+    *,
+    tracking_uri: str | None = None,
+    model_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    register: bool = True,
+) -> dict:
+    """The track stage (`pipelines.stages.STAGES`): publish paths.run (or `run_dir`) and write mlflow_run.json.
+
+    ``register=False`` logs the MLflow run only. A down server is a warning and a fallback file, never an error.
+    """
+    run_dir = Path(run_dir or params["paths"]["run"])
+    if not register:
+        result = log_run(params, run_dir, tracking_uri=tracking_uri, experiment=params["publish"]["experiment"],
+                         register=False, tags=tags or {}, model_name=model_name)  # fmt: skip
     else:
         from .publish import publish  # imports deploy.edge.artifact (torch-free)
 
-        result = publish(params, run_dir, tracking_uri_=args.tracking_uri, model_name=args.model_name, tags=tags)
+        result = publish(params, run_dir, tracking_uri_=tracking_uri, model_name=model_name, tags=tags or {})
     write_json(run_dir / RECORD_FILE, result)
     return result
 

@@ -19,22 +19,35 @@ from typing import Any
 import torch
 
 from spt_core import __version__
-from spt_core.budget import Rung, choose_rung, rung_plan
-from spt_core.checkpoint import bn_buffers, save_tuned
-from spt_core.data import Augment, load_dataset_info, make_loaders
-from spt_core.device import resolve_device
-from spt_core.distributed import init_from_env
-from spt_core.evaluate import collect, evaluate
-from spt_core.plan import Plan
+from spt_core.api import (
+    RESUME_FREE,
+    Augment,
+    History,
+    Plan,
+    Rung,
+    Sensitivity,
+    TrainConfig,
+    apply_plan,
+    bn_buffers,
+    check_tuners_reached,
+    choose_rung,
+    collect,
+    evaluate,
+    fit,
+    fit_probe,
+    init_from_env,
+    is_ladder,
+    ladder_plans,
+    load_dataset_info,
+    make_loaders,
+    resolve_device,
+    save_tuned,
+)
 from spt_core.portable.errors import PlanError, SensituneError
 from spt_core.portable.io import atomic_path, write_json
 from spt_core.portable.metrics import SELECTION_RULE
-from spt_core.probe import fit_probe
-from spt_core.sensitivity import Sensitivity
-from spt_core.train import RESUME_FREE, History, TrainConfig, fit
-from spt_core.tuners import apply_plan, check_tuners_reached
 
-from .assess import operating_point, plot_confusion, probe_warnings
+from .assess import choose_operating_point, plot_confusion, probe_warnings
 from .config import Params
 from .layout import FILES
 from .models import build_model, model_args
@@ -67,19 +80,6 @@ def _state_key(plan: Plan, cfg: TrainConfig, data_hash: str, extra: dict) -> str
     numbers = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
     blob = json.dumps([plan.hash(), numbers, data_hash, extra, SELECTION_RULE], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def ladder_plans(plan: Plan, sensitivity: Sensitivity) -> list[tuple[str, Plan]]:
-    """The rungs recorded in an auto plan (`plan_stage`), re-allocated from the scores and checked by hash."""
-    out = []
-    for rung in plan.meta["ladder"]:
-        p = rung_plan(sensitivity, rung["budget"], **plan.meta["allocate"])
-        if p.hash() != rung["plan_hash"]:
-            raise PlanError(
-                f"rung {rung['budget']} of plan.json does not match {FILES['sensitivity']}: re-run `sensitune plan`"
-            )
-        out.append((rung["budget"], p))
-    return out
 
 
 @dataclass
@@ -177,7 +177,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             f"plan was made for {args['num_classes']} classes, the data has {len(names)}: "
             "re-run `sensitune measure` and `sensitune plan`"
         )
-    rungs = ladder_plans(plan, Sensitivity.load(run / FILES["sensitivity"])) if plan.meta.get("ladder") else []
+    rungs = ladder_plans(plan, Sensitivity.load(run / FILES["sensitivity"])) if is_ladder(plan) else []
     model, info = build_model(args, cfg.seed)
     rng_after_build = torch.get_rng_state()
     info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, bit_depth=ds_info.bit_depth))
@@ -203,11 +203,10 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
         metrics.update({"ladder": ladder, "budget_chosen": next(r["budget"] for r in ladder if r["chosen"])})
     else:
         model, history = _fit_plan(setup, plan, on_epoch, with_test=True, built=(model, rng_after_build))
-    op = operating_point(collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2], names,
-                         ok_class, max_escape)  # fmt: skip
-    decision = {"ok_class": ok_class, "threshold": op["threshold"], "max_escape_rate": max_escape}
+    val, test = collect(model, plain["val"], device)[:2], collect(model, plain["test"], device)[:2]
+    op, measured = choose_operating_point(val, test, names, ok_class, max_escape)
     tuned_info = {**info.to_dict(), "model_args": args, "class_names": names, "data_hash": ds_info.data_hash,
-                  "train": cfg.to_dict(), **decision}  # fmt: skip
+                  "train": cfg.to_dict(), **op.to_dict()}  # fmt: skip
     buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
     if w.main:
         save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
@@ -223,7 +222,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "epochs": cfg.epochs,
             "balance": cfg.balance,
             "augment": t["augment"],
-            **{k: v for k, v in op.items() if k not in ("val", "test")},
+            **{k: v for k, v in measured.items() if k not in ("val", "test")},
             "trainable": plan.trainable,
             "trainable_pct": 100.0 * plan.trainable / backbone,
             "trainable_head": sum(p.numel() for p in model.get_classifier().parameters()),
@@ -247,13 +246,13 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
         metrics["gain_over_probe"] = history.test_acc - metrics["probe_test_acc"]
     metrics["warnings"] = probe_warnings(metrics)
     metrics["below_probe"] = bool(metrics["warnings"])
-    metrics["test"], metrics["val"] = op.get("test"), op["val"]
+    metrics["test"], metrics["val"] = measured.get("test"), measured["val"]
     if not w.main:
         return metrics
     for msg in metrics["warnings"]:
         log.warning("warning: %s", msg)
     write_json(run / FILES["metrics"], metrics)
-    plot_confusion(op["test"]["confusion"], names, run / FILES["confusion_png"],
+    plot_confusion(measured["test"]["confusion"], names, run / FILES["confusion_png"],
                    f"test, epoch {history.best_epoch} ({cfg.select} on validation)")  # fmt: skip
     _write_history(run / FILES["history"], history)
     return metrics

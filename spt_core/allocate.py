@@ -20,8 +20,9 @@ rows. Every chosen entry is a sparse delta (no modules): it needs structured="no
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -29,21 +30,22 @@ from .candidates import Candidate
 from .plan import Plan, Target, parse_budget
 from .portable.errors import PlanError
 from .sensitivity import Sensitivity
-from .tuners.registry import TUNERS, structured_choices
+from .tuners.registry import TUNERS, check_tuner_config, kind_config, structured_choices
 
 
-def structured_cost(c: Candidate, rows: int, structured: str, rank: int) -> int:
+def structured_cost(c: Candidate, rows: int, structured: str, tuner_config: Mapping[str, Any]) -> int:
     """Trainable values of the structured module `structured` on `rows` output rows of matrix candidate `c`.
 
-    The formula is the kind's registered ``cost`` (e.g. LoRA: r·(fan_in + rows); adapter: 2·r·rows + r + rows).
+    The formula is the kind's registered ``cost`` with its config read from `tuner_config` (e.g. ``{"rank": 8}``;
+    LoRA: r·(fan_in + rows); adapter: 2·r·rows + r + rows).
 
     Raises:
-        PlanError: when `structured` is not a registered kind with a cost formula.
+        PlanError: when `structured` is not a registered kind with a cost formula, or its config is incomplete.
     """
-    cost = TUNERS[structured].cost if structured in TUNERS else None
-    if cost is None:
+    kind = TUNERS.get(structured)
+    if kind is None or kind.cost is None:
         raise PlanError(f"structured={structured!r}: use one of {', '.join(structured_choices())}")
-    return cost(c, rows, rank)
+    return kind.cost(c, rows, kind_config(kind, tuner_config))
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class _Unit:
     rows: tuple[int, int] | None
 
 
-def _units(cands: list[Candidate], structured: str, rank: int, alpha: float, beta: float) -> list[_Unit]:
+def _units(cands: list[Candidate], structured: str, tuner: Mapping[str, Any], alpha: float, beta: float) -> list[_Unit]:
     units, offset = [], 0
     for c in cands:
         dense_matrix = c.kind == "linear" or (c.kind == "conv" and c.groups == 1)
@@ -67,12 +69,12 @@ def _units(cands: list[Candidate], structured: str, rank: int, alpha: float, bet
             units.append(_Unit(c, offset, c.numel, "sparse", float("inf"), 0, None))
         else:
             segs = c.segments or ((0, c.shape[0]),)
-            seg_ok = all(structured_cost(c, e - s, structured, rank) < (e - s) * c.fan_in for s, e in segs)
+            seg_ok = all(structured_cost(c, e - s, structured, tuner) < (e - s) * c.fan_in for s, e in segs)
             if not seg_ok:  # the module would cost as much as the matrix: treat like a vector
                 units.append(_Unit(c, offset, c.numel, "whole_or_sparse", c.numel / beta, c.numel, None))
             else:
                 for s, e in segs:
-                    cost = structured_cost(c, e - s, structured, rank)
+                    cost = structured_cost(c, e - s, structured, tuner)
                     rows = (s, e) if c.segments else None
                     units.append(
                         _Unit(c, offset + s * c.fan_in, (e - s) * c.fan_in, "structured", cost / alpha, cost, rows)
@@ -124,6 +126,9 @@ def _fill(
 
 ALLOCATIONS = ("global", "per_row")
 Allocation = Literal["global", "per_row"]
+# SPT's published rule (rank-8 LoRA, alpha 10, beta 5, one global top-k): a rule to reproduce, not the application's
+# default (params.yaml's plan section: per-row sparse deltas). `allocate(sens, budget, **SPT_RULE)`.
+SPT_RULE: dict[str, Any] = {"structured": "lora", "rank": 8, "alpha": 10.0, "beta": 5.0, "allocation": "global"}
 
 
 def _row_view(score: torch.Tensor) -> torch.Tensor:
@@ -167,13 +172,18 @@ def _per_row(cands: list[Candidate], sensitivity: Sensitivity, budget: int) -> d
 def allocate(
     sensitivity: Sensitivity,
     budget: int | float | str,
-    structured: str = "lora",
-    rank: int = 8,
-    alpha: float = 10.0,
-    beta: float = 5.0,
-    allocation: Allocation = "global",
+    *,
+    structured: str,
+    rank: int,
+    alpha: float,
+    beta: float,
+    allocation: Allocation,
+    **tuner: Any,
 ) -> Plan:
     """Turn sensitivity scores into a plan whose trainable count is at most `budget`.
+
+    The options are required: params.yaml's ``plan`` section is the one place that gives them values (a library
+    default once disagreed with it); ``**SPT_RULE`` spells out the paper's rule.
 
     Args:
         sensitivity: scores and candidates from `measure_sensitivity`.
@@ -185,6 +195,8 @@ def allocate(
         beta: a vector is trained whole when ≥ 1/beta of it is selected (SPT: 5).
         allocation: "global" (one top-k over the backbone, then the α/β rule) or "per_row" (every output row its
             top-k entries, all sparse; needs structured="none").
+        **tuner: further hyper-parameters of tuner kinds, each a field of a registered kind's config (a new
+            kind's own, LoRA's ``lora_scale``); the plan records them with `rank` (`Plan.tuner_config`).
     """
     if allocation not in ALLOCATIONS:
         raise PlanError(f"allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
@@ -198,6 +210,10 @@ def allocate(
     if rank < 1 or alpha < 1 or beta < 1:
         # alpha < 1 would make a module cheaper than the entries that trigger it: count(k) stops being monotone
         raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha >= 1, beta >= 1")
+    tuner_config = {"rank": rank, **tuner}
+    check_tuner_config(tuner_config)
+    if structured != "none":
+        kind_config(TUNERS[structured], tuner_config)  # the structured kind's own checks, before any work
     cands = list(sensitivity.candidates.values())
     if not cands:
         raise PlanError("the sensitivity file has no candidates; measure a model with tunable parameters")
@@ -208,8 +224,8 @@ def allocate(
         raise PlanError(f"budget {count_budget:,} exceeds the {total:,} candidate values: lower the budget")
 
     if allocation == "per_row":
-        return _per_row_plan(cands, sensitivity, count_budget, rank, alpha, beta)
-    units = _units(cands, structured, rank, alpha, beta)
+        return _per_row_plan(cands, sensitivity, count_budget, tuner_config, alpha, beta)
+    units = _units(cands, structured, tuner_config, alpha, beta)
     starts = torch.tensor([u.start for u in units], dtype=torch.int64)
     rule_struct = torch.tensor([u.rule == "structured" for u in units])
     rule_whole = torch.tensor([u.rule == "whole_or_sparse" for u in units])
@@ -270,7 +286,7 @@ def allocate(
     # saturated: every candidate entry is selected and the plan still costs less than the budget
     meta = {"allocation": "global", "top_k": k, "filled": len(extra), "candidates": len(cands),
             "candidate_values": total, "saturated": k == len(order)}  # fmt: skip
-    return plan_of(sensitivity, targets, indices, count_budget, (structured, rank, alpha, beta), meta)
+    return plan_of(sensitivity, targets, indices, count_budget, (structured, tuner_config, alpha, beta), meta)
 
 
 def plan_of(
@@ -278,18 +294,18 @@ def plan_of(
     targets: list[Target],
     indices: dict[str, torch.Tensor],
     budget: int,
-    options: tuple[str, int, float, float],
+    options: tuple[str, dict[str, Any], float, float],
     meta: dict,
 ) -> Plan:
-    """A Plan of `targets` measured on `sensitivity`; `options` = (structured, rank, alpha, beta)."""
-    structured, rank, alpha, beta = options
+    """A Plan of `targets` measured on `sensitivity`; `options` = (structured, tuner_config, alpha, beta)."""
+    structured, tuner_config, alpha, beta = options
     backbone = int(sensitivity.meta.get("backbone_params", sum(c.numel for c in sensitivity.candidates.values())))
     return Plan(
         targets=targets,
         indices=indices,
         budget=budget,
         structured=structured,
-        rank=rank,
+        tuner_config=dict(tuner_config),
         alpha=alpha,
         beta=beta,
         backbone_params=backbone,
@@ -299,7 +315,12 @@ def plan_of(
 
 
 def _per_row_plan(
-    cands: list[Candidate], sensitivity: Sensitivity, count_budget: int, rank: int, alpha: float, beta: float
+    cands: list[Candidate],
+    sensitivity: Sensitivity,
+    count_budget: int,
+    tuner: dict[str, Any],
+    alpha: float,
+    beta: float,
 ) -> Plan:
     indices = _per_row(cands, sensitivity, count_budget)
     targets = [
@@ -308,4 +329,4 @@ def _per_row_plan(
     total = sum(c.numel for c in cands)
     meta = {"allocation": "per_row", "candidates": len(cands), "candidate_values": total,
             "saturated": sum(t.count for t in targets) == total}  # fmt: skip
-    return plan_of(sensitivity, targets, indices, count_budget, ("none", rank, alpha, beta), meta)
+    return plan_of(sensitivity, targets, indices, count_budget, ("none", tuner, alpha, beta), meta)

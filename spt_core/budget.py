@@ -59,13 +59,15 @@ def check_ladder(ladder: Sequence[str], backbone_params: int) -> list[str]:
     return labels
 
 
-def full_plan(sensitivity: Sensitivity, rank: int = 8, alpha: float = 10.0, beta: float = 5.0) -> Plan:
-    """Every candidate trained whole, as dense deltas (mergeable): the backbone but its stem and tokens."""
+def full_plan(sensitivity: Sensitivity, *, rank: int, alpha: float, beta: float) -> Plan:
+    """Every candidate trained whole, as dense deltas (mergeable): the backbone but its stem and tokens.
+
+    rank, alpha and beta change no target here; the plan records them as `allocate`'s plans do (plan.* options)."""
     cands = list(sensitivity.candidates.values())
     total = sum(c.numel for c in cands)
     targets = [Target(c.name, "whole", c.numel, c.kind, c.shape, c.block) for c in cands]
     meta = {"full": True, "candidates": len(cands), "candidate_values": total, "saturated": True}
-    return plan_of(sensitivity, targets, {}, total, ("none", rank, alpha, beta), meta)
+    return plan_of(sensitivity, targets, {}, total, ("none", {"rank": rank}, alpha, beta), meta)
 
 
 def rung_plan(sensitivity: Sensitivity, budget: str, **allocate_kw: Any) -> Plan:
@@ -73,6 +75,50 @@ def rung_plan(sensitivity: Sensitivity, budget: str, **allocate_kw: Any) -> Plan
     if budget == FULL:
         return full_plan(sensitivity, **{k: v for k, v in allocate_kw.items() if k in ("rank", "alpha", "beta")})
     return allocate(sensitivity, budget, **allocate_kw)
+
+
+def is_auto(budget: int | float | str) -> bool:
+    """Whether `budget` asks for the ladder (``plan.budget: auto``) rather than one budget."""
+    return str(budget).strip().lower() == AUTO
+
+
+def plan_budget(sensitivity: Sensitivity, budget: int | float | str, ladder: Sequence[str], **allocate_kw: Any) -> Plan:
+    """The plan of `budget`: `allocate` for one budget, or for ``auto`` the smallest rung of `ladder`.
+
+    An auto plan records its ladder (budget, hash and count of each rung, all allocated from the same scores) and
+    the options, so that `ladder_plans` re-allocates exactly these rungs for training; `ladder` is read only then.
+    """
+    if not is_auto(budget):
+        return allocate(sensitivity, budget, **allocate_kw)
+    labels = check_ladder(ladder, int(sensitivity.meta.get("backbone_params", 0)))
+    rungs = [(b, rung_plan(sensitivity, b, **allocate_kw)) for b in labels]
+    plan = rungs[0][1]
+    record = [{"budget": b, "plan_hash": r.hash(), "trainable": r.trainable} for b, r in rungs]
+    plan.meta.update({"ladder": record, "allocate": allocate_kw})
+    return plan
+
+
+def is_ladder(plan: Plan) -> bool:
+    """Whether `plan` is an auto plan: `plan_budget` recorded a ladder of rungs to train in it."""
+    return bool(plan.meta.get("ladder"))
+
+
+def ladder_plans(plan: Plan, sensitivity: Sensitivity) -> list[tuple[str, Plan]]:
+    """The rungs an auto plan recorded, re-allocated from `sensitivity` and checked by hash; [] for one budget.
+
+    Raises:
+        PlanError: a rung's plan differs from the recorded one (the scores changed since the plan was made).
+    """
+    out = []
+    for rung in plan.meta.get("ladder") or []:
+        p = rung_plan(sensitivity, rung["budget"], **plan.meta["allocate"])
+        if p.hash() != rung["plan_hash"]:
+            raise PlanError(
+                f"rung {rung['budget']} of the plan does not match the sensitivity scores it was allocated from "
+                "(sensitivity.safetensors changed): re-run `sensitune plan`"
+            )
+        out.append((rung["budget"], p))
+    return out
 
 
 def choose_rung(rungs: Sequence[Rung]) -> Rung:

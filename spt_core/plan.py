@@ -6,13 +6,16 @@ A plan is a list of targets, each keyed by a base parameter name, of one registe
   - "lora":    a rank-r LoRA delta on a matrix or on one row segment (q, k or v of a fused qkv);
   - "adapter": a bottleneck adapter on the output channels of a matrix (or of one segment);
   - any other kind registered in `spt_core.tuners.registry`.
-`count` is the exact number of trainable values of a target; the head is outside the plan.
+`count` is the exact number of trainable values of a target; the head is outside the plan. The kinds'
+hyper-parameters travel as one flat mapping (`Plan.tuner_config`, e.g. ``{"rank": 8}``), written at the top
+level of plan.json; each kind reads its own fields from it (`spt_core.tuners.registry.kind_config`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,6 +31,9 @@ from .portable.io import atomic_path, write_json
 from .tuners.registry import TUNERS
 
 KINDS = TUNERS.keys()  # a live view: the registered tuner kinds, in registration order
+# plan.json's own top-level keys; every other top-level key is a tuner hyper-parameter (`Plan.tuner_config`)
+PLAN_KEYS = ("format", "budget", "trainable", "structured", "alpha", "beta", "backbone_params", "by_kind",
+             "block_names", "meta", "targets", "hash")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,17 @@ class Plan:
     indices: dict[str, torch.Tensor]
     budget: int  # requested trainable count (head excluded)
     structured: str  # one of spt_core.tuners.structured_choices(): a kind with a cost formula, or "none"
-    rank: int
+    tuner_config: dict[str, Any]  # the kinds' hyper-parameters, flat: {"rank": 8} (LoRA rank = adapter width)
     alpha: float
     beta: float
     backbone_params: int
     block_names: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clash = sorted(set(self.tuner_config) & set(PLAN_KEYS))
+        if clash:  # the values sit beside plan.json's own keys: one of them would be overwritten
+            raise PlanError(f"tuner hyper-parameter(s) {clash} clash with plan.json's keys: rename the config field")
 
     @property
     def trainable(self) -> int:
@@ -92,7 +103,8 @@ class Plan:
     def summary(self) -> str:
         """A short human-readable table of the plan."""
         pct = 100.0 * self.trainable / max(self.backbone_params, 1)
-        rule = f"structured={self.structured} rank={self.rank} alpha={self.alpha:g} beta={self.beta:g}"
+        tuner = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in self.tuner_config.items())
+        rule = f"structured={self.structured}{tuner} alpha={self.alpha:g} beta={self.beta:g}"
         if self.meta.get("allocation") == "per_row":
             rule = "allocation=per_row (every output row its top-k entries)"
         lines = [
@@ -113,7 +125,7 @@ class Plan:
             "budget": self.budget,
             "trainable": self.trainable,
             "structured": self.structured,
-            "rank": self.rank,
+            **self.tuner_config,
             "alpha": self.alpha,
             "beta": self.beta,
             "backbone_params": self.backbone_params,
@@ -145,7 +157,7 @@ class Plan:
             indices=indices,
             budget=d["budget"],
             structured=d["structured"],
-            rank=d["rank"],
+            tuner_config={k: v for k, v in d.items() if k not in PLAN_KEYS},
             alpha=d["alpha"],
             beta=d["beta"],
             backbone_params=d["backbone_params"],
@@ -180,7 +192,7 @@ def parse_budget(budget: int | float | str, backbone_params: int) -> int:
     Raises:
         PlanError: on unparseable text, a budget of 0, or one larger than the backbone.
     """
-    if isinstance(budget, bool):
+    if isinstance(budget, bool) or (isinstance(budget, float) and not math.isfinite(budget)):
         raise PlanError(f"budget={budget!r}: give a count (400000, '0.4M') or a percentage ('0.5%')")
     if isinstance(budget, (int, float)):
         count = int(round(budget))

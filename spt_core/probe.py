@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .portable.errors import SensituneError
-from .portable.metrics import selection_score
+from .portable.operating_point import selection_score
 
 
 @dataclass

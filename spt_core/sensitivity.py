@@ -111,7 +111,7 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
 def measure_sensitivity(
     model: nn.Module,
     loader: Iterable,
-    batches: int = 16,
+    batches: int,
     *,
     device: str | torch.device | None = None,
     train_mode: bool = True,
@@ -128,7 +128,7 @@ def measure_sensitivity(
     Args:
         model: a timm model; its current head is used (random, as in SPT, or fitted by a linear probe first).
         loader: mini-batches of (images, labels); SPT uses 16 batches × 32 images in file order.
-        batches: number of mini-batches; fewer if the loader is shorter.
+        batches: number of mini-batches (SPT: 16; the product: sensitivity.batches); fewer if the loader is shorter.
         device: where to compute (default: where the model is).
         train_mode: dropout/drop-path active, as SPT measures.
         freeze_bn_stats: keep BatchNorm in eval mode (running statistics), matching how sensitune trains.

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from spt_core.allocate import allocate, structured_cost
+from spt_core.allocate import SPT_RULE, allocate, structured_cost
 from spt_core.candidates import Candidate
 from spt_core.plan import Plan, parse_budget
 from spt_core.portable.errors import PlanError
@@ -27,6 +27,11 @@ def _toy() -> Sensitivity:
     return Sensitivity(scores, {"v": vec, "w": mat}, {"backbone_params": 5020, "block_names": ["a", "b"]})
 
 
+def _allocate(sensitivity: Sensitivity, budget: int | str, **options) -> Plan:
+    """`allocate` with SPT's rule (`SPT_RULE`) for every option a test leaves out: allocate has no defaults."""
+    return allocate(sensitivity, budget, **{**SPT_RULE, **options})
+
+
 def _kinds(plan: Plan) -> dict:
     return {t.param: (t.kind, t.count) for t in plan.targets}
 
@@ -45,27 +50,27 @@ def _kinds(plan: Plan) -> dict:
     ],
 )
 def test_alpha_beta_boundaries(budget, expected):
-    plan = allocate(_toy(), budget, structured="lora", rank=2, alpha=10, beta=5)
+    plan = _allocate(_toy(), budget, structured="lora", rank=2, alpha=10, beta=5)
     assert _kinds(plan) == expected
     assert plan.trainable <= budget
 
 
 def test_sparse_entries_are_the_top_scored_ones():
-    plan = allocate(_toy(), 49, structured="lora", rank=2)
+    plan = _allocate(_toy(), 49, structured="lora", rank=2)
     assert torch.equal(plan.indices["w"], torch.arange(0, 2900, 100))  # the 29 first hot entries, in order
-    plan = allocate(_toy(), 3, structured="lora", rank=2)
+    plan = _allocate(_toy(), 3, structured="lora", rank=2)
     assert torch.equal(plan.indices["v"], torch.tensor([0, 1, 2]))  # ties → earlier position first
-    plan = allocate(_toy(), 10, structured="lora", rank=2)
+    plan = _allocate(_toy(), 10, structured="lora", rank=2)
     assert torch.equal(plan.indices["w"], torch.arange(0, 700, 100))  # the fill takes the next-ranked entries
 
 
 def test_sparse_only_never_builds_modules():
-    plan = allocate(_toy(), 320, structured="none", beta=5)
+    plan = _allocate(_toy(), 320, structured="none", beta=5)
     assert _kinds(plan) == {"v": ("whole", 20), "w": ("sparse", 300)}
 
 
 def test_adapter_cost():
-    plan = allocate(_toy(), 20 + 2 * 2 * 100 + 2 + 100, structured="adapter", rank=2)
+    plan = _allocate(_toy(), 20 + 2 * 2 * 100 + 2 + 100, structured="adapter", rank=2)
     assert _kinds(plan)["w"] == ("adapter", 502)  # 2·r·d + r + d with d = 100 output channels
 
 
@@ -78,14 +83,14 @@ def test_budget_parsing():
         with pytest.raises(PlanError):
             parse_budget(bad, 10**6)
     with pytest.raises(PlanError, match="exceeds"):
-        allocate(_toy(), 10**6)
+        _allocate(_toy(), 10**6)
 
 
 def test_deterministic_with_ties():
     s = _toy()
     s.scores["w"] = torch.ones(100, 50)  # everything tied
     s.scores["v"] = torch.ones(20)
-    a, b = allocate(s, 77, structured="none"), allocate(s, 77, structured="none")
+    a, b = _allocate(s, 77, structured="none"), _allocate(s, 77, structured="none")
     assert a.hash() == b.hash()
     # ties are broken by position: the vector (first) goes whole, then the matrix's first 57 entries
     assert _kinds(a) == {"v": ("whole", 20), "w": ("sparse", 57)}
@@ -109,11 +114,13 @@ def _sensitivity(name: str, img_size: int | None = None) -> Sensitivity:
 def test_any_backbone_within_one_module_of_budget(name, kw, structured, tmp_path):
     s = _sensitivity(name, **kw)
     s = Sensitivity({k: v.clone() for k, v in s.scores.items()}, s.candidates, s.meta)
-    plan = allocate(s, "1%", structured=structured, rank=4)
+    plan = _allocate(s, "1%", structured=structured, rank=4)
     # the plan stops before the first entry whose unit would switch past the budget: it undershoots by less
     # than the largest unit that can switch (one structured module or one whole vector/kernel)
     largest = max(
-        structured_cost(c, c.shape[0], structured, 4) if structured != "none" and c.kind != "vector" else c.numel
+        structured_cost(c, c.shape[0], structured, plan.tuner_config)
+        if structured != "none" and c.kind != "vector"
+        else c.numel
         for c in s.candidates.values()
     )
     assert plan.trainable <= plan.budget
@@ -126,21 +133,21 @@ def test_any_backbone_within_one_module_of_budget(name, kw, structured, tmp_path
     plan.save(tmp_path / "plan.json")
     again = Plan.load(tmp_path / "plan.json")
     assert again.hash() == plan.hash() and again.trainable == plan.trainable
-    assert allocate(s, "1%", structured=structured, rank=4).hash() == plan.hash()
+    assert _allocate(s, "1%", structured=structured, rank=4).hash() == plan.hash()
 
 
 def test_vit_qkv_segments_get_their_own_lora():
     base = _sensitivity("test_vit", img_size=32)
     s = Sensitivity({k: v.clone() for k, v in base.scores.items()}, base.candidates, base.meta)
     s.scores["blocks.0.attn.qkv.weight"][128:] = 1e6  # only v of block 0 is hot
-    plan = allocate(s, 1200, structured="lora", rank=4)
+    plan = _allocate(s, 1200, structured="lora", rank=4)
     lora = [t for t in plan.targets if t.kind == "lora"]
     assert [(t.param, t.rows) for t in lora] == [("blocks.0.attn.qkv.weight", (128, 192))]
     assert lora[0].count == 4 * (64 + 64)
 
 
 def test_damaged_plan_file_is_one_line_error(tmp_path):
-    plan = allocate(_toy(), 49)
+    plan = _allocate(_toy(), 49)
     plan.save(tmp_path / "plan.json")
     (tmp_path / "plan.json").write_text("{not json")
     with pytest.raises(PlanError, match="plan.json") as e:
@@ -152,7 +159,7 @@ def test_damaged_plan_file_is_one_line_error(tmp_path):
 
 def test_alpha_below_one_is_refused():
     with pytest.raises(PlanError, match="alpha >= 1"):
-        allocate(_toy(), 100, alpha=0.5)
+        _allocate(_toy(), 100, alpha=0.5)
 
 
 def test_tiny_budget_falls_back_to_sparse_entries():
@@ -160,20 +167,20 @@ def test_tiny_budget_falls_back_to_sparse_entries():
     s = _toy()
     s.candidates["t"] = Candidate("t", "m", "scale", "vector", (4,), 0)
     s.scores["t"] = torch.full((4,), 1e6)
-    plan = allocate(s, 3, structured="lora", rank=2)
+    plan = _allocate(s, 3, structured="lora", rank=2)
     assert plan.trainable == 3 and {t.param for t in plan.targets} == {"v"}
 
 
 def test_per_row_gives_every_output_row_its_top_entries():
     """GPS's rule: one k for all rows; on the toy the global rule spends 20 values on the hot vector instead."""
-    plan = allocate(_toy(), 20, structured="none", allocation="per_row")
+    plan = _allocate(_toy(), 20, structured="none", allocation="per_row")
     # k = 0 fits (k = 1 costs 1 + 100 rows = 101): the fill takes the best first entries of the rows, the vector's
     # first, then the 19 rows whose first entry is hot (rows 0, 2, 4, ...: flat 0, 100, 200, ...)
     assert _kinds(plan) == {"v": ("sparse", 1), "w": ("sparse", 19)}
     assert torch.equal(plan.indices["w"], torch.arange(0, 1900, 100))
-    assert _kinds(allocate(_toy(), 20, structured="none")) == {"v": ("whole", 20)}
+    assert _kinds(_allocate(_toy(), 20, structured="none")) == {"v": ("whole", 20)}
 
-    plan = allocate(_toy(), 119, structured="none", allocation="per_row")  # k = 1 (101), 18 entries of rank 1 left
+    plan = _allocate(_toy(), 119, structured="none", allocation="per_row")  # k = 1 (101), 18 entries of rank 1 left
     rows = plan.indices["w"] // 50
     assert torch.equal(torch.bincount(rows, minlength=100)[:17], torch.full((17,), 2))  # ties: earlier rows first
     assert torch.equal(torch.bincount(rows, minlength=100)[17:], torch.ones(83, dtype=torch.int64))
@@ -181,12 +188,12 @@ def test_per_row_gives_every_output_row_its_top_entries():
     assert plan.meta["allocation"] == "per_row" and plan.structured == "none"
     head = plan.summary().splitlines()[0]  # the rule that made the plan, not the unused LoRA settings
     assert head.endswith("allocation=per_row (every output row its top-k entries)") and "rank=" not in head
-    spt = allocate(_toy(), 119, structured="lora", rank=2)
+    spt = _allocate(_toy(), 119, structured="lora", rank=2)
     assert "structured=lora rank=2" in spt.summary() and spt.meta["allocation"] == "global"  # plan.json says which
 
 
 def test_per_row_takes_no_modules():
     with pytest.raises(PlanError, match="plan.structured: none"):
-        allocate(_toy(), 20, structured="lora", allocation="per_row")
+        _allocate(_toy(), 20, structured="lora", allocation="per_row")
     with pytest.raises(PlanError, match="allocation='row'"):
-        allocate(_toy(), 20, structured="none", allocation="row")
+        _allocate(_toy(), 20, structured="none", allocation="row")

@@ -2,7 +2,7 @@
 codes, content types, headers and response schemas, invalid input is refused. Bounded examples (~30 s).
 
 Runs in process through ASGI with an admin token, so every route is reached past the guard; the artifacts are the
-tiny models of deploy_fixtures. A promotion or rollback may happen mid-run: that is part of the API too.
+tiny models of tests/support/artifacts.py. A promotion or rollback may happen mid-run: that is part of the API too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import schemathesis
-from deploy_fixtures import CLASSES, N_FEATURES, build_artifact, write_manifest
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -24,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from support.artifacts import CLASSES, N_FEATURES, build_artifact, write_manifest
 
 from deploy.edge.auth import TokenStore, token_digest
 from deploy.edge.service import create_app
@@ -57,7 +57,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> schemathesis.BaseSchema:
         log_dir="logs",
     )
     tokens = TokenStore([("fuzzer", "admin", token_digest("fuzz-admin"))], "fuzz")
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app(cfg, tokens))
+    app = create_app(cfg, tokens, hosts=["testserver"])  # the host name schemathesis calls an ASGI app by
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 def test_api_fuzz_no_5xx_and_no_schema_violations(api: schemathesis.BaseSchema) -> None:

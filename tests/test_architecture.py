@@ -5,6 +5,9 @@ pipelines/ (the application)  ->  deploy/ (compile/: torch -> ONNX/OpenVINO; edg
 Where torch may go is written in the folders, and this file checks folders, not lists of modules:
 - deploy/edge/ imports no torch, no timm, nothing from deploy/compile/, and from spt_core only spt_core/portable/;
 - spt_core/portable/ imports no torch or timm and nothing else of spt_core.
+
+benchmarks/ is a consumer beside the layers: it may import all three; nothing of them imports it, and it imports
+nothing of tests/ and finds its imports without editing sys.path (tests may import it).
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ def modules_of(root: Path) -> dict[str, Path]:
 MODULES = modules_of(ROOT)
 
 
-def _imports(name: str, modules: dict[str, Path] = MODULES) -> set[str]:
-    """Every module `name` imports (absolute names; `from pkg import sub` counts as pkg.sub when sub is a module)."""
+def _imports(name: str, modules: dict[str, Path] = MODULES, *, typing: bool = False) -> set[str]:
+    """Every module `name` imports (absolute names; `from pkg import sub` counts as pkg.sub when sub is a module);
+    with `typing`, the ``if TYPE_CHECKING:`` imports too (no runtime edge, but one module naming the other)."""
     path = modules[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -54,7 +58,7 @@ def _imports(name: str, modules: dict[str, Path] = MODULES) -> set[str]:
     typing_only = {  # `if TYPE_CHECKING:` imports never run: they are no import edge
         id(n)
         for block in ast.walk(tree)
-        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        if not typing and isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
         for stmt in block.body
         for n in ast.walk(stmt)
     }
@@ -185,9 +189,10 @@ def test_modules_load_no_torch_in_a_fresh_interpreter(modules):
 
 
 def test_no_import_cycles():
-    graph = {name: _ours(_imports(name)) - {name} for name in MODULES}
+    graph = {name: _ours(_imports(name, typing=True)) - {name} for name in MODULES}
     # a package's __init__ re-exporting its submodules is an edge pkg -> sub; a submodule importing its own
-    # package back would close a cycle, and is reported like any other
+    # package back would close a cycle, and is reported like any other. Typing-only imports count: two modules
+    # that name each other's types are one concept in two files even when neither import runs first
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -221,6 +226,28 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
+# pipelines/ reaches spt_core through these doors only: the package (its __version__), spt_core.api (the method's
+# front door: the modules behind it may move) and the torch-free leaves in spt_core/portable/ (one folder, one door)
+SPT_CORE_DOORS = ("spt_core", "spt_core.api", PORTABLE)
+
+
+def spt_core_doors(root: Path, folder: str = "pipelines") -> set[str]:
+    """The spt_core modules that `folder` imports, a module under spt_core/portable/ counted as that folder."""
+    modules = modules_of(root)
+    imported = {i for n in modules if _under(n, folder) for i in _imports(n, modules, typing=True)}
+    return {PORTABLE if _under(i, PORTABLE) else i for i in imported if i.split(".")[0] == "spt_core"}
+
+
+def test_pipelines_import_spt_core_through_its_front_door():
+    doors = spt_core_doors(ROOT)
+    assert len(doors) <= len(SPT_CORE_DOORS) and doors <= set(SPT_CORE_DOORS), sorted(doors)
+
+
+def test_an_import_behind_the_front_door_is_caught(tmp_path):
+    root = _plant(tmp_path, "pipelines/planted.py", "from spt_core.sensitivity import measure_sensitivity")
+    assert spt_core_doors(root) == {"spt_core.sensitivity"}
+
+
 def test_layers_point_one_way():
     rank = {"spt_core": 0, "deploy": 1, "pipelines": 2}
     upward = {(n, i) for n in MODULES for i in _ours(_imports(n)) if rank[i.split(".")[0]] > rank[n.split(".")[0]]}
@@ -238,18 +265,68 @@ def test_the_line_rule_sees_benchmarks_and_tests(tmp_path):
     assert long_files(tmp_path) == {"benchmarks/long.py": MAX_LINES + 1, "tests/test_long.py": MAX_LINES + 1}
 
 
+CONSUMER = "benchmarks"  # a folder: the harness, which measures the product and writes benchmarks/results/
+
+
+def consumer_violations(root: Path) -> list[tuple[str, str]]:
+    """(module, import) pairs that break the consumer rule: a module of the three layers importing benchmarks/, or
+    a module of benchmarks/ importing tests/ (a test file, its helpers in support/) or touching ``sys.path``."""
+    product = modules_of(root)
+    bad = [(n, i) for n in product for i in _imports(n, product) if i.split(".")[0] == CONSUMER]
+    files = [p for p in sorted((root / CONSUMER).rglob("*.py")) if "__pycache__" not in p.parts]
+    consumer = {_module_name(p, root): p for p in files}
+    of_tests = {"tests", "support"} | {p.stem for p in (root / "tests").glob("*.py")}
+    for name, path in consumer.items():
+        bad += [(name, i) for i in _imports(name, consumer) if i.split(".")[0] in of_tests]
+        nodes = ast.walk(ast.parse(path.read_text()))
+        if any(isinstance(n, ast.Attribute) and ast.unparse(n) == "sys.path" for n in nodes):
+            bad.append((name, "sys.path"))
+    return sorted(bad)
+
+
+def test_benchmarks_consume_the_layers_and_nothing_consumes_them():
+    assert consumer_violations(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    "rel, line",
+    [
+        ("pipelines/planted.py", "from benchmarks.report import summarize"),
+        ("deploy/edge/planted.py", "import benchmarks.tracking"),
+        ("spt_core/planted.py", "from benchmarks import methods"),
+        ("benchmarks/planted.py", "from support.ui import build_line"),
+        ("benchmarks/planted.py", "from test_compare import _model"),
+        ("benchmarks/planted.py", "import sys\nsys.path.insert(0, 'tests')"),
+    ],
+)
+def test_a_planted_consumer_violation_is_caught(tmp_path, rel, line):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_compare.py").write_text("")
+    root = _plant(tmp_path, rel, line)
+    assert sorted({m for m, _ in consumer_violations(root)}) == [_module_name(root / rel, root)]
+
+
+def test_benchmarks_may_import_every_layer(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    lines = "from pipelines.tracking.common import flatten\nfrom deploy.compile import export\nimport spt_core.plan"
+    assert consumer_violations(_plant(tmp_path, "benchmarks/planted.py", lines)) == []
+
+
 def test_dvc_yaml_follows_the_one_stage_list():
     from pipelines import config
-    from pipelines.stages import STAGES, TRACK_STAGE
+    from pipelines.stages import STAGES
 
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == [s.name for s in STAGES] + [TRACK_STAGE]
+    assert list(dvc) == [s.name for s in STAGES]
     keys = config.keys()
     for s in STAGES:
-        assert dvc[s.name]["cmd"] == f"sensitune {s.name}"
+        assert dvc[s.name]["cmd"] == s.cmd
         wanted = {k.dotted for k in keys for sel in s.params if sel in (k.section, k.dotted)}
-        assert set(dvc[s.name].get("params", [])) == wanted, s.name
-        assert "pipelines/stages.py" in dvc[s.name]["deps"], s.name
+        listed = dvc[s.name].get("params", [])
+        every = [{"params.yaml": None}]  # DVC's spelling of "every key of params.yaml"
+        assert (set(listed) if listed != every else {k.dotted for k in keys}) == wanted, s.name
+        assert f"{s.run.__module__.replace('.', '/')}.py" in dvc[s.name]["deps"], s.name  # its code re-runs it
     for name, st in dvc.items():
         for dep in st["deps"]:
             if not dep.startswith("$"):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_fixtures import CLASSES, free_port
 from fastapi.testclient import TestClient
-from ui_fixtures import TOKENS, Line, build_line, label_of
+from support.artifacts import CLASSES
+from support.servers import free_port
+from support.ui import TOKENS, Line, build_line, label_of
 
 from deploy.edge.auth import TokenStore, token_digest
 from deploy.edge.service import create_app
@@ -41,7 +42,7 @@ def _box(root: Path, frames: dict | None) -> Path:
 def _client(line: Line, box: Path | None) -> tuple[TestClient, object]:
     tokens = TokenStore([(name, role, token_digest(t)) for t, (name, role) in TOKENS.items()], "tests")
     app = create_app(line.manifest, tokens, box)
-    return TestClient(app), app.state.service
+    return TestClient(app, base_url="http://127.0.0.1"), app.state.service  # a name the box answers to
 
 
 def _send(client: TestClient, line: Line, i: int) -> dict:

@@ -8,12 +8,13 @@ import pytest
 import timm
 import torch
 import yaml
-from tiny_params import TINY
+from support.params import TINY
 
 from pipelines import training
 from pipelines.cli import main
 from pipelines.config import load_params
 from pipelines.tracking import collect_record
+from spt_core.allocate import SPT_RULE
 from spt_core.budget import Rung, check_ladder, choose_rung, full_plan, rung_plan
 from spt_core.candidates import count_backbone_params
 from spt_core.checkpoint import read_tuned
@@ -52,18 +53,18 @@ def test_a_bad_ladder_is_refused(ladder, fragment):
 def _sensitivity(model):
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
-    return measure_sensitivity(model, batches)
+    return measure_sensitivity(model, batches, batches=len(batches))
 
 
 def test_rungs_are_nested_and_full_trains_every_backbone_value():
     model = timm.create_model("test_vit", num_classes=3, img_size=32)
     sens = _sensitivity(model)
     assert check_ladder(["0.5%", "2%", "full"], count_backbone_params(model)) == ["0.5%", "2%", "full"]
-    small, large = (rung_plan(sens, b, structured="none") for b in ("0.5%", "2%"))
+    small, large = (rung_plan(sens, b, **{**SPT_RULE, "structured": "none"}) for b in ("0.5%", "2%"))
     for name, idx in small.indices.items():  # the same scores: the larger budget keeps the smaller one's entries
         whole = any(t.param == name and t.kind == "whole" for t in large.targets)
         assert whole or torch.isin(idx, large.indices[name]).all()
-    full = full_plan(sens)
+    full = full_plan(sens, rank=8, alpha=10.0, beta=5.0)
     # every candidate: the whole backbone but the stem and the tokens, which every plan keeps frozen
     frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("patch_embed.", "pos_embed", "cls_")))
     assert full.trainable == sum(c.numel for c in sens.candidates.values()) == count_backbone_params(model) - frozen

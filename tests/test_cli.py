@@ -240,3 +240,32 @@ def test_flags_can_set_null():
     assert params["data"]["n_test"] is None and params["data"]["n_train"] == 12
     args = build_parser().parse_args(["measure", "--input-size", "none"])
     assert params_from_args(args)["model"]["input_size"] is None
+
+
+def test_the_stage_list_makes_the_verbs_and_the_order_of_run(monkeypatch, tmp_path, capsys):
+    """A stage added to `stages.STAGES` is a verb and runs in its place in `run`; the tracking stage (the list's
+    last) is a verb too, but `run` stops before it, and --no-export before every stage that needs the merge."""
+    ran: list[str] = []
+
+    def fake(name: str, **flags) -> stages.Stage:
+        return stages.Stage(name, lambda params: ran.append(name) or {"stage": name}, (), f"the {name} stage",
+                            lambda result, params: f"ran {result['stage']}", **flags)  # fmt: skip
+
+    real = stages.STAGES
+    assert real[-1].name == "track" and real[-1].tracks and real[-1].cmd == "python -m pipelines.track"
+    order = [fake(s.name, needs_merge=s.needs_merge, tracks=s.tracks) for s in real]
+    order.insert([s.name for s in real].index("export"), fake("inspect"))
+    monkeypatch.setattr(stages, "STAGES", tuple(order))
+    monkeypatch.chdir(tmp_path)
+    flags = ["--raw", str(tmp_path), "-q"]  # an existing paths.raw: `run` makes no demo images first
+    assert main(["inspect", *flags]) == 0 and ran == ["inspect"]
+    assert capsys.readouterr().out.strip() == "ran inspect"
+    ran.clear()
+    assert main(["run", *flags]) == 0
+    assert ran == ["prepare", "measure", "plan", "train", "evaluate", "merge", "inspect", "export"]
+    ran.clear()
+    assert main(["run", "--no-export", *flags]) == 0 and ran[-2:] == ["merge", "inspect"]
+    assert build_parser().parse_args(["inspect"]).verb == "inspect"
+    monkeypatch.undo()  # the parser is built from the list in force: without the stage, no verb
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["inspect"])

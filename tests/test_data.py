@@ -1,4 +1,4 @@
-"""spt_core.data: sources -> prepared splits -> loaders, and one-line errors for bad data."""
+"""spt_core.data: sources -> prepared splits, and one-line errors for bad data (loaders: tests/test_loaders.py)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-import torch
 from PIL import Image
+from support.images import png, vtab_lists
 
-from spt_core.data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    data_hash,
-    eval_transform,
-    load_dataset_info,
-    make_loaders,
-    prepare,
-    scan_split,
-)
+from spt_core.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, data_hash, load_dataset_info, prepare
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 from spt_core.portable.errors import DataError
-from spt_core.portable.preprocess import Preprocess, preprocess_image
-
-
-def _png(path: Path, seed: int, size: int = 12) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path)
-    return path
 
 
 def _folder(root: Path, counts: dict[str, int], suffix: str = ".png") -> Path:
     for c, n in counts.items():
         for i in range(n):
-            _png(root / c / f"img{i:02d}{suffix}", seed=zlib.crc32(f"{c}/{i}".encode()))
+            png(root / c / f"img{i:02d}{suffix}", seed=zlib.crc32(f"{c}/{i}".encode()))
     return root
 
 
@@ -215,7 +198,7 @@ def test_image_folder_flat_and_presplit(tmp_path: Path) -> None:
 def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
     rows = [(f"imgs/{c}_{i}.png", c) for c in ("ok", "nok") for i in range(5)]
     for rel, _ in rows:
-        _png(tmp_path / rel, seed=len(rel) + int(rel[-5]))
+        png(tmp_path / rel, seed=len(rel) + int(rel[-5]))
     (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{r},{c}\n" for r, c in rows))
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": r, "label": c}) + "\n" for r, c in rows))
     a = prepare(str(tmp_path / "m.csv"), tmp_path / "a", n_train=4, n_val=2, classes=["ok", "nok"])
@@ -235,22 +218,8 @@ def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
     assert tv.counts == {"train": {"nok": 2, "ok": 2}, "val": {"nok": 1, "ok": 1}, "test": {"nok": 2, "ok": 2}}
 
 
-def _vtab(root: Path, n: dict[str, int]) -> Path:
-    for split, count in n.items():
-        lines = []
-        for i in range(count):
-            rel = f"images/{split}_{i}.jpg"
-            _png(root / rel, seed=i + 100 * len(split))  # JPEG suffix, PNG bytes: PIL reads by content
-            lines.append(f"{rel} {i % 3}")
-        (root / {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}[split]).write_text(
-            "\n".join(lines) + "\n"
-        )
-    (root / "train800val200.txt").write_text("")
-    return root
-
-
 def test_vtab_lists(tmp_path: Path) -> None:
-    src = _vtab(tmp_path / "vtab", {"train": 7, "val": 4, "test": 5})
+    src = vtab_lists(tmp_path / "vtab", {"train": 7, "val": 4, "test": 5})
     info = prepare(str(src), tmp_path / "p", n_train=7, n_val=4)  # n equal to the list: kept, though unbalanced
     assert info.class_names == ["0", "1", "2"]
     assert info.counts["train"] == {"0": 3, "1": 2, "2": 2} and info.counts["test"] == {"0": 2, "1": 2, "2": 1}
@@ -274,7 +243,7 @@ def _folder_plus(t: Path, extra: dict[str, bytes | None]) -> str:
 
 def _truncated(t: Path) -> tuple[str, str]:
     src = _folder(t / "s", {"a": 2, "b": 2})
-    data = _png(src / "a" / "big.png", seed=1, size=64).read_bytes()
+    data = png(src / "a" / "big.png", seed=1, size=64).read_bytes()
     (src / "a" / "big.png").write_bytes(data[: len(data) // 2])
     return str(src), "big.png"
 
@@ -282,7 +251,7 @@ def _truncated(t: Path) -> tuple[str, str]:
 def _listing(t: Path, name: str, content: str, others: tuple[str, ...] = ()) -> str:
     """Two images x/a.png, x/b.png plus a manifest or VTAB list ``name``; returns the source to prepare."""
     for rel in ("x/a.png", "x/b.png"):
-        _png(t / rel, seed=len(rel))
+        png(t / rel, seed=len(rel))
     for other in others:
         (t / other).write_text("")
     (t / name).write_text(content)
@@ -369,56 +338,3 @@ def test_skip_bad_counts_and_warns(tmp_path: Path) -> None:
         info = prepare(str(src), tmp_path / "p", n_train=4, n_val=2, skip_bad=True)
     assert info.n_skipped == 2 and sorted(Path(p).name for p in info.skipped) == ["junk.png", "notes.txt"]
     assert sum(sum(c.values()) for c in info.counts.values()) == 8  # the good images, all used
-
-
-# ------------------------------------------------------------------------------------------------ transforms
-@pytest.mark.parametrize("size", [(64, 64), (48, 80), (101, 37)])
-@pytest.mark.parametrize("image", ["coffee", "brick"])
-def test_eval_transform_matches_preprocess_image(image: str, size: tuple[int, int]) -> None:
-    arr = getattr(skimage.data, image)()
-    pre = Preprocess(size=size, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
-    got = eval_transform(pre)(Image.fromarray(arr).convert("RGB"))
-    want = preprocess_image(arr, pre)
-    assert tuple(got.shape) == (3, *size)
-    np.testing.assert_allclose(got.numpy(), want, atol=1e-6, rtol=0)
-
-
-# ------------------------------------------------------------------------------------------------ loaders
-def _order(loader: torch.utils.data.DataLoader) -> list[Path]:
-    return [loader.dataset.records[i][0] for i in loader.sampler]
-
-
-def test_train_order_reproducible_per_epoch(tiny_digits: Path) -> None:
-    pre = Preprocess(size=(16, 16))
-    a, b = make_loaders(tiny_digits, pre, batch_size=8, seed=3), make_loaders(tiny_digits, pre, batch_size=8, seed=3)
-    a["train"].sampler.set_epoch(2)
-    b["train"].sampler.set_epoch(2)
-    assert _order(a["train"]) == _order(b["train"])  # a resumed run at epoch 2 replays the same order
-    x_a, y_a = next(iter(a["train"]))
-    x_b, y_b = next(iter(b["train"]))
-    assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b) and x_a.shape == (8, 3, 16, 16)
-    first = _order(a["train"])
-    a["train"].sampler.set_epoch(3)
-    assert _order(a["train"]) != first and sorted(_order(a["train"])) == sorted(first)
-    c = make_loaders(tiny_digits, pre, seed=4)
-    c["train"].sampler.set_epoch(2)
-    assert _order(c["train"]) != first
-
-
-def test_val_and_test_loaders_in_file_order(tiny_digits: Path) -> None:
-    pre = Preprocess(size=(8, 8))
-    info = load_dataset_info(tiny_digits)
-    loaders = make_loaders(tiny_digits, pre, batch_size=64)
-    for split in ("val", "test"):
-        labels = torch.cat([y for _, y in loaders[split]]).tolist()
-        assert labels == [y for _, y in scan_split(tiny_digits / split, info.class_names)] == sorted(labels)
-        x, _ = next(iter(loaders[split]))  # the loaders' images are the edge's preprocessing of the files
-        p0 = scan_split(tiny_digits / split, info.class_names)[0][0]
-        np.testing.assert_allclose(x[0].numpy(), preprocess_image(p0, pre), atol=1e-6)
-
-
-def test_loaders_need_a_prepared_dir(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="dataset.json"):
-        make_loaders(tmp_path, Preprocess())
-    with pytest.raises(DataError, match="split dir"):
-        scan_split(tmp_path / "train", ["a", "b"])

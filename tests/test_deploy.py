@@ -1,13 +1,13 @@
 """Edge service + rollout: a real uvicorn server on loopback, 12 cameras sending demo defect images, feedback,
 promotion and rollback (manifest + MLflow aliases), hot reload, and faults that must not take the line down.
 
-Artifacts are tiny OpenVINO models built in deploy_fixtures (not via deploy.compile.export), whose answers the tests
-compute independently in numpy, so every served class is checked exactly.
+Artifacts are tiny OpenVINO models built in tests/support/artifacts.py (not via deploy.compile.export), whose
+answers the tests compute independently in numpy, so every served class is checked exactly. The rollout's rules
+without a server: tests/test_rollout_rules.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,39 +17,21 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from deploy_fixtures import (
-    ALWAYS_OK,
-    CLASSES,
-    build_artifact,
-    demo_set,
-    fit_linear,
-    reference_logits,
-    serve,
-    write_manifest,
-)
+from support.artifacts import ALWAYS_OK, CLASSES, build_artifact, demo_set, fit_linear, reference_logits, write_manifest
+from support.rollout import bucket
+from support.servers import serve
 
 from deploy.edge import rollout
 from deploy.edge.artifact import ArtifactError
 from deploy.edge.auth import LOCAL
 from deploy.edge.registry import MlflowRegistry
-from deploy.edge.rollout import (
-    DecisionRule,
-    JsonlLog,
-    RolloutError,
-    assign_arm,
-    decide,
-    load_config,
-    mcnemar,
-    parse_config,
-    read_jsonl,
-    wilson_interval,
-)
+from deploy.edge.rollout import load_config, read_jsonl, wilson_interval
 from deploy.edge.service import EdgeService, create_app, load_model
 from spt_core.portable.preprocess import Preprocess
 
@@ -57,7 +39,7 @@ CAMS = [f"cam-{i}" for i in range(12)]
 HTTP = httpx.Client(timeout=30)  # one pooled client: a fresh httpx client per call costs tens of ms
 RULE = {"min_samples": 30, "min_gain": 0.0, "max_latency_increase": 10.0, "max_error_rate": 0.05}
 # max_latency_increase is loose on purpose: these models take ~1 ms, so their p50 ratio is noise; the latency
-# rule itself is checked on synthetic reports in test_decide_rule (no timed assertions).
+# rule itself is checked on synthetic reports in test_rollout_rules.py (no timed assertions).
 
 
 @dataclass
@@ -138,93 +120,16 @@ def last_decision(cfg_path: Path) -> dict:
     return records[-1]
 
 
-def bucket(camera: str, version: str) -> float:  # the documented hash, recomputed independently
-    return int.from_bytes(hashlib.sha256(f"{camera}\x00{version}".encode()).digest()[:8], "big") / 2.0**64
+def registry_moves(service: EdgeService, cfg_path: Path) -> list[dict]:
+    """The alias moves of the service's last decision: made after it, off the control lock, then audited."""
+    assert service.outbox.wait_idle(60)
+    records, _ = read_jsonl(cfg_path.parent / "logs" / "audit.jsonl")
+    last = [r for r in records if r["action"] == "registry"][-1]
+    assert last["outcome"] == "ok", last
+    return last["alias_moves"]
 
 
-# ------------------------------------------------------------------------------------------------ unit level
-def test_manifest_validation_reports_every_problem_in_one_line(tmp_path: Path) -> None:
-    cfg = parse_config({"line": "l1", "champion": {"version": 3, "path": "a"}}, tmp_path)
-    assert cfg.champion.version == "3" and cfg.challenger is None and cfg.decision == DecisionRule()
-    assert parse_config(cfg.to_dict(), tmp_path) == cfg  # the rewrite round-trips
-    bad = {"line": "", "champion": {"version": "1"}, "challenger_share": 1.5, "colour": 1, "decision": {"x": 1}}
-    bad |= {"openvino": ["THROUGHPUT"], "cameras": {"pinned": {"cam-1": "canary"}}}
-    with pytest.raises(RolloutError) as e:
-        parse_config(bad, tmp_path, source="r.yaml")
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("r.yaml: ")
-    for key in ("line=", "champion:", "challenger_share=1.5", "'colour'", "decision=", "openvino=", "'canary'"):
-        assert key in msg
-    (tmp_path / "broken.yaml").write_text("line: [unclosed\n")
-    with pytest.raises(RolloutError, match=r"broken.yaml: not valid YAML at line 2"):
-        load_config(tmp_path / "broken.yaml")
-
-
-def test_sticky_assignment_and_split() -> None:
-    base = parse_config({"line": "l", "champion": {"version": "1", "path": "a"}}, Path("."))
-    cfg = replace(base, challenger=rollout.ModelRef("2", "b"), challenger_share=0.25)
-    cams = [f"cam-{i}" for i in range(2000)]
-    arms = [assign_arm(c, cfg) for c in cams]
-    assert arms == [assign_arm(c, cfg) for c in cams]  # sticky
-    assert arms == ["challenger" if bucket(c, "2") < 0.25 else "champion" for c in cams]
-    assert 0.22 < arms.count("challenger") / len(cams) < 0.28
-    other = replace(cfg, challenger=rollout.ModelRef("3", "b"))
-    assert [assign_arm(c, other) for c in cams] != arms  # a new challenger reshuffles the cameras
-    first_ch = cams[arms.index("challenger")]
-    pinned = replace(cfg, pinned={"cam-x": "challenger", first_ch: "champion"})
-    assert assign_arm("cam-x", pinned) == "challenger" and assign_arm(first_ch, pinned) == "champion"
-    assert assign_arm("cam-x", replace(pinned, challenger=None)) == "champion"  # no challenger: pins fall back
-
-
-def test_jsonl_tolerates_a_torn_last_line(tmp_path: Path) -> None:
-    path = tmp_path / "p.jsonl"
-    log = JsonlLog(path, fsync_every=2)
-    for i in range(3):
-        log.append({"i": i})
-    log.close()
-    with open(path, "ab") as f:
-        f.write(b'{"i": 3, "cla')  # crash mid-write
-    assert read_jsonl(path) == ([{"i": 0}, {"i": 1}, {"i": 2}], 1)
-    log = JsonlLog(path)  # reopening ends the torn line, so the next record stays readable
-    log.append({"i": 4})
-    log.close()
-    assert read_jsonl(path) == ([{"i": 0}, {"i": 1}, {"i": 2}, {"i": 4}], 1)
-
-
-def test_wilson_and_mcnemar_known_values() -> None:
-    lo, hi = wilson_interval(8, 10)
-    assert lo == pytest.approx(0.4901625, abs=1e-6) and hi == pytest.approx(0.9433178, abs=1e-6)
-    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.2775328, abs=1e-6)) and wilson_interval(0, 0) is None
-    assert mcnemar(0, 6)["p_value"] == 2 / 2**6 and mcnemar(3, 3)["p_value"] == 1.0
-    assert mcnemar(2, 9)["p_value"] == pytest.approx(2 * (1 + 11 + 55) / 2**11)
-    big = mcnemar(600, 500)
-    assert big["method"] == "chi2-cc" and big["statistic"] == pytest.approx(99**2 / 1100)
-    assert big["p_value"] == pytest.approx(math.erfc(math.sqrt(99**2 / 1100 / 2)))
-
-
-def _report(ch: tuple[int, int, float, int, int], cp: tuple[int, int, float]) -> dict:
-    def arm(labelled: int, correct: int, p50: float, errors: int = 0, requests: int | None = None) -> dict:
-        acc = correct / labelled if labelled else None
-        return {"labelled": labelled, "accuracy": acc, "accuracy_ci95": wilson_interval(correct, labelled),
-                "defect_recall": None, "latency_ms": {"p50": p50, "p99": p50}, "errors": errors,
-                "requests": requests if requests is not None else labelled + errors}  # fmt: skip
-
-    return {"versions": {"champion": "1", "challenger": "2"}, "overall": {"challenger": arm(*ch), "champion": arm(*cp)}}
-
-
-def test_decide_rule() -> None:
-    rule = DecisionRule(min_samples=100, min_gain=0.01, max_latency_increase=0.2, max_error_rate=0.05)
-    assert decide(_report((99, 99, 1.0, 0, 99), (500, 400, 1.0)), rule).action == "wait"
-    assert decide(_report((100, 95, 1.0, 0, 100), (99, 80, 1.0)), rule).action == "wait"  # champion short too
-    d = decide(_report((100, 95, 1.1, 0, 100), (500, 400, 1.0)), rule)
-    assert d.action == "promote" and d.evidence["accuracy_gain"] == pytest.approx(0.15)
-    assert decide(_report((100, 95, 1.3, 0, 100), (500, 400, 1.0)), rule).action == "rollback"  # +30 % p50
-    assert decide(_report((100, 80, 1.0, 0, 100), (500, 400, 1.0)), rule).action == "rollback"  # gain 0 < 0.01
-    d = decide(_report((10, 10, 1.0, 3, 13), (500, 400, 1.0)), rule)  # 3/13 errors: lower bound 0.08 > 0.05
-    assert d.action == "rollback" and "errors 3/13" in d.reasons[0]
-    assert decide(_report((10, 10, 1.0, 1, 60), (500, 400, 1.0)), rule).action == "wait"  # 1/60 may be luck
-
-
+# ------------------------------------------------------------------------------------------------ artifacts
 def test_artifact_checksum_version_and_missing_files(world: World, tmp_path: Path) -> None:
     art = shutil.copytree(world.art["2"], tmp_path / "v2")
     assert load_model(art, "2").class_names == CLASSES
@@ -270,7 +175,7 @@ def test_cameras_ab_split_feedback_promotion_and_rollback(world: World, tmp_path
     expected_ch = {c for c in CAMS if c == "cam-3" or bucket(c, "2") < 0.25}
     assert 2 <= len(expected_ch) <= 6  # the hash gives these 12 cameras a share near 0.25 (plus the pinned one)
     frames = frames_for(CAMS, 20, "a", len(world.images))
-    with serve(create_app(cfg_path)) as base:
+    with serve(app := create_app(cfg_path)) as base:
         health = HTTP.get(f"{base}/healthz").json()
         assert (health["status"], health["champion"], health["challenger"]) == ("alive", "1", "2")
         assert HTTP.get(f"{base}/readyz").status_code == 200
@@ -318,11 +223,12 @@ def test_cameras_ab_split_feedback_promotion_and_rollback(world: World, tmp_path
         assert out["action"] == "promote" and out["applied"] and out["state"]["champion"] == "2"
         cfg = load_config(cfg_path)
         assert cfg.champion.version == "2" and cfg.challenger is None
-        assert registry.get_alias("champion") == "2" and registry.get_alias("challenger") is None
         rec = read_jsonl(logs / "decisions.jsonl")[0][-1]
         assert rec["action"] == "promote" and rec["evidence"]["challenger"]["labelled"] == n_ch
-        moves = [(m["alias"], m["from_version"], m["to_version"]) for m in rec["alias_moves"]]
+        assert rec["registry"] == "pending"  # the registry follows off the control lock (test_sync_hostile.py)
+        moves = [(m["alias"], m["from_version"], m["to_version"]) for m in registry_moves(app.state.service, cfg_path)]
         assert moves == [("champion", "1", "2"), ("challenger", "2", None)]
+        assert registry.get_alias("champion") == "2" and registry.get_alias("challenger") is None
         after = send(base, world, frames_for(CAMS, 2, "b", len(world.images)))
         assert {(r.json()["role"], r.json()["model_version"]) for r in after} == {("champion", "2")}
 
@@ -377,7 +283,7 @@ def test_corrupt_challenger_while_serving_is_rolled_back_and_no_request_fails(wo
             started = time.monotonic()  # a batch counts as "after the reload" only if it started after it
             results.append((started, send(base, world, frames_for(CAMS, 1, f"f{k}", len(world.images)))))
 
-    with serve(create_app(cfg_path)) as base:
+    with serve(app := create_app(cfg_path)) as base:
         traffic = threading.Thread(target=camera_traffic, args=(base,))
         traffic.start()
         while len(results) < 2:
@@ -405,7 +311,8 @@ def test_corrupt_challenger_while_serving_is_rolled_back_and_no_request_fails(wo
     rec = last_decision(cfg_path)
     assert (rec["action"], rec["source"], rec["applied"]) == ("rollback", "auto:load", True)
     assert "sha256 differs" in rec["reasons"][0]
-    assert [(m["alias"], m["to_version"]) for m in rec["alias_moves"]] == [("challenger", None)]
+    moves = registry_moves(app.state.service, cfg_path)
+    assert [(m["alias"], m["to_version"]) for m in moves] == [("challenger", None)]
     assert registry.get_alias("challenger") is None and registry.get_alias("champion") == "1"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support.servers import free_port
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 
 from pipelines import stages
@@ -43,12 +43,6 @@ PARAMS = {
 }  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
@@ -62,7 +56,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         stages.demo_stage(params)
         stages.prepare_stage(params)
         # the 2-process run starts first and the one-process run goes on meanwhile (two cores)
-        launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+        launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / "tests/ddp_worker.py"), str(project),
                str(out)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -187,7 +181,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) ->
            "OMP_NUM_THREADS": "1", "SENSITUNE_NO_PROGRESS": "1"}  # fmt: skip
 
     def torchrun(**extra: str) -> subprocess.CompletedProcess:
-        launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+        launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(worker), str(out)]
         return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=600)
 

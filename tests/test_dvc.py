@@ -9,76 +9,16 @@ Slow: the whole pipeline incl. export and MLflow tracking, and an experiment swe
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from tiny_params import TINY as TINY_BASE
+from support.projects import BIN, make_repo, repo_env, set_param
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
-CODE = ("spt_core", "deploy", "pipelines")
-TINY = {**TINY_BASE, "export": {"precisions": ["fp32"], "calibration_size": 8}}  # one epoch, FP32 export
-GITIGNORE = "/mlflow.db\n/mlartifacts/\n/dvc_plots/\nruns/*/train_state/\n__pycache__/\n"
 RAN = re.compile(r"Running stage '([^']+)'")
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `sensitune` and `python` of this venv for the stage cmds
-        DVC_NO_ANALYTICS="1",
-        GIT_PYTHON_REFRESH="quiet",
-        MLFLOW_TRACKING_URI=os.environ.get("SENSITUNE_TEST_TRACKING_URI") or f"sqlite:///{tmp / 'mlflow.db'}",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-def _make_repo(repo: Path, demo: bool = True) -> Callable[..., str]:
-    """A git repo with this project's pipeline files, code and tiny params (+ the demo images as data v1 when
-    ``demo``); returns a command runner. The stage commands run the repo's copy of the code (PYTHONPATH)."""
-    repo.mkdir(parents=True)
-    for d in CODE:
-        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / f, repo / f)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text(GITIGNORE)
-    env = {**_env(repo.parent), "PYTHONPATH": str(repo)}
-
-    def run(*cmd: str, ok: bool = True) -> str:
-        exe = DVC if cmd[0] == "dvc" else cmd[0]
-        p = subprocess.run([exe, *cmd[1:]], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        out = p.stdout + p.stderr
-        if ok:
-            assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{out[-3000:]}"
-        return out
-
-    run("git", "init", "-q")
-    if not demo:
-        return run
-    run(str(BIN / "sensitune"), "demo", "-q")
-    run("dvc", "add", "-q", "data/raw")
-    run("dvc", "push", "-q")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "tiny pipeline, data v1")
-    return run
 
 
 def _line_folder(root: Path, counts: dict[str, int], start: int = 0) -> Path:
@@ -101,10 +41,10 @@ def _line_folder(root: Path, counts: dict[str, int], start: int = 0) -> Path:
 def test_readme_import_recipe_from_a_fresh_clone(tmp_path: Path) -> None:
     """README "Your own images": import -> dvc repro -> commit; a second batch is a new data version."""
     repo = tmp_path / "line7"
-    run = _make_repo(repo, demo=False)
-    _set_param(repo, "data", "ok_class", "good")
+    run = make_repo(repo, demo=False)
+    set_param(repo, "data", "ok_class", "good")
     for key, value in (("split", [0.6, 0.2, 0.2]), ("min_per_class", 1), ("n_train", None), ("n_val", None)):
-        _set_param(repo, "data", key, value)
+        set_param(repo, "data", key, value)
     out = run(str(BIN / "sensitune"), "import", str(_line_folder(tmp_path / "my_line", {"good": 12, "dent": 6})))
     assert "imported 18 file(s)" in out and (repo / "data/raw.dvc").is_file()
     out = run("dvc", "repro", "evaluate")
@@ -122,16 +62,9 @@ def test_readme_import_recipe_from_a_fresh_clone(tmp_path: Path) -> None:
     assert status["prepare"] == [{"changed deps": {"data/raw": "modified"}}]
     assert yaml.safe_load((repo / "data/raw.dvc").read_text())["outs"][0]["nfiles"] == 23
     # a class list without the declared good class stops at import, naming what it found
-    _set_param(repo, "data", "ok_class", "ok")
+    set_param(repo, "data", "ok_class", "ok")
     out = run(str(BIN / "sensitune"), "import", str(_line_folder(tmp_path / "other", {"pass": 2, "dent": 2})), ok=False)
     assert "data.ok_class='ok' is not a class of" in out and "['dent', 'pass']" in out
-
-
-def _set_param(repo: Path, section: str, key: str, value: object) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _lock(repo: Path) -> dict:
@@ -146,7 +79,7 @@ def _out_md5(lock: dict, stage: str) -> dict[str, str]:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Callable[..., str]]:
     """A repo where `dvc repro evaluate` (prepare .. evaluate) has run once."""
     repo = tmp_path_factory.mktemp("dvc") / "repo"
-    run = _make_repo(repo)
+    run = make_repo(repo)
     out = run("dvc", "repro", "evaluate")
     assert RAN.findall(out) == ["prepare", "measure", "plan", "train", "evaluate"], out
     return repo, run
@@ -167,7 +100,7 @@ def test_lr_change_reruns_train_and_later_only(pipeline: tuple[Path, Callable[..
     lock0 = _lock(repo)
     sens = repo / "runs/main/sensitivity.safetensors"
     mtime = sens.stat().st_mtime_ns
-    _set_param(repo, "train", "lr", 0.01)
+    set_param(repo, "train", "lr", 0.01)
     status = json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate"))
     assert list(status) == ["train"], status  # only train reads train.lr
     assert status["train"] == [{"changed deps": {"params.yaml": {"train.lr": "modified"}}}]
@@ -188,7 +121,7 @@ def test_budget_change_reruns_plan_and_later_not_measure(pipeline: tuple[Path, C
     repo, run = pipeline
     lock0 = _lock(repo)
     trainable0 = json.loads((repo / "runs/main/metrics.json").read_text())["trainable"]
-    _set_param(repo, "plan", "budget", "10%")
+    set_param(repo, "plan", "budget", "10%")
     assert list(json.loads(run("dvc", "status", "--json", "--with-deps", "evaluate"))) == ["plan"]
 
     out = run("dvc", "repro", "evaluate")
@@ -230,8 +163,8 @@ def test_new_defect_batch_is_a_new_data_version(pipeline: tuple[Path, Callable[.
 def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: tuple[Path, Callable]) -> None:
     """Adapters are nonlinear: no plain model to merge or export, yet `dvc repro` runs to the end."""
     repo, run = pipeline
-    _set_param(repo, "plan", "structured", "adapter")
-    _set_param(repo, "plan", "allocation", "global")
+    set_param(repo, "plan", "structured", "adapter")
+    set_param(repo, "plan", "allocation", "global")
     ran = RAN.findall(run("dvc", "repro"))
     assert {"plan", "train", "evaluate", "merge", "export", "track"} <= set(ran), ran
     plan = json.loads((repo / "runs/main/plan.json").read_text())
@@ -251,7 +184,7 @@ def test_adapter_plan_skips_merge_and_export_but_evaluates_and_tracks(pipeline: 
 @pytest.mark.slow
 def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    run = _make_repo(repo)
+    run = make_repo(repo)
     out = run("dvc", "repro")
     stages = ["prepare", "measure", "plan", "train", "evaluate", "merge", "export", "track"]
     assert sorted(RAN.findall(out)) == sorted(stages), out
@@ -261,7 +194,7 @@ def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> 
     assert sealed["model_version"] == "1"  # `dvc repro` yields an artifact the edge accepts
     assert RAN.findall(run("dvc", "repro")) == []
 
-    _set_param(repo, "train", "lr", 0.01)
+    set_param(repo, "train", "lr", 0.01)
     ran = RAN.findall(run("dvc", "repro"))
     assert sorted(ran) == sorted(["train", "evaluate", "merge", "export", "track"]), ran
     assert json.loads((repo / "runs/main/mlflow_run.json").read_text())["model_version"] == "2"
@@ -270,7 +203,7 @@ def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> 
     run("git", "commit", "-qm", "lr 0.01")
     from mlflow import MlflowClient
 
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"], _env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(repo_env(tmp_path)["MLFLOW_TRACKING_URI"], repo_env(tmp_path)["MLFLOW_TRACKING_URI"])
     name = "sensitune-test_vit"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"  # int in MLflow 3.x
     run("dvc", "exp", "run", "-S", "plan.budget=10%")

@@ -17,19 +17,12 @@ import torch
 from torch import nn
 
 import deploy.compile.export as export_mod
-from deploy.compile.export import (
-    ExportError,
-    compile_openvino,
-    export_all,
-    export_onnx,
-    ir_weight_types,
-    onnx_opset,
-    write_manifest,
-)
+from deploy.compile.build import ExportError, compile_openvino, ir_weight_types
+from deploy.compile.export import export_all, export_onnx, onnx_opset, write_manifest
 from deploy.compile.quantize import calibration_fingerprint, nncf_model_type
-from deploy.compile.verify import runner, verify
+from deploy.compile.verify import verify
 from deploy.edge.artifact import ArtifactError, load_artifact
-from deploy.edge.inferencer import Inferencer
+from deploy.edge.inferencer import OpenVINOInferencer, open_inferencer
 from spt_core.model import create_model
 from spt_core.portable.io import file_sha256
 from spt_core.portable.preprocess import Preprocess, preprocess_batch, preprocess_image
@@ -76,10 +69,14 @@ def _fit_centroid_head(model: nn.Module, images: list[np.ndarray], labels: list[
         head.bias.copy_(b * scale)
 
 
+# export_all's options the pipeline takes from params.yaml's export section (no library defaults)
+EXPORT_SECTION = dict(precisions=("fp32", "fp16", "int8"), opset=18)
+
+
 def _export_kw(data: dict[str, list], **overrides) -> dict:
     kw = dict(calibration_images=data["train"], eval_images=data["test"], eval_labels=data["y_test"])
-    kw |= dict(model_name="m", model_version=1, plan_hash=None, data_version=None)
-    return kw | overrides
+    kw |= dict(model_name="m", model_version=1, plan_hash=None, data_version=None, calibration_size=300)
+    return kw | EXPORT_SECTION | overrides
 
 
 def _manifest_kw(precision: str, **overrides) -> dict:
@@ -131,6 +128,7 @@ def exported(lite0: nn.Module, data: dict[str, list], tmp_path_factory: pytest.T
         plan_hash="abc123",
         data_version="d1",
         calibration_size=16,
+        **EXPORT_SECTION,
     )
     return {"root": root, "dir": root / "3", "report": report}
 
@@ -202,10 +200,10 @@ def test_loaded_artifacts_match_pytorch_at_any_batch_size(exported: dict, lite0:
         x = preprocess_batch(data["test"][:n], PRE)
         with torch.no_grad():
             ref = lite0(torch.from_numpy(x)).numpy()
-        for rel in ("openvino/fp32", "."):
-            assert np.abs(runner(exported["dir"] / rel, "fp32")(x) - ref).max() <= 1e-4
+        for name in ("fp32", "onnx"):  # OpenVINO FP32 and the ONNX file, each by its precision in the export dir
+            assert np.abs(open_inferencer(exported["dir"], name).infer(x) - ref).max() <= 1e-4
     artifact = load_artifact(exported["dir"] / "openvino/fp32")
-    compiled = Inferencer.from_artifact(artifact).compiled
+    compiled = OpenVINOInferencer.from_artifact(artifact).compiled
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
     assert artifact.manifest["model_version"] == "3"
 
@@ -214,14 +212,14 @@ def test_int8_flag_follows_the_accuracy_budget(exported: dict, lite0: nn.Module,
     drop = exported["report"]["accuracy_drop"]["int8"]
     arts = {"int8": exported["dir"] / "openvino/int8"}
     for budget, ok in ((drop, True), (drop - 0.5, False)):
-        r = verify(lite0, arts, data["test"], data["y_test"], PRE, int8_max_drop=budget)
+        r = verify(lite0, arts, data["test"], data["y_test"], PRE, max_drop={"int8": budget})
         assert r["accuracy_drop"]["int8"] == drop  # deterministic
         assert r["int8_ok"] is ok and r["promotable"]["int8"] is ok
         assert r["passed"]  # a weak INT8 is flagged, it does not fail the export
 
 
-def _load_and_compile(d: Path) -> Inferencer:
-    return Inferencer.from_artifact(load_artifact(d))
+def _load_and_compile(d: Path) -> OpenVINOInferencer:
+    return OpenVINOInferencer.from_artifact(load_artifact(d))
 
 
 def _truncate_bin(d: Path) -> None:
@@ -324,7 +322,7 @@ def test_failed_export_leaves_nothing(vit: nn.Module, data: dict, tmp_path: Path
     def boom(*args, **kwargs):
         raise ExportError("simulated conversion failure")
 
-    monkeypatch.setattr(export_mod, "compile_openvino", boom)
+    monkeypatch.setattr(export_mod, "build", boom)
     with pytest.raises(ExportError, match="simulated"):
         export_all(vit, PRE, CLASSES, tmp_path / "7", **_export_kw(data, precisions=("fp32",)))
     assert list(tmp_path.iterdir()) == []
@@ -333,7 +331,7 @@ def test_failed_export_leaves_nothing(vit: nn.Module, data: dict, tmp_path: Path
 def test_bad_arguments_are_one_line_errors(tmp_path: Path, vit: nn.Module, data: dict) -> None:
     kw = _export_kw(data)
     with pytest.raises(ExportError, match="precisions"):
-        export_all(vit, PRE, CLASSES, tmp_path / "a", precisions=("fp8",), **kw)
+        export_all(vit, PRE, CLASSES, tmp_path / "a", **(kw | {"precisions": ("fp8",)}))
     with pytest.raises(ExportError, match="3 class_names"):
         export_all(vit, PRE, CLASSES[:3], tmp_path / "a", **kw)
     with pytest.raises(ExportError, match="calibration"):

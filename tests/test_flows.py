@@ -13,8 +13,6 @@ import asyncio
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +26,8 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from support.params import TINY_FLOW  # noqa: E402
+from support.projects import git_dvc_project  # noqa: E402
 
 from deploy.edge.rollout import load_config  # noqa: E402
 from pipelines import (
@@ -38,26 +37,8 @@ from pipelines import (
 from pipelines import tasks as t  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
 
-TINY = {  # 4 classes x 6 images of 32 px per batch; random-init test model; one epoch; FP32 export only
-    "paths": {"raw": "data/raw", "data": "data/prepared", "run": "runs/main"},
-    "demo": {"n_per_class": 6, "size": 32, "counts": None},
-    "data": {"split": None, "n_train": 12, "n_val": 8},
-    "model": {"name": "test_efficientnet", "weights": "none", "input_size": 32, "drop_path_rate": 0.0},
-    "sensitivity": {"batches": 2, "batch_size": 8, "probe_epochs": 2, "device": "auto"},
-    "plan": {"budget": "5%"},
-    # no linear probe: a 1-epoch random-init model is often below it, and the gate then (rightly) refuses the
-    # hand-over (tests/test_line.py covers that rule); these tests are about the flow's mechanics
-    "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "amp": False, "lr": 0.01,
-              "head_init": "random", "probe_baseline": False},
-    "export": {"precisions": ["fp32"], "calibration_size": 8},
-}  # fmt: skip
 NAME = "defect-inspector"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_server")  # one temporary Prefect server (tests/conftest.py)
 
 
 class Project:
@@ -88,10 +69,6 @@ class Project:
         return len(client.search_runs([exp.experiment_id])) if exp else 0
 
 
-def _sh(*cmd: str, cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=300)
-
-
 def _tree_hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
@@ -102,11 +79,7 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 def project(tmp_path_factory: pytest.TempPathFactory):
     """A git + DVC project with one demo batch, after the first (bootstrapping) retrain; cwd = the project."""
     pr = Project(tmp_path_factory.mktemp("retrain"))
-    pr.root.mkdir()
-    (pr.root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    _sh("git", "init", "-q", cwd=pr.root)
-    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=pr.root)
-    _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(pr.remote), cwd=pr.root)
+    git_dvc_project(pr.root, pr.remote, TINY_FLOW)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(pr.root)
         pr.add_batch()

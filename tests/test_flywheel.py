@@ -23,11 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from deploy_fixtures import CLASSES, demo_images, free_port
 from mlflow import MlflowClient
-from test_dvc import _make_repo, _set_param
-from test_flows import prefect_server  # noqa: F401  (autouse: one temporary Prefect server)
-from test_mlflow import mlflow_server, stop_server
+from support.artifacts import CLASSES, demo_images
+from support.projects import make_repo, set_param
+from support.servers import free_port, mlflow_server, stop_server
 
 from pipelines import flows
 from pipelines.publish import publish  # noqa: F401  (the function every path shares)
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "sensitune-test_vit"  # publish's default name for TINY's model (flow and dvc repro alike)
 N_FEEDBACK = 6
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]  # one Prefect server (conftest.py)
 
 
 def _box(root: Path, name: str, url: str, frames: bool) -> tuple[subprocess.Popen, str]:
@@ -76,11 +75,11 @@ def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with mlflow_server(tmp_path) as (uri, server_proc):
         monkeypatch.setenv("SENSITUNE_TEST_TRACKING_URI", uri)  # dvc repro's track stage publishes there
         repo = tmp_path / "project"
-        run = _make_repo(repo)
+        run = make_repo(repo)
         # a one-epoch model from random weights is often below the linear probe, and the flow then (rightly) refuses
         # to hand it over; this test is about the loop, the gate is tested in test_flows / test_line
-        _set_param(repo, "train", "probe_baseline", False)
-        _set_param(repo, "train", "head_init", "random")
+        set_param(repo, "train", "probe_baseline", False)
+        set_param(repo, "train", "head_init", "random")
         run("git", "commit", "-qam", "no probe baseline")
         monkeypatch.chdir(repo)
         client = MlflowClient(uri, uri)
@@ -98,7 +97,7 @@ def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 _wait("champion v1", lambda url=url: _ready(url, "1", None))
 
             # 3. `dvc repro` (another lr) publishes v2: both boxes serve it as challenger, nobody edits anything
-            _set_param(repo, "train", "lr", 0.01)
+            set_param(repo, "train", "lr", 0.01)
             out = run("dvc", "repro")
             rec = json.loads((repo / "runs/main/mlflow_run.json").read_text())
             assert (rec["status"], rec["model_version"], rec["challenger_moved"]) == ("published", "2", True), out

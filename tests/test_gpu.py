@@ -8,14 +8,12 @@ comparison harness unchanged on `--device cuda`.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from test_tuners import CASES, _case, _perturb, _x
+from support.tuner_cases import CASES, perturb, sample_x, tuner_case
 
 import spt_core.tuners.host as host_mod
 from spt_core.merge import merge
@@ -24,7 +22,6 @@ from spt_core.sensitivity import measure_sensitivity
 from spt_core.train import TrainConfig, fit
 from spt_core.tuners import apply_plan, tuned_modules
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
 
 
@@ -45,10 +42,10 @@ def _naive_pack(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("kind, where", CASES)
 def test_tuners_on_cuda_match_cpu(kind, where, cuda):
-    _, model, plan = _case(kind, where)
+    _, model, plan = tuner_case(kind, where)
     apply_plan(model, plan)
-    _perturb(model)
-    x = _x()
+    perturb(model)
+    x = sample_x()
     with torch.no_grad():
         ref = model(x)
         model.to(cuda)
@@ -63,11 +60,11 @@ def test_tuners_on_cuda_match_cpu(kind, where, cuda):
 )
 def test_bf16_autocast_rebuild_is_bit_identical(kind, where, cuda, monkeypatch):
     """Under autocast W' is cast to bf16 once; the rebuilt copy in backward must equal the one forward used."""
-    _, model, plan = _case(kind, where)
+    _, model, plan = tuner_case(kind, where)
     apply_plan(model, plan)
-    _perturb(model)
+    perturb(model)
     model.to(cuda)
-    x, y = _x().to(cuda).requires_grad_(True), torch.tensor([0, 2], device=cuda)
+    x, y = sample_x().to(cuda).requires_grad_(True), torch.tensor([0, 2], device=cuda)
 
     def grads() -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -95,7 +92,7 @@ def _sparse_plan_on(model: torch.nn.Module, suffixes: tuple[str, ...], per_param
         if name.endswith(suffixes):
             indices[name] = torch.randperm(p.numel(), generator=g)[:per_param].sort().values
             targets.append(Target(name, "sparse", per_param, "linear", tuple(p.shape), 0))
-    return Plan(targets, indices, per_param * len(targets), "none", 8, 10.0, 5.0, 10**8)
+    return Plan(targets, indices, per_param * len(targets), "none", {"rank": 8}, 10.0, 5.0, 10**8)
 
 
 @pytest.mark.parametrize("amp", [False, True])
@@ -150,7 +147,7 @@ def test_sensitivity_cuda_equals_cpu(name, cuda):
 def test_fit_with_amp_on_cuda_trains_only_the_plan(cuda):
     from torch.utils.data import DataLoader, TensorDataset
 
-    _, model, plan = _case("sparse", "linear")
+    _, model, plan = tuner_case("sparse", "linear")
     param = plan.targets[0].param
     base = dict(model.named_parameters())[param].detach().clone()
     apply_plan(model, plan)
@@ -171,8 +168,6 @@ def test_fit_with_amp_on_cuda_trains_only_the_plan(cuda):
 
 
 def test_compare_harness_runs_unchanged_on_cuda(tmp_path, cuda):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from benchmarks import compare
 
     out = tmp_path / "results"

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from spt_core.allocate import allocate
+from spt_core.allocate import SPT_RULE, allocate
 from spt_core.checkpoint import save_tuned
 from spt_core.portable.errors import ModelError, PlanError
 from spt_core.portable.io import write_text
@@ -44,13 +44,13 @@ def test_nan_sensitivity_fails_at_measure_naming_the_parameter() -> None:
     with torch.no_grad():
         model.fc1.weight[2, 3] = float("nan")  # one damaged backbone value
     with pytest.raises(PlanError, match=r"sensitivity of 'fc1\.(weight|bias)' has \d+ non-finite") as e:
-        measure_sensitivity(model, _batches())
+        measure_sensitivity(model, _batches(), batches=2)
     assert "\n" not in str(e.value)
 
 
 def test_nan_in_a_sensitivity_file_fails_at_load(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    sens = measure_sensitivity(TwoLayer(), _batches())
+    sens = measure_sensitivity(TwoLayer(), _batches(), batches=2)
     sens.scores["fc1.bias"][1] = float("nan")  # the file says "most sensitive" wherever NaN sorts first
     sens.save(tmp_path / "s.safetensors")
     with pytest.raises(PlanError, match=r"s\.safetensors: sensitivity of 'fc1\.bias' has 1 non-finite"):
@@ -85,7 +85,7 @@ def test_a_rewritten_file_keeps_its_mode(tmp_path: Path) -> None:
 def test_tuned_weights_folder_is_readable_by_others(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = TwoLayer()
-    plan = allocate(measure_sensitivity(model, _batches()), 10, structured="lora", rank=1)
+    plan = allocate(measure_sensitivity(model, _batches(), batches=2), 10, **{**SPT_RULE, "rank": 1})
     apply_plan(model, plan)
     old = os.umask(0o022)
     try:

@@ -19,14 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from spt_core.data import BalancedSampler, class_weights, prepare
 from spt_core.portable.errors import DataError
-from spt_core.portable.metrics import (
-    choose_threshold,
-    class_metrics,
-    confusion_matrix,
-    decision_metrics,
-    rates_at,
-    wilson_interval,
-)
+from spt_core.portable.metrics import confusion_matrix, wilson_interval
+from spt_core.portable.operating_point import OperatingPoint
 from spt_core.portable.preprocess import Preprocess, load_rgb, preprocess_image
 
 
@@ -135,7 +129,7 @@ def test_confusion_matrix_and_rates_exact_on_a_known_case():
     p = [0, 0, 1, 2] + [1] * 8 + [0, 2] + [1, 2]  # 1 crack escapes, 2 ok rejected, 1 scratch escapes
     cm = confusion_matrix(y, p, 3)
     assert cm.tolist() == [[2, 1, 1], [1, 8, 1], [0, 1, 1]]
-    m = class_metrics(cm, names, "ok")
+    m = OperatingPoint("ok").metrics(y, np.eye(3)[p], names)  # no threshold: the top class decides
     assert m["escape_rate"]["k"] == 2 and m["escape_rate"]["n"] == 6 and m["escape_rate"]["value"] == 2 / 6
     assert m["overkill"]["k"] == 2 and m["overkill"]["n"] == 10 and m["overkill"]["value"] == 0.2
     assert m["balanced_accuracy"] == pytest.approx((2 / 4 + 8 / 10 + 1 / 2) / 3, abs=1e-15)
@@ -147,22 +141,28 @@ def test_confusion_matrix_and_rates_exact_on_a_known_case():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(z2 / (10 + z2), abs=1e-12)
     assert m["overkill"]["ci95"] == wilson_interval(2, 10)
-    assert decision_metrics(y, np.eye(3)[p], names, None)["confusion"] == cm.tolist()  # no good class: no rates
-    assert "escape_rate" not in decision_metrics(y, np.eye(3)[p], names, None)
+    assert OperatingPoint().metrics(y, np.eye(3)[p], names)["confusion"] == cm.tolist()  # no good class: no rates
+    assert "escape_rate" not in OperatingPoint().metrics(y, np.eye(3)[p], names)
 
 
 def test_threshold_meets_the_escape_target_on_validation_with_least_overkill():
     rng = np.random.default_rng(1)
     is_defect = np.r_[np.ones(40, bool), np.zeros(400, bool)]
     p_good = np.r_[rng.beta(2, 5, 40), rng.beta(5, 2, 400)]  # overlapping: no threshold is perfect
+    labels, probs, names = np.where(is_defect, "dent", "ok"), np.c_[p_good, 1 - p_good], ["ok", "dent"]
+
+    def escape_at(t: float) -> float:
+        op = OperatingPoint("ok", t)
+        return op.rates(labels, op.decide(op.p_good(probs, names)))["escape_rate"]["value"]
+
     for target in (0.0, 0.05, 0.1, 0.25, 1.0):
-        t = choose_threshold(p_good, is_defect, target)
-        esc = rates_at(p_good, is_defect, t)["escape_rate"]["value"]
-        assert esc <= target + 1e-12, (target, t, esc)
+        t = OperatingPoint.choose(labels, probs, names, "ok", target).threshold
+        assert escape_at(t) <= target + 1e-12, (target, t, escape_at(t))
         lower = np.sort(p_good[p_good < t])  # the next lower threshold (the nearest sample below) breaks the target
         if lower.size and target < 1.0:
-            assert rates_at(p_good, is_defect, lower[-1])["escape_rate"]["value"] > target
-    assert choose_threshold(p_good, is_defect, 0.0) > p_good[is_defect].max()  # zero escapes: above every defect
+            assert escape_at(lower[-1]) > target
+    zero = OperatingPoint.choose(labels, probs, names, "ok", 0.0).threshold
+    assert zero > p_good[is_defect].max()  # zero escapes: above every defect
 
 
 class Scripted(nn.Module):
@@ -246,18 +246,22 @@ def test_promotion_never_lets_a_worse_escape_rate_through_whatever_its_accuracy(
 
 def test_rollout_reads_ok_class_from_the_champion_artifact(tmp_path):
     from deploy.edge.rollout.manifest import RolloutError, parse_config
-    from deploy.edge.rollout.stats import resolve_ok_class
+    from deploy.edge.rollout.stats import resolve_operating_point
 
     art = tmp_path / "art"
     art.mkdir()
-    (art / "manifest.json").write_text(json.dumps({"ok_class": "good", "class_names": ["dent", "good"]}))
+    manifest = {"format": "onnx", "precision": "fp32", "model_version": "1", "class_names": ["dent", "good"],
+                "preprocess": Preprocess(size=(8, 8)).to_dict(), "files": {"model.onnx": "0" * 64}}  # fmt: skip
+    (art / "manifest.json").write_text(json.dumps({**manifest, "ok_class": "good", "threshold": 0.7}))
     base = {"line": "l", "champion": {"version": "1", "path": "art"}}
     assert parse_config(base, tmp_path).ok_class is None  # rollout.yaml has no default of its own
-    assert resolve_ok_class(parse_config(base, tmp_path)) == "good"
+    assert resolve_operating_point(parse_config(base, tmp_path)) == OperatingPoint("good", 0.7)
     with pytest.raises(RolloutError, match="champion's manifest declares 'good'"):
-        resolve_ok_class(parse_config({**base, "ok_class": "dent"}, tmp_path))
+        resolve_operating_point(parse_config({**base, "ok_class": "dent"}, tmp_path))
     with pytest.raises(RolloutError, match="not a class of the champion"):
-        resolve_ok_class(parse_config({**base, "ok_class": "ok"}, tmp_path))
+        resolve_operating_point(parse_config({**base, "ok_class": "ok"}, tmp_path))
+    (art / "manifest.json").write_text(json.dumps(manifest))  # the artifact declares none: rollout.yaml's fills in
+    assert resolve_operating_point(parse_config({**base, "ok_class": "dent"}, tmp_path)) == OperatingPoint("dent")
 
 
 # ------------------------------------------------------------------------------------------------ the edge
@@ -265,7 +269,7 @@ def test_the_edge_applies_the_manifests_threshold(tmp_path):
     import io
 
     import yaml
-    from deploy_fixtures import ALWAYS_OK, build_artifact
+    from support.artifacts import ALWAYS_OK, build_artifact
 
     from deploy.edge.service import EdgeService
 
@@ -289,7 +293,7 @@ def test_the_edge_applies_the_manifests_threshold(tmp_path):
 
 def test_loss_selection_prefers_the_confident_epoch():
     """select=loss: minus the mean cross-entropy of the true class; accuracy prefers the other model here."""
-    from spt_core.portable.metrics import selection_score
+    from spt_core.portable.operating_point import selection_score
 
     labels = np.array([0, 1])
     hesitant = np.array([[0.51, 0.49], [0.49, 0.51]])  # both right, barely: accuracy 1.0, mean log p = log 0.51

@@ -4,14 +4,13 @@ One git + DVC project with three lines: a and b get tiny demo data and retrain i
 batch holds a broken image, so its retrain fails at `prepare` while the others train. Afterwards a and b each have
 their own DVC data version, run directory, registered model (champion v1) and rollout manifest; c has none of
 them, and the flow reports c failed. The same flow without Ray then runs the lines one after another.
-Reuses tests/test_flows.py's tiny params and shell helper.
+Uses the tiny params of tests/test_flows.py (support/params.py's `TINY_FLOW`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("prefect_ray")
 
 from mlflow import MlflowClient  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from test_flows import TINY, _sh  # noqa: E402
+from support.params import TINY_FLOW  # noqa: E402
+from support.projects import git_dvc_project  # noqa: E402
 
 from deploy.edge.rollout import load_config  # noqa: E402
 from pipelines import lines as L  # noqa: E402
@@ -45,20 +44,10 @@ def _lines_yaml(names: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=600):  # a loaded shared CPU starts it slowly
-        yield
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, prefect_api):
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: None):
     root = tmp_path_factory.mktemp("lines")
-    proj, remote = root / "project", root / "dvc-remote"
-    proj.mkdir()
-    (proj / "params.yaml").write_text(yaml.safe_dump(TINY))
-    _sh("git", "init", "-q", cwd=proj)
-    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=proj)
-    _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote), cwd=proj)
+    remote = root / "dvc-remote"
+    proj = git_dvc_project(root / "project", remote, TINY_FLOW)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(proj)
         for seed, name in enumerate("abc"):
@@ -141,7 +130,7 @@ def test_the_command_line_refuses_a_bad_lines_file_in_one_line(tmp_path: Path, m
     assert L.main(["run", "--lines", "nope.yaml", "--no-use-dvc"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --lines nope.yaml: file not found") and "\n" not in err
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_FLOW))
     lines = {"lines": {"x": {"raw": "r", "budget": "2%", "set": {"train.lrr": 1}}}}
     (tmp_path / "lines.yaml").write_text(yaml.safe_dump(lines))
     assert L.main(["run"]) == 2  # the flow's own flags and defaults (lines.yaml, params.yaml), from its signature

@@ -1,8 +1,9 @@
 """pipelines.tracking against a real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1.
 
-A tiny real run (demo defects, test_vit at 32 px, one epoch) is logged, read back through MlflowClient, and
-the registered model is loaded as `models:/<name>@challenger` and compared with `load_merged`. A closed port
-gives a warning, a fallback file, exit code 0, and the fallback is replayed once the server is back.
+A tiny real run (`tiny_run` of tests/conftest.py: demo defects, test_vit at 32 px, two epochs) is logged, read
+back through MlflowClient, and the registered model is loaded as `models:/<name>@challenger` and compared with
+`load_merged`. A closed port gives a warning, a fallback file, exit code 0, and the fallback is replayed once the
+server is back.
 """
 
 from __future__ import annotations
@@ -10,14 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_params import TINY as TINY_BASE
+from support.params import RAW_MD5
+from support.servers import free_port
 
-from pipelines import stages, track
-from pipelines.config import load_params
+from pipelines import track
 from pipelines.layout import FILES
 from pipelines.models import load_merged
 from pipelines.tracking import FALLBACK_FILE, RECORD_FILE, TrackingWarning, git_commit, log_run, replay
@@ -36,83 +30,7 @@ from spt_core.data import load_dataset_info, scan_split
 from spt_core.model import ModelInfo
 from spt_core.portable.preprocess import preprocess_batch
 
-BIN = Path(sys.executable).parent
 NAME = "sensitune-test-tiny"
-TINY = {**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 2}}
-RAW_MD5 = "0123456789abcdef0123456789abcdef.dir"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
-    """(params, run dir, params.yaml) of a finished tiny run: prepare .. merge, plus a small export dir."""
-    tmp = tmp_path_factory.mktemp("mlrun")
-    doc: dict[str, Any] = {"paths": {"raw": str(tmp / "raw"), "data": str(tmp / "prepared"), "run": str(tmp / "run")}}
-    doc.update(TINY)
-    config = tmp / "params.yaml"
-    config.write_text(yaml.safe_dump(doc))
-    params = load_params(config)
-    stages.demo_stage(params)
-    (tmp / "raw.dvc").write_text(yaml.safe_dump({"outs": [{"md5": RAW_MD5, "nfiles": 24, "path": "raw"}]}))
-    for stage in stages.stages_until("merge"):
-        stage.run(params)
-    # The export stage's layout in miniature (the real export is tested in test_export.py): logged as is.
-    export = tmp / "run" / FILES["export"]
-    (export / "openvino" / "fp32").mkdir(parents=True)
-    (export / "openvino" / "fp32" / "manifest.json").write_text('{"format": "openvino", "precision": "fp32"}\n')
-    (export / "export_report.json").write_text(json.dumps({"accuracy": {"pytorch": 50.0, "fp32": 50.0}}))
-    return params, tmp / "run", config
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server started by `mlflow_server` (its process group); a no-op when it has exited."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@contextmanager
-def mlflow_server(tmp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real MLflow tracking server (sqlite backend, proxied artifacts in tmp/artifacts): (URI, process)."""
-    port = _free_port()
-    log = open(tmp / "server.log", "w")
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
-    cmd += ["--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd + ["--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # the first start creates the database (migrations): up to a minute on a busy box
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {proc.returncode}: {(tmp / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server not healthy: {(tmp / 'server.log').read_text()[-2000:]}")
-        yield uri, proc
-    finally:
-        stop_server(proc)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real MLflow tracking server with a sqlite backend; killed (its process group) at the end."""
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
-        yield uri
 
 
 def _client(uri: str) -> Any:
@@ -122,16 +40,16 @@ def _client(uri: str) -> Any:
 
 
 def test_log_run_to_server_reads_back_and_registered_model_predicts(
-    tiny_run: tuple[dict, Path, Path], server: str, tmp_path: Path
+    tiny_run: tuple[dict, Path, Path], mlflow_uri: str, tmp_path: Path
 ) -> None:
     import mlflow
 
     params, run, _ = tiny_run
     m = json.loads((run / "metrics.json").read_text())
-    result = log_run(params, run, tracking_uri=server, model_name=NAME, tags={"origin": "test"})
+    result = log_run(params, run, tracking_uri=mlflow_uri, model_name=NAME, tags={"origin": "test"})
     assert result["status"] == "logged", result
     assert result["model_name"] == NAME and result["alias"] == "challenger"
-    client = _client(server)
+    client = _client(mlflow_uri)
     r = client.get_run(result["run_id"])
     assert r.info.status == "FINISHED"
 
@@ -186,8 +104,8 @@ def test_log_run_to_server_reads_back_and_registered_model_predicts(
     with torch.inference_mode():
         expected = reference(torch.from_numpy(x)).numpy()
     prev = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(server)
-    mlflow.set_registry_uri(server)
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_registry_uri(mlflow_uri)
     try:
         model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     finally:
@@ -203,10 +121,10 @@ def test_log_run_to_server_reads_back_and_registered_model_predicts(
 
 
 def test_unreachable_server_warns_falls_back_and_replays(
-    tiny_run: tuple[dict, Path, Path], server: str, capsys: pytest.CaptureFixture[str]
+    tiny_run: tuple[dict, Path, Path], mlflow_uri: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params, run, config = tiny_run
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.warns(TrackingWarning, match="mlflow_fallback.json"):
         result = log_run(params, run, tracking_uri=dead, model_name=NAME)
     assert result["status"] == "fallback" and result["run_id"] is None and "URLError" in result["error"]
@@ -225,14 +143,14 @@ def test_unreachable_server_warns_falls_back_and_replays(
     assert json.loads((run / RECORD_FILE).read_text())["status"] == "fallback"
 
     # the server is back: replay logs the saved run and registers a new version
-    before = len(_client(server).search_model_versions(f"name='{NAME}'"))
+    before = len(_client(mlflow_uri).search_model_versions(f"name='{NAME}'"))
     capsys.readouterr()
-    assert track.main(["--replay", str(run / FALLBACK_FILE), "--tracking-uri", server]) == 0
+    assert track.main(["--replay", str(run / FALLBACK_FILE), "--tracking-uri", mlflow_uri]) == 0
     out = capsys.readouterr().out  # MLflow prints a "View run ... at: URL" line before the result
     replayed = json.loads(out[out.index("{\n") :])
     assert replayed["status"] == "logged"
     assert not (run / FALLBACK_FILE).exists() and (run / "mlflow_fallback.replayed.json").is_file()
-    client = _client(server)
+    client = _client(mlflow_uri)
     assert client.get_run(replayed["run_id"]).data.params["train.lr"] == "0.001"
     assert int(client.get_model_version_by_alias(NAME, "challenger").version) == before + 1
 
@@ -246,13 +164,13 @@ def test_track_without_a_trained_run_is_a_one_line_error(tmp_path: Path, capsys:
 
 
 def test_fallbacks_of_two_runs_are_both_kept_and_a_stale_replay_sends_no_files(
-    tiny_run: tuple[dict, Path, Path], server: str, tmp_path: Path
+    tiny_run: tuple[dict, Path, Path], mlflow_uri: str, tmp_path: Path
 ) -> None:
     params, run, _ = tiny_run
     run2 = tmp_path / "run"
     shutil.copytree(run, run2, ignore=shutil.ignore_patterns("mlflow_*"))
     params2 = {**params, "paths": {**params["paths"], "run": str(run2)}}
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.warns(TrackingWarning):
         log_run(params2, run2, tracking_uri=dead)
     first = json.loads((run2 / FALLBACK_FILE).read_text())["record"]
@@ -272,9 +190,9 @@ def test_fallbacks_of_two_runs_are_both_kept_and_a_stale_replay_sends_no_files(
 
     # replaying the first run now: its files were overwritten, so only params, metrics and tags are sent
     with pytest.warns(TrackingWarning, match="now holds another run"):
-        result = replay(kept[0], tracking_uri=server)
+        result = replay(kept[0], tracking_uri=mlflow_uri)
     assert result["status"] == "logged" and result["model_version"] is None
-    client = _client(server)
+    client = _client(mlflow_uri)
     r = client.get_run(result["run_id"])
     assert r.data.metrics["test_acc"] == metrics["test_acc"] and r.data.tags["sensitune.replay"] == "no-files"
     assert client.list_artifacts(r.info.run_id) == []

@@ -1,5 +1,6 @@
 """pipelines.publish against a real `mlflow server`: register once, seal with the registry version, the sweep
-rule for `challenger`, and per-epoch metrics logged live while training (fixtures of tests/test_mlflow.py)."""
+rule for `challenger`, and per-epoch metrics logged live while training (fixtures `mlflow_uri` and `tiny_run` of
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deploy_fixtures import CLASSES, N_FEATURES, build_artifact
 from mlflow import MlflowClient
-from test_mlflow import server, tiny_run  # noqa: F401  (fixtures)
+from support.artifacts import CLASSES, N_FEATURES, build_artifact
 
 from deploy.edge.artifact import load_artifact
 from pipelines import stages
@@ -24,7 +24,7 @@ NAME = "sensitune-test-publish"
 
 
 @pytest.fixture()
-def run_copy(tiny_run: tuple, tmp_path: Path) -> tuple[dict, Path]:  # noqa: F811
+def run_copy(tiny_run: tuple, tmp_path: Path) -> tuple[dict, Path]:
     """tiny_run's run dir with a real (tiny, torch-built) OpenVINO export sealed with the plan hash."""
     params, run, _ = tiny_run
     dst = tmp_path / "run"
@@ -42,13 +42,13 @@ def _versions(client: MlflowClient, name: str) -> list[str]:
 
 def test_publish_twice_registers_once_and_seals_with_the_registry_version(
     run_copy: tuple[dict, Path],
-    server: str,  # noqa: F811
+    mlflow_uri: str,
 ) -> None:
     params, run = run_copy
-    first = publish(params, run, tracking_uri_=server, model_name=NAME)
+    first = publish(params, run, tracking_uri_=mlflow_uri, model_name=NAME)
     assert first["status"] == "published" and first["registered"] and first["challenger_moved"], first
     v = first["model_version"]
-    client = MlflowClient(server, server)
+    client = MlflowClient(mlflow_uri, mlflow_uri)
     assert client.get_model_version_by_alias(NAME, "challenger").version == v
     assert client.get_model_version(NAME, v).tags[IDENTITY_TAG] == first["identity"]
     art = load_artifact(run / "published/openvino/fp32", expected_version=v)  # what the edge checks
@@ -60,7 +60,7 @@ def test_publish_twice_registers_once_and_seals_with_the_registry_version(
     files = {a.path for a in client.list_artifacts(first["run_id"], "export/openvino/fp32")}
     assert files == {f"export/openvino/fp32/{n}" for n in ("manifest.json", "model.xml", "model.bin")}
 
-    again = publish(params, run, tracking_uri_=server, model_name=NAME)
+    again = publish(params, run, tracking_uri_=mlflow_uri, model_name=NAME)
     assert (again["status"], again["model_version"], again["registered"]) == ("identical", v, False)
     assert _versions(client, NAME).count(v) == 1 and _versions(client, NAME)[-1] == v
     assert json.loads((run / "published/publish.json").read_text())["model_version"] == v
@@ -68,15 +68,15 @@ def test_publish_twice_registers_once_and_seals_with_the_registry_version(
 
 def test_a_sweep_does_not_move_challenger_unless_configured(
     run_copy: tuple[dict, Path],
-    server: str,  # noqa: F811
+    mlflow_uri: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     params, run = run_copy
-    client = MlflowClient(server, server)
-    base = publish(params, run, tracking_uri_=server, model_name=NAME + "-sweep")
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    base = publish(params, run, tracking_uri_=mlflow_uri, model_name=NAME + "-sweep")
     monkeypatch.setenv("DVC_EXP_NAME", "sweepy-exp")  # what `dvc exp run` sets for the stage commands
     swept = {**params, "plan": {**params["plan"], "budget": "10%"}}  # another identity
-    res = publish(swept, run, tracking_uri_=server, model_name=NAME + "-sweep")
+    res = publish(swept, run, tracking_uri_=mlflow_uri, model_name=NAME + "-sweep")
     assert res["registered"] and not res["challenger_moved"] and res["model_version"] != base["model_version"]
     assert client.get_model_version_by_alias(NAME + "-sweep", "challenger").version == base["model_version"]
     assert client.get_run(res["run_id"]).data.tags["dvc.experiment"] == "sweepy-exp"
@@ -85,14 +85,14 @@ def test_a_sweep_does_not_move_challenger_unless_configured(
         "plan": {**swept["plan"], "budget": "20%"},
         "publish": {**params["publish"], "challenger": "always"},
     }
-    res2 = publish(always, run, tracking_uri_=server, model_name=NAME + "-sweep")
+    res2 = publish(always, run, tracking_uri_=mlflow_uri, model_name=NAME + "-sweep")
     assert res2["challenger_moved"]
     assert client.get_model_version_by_alias(NAME + "-sweep", "challenger").version == res2["model_version"]
 
 
 def test_epoch_metrics_are_logged_live_with_their_own_timestamps(
-    tiny_run: tuple,  # noqa: F811
-    server: str,  # noqa: F811
+    tiny_run: tuple,
+    mlflow_uri: str,
     tmp_path: Path,
 ) -> None:
     params, run, _ = tiny_run
@@ -100,7 +100,7 @@ def test_epoch_metrics_are_logged_live_with_their_own_timestamps(
     shutil.copytree(run, dst, ignore=shutil.ignore_patterns("mlflow_*", "train_state", "tuned"))
     p = {**params, "paths": {**params["paths"], "run": str(dst)}, "train": {**params["train"], "epochs": 3}}
     seen: list[float] = []
-    live = LiveRun(p, tracking_uri=server)
+    live = LiveRun(p, tracking_uri=mlflow_uri)
 
     def on_epoch(rec: dict) -> None:
         live(rec)
@@ -109,14 +109,14 @@ def test_epoch_metrics_are_logged_live_with_their_own_timestamps(
 
     t0 = time.time() * 1000
     stages.train_stage(p, on_epoch=on_epoch)
-    client = MlflowClient(server, server)
+    client = MlflowClient(mlflow_uri, mlflow_uri)
     hist = sorted(client.get_metric_history(live.run_id, "val_acc"), key=lambda m: m.step)
     assert [m.step for m in hist] == [1, 2, 3] and not live.failed
     stamps = [m.timestamp for m in hist]
     assert len(set(stamps)) == 3 and stamps == sorted(stamps)
     assert all(t0 <= s <= t for s, t in zip(stamps, seen))  # logged during training, each before its epoch's end
     # the finished run continues the live one: epoch metrics not logged twice; name, dataset, experiment view
-    res = log_run(p, dst, tracking_uri=server, register=False)
+    res = log_run(p, dst, tracking_uri=mlflow_uri, register=False)
     assert res["run_id"] == live.run_id
     r = client.get_run(live.run_id)
     assert len(client.get_metric_history(live.run_id, "val_acc")) == 3 and r.info.status == "FINISHED"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import chosen_lr, summarize, summary_metrics, write_report  # noqa: E402
+from benchmarks.report import chosen_lr, summarize, summary_metrics, write_report
 
 
 def _row(method: str, seed: int, lr: float, val: float, test: float, mem: float) -> dict:
@@ -163,17 +161,22 @@ def test_targets_table_gaps_on_known_tables():
 
 
 def test_the_readme_comparison_is_the_committed_tables():
-    """README's "How it compares" table is `benchmarks/summary.py`'s output on benchmarks/results, line for line."""
+    """README's and docs/comparison.md's tables are `benchmarks/summary.py`'s output on benchmarks/results, line for
+    line (the README shows the method table; docs/comparison.md both it and the targets)."""
     from benchmarks.summary import markdown, tables, targets
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text().splitlines()
-    start = readme.index(next(ln for ln in readme if ln.startswith("| backbone, task (budget) | linear |")))
-    end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
-    assert "\n".join(readme[start:end]) + "\n" == markdown(tables()), "run `python benchmarks/summary.py`"
-    start = readme.index(next(ln for ln in readme if ln.startswith("| variant | tables | vs peft LoRA")))
-    end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
-    assert "\n".join(readme[start:end]) + "\n" == targets(tables()), "run `python benchmarks/summary.py`"
+    loaded = tables()
+
+    def block(doc: str, header: str) -> str:
+        lines = (root / doc).read_text().splitlines()
+        start = lines.index(next(ln for ln in lines if ln.startswith(header)))
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+        return "\n".join(lines[start:end]) + "\n"
+
+    for doc in ("README.md", "docs/comparison.md"):
+        assert block(doc, "| backbone, task (budget) | linear |") == markdown(loaded), f"{doc}: run summary.py"
+    assert block("docs/comparison.md", "| variant | tables | vs peft LoRA") == targets(loaded), "run summary.py"
 
 
 def test_rows_with_a_validation_loss_break_ties_by_it_for_lrs_and_budgets():
@@ -213,7 +216,7 @@ def test_every_committed_table_is_its_json_report(tmp_path: Path, monkeypatch):
     """Each benchmarks/results/compare_*.md is what its JSON writes now (`compare.py --report-only`): a table never
     shows a choice the current rules would not make (e.g. a tie-break changed after the table was written)."""
     import benchmarks.report
-    from benchmarks.compare import write_any_report
+    from benchmarks.report import write_any_report
 
     monkeypatch.setattr(benchmarks.report, "_plot", lambda *a, **k: None)  # the .md only
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

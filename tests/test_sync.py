@@ -1,8 +1,8 @@
-"""deploy.edge.sync against a real `mlflow server` (tests/test_mlflow.py's fixture): two edge boxes, each an app with
+"""deploy.edge.sync against a real `mlflow server` (tests/conftest.py's `mlflow_uri`): two edge boxes, each an app with
 its own store, follow the registry's aliases; a promotion on one box moves the registry (audited) and the other
 follows; labelled frames are uploaded once with provenance; a dead server leaves the boxes serving, stale.
 
-Artifacts are the tiny OpenVINO models of tests/deploy_fixtures.py, logged as a run's sealed export (the layout
+Artifacts are the tiny OpenVINO models of tests/support/artifacts.py, logged as a run's sealed export (the layout
 `pipelines.publish` writes), so no training runs here; tests/test_flywheel.py runs the whole loop.
 """
 
@@ -15,9 +15,9 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_fixtures import CLASSES, N_FEATURES, build_artifact, demo_images, free_port, serve
 from mlflow import MlflowClient
-from test_mlflow import server  # noqa: F401  (fixture)
+from support.artifacts import CLASSES, N_FEATURES, build_artifact, demo_images
+from support.servers import free_port, serve
 
 from deploy.edge.auth import ADMIN, Principal
 from deploy.edge.mlflow_rest import RestRegistry
@@ -60,10 +60,10 @@ def box_yaml(root: Path, name: str, url: str, frames: bool) -> Path:
     return root / "box.yaml"
 
 
-def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(server: str, tmp_path: Path) -> None:  # noqa: F811
-    client = MlflowClient(server, server)
-    assert register(server, tmp_path / "models", "champion", 1) == "1"
-    boxes = {n: box_yaml(tmp_path / n, f"box-{n}", server, frames=n == "a") for n in ("a", "b")}
+def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(mlflow_uri: str, tmp_path: Path) -> None:
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    assert register(mlflow_uri, tmp_path / "models", "champion", 1) == "1"
+    boxes = {n: box_yaml(tmp_path / n, f"box-{n}", mlflow_uri, frames=n == "a") for n in ("a", "b")}
     # no manifest yet: the first sync writes it and fetches v1 into the box's own store
     apps = {n: create_app(tmp_path / n / "rollout.yaml", box=b) for n, b in boxes.items()}
     svc = {n: app.state.service for n, app in apps.items()}
@@ -71,7 +71,7 @@ def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(server: str, 
         assert load_config(tmp_path / n / "rollout.yaml").champion.version == "1"
         assert (tmp_path / n / "store/1/fp32/manifest.json").is_file()
 
-    assert register(server, tmp_path / "models", "challenger", 2) == "2"
+    assert register(mlflow_uri, tmp_path / "models", "challenger", 2) == "2"
     for n in boxes:
         out = svc[n].sync.run_once()
         assert out["changed"] and out["versions"] == {"champion": "1", "challenger": "2"} and "error" not in out
@@ -99,7 +99,7 @@ def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(server: str, 
         assert confirm.json()["frame_kept"] is False
         svc["a"].sync.run_once()  # the app's own sync loop (started with the server) may have sent some already
         assert svc["a"].frame_store.labelled_since(0, not_uploaded=True) == []  # both corrections are out
-        rest = RestRegistry(server, NAME)
+        rest = RestRegistry(mlflow_uri, NAME)
         for fid, label in corrected:
             frame, data = svc["a"].frame_store.get(fid)
             names = {Path(f["path"]).name for f in rest.list_files(f"incoming/line-1/{label}")}
@@ -125,7 +125,7 @@ def test_two_boxes_follow_the_registry_promote_upload_and_go_stale(server: str, 
         assert svc["b"].runtime.state()["champion"] == "2" and svc["b"].runtime.state()["challenger"] is None
 
         # a person promotes v3 from the command line; both boxes follow on their next sync
-        register(server, tmp_path / "models", "challenger", 3)
+        register(mlflow_uri, tmp_path / "models", "challenger", 3)
         assert sync_main(["promote", "--box", str(boxes["b"]), "--version", "3", "--who", "alice",
                           "--evidence", "QA sign-off"]) == 0  # fmt: skip
         for n in boxes:

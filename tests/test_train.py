@@ -1,4 +1,4 @@
-"""TrainConfig / fit / resume / evaluate on tiny timm models (CPU, 32 px random tensors)."""
+"""TrainConfig / fit / evaluate on tiny timm models (CPU, 32 px random tensors); resume: tests/test_resume.py."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from support.training import comparable, random_loaders, tiny_effnet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,27 +31,6 @@ from spt_core.train import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-EFFNET_TRAINABLE = ("classifier.", "blocks.4.0.conv_pwl.", "blocks.4.0.bn3.")
-
-
-def _loaders(n_train: int = 32, n_eval: int = 16, *, batch: int = 8, seed: int = 0) -> dict[str, DataLoader]:
-    g = torch.Generator().manual_seed(seed)
-    n = n_train + 2 * n_eval
-    x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
-    a, b = n_train, n_train + n_eval
-    return {
-        "train": DataLoader(TensorDataset(x[:a], y[:a]), batch_size=batch, shuffle=True),
-        "val": DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=batch),
-        "test": DataLoader(TensorDataset(x[b:], y[b:]), batch_size=batch),
-    }
-
-
-def _effnet(**kw) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", num_classes=3, **kw)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith(EFFNET_TRAINABLE))
-    return model
 
 
 def _vit(**kw) -> nn.Module:
@@ -71,14 +47,6 @@ def _cfg(**kw) -> TrainConfig:
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _comparable(h: dict) -> dict:
-    """History without wall-clock / process-dependent fields."""
-    drop = {"train_seconds", "peak_memory_mb", "resumed_at_epoch"}
-    out = {k: v for k, v in h.items() if k not in drop}
-    out["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
-    return out
 
 
 # --- config and schedule -------------------------------------------------------------------------------------
@@ -147,11 +115,11 @@ def test_no_weight_decay_on_1d_and_model_no_weight_decay():
 
 @pytest.mark.parametrize("freeze_bn_stats", [True, False])
 def test_fit_changes_only_trainable_and_bn_stats_when_asked(freeze_bn_stats):
-    model = _effnet()
+    model = tiny_effnet()
     model.conv_head.eval()  # a mixed mode that fit must give back as it was
     trainable = set(trainable_parameters(model))
     before = _snapshot(model)
-    hist = fit(model, _loaders(), _cfg(epochs=1, warmup_epochs=0, freeze_bn_stats=freeze_bn_stats))
+    hist = fit(model, random_loaders(), _cfg(epochs=1, warmup_epochs=0, freeze_bn_stats=freeze_bn_stats))
     after = model.state_dict()
     buffers = {n for n, _ in model.named_buffers()}
     for n in trainable:
@@ -174,7 +142,7 @@ def test_selection_uses_val_only_and_tests_the_selected_weights(monkeypatch):
     Test reads are caught at the data itself (whatever code path would evaluate them), and the scripted
     validation curve picks epoch 2 while the per-epoch test curve (on a separate copy) peaks elsewhere.
     """
-    loaders = _loaders()
+    loaders = random_loaders()
     scripted_val = iter([0.5, 0.75, 0.75, 0.25])  # best = epoch 2 (epoch 3 ties on the score, its loss is higher)
     scripted_loss = iter([1.0, 0.5, 0.6, 0.4])
     calls = {"val": 0}
@@ -255,114 +223,23 @@ def test_a_validation_tie_goes_to_the_lower_validation_loss(monkeypatch, losses,
 
     monkeypatch.setattr(train_loop, "collect", scripted_collect)
     monkeypatch.setattr(train_loop, "selection_score", lambda *a, **k: next(scores))
-    hist = fit(_vit(), _loaders(), _cfg(epochs=4))
+    hist = fit(_vit(), random_loaders(), _cfg(epochs=4))
     assert (hist.best_epoch, hist.best_val_score, hist.best_val_loss) == (best, 0.75, losses[best - 1])
 
 
 def test_same_seed_same_history_and_lr_record():
     def run(seed):
         model = _vit(drop_path_rate=0.1)  # drop-path draws from the global RNG
-        h = fit(model, _loaders(), _cfg(epochs=3, seed=seed))
+        h = fit(model, random_loaders(), _cfg(epochs=3, seed=seed))
         return h, _snapshot(model)
 
     (h1, s1), (h2, s2), (h3, _) = run(0), run(0), run(1)
-    assert _comparable(h1.to_dict()) == _comparable(h2.to_dict())
+    assert comparable(h1.to_dict()) == comparable(h2.to_dict())
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert [e.train_loss for e in h1.epochs] != [e.train_loss for e in h3.epochs]
     cfg, steps = _cfg(epochs=3), 4  # 32 train images / batch 8
     assert [e.lr for e in h1.epochs] == [lr_at(e * steps - 1, 3 * steps, steps, cfg) for e in (1, 2, 3)]
     assert History.from_dict(json.loads(json.dumps(h1.to_dict()))) == h1
-
-
-# --- kill and resume -----------------------------------------------------------------------------------------
-
-SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    from pathlib import Path
-    import timm, torch
-    from torch.utils.data import DataLoader, TensorDataset
-    from spt_core.train import TrainConfig, fit
-
-    def run(out_dir):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # same reduction order in the pytest process and the subprocess
-        try:
-            torch.manual_seed(0)
-            model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.2, drop_path_rate=0.1)
-            for n, p in model.named_parameters():
-                p.requires_grad_(n.startswith(("classifier.", "blocks.4.0.conv_pwl.", "blocks.4.0.bn3.")))
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 3, (48,), generator=g)
-            gen = torch.Generator().manual_seed(1)  # decides the order: fit must restore it, not only the global RNG
-            loaders = {
-                "train": DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8, shuffle=True, generator=gen),
-                "val": DataLoader(TensorDataset(x[32:40], y[32:40]), batch_size=8),
-                "test": DataLoader(TensorDataset(x[40:], y[40:]), batch_size=8),
-            }
-            cfg = TrainConfig.scaled(4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
-            kill_after = int(os.environ.get("KILL_AFTER_EPOCH", "0"))
-
-            def on_epoch(rec):
-                if rec["epoch"] == kill_after:
-                    os._exit(1)  # no cleanup, like a SIGKILL
-
-            hist = fit(model, loaders, cfg, out_dir, on_epoch=on_epoch)
-            return hist, model
-        finally:
-            torch.set_num_threads(threads)
-
-    if __name__ == "__main__":
-        out = Path(sys.argv[1])
-        hist, model = run(out)
-        (out / "history.json").write_text(json.dumps(hist.to_dict()))
-        torch.save(model.state_dict(), out / "final.pt")
-    """
-)
-
-
-def test_killed_run_resumes_to_identical_result(tmp_path):
-    script = tmp_path / "run_fit.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SENSITUNE_NO_PROGRESS": "1"}
-    killed = subprocess.run([sys.executable, script, out], env={**env, "KILL_AFTER_EPOCH": "2"}, capture_output=True)
-    assert killed.returncode == 1, killed.stderr.decode()[-2000:]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and len(ckpt["history"]["epochs"]) == 2 and not (out / "history.json").exists()
-    # the optimizer really has no weight decay on the 1-D params (bn3 weight/bias, classifier bias)
-    wd = sorted((g["weight_decay"], len(g["params"])) for g in ckpt["optimizer"]["param_groups"])
-    assert wd == [(0.0, 3), (1e-4, 2)]
-
-    resumed = subprocess.run([sys.executable, script, out], env=env, capture_output=True)
-    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
-    h_resumed = json.loads((out / "history.json").read_text())
-    assert h_resumed["resumed_at_epoch"] == 2
-
-    ns: dict = {}
-    exec(compile(SCRIPT, "run_fit", "exec"), ns)  # the same code, uninterrupted, in this process
-    h_full, model = ns["run"](tmp_path / "uninterrupted")
-    assert h_full.resumed_at_epoch == 0 and len(h_full.epochs) == 4
-    assert _comparable(h_resumed) == _comparable(h_full.to_dict())
-    final = torch.load(out / "final.pt", weights_only=True)  # incl. BN running stats (not frozen here)
-    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
-
-    # a checkpoint that does not belong to this model or config is refused, not silently mixed in
-    other = _effnet()
-    other.conv_head.weight.requires_grad_(True)
-    cfg = TrainConfig.scaled(4, warmup_epochs=1, lr=1e-2, freeze_bn_stats=False, progress=False)
-    with pytest.raises(SensituneError, match=r"conv_head\.weight.*delete it or use a new out dir"):
-        fit(other, _loaders(), cfg, out)
-    with pytest.raises(SensituneError, match=r"epochs=4->5"):
-        fit(_effnet(), _loaders(), TrainConfig(**{**cfg.to_dict(), "epochs": 5}), out)
-    # one that does not record the rule that ranked its best epoch (an older version) is refused too
-    old = torch.load(out / "checkpoint.pt", weights_only=True)
-    del old["selection_rule"]
-    torch.save(old, out / "checkpoint.pt")
-    with pytest.raises(
-        SensituneError, match=r"selection rule 'unrecorded \(an older version\)'.*'score>loss'.*delete it"
-    ):
-        fit(_effnet(), _loaders(), cfg, out)
 
 
 # --- evaluate / predict --------------------------------------------------------------------------------------

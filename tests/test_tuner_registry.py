@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from spt_core.allocate import allocate, structured_cost
+from spt_core.allocate import SPT_RULE, allocate, structured_cost
 from spt_core.candidates import Candidate
 from spt_core.checkpoint import load_tuned_into, save_tuned
 from spt_core.merge import merge
@@ -84,10 +84,10 @@ def test_builtin_kinds_in_plan_order():
     assert {k: v.mergeable for k, v in TUNERS.items()} == BUILTIN and list(KINDS) == list(BUILTIN)
     assert structured_choices() == ("lora", "adapter", "none")
     c = Candidate("w", "m", "weight", "linear", (100, 50), 0)
-    assert structured_cost(c, 100, "lora", 2) == 2 * (50 + 100)
-    assert structured_cost(c, 100, "adapter", 2) == 2 * 2 * 100 + 2 + 100
+    assert structured_cost(c, 100, "lora", {"rank": 2}) == 2 * (50 + 100)
+    assert structured_cost(c, 100, "adapter", {"rank": 2}) == 2 * 2 * 100 + 2 + 100
     with pytest.raises(PlanError, match="use one of lora, adapter, none"):
-        structured_cost(c, 100, "whole", 2)  # placed by entry count, not a structured module
+        structured_cost(c, 100, "whole", {"rank": 2})  # placed by entry count, not a structured module
     with pytest.raises(ValueError, match="already registered"):
         register_tuner(dataclasses.replace(TUNERS["lora"]))
 
@@ -96,7 +96,8 @@ def test_a_new_kind_is_one_registration(rowshift, tmp_path):
     assert "rowshift" in structured_choices() and "rowshift" in KINDS
     model = _vit()
     sens = _sensitivity(model)
-    plan = allocate(sens, "3%", structured="rowshift", rank=4)  # allocate prices it by its registered cost
+    rule = {**SPT_RULE, "structured": "rowshift", "rank": 4}
+    plan = allocate(sens, "3%", **rule)  # allocate prices it by its registered cost
     shifted = [t for t in plan.targets if t.kind == "rowshift"]
     assert shifted and all(t.count == (t.rows[1] - t.rows[0] if t.rows else t.shape[0]) for t in shifted)
     assert plan.by_kind()["rowshift"] == {"targets": len(shifted), "params": sum(t.count for t in shifted)}
@@ -127,7 +128,7 @@ def test_a_new_kind_is_one_registration(rowshift, tmp_path):
 def test_merge_refuses_what_the_registry_says_is_not_mergeable(rowshift):
     TUNERS["rowshift"] = dataclasses.replace(rowshift, mergeable=False)  # the fixture removes it again
     model = _vit()
-    plan = allocate(_sensitivity(model), "3%", structured="rowshift", rank=4)
+    plan = allocate(_sensitivity(model), "3%", **{**SPT_RULE, "structured": "rowshift", "rank": 4})
     assert not plan_is_mergeable(plan)
     apply_plan(model, plan)
     _perturb(model)
@@ -147,10 +148,10 @@ def test_merge_refuses_what_the_registry_says_is_not_mergeable(rowshift):
 def test_unregistered_kinds_are_refused():
     model = _vit()
     with pytest.raises(PlanError, match="structured='rowshift': use one of lora, adapter, none"):
-        allocate(_sensitivity(model), "3%", structured="rowshift")
+        allocate(_sensitivity(model), "3%", **{**SPT_RULE, "structured": "rowshift"})
     shape = tuple(model.blocks[0].mlp.fc1.weight.shape)
-    plan = Plan([Target("blocks.0.mlp.fc1.weight", "rowshift", shape[0], "linear", shape, 0)], {}, 64, "none", 4,
-                10.0, 5.0, 10**6)  # fmt: skip
+    plan = Plan([Target("blocks.0.mlp.fc1.weight", "rowshift", shape[0], "linear", shape, 0)], {}, 64, "none",
+                {"rank": 4}, 10.0, 5.0, 10**6)  # fmt: skip
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(PlanError, match="unknown tuner kind 'rowshift'; registered kinds: sparse, whole, lora"):
         apply_plan(model, plan)

@@ -4,87 +4,20 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from support.tuner_cases import CASES, case_plan, perturb, sample_x, tiny_model, tuner_case
 
 from spt_core.candidates import head_parameter_names
 from spt_core.checkpoint import load_tuned_into, save_tuned
 from spt_core.merge import merge
-from spt_core.plan import Plan, Target
 from spt_core.portable.errors import PlanError
 from spt_core.tuners import apply_plan, remove_tuners, trainable_count, tuned_modules
 from spt_core.tuners.host import _Rebuild
 
-RANK = 4
-MODELS = {
-    "linear": ("test_vit", "blocks.0.mlp.fc1.weight", None),
-    "qkv": ("test_vit", "blocks.0.attn.qkv.weight", (64, 128)),  # the k segment of the fused projection
-    "conv": ("test_efficientnet", "blocks.1.0.conv_exp.weight", None),
-    "dwconv": ("test_efficientnet", "blocks.3.0.conv_dw.weight", None),
-    "vector": ("test_vit", "blocks.0.norm1.weight", None),
-}
-CASES = [
-    ("sparse", "linear"),
-    ("sparse", "qkv"),
-    ("sparse", "conv"),
-    ("sparse", "dwconv"),
-    ("sparse", "vector"),
-    ("whole", "vector"),
-    ("whole", "dwconv"),
-    ("lora", "linear"),
-    ("lora", "qkv"),
-    ("lora", "conv"),
-    ("adapter", "linear"),
-    ("adapter", "qkv"),
-    ("adapter", "conv"),
-]
-
-
-def _model(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    kw = {"img_size": 32} if "vit" in name else {}
-    return timm.create_model(name, num_classes=3, **kw).eval()
-
-
-def _plan(kind: str, param: str, shape: tuple, rows) -> Plan:
-    numel = torch.Size(shape).numel()
-    indices = {}
-    if kind == "sparse":
-        count = max(3, numel // 7)
-        indices[param] = torch.randperm(numel, generator=torch.Generator().manual_seed(1))[:count].sort().values
-    elif kind == "whole":
-        count = numel
-    elif kind == "lora":
-        n_rows = (rows[1] - rows[0]) if rows else shape[0]
-        count = RANK * (numel // shape[0] + n_rows)
-    else:
-        d = (rows[1] - rows[0]) if rows else shape[0]
-        count = 2 * RANK * d + RANK + d
-    t = Target(param, kind, count, "x", tuple(shape), 0, rows if kind in ("lora", "adapter") else None)
-    return Plan([t], indices, count, "lora", RANK, 10.0, 5.0, 10**6)
-
-
-def _case(kind: str, where: str):
-    name, param, rows = MODELS[where]
-    model = _model(name)
-    shape = tuple(dict(model.named_parameters())[param].shape)
-    return name, model, _plan(kind, param, shape, rows)
-
-
-def _x(seed: int = 0) -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for t in tuned_modules(model).values():
-            for p in t.parameters():
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
-
 
 @pytest.mark.parametrize("kind, where", CASES)
 def test_tuner_contract(kind, where, tmp_path):
-    name, model, plan = _case(kind, where)
-    x = _x()
+    name, model, plan = tuner_case(kind, where)
+    x = sample_x()
     with torch.no_grad():
         base_out = model(x)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -97,12 +30,12 @@ def test_tuner_contract(kind, where, tmp_path):
     assert trainable_count(model) == plan.trainable
     with torch.no_grad():
         assert torch.equal(model(x), base_out)  # zero-initialised tuner == identity
-    _perturb(model)
+    perturb(model)
     with torch.no_grad():
         tuned_out = model(x)
     assert (tuned_out - base_out).abs().max() > 1e-4  # a non-zero delta changes the output
     save_tuned(model, plan, tmp_path / "tuned", info={"model_name": name})
-    fresh = load_tuned_into(_model(name), tmp_path / "tuned", model_name=name)
+    fresh = load_tuned_into(tiny_model(name), tmp_path / "tuned", model_name=name)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), tuned_out, rtol=0, atol=1e-6)  # save/load reproduces outputs
     merged = merge(model, keep_adapters=(kind == "adapter"))
@@ -116,7 +49,7 @@ def test_tuner_contract(kind, where, tmp_path):
 
 
 def test_merge_refuses_adapters_without_opt_in():
-    _, model, plan = _case("adapter", "linear")
+    _, model, plan = tuner_case("adapter", "linear")
     apply_plan(model, plan)
     with pytest.raises(PlanError, match="adapters"):
         merge(model)
@@ -124,11 +57,11 @@ def test_merge_refuses_adapters_without_opt_in():
 
 @pytest.mark.parametrize("where", ["linear", "qkv", "conv", "dwconv"])
 def test_sparse_grad_equals_masked_dense_grad(where):
-    name, model, plan = _case("sparse", where)
+    name, model, plan = tuner_case("sparse", where)
     param = plan.targets[0].param
     idx = plan.indices[param]
-    x, y = _x(), torch.tensor([0, 2])
-    dense = _model(name)
+    x, y = sample_x(), torch.tensor([0, 2])
+    dense = tiny_model(name)
     w = dict(dense.named_parameters())[param]
     (g_dense,) = torch.autograd.grad(F.cross_entropy(dense(x), y), [w])
     apply_plan(model, plan)
@@ -140,12 +73,12 @@ def test_sparse_grad_equals_masked_dense_grad(where):
 
 
 def test_only_planned_entries_change_after_a_step():
-    name, model, plan = _case("sparse", "conv")
+    name, model, plan = tuner_case("sparse", "conv")
     param = plan.targets[0].param
     base = dict(model.named_parameters())[param].detach().clone()
     apply_plan(model, plan)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    F.cross_entropy(model(_x()), torch.tensor([0, 2])).backward()
+    F.cross_entropy(model(sample_x()), torch.tensor([0, 2])).backward()
     opt.step()
     merge(model)
     changed = (dict(model.named_parameters())[param].detach() != base).reshape(-1).nonzero().flatten()
@@ -162,13 +95,13 @@ def test_only_planned_entries_change_after_a_step():
 )
 def test_effective_weight_is_not_saved_for_backward(kind, where, monkeypatch):
     """An op using W' would save it for backward (SPT's memory fault): the graph must hold a recipe instead."""
-    _, model, plan = _case(kind, where)
+    _, model, plan = tuner_case(kind, where)
     apply_plan(model, plan)
     stored, rebuilt = [], []
     init, call = _Rebuild.__init__, _Rebuild.__call__
     monkeypatch.setattr(_Rebuild, "__init__", lambda self, *a: (stored.append(a[1]), init(self, *a))[1])
     monkeypatch.setattr(_Rebuild, "__call__", lambda self: (rebuilt.append(self.attr), call(self))[1])
-    x = _x().requires_grad_(True)  # so every layer needs its input gradient, hence W'
+    x = sample_x().requires_grad_(True)  # so every layer needs its input gradient, hence W'
     loss = F.cross_entropy(model(x), torch.tensor([0, 2]))
     assert stored == [plan.targets[0].param.rpartition(".")[2]]  # W' was replaced by a recipe when saved
     assert not rebuilt
@@ -181,12 +114,12 @@ def test_effective_weight_is_not_saved_for_backward(kind, where, monkeypatch):
 
 
 def test_remove_tuners_restores_base_model():
-    _, model, plan = _case("lora", "linear")
-    x = _x()
+    _, model, plan = tuner_case("lora", "linear")
+    x = sample_x()
     with torch.no_grad():
         ref = model(x)
     apply_plan(model, plan)
-    _perturb(model)
+    perturb(model)
     remove_tuners(model)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
@@ -194,30 +127,30 @@ def test_remove_tuners_restores_base_model():
 
 
 def test_apply_plan_rejects_wrong_backbone():
-    _, _, plan = _case("lora", "linear")
+    _, _, plan = tuner_case("lora", "linear")
     with pytest.raises(PlanError, match="not a parameter"):
-        apply_plan(_model("test_efficientnet"), plan)
+        apply_plan(tiny_model("test_efficientnet"), plan)
 
 
 def test_tuned_weights_load_errors(tmp_path):
-    name, model, plan = _case("sparse", "linear")
+    name, model, plan = tuner_case("sparse", "linear")
     apply_plan(model, plan)
     save_tuned(model, plan, tmp_path / "a", info={"model_name": name})
     with pytest.raises(PlanError, match="trained on 'test_vit'"):
-        load_tuned_into(_model("test_vit"), tmp_path / "a", model_name="vit_tiny")
+        load_tuned_into(tiny_model("test_vit"), tmp_path / "a", model_name="vit_tiny")
     other_classes = timm.create_model("test_vit", img_size=32, num_classes=5)
     with pytest.raises(PlanError, match="shape"):
         load_tuned_into(other_classes, tmp_path / "a")
     (tmp_path / "a" / "tuned.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(PlanError, match="corrupt") as e:
-        load_tuned_into(_model(name), tmp_path / "a")
+        load_tuned_into(tiny_model(name), tmp_path / "a")
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("structured", ["lora", "none"])
 def test_real_lite0_plan_train_merge(structured):
     """The whole method on the real embedded Lite0 weights: measure → allocate → apply → step → merge."""
-    from spt_core.allocate import allocate
+    from spt_core.allocate import SPT_RULE, allocate
     from spt_core.model import create_model
     from spt_core.sensitivity import measure_sensitivity
 
@@ -225,7 +158,7 @@ def test_real_lite0_plan_train_merge(structured):
     model, _ = create_model("tf_efficientnet_lite0", num_classes=4, weights="embedded", img_size=32)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2)
     sens = measure_sensitivity(model, [(x, y)], batches=1)
-    plan = allocate(sens, "0.5%", structured=structured)
+    plan = allocate(sens, "0.5%", **{**SPT_RULE, "structured": structured})
     assert plan.budget - 4 * 8 * 1280 <= plan.trainable <= plan.budget  # within one conv_head LoRA of the budget
     apply_plan(model, plan)
     assert trainable_count(model) == plan.trainable
@@ -262,26 +195,26 @@ def test_unreachable_tuners_are_found():
     from spt_core.tuners import check_tuners_reached
 
     model = _ParentReadsWeight()
-    plan = _plan("whole", "qkv.weight", (6, 6), None)
+    plan = case_plan("whole", "qkv.weight", (6, 6), None)
     apply_plan(model, plan)
     assert check_tuners_reached(model, torch.randn(2, 6)) == ["qkv.spt.deltas.weight.0.delta"]
     assert all(p.grad is None for p in model.parameters())  # the check leaves no gradients behind
-    _, vit, vit_plan = _case("lora", "qkv")
+    _, vit, vit_plan = tuner_case("lora", "qkv")
     apply_plan(vit, vit_plan)
-    assert check_tuners_reached(vit, _x()) == []
+    assert check_tuners_reached(vit, sample_x()) == []
 
 
 def test_trained_bn_statistics_travel_with_the_tuned_weights(tmp_path):
     from spt_core.checkpoint import bn_buffers
 
-    name, model, plan = _case("sparse", "conv")
+    name, model, plan = tuner_case("sparse", "conv")
     apply_plan(model, plan)
     with torch.no_grad():
         for n, b in bn_buffers(model).items():
             if n.endswith("running_mean"):
                 b.add_(0.5)  # as if training had updated the statistics
-        out = model(_x())
+        out = model(sample_x())
     save_tuned(model, plan, tmp_path / "a", buffers=bn_buffers(model))
-    fresh = load_tuned_into(_model(name), tmp_path / "a")
+    fresh = load_tuned_into(tiny_model(name), tmp_path / "a")
     with torch.no_grad():
-        torch.testing.assert_close(fresh(_x()), out, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fresh(sample_x()), out, rtol=0, atol=1e-6)

@@ -13,14 +13,16 @@ from typing import Any
 
 import httpx
 import pytest
-from deploy_fixtures import CLASSES, serve
-from ui_fixtures import Line, build_line, create_app_with_tokens, launch, send
+from support.artifacts import CLASSES
+from support.servers import serve
+from support.ui import Line, build_line, create_app_with_tokens, launch, send
 
 from deploy.edge.rollout import load_config, read_jsonl
 from deploy.edge.rollout.stats import wilson_interval
 from deploy.edge.service import create_app
 from deploy.edge.ui.recent import RecentFrames
 from deploy.edge.ui.views import arm_rates, with_age
+from spt_core.portable.operating_point import OperatingPoint
 
 CAMS = [f"cam-{i}" for i in range(12)]
 PAGES = {"line": "section.cam", "review": "article.review", "rollout": "#champion-version", "models": "section.model"}
@@ -190,16 +192,20 @@ def test_recent_frames_are_bounded_and_count_the_last_hour() -> None:
     Image.new("RGB", (640, 480), (200, 10, 10)).save(buf, "PNG")
     ring = RecentFrames(per_camera=3, max_cameras=2, thumb_px=64)
     t0 = 1_000_000.0
+    op = OperatingPoint("ok", 0.95)
     for i in range(5):
         body = {"frame_id": f"a{i}", "camera_id": "a", "class": "ok" if i % 2 else "spot", "score": 0.9}
-        ring.add(buf.getvalue(), body, "ok", now=t0 + 60 * 20 * i)  # every 20 minutes
-    shots, counts = ring.cameras(now=t0 + 60 * 20 * 4)["a"]
+        if i == 3:  # served with its decision: an "ok" verdict under the threshold is rejected all the same
+            body |= {"p_good": 0.9, "decision": "reject"}
+        ring.add(buf.getvalue(), body, op, now=t0 + 60 * 20 * i)  # every 20 minutes
+    shots, counts, rejected = ring.cameras(now=t0 + 60 * 20 * 4)["a"]
     assert [s.frame_id for s in shots] == ["a4", "a3", "a2"]  # newest first, at most 3
     assert max(Image.open(io.BytesIO(shots[0].thumb)).size) == 64
     assert shots[0].p_good is None and shots[1].p_good == 0.9  # P(good) is the score of a good verdict only
     assert dict(counts) == {"spot": 2, "ok": 1}  # minutes 40, 60, 80: the last hour
+    assert rejected == 3 and [s.rejected for s in shots] == [True, True, True]  # by decision, not by class
     for cam in ("b", "c"):
-        ring.add(buf.getvalue(), {"frame_id": cam, "camera_id": cam, "class": "ok", "score": 1.0}, "ok")
+        ring.add(buf.getvalue(), {"frame_id": cam, "camera_id": cam, "class": "ok", "score": 1.0}, op)
     assert set(ring.cameras()) == {"b", "c"} and ring.get("a4") is None  # the least recent camera is forgotten
 
 
@@ -209,9 +215,9 @@ def test_sync_times_show_their_age() -> None:
     assert with_age("ok") == "ok" and with_age(3) == 3
 
 
-def test_escape_rate_and_overkill_are_derived_exactly_from_the_report() -> None:
-    stats = {"labelled": 50, "correct": 40, "defects": 20, "defect_recall": 0.85, "recall_per_class": {"ok": 0.9}}
-    r = arm_rates(stats, "ok")
+def test_escape_rate_and_overkill_are_the_reports_counts() -> None:
+    stats = {"labelled": 50, "correct": 40, "defects": 20, "escaped": 3, "goods": 30, "overkilled": 3}
+    r = arm_rates(stats)
     assert (r["escape"]["k"], r["escape"]["n"]) == (3, 20) and r["escape"]["ci"] == wilson_interval(3, 20)
     assert (r["overkill"]["k"], r["overkill"]["n"]) == (3, 30) and r["overkill"]["ci"] == wilson_interval(3, 30)
     assert r["accuracy"]["p"] == 0.8 and r["accuracy"]["ci"] == wilson_interval(40, 50)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,8 +16,8 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.edge.auth import ADMIN, CAMERA, OPERATOR
-from deploy.edge.guard import Guard, principal_of
+from deploy.edge.auth import ADMIN, CAMERA, OPERATOR, AuthError
+from deploy.edge.guard import Guard, allowed_hosts, principal_of
 from deploy.edge.metrics import PROMETHEUS_CONTENT_TYPE
 from deploy.edge.schemas import (
     AdminIn,
@@ -52,8 +54,25 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422, 429, *codes)}
 
 
-def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
-    """The app for `service` (a `deploy.edge.service.EdgeService`); `tokens` None: open (loopback only)."""
+# what an open endpoint must not tell a stranger: where the box keeps its files, which registry it talks to
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_PATH = re.compile(r"(?<![\w.~-])(?:/|[A-Za-z]:\\)[^\s'\"(),;]*")
+
+
+def redact(value: Any) -> Any:
+    """`value` with every URL and absolute path in its strings replaced by ``<url>`` / ``<path>`` (nested)."""
+    if isinstance(value, str):
+        return _PATH.sub("<path>", _URL.sub("<url>", value))
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def build_api(service: Any, tokens: Any, lifespan: Any, hosts: Iterable[str] = ()) -> FastAPI:
+    """The app for `service` (a `deploy.edge.service.EdgeService`); `tokens` None: open (loopback only); `hosts`:
+    the names the box answers to besides the loopback ones (`deploy.edge.guard.allowed_hosts`)."""
     app = FastAPI(title="sensitune edge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.add_middleware(
@@ -62,6 +81,8 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
         roles=ROUTE_ROLES,
         admin_routes=ADMIN_ROUTES,
         max_body=lambda: service.runtime.config.limits.max_body_bytes,
+        hosts=allowed_hosts(hosts),
+        count=service.metrics.count,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     ui = mount_ui(app, service, tokens=tokens)  # the operator pages (GET /); ui.record keeps the last frames
@@ -89,7 +110,8 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
         status, body = service.predict(data := file.file.read(), camera_id, frame_id, background.add_task)
         if status == 200:
             background.add_task(ui.record, data, body)
-        return body if status == 200 else JSONResponse(body, status_code=status)
+            return body
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
     @app.post("/feedback", response_model=FeedbackOut, responses=_errors(404), dependencies=SECURED)
     def feedback(item: FeedbackIn, request: Request) -> Any:
@@ -99,8 +121,9 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
 
     @app.get("/healthz", response_model=HealthOut)
     def healthz() -> Any:
-        """Alive, and the rollout state (what serves, challenger state, when it was loaded)."""
-        return {"status": "alive", **service.runtime.state(), **sync_status(service)}
+        """Alive, and the rollout state (what serves, challenger state, when it was loaded). Open: paths and URLs
+        are redacted (GET /metrics, with a token, has them)."""
+        return redact({"status": "alive", **service.runtime.state(), **sync_status(service)})
 
     @app.get("/readyz", response_model=StateOut, responses={503: {"model": StateOut}})
     def readyz() -> Any:
@@ -126,7 +149,16 @@ def build_api(service: Any, tokens: Any, lifespan: Any) -> FastAPI:
     @app.post("/reload", response_model=ReloadOut, responses={**_errors(), 400: {"model": ReloadOut}},
               dependencies=SECURED)  # fmt: skip
     def reload(body: AdminIn, request: Request) -> Any:
-        out = service.reload(principal_of(request.scope.get("state", {})))
+        who = principal_of(request.scope.get("state", {}))
+        if tokens is not None:  # the tokens file first: a token taken out of it stops working now
+            try:
+                tokens.reload()
+            except AuthError as e:
+                service.metrics.count("reloads_refused")
+                service.audit(who, "reload", "refused", error=str(e))
+                error = f"{e}; nothing reloaded: the previous tokens and manifest stay in force"
+                return JSONResponse({"ok": False, "error": error, **service.runtime.state()}, status_code=400)
+        out = service.reload(who)
         return out if out["ok"] else JSONResponse(out, status_code=400)
 
     def decision_route(action: str) -> Any:

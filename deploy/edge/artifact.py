@@ -2,11 +2,12 @@
 
 One directory per model version and format (docs/ARCHITECTURE.md, "Artifacts")::
 
-    model.xml + model.bin (format "openvino", precision fp32 | fp16 | int8)  or  model.onnx (format "onnx", fp32)
+    model.xml + model.bin (format "openvino")  or  model.onnx (format "onnx"); the precisions each format may
+                    carry and their runtime_config are the rows of `deploy.edge.precision`
     manifest.json   format, precision, model_version, class names, preprocessing, input/output names, the
                     sha256 of every model file, runtime_config, the versions that built it; the operating
-                    decision: ``ok_class`` (the good class) and ``threshold`` (reject when P(ok_class) < threshold,
-                    chosen on validation for an escape-rate ceiling)
+                    point (`spt_core.portable.operating_point`): ``ok_class`` (the good class), ``threshold``
+                    (reject when P(ok_class) < threshold) and the ``max_escape_rate`` it was chosen for on validation
 
 `deploy.compile.export` seals directories with `build_manifest` + `seal`; the edge service, `deploy.compile.verify`
 and the
@@ -29,19 +30,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spt_core.portable.errors import SensituneError, one_line
+from deploy.edge.precision import for_manifest, weights_of
+from spt_core.portable.errors import DataError, SensituneError, check_class_name, one_line
 from spt_core.portable.io import file_sha256, write_text
+from spt_core.portable.operating_point import OperatingPoint
 from spt_core.portable.preprocess import Preprocess
 
 MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MODEL_FILES = {"openvino": ("model.xml", "model.bin"), "onnx": ("model.onnx",)}  # the first one is compiled
 REQUIRED_KEYS = ("format", "precision", "model_version", "class_names", "preprocess", "files")
-# f32 compute for every precision: FP16 here means FP16-*stored* weights (half the download), decompressed on the
-# CPU; INT8 keeps its non-quantized ops in f32. Left to the plugin, compute precision follows the edge box's ISA
-# (bf16 on AVX512-BF16/AMX: Lite0 logits move by ~0.4), so the accuracy verified at export would not be the edge's.
-RUNTIME_CONFIG: dict[str, dict[str, str]] = {p: {"INFERENCE_PRECISION_HINT": "f32"} for p in PRECISIONS}
 # Keys `build_manifest` computes itself; `extra` may add keys but not replace these.
 _OWN_KEYS = frozenset(
     "format precision model_version model_name class_names num_classes preprocess input_name output_name "
@@ -61,7 +59,7 @@ class Artifact:
         dir: The artifact directory.
         manifest: ``manifest.json`` as read.
         format: ``"openvino"`` or ``"onnx"``.
-        precision: ``"fp32"``, ``"fp16"`` or ``"int8"``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (the weights; `deploy.edge.precision` lists each format's).
         version: ``model_version`` (a string).
         class_names: One name per logit, in logit order.
         preprocess: The preprocessing the model takes.
@@ -90,36 +88,20 @@ class Artifact:
         return dict(self.manifest.get("runtime_config") or {})
 
     @property
-    def ok_class(self) -> str | None:
-        """The declared good class (every other class is a defect); None: plain classification."""
-        return self.manifest.get("ok_class")
-
-    @property
-    def threshold(self) -> float | None:
-        """Reject when P(ok_class) < threshold; None: the argmax class decides."""
-        t = self.manifest.get("threshold")
-        return float(t) if t is not None else None
+    def operating_point(self) -> OperatingPoint:
+        """The decision the manifest carries: the good class, the reject threshold on P(good) and the escape ceiling
+        it was chosen for (checked when the artifact was loaded)."""
+        return OperatingPoint.from_dict(self.manifest, where=str(self.dir / MANIFEST))
 
     def decide(self, probs: Any) -> dict[str, Any]:
-        """One softmax vector -> ``p_good`` and ``decision`` (``ok`` | ``reject``) by the manifest's threshold;
-        without a good class ``decision`` is the argmax class. The one rule that `predict` and the edge apply."""
-        return decide(probs, self.class_names, self.ok_class, self.threshold)
+        """One softmax vector -> ``p_good`` and ``decision`` at the manifest's operating point
+        (`OperatingPoint.answer`): what `predict` and the edge serve."""
+        return self.operating_point.answer(probs, self.class_names)
 
     @property
     def promotable(self) -> bool | None:
         """False when export's verification gate failed for this artifact; None when not recorded."""
         return self.manifest.get("promotable")
-
-
-def decide(probs: Any, class_names: Sequence[str], ok_class: str | None, threshold: float | None) -> dict[str, Any]:
-    """P(good) and the decision for one softmax vector: ``reject`` when P(good) < threshold (no threshold: when the
-    argmax is not the good class), else ``ok``; without a good class the decision is the argmax class."""
-    top = max(range(len(class_names)), key=lambda i: float(probs[i]))
-    if ok_class is None:
-        return {"p_good": None, "decision": class_names[top]}
-    p_good = float(probs[list(class_names).index(ok_class)])
-    passed = p_good >= threshold if threshold is not None else class_names[top] == ok_class
-    return {"p_good": p_good, "decision": "ok" if passed else "reject"}
 
 
 def _model_format(artifact_dir: Path) -> str:
@@ -152,7 +134,8 @@ def build_manifest(
 
     Args:
         artifact_dir: Directory holding the model files and no manifest yet.
-        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (onnx: fp32).
+        precision: The stored weights, one a row of `deploy.edge.precision` gives this format (openvino: fp32,
+            fp16, int8; onnx: fp32, int8).
         model_name: timm model name.
         class_names: One name per logit, in logit order.
         pre: The preprocessing the model was trained with.
@@ -163,7 +146,8 @@ def build_manifest(
             ["sensitune"]`` is also stored as ``sensitune_version``.
         onnx_opset: The ONNX file's opset, stored for onnx artifacts.
         extra: Further keys: ``runtime_config`` (replaces the default), ``promotable``, ``verification``,
-            ``onnx_opset``; int8 requires ``calibration`` (`deploy.compile.quantize.calibration_fingerprint`).
+            ``onnx_opset``; a calibrated precision requires ``calibration``
+            (`deploy.compile.quantize.calibration_fingerprint`).
 
     Returns:
         The manifest, for `seal`.
@@ -179,10 +163,10 @@ def build_manifest(
     if (d / MANIFEST).exists():
         raise ArtifactError(f"{d / MANIFEST} exists: a sealed artifact is never rewritten; export a new model_version")
     fmt = _model_format(d)
-    if precision not in PRECISIONS or (fmt == "onnx" and precision != "fp32"):
-        raise ArtifactError(f"precision={precision!r} for a {fmt} artifact: use one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and "calibration" not in extra:
-        raise ArtifactError(f"{d}: int8 manifest needs extra['calibration'] (use calibration_fingerprint)")
+    if (row := for_manifest(fmt, precision)) is None:
+        raise ArtifactError(f"precision={precision!r} for a {fmt} artifact: use one of {', '.join(weights_of(fmt))}")
+    if row.calibration and "calibration" not in extra:
+        raise ArtifactError(f"{d}: {precision} manifest needs extra['calibration'] (use calibration_fingerprint)")
     if clash := sorted(_OWN_KEYS & extra.keys()):
         raise ArtifactError(f"write_manifest extra overrides computed key(s) {clash}: drop them from extra")
     for name in MODEL_FILES[fmt]:
@@ -203,7 +187,7 @@ def build_manifest(
         "plan_hash": plan_hash,
         "data_version": data_version,
         "files": {name: file_sha256(d / name) for name in MODEL_FILES[fmt]},
-        "runtime_config": dict(RUNTIME_CONFIG[precision]) if fmt == "openvino" else {},
+        "runtime_config": dict(row.runtime_config),
         "versions": dict(versions),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -221,19 +205,13 @@ def seal(artifact_dir: str | Path, manifest: Mapping[str, Any]) -> None:
     write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
-def load_artifact(artifact_dir: str | Path, expected_version: str | None = None) -> Artifact:
-    """Read a sealed artifact directory and check the sha256 of every file its manifest lists.
-
-    Args:
-        artifact_dir: A directory sealed by `deploy.compile.export` (or `build_manifest` + `seal`).
-        expected_version: The version the rollout manifest names; the artifact's ``model_version`` must equal it.
-
-    Returns:
-        The verified `Artifact`.
+def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    """The checked ``manifest.json`` of an artifact directory, without reading its model files: for readers that need
+    only what the manifest declares (the rollout statistics' operating point, the operator pages' model list).
 
     Raises:
-        ArtifactError: Missing directory, missing/corrupt/incomplete manifest, a file name leaving the directory,
-            a missing file, a checksum mismatch, or another ``model_version``.
+        ArtifactError: Missing directory or manifest, unreadable or invalid JSON, a missing key, an invalid format
+            or file list, malformed preprocess or class names, or an invalid operating point.
     """
     d = Path(artifact_dir)
     if not d.is_dir():
@@ -256,6 +234,42 @@ def load_artifact(artifact_dir: str | Path, expected_version: str | None = None)
     for name in MODEL_FILES[fmt]:
         if name not in listed:
             raise ArtifactError(f"{mpath} has no checksum for {name}: re-export the artifact")
+    try:
+        Preprocess.from_dict(m["preprocess"])
+        class_names = [str(c) for c in m["class_names"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{mpath}: preprocess or class_names is malformed ({one_line(e)}); re-export it") from e
+    try:  # a name that is served, logged and shown on the operator pages must be plain text
+        for c in class_names:
+            check_class_name(c, str(mpath))
+    except DataError as e:
+        raise ArtifactError(f"{e}; then re-export the artifact") from None
+    try:
+        op = OperatingPoint.from_dict(m, where=str(mpath))
+    except SensituneError as e:
+        raise ArtifactError(f"{e} (or re-export the artifact)") from None
+    if op.ok_class is not None and op.ok_class not in class_names:
+        raise ArtifactError(f"{mpath}: ok_class={op.ok_class!r} is not one of {class_names}; re-export it")
+    return m
+
+
+def load_artifact(artifact_dir: str | Path, expected_version: str | None = None) -> Artifact:
+    """Read a sealed artifact directory (`read_manifest`) and check the sha256 of every file its manifest lists.
+
+    Args:
+        artifact_dir: A directory sealed by `deploy.compile.export` (or `build_manifest` + `seal`).
+        expected_version: The version the rollout manifest names; the artifact's ``model_version`` must equal it.
+
+    Returns:
+        The verified `Artifact`.
+
+    Raises:
+        ArtifactError: Missing directory, missing/corrupt/incomplete manifest, a file name leaving the directory,
+            a missing file, a checksum mismatch, or another ``model_version``.
+    """
+    d = Path(artifact_dir)
+    m = read_manifest(d)
+    mpath, fmt, listed = d / MANIFEST, m["format"], m["files"]
     files: dict[str, Path] = {}
     data: dict[str, bytes] = {}
     for name, digest in listed.items():
@@ -277,11 +291,5 @@ def load_artifact(artifact_dir: str | Path, expected_version: str | None = None)
     version = str(m["model_version"])
     if expected_version is not None and version != expected_version:
         raise ArtifactError(f"{mpath}: model_version={version!r} but the rollout manifest says {expected_version!r}")
-    try:
-        pre = Preprocess.from_dict(m["preprocess"])
-        class_names = [str(c) for c in m["class_names"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{mpath}: preprocess or class_names is malformed ({one_line(e)}); re-export it") from e
-    if m.get("ok_class") is not None and m["ok_class"] not in class_names:
-        raise ArtifactError(f"{mpath}: ok_class={m['ok_class']!r} is not one of {class_names}; re-export it")
+    pre, class_names = Preprocess.from_dict(m["preprocess"]), [str(c) for c in m["class_names"]]  # checked above
     return Artifact(d, m, fmt, str(m["precision"]), version, class_names, pre, files, data)

@@ -19,16 +19,18 @@ The tokens file (YAML or JSON) stores a sha256 of each token, never the token::
     tokens:
       - {name: line7-cams, role: camera, sha256: 3c5e...}     # python -m deploy.edge.auth new line7-cams camera
       - {name: qa-panel, role: operator, sha256: 9a1f...}
-      - {name: alice, role: admin, sha256: 77b0...}
+      - {name: alice, role: admin, sha256: 77b0..., expires: 2026-07-01T00:00:00Z}   # optional: refused from then on
 
 It is named by ``--tokens FILE`` or ``SENSITUNE_EDGE_TOKENS_FILE``; ``SENSITUNE_EDGE_TOKENS`` may instead hold
 ``name:role:sha256`` entries separated by commas. Tokens are compared by their digests with
 `hmac.compare_digest`, against every entry (no early exit). The token's name is what the audit log records.
+``POST /reload`` re-reads the file: a token taken out of it is refused from then on (`TokenStore.reload`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -36,7 +38,8 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,12 +76,34 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class TokenStore:
-    """The configured tokens (name, role, sha256); `authenticate` maps an Authorization header to a `Principal`."""
+def expiry_of(value: object) -> float | None:
+    """A token entry's ``expires`` (an ISO-8601 time, UTC unless it says; a date alone: its 00:00 UTC) -> unix time;
+    None: never. Raises ValueError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):  # YAML reads 2026-07-01 as a date
+        value = dt.datetime(value.year, value.month, value.day)
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            value = None
+    if not isinstance(value, dt.datetime):
+        raise ValueError(value)
+    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
 
-    def __init__(self, entries: list[tuple[str, str, str]], source: str) -> None:
-        errors, names, digests = [], set(), set()
-        for name, role, digest in entries:
+
+class TokenStore:
+    """The configured tokens (name, role, sha256[, expires]); `authenticate` maps an Authorization header to a
+    `Principal`; `reload` re-reads the tokens file (revocation)."""
+
+    def __init__(self, entries: Sequence[tuple], source: str, path: Path | None = None) -> None:
+        errors, names, digests, expires = [], set(), set(), []
+        for name, role, digest, *rest in entries:
+            try:
+                expires.append(expiry_of(rest[0] if rest else None))
+            except ValueError:
+                errors.append(f"{name}: expires={rest[0]!r:.40}; give an ISO-8601 time, e.g. 2026-07-01T00:00:00Z")
             if not isinstance(name, str) or not _NAME.fullmatch(name):
                 errors.append(f"name={name!r}: 1..64 of letters, digits and . _ @ -")
             elif name in names:
@@ -95,8 +120,16 @@ class TokenStore:
             errors.append("no tokens")
         if errors:
             raise AuthError(f"{source}: " + "; ".join(errors))
-        self.source = source
-        self._entries = [(Principal(n, r), bytes.fromhex(d)) for n, r, d in entries]
+        self.source, self.path = source, path
+        # swapped as one reference by `reload`: a request sees the old list or the new one, never a mix
+        self._entries = [(Principal(e[0], e[1]), bytes.fromhex(e[2]), t) for e, t in zip(entries, expires)]
+
+    def reload(self) -> int:
+        """Re-read the tokens file (a store from the environment or a list stays as it is); returns how many tokens
+        there are now. Raises `AuthError` for an unusable file, and the tokens in force stay as they were."""
+        if self.path is not None:
+            self._entries = TokenStore.from_file(self.path)._entries
+        return len(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,9 +143,9 @@ class TokenStore:
         if scheme.lower() != "bearer" or not token or len(token) > 512:
             return None
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for principal, expected in self._entries:  # every entry is compared: the time does not tell which matched
-            if hmac.compare_digest(digest, expected):
+        found, now = None, time.time()
+        for principal, expected, expires in self._entries:  # every entry is compared: the time tells not which matched
+            if hmac.compare_digest(digest, expected) and (expires is None or now < expires):
                 found = principal
         return found
 
@@ -134,9 +167,9 @@ class TokenStore:
                     f"{path}: entry {t.get('name')!r} stores a plain token; store its sha256 instead "
                     "(python -m deploy.edge.auth hash)"
                 )
-            if set(t) != {"name", "role", "sha256"}:
-                raise AuthError(f"{path}: entry {t!r:.80} needs exactly name, role, sha256")
-        return cls([(t["name"], t["role"], t["sha256"]) for t in items], str(path))
+            if not {"name", "role", "sha256"} <= set(t) <= {"name", "role", "sha256", "expires"}:
+                raise AuthError(f"{path}: entry {t!r:.80} needs exactly name, role, sha256 (and optionally expires)")
+        return cls([(t["name"], t["role"], t["sha256"], t.get("expires")) for t in items], str(path), path)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> TokenStore | None:
@@ -168,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     new = sub.add_parser("new", help="print a new random token and the line for the tokens file")
     new.add_argument("name")
     new.add_argument("role", choices=ROLES)
+    new.add_argument("--days", type=int, help="the token expires after this many days (default: never)")
     sub.add_parser("hash", help="read a token from stdin, print its sha256")
     args = ap.parse_args(argv)
     if args.verb == "hash":
@@ -177,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: name={args.name!r}: 1..64 of letters, digits and . _ @ -", file=sys.stderr)
         return 2
     token = secrets.token_urlsafe(32)
-    entry = json.dumps({"name": args.name, "role": args.role, "sha256": token_digest(token)})
+    fields = {"name": args.name, "role": args.role, "sha256": token_digest(token)}
+    if args.days is not None:
+        until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=args.days)
+        fields["expires"] = until.isoformat(timespec="seconds").replace("+00:00", "Z")
+    entry = json.dumps(fields)
     print(f"token (give it to the client, it is not stored): {token}")
     print(f"tokens file entry:  - {entry}")
     return 0

@@ -1,4 +1,4 @@
-"""What one request may cost the edge box: body bytes, pixels, image formats, ids, feedback rate.
+"""What one request may cost the edge box: body bytes, pixels, decoded bytes, image formats, ids, feedback rate.
 
 Every limit is a key of the rollout manifest's ``limits`` section (safe defaults below) and breaking one is a 4xx
 with a one-line reason, before the expensive step it protects:
@@ -6,14 +6,19 @@ with a one-line reason, before the expensive step it protects:
     limits:
       max_body_bytes: 16777216      # 16 MiB: 413 from Content-Length, else while the body streams in
       max_pixels: 25000000          # 25 MP: 413 after Image.open read the header, before any pixel is decoded
+      max_decoded_bytes: 100000000  # width x height x the bytes a pixel of its mode takes decoded; 413 likewise
+      decode_concurrency: 4         # frames held decoded at full size at once (decode to model input); 503 after 10 s
       formats: [PNG, JPEG]          # Pillow format names; anything else is 415
       max_id_length: 128            # camera_id / frame ids: 1..128 of [A-Za-z0-9._:-], else 422
       feedback_per_minute: 600      # per client (token name, else address); 429 with Retry-After beyond it
       served_frames: 100000         # frame ids remembered for feedback (oldest forgotten first)
 
 A 140 KB PNG of 12000 x 12000 px decodes to 432 MB of RGB: the pixel check runs on the header Pillow has parsed
-(``im.size``) and the decode is never attempted. ``Image.MAX_IMAGE_PIXELS`` alone would only warn below 2x its
-value. Torch-free (Pillow only).
+(``im.size``, ``im.mode``) and the decode is never attempted. ``Image.MAX_IMAGE_PIXELS`` alone would only warn below
+2x its value. What one frame costs is its decoded bytes (Pillow keeps RGB in 4 bytes a pixel, 16-bit grey in 2)
+plus ~1 byte a pixel to make it 8-bit (`spt_core.portable.preprocess.to_8bit`, strip by strip), so the box holds at
+most ``decode_concurrency x (max_decoded_bytes + max_pixels)`` bytes of frames: 4 x 125 MB by default.
+Torch-free (Pillow only).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +38,11 @@ from PIL import Image
 from spt_core.portable.errors import SensituneError, one_line
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# Bytes a pixel of each mode takes once Pillow has decoded it (3-band modes are stored in 4); a mode not listed
+# (a format plug-in's own) is refused before it is decoded.
+DECODED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 4, "PA": 4, "La": 4,
+                 "RGB": 4, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4, "I": 4, "F": 4}
+DECODE_WAIT_S = 10.0  # a frame waits this long for a decode slot, then 503 with Retry-After
 
 
 class LimitError(SensituneError):
@@ -47,6 +59,8 @@ class Limits:
 
     max_body_bytes: int = 16 * 2**20  # a 5 MP 16-bit PNG frame is ~10 MB; an upload is never larger than this
     max_pixels: int = 25_000_000  # 25 MP covers common area-scan sensors (5120 x 5120 = 26.2 MP needs a raise)
+    max_decoded_bytes: int = 100_000_000  # a 25 MP RGB frame as Pillow holds it (4 bytes a pixel)
+    decode_concurrency: int = 4  # frames decoded at full size at once: 4 x ~125 MB at most
     formats: tuple[str, ...] = ("PNG", "JPEG")
     max_id_length: int = 128
     feedback_per_minute: int = 600  # 10/s sustained per client, burst of the same size
@@ -59,6 +73,8 @@ class Limits:
 _INT_LIMITS = {
     "max_body_bytes": (1024, 2**31),
     "max_pixels": (1, 10**9),
+    "max_decoded_bytes": (1024, 2**34),
+    "decode_concurrency": (1, 256),
     "max_id_length": (8, 1024),
     "feedback_per_minute": (1, 10**6),
     "served_frames": (1, 10**7),
@@ -106,10 +122,14 @@ def check_id(value: str, key: str, limits: Limits) -> str:
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
-    """Decode an uploaded frame to RGB, refusing (before decoding a pixel) what the limits do not allow.
+    """Decode an uploaded frame in its own mode, refusing (before decoding a pixel) what the limits do not allow.
+
+    The model's preprocess makes it 8-bit by its manifest's ``bit_depth`` (`preprocess.to_8bit`), never clipped to
+    white. Call it inside `DecodeGate.hold`: the decoded frame is what the gate bounds.
 
     Raises:
-        LimitError: 415 format not allowed or unreadable, 413 more pixels than ``max_pixels``.
+        LimitError: 415 format or mode not allowed or unreadable, 413 more pixels than ``max_pixels`` or more decoded
+            bytes than ``max_decoded_bytes``.
     """
     try:
         im = Image.open(io.BytesIO(data), formats=list(limits.formats))  # reads the header only
@@ -118,17 +138,49 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     except Exception as e:
         allowed = "/".join(limits.formats)
         raise LimitError(415, f"file: not a readable {allowed} image ({one_line(e, 120)}); send {allowed}") from None
-    with im:
-        w, h = im.size
-        if w * h > limits.max_pixels:
+    w, h = im.size
+    if w * h > limits.max_pixels:
+        raise LimitError(
+            413, f"file: {w}x{h} = {w * h} pixels, over limits.max_pixels={limits.max_pixels}; send smaller frames"
+        )
+    per_pixel = DECODED_BYTES.get(im.mode)
+    if per_pixel is None:
+        raise LimitError(415, f"file: pixel mode {im.mode!r} is not supported; send 8-bit grey/RGB or 16-bit grey")
+    if w * h * per_pixel > limits.max_decoded_bytes:
+        raise LimitError(
+            413, f"file: {w}x{h} {im.mode} decodes to {w * h * per_pixel} bytes, over limits.max_decoded_bytes="
+            f"{limits.max_decoded_bytes}; send smaller frames"
+        )  # fmt: skip
+    try:  # the decode, bounded now; no copy: the image owns its pixels once loaded (the bytes it read stay small)
+        im.load()
+    except Exception as e:
+        raise LimitError(415, f"file: the {im.format} image does not decode ({one_line(e, 120)})") from None
+    return im
+
+
+class DecodeGate:
+    """At most `n` frames held decoded at full size at once, from the decode to the model's (small) input.
+
+    A frame over that waits up to `wait_s` for a slot, then gets 503 with Retry-After: a burst of large frames costs
+    bounded memory (12 parallel 25 MP 16-bit frames once peaked at 7.9 GB) and time, never the box. Thread-safe.
+    """
+
+    def __init__(self, n: int, wait_s: float = DECODE_WAIT_S) -> None:
+        self.n, self.wait_s = n, wait_s
+        self._slots = threading.BoundedSemaphore(n)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """One slot for the body of the `with`; `LimitError` 503 when none frees up in time."""
+        if not self._slots.acquire(timeout=self.wait_s):
             raise LimitError(
-                413, f"file: {w}x{h} = {w * h} pixels, over limits.max_pixels={limits.max_pixels}; send smaller frames"
-            )
-        try:  # the decode, bounded now by max_pixels; kept in its own mode: the model's preprocess scales 16-bit
-            im.load()  # frames by its manifest's bit_depth (`preprocess.to_rgb`), never clipped to white
-            return im.copy()
-        except Exception as e:
-            raise LimitError(415, f"file: the {im.format} image does not decode ({one_line(e, 120)})") from None
+                503, f"busy: {self.n} frames are being decoded (limits.decode_concurrency={self.n}); retry shortly",
+                retry_after=1.0,
+            )  # fmt: skip
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class RateLimiter:

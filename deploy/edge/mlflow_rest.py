@@ -6,7 +6,11 @@
     reg.set_alias("champion", "4"); reg.delete_alias("challenger"); reg.set_version_tag("4", key, value)
     reg.put_file("incoming/line-1/scratch/<sha>.png", data); reg.list_files("incoming/line-1")
 
-Every call is outbound from the box, bounded by ``timeout_s``; a failure is a `RegistryError` with one line.
+Every call is outbound from the box and bounded as a whole: ``timeout_s`` for the connection and each read, and a
+deadline for the whole request (``timeout_s`` for a JSON reply, ``download_deadline_s`` for a file), so a server
+that drips bytes cannot hold a sync round; replies are capped in size (``max_bytes``). Every reply is validated: a
+reply that is not the JSON expected, or a version or run id that is not a safe id (never a path), is a `BadReply`,
+counted in ``bad_replies``. A failure is a `RegistryError` with one line.
 Artifacts are read through the server's artifact proxy (``mlflow server --artifacts-destination ...``, the
 default ``--serve-artifacts``): ``/api/2.0/mlflow-artifacts/artifacts/<path>``.
 """
@@ -14,16 +18,21 @@ default ``--serve-artifacts``): ``/api/2.0/mlflow-artifacts/artifacts/<path>``.
 from __future__ import annotations
 
 import json
+import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from deploy.edge.registry import RegistryError
+from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, RegistryError
+from deploy.edge.rollout.logs import now_iso as _now
 from spt_core.portable.io import atomic_path
 
 API, PROXY = "/api/2.0/mlflow", "/api/2.0/mlflow-artifacts/artifacts"
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a registry version or run id: never a path (no . or /)
+JSON_MAX_BYTES = 8 << 20
 
 
 class RestRegistry:
@@ -32,16 +41,42 @@ class RestRegistry:
     Args:
         url: The tracking server, e.g. ``http://mlflow:5000``.
         model_name: The registered model's name.
-        timeout_s: Per-request timeout.
+        timeout_s: Connection and per-read timeout; also the whole-request deadline of a JSON call.
+        download_deadline_s: Whole-request deadline of one file download.
+        max_bytes: Largest file accepted (a JSON reply: 8 MiB).
     """
 
-    def __init__(self, url: str, model_name: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, model_name: str, timeout_s: float = 10.0, download_deadline_s: float = 600.0,
+                 max_bytes: int = 2 << 30) -> None:  # fmt: skip
         if not url.startswith(("http://", "https://")):
             raise RegistryError(f"registry.url={url!r}: give the MLflow server's http(s):// address")
         self.url, self.model_name, self.timeout_s = url.rstrip("/"), model_name, timeout_s
+        self.download_deadline_s, self.max_bytes = download_deadline_s, max_bytes
+        self.bad_replies = 0  # replies that were not what the API promises (counted for /metrics)
 
     # ------------------------------------------------------------------------------------------------ HTTP
-    def _call(self, method: str, path: str, *, query: dict | None = None, body: Any = None, raw: bool = False) -> Any:
+    def _bad(self, what: str) -> BadReply:
+        self.bad_replies += 1
+        return BadReply(f"MLflow at {self.url}: {what}; check registry.url points at an MLflow server")
+
+    def _read(self, r: Any, what: str, deadline: float, max_bytes: int) -> bytes:
+        """The body, read in pieces as they come, within `deadline` (monotonic) and `max_bytes`."""
+        size = r.headers.get("Content-Length")
+        if size is not None and size.isdigit() and int(size) > max_bytes:
+            raise self._bad(f"{what} is {int(size)} bytes, over the {max_bytes}-byte cap")
+        chunks, total = [], 0
+        while block := r.read1(1 << 16):
+            total += len(block)
+            if total > max_bytes:
+                raise self._bad(f"{what} is over the {max_bytes}-byte cap")
+            if time.monotonic() > deadline:
+                raise RegistryError(f"MLflow at {self.url}: {what} took longer than its deadline; check the network")
+            chunks.append(block)
+        return b"".join(chunks)
+
+    def _call(self, method: str, path: str, *, query: dict | None = None, body: Any = None, raw: bool = False,
+              deadline_s: float | None = None, max_bytes: int = JSON_MAX_BYTES) -> Any:  # fmt: skip
+        deadline = time.monotonic() + (deadline_s or self.timeout_s)
         url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data, headers = None, {}
         if isinstance(body, bytes):
@@ -51,7 +86,7 @@ class RestRegistry:
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                payload = r.read()
+                payload = self._read(r, f"{method} {path}", deadline, max_bytes)
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode("utf-8", "replace")
             if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail or "not found" in detail.lower():
@@ -61,7 +96,13 @@ class RestRegistry:
             raise RegistryError(f"MLflow at {self.url} unreachable ({type(e).__name__}: {e})") from None
         if raw:
             return payload
-        return json.loads(payload or b"{}")
+        try:
+            out = json.loads(payload or b"{}")
+        except ValueError:
+            raise self._bad(f"{method} {path} answered {payload[:60]!r}, not JSON") from None
+        if not isinstance(out, dict):
+            raise self._bad(f"{method} {path} answered {type(out).__name__}, not a JSON object")
+        return out
 
     # -------------------------------------------------------------------------------------------- registry
     def alias(self, alias: str) -> dict[str, Any] | None:
@@ -70,9 +111,16 @@ class RestRegistry:
             mv = self._call("GET", f"{API}/registered-models/alias", query={"name": self.model_name, "alias": alias})
         except NotFound:
             return None
-        mv = mv["model_version"]
-        tags = {t["key"]: t.get("value") for t in mv.get("tags") or []}
-        return {"version": str(mv["version"]), "run_id": mv.get("run_id"), "source": mv.get("source"), "tags": tags}
+        try:
+            mv = mv["model_version"]
+            version, run_id = str(mv["version"]), mv.get("run_id")
+            tags = {str(t["key"]): t.get("value") for t in mv.get("tags") or []}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise self._bad(f"{self.model_name}@{alias}: malformed model_version ({type(e).__name__}: {e})") from None
+        for what, value in (("version", version), ("run_id", run_id)):
+            if not isinstance(value, str) or not SAFE_ID.fullmatch(value):
+                raise self._bad(f"{self.model_name}@{alias}: {what}={str(value)[:40]!r} is not a safe id")
+        return {"version": version, "run_id": run_id, "source": mv.get("source"), "tags": tags}
 
     def set_alias(self, alias: str, version: str) -> None:
         body = {"name": self.model_name, "alias": alias, "version": str(version)}
@@ -100,13 +148,18 @@ class RestRegistry:
     # ------------------------------------------------------------------------------------------- artifacts
     def _run_root(self, run_id: str) -> str:
         """The run's artifact folder as a proxy path (``<experiment>/<run>/artifacts``)."""
-        uri = self._call("GET", f"{API}/runs/get", query={"run_id": run_id})["run"]["info"]["artifact_uri"]
-        if not uri.startswith("mlflow-artifacts:"):
+        try:
+            uri = self._call("GET", f"{API}/runs/get", query={"run_id": run_id})["run"]["info"]["artifact_uri"]
+        except (KeyError, TypeError) as e:
+            raise self._bad(f"run {run_id}: malformed reply ({type(e).__name__}: {e})") from None
+        if not isinstance(uri, str) or not uri.startswith("mlflow-artifacts:"):
             raise RegistryError(
                 f"run {run_id}'s artifacts are at {uri}, not behind the server's artifact proxy: start "
                 "`mlflow server` with --artifacts-destination (and without --no-serve-artifacts)"
             )
         path = urllib.parse.urlparse(uri).path
+        if ".." in path.split("/"):
+            raise self._bad(f"run {run_id}: artifact_uri {uri!r} climbs out of the artifact store")
         return path.lstrip("/")
 
     def read_run_file(self, run_id: str, path: str) -> bytes:
@@ -120,7 +173,9 @@ class RestRegistry:
         return dest
 
     def get_file(self, path: str) -> bytes:
-        return self._call("GET", f"{PROXY}/{urllib.parse.quote(path)}", raw=True)
+        """One file through the artifact proxy, within ``download_deadline_s`` and ``max_bytes``."""
+        return self._call("GET", f"{PROXY}/{urllib.parse.quote(path)}", raw=True,
+                          deadline_s=self.download_deadline_s, max_bytes=self.max_bytes)  # fmt: skip
 
     def put_file(self, path: str, data: bytes) -> None:
         """Upload bytes to ``path`` under the server's artifact destination."""
@@ -139,3 +194,37 @@ class RestRegistry:
 
 class NotFound(RegistryError):
     """The server answered 404 / RESOURCE_DOES_NOT_EXIST."""
+
+
+class BadReply(RegistryError):
+    """The server answered, but not what the API promises (not JSON, a malformed field, a path for a version)."""
+
+
+def audit(reg: RestRegistry, alias: str, before: str | None, after: str | None, who: str, evidence: Any,
+          box: str | None) -> dict[str, Any]:  # fmt: skip
+    """Write one alias move's audit record to the registry (model tag ``audit.<time>``); returns it."""
+    rec = {"ts": _now(), "model_name": reg.model_name, "alias": alias, "from_version": before, "to_version": after,
+           "who": who, "evidence": evidence, "box": box}  # fmt: skip
+    stamp = "".join(ch for ch in rec["ts"][:23] if ch.isdigit())  # tag keys allow [\w.\- /] only
+    reg.set_model_tag(f"audit.{stamp}.{alias}", json.dumps(rec)[:4900])
+    if after is not None:
+        reg.set_version_tag(after, f"audit.{alias}", json.dumps(rec)[:4900])
+    return rec
+
+
+def move(
+    reg: RestRegistry, version: str, *, who: str, evidence: Any, box: str | None = None, log_to: Any = None
+) -> list:
+    """Promote `version` in the registry: `champion` -> it, `challenger` cleared if it pointed there; audited."""
+    before = (reg.alias(CHAMPION_ALIAS) or {}).get("version")
+    records = []
+    if before != str(version):
+        reg.set_alias(CHAMPION_ALIAS, str(version))
+        records.append(audit(reg, CHAMPION_ALIAS, before, str(version), who, evidence, box))
+    if (reg.alias(CHALLENGER_ALIAS) or {}).get("version") == str(version):
+        reg.delete_alias(CHALLENGER_ALIAS)
+        records.append(audit(reg, CHALLENGER_ALIAS, str(version), None, who, evidence, box))
+    for r in records:
+        if log_to is not None:
+            log_to(r)
+    return records

@@ -6,6 +6,11 @@ edge box: it is imported only when a registry is configured, i.e. when an `Mlflo
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -102,3 +107,68 @@ class MlflowRegistry:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def move_aliases(tracking_uri: str, model_name: str, action: str, version: str) -> list[dict[str, Any]]:
+    """The registry side of a box decision: promote -> `champion` to `version`, `challenger` cleared; rollback ->
+    `challenger` cleared. Returns the moves (for the audit trail)."""
+    registry = MlflowRegistry(tracking_uri, model_name)
+    moves = [registry.set_champion(version).to_dict()] if action == "promote" else []
+    return moves + [registry.clear_challenger().to_dict()]
+
+
+class AliasOutbox:
+    """Alias moves carried out by one worker thread, in order, with retries (``backoff_s`` doubling per attempt).
+
+    A decision completes locally at once (manifest, decision log, the served models); the registry follows here,
+    so no control action ever waits on the network, however long the registry client takes to give up.
+    `on_result` gets one record per move: ``outcome`` ok | failed, ``alias_moves`` or ``error``, ``attempts``.
+    """
+
+    def __init__(self, on_result: Callable[[dict[str, Any]], None], attempts: int = 5, backoff_s: float = 2.0) -> None:
+        self.on_result, self.attempts, self.backoff_s = on_result, attempts, backoff_s
+        self._jobs: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, tracking_uri: str, model_name: str, action: str, version: str, **context: Any) -> None:
+        """Queue one decision's alias moves; returns at once."""
+        job = {"tracking_uri": tracking_uri, "model_name": model_name, "action": action, "version": version, **context}
+        with self._cond:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="registry-outbox", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once every queued move has been tried to the end (tests, orderly shutdown)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._jobs))
+                job, self._busy = self._jobs.popleft(), True
+            try:
+                self.on_result(self._carry_out(job))
+            except Exception:  # the audit sink failing must not stop later moves
+                logging.getLogger("sensitune.edge").exception("registry outbox: cannot record a result")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _carry_out(self, job: dict[str, Any]) -> dict[str, Any]:
+        error = None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                moves = move_aliases(job["tracking_uri"], job["model_name"], job["action"], job["version"])
+                return {**job, "outcome": "ok", "alias_moves": moves, "attempts": attempt}
+            except Exception as e:
+                error = f"{type(e).__name__}: {one_line(e)}"
+                if attempt < self.attempts:
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        return {**job, "outcome": "failed", "error": error, "attempts": self.attempts}

@@ -5,9 +5,14 @@ Concurrency: requests run in uvicorn's thread pool and read `EdgeService.runtime
 the runtime it started with. Changes (reload, decisions, automatic rollbacks, the start-up retry) take one control
 lock and build a complete new `Runtime` before the swap.
 
-Every change that moves a model is a transaction: the new runtime is loaded from the verified bytes and
-smoke-tested first, then the manifest is rewritten atomically, then the reference is swapped. When the load or the
-smoke test fails, the manifest stays byte-identical, nothing is logged as a decision, and the old runtime serves.
+Every change that moves a model is a transaction: the new runtime passes acceptance first (`deploy.edge.acceptance`:
+hash, signature, compile, smoke test, the challenger's compatibility with the champion), then the manifest is
+rewritten atomically, then the reference is swapped. When acceptance fails, the manifest stays byte-identical,
+nothing is logged as a decision, and the old runtime serves. Registry alias moves follow on `AliasOutbox`'s thread,
+never under the control lock.
+
+Never dark: at start, a champion that fails acceptance is replaced by the last champion that passed
+(``<log_dir>/last-good``); /healthz says so (``champion_source: last-good`` and the refusal in ``champion_error``).
 """
 
 from __future__ import annotations
@@ -19,36 +24,43 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deploy.edge.artifact import MANIFEST, ArtifactError, load_artifact
-from deploy.edge.auth import Principal
+from deploy.edge.acceptance import Accepted, accept, last_good, remember
+from deploy.edge.artifact import ArtifactError
+from deploy.edge.auth import ADMIN, Principal
 from deploy.edge.frames import ServedFrames
 from deploy.edge.inferencer import Inferencer
-from deploy.edge.limits import RateLimiter
+from deploy.edge.limits import DecodeGate, Limits, RateLimiter
 from deploy.edge.metrics import Metrics
+from deploy.edge.registry import AliasOutbox
 from deploy.edge.rollout.decision import ChallengerHealth, Decision, apply_decision, decide, roll_back
 from deploy.edge.rollout.logs import JsonlLog, now_iso
-from deploy.edge.rollout.manifest import CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig, RolloutError, load_config
+from deploy.edge.rollout.manifest import (
+    CHALLENGER,
+    CHAMPION,
+    FEEDBACK_LOG,
+    PRED_LOG,
+    ModelRef,
+    RegistryRef,
+    RolloutConfig,
+    RolloutError,
+    load_config,
+)
 from deploy.edge.rollout.split import assign_arm
 from deploy.edge.rollout.stats import report_for
+from deploy.edge.signing import Trust
 from spt_core.portable.errors import SensituneError, one_line
 
 log = logging.getLogger("sensitune.edge")
 AUDIT_LOG = "audit.jsonl"  # in log_dir: every admin action, who asked, what came of it
 
 
-def load_model(artifact_dir: Path, version: str | None = None, openvino: dict[str, Any] | None = None) -> Inferencer:
-    """A model the rollout manifest names: its artifact read once and verified (`load_artifact`, ``model_version``
-    must equal ``version``), refused when export's gate failed for it (``promotable: false``), compiled from the
-    verified bytes with ``openvino`` laid over its ``runtime_config``, and smoke-tested on one frame. Raises
-    `ArtifactError`."""
-    artifact = load_artifact(artifact_dir, expected_version=version)
-    if artifact.promotable is False:  # deploy.compile.export's verification gate failed for this artifact
-        raise ArtifactError(
-            f"{artifact.dir / MANIFEST}: promotable=false (see its 'verification'); fix the export or pick another"
-        )
-    model = Inferencer.from_artifact(artifact, openvino)
-    model.smoke_test()
-    return model
+def load_model(
+    artifact_dir: Path, version: str | None = None, openvino: dict[str, Any] | None = None, trust: Trust | None = None
+) -> Inferencer:
+    """A model the rollout manifest names, through `deploy.edge.acceptance.accept` (hash and ``model_version``,
+    signature, ``promotable``, compile from the verified bytes with ``openvino`` over its ``runtime_config``, smoke
+    test). Raises `ArtifactError`."""
+    return accept(artifact_dir, version, trust=trust, openvino=openvino).model
 
 
 def _error_text(e: Exception) -> str:
@@ -68,8 +80,12 @@ class Runtime:
     challenger_error: str | None = None
     loaded_at: str = field(default_factory=now_iso)
     health: ChallengerHealth | None = None  # None: a fresh one for config.decision.max_error_rate
+    champion_source: str = "manifest"  # or "last-good": the manifest's champion failed acceptance at start
+    signatures: dict[str, str] = field(default_factory=dict)  # role -> what acceptance said of its signature
     gate: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
     pending: bool = False  # the challenger was missing at start and is being retried
+    # frames decoded at full size at once (limits.decode_concurrency): predict, its shadow run, the pages' thumbnails
+    decoding: DecodeGate = field(default_factory=lambda: DecodeGate(Limits().decode_concurrency))
 
     def __post_init__(self) -> None:
         if self.health is None:
@@ -95,13 +111,15 @@ class Runtime:
             "line": self.config.line,
             "champion": self.champion.version if self.champion else None,
             "champion_error": self.champion_error,
+            "champion_source": self.champion_source if self.champion else None,
             "challenger": ch.version if ch else None,
             "challenger_state": self.challenger_state,
             "challenger_error": self.challenger_error,
             "challenger_share": self.config.challenger_share,
             "shadow": self.config.shadow,
-            "openvino": self.champion.ov_config if self.champion else None,
+            "openvino": self.champion.config if self.champion else None,
             "loaded_at": self.loaded_at,
+            "signatures": dict(self.signatures),
         }
 
 
@@ -109,9 +127,11 @@ class RuntimeControl:
     """The control half of the edge service: the current `Runtime` and every change to it. `deploy.edge.service.
     EdgeService` adds the data path (`predict`, `feedback`) and the HTTP API on top."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, trust: Trust | None = None) -> None:
         self.config_path = Path(config_path).resolve()
+        self.trust = Trust.from_env() if trust is None else trust
         self.metrics = Metrics()
+        self.outbox = AliasOutbox(self._registry_result)
         self.rate = RateLimiter()
         self._control = threading.Lock()  # one reload / decision at a time
         self._logs: dict[Path, JsonlLog] = {}  # kept open for the process: old runtimes may still write
@@ -119,7 +139,7 @@ class RuntimeControl:
             cfg = load_config(self.config_path)
             self.frames = ServedFrames(cfg.limits.served_frames)
             self.frames.load(cfg.logs / PRED_LOG)  # feedback for frames served before a restart still joins
-            self.runtime = self._load(cfg, previous=None)
+            self.runtime = self._load(cfg, previous=None, fallback=True)
 
     # ------------------------------------------------------------------------------------------------ loading
     def _log(self, path: Path, fsync_every: int) -> JsonlLog:
@@ -133,27 +153,61 @@ class RuntimeControl:
                 ) from None
         return self._logs[path]
 
-    def _build(self, cfg: RolloutConfig, with_challenger: bool = True) -> Runtime:
-        """A complete runtime for `cfg` with no side effect on the manifest; load errors are kept in the runtime."""
-        champion = challenger = None
-        champion_error = challenger_error = None
+    def _accept(self, cfg: RolloutConfig, ref: ModelRef, role: str, champion: Accepted | None = None) -> Accepted:
+        against = champion.artifact if champion is not None else None
+        return accept(cfg.resolve(ref.path), ref.version, trust=self.trust, openvino=cfg.openvino, champion=against,
+                      role=role)  # fmt: skip
+
+    def _last_good(self, cfg: RolloutConfig, why: str) -> tuple[RolloutConfig, Accepted] | None:
+        """The kept last-good champion, through acceptance again, and `cfg` pointing at it without a challenger."""
+        kept = last_good(cfg.logs)
+        if kept is None:
+            return None
+        ref = ModelRef(kept[0], str(kept[1]))
         try:
-            champion = load_model(cfg.resolve(cfg.champion.path), cfg.champion.version, cfg.openvino)
+            accepted = self._accept(cfg, ref, CHAMPION)
+        except Exception as e:
+            log.error("last-good champion %s failed acceptance too: %s", ref.version, _error_text(e))
+            return None
+        log.error("champion %s refused (%s): serving the last-good champion %s", cfg.champion.version, why, ref.version)
+        return replace(cfg, champion=ref, challenger=None), accepted
+
+    def _build(self, cfg: RolloutConfig, with_challenger: bool = True, fallback: bool = False) -> Runtime:
+        """A complete runtime for `cfg` with no side effect on the manifest; load errors are kept in the runtime.
+        `fallback` (at start): a champion that fails acceptance is replaced by the last-good one (`_last_good`)."""
+        champion = challenger = accepted = None
+        champion_error = challenger_error = None
+        source, signatures = "manifest", {}
+        try:
+            accepted = self._accept(cfg, cfg.champion, CHAMPION)
         except Exception as e:
             champion_error = _error_text(e)
+            kept = self._last_good(cfg, champion_error) if fallback else None
+            if kept is not None:
+                (cfg, accepted), source = kept, "last-good"
+        if accepted is not None:
+            champion, signatures[CHAMPION] = accepted.model, accepted.signature
+            if source == "manifest":
+                try:
+                    remember(accepted, cfg.logs)
+                except OSError as e:  # a full disk must not stop the line
+                    log.error("cannot keep the last-good champion in %s: %s", cfg.logs, e)
         if with_challenger and cfg.challenger is not None and champion is not None:
             try:
-                challenger = load_model(cfg.resolve(cfg.challenger.path), cfg.challenger.version, cfg.openvino)
+                ch = self._accept(cfg, cfg.challenger, CHALLENGER, champion=accepted)
+                challenger, signatures[CHALLENGER] = ch.model, ch.signature
             except Exception as e:
                 challenger_error = _error_text(e)
         logs = (self._log(cfg.logs / PRED_LOG, 64), self._log(cfg.logs / FEEDBACK_LOG, 1))
         # inferences at once = the champion's optimal number of requests (1 per stream: LATENCY 1, THROUGHPUT ~cores)
         gate = threading.BoundedSemaphore(champion.n_requests if champion else 1)
-        return Runtime(cfg, champion, challenger, *logs, champion_error, challenger_error, gate=gate)
+        return Runtime(cfg, champion, challenger, *logs, champion_error, challenger_error, gate=gate,
+                       champion_source=source, signatures=signatures,
+                       decoding=DecodeGate(cfg.limits.decode_concurrency))  # fmt: skip
 
-    def _load(self, cfg: RolloutConfig, previous: Runtime | None) -> Runtime:
-        rt = self._build(cfg)
-        if rt.champion_error:
+    def _load(self, cfg: RolloutConfig, previous: Runtime | None, fallback: bool = False) -> Runtime:
+        rt = self._build(cfg, fallback=fallback)
+        if rt.champion is None:
             if previous is not None and previous.champion is not None:
                 why = f"champion {cfg.champion.version} failed to load ({rt.champion_error}); nothing changed"
                 raise ArtifactError(why)
@@ -183,7 +237,9 @@ class RuntimeControl:
                 if self.runtime is not rt:  # replaced by a reload or a decision: that one decides
                     return
                 try:
-                    challenger = load_model(cfg.resolve(cfg.challenger.path), cfg.challenger.version, cfg.openvino)
+                    against = None if rt.champion is None else rt.champion.artifact
+                    challenger = accept(cfg.resolve(cfg.challenger.path), cfg.challenger.version, trust=self.trust,
+                                        openvino=cfg.openvino, champion=against, role=CHALLENGER).model  # fmt: skip
                 except Exception as e:
                     if time.monotonic() < deadline and not cfg.resolve(cfg.challenger.path).is_dir():
                         continue
@@ -201,7 +257,7 @@ class RuntimeControl:
         """Automatic rollback (caller holds the control lock): manifest, registry, decision log; champion serves."""
         record = None
         try:
-            record = roll_back(self.config_path, rt.config, reason, why)
+            record = roll_back(self.config_path, rt.config, reason, why, registry_later=self._registry_later)
             cfg = load_config(self.config_path)
         except SensituneError as e:  # manifest unusable now: keep serving the champion from memory
             log.error("automatic rollback could not rewrite %s: %s", self.config_path, e)
@@ -227,6 +283,17 @@ class RuntimeControl:
         except (OSError, SensituneError) as e:  # a full disk must not stop the line; it shows in /metrics
             self.metrics.count("log_errors")
             log.error("cannot append to the audit log: %s", e)
+
+    def _registry_later(self, reg: RegistryRef, action: str, version: str) -> None:
+        self.outbox.submit(reg.tracking_uri, reg.model_name, action, version)
+
+    def _registry_result(self, result: dict[str, Any]) -> None:
+        """The registry's side of a decision, from the outbox's thread: into the audit log (and the log on failure)."""
+        if result["outcome"] != "ok":
+            log.error("registry alias moves for %s %s failed: %s", result["action"], result["version"], result["error"])
+        detail = {k: v for k, v in result.items() if k not in ("outcome", "action")}
+        self.audit(Principal("registry-outbox", ADMIN), "registry", result["outcome"], decision=result["action"],
+                   **detail)  # fmt: skip
 
     def reload(self, who: Principal) -> dict[str, Any]:
         """Re-read the manifest; a malformed one (or an unloadable champion) is refused and nothing changes."""
@@ -273,7 +340,8 @@ class RuntimeControl:
             return rt
 
         try:
-            record = apply_decision(self.config_path, decision, source=source, actor=who.name, before_write=prepare)
+            record = apply_decision(self.config_path, decision, source=source, actor=who.name, before_write=prepare,
+                                    registry_later=self._registry_later)  # fmt: skip
         except SensituneError as e:
             self.audit(who, action, "refused", reason=reason, error=str(e))
             raise ArtifactError(f"{e}; nothing changed: the manifest and the serving models are as they were") from e

@@ -20,7 +20,10 @@ class StateOut(BaseModel):
 
     line: str
     champion: str | None = Field(description="serving champion version; null: not ready")
-    champion_error: str | None
+    champion_error: str | None = Field(description="why the manifest's champion was refused (acceptance stage)")
+    champion_source: str | None = Field(
+        None, description="manifest, or last-good: the manifest's champion failed acceptance at start"
+    )
     challenger: str | None
     challenger_state: Literal["none", "pending", "serving", "failed"] = Field(
         description="pending: missing at start, being retried; failed: rolled back"
@@ -30,6 +33,7 @@ class StateOut(BaseModel):
     shadow: bool
     openvino: dict[str, Any] | None
     loaded_at: str
+    signatures: dict[str, str] = Field({}, description="role -> 'signed by <key id>' or 'unsigned (...)'")
 
 
 class HealthOut(StateOut):

@@ -1,6 +1,6 @@
 """Edge inference service: an OpenVINO champion (and challenger) behind one HTTP API for the line's cameras.
 
-Start (one command): ``sensitune-edge --config rollout.yaml --tokens tokens.yaml --host 0.0.0.0 --port 8080``
+Start (one command): ``sensitune-edge --config rollout.yaml --tokens tokens.yaml --host 0.0.0.0 --allow-host NAME``
 
 Endpoints (roles in brackets, `deploy.edge.auth`): POST /predict [camera] (multipart `file` + form `camera_id`,
 optional `frame_id`), POST /feedback [operator] {frame_id, label}, GET /report [operator], GET /metrics [any
@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,16 @@ from deploy.edge.rollout.logs import JsonlLog, now_iso
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION
 from deploy.edge.runtime import Runtime, RuntimeControl, load_model
 from deploy.edge.schemas import FeedbackIn
-from deploy.edge.sync import attach, first_sync
+from deploy.edge.sync import BoxConfig, attach, first_sync
 from deploy.edge.sync import main as sync_main
 from spt_core.portable.errors import SensituneError, one_line
+from spt_core.portable.preprocess import model_image
 
 __all__ = ["EdgeService", "Runtime", "create_app", "load_model", "main"]
 log = logging.getLogger("sensitune.edge")
 
 Reply = tuple[int, dict[str, Any]]
+HOSTS_ENV = "SENSITUNE_EDGE_ALLOWED_HOSTS"
 
 
 class EdgeService(RuntimeControl):
@@ -62,7 +65,11 @@ class EdgeService(RuntimeControl):
         self, data: bytes, camera_id: str, frame_id: str | None, defer: Callable[..., Any] | None = None
     ) -> Reply:
         """One frame -> (HTTP status, body). `frame_id` is the camera's own id (optional); the answer carries a
-        server-issued ``frame_id`` for feedback. `defer(fn, *args)` runs the shadow challenger after the response."""
+        server-issued ``frame_id`` for feedback. `defer(fn, *args)` runs the shadow challenger after the response.
+
+        The frame is decoded and turned into the models' input inside a slot of ``rt.decoding`` (at most
+        ``limits.decode_concurrency`` frames at full size at once), and dropped before the slot is given back: a
+        shadow run keeps only the challenger's model-sized image. A frame that gets no slot in time is 503."""
         t0 = time.perf_counter()
         rt = self.runtime  # read once: this request finishes on this runtime even if a reload swaps it
         if rt.champion is None:
@@ -72,11 +79,31 @@ class EdgeService(RuntimeControl):
         try:
             check_id(camera_id, "camera_id", limits)
             client_frame_id = check_id(frame_id, "frame_id", limits) if frame_id else None
-            image = open_image(data, limits)  # format and pixel count checked before the decode
+            with rt.decoding.hold():
+                image = open_image(data, limits)  # format, pixels and decoded bytes checked before the decode
+                reply, shadow = self._answer(rt, image, data, camera_id, client_frame_id, t0)
+                if shadow is not None:  # the challenger's full-size preprocessing, timed for its latency
+                    t1 = time.perf_counter()
+                    try:
+                        shadow_in = model_image(image, rt.challenger.artifact.preprocess)
+                        shadow["prep_ms"] = (time.perf_counter() - t1) * 1e3
+                    except Exception as e:  # counted against the challenger, as a failed shadow run is
+                        self.metrics.model(CHALLENGER, rt.challenger.version, None)
+                        log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(e))
+                        shadow = None
+                del image  # the full-size frame lives only inside the slot
         except LimitError as e:
             self.metrics.request(None, "bad")
             self.metrics.count("refused_limits")
             return e.status, {"error": str(e)}
+        if shadow is not None:
+            (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, shadow_in, shadow)
+        return reply
+
+    def _answer(
+        self, rt: Runtime, image: Image.Image, data: bytes, camera_id: str, client_frame_id: str | None, t0: float
+    ) -> tuple[Reply, dict[str, Any] | None]:
+        """The served answer for a decoded frame, and the record base for a shadow run (None: no shadow run)."""
         served_id = ServedFrames.new_id()
         base = {"ts": now_iso(), "frame_id": served_id, "client_frame_id": client_frame_id, "camera_id": camera_id}
         role, fallback, out = rt.arm(camera_id), False, None
@@ -104,7 +131,7 @@ class EdgeService(RuntimeControl):
                 self.metrics.model(CHAMPION, model.version, None)
                 self.metrics.request(None, "error")
                 log.exception("champion failed on frame %s", served_id)
-                return 500, {"error": f"inference failed: {one_line(e)}"}
+                return (500, {"error": f"inference failed: {one_line(e)}"}), None
         ms = (time.perf_counter() - t0) * 1e3
         self.metrics.model(role, model.version, out["latency_ms"])
         self.metrics.request(ms)
@@ -113,22 +140,24 @@ class EdgeService(RuntimeControl):
         self.frames.add(ServedFrame(served_id, camera_id, client_frame_id))
         if self.frame_store is not None:
             self.frame_store.offer({**rec, "line": rt.config.line}, data)
-        if rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled:
-            (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, image, base)
-        return 200, {
+        shadow = rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled
+        return (200, {
             **{k: rec.get(k) for k in ("frame_id", "client_frame_id", "camera_id", "class", "class_index", "score")},
             "p_good": rec.get("p_good"),  # P(good) and the decision at the manifest's threshold
             "decision": rec.get("decision"),
             "model_version": model.version,
             "role": role,
             "latency_ms": ms,
-        }
+        }), (base if shadow else None)  # fmt: skip
 
     def _shadow(self, rt: Runtime, image: Image.Image, base: dict[str, Any]) -> None:
         """Challenger on a champion frame, logged only (paired comparison); errors count against it."""
+        base = dict(base)
+        prep_ms = base.pop("prep_ms", 0.0)  # `image` is model-sized: its full-size part ran in `predict`'s slot
         rec = {**base, "role": CHALLENGER, "model_version": rt.challenger.version, "served": False, "shadow": True}
         try:
             out = rt.challenger.predict(image, rt.gate)
+            out["latency_ms"] += prep_ms
         except Exception as e:
             self.metrics.model(CHALLENGER, rt.challenger.version, None)
             self._write(rt.pred_log, {**rec, "error": one_line(e)})
@@ -165,11 +194,12 @@ class EdgeService(RuntimeControl):
             self.metrics.count("feedback_refused")
             retry = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else {}
             return e.status, {"error": str(e)}, retry
-        known = {c for m in (rt.champion, rt.challenger) if m for c in m.class_names}
+        # the champion's classes: acceptance gives a challenger the same ones, so a label means one thing per line
+        known = set(rt.champion.class_names) if rt.champion else set()
         if known and item.label not in known:
             self.metrics.count("feedback_refused")
             shown = item.label[:40]
-            return 422, {"error": f"label={shown!r}: not a class of the served models; use one of {sorted(known)}"}, {}
+            return 422, {"error": f"label={shown!r}: not a class of the champion; use one of {sorted(known)}"}, {}
         if frame is None:
             self.metrics.count("feedback_refused")
             why = f"{named}: this service served no such frame (or it is older than the last {self.frames.capacity} "
@@ -182,12 +212,16 @@ class EdgeService(RuntimeControl):
         return 200, {**body, "frame_kept": kept is not None}, {}
 
 
-def create_app(config_path: Path, tokens: TokenStore | None = None, box: Path | None = None) -> Any:
+def create_app(
+    config_path: Path, tokens: TokenStore | None = None, box: Path | None = None, hosts: Sequence[str] = ()
+) -> Any:
     """The FastAPI app for one rollout manifest, behind `deploy.edge.guard.Guard`; raises RolloutError when the manifest
     is malformed. `tokens` None: no authentication (the caller must only bind loopback; `main` enforces it).
-    `box`: box.yaml, the registry sync and frame store (`deploy.edge.sync`; a new box gets its manifest from it)."""
+    `box`: box.yaml, the registry sync and frame store (`deploy.edge.sync`; a new box gets its manifest from it).
+    `hosts`: the names the box answers to besides the loopback ones (``--allow-host``)."""
     first_sync(config_path, box)
-    service = attach(EdgeService(config_path), box)
+    trust = None if box is None else BoxConfig.load(box).trust()  # the box's keys; else $SENSITUNE_TRUSTED_KEYS
+    service = attach(EdgeService(config_path, trust=trust), box)
 
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -198,7 +232,7 @@ def create_app(config_path: Path, tokens: TokenStore | None = None, box: Path | 
             service.sync.stop()
         service.close()  # fsync the logs on shutdown
 
-    return build_api(service, tokens, lifespan)
+    return build_api(service, tokens, lifespan, hosts)
 
 
 def is_loopback(host: str) -> bool:
@@ -224,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--host", default="127.0.0.1", help="bind address; any non-loopback address needs tokens")
     ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a name clients reach the box by (Host/Origin); repeat; loopback names and a specific --host "
+                    f"are allowed already; '*' allows any (a proxy checks them); also ${HOSTS_ENV}, comma-separated")
     ap.add_argument("--ssl-keyfile", help="TLS private key (PEM), passed to uvicorn")
     ap.add_argument("--ssl-certfile", help="TLS certificate chain (PEM), passed to uvicorn")
     ap.add_argument("--box", type=Path, help="box.yaml: registry sync + frame store (docs/from-images-to-line.md)")
@@ -239,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
             raise AuthError("give both --ssl-keyfile and --ssl-certfile, or neither")
-        app = create_app(args.config, tokens, args.box)
+        hosts = [*args.allow_host, *os.environ.get(HOSTS_ENV, "").split(",")]
+        hosts += [] if args.host in ("0.0.0.0", "::") else [args.host]  # a specific bind address is a name too
+        app = create_app(args.config, tokens, args.box, hosts)
     except (SensituneError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

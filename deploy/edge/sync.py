@@ -6,49 +6,54 @@
 One sync, outbound only (`deploy.edge.mlflow_rest`, plain HTTP):
 1. push: this box's applied promote/rollback decisions (rollout decisions.jsonl) move the registry aliases,
    each with an audit record (who, when, from, to, evidence, box) as a registered-model tag;
-2. pull: the versions behind `champion` and `challenger`; each missing one is downloaded from its run's sealed
-   export (``export/openvino/<precision>/``), checked (`deploy.edge.artifact.load_artifact`, sha256 + version) and
-   renamed into ``store/<version>/<precision>/`` (a new folder per version; an existing good one is never
-   rewritten, a damaged one is moved aside);
-3. the rollout manifest's champion/challenger follow the aliases (the box's own cameras, share, pins and
-   decision rule stay), and the service hot-reloads;
+2. pull: the versions behind `champion` and `challenger` (safe ids, never paths), each through
+   `deploy.edge.acceptance.Intake` (staged download, sha256, signature, compile, smoke test, compatibility with the
+   serving champion) into ``store/<version>/<precision>/``; a refused version is named in the status
+   (``refused``) and the audit log, and the box keeps what it serves;
+3. the rollout manifest's champion/challenger follow the accepted versions (the box's own cameras, share, pins and
+   decision rule stay), written atomically, and the service hot-reloads;
 4. upload: labelled frames (unlabelled ones only with ``sync.upload_unlabelled: true``) go to the server's
    artifact store under ``incoming/<line>/<label>/<sha256>.<ext>`` with ``<sha256>.json`` provenance (line,
    camera, box, model version, time, who labelled); the content hash de-duplicates.
 
-When the server cannot be reached the box keeps serving what it has; `status()` (in /healthz and /metrics) says
-how stale it is. Torch-free: stdlib, PyYAML, deploy.edge.artifact/rollout/frames.
+When the server cannot be reached, answers garbage or drips, the box keeps serving what it has; the loop never dies
+(every failure is the round's ``error``, counted); `status()` (in /healthz and /metrics) says how stale it is.
+Torch-free: stdlib, PyYAML, deploy.edge.artifact/acceptance/rollout/frames.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from deploy.edge.artifact import MANIFEST, ArtifactError, load_artifact
+from deploy.edge.acceptance import Intake
+from deploy.edge.artifact import ArtifactError, load_artifact
 from deploy.edge.frame_store import FrameRule, FrameStore, GuardedFrames
-from deploy.edge.mlflow_rest import RestRegistry
+from deploy.edge.mlflow_rest import RestRegistry, audit, move
 from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
+from deploy.edge.rollout import manifest as rollout_manifest
 from deploy.edge.rollout.decision import manifest_lock
 from deploy.edge.rollout.logs import JsonlLog
+from deploy.edge.rollout.logs import now_iso as _now
 from deploy.edge.rollout.manifest import DECISION_LOG, ModelRef, RolloutError, load_config, parse_config, write_config
+from deploy.edge.signing import Trust
 from spt_core.portable.errors import SensituneError, one_line
 from spt_core.portable.io import write_json
 
 STATE_FILE, AUDIT_LOG = "sync_state.json", "audit.jsonl"
+COUNTERS = {"errors_total": "sync_errors", "bad_replies": "registry_bad_replies", "refused_total": "models_refused",
+            "skipped_log_lines": "sync_errors"}  # status key -> deploy.edge.metrics count  # fmt: skip
 log = logging.getLogger("sensitune.sync")
 
 
@@ -66,11 +71,15 @@ class BoxConfig:
     timeout_s: float = 10.0
     interval_s: float = 60.0
     stale_after_s: float = 300.0
-    challenger_share: float = 0.25  # for a challenger arriving at a box whose manifest has share 0
+    challenger_share: float = rollout_manifest.CHALLENGER_SHARE  # for a challenger arriving where the manifest has 0
     upload_unlabelled: bool = False
     frames_dir: Path | None = None
     frames_quota_mb: float = 500.0
     frame_rule: FrameRule = field(default_factory=FrameRule)
+    download_deadline_s: float = 600.0  # one file, the whole request
+    max_download_mb: float = 2048.0
+    trusted_keys: list[Path] = field(default_factory=list)  # Ed25519 .pub files (several: key rotation)
+    require_signature: bool | None = None  # None: true when trusted_keys is non-empty
 
     @classmethod
     def load(cls, path: str | Path) -> BoxConfig:
@@ -78,17 +87,21 @@ class BoxConfig:
         try:
             d = yaml.safe_load(path.read_text()) or {}
             base = path.resolve().parent
-            reg, sync, frames = d["registry"], d.get("sync") or {}, d.get("frames")
+            reg, sync, frames, trust = d["registry"], d.get("sync") or {}, d.get("frames"), d.get("trust") or {}
             return cls(
                 box=str(d["box"]), line=str(d["line"]), rollout=base / d.get("rollout", "rollout.yaml"),
                 store=base / d.get("store", "store"), url=str(reg["url"]), model_name=str(reg["model_name"]),
                 precision=str(reg.get("precision", "fp32")), timeout_s=float(reg.get("timeout_s", 10.0)),
                 interval_s=float(sync.get("interval_s", 60.0)), stale_after_s=float(sync.get("stale_after_s", 300)),
-                challenger_share=float(sync.get("challenger_share", 0.25)),
+                challenger_share=float(sync.get("challenger_share", rollout_manifest.CHALLENGER_SHARE)),
                 upload_unlabelled=bool(sync.get("upload_unlabelled", False)),
                 frames_dir=None if frames is None else base / frames.pop("dir", "frames"),
                 frames_quota_mb=float((frames or {}).pop("quota_mb", 500.0)),
                 frame_rule=FrameRule.from_dict(frames),
+                download_deadline_s=float(reg.get("download_deadline_s", 600.0)),
+                max_download_mb=float(reg.get("max_download_mb", 2048.0)),
+                trusted_keys=[base / k for k in trust.get("public_keys") or []],
+                require_signature=None if trust.get("require_signature") is None else bool(trust["require_signature"]),
             )  # fmt: skip
         except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
             raise SensituneError(
@@ -98,64 +111,99 @@ class BoxConfig:
     def frame_store(self) -> FrameStore | None:
         return None if self.frames_dir is None else FrameStore(self.frames_dir, self.frame_rule, self.frames_quota_mb)
 
+    def trust(self) -> Trust:
+        """The keys this box trusts (box.yaml ``trust: {public_keys: [...], require_signature: ...}``)."""
+        return Trust.load(self.trusted_keys, self.require_signature)
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    def registry(self) -> RestRegistry:
+        return RestRegistry(self.url, self.model_name, self.timeout_s, self.download_deadline_s,
+                            int(self.max_download_mb * 2**20))  # fmt: skip
 
 
 class Sync:
-    """One box's sync; `run_once` is one round, `start` a background loop. ``on_change`` hot-reloads the service."""
+    """One box's sync; `run_once` is one round, `start` a background loop that never dies. ``on_change`` hot-reloads
+    the service; ``metrics`` (the service's `deploy.edge.metrics.Metrics`) counts errors, bad replies, refusals."""
 
-    def __init__(self, box: BoxConfig, frames: FrameStore | None = None, on_change: Any = None) -> None:
-        self.box, self.frames, self.on_change = box, frames, on_change
-        self.reg = RestRegistry(box.url, box.model_name, box.timeout_s)
-        box.store.mkdir(parents=True, exist_ok=True)
+    def __init__(self, box: BoxConfig, frames: FrameStore | None = None, on_change: Any = None,
+                 metrics: Any = None) -> None:  # fmt: skip
+        self.box, self.frames, self.on_change, self.metrics = box, frames, on_change, metrics
+        self.reg, self.trust = box.registry(), box.trust()
+        self.intake = Intake(self.reg, box.store, box.precision, self.trust, on_refuse=self._refused)
         self.state_path = box.store / STATE_FILE
-        try:
-            self.state: dict[str, Any] = json.loads(self.state_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            self.state = {"last_ok": None, "last_attempt": None, "error": None, "decisions_pushed": 0}
+        self.state: dict[str, Any] = {"last_ok": None, "last_attempt": None, "error": None, "decisions_pushed": 0,
+                                      "refused": {}, **dict.fromkeys(COUNTERS, 0)}  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.state.update(json.loads(self.state_path.read_text()))
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
 
-    # ----------------------------------------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
-        """Staleness for /healthz and /metrics: seconds since the last good sync (None: never synced)."""
+        """Staleness for /healthz and /metrics: seconds since the last good sync (None: never synced), the last
+        error, the refused versions and why, the counters, and the keys this box trusts."""
         s = dict(self.state)
         last = s.get("last_ok_epoch")
         s["stale_s"] = None if last is None else round(time.time() - last, 1)
         s["stale"] = last is None or s["stale_s"] > self.box.stale_after_s or s.get("error") is not None
         s["box"] = self.box.box
+        s["trust"] = self.trust.describe()
         return {k: v for k, v in s.items() if k != "last_ok_epoch"}
 
-    # ----------------------------------------------------------------------------------------------- rounds
+    def _refused(self, role: str, version: str, reason: str) -> None:
+        """A version refused by acceptance (first time only): counted, logged, audited."""
+        self._count("refused_total")
+        log.error("%s v%s refused: %s", role, version, reason)
+        self._audit({"ts": _now(), "action": "refuse", "role": role, "version": version, "reason": reason,
+                     "box": self.box.box})  # fmt: skip
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.state[key] = int(self.state.get(key, 0)) + n
+        for _ in range(n if self.metrics is not None else 0):
+            self.metrics.count(COUNTERS[key])
+
     def run_once(self) -> dict[str, Any]:
-        """One round (push, pull, manifest, upload); never raises for registry trouble (it is in the status)."""
+        """One round (push, pull, manifest, upload); never raises: any failure is the round's ``error``."""
         with self._lock:
             self.state["last_attempt"] = _now()
             out: dict[str, Any] = {"changed": False}
+            bad_before = self.reg.bad_replies
             try:
                 out["pushed"] = self._push_decisions()
                 versions = {a: self.reg.alias(a) for a in (CHAMPION_ALIAS, CHALLENGER_ALIAS)}
                 if versions[CHAMPION_ALIAS] is None:
                     raise SensituneError(f"{self.box.model_name}@champion is not set in the registry yet")
-                paths = {a: self._fetch(mv) for a, mv in versions.items() if mv is not None}
-                out["changed"] = self._update_manifest(versions, paths)
+                out["changed"], refused = self._pull(versions)
                 out["versions"] = {a: (mv or {}).get("version") for a, mv in versions.items()}
                 out["uploaded"] = self._upload_frames()
-                self.state.update(last_ok=_now(), last_ok_epoch=time.time(), error=None, **out["versions"])
-            except (SensituneError, OSError) as e:
-                self.state["error"] = one_line(e)
+                self.state.update(last_ok=_now(), last_ok_epoch=time.time(), error=None, refused=refused,
+                                  **out["versions"])  # fmt: skip
+                if champion_refused := refused.get(out["versions"][CHAMPION_ALIAS]):
+                    self.state["error"] = f"champion v{out['versions'][CHAMPION_ALIAS]} refused: {champion_refused}"
+                    out["error"] = self.state["error"]
+            except Exception as e:  # the loop must outlive any reply: the error is the round's, and counted
+                if not isinstance(e, (SensituneError, OSError)):
+                    log.exception("sync round failed")
+                self.state["error"] = str(e) if isinstance(e, SensituneError) else one_line(e)
                 out["error"] = self.state["error"]
-            write_json(self.state_path, self.state)
+                self._count("errors_total")
+            self._count("bad_replies", self.reg.bad_replies - bad_before)
+            try:
+                write_json(self.state_path, self.state)
+            except OSError as e:
+                log.error("cannot write %s: %s", self.state_path, e)
         if out["changed"] and self.on_change is not None:
-            out["reload"] = self.on_change()
+            try:
+                out["reload"] = self.on_change()
+            except Exception as e:
+                out["error"] = self.state["error"] = f"reload after sync failed: {one_line(e)}"
         return out
 
     def start(self) -> None:
         def loop() -> None:
             while not self._stop.is_set():
-                self.run_once()
+                try:
+                    self.run_once()
+                except Exception:  # run_once catches everything; the last line of defence
+                    log.exception("sync round failed outside its guard")
                 self._stop.wait(self.box.interval_s)
 
         self._thread = threading.Thread(target=loop, name="sync", daemon=True)
@@ -166,70 +214,75 @@ class Sync:
         if self._thread is not None:
             self._thread.join(self.box.timeout_s * 4)
 
-    # ------------------------------------------------------------------------------------------------- pull
-    def _fetch(self, mv: dict[str, Any]) -> Path:
-        """store/<version>/<precision>/, downloaded and verified unless already there and intact."""
-        version, prec = mv["version"], self.box.precision
-        target = self.box.store / version / prec
-        if target.is_dir():
-            try:
-                load_artifact(target, expected_version=version)
-                return target
-            except ArtifactError:  # damaged on disk: keep it aside for inspection, fetch again
-                target.rename(target.with_name(f".damaged-{prec}-{int(time.time())}"))
-        where = f"export/openvino/{prec}"
-        manifest = json.loads(self.reg.read_run_file(mv["run_id"], f"{where}/{MANIFEST}"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{prec}.tmp-", dir=target.parent))
+    def _pull(self, versions: dict[str, Any]) -> tuple[bool, dict[str, str]]:
+        """Fetch and accept the registry's champion and challenger; write the manifest for those accepted.
+        Returns (manifest changed, {refused version: why})."""
+        cfg = load_config(self.box.rollout) if self.box.rollout.is_file() else None
+        serving = None  # the serving champion's artifact; None: no manifest yet, or its files are gone
+        with contextlib.suppress(ArtifactError, AttributeError):
+            serving = load_artifact(cfg.resolve(cfg.champion.path), expected_version=cfg.champion.version)
+        refused: dict[str, str] = {}
+        champ_mv, chall_mv = versions[CHAMPION_ALIAS], versions[CHALLENGER_ALIAS]
+        champion = None
         try:
-            for name in manifest.get("files", {}):
-                if Path(name).name != name:
-                    raise ArtifactError(f"v{version}: file name {name!r} leaves the artifact dir; re-publish it")
-                self.reg.download(mv["run_id"], f"{where}/{name}", tmp / name)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            load_artifact(tmp, expected_version=version)  # sha256 of every file + the registry version
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+            path, champ_art = self.intake.fetch(champ_mv, serving, CHAMPION_ALIAS)
+            champion = ModelRef(champ_mv["version"], self._rel(path))
+        except ArtifactError as e:
+            refused[champ_mv["version"]] = str(e)
+            if cfg is None:
+                raise SensituneError(f"champion v{champ_mv['version']} refused: {e}") from None
+            champ_art = serving
+        challenger = None
+        if chall_mv is not None and chall_mv["version"] != (champion or cfg.champion).version:
+            try:
+                path, _ = self.intake.fetch(chall_mv, champ_art, CHALLENGER_ALIAS)
+                challenger = ModelRef(chall_mv["version"], self._rel(path))
+            except ArtifactError as e:
+                refused[chall_mv["version"]] = str(e)
+        return self._update_manifest(champion, challenger), refused
 
-    def _update_manifest(self, versions: dict[str, Any], paths: dict[str, Path]) -> bool:
-        """Point this box's champion/challenger at the registry's; True when the manifest changed."""
+    def _rel(self, folder: Path) -> str:
+        """`folder` relative to the rollout manifest's folder (the manifest stays valid when the box moves)."""
+        return os.path.relpath(folder.resolve(), self.box.rollout.resolve().parent)
+
+    def _update_manifest(self, champion: ModelRef | None, challenger: ModelRef | None) -> bool:
+        """Point this box's champion (None: keep it) and challenger at the accepted versions; True when changed."""
         path, base = self.box.rollout, self.box.rollout.resolve().parent
-
-        def ref(alias: str) -> ModelRef | None:
-            mv = versions.get(alias)
-            if mv is None or (alias == CHALLENGER_ALIAS and mv["version"] == versions[CHAMPION_ALIAS]["version"]):
-                return None
-            return ModelRef(mv["version"], str(Path(_rel(paths[alias], base))))
-
         with manifest_lock(path):
-            champion, challenger = ref(CHAMPION_ALIAS), ref(CHALLENGER_ALIAS)
             if path.is_file():
                 cfg = load_config(path)
             else:
                 cfg = parse_config({"line": self.box.line, "champion": vars(champion)}, base, source=str(path))
             share = cfg.challenger_share or (self.box.challenger_share if challenger else 0.0)
-            new = replace(cfg, champion=champion, challenger=challenger, challenger_share=share, registry=None)
+            new = replace(cfg, champion=champion or cfg.champion, challenger=challenger, challenger_share=share,
+                          registry=None)  # fmt: skip
             if path.is_file() and new.to_dict() == cfg.to_dict():
                 return False
             write_config(new, path)
             return True
 
-    # ------------------------------------------------------------------------------------------------- push
     def _push_decisions(self) -> int:
-        """Applied decisions of this box not yet in the registry -> alias moves with an audit record."""
+        """Applied decisions of this box not yet in the registry -> alias moves with an audit record. A line that is
+        not JSON (torn by a crash) is skipped and counted; a line still being written (no newline yet) waits."""
         try:
             cfg = load_config(self.box.rollout)
         except RolloutError:
             return 0
         log_path = cfg.logs / DECISION_LOG
-        lines = log_path.read_text().splitlines() if log_path.is_file() else []
+        lines = log_path.read_bytes().split(b"\n")[:-1] if log_path.is_file() else []
         done, pushed = int(self.state.get("decisions_pushed", 0)), 0
         for i, line in enumerate(lines[done:], start=done):
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+                assert isinstance(rec, dict)
+            except (ValueError, AssertionError):
+                if line.strip():
+                    self._count("skipped_log_lines")
+                    log.warning("%s line %d is not a JSON record (torn by a crash?): skipped", log_path, i + 1)
+                self.state["decisions_pushed"] = i + 1
+                continue
             if rec.get("applied") and rec.get("action") in ("promote", "rollback"):
-                version = rec.get("evidence", {}).get("challenger_version")
+                version = (rec.get("evidence") or {}).get("challenger_version")
                 who = f"{self.box.box}:{rec.get('actor') or rec.get('source', 'rule')}"
                 evidence = {k: rec.get(k) for k in ("source", "reasons", "evidence")}
                 if rec["action"] == "promote":
@@ -242,13 +295,9 @@ class Sync:
         return pushed
 
     def _audit(self, record: dict[str, Any]) -> None:
-        log = JsonlLog(self.box.store / AUDIT_LOG)
-        try:
-            log.append(record)
-        finally:
-            log.close()
+        with contextlib.closing(JsonlLog(self.box.store / AUDIT_LOG)) as audit_log:
+            audit_log.append(record)
 
-    # ----------------------------------------------------------------------------------------------- upload
     def _upload_frames(self) -> int:
         if self.frames is None:
             return 0
@@ -267,40 +316,6 @@ class Sync:
         return len(done)
 
 
-def _rel(p: Path, base: Path) -> str:
-    return os.path.relpath(p.resolve(), base)
-
-
-def audit(reg: RestRegistry, alias: str, before: str | None, after: str | None, who: str, evidence: Any,
-          box: str | None) -> dict[str, Any]:  # fmt: skip
-    """Write one alias move's audit record to the registry (model tag ``audit.<time>``); returns it."""
-    rec = {"ts": _now(), "model_name": reg.model_name, "alias": alias, "from_version": before, "to_version": after,
-           "who": who, "evidence": evidence, "box": box}  # fmt: skip
-    stamp = "".join(ch for ch in rec["ts"][:23] if ch.isdigit())  # tag keys allow [\w.\- /] only
-    reg.set_model_tag(f"audit.{stamp}.{alias}", json.dumps(rec)[:4900])
-    if after is not None:
-        reg.set_version_tag(after, f"audit.{alias}", json.dumps(rec)[:4900])
-    return rec
-
-
-def move(
-    reg: RestRegistry, version: str, *, who: str, evidence: Any, box: str | None = None, log_to: Any = None
-) -> list:
-    """Promote `version` in the registry: `champion` -> it, `challenger` cleared if it pointed there; audited."""
-    before = (reg.alias(CHAMPION_ALIAS) or {}).get("version")
-    records = []
-    if before != str(version):
-        reg.set_alias(CHAMPION_ALIAS, str(version))
-        records.append(audit(reg, CHAMPION_ALIAS, before, str(version), who, evidence, box))
-    if (reg.alias(CHALLENGER_ALIAS) or {}).get("version") == str(version):
-        reg.delete_alias(CHALLENGER_ALIAS)
-        records.append(audit(reg, CHALLENGER_ALIAS, str(version), None, who, evidence, box))
-    for r in records:
-        if log_to is not None:
-            log_to(r)
-    return records
-
-
 def main(argv: list[str] | None = None) -> int:
     """`sensitune-edge sync|promote ...`; returns the exit code."""
     ap = argparse.ArgumentParser(prog="sensitune-edge", description="Fleet sync with the MLflow registry.")
@@ -317,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         box = BoxConfig.load(a.box)
         if a.cmd == "promote":
-            reg = RestRegistry(box.url, box.model_name, box.timeout_s)
-            print(json.dumps(move(reg, a.version, who=a.who, evidence=a.evidence, box=box.box), indent=2))
+            print(json.dumps(move(box.registry(), a.version, who=a.who, evidence=a.evidence, box=box.box), indent=2))
             return 0
         sync = Sync(box, box.frame_store())
         if a.once:
@@ -359,7 +373,8 @@ def attach(service: Any, box_path: str | Path | None) -> Any:
     box = replace(BoxConfig.load(box_path), rollout=service.config_path)
     store = box.frame_store()
     service.frame_store = None if store is None else GuardedFrames(store)
-    service.sync = Sync(box, store, on_change=lambda: service.reload(Principal(f"sync:{box.box}", ADMIN)))
+    reload = lambda: service.reload(Principal(f"sync:{box.box}", ADMIN))  # noqa: E731
+    service.sync = Sync(box, store, on_change=reload, metrics=service.metrics)
     return service
 
 

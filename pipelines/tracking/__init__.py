@@ -1,12 +1,10 @@
-"""MLflow: run logging (`run`), the model registry (`registry`), benchmark tables (`benchmarks`), shared helpers."""
+"""MLflow: run logging (`run`), the model registry (`registry`), shared helpers (`common`)."""
 
-from .benchmarks import BENCHMARK_EXPERIMENT, log_benchmark
 from .common import DEFAULT_URI, TrackingWarning, dvc_md5, flatten, git_commit, tracking_uri
 from .registry import CHALLENGER, register_model
 from .run import EXPORT_REPORT_KEYS, FALLBACK_FILE, RECORD_FILE, collect_record, log_run, replay
 
 __all__ = [
-    "BENCHMARK_EXPERIMENT",
     "CHALLENGER",
     "DEFAULT_URI",
     "EXPORT_REPORT_KEYS",
@@ -17,7 +15,6 @@ __all__ = [
     "dvc_md5",
     "flatten",
     "git_commit",
-    "log_benchmark",
     "log_run",
     "register_model",
     "replay",

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from spt_core.data.sources import BUILTINS, SPLITS, Item, Source, read_source, skip_or_raise
-from spt_core.portable.errors import DataError
+from spt_core.portable.errors import DataError, check_class_name
 from spt_core.portable.io import write_bytes
 from spt_core.portable.preprocess import load_rgb
 
@@ -142,6 +142,8 @@ def prepare(
     try:
         bad: list[str] = []
         src = read_source(source, tmp, classes, skip_bad, bad)
+        for name in src.class_names:
+            check_class_name(name, src.desc)
         if ok_class is not None and ok_class not in src.class_names:
             raise DataError(
                 f"data.ok_class={ok_class!r} is not a class of {src.desc}; found {src.class_names}: declare the good "

@@ -28,3 +28,27 @@ def one_line(e: BaseException, limit: int = 200) -> str:
         lines = lines[-1:]
     text = " ".join(" ".join(lines).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+CLASS_NAME_MAX = 64
+CLASS_NAME_CHARS = "letters, digits, space and _ . + - ( ), starting with a letter or digit"
+
+
+def check_class_name(name: object, where: str) -> str:
+    """`name` if it may name a class, else a one-line `DataError` naming it, `where` it is and the allowed set.
+
+    A class name becomes a folder, a CSV column, a label in the edge's logs and text on the operator pages; the safe
+    set (at most `CLASS_NAME_MAX` of `CLASS_NAME_CHARS`) keeps it plain in each of them: no markup, no quotes, no
+    path separators. Prepare, import and the edge's artifact contract all check it here.
+    """
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= CLASS_NAME_MAX
+        and name[0].isalnum()
+        and name == name.rstrip()
+        and all(c.isalnum() or c in " _.+-()" for c in name)
+    )
+    if not ok:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise DataError(f"{where}: class name {shown} is not allowed; use 1..{CLASS_NAME_MAX} {CLASS_NAME_CHARS}")
+    return name

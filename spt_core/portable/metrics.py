@@ -1,4 +1,4 @@
-"""Defect-first metrics: what a line judges a model by, from a confusion matrix or from P(good) at a threshold.
+"""Defect-first metrics: what a line judges a model by, from a confusion matrix; and THE softmax.
 
 Torch-free (numpy only): training, evaluation, the benchmarks and the edge's rollout statistics share it.
 
@@ -6,11 +6,10 @@ Definitions (``ok`` = the declared good class, every other class is a defect):
     escape rate   defective parts passed as good / defective parts       (slip, miss; a line fixes a ceiling)
     overkill      good parts rejected / good parts                       (false reject; minimised under the ceiling)
     balanced accuracy   mean over classes of per-class recall            (plain accuracy hides escapes)
-Counts are small on a line (a handful of defects per class), so every rate carries a 95 % Wilson interval.
+Counts are small on a line (a handful of defects per class), so every rate carries a 95 % Wilson interval (`rate`).
 
-The operating decision is a threshold on P(good): a part is *rejected* when P(good) < threshold. The threshold
-is chosen on validation (`choose_threshold`) as the lowest one whose escape rate meets the ceiling, i.e. the one
-with the lowest overkill among those that meet it.
+Which parts are passed or rejected, and so the escape rate and overkill, belong to the operating point
+(`spt_core.portable.operating_point`): its reject rule, its rates, and how its threshold is chosen on validation.
 """
 
 from __future__ import annotations
@@ -44,8 +43,17 @@ def confusion_matrix(labels: Sequence[int] | np.ndarray, preds: Sequence[int] | 
     return np.bincount(y * k + p, minlength=k * k).reshape(k, k)
 
 
-def _rate(k: int, n: int) -> dict[str, Any]:
+def rate(k: int, n: int) -> dict[str, Any]:
+    """k of n as ``{"value", "k", "n", "ci95"}``: the counts travel with the rate, so a reader can re-derive both."""
     return {"value": k / n if n else None, "k": int(k), "n": int(n), "ci95": wilson_interval(int(k), int(n))}
+
+
+def softmax(logits: Any, axis: int = -1) -> np.ndarray:
+    """Probabilities from logits, in float64 whatever the input (the edge, `predict` and the gate decide on the same
+    numbers); the max is subtracted first, so large logits do not overflow."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
 
 
 def balanced_accuracy(cm: np.ndarray) -> float:
@@ -56,9 +64,8 @@ def balanced_accuracy(cm: np.ndarray) -> float:
     return float((cm.diagonal()[present] / true_n[present]).mean()) if present.any() else 0.0
 
 
-def class_metrics(cm: np.ndarray, class_names: Sequence[str], ok_class: str | None = None) -> dict[str, Any]:
-    """Per-class precision and recall (with Wilson intervals), balanced accuracy, and, with an ``ok_class``, the
-    escape rate and overkill of the argmax decision (a defect predicted as any defect class is caught)."""
+def class_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, the confusion matrix and per-class precision and recall (with Wilson intervals)."""
     cm = np.asarray(cm, np.int64)
     diag, true_n, pred_n = cm.diagonal(), cm.sum(1), cm.sum(0)
     out: dict[str, Any] = {
@@ -67,44 +74,11 @@ def class_metrics(cm: np.ndarray, class_names: Sequence[str], ok_class: str | No
         "confusion": cm.tolist(),
         "class_names": list(class_names),
         "per_class": {
-            name: {"recall": _rate(diag[i], true_n[i]), "precision": _rate(diag[i], pred_n[i])}
+            name: {"recall": rate(diag[i], true_n[i]), "precision": rate(diag[i], pred_n[i])}
             for i, name in enumerate(class_names)
         },
     }
-    if ok_class is not None:
-        g = list(class_names).index(ok_class)
-        defects = int(true_n.sum() - true_n[g])
-        out["escape_rate"] = _rate(int(cm[:, g].sum() - cm[g, g]), defects)  # true defect, predicted ok
-        out["overkill"] = _rate(int(true_n[g] - cm[g, g]), int(true_n[g]))  # true ok, predicted a defect
     return out
-
-
-def rates_at(p_good: np.ndarray, is_defect: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Escape rate and overkill when parts with P(good) < threshold are rejected."""
-    p_good, is_defect = np.asarray(p_good, np.float64), np.asarray(is_defect, bool)
-    passed = p_good >= threshold
-    return {
-        "threshold": float(threshold),
-        "escape_rate": _rate(int((passed & is_defect).sum()), int(is_defect.sum())),
-        "overkill": _rate(int((~passed & ~is_defect).sum()), int((~is_defect).sum())),
-    }
-
-
-def choose_threshold(p_good: np.ndarray, is_defect: np.ndarray, max_escape_rate: float) -> float:
-    """The lowest reject threshold on P(good) whose escape rate on these parts is at most ``max_escape_rate``.
-
-    With D defects, at most a = floor(max_escape_rate * D) may pass: the threshold lies just above the (a+1)-th
-    highest defect P(good) (midway to the next higher P(good) of any part, so it does not sit on a sample).
-    Every lower threshold lets more defects through; every higher one rejects at least as many good parts.
-    """
-    p_good, is_defect = np.asarray(p_good, np.float64), np.asarray(is_defect, bool)
-    d = np.sort(p_good[is_defect])[::-1]  # defect P(good), highest first
-    allowed = math.floor(max_escape_rate * len(d) + 1e-9)
-    if allowed >= len(d):
-        return 0.0  # no defects, or a ceiling that allows all of them through: reject nothing
-    edge = d[allowed]  # the highest P(good) that must be rejected
-    above = p_good[p_good > edge]
-    return float((edge + above.min()) / 2) if above.size else float(np.nextafter(edge, np.inf))
 
 
 SELECTION_RULE = "score>loss"  # names `selection_key`: a checkpoint's best epoch was chosen by this rule
@@ -133,41 +107,3 @@ def best_by_selection(
     top = tied_at_best(items, score)
     losses = all(loss(i) is not None for i in top)
     return max(top, key=lambda i: (selection_key(score(i), loss(i) if losses else None), tiebreak(i)))
-
-
-def selection_score(
-    labels: np.ndarray, probs: np.ndarray, select: str, ok_index: int | None = None, max_escape_rate: float = 0.0
-) -> float:
-    """Higher is better: accuracy, balanced accuracy, minus the overkill at the validation-chosen threshold, or
-    ("loss") minus the mean cross-entropy of the true class (unweighted, no label smoothing)."""
-    labels, probs = np.asarray(labels), np.asarray(probs)
-    if select == "accuracy":
-        return float((probs.argmax(1) == labels).mean())
-    if select == "balanced_accuracy":
-        return balanced_accuracy(confusion_matrix(labels, probs.argmax(1), probs.shape[1]))
-    if select == "overkill_at_escape":
-        if ok_index is None:
-            raise ValueError("select=overkill_at_escape needs the good class (data.ok_class)")
-        is_defect = labels != ok_index
-        t = choose_threshold(probs[:, ok_index], is_defect, max_escape_rate)
-        ov = rates_at(probs[:, ok_index], is_defect, t)["overkill"]["value"]
-        return -(ov if ov is not None else 0.0)
-    if select == "loss":
-        return float(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    raise ValueError(f"select={select!r}: use one of {', '.join(SELECT)}")
-
-
-def decision_metrics(
-    labels: np.ndarray,
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    ok_class: str | None,
-    threshold: float | None = None,
-) -> dict[str, Any]:
-    """`class_metrics` of the argmax, plus the escape rate and overkill at ``threshold`` when there is a good class."""
-    labels, probs = np.asarray(labels), np.asarray(probs)
-    out = class_metrics(confusion_matrix(labels, probs.argmax(1), len(class_names)), class_names, ok_class)
-    if ok_class is not None and threshold is not None:
-        g = list(class_names).index(ok_class)
-        out["at_threshold"] = rates_at(probs[:, g], labels != g, threshold)
-    return out

@@ -26,6 +26,7 @@ from spt_core.portable.errors import DataError
 MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 _WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow's modes of 16-bit, 32-bit and float frames
 _AUTO_DEPTH = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 16}  # "I": how Pillow opens many 16-bit files
+_STRIP_VALUES = 1 << 20  # values per strip in `_wide_to_grey`: 8 MB of float64
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -92,37 +93,70 @@ def _name(path: Any) -> str:
     return str(getattr(path, "name", None) or path) if not hasattr(path, "read") else "uploaded file"
 
 
+def to_8bit(img: Image.Image, bit_depth: int | None = None) -> Image.Image:
+    """Any PIL image -> 8-bit ``L`` (grey and 16/32-bit/float frames) or ``RGB`` (everything else), as `to_rgb` scales
+    it. Grey stays one channel so that a caller can resize before making three: at 25 MP that is 25 MB instead of
+    100 MB (Pillow keeps RGB in 4 bytes a pixel), and the resized pixels are the same (each channel is resampled
+    alone)."""
+    if img.mode in _WIDE:
+        return _wide_to_grey(img, bit_depth)
+    return img if img.mode in ("L", "RGB") else img.convert("RGB")
+
+
+def _wide_to_grey(img: Image.Image, bit_depth: int | None) -> Image.Image:
+    """A 16/32-bit or float frame -> 8-bit grey, ``rint(x * 255 / (2**depth - 1))`` clipped to 0..255, computed in
+    float64 one strip of rows at a time: the float copies cost ~8 MB whatever the frame's size (a whole 25 MP frame
+    in float64 took 200 MB per copy, and there were three). The same numbers as one whole-frame pass."""
+    depth = bit_depth or _AUTO_DEPTH.get(img.mode)
+    top = float(2**depth - 1) if depth else 1.0
+    w, h = img.size
+    grey = np.empty((h, w), np.uint8)
+    rows = max(1, _STRIP_VALUES // max(1, w))
+    for y in range(0, h, rows):
+        x = np.asarray(img.crop((0, y, w, min(h, y + rows))), dtype=np.float64)  # (rows, W)
+        x *= 255.0 / top
+        np.rint(x, out=x)
+        np.clip(x, 0, 255, out=x)
+        grey[y : y + rows] = x
+    return Image.fromarray(grey)
+
+
 def to_rgb(img: Image.Image, bit_depth: int | None = None) -> Image.Image:
     """Any PIL image -> 8-bit RGB. 16/32-bit integer frames are scaled by ``2**bit_depth - 1`` (auto: 16 for
     ``I;16*`` and ``I``), float frames (``F``) by the same or, with no depth, taken as 0..1; never clipped to white
     as ``Image.convert("RGB")`` does."""
     if img.mode not in _WIDE:
         return img.convert("RGB")
-    x = np.asarray(img).astype(np.float64)  # (H, W)
-    depth = bit_depth or _AUTO_DEPTH.get(img.mode)
-    top = float(2**depth - 1) if depth else 1.0
-    grey = np.clip(np.rint(x * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")  # grey (L) -> 3 equal channels
+    return _wide_to_grey(img, bit_depth).convert("RGB")  # grey (L) -> 3 equal channels
+
+
+def _as_image(path_or_image: Any) -> Image.Image:
+    """A PIL image as given, an HxW[xC] array as an image, or a file opened with `open_image`."""
+    if isinstance(path_or_image, Image.Image):
+        return path_or_image
+    if isinstance(path_or_image, np.ndarray):
+        return Image.fromarray(path_or_image)
+    return open_image(path_or_image)
 
 
 def load_rgb(path_or_image: Any, bit_depth: int | None = None) -> Image.Image:
     """Open an image file (or take a PIL image / HxW[xC] array) as 8-bit RGB (`open_image` + `to_rgb`)."""
-    if isinstance(path_or_image, Image.Image):
-        img = path_or_image
-    elif isinstance(path_or_image, np.ndarray):
-        img = Image.fromarray(path_or_image)
-    else:
-        img = open_image(path_or_image)
-    return to_rgb(img, bit_depth)
+    return to_rgb(_as_image(path_or_image), bit_depth)
+
+
+def model_image(image: Any, pre: Preprocess) -> Image.Image:
+    """The image as the model sees it before normalising: 8-bit RGB at ``pre.size``. `preprocess_image` of the
+    result equals `preprocess_image` of `image`, so a caller can drop a full-size frame early and keep this."""
+    img = to_8bit(_as_image(image), pre.bit_depth)  # L or RGB, full size
+    h, w = pre.size
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=_RESAMPLE[pre.interpolation])
+    return img.convert("RGB") if img.mode != "RGB" else img  # grey -> 3 equal channels, after the resize
 
 
 def preprocess_image(image: Any, pre: Preprocess) -> np.ndarray:
     """One image -> float32 array (3, H, W), normalised exactly as in training."""
-    img = load_rgb(image, pre.bit_depth)
-    h, w = pre.size
-    if img.size != (w, h):
-        img = img.resize((w, h), resample=_RESAMPLE[pre.interpolation])
-    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.asarray(model_image(image, pre), dtype=np.float32) / 255.0  # (H, W, 3)
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 

@@ -6,7 +6,7 @@ cosine with linear warm-up (`lr_at`); AdamW never decays 1-D parameters (`make_o
 
 Model selection uses the validation split only: the best epoch has the highest validation score (``cfg.select``:
 accuracy, balanced accuracy, or the lowest overkill under the escape ceiling, see
-`spt_core.portable.metrics.selection_score`); a tie goes to the lower validation loss, then to the earlier epoch
+`spt_core.portable.operating_point.selection_score`); a tie goes to the lower validation loss, then to the earlier epoch
 (`spt_core.portable.metrics.selection_key`). Its trainable state is loaded back at the end, and the test split is
 evaluated
 once, on it. ``cfg.balance`` loss/both weighs the cross-entropy by `spt_core.data.class_weights` of the train labels.
@@ -50,7 +50,8 @@ from spt_core.device import resolve_device
 from spt_core.distributed import all_reduce_sum, gather_objects, shard_loaders, world, wrap_ddp
 from spt_core.evaluate import collect, evaluate, split_batch
 from spt_core.portable.errors import SensituneError
-from spt_core.portable.metrics import balanced_accuracy, selection_key, selection_score
+from spt_core.portable.metrics import balanced_accuracy, selection_key
+from spt_core.portable.operating_point import selection_score
 from spt_core.train.config import TrainConfig
 from spt_core.train.resume import (
     CHECKPOINT_NAME,

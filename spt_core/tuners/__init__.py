@@ -4,7 +4,8 @@ apply_plan(model, plan)   freeze everything, attach one tuner per target (built 
 tuned_modules(model)      {host module name: TunerSet}
 tuner_state_dict(model)   the trained values (tuners + head), keyed by parameter name
 
-Each kind lives in its own file and registers itself in `registry.TUNERS` (see registry.py).
+Each kind lives in its own file with its config (its hyper-parameters) and registers itself in
+`registry.TUNERS` (see registry.py); a new kind is that file plus its import line below.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from ..portable.errors import PlanError
 # Registration order is the order plans and summaries list the kinds in: sparse, whole, lora, adapter.
 # isort: off
 from .sparse import SparseDelta, WholeDelta
-from .lora import LoRADelta
-from .adapter import Adapter
+from .lora import LoRAConfig, LoRADelta
+from .adapter import Adapter, AdapterConfig
 
 # isort: on
 from .host import TunerSet, check_tuners_reached, detach_tuners, tuned_modules, tuner_set
 from .registry import (
     TUNERS,
+    NoConfig,
     TunerKind,
-    build_tuner,
-    plan_is_mergeable,
+    check_tuner_config,
+    kind_config,
     register_tuner,
     structured_choices,
     tuner_kind,
@@ -40,13 +42,18 @@ if TYPE_CHECKING:
 __all__ = [
     "TUNERS",
     "Adapter",
+    "AdapterConfig",
+    "LoRAConfig",
     "LoRADelta",
+    "NoConfig",
     "SparseDelta",
     "TunerKind",
     "TunerSet",
     "WholeDelta",
     "apply_plan",
+    "check_tuner_config",
     "check_tuners_reached",
+    "kind_config",
     "plan_is_mergeable",
     "register_tuner",
     "remove_tuners",
@@ -57,7 +64,7 @@ __all__ = [
 ]
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Put `plan` into `model` in place and return it.
 
     Afterwards exactly the plan's values and the head have `requires_grad=True`; every other parameter is
@@ -65,12 +72,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
 
     Args:
         model: the base model (no tuners yet).
-        plan: the targets; each is built by its registered kind (`registry.TUNERS`).
-        lora_scale: passed to every kind's builder; LoRA multiplies its delta by it.
+        plan: the targets; each is built by its registered kind (`registry.TUNERS`) with that kind's config,
+            read from the plan's hyper-parameters (`Plan.tuner_config`, e.g. LoRA's rank).
 
     Raises:
         PlanError: when the plan names a parameter the model lacks or with another shape, a kind that is not
-            registered, lacks what a kind needs, or the model is tuned already.
+            registered, lacks what a kind needs (indices, a hyper-parameter), or the model is tuned already.
     """
     if tuned_modules(model):
         raise PlanError("the model already has tuners; create a fresh model or merge() before applying a plan")
@@ -82,13 +89,14 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
             raise PlanError(f"plan target {t.param!r} is not a parameter of {type(model).__name__}: wrong backbone?")
         if tuple(p.shape) != tuple(t.shape):
             raise PlanError(f"plan target {t.param!r} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
-        tuner_kind(t.kind)
+    configs = {k: kind_config(tuner_kind(k), plan.tuner_config) for k in dict.fromkeys(t.kind for t in plan.targets)}
     # Built in target order before the model changes: a builder's PlanError leaves the model untouched, and the
     # random initialisations (LoRA A, adapter down) draw from the global RNG in plan order.
     built = []
     for t in plan.targets:
-        host = modules[t.param.rpartition(".")[0]]
-        built.append(build_tuner(t, params[t.param], host, plan, lora_scale=lora_scale))
+        host, param = modules[t.param.rpartition(".")[0]], params[t.param]
+        tuner = tuner_kind(t.kind).build(t, param, host, plan, config=configs[t.kind])
+        built.append(tuner.to(param.device, param.dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     for t, tuner in zip(plan.targets, built):
@@ -102,6 +110,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, lora_scale: float = 1.0) -> nn.M
     if got != plan.trainable:  # a structural invariant: every target's count formula matches its module
         raise AssertionError(f"tuners hold {got} values but the plan counts {plan.trainable}")
     return model
+
+
+def plan_is_mergeable(plan: Plan) -> bool:
+    """Whether `merge` can fold every target of `plan` into the weights (a plain model afterwards)."""
+    return all(tuner_kind(t.kind).mergeable for t in plan.targets)
 
 
 def trainable_count(model: nn.Module) -> int:

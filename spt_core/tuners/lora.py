@@ -4,6 +4,7 @@
     A ∈ R^{r × fan_in}  Kaiming-uniform (fan_in = in_features, or in_channels·kh·kw for a conv)
     B ∈ R^{rows × r}    zero: the tuned model starts as the pretrained one.
     scale = 1 by default (the official SPT code uses no α/r scaling).
+Hyper-parameters (`LoRAConfig`, read from the plan): ``rank`` r and ``lora_scale``.
 Trainable count: r · (fan_in + rows). Working in weight space makes one code path serve Linear, any Conv
 (incl. timm's same-padding convs) and fused segments, and merging is exact: the delta is simply added.
 Grouped/depthwise convs get no LoRA (allocation trains them sparse or whole instead): their kernels are tiny
@@ -14,16 +15,30 @@ in weight space); the reference recipe's drop-path on the block still regularise
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
+from ..portable.errors import PlanError
 from .registry import TunerKind, register_tuner
 
 if TYPE_CHECKING:
     from ..candidates import Candidate
     from ..plan import Plan, Target
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA's hyper-parameters: the rank r of B @ A, and the scale its delta is multiplied by."""
+
+    rank: int
+    lora_scale: float = 1.0  # SPT's: no α/r scaling
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise PlanError(f"LoRA rank={self.rank}: need rank >= 1 (plan.rank)")
 
 
 class LoRADelta(nn.Module):
@@ -55,14 +70,14 @@ class LoRADelta(nn.Module):
         return self.add_to(torch.zeros(self.shape, dtype=self.lora_A.dtype, device=self.lora_A.device))
 
 
-def _cost(c: Candidate, rows: int, rank: int) -> int:
-    return rank * (c.fan_in + rows)  # A (r × fan_in) + B (rows × r)
+def _cost(c: Candidate, rows: int, config: LoRAConfig) -> int:
+    return config.rank * (c.fan_in + rows)  # A (r × fan_in) + B (rows × r)
 
 
 def _build(
-    target: Target, param: nn.Parameter, host: nn.Module, plan: Plan, *, lora_scale: float = 1.0, **_: Any
+    target: Target, param: nn.Parameter, host: nn.Module, plan: Plan, *, config: LoRAConfig, **_: Any
 ) -> LoRADelta:
-    return LoRADelta(param.shape, plan.rank, target.rows, scale=lora_scale)
+    return LoRADelta(param.shape, config.rank, target.rows, scale=config.lora_scale)
 
 
-register_tuner(TunerKind("lora", LoRADelta, cost=_cost, mergeable=True, build=_build))
+register_tuner(TunerKind("lora", LoRADelta, cost=_cost, mergeable=True, build=_build, config=LoRAConfig))

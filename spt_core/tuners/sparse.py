@@ -4,7 +4,8 @@ SparseDelta:  W' = W + scatter(idx, v)      v ∈ R^nnz, zero-initialised; idx f
               Trainable count: nnz. Memory: v, its grad and its optimizer state (nnz each) + idx (int64).
 WholeDelta:   W' = W + D                    D has W's shape, zero-initialised (vectors, depthwise kernels).
               Trainable count: numel(W).
-Neither is a `structured` choice: allocation places them by entry count. Both are mergeable (additive).
+Neither is a `structured` choice: allocation places them by entry count. Both are mergeable (additive), and
+neither has a hyper-parameter (config `NoConfig`).
 Neither keeps a copy of W alive: the effective weight is rebuilt on the fly (see `host.py`), and the frozen W
 never gets a `.grad`. The gradient of v is the dense gradient of W' gathered at idx (exactly the masked
 dense gradient).

@@ -168,6 +168,7 @@ def apply_decision(
     source: str = "rule",
     actor: str = "cli",
     before_write: Callable[[RolloutConfig], Any] | None = None,
+    registry_later: Callable[[RegistryRef, str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Carry out a decision: rewrite the manifest, move the registry aliases, append to decisions.jsonl.
 
@@ -182,6 +183,9 @@ def apply_decision(
             service loads and smoke-tests the new runtime here); if it raises, nothing is written or logged and the
             exception propagates. Its result is returned as ``record["prepared"]`` (not logged).
         actor: Who asked (the token's name), for the audit trail.
+        registry_later: The service's `deploy.edge.registry.AliasOutbox` submit: the alias moves are handed to it
+            (``registry: pending`` in the record) instead of made here, so the caller's lock never waits on the
+            network. None (the CLI): made here, their result in the record.
 
     Returns:
         The decisions.jsonl record.
@@ -212,21 +216,29 @@ def apply_decision(
         write_config(new_cfg, config_path)
         record["applied"] = True
         record["after"] = {CHAMPION: new_cfg.champion.version, CHALLENGER: None}
-        if cfg.registry is not None:
+        if cfg.registry is not None and registry_later is not None:
+            record["registry"] = "pending"
+        elif cfg.registry is not None:
             _move_aliases(cfg.registry, decision.action, cfg.challenger.version, record)
         log = JsonlLog(cfg.logs / DECISION_LOG)
         try:
             log.append(record)
         finally:
             log.close()
+    if record.get("registry") == "pending":
+        registry_later(cfg.registry, decision.action, cfg.challenger.version)
     return record | ({"prepared": prepared} if prepared is not None else {})
 
 
-def roll_back(config_path: Path, cfg: RolloutConfig, reason: str, why: str, actor: str = "service") -> dict[str, Any]:
+def roll_back(
+    config_path: Path, cfg: RolloutConfig, reason: str, why: str, actor: str = "service",
+    registry_later: Callable[[RegistryRef, str, str], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The automatic roll-back of `cfg`'s challenger (it failed to load, or `ChallengerHealth` broke), source
     ``auto:<why>``; see `apply_decision`."""
     evidence = {"champion_version": cfg.champion.version, "challenger_version": cfg.challenger.version}
-    return apply_decision(config_path, Decision(ROLLBACK, [reason], evidence), source=f"auto:{why}", actor=actor)
+    return apply_decision(config_path, Decision(ROLLBACK, [reason], evidence), source=f"auto:{why}", actor=actor,
+                          registry_later=registry_later)  # fmt: skip
 
 
 def _move_aliases(reg: RegistryRef, action: str, version: str, record: dict[str, Any]) -> None:

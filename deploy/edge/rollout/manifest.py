@@ -31,6 +31,9 @@ from spt_core.portable.io import write_text
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PRED_LOG, FEEDBACK_LOG, DECISION_LOG = "predictions.jsonl", "feedback.jsonl", "decisions.jsonl"  # in log_dir
+# The share of cameras a newly handed-over challenger gets when nobody names one: the server's retrain flow and a
+# box's sync both use it. A manifest without `challenger_share` reads 0 (no camera moves until it says so).
+CHALLENGER_SHARE = 0.25
 
 
 class RolloutError(SensituneError):
@@ -71,7 +74,7 @@ class RolloutConfig:
     challenger_share: float = 0.0
     pinned: dict[str, str] = field(default_factory=dict)
     shadow: bool = False
-    ok_class: str | None = None  # None: the champion artifact's manifest ok_class (`stats.resolve_ok_class`)
+    ok_class: str | None = None  # None: the champion artifact's ok_class (`stats.resolve_operating_point`)
     log_dir: str = "logs"
     openvino: dict[str, Any] = field(default_factory=dict)  # compile properties over the artifact's runtime_config
     decision: DecisionRule = field(default_factory=DecisionRule)

@@ -1,26 +1,30 @@
 """The champion/challenger comparison from the logs: Wilson intervals, McNemar, latency quantiles, per camera.
 
-The good class comes from the champion artifact's manifest (``ok_class``, declared once in params.yaml and carried
-by every artifact); a rollout manifest may only restate it. Without one, no defect metrics are reported (never a
-guessed "ok"). A defect counts as caught when the served decision rejected it (the manifest's threshold on
-P(good)), or, for records without a decision, when the predicted class is not the good class.
+The good class comes from the champion artifact's operating point (``ok_class``, declared once in params.yaml and
+carried by every artifact manifest, read through `deploy.edge.artifact`); a rollout manifest may only restate it.
+Without one, no defect metrics are reported (never a guessed "ok"). A defect counts as caught when the served
+decision rejected it (the manifest's threshold on P(good)), or, for records without a decision, when the predicted
+class is not the good class (`OperatingPoint.decision_of`); escape rate and overkill are `OperatingPoint.rates`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from deploy.edge.artifact import Artifact, ArtifactError, read_manifest
 from deploy.edge.rollout.logs import read_jsonl
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig, RolloutError
 from spt_core.portable.metrics import Z95, wilson_interval
+from spt_core.portable.operating_point import OperatingPoint, flat_rates
 
-__all__ = ["Z95", "compare", "mcnemar", "quantiles", "report_for", "resolve_ok_class", "wilson_interval"]
+__all__ = ["Z95", "compare", "mcnemar", "quantiles", "report_for", "resolve_operating_point", "restate",
+           "wilson_interval"]  # fmt: skip
 
 
 def mcnemar(b: int, c: int) -> dict[str, Any]:
@@ -51,20 +55,22 @@ def _key(record: dict[str, Any]) -> tuple[str, str]:
     return str(record.get("camera_id")), str(record.get("frame_id"))
 
 
-def _rejected(r: dict[str, Any], ok_class: str) -> bool:
-    """The served call took the part off the line: the decision at the threshold, else a defect class."""
-    return r["decision"] == "reject" if r.get("decision") in ("ok", "reject") else r.get("class") != ok_class
+def _defect_stats(labelled: list[tuple[dict[str, Any], str]], op: OperatingPoint) -> dict[str, Any]:
+    """Defect recall, escape rate and overkill of the served decisions (`OperatingPoint.decision_of`); without a
+    good class every rate is None and every count 0."""
+    labels, decisions = [t for _, t in labelled], [op.decision_of(r) for r, _ in labelled]
+    flat = flat_rates(op.rates(labels, decisions) if op.ok_class is not None else op.rates([], [], []))
+    caught = flat["defects"] - flat["escaped"]  # a defect rejected by the threshold leaves the line
+    recall = {"defect_recall": caught / flat["defects"] if flat["defects"] else None,
+              "defect_recall_ci95": wilson_interval(caught, flat["defects"])}  # fmt: skip
+    return {"defects": flat.pop("defects"), **recall, **flat}
 
 
-def _arm_stats(recs: list[dict[str, Any]], labels: dict[tuple[str, str], str], ok_class: str | None) -> dict[str, Any]:
+def _arm_stats(recs: list[dict[str, Any]], labels: dict[tuple[str, str], str], op: OperatingPoint) -> dict[str, Any]:
     good = [r for r in recs if not r.get("error")]
     labelled = [(r, labels[_key(r)]) for r in good if _key(r) in labels]
     pairs = [(r.get("class"), t) for r, t in labelled]
     correct = sum(p == t for p, t in pairs)
-    defects = [r for r, t in labelled if ok_class is not None and t != ok_class]
-    caught = sum(_rejected(r, ok_class) for r in defects)  # a defect rejected by the threshold leaves the line
-    goods = [r for r, t in labelled if ok_class is not None and t == ok_class]
-    overkill = sum(_rejected(r, ok_class) for r in goods)
     per_class: dict[str, list[int]] = {}
     for p, t in pairs:
         per_class.setdefault(t, [0, 0])[0] += p == t
@@ -81,15 +87,7 @@ def _arm_stats(recs: list[dict[str, Any]], labels: dict[tuple[str, str], str], o
         "correct": correct,
         "accuracy": correct / len(pairs) if pairs else None,
         "accuracy_ci95": wilson_interval(correct, len(pairs)),
-        "defects": len(defects),
-        "defect_recall": caught / len(defects) if defects else None,
-        "defect_recall_ci95": wilson_interval(caught, len(defects)),
-        "escaped": len(defects) - caught,
-        "escape_rate": (len(defects) - caught) / len(defects) if defects else None,
-        "escape_rate_ci95": wilson_interval(len(defects) - caught, len(defects)),
-        "goods": len(goods),
-        "overkill": overkill / len(goods) if goods else None,
-        "overkill_ci95": wilson_interval(overkill, len(goods)),
+        **_defect_stats(labelled, op),
         "recall_per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
         "latency_ms": quantiles([r["latency_ms"] for r in good if "latency_ms" in r]),
     }
@@ -101,13 +99,13 @@ def compare(
     *,
     champion_version: str | None = None,
     challenger_version: str | None = None,
-    ok_class: str | None = None,
+    operating_point: OperatingPoint | None = None,
 ) -> dict[str, Any]:
     """Champion vs challenger from the prediction and feedback logs, overall and per camera.
 
     Only records of the given (role, version) count when versions are given, so that a promoted model's history
     as challenger does not leak into its record as champion. Feedback joins on (camera_id, frame_id) (last label wins).
-    Without ``ok_class`` the defect metrics (recall, escape rate, overkill) are None.
+    Without the operating point's good class the defect metrics (recall, escape rate, overkill) are None.
 
     Returns:
         {"versions", "ok_class", "overall": {role: stats}, "per_camera": {camera: {role: stats}},
@@ -145,12 +143,13 @@ def compare(
         agree = sum(v[CHAMPION] == v[CHALLENGER] for v in both.values())
         paired = {"frames": len(both), "labelled": len(lab), "agreement": agree / len(both)}
         paired |= mcnemar(only_champion, only_challenger)
+    op = operating_point or OperatingPoint()
     return {
         "versions": {CHAMPION: champion_version, CHALLENGER: challenger_version},
-        "ok_class": ok_class,
-        "overall": {role: _arm_stats(recs, labels, ok_class) for role, recs in overall.items()},
+        "ok_class": op.ok_class,
+        "overall": {role: _arm_stats(recs, labels, op) for role, recs in overall.items()},
         "per_camera": {
-            cam: {role: _arm_stats(recs, labels, ok_class) for role, recs in arms.items() if recs}
+            cam: {role: _arm_stats(recs, labels, op) for role, recs in arms.items() if recs}
             for cam, arms in sorted(per_camera.items())
         },
         "paired": paired,
@@ -158,36 +157,47 @@ def compare(
     }
 
 
-def resolve_ok_class(cfg: RolloutConfig) -> str | None:
-    """The good class: the champion artifact's manifest ``ok_class``; rollout.yaml's ``ok_class`` may only restate it.
+def restate(declared: OperatingPoint, class_names: Sequence[str], ok_class: str | None, who: str) -> OperatingPoint:
+    """An artifact's operating point with rollout.yaml's ``ok_class``, which may only restate the artifact's good
+    class (it fills in where the manifest declares none).
 
     Raises:
-        RolloutError: rollout.yaml names a class the champion does not have, or another good class than its manifest.
+        RolloutError: rollout.yaml names a class the artifact does not have, or another good class than its manifest.
     """
-    mpath = cfg.resolve(cfg.champion.path) / "manifest.json"
+    if ok_class is None:
+        return declared
+    if class_names and ok_class not in class_names:
+        raise RolloutError(f"ok_class={ok_class!r} is not a class of the {who} ({list(class_names)}); fix rollout.yaml")
+    if declared.ok_class is not None and declared.ok_class != ok_class:
+        raise RolloutError(
+            f"ok_class={ok_class!r} in rollout.yaml but the {who}'s manifest declares {declared.ok_class!r}; "
+            "drop ok_class from rollout.yaml (the artifact carries it)"
+        )
+    return replace(declared, ok_class=ok_class)
+
+
+def resolve_operating_point(cfg: RolloutConfig, champion: Artifact | None = None) -> OperatingPoint:
+    """The line's operating point: the champion artifact's (``champion`` when loaded, else its manifest read through
+    `deploy.edge.artifact.read_manifest`), with rollout.yaml's ``ok_class`` restating it (`restate`).
+
+    Raises:
+        RolloutError: see `restate`.
+    """
+    if champion is not None:
+        return restate(champion.operating_point, champion.class_names, cfg.ok_class, "champion")
     try:
-        m = json.loads(mpath.read_text())
-    except (OSError, ValueError):
-        m = {}  # an unreadable champion is reported by the service's loader; here only its declared good class counts
-    declared, names = m.get("ok_class"), m.get("class_names")
-    if cfg.ok_class is not None:
-        if names and cfg.ok_class not in names:
-            raise RolloutError(f"ok_class={cfg.ok_class!r} is not a class of the champion ({names}); fix rollout.yaml")
-        if declared is not None and declared != cfg.ok_class:
-            raise RolloutError(
-                f"ok_class={cfg.ok_class!r} in rollout.yaml but the champion's manifest declares {declared!r}; "
-                "drop ok_class from rollout.yaml (the artifact carries it)"
-            )
-        return cfg.ok_class
-    return declared
+        m = read_manifest(cfg.resolve(cfg.champion.path))
+    except ArtifactError:  # an unreadable champion is reported by the service's loader; only its declaration counts
+        return restate(OperatingPoint(), [], cfg.ok_class, "champion")
+    return restate(OperatingPoint.from_dict(m), [str(c) for c in m["class_names"]], cfg.ok_class, "champion")
 
 
 def report_for(cfg: RolloutConfig) -> dict[str, Any]:
-    """`compare` over the manifest's logs for its current champion and challenger, good class from the champion."""
+    """`compare` over the manifest's logs for its current champion and challenger, at the champion's operating point."""
     return compare(
         cfg.logs / PRED_LOG,
         cfg.logs / FEEDBACK_LOG,
         champion_version=cfg.champion.version,
         challenger_version=cfg.challenger.version if cfg.challenger else None,
-        ok_class=resolve_ok_class(cfg),
+        operating_point=resolve_operating_point(cfg),
     )

@@ -16,6 +16,9 @@ from typing import Any
 
 from PIL import Image
 
+from spt_core.portable.operating_point import REJECT, OperatingPoint
+from spt_core.portable.preprocess import to_8bit
+
 HOUR_S = 3600
 
 
@@ -31,6 +34,7 @@ class Shot:
     cls: str
     score: float
     p_good: float | None  # P(ok class): from the answer, or the score when the served class is the good class
+    rejected: bool  # the served decision took the part off the line (`OperatingPoint.decision_of`)
     thumb: bytes  # JPEG
     label: str | None = None  # set when an operator labels it through the UI
 
@@ -39,20 +43,24 @@ class Shot:
 class _Camera:
     shots: deque[Shot]
     minutes: dict[int, Counter[str]] = field(default_factory=dict)  # unix minute -> class counts
+    rejects: Counter[int] = field(default_factory=Counter)  # unix minute -> parts rejected
 
 
 def thumbnail(data: bytes, px: int, quality: int = 60) -> bytes:
-    """A JPEG of at most ``px`` on its longest side (``draft`` lets a large JPEG decode at a fraction of the cost)."""
+    """A JPEG of at most ``px`` on its longest side (``draft`` lets a large JPEG decode at a fraction of the cost).
+    Made 8-bit as the models see it (`to_8bit`: a 16-bit frame scaled, not clipped to white) and shrunk before it
+    becomes RGB, so a full-size frame costs 1 byte a pixel on top of its decode, not 4."""
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (px, px))
-        small = im.convert("RGB")
-    small.thumbnail((px, px))
+        small = to_8bit(im)
+        small.thumbnail((px, px))
+        small = small.convert("RGB")
     out = io.BytesIO()
     small.save(out, "JPEG", quality=quality)
     return out.getvalue()
 
 
-def p_good_of(body: dict[str, Any], ok_class: str) -> float | None:
+def p_good_of(body: dict[str, Any], ok_class: str | None) -> float | None:
     """P(good) from a /predict answer: its ``p_good`` when the service gives one, else the score of a good verdict.
 
     A defect verdict without ``p_good`` leaves it unknown (it is at most 1 - score); the view says so."""
@@ -70,8 +78,9 @@ class RecentFrames:
         self._cams: OrderedDict[str, _Camera] = OrderedDict()
         self._by_id: dict[str, Shot] = {}
 
-    def add(self, data: bytes, body: dict[str, Any], ok_class: str, now: float | None = None) -> Shot | None:
-        """Record one answered frame (``body`` is the /predict answer); None when the image cannot be read."""
+    def add(self, data: bytes, body: dict[str, Any], op: OperatingPoint, now: float | None = None) -> Shot | None:
+        """Record one answered frame (``body`` is the /predict answer) with its decision at the champion's operating
+        point ``op`` (`deploy.edge.ui.views.operating_point`); None when the image cannot be read."""
         try:
             thumb = thumbnail(data, self.thumb_px)
         except Exception:  # the service answered it, so this is rare; the line view must never break the line
@@ -85,7 +94,8 @@ class RecentFrames:
             version=str(body.get("model_version", "")),
             cls=str(body.get("class", "")),
             score=float(body.get("score", 0.0)),
-            p_good=p_good_of(body, ok_class),
+            p_good=p_good_of(body, op.ok_class),
+            rejected=op.decision_of(body) == REJECT,
             thumb=thumb,
         )
         minute = int(now // 60)
@@ -103,8 +113,10 @@ class RecentFrames:
             cam.shots.append(shot)
             self._by_id[shot.frame_id] = shot
             cam.minutes.setdefault(minute, Counter())[shot.cls] += 1
+            cam.rejects[minute] += shot.rejected
             for m in [m for m in cam.minutes if m <= minute - 60]:
                 del cam.minutes[m]
+                cam.rejects.pop(m, None)
         return shot
 
     def get(self, frame_id: str) -> Shot | None:
@@ -116,8 +128,8 @@ class RecentFrames:
             if frame_id in self._by_id:
                 self._by_id[frame_id].label = label
 
-    def cameras(self, now: float | None = None) -> dict[str, tuple[list[Shot], Counter[str]]]:
-        """camera -> (its shots, newest first; its class counts over the last hour)."""
+    def cameras(self, now: float | None = None) -> dict[str, tuple[list[Shot], Counter[str], int]]:
+        """camera -> (its shots, newest first; its class counts and its parts rejected over the last hour)."""
         now = time.time() if now is None else now
         first = int((now - HOUR_S) // 60) + 1
         with self._lock:
@@ -127,5 +139,6 @@ class RecentFrames:
                 for m, c in cam.minutes.items():
                     if m >= first:
                         counts.update(c)
-                out[cid] = (list(reversed(cam.shots)), counts)
+                rejected = sum(n for m, n in cam.rejects.items() if m >= first)
+                out[cid] = (list(reversed(cam.shots)), counts, rejected)
             return out

@@ -5,10 +5,13 @@
     GET  /ui/f/{line,review,rollout,models,whoami,confirm}   the fragments            [operator; confirm: admin]
     POST /ui/review/label       form frame_id, label: feedback for that frame           [operator]
     POST /ui/rollout/{promote,rollback}   form version, reason, confirm=<action>        [admin]
-    GET  /ui/img/{frame_id}?sig=...   a frame's image (the link is signed: an <img> cannot send a header)
+    GET  /ui/img/{frame_id}?exp=...&sig=...   a frame's image (the link is signed, and expires: an <img> cannot send
+                                a header)
     GET  /ui/static/...         htmx, CSS and JS, served by the service itself (no CDN)
 
-Every data route needs the page's bearer token when the service has tokens (`deploy.edge.ui.auth`).
+Every data route needs the page's bearer token when the service has tokens (`deploy.edge.ui.auth`). Every page
+and fragment is autoescaped Jinja (no ``|safe`` on data) under `CSP`: scripts, styles and requests from the box
+itself only, no inline script, no framing, so a name that slips into a page stays text.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
 from starlette.middleware.gzip import GZipMiddleware
 
 import deploy.edge.ui.views as views
 from deploy.edge.frame_store import FrameRule, FrameStore, GuardedFrames
+from deploy.edge.limits import LimitError
 from deploy.edge.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision, decide
 from deploy.edge.rollout.stats import report_for
 from deploy.edge.schemas import FeedbackIn
@@ -46,6 +51,12 @@ PAGES = ("line", "review", "rollout", "models")
 # (a path ending in "/" is a prefix, except "/" itself)
 OPEN_PATHS = ("/", *(f"/ui/{p}" for p in PAGES), "/ui/static/", "/ui/img/")
 POLL_S = {"line": 2, "rollout": 5, "models": 30}  # review is not polled: a card must not change under a finger
+# htmx and ui.js are files of the box and need no eval (htmx-config allowEval: false) nor inline styles
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")  # fmt: skip
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store", "Vary": "Accept-Encoding"}  # fmt: skip
+IMG_TTL_S, IMG_STEP_S = 3600, 600  # an image link lives 1-1h10: stable for 10 min so the polled pages' images cache
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -83,27 +94,43 @@ gets
         """One answered frame (the /predict body) into the ring. Runs after the answer is sent; a failure here is
         logged and never reaches the camera."""
         try:
-            self.recent.add(data, body, self.service.runtime.config.ok_class)
+            with self.service.runtime.decoding.hold():  # the thumbnail decodes the frame again, at full size
+                self.recent.add(data, body, views.operating_point(self.service))
         except Exception:
             log.exception("operator pages: could not record frame %s", body.get("frame_id"))
 
     def label(self, frame_id: str, label: str, who: Who) -> tuple[int, dict[str, Any]]:
         """The operator's label: the service's feedback path (the rollout's log and the frame store)."""
-        status, body, _ = self.service.feedback(FeedbackIn(frame_id=frame_id, label=label), who, who.name)
+        try:
+            item = FeedbackIn(frame_id=frame_id, label=label)
+        except ValidationError as e:  # the form's values over /feedback's own bounds (label 256, frame_id 1024)
+            err = e.errors()[0]
+            return 422, {"error": f"{'.'.join(map(str, err['loc']))}: {err['msg']}"}
+        status, body, _ = self.service.feedback(item, who, who.name)
         if status == 200:
             self.recent.mark_labelled(frame_id, label)
         return status, body
 
-    def sign(self, frame_id: str) -> str:
-        return hmac.new(self._secret, frame_id.encode(), hashlib.sha256).hexdigest()[:20]
+    def sign(self, frame_id: str, expires: int) -> str:
+        msg = f"{frame_id}|{expires}".encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
 
-    def img(self, frame_id: str) -> str:
-        return f"/ui/img/{frame_id}?sig={self.sign(frame_id)}"
+    def img(self, frame_id: str, now: float | None = None) -> str:
+        """A signed link to a frame's image that stops working `IMG_TTL_S` (+ up to `IMG_STEP_S`) from now."""
+        now = time.time() if now is None else now
+        expires = int(now // IMG_STEP_S + 1) * IMG_STEP_S + IMG_TTL_S
+        return f"/ui/img/{frame_id}?exp={expires}&sig={self.sign(frame_id, expires)}"
+
+    def signed(self, frame_id: str, exp: int, sig: str, now: float | None = None) -> bool:
+        """`sig` is this box's signature of (`frame_id`, `exp`) and `exp` has not passed."""
+        good = hmac.compare_digest(sig.encode(), self.sign(frame_id, exp).encode())
+        return good and (time.time() if now is None else now) < exp
 
     def image(self, frame_id: str, px: int = 480) -> bytes | None:
         got = self.store.get(frame_id) if self.store is not None else None
         if got is not None:
-            return thumbnail(got[1], px, quality=85)
+            with self.service.runtime.decoding.hold():  # a stored frame is decoded at full size for its thumbnail
+                return thumbnail(got[1], px, quality=85)
         shot = self.recent.get(frame_id)
         return shot.thumb if shot else None
 
@@ -151,12 +178,14 @@ def mount_ui(app: FastAPI, service: Any, tokens: Any = None) -> LineUI:
 
     def render(request: Request, name: str, status: int = 200, **ctx: Any) -> Response:
         html = templates.get_template(name).render(**ctx).encode()
-        headers = {"Cache-Control": "no-store", "Vary": "Accept-Encoding"}
+        headers = dict(PAGE_HEADERS)
         if len(html) > 1400 and "gzip" in request.headers.get("accept-encoding", ""):  # a 20 KB fragment -> ~3 KB
             html, headers["Content-Encoding"] = gzip.compress(html, 5), "gzip"
         return Response(html, status_code=status, media_type="text/html; charset=utf-8", headers=headers)
 
     def denied(request: Request, e: HTTPException) -> Response:
+        if e.status_code in (401, 403):
+            service.metrics.count("refused_unauthorized")
         return render(request, "_denied.html", e.status_code, code=e.status_code, error=e.detail)
 
     def fragment(request: Request, role: str, name: str, build: Any, **extra: Any) -> Response:
@@ -246,13 +275,18 @@ def mount_ui(app: FastAPI, service: Any, tokens: Any = None) -> LineUI:
         return fragment(request, OPERATOR, "_models.html", lambda: views.models_view(service), now=time.time())
 
     @router.get("/ui/img/{frame_id}")
-    def image(frame_id: str, sig: str = "") -> Response:
-        if not hmac.compare_digest(sig.encode(), ui.sign(frame_id).encode()):
-            return Response("bad or missing signature", status_code=403, media_type="text/plain")
-        data = ui.image(frame_id)
+    def image(frame_id: str, exp: int = 0, sig: str = "") -> Response:
+        if not ui.signed(frame_id, exp, sig):
+            return Response("bad, missing or expired signature: reload the page", status_code=403,
+                            media_type="text/plain")  # fmt: skip
+        try:
+            data = ui.image(frame_id)
+        except LimitError as e:
+            return Response(str(e), status_code=e.status, media_type="text/plain", headers={"Retry-After": "1"})
         if data is None:
             return Response("frame no longer kept", status_code=404, media_type="text/plain")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        age = max(0, min(IMG_TTL_S, exp - int(time.time())))
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": f"private, max-age={age}"})
 
     app.include_router(router)
     static = GZipMiddleware(StaticFiles(directory=str(HERE / "static")), minimum_size=1000)  # htmx: 52 -> 16 KB

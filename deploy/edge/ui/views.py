@@ -18,8 +18,10 @@ from typing import Any
 
 from deploy.edge.rollout.logs import read_jsonl
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, DECISION_LOG
-from deploy.edge.rollout.stats import wilson_interval
+from deploy.edge.rollout.stats import resolve_operating_point, restate, wilson_interval
 from deploy.edge.ui.recent import RecentFrames
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.operating_point import REJECT, OperatingPoint
 
 REASON_WORDS = {
     "rejected": "rejected part",
@@ -58,46 +60,55 @@ def arm_of(service: Any, camera_id: str) -> dict[str, str]:
     return {"role": CHAMPION, "text": f"champion v{cv}"}
 
 
+def operating_point(service: Any) -> OperatingPoint:
+    """The one place the pages get the good class and the threshold: the serving champion artifact's operating point
+    (`deploy.edge.rollout.stats.resolve_operating_point`, as the rollout statistics use it)."""
+    rt = service.runtime
+    return resolve_operating_point(rt.config, getattr(rt.champion, "artifact", None))
+
+
 def line_view(service: Any, recent: RecentFrames, shown: int = 3) -> dict[str, Any]:
-    """Every camera (seen or pinned) with its arm, its last ``shown`` frames and its class counts for the hour."""
-    rt, ok = service.runtime, service.runtime.config.ok_class
+    """Every camera (seen or pinned) with its arm, its last ``shown`` frames, its class counts and its parts
+    rejected (the served decisions) for the hour."""
+    rt, ok = service.runtime, operating_point(service).ok_class
     seen = recent.cameras()
     ids = sorted(set(seen) | set(rt.config.pinned), key=natural)
-    cams, totals = [], {"frames": 0, "defects": 0}
+    cams, totals = [], {"frames": 0, "rejected": 0}
     for cid in ids:
-        shots, counts = seen.get(cid, ([], {}))
+        shots, counts, rejected = seen.get(cid, ([], {}, 0))
         total = sum(counts.values())
-        defects = total - counts.get(ok, 0)
         totals["frames"] += total
-        totals["defects"] += defects
+        totals["rejected"] += rejected
         order = sorted(counts, key=lambda c: (c != ok, -counts[c], c))
         cams.append({
             "id": cid,
             "arm": arm_of(service, cid),
             "shots": shots[:shown],
-            "last_defect": bool(shots) and shots[0].cls != ok,
+            "last_rejected": bool(shots) and shots[0].rejected,
             "counts": [(c, counts[c], c != ok) for c in order],
             "total": total,
-            "defects": defects,
+            "rejected": rejected,
         })  # fmt: skip
     return {"state": rt.state(), "ok_class": ok, "cameras": cams, "totals": totals, "now": time.time()}
 
 
 def review_items(service: Any, recent: RecentFrames, store: Any, limit: int = 30) -> list[dict[str, Any]]:
     """Frames waiting for a label, most urgent first: the frame store's queue (low margin, disagreement, random
-    sample) and the rejected parts among the recent frames that nobody has labelled yet."""
-    ok = service.runtime.config.ok_class
+    sample) and the rejected parts among the recent frames that nobody has labelled yet. A stored frame keeps only
+    its class, so it is judged by its class (`OperatingPoint.decision_of`)."""
+    op = operating_point(service)
     items: dict[str, dict[str, Any]] = {}
     for f in (store.review_queue(limit=limit) if store is not None else None) or []:  # None: the store failed
-        reasons = list(f.reasons) + (["rejected"] if f.predicted and f.predicted != ok else [])
+        rejected = bool(f.predicted) and op.decision_of({"class": f.predicted}) == REJECT
+        reasons = list(f.reasons) + (["rejected"] if rejected else [])
         items[f.frame_id] = {
             "frame_id": f.frame_id, "camera_id": f.camera_id, "predicted": f.predicted, "score": f.score,
             "margin": f.margin, "other": f.other, "role": f.role, "version": f.model_version, "ts": f.ts[11:19],
             "reasons": reasons,
         }  # fmt: skip
-    for shots, _ in recent.cameras().values():
+    for shots, _, _ in recent.cameras().values():
         for s in shots:
-            if s.cls != ok and s.label is None and s.frame_id not in items:
+            if s.rejected and s.label is None and s.frame_id not in items:
                 items[s.frame_id] = {
                     "frame_id": s.frame_id, "camera_id": s.camera_id, "predicted": s.cls, "score": s.score,
                     "margin": None, "other": None, "role": s.role, "version": s.version,
@@ -115,22 +126,14 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"k": k, "n": n, "p": k / n if n else None, "ci": wilson_interval(k, n)}
 
 
-def arm_rates(stats: dict[str, Any], ok_class: str) -> dict[str, dict[str, Any]]:
+def arm_rates(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Accuracy, escape rate (defects passed as good) and overkill (good parts rejected), each with its 95 % Wilson
-    interval; taken from the report when it has them, else derived from its recall numbers (exact: they are k/n)."""
-    n, defects = stats["labelled"], stats["defects"]
-    out = {"accuracy": _rate(stats["correct"], n)}
-    if "escape_rate" in stats:
-        out["escape"] = _rate(stats.get("escaped", round((stats["escape_rate"] or 0) * defects)), defects)
-    else:
-        out["escape"] = _rate(defects - round((stats["defect_recall"] or 0) * defects), defects)
-    goods = stats.get("goods", n - defects)
-    if stats.get("overkill") is not None:
-        out["overkill"] = _rate(round(stats["overkill"] * goods), goods)
-    else:
-        good_recall = stats["recall_per_class"].get(ok_class)
-        out["overkill"] = _rate(round((1 - good_recall) * goods) if good_recall is not None else 0, goods)
-    return out
+    interval, from the counts of an arm of the rollout report (`deploy.edge.rollout.stats.compare`)."""
+    return {
+        "accuracy": _rate(stats["correct"], stats["labelled"]),
+        "escape": _rate(stats["escaped"], stats["defects"]),
+        "overkill": _rate(stats["overkilled"], stats["goods"]),
+    }
 
 
 def rule_in_words(rule: Any) -> list[str]:
@@ -162,7 +165,7 @@ def rollout_view(service: Any) -> dict[str, Any]:
     arms = {}
     for role in (CHAMPION, CHALLENGER):
         st = rep["overall"][role]
-        arms[role] = {**st, "rates": arm_rates(st, rep.get("ok_class") or cfg.ok_class)}
+        arms[role] = {**st, "rates": arm_rates(st)}
     need = cfg.decision.min_samples
     progress = {
         role: {"have": arms[role]["labelled"], "need": need, "left": max(0, need - arms[role]["labelled"])}
@@ -178,7 +181,7 @@ def rollout_view(service: Any) -> dict[str, Any]:
         "preview": rep["decision_preview"],
         "rule": rule_in_words(cfg.decision),
         "audit": audit_trail(cfg),
-        "ok_class": rep.get("ok_class") or cfg.ok_class,
+        "ok_class": rep["ok_class"],  # the operating point the report was counted at (`operating_point`)
     }
 
 
@@ -215,12 +218,21 @@ def models_view(service: Any, max_manifests: int = 40) -> dict[str, Any]:
                         found[p.parent.resolve()] = m
     models = []
     for d, m in found.items():
-        ver = m.get("verification") or {}
+        if (problem := manifest_problem(m)) is not None:  # shown as invalid: one stray file must not hide the rest
+            version = m["model_version"] if isinstance(m["model_version"], (str, int)) else "?"
+            models.append({"version": str(version)[:40], "role": roles.get(d), "path": str(d), "precision": None,
+                           "invalid": problem})  # fmt: skip
+            continue
+        ver, op = m.get("verification") or {}, OperatingPoint.from_dict(m)
+        try:  # rollout.yaml's ok_class restates the good class where a manifest declares none, as for the champion
+            op = restate(op, m.get("class_names") or [], cfg.ok_class, f"v{m['model_version']}")
+        except SensituneError:
+            pass  # a version that disagrees with rollout.yaml shows what it declares
         models.append({
             "version": str(m.get("model_version")), "role": roles.get(d), "path": str(d),
             "precision": m.get("precision"), "format": m.get("format"), "model_name": m.get("model_name"),
-            "class_names": m.get("class_names") or [], "ok_class": m.get("ok_class", cfg.ok_class),
-            "threshold": m.get("threshold"), "data_version": m.get("data_version"), "plan_hash": m.get("plan_hash"),
+            "class_names": m.get("class_names") or [], "ok_class": op.ok_class,
+            "threshold": op.threshold, "data_version": m.get("data_version"), "plan_hash": m.get("plan_hash"),
             "created": m.get("created"), "sensitune_version": m.get("sensitune_version"),
             "promotable": m.get("promotable"), "verification": ver,
         })  # fmt: skip
@@ -231,6 +243,33 @@ def models_view(service: Any, max_manifests: int = 40) -> dict[str, Any]:
         state = getattr(sync, "state", None) or getattr(sync, "status", None)
         sync_state = {k: with_age(v) for k, v in dict((state() if callable(state) else state) or {}).items()}
     return {"state": rt.state(), "models": models, "sync": sync_state}
+
+
+_TEXT_KEYS = ("precision", "format", "model_name", "ok_class", "data_version", "plan_hash", "created",
+              "sensitune_version")  # fmt: skip
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """Why the Models page cannot show an artifact manifest's fields (a type it does not have), or None. The page
+    lists every manifest it finds, including strays that `deploy.edge.artifact.load_artifact` would refuse."""
+    version = m.get("model_version")
+    if isinstance(version, bool) or not isinstance(version, (str, int)):
+        return f"model_version={version!r:.40} is not text"
+    for key in _TEXT_KEYS:
+        if m.get(key) is not None and not isinstance(m[key], str):
+            return f"{key}={m[key]!r:.40} is not text"
+    names = m.get("class_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(c, str) for c in names)):
+        return f"class_names={names!r:.40} is not a list of names"
+    try:
+        OperatingPoint.from_dict(m)
+    except SensituneError:
+        return f"ok_class={m.get('ok_class')!r:.40}, threshold={m.get('threshold')!r:.40} is no operating point"
+    if m.get("promotable") is not None and not isinstance(m["promotable"], bool):
+        return f"promotable={m['promotable']!r:.40} is not true or false"
+    if m.get("verification") is not None and not isinstance(m["verification"], dict):
+        return f"verification={m['verification']!r:.40} is not a mapping"
+    return None
 
 
 def with_age(value: Any, now: float | None = None) -> Any:

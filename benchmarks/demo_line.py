@@ -1,8 +1,9 @@
-"""A line for the operator pages: two fitted OpenVINO artifacts, a rollout manifest, cameras sending demo frames,
-and a headless Debian chromium driven by Playwright. Shared by tests/test_ui.py and scripts/ui_demo.py.
+"""A demo line for the operator pages: two fitted OpenVINO artifacts, a rollout manifest, the edge app with its
+tokens, cameras sending demo frames, and a headless Debian chromium driven by Playwright.
 
-Models come from deploy_fixtures (tiny statistic models, least squares on the demo defects): real, imperfect
-verdicts on real images, built in seconds.
+`benchmarks/ui_pages.py` plays it for the screenshots and page timings; the UI tests (tests/support/ui.py) drive
+the same line. Models come from `benchmarks/stat_model.py` (tiny statistic models, least squares on the demo
+defects): real, imperfect verdicts on real images, built in seconds.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from deploy_fixtures import CLASSES, build_artifact, demo_set, fit_linear, reference_logits, write_manifest
 
+from benchmarks.stat_model import CLASSES, build_artifact, demo_set, fit_linear, reference_logits, write_manifest
 from deploy.edge.auth import TokenStore, token_digest
-from deploy.edge.inferencer import Inferencer
+from deploy.edge.inferencer import OpenVINOInferencer
 from deploy.edge.service import create_app
 from spt_core.portable.preprocess import Preprocess, preprocess_image
 
@@ -49,7 +50,7 @@ def build_line(root: Path, n_per_class: int = 8, size: int = 64, **manifest_fiel
         d = build_artifact(root / "artifacts" / f"v{version}", version, w, b, px)
         arts[version] = d
         # what export's verification would record: the served IR against the numpy reference, on these images
-        inf = Inferencer(d / "model.xml", {"INFERENCE_PRECISION_HINT": "f32"})
+        inf = OpenVINOInferencer(d / "model.xml", {"INFERENCE_PRECISION_HINT": "f32"})
         x = np.stack([preprocess_image(im, pre) for im in pil]).astype(np.float32)
         ov_logits, ref = inf.infer(x), reference_logits(pil, pre, w, b)
         acc = 100 * float((ref.argmax(1) == np.array(labels)).mean())

@@ -1,11 +1,13 @@
-"""Test helpers for the edge service: tiny OpenVINO artifacts built here (not via deploy.compile.export), demo images,
-a real uvicorn server on a free loopback port.
+"""Tiny OpenVINO artifacts of a statistic model (not via deploy.compile.export), demo images, rollout manifests.
 
-The models are deterministic functions of image statistics, so the tests know every answer exactly:
+The models are deterministic functions of image statistics, so whoever uses them knows every answer exactly:
     features f(x) = per-channel mean and std, min, max, mean and max |horizontal / vertical gradient|
     of the normalised (3, H, W) input
     logits = f @ W.T + b
 `reference_logits` computes the same in numpy from `spt_core.portable.preprocess`, the edge's own preprocessing.
+Fitted by least squares to the demo defects (`fit_linear`) they give real, imperfect verdicts on real images in
+seconds: the demo line of `benchmarks/ui_pages.py` (`benchmarks/demo_line.py`) and the edge tests
+(tests/support/artifacts.py) are built from them.
 """
 
 from __future__ import annotations
@@ -14,11 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +38,6 @@ def features(x: np.ndarray) -> np.ndarray:
 
 
 N_FEATURES = 12
-# (w, b) of a model that calls every part "ok" (it misses every defect): P(ok) = e / (e + 3) on any image
-ALWAYS_OK = (np.zeros((len(CLASSES), N_FEATURES)), np.array([1.0, 0.0, 0.0, 0.0]))
 
 
 def reference_logits(images: list[Any], pre: Preprocess, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,7 +111,7 @@ def build_artifact(
 
 def demo_images(out_dir: Path, n_per_class: int, size: int, seed: int = 0) -> list[tuple[Path, int]]:
     """Demo defect PNGs (ImageFolder ok/scratch/spot/crack from spt_core.data) -> [(path, class index)], sorted."""
-    from spt_core.demo import generate_demo_defects
+    from spt_core.api import generate_demo_defects
 
     root = Path(generate_demo_defects(out_dir, n_per_class=n_per_class, seed=seed, size=size))
     items = [(p, CLASSES.index(p.parent.name)) for p in sorted(root.glob("*/*.png")) if p.parent.name in CLASSES]
@@ -132,33 +127,7 @@ def demo_set(out_dir: Path, n_per_class: int, size: int) -> tuple[list[tuple[Pat
     return items, [Image.open(p).convert("RGB") for p, _ in items], [c for _, c in items]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run the app under a real uvicorn server on 127.0.0.1 in a thread; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def write_manifest(path: Path, **fields: Any) -> Path:
+    """A rollout manifest (YAML) with exactly these fields, in this order."""
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path

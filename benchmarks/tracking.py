@@ -1,19 +1,34 @@
-"""`benchmarks/compare.py` tables in MLflow: one parent run per table, one child run per row."""
+"""`benchmarks/compare.py` tables in MLflow: one parent run per table, one child run per row.
+
+The harness's record keeping, beside the product's (`pipelines.tracking`: runs and the registry), whose URI,
+session and helpers it shares. `make benchmarks-mlflow` logs every committed table:
+
+    python benchmarks/tracking.py benchmarks/results/compare_*.json     # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
+import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import summary_metrics
+from pipelines.tracking.common import (
+    TrackingWarning,
+    check_reachable,
+    experiment_id,
+    flatten,
+    is_number,
+    mlflow_session,
+)
+from pipelines.tracking.common import tracking_uri as resolve_uri
 from spt_core.portable.errors import SensituneError
-
-from .common import TrackingWarning, check_reachable, experiment_id, flatten, is_number, mlflow_session
-from .common import tracking_uri as resolve_uri
 
 BENCHMARK_EXPERIMENT = "sensitune-benchmarks"
 # a compare.py row's key -> MLflow metric of its child run
@@ -88,6 +103,15 @@ def log_benchmark(
     return result
 
 
+def log_table(results_json: Path) -> dict[str, Any]:
+    """`log_benchmark` with the table's headline numbers (`report.summary_metrics`) as the parent's metrics; prints
+    the outcome (never raises for MLflow)."""
+    res = log_benchmark(results_json, summary=summary_metrics(json.loads(results_json.read_text())))
+    print(f"MLflow: {res['status']} {results_json.name} -> {res['tracking_uri']} run {res.get('run_id')} "
+          f"({res['children']} row runs){' ' + res['error'] if 'error' in res else ''}")  # fmt: skip
+    return res
+
+
 def _log_benchmark_runs(
     client: Any, exp_id: str, parent: str, results_json: Path, state: dict, summary: dict, tags: dict, result: dict
 ) -> None:
@@ -120,3 +144,21 @@ def _log_benchmark_runs(
         client.set_terminated(child.run_id, "FINISHED")
         result["children"] += 1
     client.set_terminated(parent, "FINISHED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Log each table given (idempotent: a table already logged is reported as "exists"); exit 2 on a file that
+    is not a results JSON."""
+    ap = argparse.ArgumentParser(description="Log benchmarks/compare.py tables to MLflow (one parent run per table).")
+    ap.add_argument("tables", type=Path, nargs="+", help="results/compare_*.json")
+    for path in ap.parse_args(argv).tables:
+        try:
+            log_table(path)
+        except (SensituneError, OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            print(f"error: {path}: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Every export precision as one row of plain data: the runtime that runs it, where it lies in an export, how much
+accuracy it may lose, whether it is calibrated, and how the compile side builds it.
+
+The one place that knows the layout of an export directory::
+
+    exports/3/                       model.onnx + manifest.json     row "onnx" (the source of every other row)
+      openvino/fp32/ fp16/ int8/     model.xml + model.bin + manifest.json
+      onnx/int8/                     model.onnx + manifest.json     (opt-in: ONNX Runtime static INT8)
+
+Readers: `deploy.compile.export` (what to build, where), `deploy.compile.build` (a `Precision.build` -> a function),
+`deploy.compile.verify` (exact or within ``max_drop``), `deploy.edge.artifact` (which manifest precisions a format
+may carry, their ``runtime_config``), `deploy.edge.inferencer` (an export dir + a name -> the artifact dir), the
+config's ``export.precisions`` choices, publish, sync and the benchmarks. Adding a precision is one row here and its
+build function in `deploy.compile.build`.
+
+Torch-free and import-free (stdlib only): the edge box and the CLI's config both read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+# f32 compute for every OpenVINO row: FP16 here means FP16-*stored* weights (half the download), decompressed on the
+# CPU; INT8 keeps its non-quantized ops in f32. Left to the plugin, compute precision follows the edge box's ISA
+# (bf16 on AVX512-BF16/AMX: Lite0 logits move by ~0.4), so the accuracy verified at export would not be the edge's.
+_OV_F32: Mapping[str, str] = MappingProxyType({"INFERENCE_PRECISION_HINT": "f32"})
+_NONE: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One export precision.
+
+    Attributes:
+        name: The key in ``export.precisions``, ``export_report.json`` and `deploy.compile.verify.verify`.
+        format: The manifest's ``format`` (``"openvino"`` or ``"onnx"``): which inferencer runs it.
+        weights: The manifest's ``precision``: how the weights are stored (``"fp32"``, ``"fp16"``, ``"int8"``).
+        path: The artifact directory, relative to the export directory (``"."``: the export directory itself).
+        max_drop: Accuracy points it may lose against PyTorch and stay promotable; None: it must match PyTorch's
+            logits within the parity tolerance (an exact conversion, no accuracy budget).
+        calibration: Built from calibration images; its manifest records their fingerprint.
+        build: How `deploy.compile.build` makes it from the ONNX file (a key of its ``BUILDERS``); the ONNX file
+            itself comes from `deploy.compile.export.export_onnx`.
+        default: Built when ``export.precisions`` is not given (the main job's outputs).
+        runtime_config: Runtime properties stored in the manifest and applied wherever it is compiled.
+    """
+
+    name: str
+    format: str
+    weights: str
+    path: str
+    max_drop: float | None
+    calibration: bool
+    build: str
+    default: bool
+    runtime_config: Mapping[str, str] = field(default_factory=lambda: _NONE)
+
+    @property
+    def exact(self) -> bool:
+        """Judged by logit parity with PyTorch rather than by an accuracy budget."""
+        return self.max_drop is None
+
+
+TABLE: tuple[Precision, ...] = (
+    # name       format      weights  path             max_drop calibration build          default runtime_config
+    Precision("onnx", "onnx", "fp32", ".", None, False, "export_onnx", True),  # torch.onnx, not a BUILDERS entry
+    Precision("fp32", "openvino", "fp32", "openvino/fp32", None, False, "openvino", True, _OV_F32),
+    Precision("fp16", "openvino", "fp16", "openvino/fp16", 1.0, False, "openvino", True, _OV_F32),
+    Precision("int8", "openvino", "int8", "openvino/int8", 1.0, True, "openvino", True, _OV_F32),
+    Precision("onnx_int8", "onnx", "int8", "onnx/int8", 1.0, True, "onnxruntime_int8", False),
+)
+PRECISIONS: Mapping[str, Precision] = MappingProxyType({p.name: p for p in TABLE})
+SOURCE = "onnx"  # always built: every other row is made from this file
+BUILDABLE = tuple(p.name for p in TABLE if p.name != SOURCE)  # what ``export.precisions`` may name
+DEFAULT = tuple(p.name for p in TABLE if p.default and p.name != SOURCE)
+SERVED = "fp32"  # what the edge serves and `sensitune predict` opens in an export directory by default
+
+
+def artifact_dir(export_dir: str | Path, name: str) -> Path:
+    """Where precision `name` lies in an export directory (``exports/3`` + ``int8`` -> ``exports/3/openvino/int8``)."""
+    return Path(export_dir) / PRECISIONS[name].path
+
+
+def for_manifest(fmt: str, weights: str) -> Precision | None:
+    """The row a manifest's ``format`` and ``precision`` describe, or None when no row does."""
+    return next((p for p in TABLE if (p.format, p.weights) == (fmt, weights)), None)
+
+
+def weights_of(fmt: str) -> list[str]:
+    """The manifest precisions a format may carry (``openvino`` -> fp32, fp16, int8)."""
+    return [p.weights for p in TABLE if p.format == fmt]

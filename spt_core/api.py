@@ -1,0 +1,108 @@
+"""spt_core's front door: the method as five calls, and the few helpers an application needs around them.
+
+    model, info = create_model("vit_small_patch16_224", num_classes=2, weights="hub")
+    sensitivity = measure_sensitivity(model, loaders["train"], batches=16)  # Σ g² per candidate entry
+    plan = allocate(sensitivity, "0.5%", **SPT_RULE)                         # -> Plan: plain data, exact count
+    apply_plan(model, plan)                                                   # tuners in, every other weight frozen
+    history = fit(model, loaders, TrainConfig.scaled(epochs=10))              # the epoch chosen on validation
+    merge(model)                                                              # a plain timm model, same outputs
+
+(`loaders` from `make_loaders`; `spt_core.portable` holds the torch-free pieces: errors, io, metrics, preprocess.)
+A new tuner kind is a module, a config dataclass of its own hyper-parameters and one `register_tuner` call; its
+hyper-parameters then go to `allocate` as keywords and travel in the plan (tests/test_new_tuner_kind.py).
+
+Everything here is a re-export: the application (pipelines/, benchmarks/) imports spt_core through this module,
+so the modules behind it can move without touching their callers. It imports torch and timm; ``import spt_core``
+alone does not (the edge imports `spt_core.portable` without torch).
+"""
+
+from __future__ import annotations
+
+from .allocate import SPT_RULE, allocate
+from .budget import AUTO, FULL, Rung, check_ladder, choose_rung, full_plan, is_ladder, ladder_plans, plan_budget
+from .candidates import Candidate, count_backbone_params, find_candidates
+from .checkpoint import bn_buffers, load_tuned_into, read_tuned, save_tuned
+from .data import IMAGE_SUFFIXES, Augment, DatasetInfo, load_dataset_info, make_loaders, prepare, scan_split
+from .demo import DEMO_CLASSES, generate_demo_defects
+from .device import resolve_device
+from .distributed import close as close_distributed  # `close` alone says nothing once out of its module
+from .distributed import init_from_env
+from .evaluate import collect, evaluate
+from .merge import merge
+from .model import ModelInfo, create_model
+from .plan import Plan, Target, parse_budget
+from .probe import fit_probe
+from .report import plot_plan
+from .sensitivity import Sensitivity, measure_sensitivity, measure_task
+from .train import RESUME_FREE, History, TrainConfig, fit
+from .tuners import (
+    TunerKind,
+    apply_plan,
+    check_tuners_reached,
+    plan_is_mergeable,
+    register_tuner,
+    remove_tuners,
+    structured_choices,
+)
+
+__all__ = [
+    # the method, in order: model -> sensitivity -> plan -> tuners -> training -> merge
+    "create_model",
+    "ModelInfo",
+    "find_candidates",
+    "Candidate",
+    "count_backbone_params",
+    "measure_sensitivity",
+    "measure_task",
+    "Sensitivity",
+    "allocate",
+    "SPT_RULE",
+    "structured_choices",
+    "parse_budget",
+    "Plan",
+    "Target",
+    "apply_plan",
+    "check_tuners_reached",
+    "remove_tuners",
+    "register_tuner",
+    "TunerKind",
+    "fit",
+    "TrainConfig",
+    "History",
+    "RESUME_FREE",
+    "fit_probe",
+    "evaluate",
+    "collect",
+    "merge",
+    "plan_is_mergeable",
+    # the budget chosen on validation (plan.budget: auto)
+    "plan_budget",
+    "is_ladder",
+    "ladder_plans",
+    "check_ladder",
+    "full_plan",
+    "choose_rung",
+    "Rung",
+    "AUTO",
+    "FULL",
+    # tuned weights on disk
+    "save_tuned",
+    "read_tuned",
+    "load_tuned_into",
+    "bn_buffers",
+    # data
+    "prepare",
+    "load_dataset_info",
+    "DatasetInfo",
+    "make_loaders",
+    "scan_split",
+    "Augment",
+    "IMAGE_SUFFIXES",
+    "DEMO_CLASSES",
+    "generate_demo_defects",
+    # where and how it runs
+    "resolve_device",
+    "init_from_env",
+    "close_distributed",
+    "plot_plan",
+]
