@@ -159,7 +159,8 @@ def _prepare_data(args: argparse.Namespace, task_slug: str) -> tuple[Path, dict[
         data_dir = args.work_dir / "data" / f"{task_slug}_{args.n_train}_{args.n_val}_{args.n_test}"
     if not (data_dir / "dataset.json").is_file():
         prepare(task_source(args.task, args.work_dir, args.n_train + args.n_val + (args.n_test or 2000)), data_dir,
-                n_train=args.n_train, n_val=args.n_val, n_test=args.n_test or None, seed=0)  # fmt: skip
+                n_train=args.n_train, n_val=args.n_val, n_test=args.n_test or None, seed=0, split=None,
+                ok_class=None)  # fmt: skip
     return data_dir, line
 
 

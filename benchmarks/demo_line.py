@@ -40,14 +40,18 @@ class Line:
     labels: list[int]  # true class index per image
 
 
-def build_line(root: Path, n_per_class: int = 8, size: int = 64, **manifest_fields: Any) -> Line:
-    """Artifacts v1 (fitted at 32 px, the champion) and v2 (fitted at 48 px, the challenger) and rollout.yaml."""
-    items, pil, labels = demo_set(root / "images", n_per_class=n_per_class, size=size)
+def build_line(
+    root: Path, n_per_class: int = 8, size: int = 64, bit_depth: int | None = None, **manifest_fields: Any
+) -> Line:
+    """Artifacts v1 (fitted at 32 px, the champion) and v2 (fitted at 48 px, the challenger) and rollout.yaml.
+    ``bit_depth`` 12: the cameras send Mono12 frames (16-bit grey PNGs) and the artifacts read them at 12 bits."""
+    items, pil, labels = demo_set(root / "images", n_per_class=n_per_class, size=size, bit_depth=bit_depth)
     arts = {}
     for version, px in (("1", 32), ("2", 48)):
-        pre = Preprocess(size=(px, px))
+        pre = Preprocess(size=(px, px), bit_depth=bit_depth)
         w, b = fit_linear(pil, labels, pre)
-        d = build_artifact(root / "artifacts" / f"v{version}", version, w, b, px)
+        extra = {"preprocess": pre.to_dict()} if bit_depth else None
+        d = build_artifact(root / "artifacts" / f"v{version}", version, w, b, px, extra)
         arts[version] = d
         # what export's verification would record: the served IR against the numpy reference, on these images
         inf = OpenVINOInferencer(d / "model.xml", {"INFERENCE_PRECISION_HINT": "f32"})

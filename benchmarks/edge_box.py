@@ -28,7 +28,8 @@ CAMERAS = [f"cam-{i}" for i in range(12)]
 
 def build_lite0(work: Path, size: int) -> tuple[dict[str, Path], str]:
     """Lite0 -> ONNX -> OpenVINO FP32 for versions 1 and 2 (same weights, separate sealed directories)."""
-    from deploy.compile.export import compile_openvino, export_onnx, write_manifest
+    from deploy.compile.build import compile_openvino
+    from deploy.compile.export import export_onnx, write_manifest
     from spt_core.api import create_model
 
     model, info = create_model("tf_efficientnet_lite0", num_classes=4, weights="embedded", img_size=size)
@@ -47,7 +48,7 @@ def demo_frames(work: Path, size: int, n_per_class: int = 16) -> tuple[list[byte
     try:
         from spt_core.api import generate_demo_defects
 
-        root = Path(generate_demo_defects(work / "images", n_per_class=n_per_class, seed=0, size=size))
+        root = Path(generate_demo_defects(work / "images", n_per_class=n_per_class, seed=0, size=size, counts=None))
         return [p.read_bytes() for p in sorted(root.glob("*/*.png"))], "spt_core demo defect PNGs"
     except ImportError:
         from PIL import Image

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/edge_load.py --requests 2000 --clients 8 --size 112 --hints LATENCY,THROUGHPUT
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
-        .venv/bin/python benchmarks/edge_load.py --scenario oversized --rate 20 --seconds 60 --every 3
+        .venv/bin/python benchmarks/edge_load.py --scenario oversized --rate 20 --seconds 60 --every 3 --size 64
 
 Builds an OpenVINO FP32 artifact of the embedded EfficientNet-Lite0 (4-class head, untrained: speed only) through
 `deploy.compile.export` (twice: champion v1 and challenger v2, 25 % of the cameras on the challenger, so the A/B path is
@@ -12,8 +12,9 @@ a bounded number of multipart PNG frames from 12 camera ids, and writes benchmar
 Latency here is the client's round trip (HTTP + decode + preprocessing + inference + logging); the service's own
 view (/metrics) is reported beside it.
 
-``--scenario oversized`` (issue 15; `edge_load_oversized.py`) paces normal frames with 12000 x 12000 PNGs mixed in
-and writes results/edge_load_oversized.md; it exits 1 unless the mixed p99 is within 1.5x of the clean one.
+``--scenario oversized`` (issues 15 and 29; `edge_load_oversized.py`) paces normal frames clean, then with the 2026-12
+probes mixed in (25 MP 8-bit, 4999 x 4999 16-bit, 144 Mpx PNGs), and writes results/edge_load_oversized.md; it exits
+1 unless the mixed p99 is within 1.5x of the clean one and the service's peak RSS stays bounded.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="default results/edge_load.md (results/edge_load_oversized.md)")
     ap.add_argument("--scenario", choices=["throughput", "oversized"], default="throughput")
     ap.add_argument("--rate", type=float, default=20.0, help="oversized: normal frames per second")
-    ap.add_argument("--seconds", type=float, default=60.0, help="oversized: length of each run")
-    ap.add_argument("--every", type=float, default=3.0, help="oversized: one 12000x12000 PNG every this many s")
+    ap.add_argument("--seconds", type=float, default=60.0, help="oversized: length of each phase (clean, mixed)")
+    ap.add_argument("--every", type=float, default=3.0, help="oversized: one probe (rotating) every this many s")
     args = ap.parse_args()
     command = "python benchmarks/edge_load.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.scenario == "oversized":

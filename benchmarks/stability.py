@@ -157,12 +157,12 @@ def main(argv: list[str] | None = None) -> Path:
     data_dir = args.work_dir / "data" / f"{args.task}_{args.n_train}_{args.n_val}_0"
     if not (data_dir / "dataset.json").is_file():
         prepare(task_source(args.task, args.work_dir, args.n_train + args.n_val + 2000), data_dir,
-                n_train=args.n_train, n_val=args.n_val, n_test=None, seed=0)  # fmt: skip
+                n_train=args.n_train, n_val=args.n_val, n_test=None, seed=0, split=None, ok_class=None)  # fmt: skip
     n_classes = len(load_dataset_info(data_dir).class_names)
     t0 = time.perf_counter()
     model, info = _model(name, weights, img, n_classes, args.seed)
     loaders = make_loaders(data_dir, info.preprocess, batch_size=SENS_BATCH_SIZE, seed=args.seed)
-    probe = fit_probe(model, loaders, epochs=PROBE_EPOCHS, seed=args.seed, device="cpu")
+    probe = fit_probe(model, loaders, epochs=PROBE_EPOCHS, seed=args.seed, device="cpu", select="accuracy")
     g2, cands = per_batch_scores(model, loaders["train"].dataset, args.pool, args.seed)
     measure_s = time.perf_counter() - t0
     sizes = [c.numel for c in cands.values()]

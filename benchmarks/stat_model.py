@@ -109,22 +109,33 @@ def build_artifact(
     return out_dir
 
 
-def demo_images(out_dir: Path, n_per_class: int, size: int, seed: int = 0) -> list[tuple[Path, int]]:
-    """Demo defect PNGs (ImageFolder ok/scratch/spot/crack from spt_core.data) -> [(path, class index)], sorted."""
+def demo_images(
+    out_dir: Path, n_per_class: int, size: int, seed: int = 0, bit_depth: int | None = None
+) -> list[tuple[Path, int]]:
+    """Demo defect PNGs (ImageFolder ok/scratch/spot/crack from spt_core.data) -> [(path, class index)], sorted;
+    ``bit_depth`` 10/12/16: single-channel 16-bit PNGs as a Mono10/12/16 camera sends them (8-bit RGB otherwise)."""
     from spt_core.api import generate_demo_defects
 
-    root = Path(generate_demo_defects(out_dir, n_per_class=n_per_class, seed=seed, size=size))
+    root = Path(generate_demo_defects(out_dir, n_per_class=n_per_class, seed=seed, size=size, counts=None,
+                                      bit_depth=bit_depth))  # fmt: skip
     items = [(p, CLASSES.index(p.parent.name)) for p in sorted(root.glob("*/*.png")) if p.parent.name in CLASSES]
     assert len(items) == n_per_class * len(CLASSES), f"expected {n_per_class} images per class in {root}"
     return items
 
 
-def demo_set(out_dir: Path, n_per_class: int, size: int) -> tuple[list[tuple[Path, int]], list[Any], list[int]]:
-    """`demo_images`, plus the images opened as RGB and their class indices: (items, images, labels)."""
+def demo_set(
+    out_dir: Path, n_per_class: int, size: int, bit_depth: int | None = None
+) -> tuple[list[tuple[Path, int]], list[Any], list[int]]:
+    """`demo_images`, plus the images opened (RGB; 16-bit grey as it is, for a preprocess with ``bit_depth``) and
+    their class indices: (items, images, labels)."""
     from PIL import Image
 
-    items = demo_images(out_dir, n_per_class=n_per_class, size=size)
-    return items, [Image.open(p).convert("RGB") for p, _ in items], [c for _, c in items]
+    def opened(p: Path) -> Any:
+        with Image.open(p) as im:
+            return im.convert("RGB") if bit_depth is None else im.copy()
+
+    items = demo_images(out_dir, n_per_class=n_per_class, size=size, bit_depth=bit_depth)
+    return items, [opened(p) for p, _ in items], [c for _, c in items]
 
 
 def write_manifest(path: Path, **fields: Any) -> Path:

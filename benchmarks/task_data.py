@@ -23,7 +23,7 @@ def task_source(task: str, work_dir: Path, n_images: int) -> str:
     per_class = -(-n_images // len(DEMO_CLASSES))
     src = work_dir / "data" / f"demo-defects-source_{per_class}"
     if not (src / ".complete").is_file():  # a half-written folder from an interrupted run is completed in place
-        generate_demo_defects(src, n_per_class=per_class)
+        generate_demo_defects(src, n_per_class=per_class, counts=None)
         (src / ".complete").touch()
     return str(src)
 
@@ -64,7 +64,7 @@ def kfold_dirs(data_dir: Path, k: int) -> tuple[list[Path], Path]:
             _link(src / "val" / names[y] / f"val_{path.name}", path)
         for path, y in test:
             _link(src / "test" / names[y] / path.name, path)
-        prepare(str(src), out, n_train=None, n_val=None, n_test=None, seed=0)
+        prepare(str(src), out, n_train=None, n_val=None, n_test=None, seed=0, split=None, ok_class=None)
     write_json(stamp, {"data_hash": info.data_hash, "k": k})
     return outs[:-1], outs[-1]
 

@@ -1,6 +1,7 @@
 """The operator pages on a demo line: screenshots of each view, and the weight and render time of each page.
 
     .venv/bin/python benchmarks/ui_pages.py [--runs 5] [--shots docs/ui]
+    .venv/bin/python benchmarks/ui_pages.py --bit-depth 12      # Mono12 frames: ui-{line,review}-16bit.png only
 
 Builds two OpenVINO artifacts fitted to the demo defect images (`benchmarks/demo_line.py`: champion v1 at 32 px,
 challenger v2 at 48 px, with their verification records), starts the edge service on loopback with a camera, an
@@ -102,18 +103,21 @@ def shrink_png(path: Path) -> None:
     small.save(path, optimize=True)
 
 
-def screenshots(browser: Any, base: str, out: Path) -> list[Path]:
+def screenshots(browser: Any, base: str, out: Path, suffix: str = "") -> list[Path]:
+    """Every view at panel size, line and review at tablet size too; with a ``suffix`` (a 16-bit line: "-16bit")
+    only line and review at panel size, named ``ui-<view><suffix>.png``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    sizes = (("panel", (1280, 900)),) + ((("tablet", (768, 1024)),) if not suffix else ())
     for view, ready in VIEWS.items():
-        for name, size in (("panel", (1280, 900)), ("tablet", (768, 1024))):
-            if name == "tablet" and view not in ("line", "review"):
+        for name, size in sizes:
+            if (name == "tablet" or suffix) and view not in ("line", "review"):
                 continue
             tab = open_view(browser, base, view, "admin-token", size)
             tab.goto(f"{base}/ui/{view}")
             tab.wait_for_selector(f"#view {ready}")
             tab.wait_for_load_state("networkidle")
-            path = out / f"ui-{view}{'' if name == 'panel' else '-tablet'}.png"
+            path = out / f"ui-{view}{'' if name == 'panel' else '-tablet'}{suffix}.png"
             if view == "rollout":  # a full-page shot: the sticky header would be drawn mid-page
                 tab.add_style_tag(content="header.top { position: static; }")
             tab.screenshot(path=str(path), full_page=view == "rollout")
@@ -136,17 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=20, help="frames per camera")
     ap.add_argument("--shots", type=Path, default=ROOT / "docs" / "ui")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ui_pages.md")
+    ap.add_argument("--bit-depth", type=int, choices=(10, 12, 16), default=None,
+                    help="cameras send MonoN 16-bit PNG frames: screenshots of line and review only, no timings")
     args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
     work = Path(tempfile.mkdtemp(prefix="ui-demo-"))
-    line = build_line(work, n_per_class=16, size=96, decision={"min_samples": 50, "min_gain": 0.0,
-                      "max_latency_increase": 0.5, "max_error_rate": 0.05})  # fmt: skip
+    line = build_line(work, n_per_class=16, size=96, bit_depth=args.bit_depth, decision={"min_samples": 50,
+                      "min_gain": 0.0, "max_latency_increase": 0.5, "max_error_rate": 0.05})  # fmt: skip
     app = create_app_with_tokens(line.manifest)
     rows = []
     with serve(app) as base, sync_playwright() as p:
         n = play_line(base, line, args.frames)
         browser = launch(p)
+        if args.bit_depth:
+            for path in screenshots(browser, base, args.shots, "-16bit"):
+                print(f"wrote {path}")
+            return 0
         shots = screenshots(browser, base, args.shots)
         for view in VIEWS:
             for throttle in (1, 4):

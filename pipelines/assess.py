@@ -3,8 +3,9 @@
 - the operating point: a part is rejected when P(good) < threshold, chosen on validation for
   ``evaluate.max_escape_rate`` (`spt_core.portable.operating_point.OperatingPoint.choose`); it travels with the model
   (tuned info -> merged -> export manifest) and `predict`, the hand-over gate and the edge apply it;
-- on test: per-class precision and recall, confusion matrix (also ``confusion.png``), balanced accuracy, and the
-  escape rate and overkill at that threshold, each with a Wilson interval;
+- on test: per-class precision and recall, confusion matrix (``confusion.png``, beside the good/defect x
+  accepted/rejected matrix at the threshold), balanced accuracy, and the escape rate and overkill at that threshold,
+  each with a Wilson interval;
 - warnings: a tuned model below the linear probe on validation (same metric, ``train.select``) is flagged in the CLI
   output, in metrics.json (``below_probe``, ``warnings``) and as an MLflow tag; the flow does not hand it over.
 """
@@ -63,8 +64,39 @@ def probe_warnings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
-def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "") -> Path | None:
-    """A confusion matrix (true rows, predicted columns, counts in the cells) as PNG; None without matplotlib."""
+def decision_counts(at_threshold: dict[str, Any]) -> list[list[int]]:
+    """The 2 x 2 confusion of the line's decision from `OperatingPoint.metrics`'s ``at_threshold`` rates: rows true
+    good / defect, columns accepted / rejected (escapes are defects accepted, overkill good parts rejected)."""
+    esc, over = at_threshold["escape_rate"], at_threshold["overkill"]
+    return [[over["n"] - over["k"], over["k"]], [esc["k"], esc["n"] - esc["k"]]]
+
+
+def _panel(ax: Any, cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], xlabel: str, title: str) -> None:
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # each true row as fractions: the colour
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(rows)):
+        for j in range(len(cols)):  # white on the dark cells, so that every count stays readable
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9,
+                    color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+
+
+def plot_confusion(
+    cm: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: Path,
+    title: str = "",
+    at_threshold: dict[str, Any] | None = None,
+) -> Path | None:
+    """The confusion matrix (true rows, predicted columns, counts in the cells) as PNG; None without matplotlib.
+
+    With ``at_threshold`` (`OperatingPoint.metrics`'s, which has ``threshold``, ``escape_rate``, ``overkill``), a
+    second panel beside it: good / defect against accepted / rejected at the threshold, the decision the line makes
+    (the argmax matrix alone hides it: a part whose top class is good is still rejected below the threshold)."""
     try:
         import matplotlib
 
@@ -75,16 +107,15 @@ def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path
         return None
     cm = np.asarray(cm)
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k), dpi=100)
-    ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    panels = 1 if at_threshold is None else 2
+    width = 1.2 + 0.7 * k + (3.2 if panels == 2 else 0.0)
+    fig, axes = plt.subplots(1, panels, figsize=(width, 1.0 + 0.6 * max(k, 3)), dpi=100, squeeze=False,
+                             gridspec_kw={"width_ratios": [k, 2][:panels]})  # fmt: skip
+    _panel(axes[0, 0], cm, class_names, class_names, "predicted (top class)", title)
+    if at_threshold is not None:
+        t = at_threshold["threshold"]
+        _panel(axes[0, 1], np.asarray(decision_counts(at_threshold)), ["good", "defect"], ["accepted", "rejected"],
+               "decision", f"at the threshold\nreject when P(good) < {t:.3f}")  # fmt: skip
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")

@@ -12,7 +12,10 @@
     sensitune export     -> runs/main/export/ (ONNX, OpenVINO FP32/FP16/INT8, manifests)
     sensitune track      -> publish (below) + runs/main/mlflow_run.json: DVC's last stage
     sensitune run        every stage in order up to track
-    sensitune publish    -> MLflow model version (once per identical model) + runs/main/published/ (sealed)
+    sensitune publish    -> MLflow model version (once per identical model) + runs/main/published/ (sealed);
+                            the aliases move only after the hand-over gate (`pipelines.gate`)
+    sensitune registry serve --dir DIR                 a local MLflow registry boxes can pull from; prints its URI
+    sensitune registry set challenger|champion V --why "..."   move an alias to an existing version, audited
 
 Values come from params.yaml (`--config`, default ./params.yaml when present); `--set section.key=value`
 overrides any key, and each verb has flags for its common keys (derived from `pipelines.config`).
@@ -32,6 +35,7 @@ import os
 import subprocess
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,7 @@ OTHER_VERBS = {
     "predict": "predict images or folders to CSV",
     "run": "run every stage in order, up to the ones that track (DVC's track stage, `sensitune publish`)",
     "publish": "register the merged model once and seal its export with the registry version",
+    "registry": "serve a registry boxes can pull from, or move an alias (audited)",
 }
 _NULL_WORDS = ("none", "null", "all")
 DISTRIBUTED_VERBS = ("measure", "train")  # the verbs that run under torchrun
@@ -118,13 +123,41 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "import":
             p.add_argument("source", type=Path, help="ImageFolder: DIR/<class>/<image files>")
             p.add_argument("--replace", action="store_true", help="replace paths.raw instead of adding to it")
+            p.add_argument("--into", action="store_true",
+                           help="add classes paths.raw does not hold yet to the ones it does (a merge of datasets)")
             p.add_argument("--link", action="store_true", help="hard-link the files instead of copying them")
             p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add` on paths.raw")
         if verb == "run":
             p.add_argument("--no-export", action="store_true", help="stop before the stages that need the merged model")
-        if verb == "publish":
+        if verb in ("publish", "registry"):
             p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+        if verb == "registry":
+            _registry_args(p)
     return parser
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    """`registry serve` and `registry set` (`pipelines.tracking.registry`)."""
+    p.add_argument("action", choices=["serve", "set"], help="serve: run a registry; set: move an alias")
+    p.add_argument("alias", nargs="?", choices=["challenger", "champion"], help="set: the alias to move")
+    p.add_argument("version", nargs="?", help="set: the registered version it points at")
+    p.add_argument("--why", help="set: what the move rests on (report, sign-off); recorded in the registry")
+    p.add_argument("--dir", type=Path, default=Path("registry"), help="serve: where the database and artifacts live")
+    p.add_argument("--host", default="127.0.0.1", help="serve: address to bind (boxes on the network: its address)")
+    p.add_argument("--port", type=int, default=5000, help="serve: port")
+    p.add_argument("--dry-run", action="store_true", help="serve: print the URI and the command, start nothing")
+
+
+def _registry(args: argparse.Namespace, params: config.Params) -> int:
+    from .tracking import registry, tracking_uri
+
+    if args.action == "serve":
+        return registry.serve(args.dir, args.host, args.port, dry_run=args.dry_run)
+    if args.alias is None or args.version is None or not args.why:
+        raise SensituneError('registry set: give ALIAS VERSION --why "...", e.g. set challenger 4 --why "QA report"')
+    name = params["publish"]["model_name"] or f"sensitune-{params['model']['name']}"
+    _print(registry.set_alias(tracking_uri(args.tracking_uri), name, args.alias, args.version, args.why))
+    return 0
 
 
 def params_from_args(args: argparse.Namespace) -> config.Params:
@@ -172,7 +205,9 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
     elif verb == "import":
         from .ingest import import_images
 
-        r = import_images(args.source, params, replace=args.replace, link=args.link, dvc=not args.no_dvc)
+        ok_flag = any(config.parse_set(s)[0] == "data.ok_class" for s in args.sets)
+        r = import_images(args.source, params, replace=args.replace, into=args.into, link=args.link,
+                          dvc=not args.no_dvc, ok_flag=ok_flag)  # fmt: skip
         print(f"imported {r['files']} file(s) of {r['classes']} into {r['raw']}; {r['next']}")
     elif verb == "predict":
         from .predict import describe
@@ -187,6 +222,8 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
         from .publish import publish
 
         _print(publish(params, tracking_uri_=args.tracking_uri))
+    elif verb == "registry":
+        return _registry(args, params)
     elif verb == "run":
         if params["data"]["source"] == "raw" and not Path(params["paths"]["raw"]).is_dir():
             stages.demo_stage(params)
@@ -215,6 +252,12 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
     return [*run, "-m", "pipelines.cli", "--", *rest]  # "--": torchrun would take --run as its --run-path
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """A library's warning as the CLI's one line (``note: ...``), not Python's file, line and source echo."""
+    kind = "note" if category is UserWarning else f"warning ({category.__name__})"
+    print(f"{kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -235,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone reports
     try:
-        code = _run_verb(args, params_from_args(args))
+        with warnings.catch_warnings():  # restores Python's own display when the verb returns
+            if not args.debug:
+                warnings.showwarning = _one_line_warning
+            code = _run_verb(args, params_from_args(args))
     except SensituneError as e:
         if args.debug:
             raise

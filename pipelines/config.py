@@ -24,7 +24,7 @@ from typing import Any, Union
 
 import yaml
 
-from deploy.edge.precision import BUILDABLE, PRECISIONS
+from deploy.edge.precision import BUILDABLE, FALLBACK, PRECISIONS
 from deploy.edge.precision import DEFAULT as DEFAULT_PRECISIONS
 from spt_core.portable.errors import SensituneError, one_line
 
@@ -75,8 +75,8 @@ class DataSection:
     n_test: int | None = _f(None, "count mode: test images (null = the rest)", verbs=("prepare",))
     ok_class: str | None = _f("ok", "the good class's name, checked against the classes (null = no good class: "
                               "plain classification, no escape/overkill/threshold)", verbs=("prepare",))  # fmt: skip
-    bit_depth: int | None = _f(None, "bits of 16/32-bit frames, e.g. 12 for Mono12 in 16-bit files (null = from the "
-                               "file: 16 for 16-bit)", verbs=("prepare",))  # fmt: skip
+    bit_depth: int | None = _f(None, "bits of 16/32-bit frames, e.g. 12 for Mono12 in 16-bit files (null = measured "
+                               "from the frames; a declared one must fit them)", verbs=("prepare",))  # fmt: skip
     seed: int = _f(0, "subset seed", verbs=("prepare",))
     file_size: int | None = _f(None, "resize the image files on disk to this side (null = keep)", verbs=("prepare",))
     skip_bad: bool = _f(False, "skip unreadable or non-image files instead of failing", verbs=("prepare",))
@@ -179,6 +179,9 @@ class PublishSection:
         verbs=("publish",),
         choices=("publish", "always", "never"),
     )
+    precision: str = _f("fp32", "the precision the boxes are set to (box.yaml registry.precision): the hand-over gate "
+                        "judges what they will serve, it or the next promotable one down int8, fp16, fp32",
+                        verbs=("publish",), choices=FALLBACK)  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {

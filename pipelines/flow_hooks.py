@@ -6,13 +6,18 @@ labelled frames, publishing (register once + seal), per-epoch progress, and name
     epoch_reporter    fit's on_epoch: one log line per epoch in the flow run + live MLflow metrics
     outcome           a Completed state with a name ("No new data", "Settling", "Not promoted"), its message and
                       a markdown artifact, so that the UI and `--watch` show why a run did nothing
+    serve_deployment  `prefect.serve` that a SIGTERM ends even when the Prefect server is gone
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import inspect
+import logging
+import os
 import re
+import threading
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -23,6 +28,8 @@ from prefect.states import Completed
 from spt_core.portable.errors import SensituneError
 
 INGEST_LEDGER = "ingested.jsonl"
+SHUTDOWN_GRACE_S = 5.0  # after SIGTERM, Prefect's graceful shutdown (pause the schedule on the server) gets this long
+log = logging.getLogger(__name__)
 
 
 @task(name="ingest-feedback", retries=2, retry_delay_seconds=10, timeout_seconds=1800, cache_policy=NO_CACHE)
@@ -42,12 +49,13 @@ def ingest_feedback(uri: str, raw: str, ledger: str, model_name: str) -> dict[st
 
 @task(name="publish", retries=3, retry_delay_seconds=[10, 30, 90], timeout_seconds=1800, cache_policy=NO_CACHE)
 def publish_run(params: dict, run_dir: str, uri: str, model_name: str, tags: dict[str, str]) -> dict[str, Any]:
-    """Register the merged model once and seal run/published/ with that version; the flow's gate moves aliases."""
+    """Register the merged model once and seal run/published/ with that version; no alias moves here: the flow's
+    hand-over gate moves them (`pipelines.tasks.hand_over`), after it has passed."""
     from pathlib import Path
 
     from .publish import publish
 
-    result = publish(params, Path(run_dir), tracking_uri_=uri, model_name=model_name, tags=tags, move_challenger=True)
+    result = publish(params, Path(run_dir), tracking_uri_=uri, model_name=model_name, tags=tags, gate=False)
     if result["status"] not in ("published", "identical"):
         raise SensituneError(f"MLflow at {uri} did not register the model ({result.get('error')}); check the server")
     if result["status"] == "identical":
@@ -110,3 +118,35 @@ def _arg_helps(doc: str) -> dict[str, str]:
         elif last and line.strip():
             helps[last] += " " + line.strip()
     return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def serve_deployment(deployment: Any, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """Serve one deployment until SIGTERM or Ctrl-C, as `prefect.serve` does, except that SIGTERM always ends it.
+
+    Prefect's own SIGTERM handler pauses the deployment's schedule on the server before it returns, and its client
+    retries an unreachable server for minutes: a service manager's stop would hang. Here that graceful shutdown
+    gets ``grace_s`` seconds; then the process exits with 143 (128 + SIGTERM), the schedule left as it was."""
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    runner = Runner(pause_on_shutdown=True)
+    runner.add_deployment(deployment)
+    graceful = runner.handle_sigterm
+
+    def give_up() -> None:
+        log.warning("SIGTERM: shutdown not done after %.0f s (Prefect server unreachable?); exiting now", grace_s)
+        logging.shutdown()
+        os._exit(143)
+
+    def on_sigterm(*args: Any) -> None:
+        timer = threading.Timer(grace_s, give_up)
+        timer.daemon = True  # a clean shutdown in time ends the process without it; a hung one meets it
+        timer.start()
+        graceful(*args)
+
+    runner.handle_sigterm = on_sigterm  # `Runner.start` installs `self.handle_sigterm` as the SIGTERM handler
+    print(f"serving {deployment.flow_name}/{deployment.name}; stop with Ctrl-C or SIGTERM", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        pass

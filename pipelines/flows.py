@@ -5,9 +5,11 @@
 
 One retrain: new images in ``paths.raw``? (content fingerprint vs the state file; nothing new -> done) ->
 `dvc add` + `dvc push` (data version = DVC md5) -> prepare -> measure -> plan -> train -> evaluate -> merge ->
-export -> publish (`pipelines.publish`: registered once, alias ``challenger``, ``published/`` sealed with the
-registry version) -> compare with the ``champion`` on held-out images -> hand over to the rollout manifest (or
-bootstrap the champion, or "not promoted"). Before it, labelled frames uploaded by the edge boxes are ingested
+export -> publish (`pipelines.publish`: registered once, ``published/`` sealed with the registry version, no alias
+moved) -> compare with the ``champion`` on held-out images -> the hand-over gate (`pipelines.gate`, judging the
+precision the boxes will serve) -> hand over: alias ``challenger`` and the rollout manifest (or bootstrap the
+champion, or "not promoted": no alias moves). An alias moves only after the gate passed, so a box following the
+registry never pulls an ungated version. Before it, labelled frames uploaded by the edge boxes are ingested
 into ``paths.raw`` (`pipelines.incoming`). "No new data", "Settling" and "Not promoted" end as named Completed
 states with a markdown artifact (`pipelines.flow_hooks.outcome`).
 
@@ -50,6 +52,7 @@ from deploy.edge.rollout.manifest import CHALLENGER_SHARE  # noqa: E402
 from pipelines import flow_hooks, stages, tracking  # noqa: E402
 from pipelines import tasks as t  # noqa: E402
 from pipelines.config import load_params  # noqa: E402
+from pipelines.gate import served_precision  # noqa: E402
 from spt_core.portable.errors import SensituneError  # noqa: E402
 from spt_core.portable.io import write_json  # noqa: E402
 
@@ -192,7 +195,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     }
     try:  # from registration on, a failure must leave the aliases as they were (the manifest is written last)
         for s in (s for s in stages.STAGES if s.needs_merge):  # ... then the rest: export, and track as publish_run
-            if s.tracks:  # register once, seal published/ with its version; the gate below moves the aliases
+            if s.tracks:  # register once, seal published/ with its version; no alias moves before the gate below
                 reg = t.publish_run(p, str(run_dir), uri, name, tags)
             else:
                 results[s.name] = t.run_stage(s.name, p, uri)
@@ -207,10 +210,10 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         cmp = t.compare_champion(
             uri, name, version, champ, p["paths"]["data"], str(champ_run / "data") if champ_run else None
         )
-        promotable = bool(report.get("promotable", {}).get("fp32"))
+        served, served_why = served_precision(report, p["publish"]["precision"])  # what the boxes will pull
         decision, reason = t.handover_gate(
-            cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], promotable, metrics.get("warnings"),
-            (cmp["challenger"], cmp["champion"]),
+            cmp["challenger_acc"], cmp["champion_acc"], opt["min_gain"], served is not None, metrics.get("warnings"),
+            (cmp["challenger"], cmp["champion"]), served_why=served_why,
         )  # fmt: skip
         if version in (champ, before[CHALLENGER_ALIAS]):  # publish found this very model registered already
             decision, reason = t.NOT_PROMOTED, f"identical to v{version} (same plan hash, data version, params)"
@@ -220,7 +223,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
             uri=uri,
             model_name=name,
             version=version,
-            artifact=str(artifact_dir(export_dir, SERVED)),
+            artifact=str(artifact_dir(export_dir, served or SERVED)),
             champion_artifact=str(artifact_dir(champ_run / "export", SERVED)) if champ_run else None,
             share=opt["share"],
             line=opt["line"],
@@ -238,7 +241,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         uri,
         reg["run_id"],
         metrics=extra,
-        tags={"retrain.decision": decision, "retrain.reason": reason},
+        tags={"retrain.decision": decision, "retrain.reason": reason, "retrain.gate_split": cmp["gate_split"]},
         export_dir=None,  # publish logged the sealed export once
         return_state=True,
     )
@@ -256,6 +259,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         "model_name": name,
         "model_version": version,
         "test_acc": metrics.get("test_acc"),
+        "gate_split": cmp["gate_split"],  # the gate decided on these images: test_acc is gate-selected
         "device": metrics.get("device"),  # cuda when the machine has one (train.device: auto)
         "comparison": cmp,
         "decision": decision,
@@ -353,8 +357,6 @@ RUN_ONLY = ("force", "settle_seconds")  # a scheduled deployment keeps their def
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.flows run|serve`; returns the exit code (2 on bad input)."""
-    from prefect import serve
-
     a = _parser().parse_args(argv)
     names = inspect.signature(retrain.fn).parameters
     kw = {k: v for k, v in vars(a).items() if k in names}
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", {result['decision']}" if "decision" in result else "")
             )
         else:
-            serve(
+            flow_hooks.serve_deployment(
                 build_deployment(
                     a.name, a.cron, a.timezone, {k: v for k, v in kw.items() if v is not None}, a.collision
                 )

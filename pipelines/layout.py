@@ -5,7 +5,7 @@ plan.json (+ .safetensors, plan.png)   plan   the budget's targets and sparse in
 tuned/                    train     the trained tuner values + head (safetensors + JSON), named "tuned" because
                                     "adapter" is one kind of tuner
 metrics.json, history.csv train     selected epoch, threshold, defect metrics, warnings, counts, timings; per epoch
-confusion.png             train     the test confusion matrix at the selected epoch
+confusion.png             train     the test confusion matrix at the selected epoch, beside the one at the threshold
 eval.json                 evaluate  accuracy, per-class recall and confusion matrix on a split
 merged/                   merge     model.safetensors (a plain timm state dict) + merged.json; for a plan whose
                                     tuners cannot be merged only merged.json, saying why it was skipped

@@ -2,27 +2,33 @@
 `track` stage and the retrain flow.
 
     publish(params, run_dir)   register the merged model (once) -> seal run/published/ with that registry version
-                               -> log the sealed export to the run (once) -> maybe move alias `challenger`
+                               -> log the sealed export to the run (once) -> the hand-over gate -> maybe move an alias
 
 Why this order: the edge serves an artifact only if its manifest's ``model_version`` equals the rollout
 manifest's, which is the registry's version, and MLflow assigns that number at registration. The export stage
 seals ``export/`` with the plan hash (it runs before any registry exists); publish copies the model files into
 ``published/openvino/<precision>/`` and seals a new manifest there with the registry version (a sealed
-directory is never rewritten).
+directory is never rewritten). An alias moves last: a box follows the aliases, so by then the sealed export it
+downloads is in the registry, and the gate has passed.
 
 Signing: with ``$SENSITUNE_SIGNING_KEY`` (an Ed25519 private key file, kept out of the registry and the run), each
 sealed manifest is signed (``signature.json`` beside it, `deploy.edge.signing`); boxes that trust the public key
 refuse anything else (deploy/README.md, "Signed models").
 
-Identity: a model with the same plan hash, data version and params (all but paths and export.model_version)
-as a registered version is that version: nothing is registered again, and publish says which version it is.
+Identity, per store: a model with the same plan hash, data version and params (all but paths and
+export.model_version) as a version registered in this registry, whose files lie in the artifact store this
+experiment writes to now, is that version: nothing is registered again, and publish says which version it is. A
+version registered elsewhere (another server, or a ``file://`` store a box cannot download from) is not.
 
-The `challenger` rule (params ``publish.challenger``):
-    publish (default)  a newly registered version becomes `challenger`, except inside a DVC experiment
-                       (`dvc exp run`, i.e. a sweep): sweep runs are registered, tagged ``dvc.experiment``, and
-                       leave the alias alone; pick the sweep's best by validation and `sensitune publish` it.
-    always             sweeps move it too.
-    never              publish only registers; the retrain flow or a person moves aliases.
+The aliases (params ``publish.challenger``; `pipelines.gate.gate_published`, each move audited in the registry):
+    publish (default)  the gate runs, except inside a DVC experiment (`dvc exp run`, i.e. a sweep): sweep runs are
+                       registered, tagged ``dvc.experiment``, and leave the aliases alone; pick the sweep's best by
+                       validation and `sensitune publish` it.
+    always             sweeps are gated too.
+    never              publish only registers; the retrain flow or a person (`sensitune registry set`) moves aliases.
+The gate: with no champion, the first model whose served precision (``publish.precision`` and its fallback) is
+promotable becomes champion; otherwise the model becomes challenger only if it matches the champion on this run's
+held-out split. A gate that cannot run (no split, registry error) moves nothing and says why.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ def publish(
     model_name: str | None = None,
     tags: dict[str, str] | None = None,
     move_challenger: bool | None = None,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """Register (once), seal, log; see the module docstring.
 
@@ -85,11 +92,13 @@ def publish(
         tracking_uri_: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         model_name: Registered model name (default ``publish.model_name`` or ``sensitune-<timm model name>``).
         tags: Extra run tags.
-        move_challenger: Override the ``publish.challenger`` rule.
+        move_challenger: Override the ``publish.challenger`` rule (whether the gate runs and may move an alias).
+        gate: False: never touch an alias (the retrain flow gates and moves them itself).
 
     Returns:
         ``status`` (published | identical | fallback | skipped), ``model_name``, ``model_version``, ``run_id``,
-        ``registered`` (a new version), ``challenger_moved``, ``published`` (the sealed folder), ``identity``.
+        ``registered`` (a new version), ``challenger_moved``, ``champion_set``, ``gate`` (`gate_published`'s
+        answer, when it ran), ``published`` (the sealed folder), ``identity``, ``warnings``.
     """
     run_dir = Path(run_dir or params["paths"]["run"])
     pub = params.get("publish") or {}
@@ -110,9 +119,10 @@ def publish(
         if move_challenger is None
         else move_challenger
     )
-    out: dict[str, Any] = {"model_name": name, "identity": ident, "tracking_uri": uri, "dvc_experiment": sweep}
+    out: dict[str, Any] = {"model_name": name, "identity": ident, "tracking_uri": uri, "dvc_experiment": sweep,
+                           "warnings": []}  # fmt: skip
     try:
-        existing = _find_identical(uri, name, ident)
+        existing = _find_identical(uri, name, ident, pub.get("experiment", "sensitune"), out["warnings"])
     except Exception as e:  # server down: the track stage keeps its fallback behaviour (exit 0, replay later)
         existing, out["lookup_error"] = None, f"{type(e).__name__}: {e}"
     if existing is not None:
@@ -120,22 +130,41 @@ def publish(
         log.warning("publish: identical to %s v%s (same plan hash, data version, params): not registered again",
                     name, existing["version"])  # fmt: skip
     else:
-        alias = "challenger" if move else None
         res = log_run(params, run_dir, tracking_uri=uri, experiment=pub.get("experiment", "sensitune"),
                       tags={**(tags or {}), "sensitune.identity": ident}, model_name=name,
-                      register_alias=alias, version_tags={IDENTITY_TAG: ident})  # fmt: skip
+                      register_alias=None, version_tags={IDENTITY_TAG: ident})  # fmt: skip
         if res["status"] != "logged" or not res.get("model_version"):
             out.update(status="fallback", registered=False, model_version=None, run_id=res.get("run_id"),
                        error=res.get("error"), fallback=res.get("fallback"))  # fmt: skip
             _write_published(run_dir, out)
             return out
         out.update(status="published", registered=True, model_version=str(res["model_version"]), run_id=res["run_id"])
-    out["challenger_moved"] = bool(move and out["registered"])
     out["published"] = str(seal_published(run_dir, name, out["model_version"], out["run_id"]))
     if out["registered"]:
         _log_published(uri, out["run_id"], run_dir / PUBLISHED)
+    if gate and move:  # last: what a box downloads once an alias moves is in the registry by now
+        out["gate"] = _gate(params, run_dir, uri, name, out["model_version"])
+    moved = {m["alias"] for m in (out.get("gate") or {}).get("alias_moves", [])}
+    out["challenger_moved"], out["champion_set"] = "challenger" in moved, "champion" in moved
+    for w in out["warnings"]:
+        warnings.warn(w, TrackingWarning, stacklevel=2)
     _write_published(run_dir, out)
     return out
+
+
+def _gate(params: dict, run_dir: Path, uri: str, name: str, version: str) -> dict[str, Any]:
+    """`pipelines.gate.gate_published`; a gate that cannot run moves nothing and says why (the model stays
+    registered and sealed: `sensitune registry set` or a later publish can still move an alias)."""
+    from .gate import gate_published
+    from .tracking.registry import who_am_i
+
+    try:
+        result = gate_published(params, run_dir, uri, name, version, who=who_am_i("sensitune publish"))
+    except Exception as e:  # the registration stands; only the alias move is withheld
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        result = {"decision": "not run", "reason": why, "alias_moves": []}
+    log.warning("publish: %s v%s: %s (%s)", name, version, result["decision"], result["reason"])
+    return result
 
 
 def seal_published(run_dir: Path, model_name: str, version: str, run_id: str | None) -> Path:
@@ -146,9 +175,10 @@ def seal_published(run_dir: Path, model_name: str, version: str, run_id: str | N
         if not (src / MANIFEST).is_file():
             continue
         if (dst / MANIFEST).is_file():
-            if load_artifact(dst).version == version:
+            old = load_artifact(dst)
+            if old.version == version and (old.manifest.get("registry") or {}).get("run_id") == run_id:
                 continue
-            shutil.rmtree(dst)  # an older publish of another version in this run dir (its registry copy stays)
+            shutil.rmtree(dst)  # an older publish (another version, or the same number in another store)
         art = load_artifact(src)  # verified before it is re-sealed
         manifest = {**art.manifest, "model_version": version, "registry": {"model_name": model_name, "run_id": run_id}}
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +195,23 @@ def seal_published(run_dir: Path, model_name: str, version: str, run_id: str | N
     return run_dir / PUBLISHED
 
 
-def _find_identical(uri: str, name: str, ident: str) -> dict[str, str] | None:
+def _find_identical(uri: str, name: str, ident: str, experiment: str, notes: list[str]) -> dict[str, str] | None:
+    """The version of this registry with identity `ident` whose files lie where `experiment` stores them now, or
+    None. A version of another artifact store (e.g. ``file://`` from before a server with proxied artifacts) is not
+    identical here: a box could not download it. `notes` gets a warning when this store itself is such a one."""
     from .tracking.common import check_reachable
 
     check_reachable(uri)
     with mlflow_session(uri) as mlflow:
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        served = uri.startswith(("http://", "https://"))
+        # a new experiment of a server stores behind its proxy (`registry serve`); of a local store, anywhere local
+        root = ("mlflow-artifacts:" if served else "") if exp is None else exp.artifact_location.rstrip("/") + "/"
+        if served and not root.startswith("mlflow-artifacts:"):
+            notes.append(f"MLflow at {uri}: experiment {experiment!r} stores artifacts at {root}, which a box cannot "
+                         "download; publish into a new experiment (--set publish.experiment=NAME) or a registry "
+                         "started with `sensitune registry serve`")  # fmt: skip
         try:
             versions = client.search_model_versions(f"name='{name}'")
         except Exception as e:
@@ -178,8 +219,13 @@ def _find_identical(uri: str, name: str, ident: str) -> dict[str, str] | None:
                 return None
             raise
         for mv in sorted(versions, key=lambda v: int(v.version)):
-            if mv.tags.get(IDENTITY_TAG) == ident:
+            if mv.tags.get(IDENTITY_TAG) != ident:
+                continue
+            where = client.get_run(mv.run_id).info.artifact_uri.rstrip("/") + "/" if mv.run_id else ""
+            if where.startswith(root):
                 return {"version": str(mv.version), "run_id": mv.run_id}
+            log.info("publish: %s v%s has this identity but its files are at %s, not in %s: registering again",
+                     name, mv.version, where, root)  # fmt: skip
     return None
 
 

@@ -282,6 +282,15 @@ def _json(result: Any, params: Params) -> str:
     return json.dumps(result, indent=2, default=str)
 
 
+def _said_prepare(info: dict, params: Params) -> str:
+    """The split's counts and hash, and the bit depth when prepare measured it (data.bit_depth: null)."""
+    said = f"prepared {params['paths']['data']}: {json.dumps(info['counts'])} (hash {info['data_hash'][:12]})"
+    if info.get("bit_depth_inferred"):
+        said += (f"\nnote: 16-bit frames read as {info['bit_depth']}-bit (largest value {info['max_value']}; "
+                 f"data.bit_depth is null); set data.bit_depth: {info['bit_depth']} to pin it")  # fmt: skip
+    return said
+
+
 def _said_merge(r: dict, params: Params) -> str:
     return f"merge skipped: {r['skipped']}" if "skipped" in r else (
         f"merged; max |merged - tuned| on val images = {r['merge_max_abs_diff']:.2e}")  # fmt: skip
@@ -300,8 +309,7 @@ def _said_train(metrics: dict, params: Params) -> str:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", prepare_stage, ("data",), "split a source into train/val/test",
-          lambda i, p: f"prepared {p['paths']['data']}: {json.dumps(i['counts'])} (hash {i['data_hash'][:12]})"),
+    Stage("prepare", prepare_stage, ("data",), "split a source into train/val/test", _said_prepare),
     Stage("measure", measure_stage, ("model", "sensitivity", "train.seed"), "measure parameter sensitivity",
           lambda s, p: f"sensitivity of {len(s.candidates)} candidates in {s.meta['seconds']}s -> {p['paths']['run']}"),
     Stage("plan", plan_stage, ("plan",), "allocate the trainable budget", lambda plan, p: plan.summary()),

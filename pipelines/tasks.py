@@ -4,9 +4,9 @@ Every training step is `run_stage`, one task per entry of `pipelines.stages.STAG
 `pipelines.tracking`, alias moves through `deploy.edge.registry`, the rollout manifest through `deploy.edge.rollout`.
 What
 only the flow needs lives here: the watched folder's fingerprint, the DVC versioning call, the champion
-comparison on held-out images, the hand-over gate (offline: is the new model offered to the line at all?) and
-the hand-over itself. The edge's online promotion (champion vs challenger on live feedback) is
-`deploy.edge.rollout.decision`, not this gate.
+comparison on held-out images and the hand-over itself; the hand-over gate (offline: is the new model offered to
+the line at all?) is `pipelines.gate`, shared with `sensitune publish`. The edge's online promotion (champion vs
+challenger on live feedback) is `deploy.edge.rollout.decision`, not this gate.
 
 Retries: each task retries what can fail transiently (DVC/MLflow I/O, a killed worker) and has a timeout.
 A retried `train` resumes from its last finished epoch (``run/train_state``). Nothing here writes outside
@@ -33,18 +33,17 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MlflowRegistry  # noqa: E402
-from deploy.edge.rollout.decision import escape_worse  # noqa: E402
 from pipelines import (
     flow_hooks,  # noqa: E402
     stages,  # noqa: E402
     tracking,  # noqa: E402
 )
 from pipelines.assess import registry_scores  # noqa: E402
+from pipelines.gate import BOOTSTRAP, GATE_SPLIT, HANDOVER, NOT_PROMOTED, handover_gate  # noqa: E402, F401 - the flow's names
 from pipelines.layout import dvc_root  # noqa: E402
 from spt_core.portable.errors import SensituneError  # noqa: E402
 from spt_core.portable.io import write_json  # noqa: E402
 
-BOOTSTRAP, HANDOVER, NOT_PROMOTED = "bootstrap", "handover", "not promoted"
 DVC_TIMEOUT_S = 3600
 
 
@@ -156,19 +155,6 @@ INGEST_LEDGER = flow_hooks.INGEST_LEDGER
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
-@task(name="register", retries=3, retry_delay_seconds=[10, 30, 90], timeout_seconds=1800, cache_policy=NO_CACHE)
-def register(params: dict, run_dir: str, uri: str, model_name: str, tags: dict[str, str]) -> dict:
-    """`tracking.log_run`: one MLflow run, the merged model registered and aliased ``challenger``.
-
-    log_run never raises on MLflow failures (it writes a fallback file); here a fallback is a failure, so that
-    the task retries and no model without a registry version reaches the rollout.
-    """
-    result = tracking.log_run(params, Path(run_dir), tracking_uri=uri, model_name=model_name, tags=tags)
-    if result.get("status") != "logged" or not result.get("model_version"):
-        raise RetrainError(f"MLflow at {uri} did not register the model ({result.get('error')}); check the server")
-    return result
-
-
 @task(name="log-extra", retries=2, retry_delay_seconds=10, timeout_seconds=900, cache_policy=NO_CACHE)
 def log_extra(uri: str, run_id: str, *, metrics: dict, tags: dict, export_dir: str | None = None) -> None:
     """Add what is known only after registration to the MLflow run: export artifacts, comparison, decision."""
@@ -230,18 +216,20 @@ def compare_champion(
 ) -> dict[str, Any]:
     """Challenger and champion accuracy on the same held-out images.
 
-    Held out = this run's test split minus the images the champion was trained or selected on (when its
-    prepared data is known): a re-split of grown data may move old training images into the new test split.
+    Held out = this run's `GATE_SPLIT` split minus the images the champion was trained or selected on (when its
+    prepared data is known): a re-split of grown data may move old training images into the new test split. The
+    result names that split (``gate_split``): it is metrics.json's test split, so the gate has seen those numbers.
     """
     from prefect import get_run_logger
 
-    test = Path(data_dir) / "test"
+    test = Path(data_dir) / GATE_SPLIT
     files = sorted(p for p in test.glob("*/*") if p.is_file())
     seen = split_names(Path(champion_data_dir)) if champion_data_dir else set()
     if champion is not None and champion_data_dir is None:
         get_run_logger().warning("champion v%s's training split is unknown: held-out may hold its images", champion)
     held = [p for p in files if f"{p.parent.name}/{p.name}" not in seen]
-    out: dict[str, Any] = {"n_test": len(files), "n_heldout": len(held), "champion_version": champion}
+    out: dict[str, Any] = {"gate_split": GATE_SPLIT, "n_test": len(files), "n_heldout": len(held),
+                           "champion_version": champion}  # fmt: skip
     if not held:
         raise RetrainError(f"{test}: no test image is unseen by champion v{champion}; add data or lower data.n_train")
     labels = [p.parent.name for p in held]
@@ -251,37 +239,6 @@ def compare_champion(
         out["champion"] = registry_scores(uri, f"models:/{model_name}/{champion}", held, labels)
         out["champion_acc"] = out["champion"]["accuracy"]
     return out
-
-
-def handover_gate(
-    challenger_acc: float,
-    champion_acc: float | None,
-    min_gain: float,
-    promotable: bool,
-    warnings: list[str] | None = None,
-    escapes: tuple[dict, dict | None] | None = None,
-) -> tuple[str, str]:
-    """The offline hand-over gate: (decision, reason). No champion -> bootstrap; else gain >= min_gain -> handover.
-
-    It decides whether the flow offers a new model to the line at all; the line's own promotion of a challenger
-    to champion, on live operator feedback, is `deploy.edge.rollout.decision.decide`. A model with training warnings
-    (metrics.json ``warnings``: below the linear probe on validation) is never handed over, nor one whose held-out
-    escape rate (``escapes``: challenger and champion `registry_scores`) is worse beyond its interval.
-    """
-    if not promotable:
-        return NOT_PROMOTED, "the FP32 artifact failed export verification (export_report.json)"
-    if warnings:
-        return NOT_PROMOTED, f"training warned: {warnings[0]}"
-    if escapes and escapes[1] and (why := escape_worse(escapes[0], escapes[1])):
-        return NOT_PROMOTED, f"held-out {why}"
-    if champion_acc is None:
-        return BOOTSTRAP, "no champion yet: the challenger becomes the champion"
-    gain = challenger_acc - champion_acc
-    verdict = ">=" if gain >= min_gain else "<"
-    reason = (
-        f"held-out accuracy {challenger_acc:.4f} vs champion {champion_acc:.4f}: gain {gain:+.4f} {verdict} {min_gain}"
-    )
-    return (HANDOVER if gain >= min_gain else NOT_PROMOTED), reason
 
 
 # ------------------------------------------------------------------------------------------------ hand over
@@ -302,9 +259,10 @@ def hand_over(
     """Carry out the hand-over gate's decision on the registry aliases and the rollout manifest.
 
     bootstrap: alias ``champion`` -> version, manifest champion -> its FP32 artifact (manifest created if absent).
-    handover: manifest challenger -> version at ``share`` of the cameras (alias ``challenger`` stays on it);
-    the rollout's own rule (`deploy.edge.rollout.decide`) promotes or rolls it back from live feedback.
-    not promoted: alias ``challenger`` back where it was; the manifest is not touched.
+    handover: alias ``challenger`` -> version (its first move: publish registered without an alias), manifest
+    challenger -> version at ``share`` of the cameras; the rollout's own rule (`deploy.edge.rollout.decide`)
+    promotes or rolls it back from live feedback.
+    not promoted: alias ``challenger`` stays (or goes back) where it was; the manifest is not touched.
 
     Returns:
         ``decision`` (as carried out), ``manifest`` (path, or None when untouched), ``alias_moves``, ``note``.
@@ -342,6 +300,8 @@ def hand_over(
         rollout.write_config(cfg, path)
     if decision == BOOTSTRAP:
         out["alias_moves"] += [reg.set_champion(version).to_dict(), reg.clear_challenger().to_dict()]
+    else:  # handover: the gate has passed, so boxes following the registry may pull it now
+        out["alias_moves"].append(reg.set_challenger(version).to_dict())
     out["manifest"] = str(path)
     return out
 

@@ -253,7 +253,8 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
         log.warning("warning: %s", msg)
     write_json(run / FILES["metrics"], metrics)
     plot_confusion(measured["test"]["confusion"], names, run / FILES["confusion_png"],
-                   f"test, epoch {history.best_epoch} ({cfg.select} on validation)")  # fmt: skip
+                   f"test, epoch {history.best_epoch} ({cfg.select} on validation)",
+                   measured["test"].get("at_threshold"))  # fmt: skip
     _write_history(run / FILES["history"], history)
     return metrics
 

@@ -22,7 +22,16 @@ from .allocate import SPT_RULE, allocate
 from .budget import AUTO, FULL, Rung, check_ladder, choose_rung, full_plan, is_ladder, ladder_plans, plan_budget
 from .candidates import Candidate, count_backbone_params, find_candidates
 from .checkpoint import bn_buffers, load_tuned_into, read_tuned, save_tuned
-from .data import IMAGE_SUFFIXES, Augment, DatasetInfo, load_dataset_info, make_loaders, prepare, scan_split
+from .data import (
+    IMAGE_SUFFIXES,
+    Augment,
+    DatasetInfo,
+    check_class_sizes,
+    load_dataset_info,
+    make_loaders,
+    prepare,
+    scan_split,
+)
 from .demo import DEMO_CLASSES, generate_demo_defects
 from .device import resolve_device
 from .distributed import close as close_distributed  # `close` alone says nothing once out of its module
@@ -92,6 +101,7 @@ __all__ = [
     "bn_buffers",
     # data
     "prepare",
+    "check_class_sizes",
     "load_dataset_info",
     "DatasetInfo",
     "make_loaders",

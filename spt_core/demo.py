@@ -99,7 +99,7 @@ def generate_demo_defects(
     batch: int = 0,
     size: int = 96,
     classes: Sequence[str] = DEMO_CLASSES,
-    counts: Mapping[str, int] | None = None,
+    counts: Mapping[str, int] | None,
     bit_depth: int | None = None,
 ) -> Path:
     """Write a synthetic surface-inspection ImageFolder: ``out_dir/<class>/b{batch}_{i:04d}.png``.
@@ -118,7 +118,8 @@ def generate_demo_defects(
         size: Square image side in pixels.
         classes: Subset/order of ``ok``, ``scratch``, ``spot``, ``crack``.
         counts: Images per class (e.g. ``{"ok": 340, "scratch": 24, "spot": 16, "crack": 10}``, a line's
-            imbalance); a class not named gets ``n_per_class``.
+            imbalance); a class not named gets ``n_per_class``; None: ``n_per_class`` each. Required: the
+            pipeline's default (``demo.counts``) is a line's imbalance, the builtin set's is balanced.
         bit_depth: None writes 8-bit RGB PNGs; 10, 12 or 16 writes single-channel 16-bit PNGs (mode ``I;16``) with
             values up to ``2**bit_depth - 1``, as a Mono10/12/16 line camera delivers (the grey of the RGB image).
 

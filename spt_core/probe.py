@@ -82,9 +82,9 @@ def fit_probe(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
-    select: str = "accuracy",
+    select: str,
     ok_index: int | None = None,
-    max_escape_rate: float = 0.0,
+    max_escape_rate: float = 0.005,
 ) -> ProbeResult:
     """Fit `model.get_classifier()` in place on cached features; returns validation/test accuracy.
 
@@ -93,7 +93,8 @@ def fit_probe(
         loaders: "train", "val" and optionally "test" loaders of (images, labels).
         epochs, lr, weight_decay, batch_size, seed: the probe's recipe (AdamW, cosine decay).
         device: where the backbone extracts features (default: where the model is); the probe trains on CPU.
-        select, ok_index, max_escape_rate: the validation metric that picks the epoch (`train.select`).
+        select, ok_index, max_escape_rate: the validation metric that picks the epoch (`train.select`). `select`
+            is required: the pipeline's baseline picks by ``train.select``, the sensitivity head by accuracy.
     """
     if epochs < 1 or batch_size < 1:
         raise SensituneError(f"probe epochs={epochs}, batch_size={batch_size}: both must be >= 1")

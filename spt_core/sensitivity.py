@@ -229,7 +229,7 @@ def measure_task(
         train_dataset: the training images, (image, label) items.
         loaders: "train", "val" and optionally "test" loaders for the probe (unused for ``head="random"``).
         head: "probe" or "random".
-        probe_epochs: epochs of the linear probe.
+        probe_epochs: epochs of the linear probe (its epoch picked on validation accuracy).
         batches, batch_size: how much of the shuffled training set the measurement sees (SPT: 16 x 32).
         seed: seed of the probe and of the shuffle.
         device: where to compute.
@@ -248,7 +248,7 @@ def measure_task(
         raise SensituneError(f"sensitivity head={head!r}: use 'random' (SPT) or 'probe'")
     probe = {}
     if head == "probe":
-        probe = fit_probe(model, loaders, epochs=probe_epochs, seed=seed, device=device).to_dict()
+        probe = fit_probe(model, loaders, epochs=probe_epochs, seed=seed, device=device, select="accuracy").to_dict()
         broadcast_module(model.get_classifier())  # every rank measures rank 0's head
     labels = getattr(train_dataset, "labels", None)  # class-balanced batches (a good class at 90 % must not dominate)
     w = world()

@@ -27,7 +27,7 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from spt_core.data import prepare
 
     out = tmp_path_factory.mktemp("data") / "digits"
-    prepare("digits", out, n_train=40, n_val=20, n_test=20, seed=0)
+    prepare("digits", out, n_train=40, n_val=20, n_test=20, seed=0, split=None, ok_class=None)
     return out
 
 

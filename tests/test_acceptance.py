@@ -7,16 +7,13 @@ The registry half (sync's staged download, hostile replies, the async registry) 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from support.artifacts import ALWAYS_OK, CLASSES, N_FEATURES, build_artifact, write_manifest
+from support.artifacts import ALWAYS_OK, CLASSES, N_FEATURES, build_artifact, variant, write_manifest
 from support.servers import serve
 
 from deploy.edge.acceptance import LAST_GOOD, accept
@@ -36,16 +33,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_artifact(tmp_path_factory.mktemp("acc") / "v1", "1", w, b, SIZE)
 
 
-def variant(src: Path, dst: Path, version: str, files: dict[str, bytes] | None = None, **manifest: Any) -> Path:
-    """A copy of `src` as `version`, with some manifest keys and model files replaced; checksums kept consistent."""
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    for name, data in (files or {}).items():
-        (dst / name).write_bytes(data)
-        m["files"][name] = hashlib.sha256(data).hexdigest()
-    m.update(model_version=version, **manifest)
-    (dst / "manifest.json").write_text(json.dumps(m, indent=2))
-    return dst
 
 
 def broken_ir(src: Path, dst: Path, version: str) -> Path:

@@ -7,7 +7,9 @@ real `mlflow server`, tests/test_flywheel.py the whole loop.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ from support.artifacts import CLASSES
 from support.servers import free_port
 from support.ui import TOKENS, Line, build_line, label_of
 
+import deploy.edge.ui.views as views
 from deploy.edge.auth import TokenStore, token_digest
+from deploy.edge.rollout.manifest import load_config, write_config
 from deploy.edge.service import create_app
 
 AS = {role: {"Authorization": f"Bearer {t}"} for t, (_, role) in TOKENS.items()}
@@ -97,9 +101,58 @@ def test_tokens_and_box_one_frame_store_and_labels_carry_the_token_name(line: Li
 def test_without_a_box_the_pages_store_is_the_services(line: Line) -> None:
     client, service = _client(line, None)
     s = _send(client, line, 2)
-    corrected = next(c for c in CLASSES if c != s["class"])  # a correction is kept (a confirmation is not)
+    corrected = next(c for c in CLASSES if c != s["class"])  # any label keeps its frame: here a correction
     r = client.post("/feedback", json={"frame_id": s["frame_id"], "label": corrected}, headers=AS["operator"])
     assert r.status_code == 200 and r.json()["frame_kept"] is True  # the API's label lands in the pages' store
     frame, data = service.frame_store.get(s["frame_id"])
     assert data == line.images[2] and frame.labelled_by == NAME_OF["operator"]
     assert (line.root / "logs/frames").is_dir()
+
+
+def _set_manifests(line: Line, drop: tuple[str, ...] = (), **fields: object) -> None:
+    """Rewrite both artifacts' manifests with ``fields`` and without ``drop``, before the service loads them."""
+    for p in sorted((line.root / "artifacts").glob("v*/manifest.json")):
+        m = {k: v for k, v in json.loads(p.read_text()).items() if k not in drop} | fields
+        p.write_text(json.dumps(m))
+
+
+def test_the_pages_speak_to_an_operator(line: Line) -> None:
+    _set_manifests(line, threshold=0.33984312725335286)
+    client, service = _client(line, None)
+    served = [_send(client, line, i) for i in range(6)]
+    models = client.get("/ui/f/models", headers=AS["operator"]).text
+    assert "reject when P(ok) &lt; 0.340" in models and "0.3398" not in models
+    assert "None" not in models and re.search(r"created</dt><dd>2026-01-01 00:00:00 \(\d+ d ago\)", models)
+    review = client.get("/ui/f/review", headers=AS["operator"]).text
+    assert 'class="pg">P(good) ' in review and not re.search(r"\bscore \d", review)
+    bad = next(s for s in served if s["class"] != "ok")  # a defect verdict bounds P(good) by 1 - its score
+    assert views.p_good_text(None, bad["score"], bad["class"], "ok") == f"P(good) ≤ {1 - bad['score']:.2f}"
+    assert views.p_good_text(None, 0.97, "ok", "ok") == "P(good) 0.97"
+    state = {"last_ok": "2026-01-01T10:00:00+00:00", "last_ok_epoch": 1767261600.0, "error": None, "refused": {},
+             "serving": {"champion": {"version": "3"}}}  # fmt: skip
+    rows = dict(views.sync_rows(state, now=1767261690.0))
+    assert rows == {"last ok": "2026-01-01 10:00:00 (90 s ago)", "error": "–", "refused": "none",
+                    "serving": "champion: version: 3"}  # fmt: skip
+
+
+def test_plain_classification_counts_by_top_class_and_rollout_yaml_never_says_null(line: Line) -> None:
+    _set_manifests(line, drop=("ok_class",))  # an artifact from before ok_class was required: flagged, still served
+    client, service = _client(line, None)
+    for i in range(6):
+        _send(client, line, i)
+    models = client.get("/ui/f/models", headers=AS["operator"]).text
+    assert "not recorded in the manifest: re-export with data.ok_class" in models
+    _set_manifests(line, ok_class=None)  # recorded: a plain classifier, no good class
+    client, service = _client(line, None)
+    for i in range(6):
+        _send(client, line, i)
+    page = client.get("/ui/f/line", headers=AS["operator"]).text
+    assert "no good class: counts by top class" in page and "rejected" not in page
+    assert "plain classification" in client.get("/ui/f/models", headers=AS["operator"]).text
+
+    cfg = load_config(line.manifest)  # what sync, hand-over and the decision rule write back
+    write_config(cfg, line.manifest)
+    assert "ok_class" not in yaml.safe_load(line.manifest.read_text())  # left out, never null
+    write_config(replace(cfg, ok_class="ok"), line.manifest)
+    write_config(load_config(line.manifest), line.manifest)
+    assert yaml.safe_load(line.manifest.read_text())["ok_class"] == "ok"  # a known value survives a rewrite

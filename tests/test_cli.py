@@ -269,3 +269,30 @@ def test_the_stage_list_makes_the_verbs_and_the_order_of_run(monkeypatch, tmp_pa
     monkeypatch.undo()  # the parser is built from the list in force: without the stage, no verb
     with pytest.raises(SystemExit):
         build_parser().parse_args(["inspect"])
+
+
+def test_predict_csv_has_one_p_good_column_even_for_a_class_named_good(tmp_path):
+    """The header names each column once: P(good) (the good class's probability, the decision's input) once, and
+    the per-class columns p_<class>, so a good class named "good" is not a second P(good) column."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.stat_model import build_artifact
+    from pipelines.predict import predict_files
+
+    names = ["good", "scratch", "spot", "crack"]
+    w, b = np.zeros((4, 12)), np.array([2.0, 0.0, 0.0, 0.0])  # every part: P(good) = e^2 / (e^2 + 3)
+    art = build_artifact(tmp_path / "art", "1", w, b, 16, extra={"class_names": names, "ok_class": "good",
+                                                                    "threshold": 0.5})  # fmt: skip
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 90, 120)).save(images / f"{i}.png")
+    out = predict_files(art, [images], tmp_path / "p.csv")
+    with open(out["out"]) as f:
+        header = next(csv.reader(f))
+    assert header == ["path", "class", "confidence", "P(good)", "decision", "p_good", "p_scratch", "p_spot", "p_crack"]
+    assert len(set(header)) == len(header) and sum(h.startswith("P(") for h in header) == 1
+    rows = list(csv.DictReader(open(out["out"])))
+    p = float(np.exp(2) / (np.exp(2) + 3))
+    assert all(abs(float(r["P(good)"]) - p) < 1e-5 and r["decision"] == "ok" for r in rows)

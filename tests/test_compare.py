@@ -304,7 +304,7 @@ def test_augment_reaches_every_methods_training_loader_and_only_it(tmp_path: Pat
     from spt_core.data import prepare
 
     data = tmp_path / "digits_20_10_10"
-    prepare("digits", data, n_train=20, n_val=10, n_test=10, seed=0)
+    prepare("digits", data, n_train=20, n_val=10, n_test=10, seed=0, split=None, ok_class=None)
     job = {"model": "test_efficientnet", "weights": "none", "img_size": 32, "data_dir": str(data), "batch": 4,
            "seed": 0, "threads": 1, "device": "cpu", "kind": "train"}  # fmt: skip
     plain = jobs._build(job)[2]

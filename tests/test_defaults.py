@@ -3,8 +3,7 @@
 A library function that takes a config value under the key's own name either requires it or defaults to exactly
 the config's value, so that a caller who leaves it out gets what the pipeline does. `USES` declares which functions
 take which section's values; `default_mismatches` finds every parameter named like a key of the section whose
-default differs. The few known differences left are listed in `PENDING`, exactly: a new one fails, and so does a
-fixed one that is still listed.
+default differs: any one fails.
 """
 
 from __future__ import annotations
@@ -55,19 +54,6 @@ USES: list[tuple[str, Callable[..., Any], Sequence[str] | str]] = [
     ("publish", log_run, EVERY),
     ("publish", LiveRun, EVERY),
 ]
-# Library defaults that still differ from the config: (function, parameter). Each needs its callers changed
-# (tests and benchmarks) before it can become required.
-PENDING = {
-    ("prepare", "n_train"),  # 800 (VTAB-1k's count) vs null (every image)
-    ("prepare", "n_val"),  # 200 vs null
-    ("prepare", "split"),  # null (count mode) vs [0.7, 0.15, 0.15]
-    ("prepare", "ok_class"),  # null vs ok
-    ("generate_demo_defects", "counts"),  # null (n_per_class each) vs [340, 24, 16, 10]
-    ("fit", "max_escape_rate"),  # 0.0 vs 0.005: used only with train.select: overkill_at_escape
-    ("fit_probe", "max_escape_rate"),
-    ("fit_probe", "select"),  # accuracy vs balanced_accuracy
-    ("selection_score", "max_escape_rate"),
-}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -97,8 +83,7 @@ def test_no_library_default_differs_from_the_config():
         for section, fn, keys in USES
         for name, pair in default_mismatches(fn, params[section], keys).items()
     }
-    assert set(found) - PENDING == set(), {k: found[k] for k in set(found) - PENDING}
-    assert PENDING - set(found) == set(), "fixed: remove these from PENDING"
+    assert found == {}, f"(function, parameter): (library default, config value): {found}"
 
 
 def test_a_planted_mismatch_is_found():
@@ -112,8 +97,12 @@ def test_a_planted_mismatch_is_found():
 
 
 def test_options_the_pipeline_passes_are_required_where_they_once_disagreed():
-    """allocate defaulted to lora/global (the config: none/per_row), export_all to 300 calibration images (160)."""
+    """allocate defaulted to lora/global (the config: none/per_row), export_all to 300 calibration images (160);
+    prepare to counts mode without a good class, the demo to balanced classes, the probe to picking by accuracy."""
     for fn, names in [
+        (prepare, ("split", "ok_class")),
+        (generate_demo_defects, ("counts",)),
+        (fit_probe, ("select",)),
         (allocate, ("structured", "rank", "alpha", "beta", "allocation")),
         (full_plan, ("rank", "alpha", "beta")),
         (export_all, ("precisions", "calibration_size", "opset")),

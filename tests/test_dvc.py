@@ -189,7 +189,7 @@ def test_full_pipeline_with_export_tracking_and_budget_sweep(tmp_path: Path) -> 
     stages = ["prepare", "measure", "plan", "train", "evaluate", "merge", "export", "track"]
     assert sorted(RAN.findall(out)) == sorted(stages), out
     record = json.loads((repo / "runs/main/mlflow_run.json").read_text())
-    assert record["status"] == "published" and record["model_version"] == "1" and record["challenger_moved"]
+    assert record["status"] == "published" and record["model_version"] == "1" and record["champion_set"]  # the first
     sealed = json.loads((repo / "runs/main/published/openvino/fp32/manifest.json").read_text())
     assert sealed["model_version"] == "1"  # `dvc repro` yields an artifact the edge accepts
     assert RAN.findall(run("dvc", "repro")) == []

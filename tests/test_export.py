@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import skimage.data
 import timm
 import torch
+from support.images import photo_crops
 from torch import nn
 
 import deploy.compile.export as export_mod
@@ -35,19 +35,6 @@ CONTRACT_KEYS = set(  # docs/ARCHITECTURE.md, "Artifacts"
 )
 
 
-def _crops(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
-    """n random square crops (96-200 px, uint8 RGB or grey) of each of 4 skimage photos; label = photo."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    photos = [skimage.data.coffee(), skimage.data.astronaut(), skimage.data.brick(), skimage.data.chelsea()]
-    for label, photo in enumerate(photos):
-        h, w = photo.shape[:2]
-        for _ in range(n):
-            c = int(rng.integers(96, 200))
-            y, x = int(rng.integers(0, h - c)), int(rng.integers(0, w - c))
-            images.append(photo[y : y + c, x : x + c])
-            labels.append(label)
-    return images, labels
 
 
 def _fit_centroid_head(model: nn.Module, images: list[np.ndarray], labels: list[int]) -> None:
@@ -86,8 +73,8 @@ def _manifest_kw(precision: str, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, list]:
-    train, y_train = _crops(8, seed=0)
-    test, y_test = _crops(6, seed=1)
+    train, y_train = photo_crops(8, seed=0)
+    test, y_test = photo_crops(6, seed=1)
     return {"train": train, "y_train": y_train, "test": test, "y_test": y_test}
 
 
@@ -173,6 +160,7 @@ def test_manifests_follow_the_contract(exported: dict, data: dict[str, list]) ->
         assert Preprocess.from_dict(m["preprocess"]) == PRE
         assert m["files"] == {name: file_sha256(out / rel / name) for name in m["files"]}
         assert m["onnx_opset"] == report["onnx_opset"] and m["promotable"] == report["promotable"][fmt]
+        assert "ok_class" in m and m["ok_class"] is None  # no decision given: recorded as plain classification
         assert m["verification"]["max_abs_diff"] == report["max_abs_diff"][fmt]
         assert {"openvino", "onnx", "torch"} <= m["versions"].keys()
         if fmt != "onnx":  # the edge compiles with this: without it the CPU plugin computes in bf16 on AMX/BF16 CPUs

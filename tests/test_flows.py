@@ -13,6 +13,12 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,6 +112,7 @@ def test_first_run_trains_registers_and_bootstraps_champion(project: Project) ->
     run = MlflowClient(project.uri).get_run(r["mlflow_run_id"])
     assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert run.data.tags["retrain.decision"] == "bootstrap" and "heldout_acc" in run.data.metrics
+    assert run.data.tags["retrain.gate_split"] == r["gate_split"] == r["comparison"]["gate_split"] == "test"
     artifacts = {a.path for a in MlflowClient(project.uri).list_artifacts(r["mlflow_run_id"], "export")}
     assert "export/openvino" in artifacts
     # rollout manifest: champion = v1's FP32 artifact, whose own manifest carries the registry version
@@ -165,11 +172,25 @@ def test_busy_lock_skips_the_run(project: Project, monkeypatch: pytest.MonkeyPat
     assert state.is_completed() and state.result() == {"status": "locked"}
 
 
-def test_new_batch_is_a_new_data_version_and_handed_over(project: Project) -> None:
+def _aliases_at_the_gate(project: Project, mp: pytest.MonkeyPatch) -> list[dict]:
+    """The registry's aliases as the flow starts comparing (the gate's input): publish must not have moved any."""
+    seen, compare = [], t.compare_champion
+
+    def spy(*a, **k):
+        seen.append(project.aliases())
+        return compare(*a, **k)
+
+    mp.setattr(t, "compare_champion", spy)
+    return seen
+
+
+def test_new_batch_is_a_new_data_version_and_handed_over(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     first = project.first.result()
     champ_seen = t.split_names(Path(first["run_dir"]) / "data")
     project.add_batch()
+    at_gate = _aliases_at_the_gate(project, monkeypatch)
     state = project.run(min_gain=-1.0, challenger_share=0.5)  # margin -1: any challenger is handed over
+    assert at_gate == [{"champion": "1", "challenger": None}]  # registered as v2, offered only after the gate
     assert state.is_completed(), state.message
     r = state.result()
     assert r["status"] == "trained" and r["data_version"] != first["data_version"]
@@ -184,6 +205,18 @@ def test_new_batch_is_a_new_data_version_and_handed_over(project: Project) -> No
     c = r["comparison"]
     assert (c["n_test"], c["n_heldout"], c["champion_version"]) == (len(test), len(test - champ_seen), "1")
     assert c["n_heldout"] > 0 and c["champion_acc"] is not None
+
+
+def test_a_challenger_the_gate_refuses_never_gets_the_alias(project: Project, monkeypatch: pytest.MonkeyPatch):
+    project.add_batch()
+    before, manifest = project.aliases(), (project.root / "rollout.yaml").read_bytes()
+    at_gate = _aliases_at_the_gate(project, monkeypatch)
+    state = project.run(min_gain=1.0)  # a held-out gain of 1.0 is out of reach: not promoted
+    assert state.is_completed() and state.name == "Not promoted", state.message
+    r = state.result()
+    assert at_gate == [before] and project.aliases() == before  # never pointed at the new version, not even briefly
+    assert r["decision"] == t.NOT_PROMOTED and r["model_version"] not in before.values()
+    assert (project.root / "rollout.yaml").read_bytes() == manifest
 
 
 def test_training_failure_leaves_champion_and_artifacts_intact(project: Project, monkeypatch: pytest.MonkeyPatch):
@@ -258,3 +291,74 @@ def test_deployment_schedule_and_concurrency() -> None:
     ]
     with pytest.raises(ValueError, match="collision"):
         flows.build_deployment(collision="QUEUE")
+
+
+class _Vanishing:
+    """A TCP forwarder to the module's Prefect server that can vanish: the server goes away for one client only."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.conns: list[socket.socket] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+
+
+def test_serve_exits_on_sigterm_when_the_prefect_server_is_gone(tmp_path: Path) -> None:
+    from urllib.parse import urlsplit
+
+    from prefect.settings import PREFECT_API_URL
+
+    api = urlsplit(PREFECT_API_URL.value())
+    proxy = _Vanishing(api.hostname, api.port)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{proxy.port}{api.path}", "PYTHONPATH": str(root)}
+    out = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "pipelines.flows", "serve", "--name", "sigterm-test", "--config", "params.yaml"]
+    with open(out, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving retrain/sigterm-test" not in out.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, out.read_text()[-2000:]
+            time.sleep(0.5)
+        time.sleep(5)  # the runner starts: its SIGTERM handler is the one that used to wait on the server
+        proxy.close()  # the server is gone
+        time.sleep(1)
+        assert proc.poll() is None, out.read_text()[-2000:]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        assert time.monotonic() - t0 < 15 and rc in (0, 143), (rc, out.read_text()[-2000:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

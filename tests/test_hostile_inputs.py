@@ -171,7 +171,7 @@ def _params(raw: Path) -> dict:
 def test_markup_as_a_class_name_is_refused_at_prepare_import_and_by_the_artifact(tmp_path: Path) -> None:
     src = _folder(tmp_path / "src", {"ok": 6, HOSTILE: 6})
     for call in (
-        lambda: prepare(str(src), tmp_path / "data", n_train=4, n_val=4, n_test=4),
+        lambda: prepare(str(src), tmp_path / "data", n_train=4, n_val=4, n_test=4, split=None, ok_class=None),
         lambda: import_images(src, _params(tmp_path / "raw"), dvc=False),
     ):
         with pytest.raises(DataError, match=r"class name '<img src=x onerror=alert\(1\)>' is not allowed; use "):
@@ -191,7 +191,7 @@ def test_markup_as_a_class_name_is_refused_at_prepare_import_and_by_the_artifact
 
 
 def test_import_refuses_links_out_of_the_folder_and_files_that_are_not_images(tmp_path: Path) -> None:
-    src = _folder(tmp_path / "src", {"ok": 3, "dent": 3})
+    src = _folder(tmp_path / "src", {"ok": 5, "dent": 5})  # 5: the split's fewest images of a class
     secret = png_file(tmp_path / "elsewhere" / "secret.png", seed=7)
     (src / "dent" / "link.png").symlink_to(secret)
     with pytest.raises(DataError, match=r"link\.png: a link to .*secret\.png, outside .*src; copy the file"):
@@ -202,7 +202,7 @@ def test_import_refuses_links_out_of_the_folder_and_files_that_are_not_images(tm
         import_images(src, _params(tmp_path / "raw"), dvc=False)
     (src / "ok" / "notes.png").unlink()
     (src / "ok" / "inside.png").symlink_to(src / "ok" / "0.png")  # a link that stays inside is fine
-    assert import_images(src, _params(tmp_path / "raw"), dvc=False)["files"] == 7
+    assert import_images(src, _params(tmp_path / "raw"), dvc=False)["files"] == 11
 
 
 # ------------------------------------------------------------------------------------------- 3. CLI, predict

@@ -102,6 +102,6 @@ def test_prepare_removes_a_killed_runs_temp_folders(tmp_path: Path) -> None:
     (orphan / "train").mkdir(parents=True)
     other = tmp_path / "other.tmp-xyz"  # another dataset's: not ours to delete
     other.mkdir()
-    prepare("digits", tmp_path / "d", n_train=10, n_val=10, n_test=10, seed=0)
+    prepare("digits", tmp_path / "d", n_train=10, n_val=10, n_test=10, seed=0, split=None, ok_class=None)
     assert not orphan.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "other.tmp-xyz"]

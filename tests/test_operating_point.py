@@ -209,3 +209,21 @@ def test_assess_the_gate_the_rollout_statistics_and_the_ui_count_the_same_frames
     ]
     rates = arm_rates(arm)
     assert (rates["escape"]["k"], rates["escape"]["n"], rates["overkill"]["k"], rates["overkill"]["n"]) == want
+
+
+def test_the_confusion_png_shows_the_decision_at_the_threshold_beside_the_argmax(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipelines.assess import decision_counts, plot_confusion
+
+    names = ["ok", "scratch", "spot"]
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    # every part's top class is right, but two good parts sit under the threshold: the line rejects them
+    probs = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.55, 0.4, 0.05], [0.95, 0.03, 0.02],
+                      [0.1, 0.8, 0.1], [0.45, 0.5, 0.05], [0.2, 0.1, 0.7], [0.05, 0.05, 0.9]])  # fmt: skip
+    m = OperatingPoint("ok", 0.7).metrics(labels, probs, names)
+    assert np.trace(np.asarray(m["confusion"])) == 8  # the argmax matrix: all right
+    assert decision_counts(m["at_threshold"]) == [[2, 2], [0, 4]]  # rows good/defect, columns accepted/rejected
+    one = plot_confusion(m["confusion"], names, tmp_path / "argmax.png")
+    both = plot_confusion(m["confusion"], names, tmp_path / "confusion.png", "test", m["at_threshold"])
+    assert Image.open(both).width > Image.open(one).width  # a second panel beside the first

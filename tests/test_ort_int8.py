@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import skimage.data
 import timm
 import torch
+from support.images import photo_crops
 
 from deploy.compile.export import export_all
 from deploy.compile.quantize import calibration_fingerprint
@@ -26,25 +26,12 @@ CLASSES = ["coffee", "astronaut", "brick", "chelsea"]
 PRE = Preprocess(size=(48, 48), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def _crops(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
-    """n random square crops (96-200 px) of each of 4 skimage photos; label = photo: real images, real accuracy."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    photos = [skimage.data.coffee(), skimage.data.astronaut(), skimage.data.brick(), skimage.data.chelsea()]
-    for label, photo in enumerate(photos):
-        h, w = photo.shape[:2]
-        for _ in range(n):
-            c = int(rng.integers(96, 200))
-            y, x = int(rng.integers(0, h - c)), int(rng.integers(0, w - c))
-            images.append(photo[y : y + c, x : x + c])
-            labels.append(label)
-    return images, labels
 
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, list]:
-    train, y_train = _crops(8, seed=0)
-    test, y_test = _crops(8, seed=1)
+    train, y_train = photo_crops(8, seed=0)
+    test, y_test = photo_crops(8, seed=1)
     return {"train": train, "y_train": y_train, "test": test, "y_test": y_test}
 
 

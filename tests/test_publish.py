@@ -1,6 +1,6 @@
 """pipelines.publish against a real `mlflow server`: register once, seal with the registry version, the sweep
-rule for `challenger`, and per-epoch metrics logged live while training (fixtures `mlflow_uri` and `tiny_run` of
-tests/conftest.py)."""
+rule for the gated alias moves (the gate itself: tests/test_gate_before_alias.py), and per-epoch metrics logged
+live while training (fixtures `mlflow_uri` and `tiny_run` of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ def run_copy(tiny_run: tuple, tmp_path: Path) -> tuple[dict, Path]:
     rng = np.random.default_rng(0)
     build_artifact(dst / "export/openvino/fp32", "plan-hash", rng.normal(size=(len(CLASSES), N_FEATURES)),
                    np.zeros(len(CLASSES)), 32)  # fmt: skip
-    (dst / "export/export_report.json").write_text(json.dumps({"accuracy": {"fp32": 50.0}}))
+    report = {"accuracy": {"fp32": 50.0}, "promotable": {"fp32": True}}
+    (dst / "export/export_report.json").write_text(json.dumps(report))
+    m = json.loads((dst / "metrics.json").read_text())  # no training warning: the gate would refuse (test_line.py)
+    (dst / "metrics.json").write_text(json.dumps({**m, "warnings": [], "below_probe": False}))
     return {**params, "paths": {**params["paths"], "run": str(dst)}}, dst
 
 
@@ -46,10 +49,10 @@ def test_publish_twice_registers_once_and_seals_with_the_registry_version(
 ) -> None:
     params, run = run_copy
     first = publish(params, run, tracking_uri_=mlflow_uri, model_name=NAME)
-    assert first["status"] == "published" and first["registered"] and first["challenger_moved"], first
+    assert first["status"] == "published" and first["registered"] and first["champion_set"], first
     v = first["model_version"]
     client = MlflowClient(mlflow_uri, mlflow_uri)
-    assert client.get_model_version_by_alias(NAME, "challenger").version == v
+    assert client.get_model_version_by_alias(NAME, "champion").version == v  # the first model: no champion before
     assert client.get_model_version(NAME, v).tags[IDENTITY_TAG] == first["identity"]
     art = load_artifact(run / "published/openvino/fp32", expected_version=v)  # what the edge checks
     assert art.manifest["registry"]["model_name"] == NAME
@@ -77,8 +80,9 @@ def test_a_sweep_does_not_move_challenger_unless_configured(
     monkeypatch.setenv("DVC_EXP_NAME", "sweepy-exp")  # what `dvc exp run` sets for the stage commands
     swept = {**params, "plan": {**params["plan"], "budget": "10%"}}  # another identity
     res = publish(swept, run, tracking_uri_=mlflow_uri, model_name=NAME + "-sweep")
-    assert res["registered"] and not res["challenger_moved"] and res["model_version"] != base["model_version"]
-    assert client.get_model_version_by_alias(NAME + "-sweep", "challenger").version == base["model_version"]
+    assert res["registered"] and "gate" not in res and res["model_version"] != base["model_version"]
+    assert client.get_model_version(NAME + "-sweep", res["model_version"]).aliases == []
+    assert client.get_model_version_by_alias(NAME + "-sweep", "champion").version == base["model_version"]
     assert client.get_run(res["run_id"]).data.tags["dvc.experiment"] == "sweepy-exp"
     always = {
         **swept,
@@ -86,7 +90,7 @@ def test_a_sweep_does_not_move_challenger_unless_configured(
         "publish": {**params["publish"], "challenger": "always"},
     }
     res2 = publish(always, run, tracking_uri_=mlflow_uri, model_name=NAME + "-sweep")
-    assert res2["challenger_moved"]
+    assert res2["gate"]["decision"] == "handover" and res2["challenger_moved"], res2["gate"]  # same weights: gain 0
     assert client.get_model_version_by_alias(NAME + "-sweep", "challenger").version == res2["model_version"]
 
 

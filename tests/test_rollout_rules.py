@@ -80,6 +80,7 @@ def test_wilson_and_mcnemar_known_values() -> None:
     lo, hi = wilson_interval(8, 10)
     assert lo == pytest.approx(0.4901625, abs=1e-6) and hi == pytest.approx(0.9433178, abs=1e-6)
     assert wilson_interval(0, 10) == (0.0, pytest.approx(0.2775328, abs=1e-6)) and wilson_interval(0, 0) is None
+    assert wilson_interval(0, 3)[0] == 0.0 and wilson_interval(3, 3)[1] == 1.0  # exact ends, no rounding residue
     assert mcnemar(0, 6)["p_value"] == 2 / 2**6 and mcnemar(3, 3)["p_value"] == 1.0
     assert mcnemar(2, 9)["p_value"] == pytest.approx(2 * (1 + 11 + 55) / 2**11)
     big = mcnemar(600, 500)

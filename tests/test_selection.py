@@ -105,7 +105,7 @@ def test_kfold_splits_are_stratified_disjoint_and_the_refit_has_every_labelled_i
             for j in range(n):  # the same file names in both classes
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(src / split / c / f"{j}.png")
     data = tmp_path / "data"
-    prepare(str(src), data, n_train=None, n_val=None, n_test=None, seed=0)
+    prepare(str(src), data, n_train=None, n_val=None, n_test=None, seed=0, split=None, ok_class=None)
     folds, refit = kfold_dirs(data, 4)
     names = ["a", "b"]
 

@@ -129,7 +129,7 @@ def test_measure_task_is_probe_then_class_balanced_batches(tiny_digits):
     ds, cpu = loaders["train"].dataset, torch.device("cpu")
     kw = {"probe_epochs": 3, "batches": 2, "batch_size": 8, "seed": 3, "device": cpu}
     model = fresh()
-    probe = fit_probe(model, loaders, epochs=3, seed=3, device=cpu).to_dict()
+    probe = fit_probe(model, loaders, epochs=3, seed=3, device=cpu, select="accuracy").to_dict()
     want = measure_sensitivity(
         model, DataLoader(ds, batch_size=8, sampler=BalancedSampler(ds.labels, 3)), 2, device=cpu
     )

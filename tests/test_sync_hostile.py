@@ -8,9 +8,7 @@ tests/test_acceptance.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +21,11 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from support.artifacts import CLASSES, N_FEATURES, build_artifact, write_manifest
+from support.artifacts import CLASSES, N_FEATURES, build_artifact, variant, write_manifest
+from support.edge import AS, STORE
 from support.servers import free_port, serve
 
-from deploy.edge.rollout import load_config
+from deploy.edge.rollout import load_config, read_jsonl
 from deploy.edge.service import create_app
 from deploy.edge.signing import keygen, sign_artifact
 from deploy.edge.sync import BoxConfig, Sync
@@ -113,16 +112,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_artifact(tmp_path_factory.mktemp("hostile") / "v1", "1", w, b, SIZE)
 
 
-def variant(src: Path, dst: Path, version: str, files: dict[str, bytes] | None = None, **manifest: Any) -> Path:
-    """A copy of `src` as `version` with some manifest keys or files replaced; checksums kept consistent."""
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    for name, data in (files or {}).items():
-        (dst / name).write_bytes(data)
-        m["files"][name] = hashlib.sha256(data).hexdigest()
-    m.update(model_version=version, **manifest)
-    (dst / "manifest.json").write_text(json.dumps(m, indent=2))
-    return dst
 
 
 def box(tmp: Path, url: str, **extra: Any) -> Path:
@@ -306,4 +295,23 @@ def test_promote_with_an_unreachable_registry_returns_at_once(base: Path, tmp_pa
         took_both = time.monotonic() - t0
     assert r.status_code == 200 and r.json()["state"]["champion"] == "2" and r.json()["registry"] == "pending"
     assert took < 5 and took_both < 10 and other.status_code == 200 and other.json()["champion"] == "2"
+    assert load_config(cfg).champion.version == "2"  # the manifest says what serves
+
+
+def test_a_ui_promote_with_an_unreachable_registry_returns_at_once(base: Path, tmp_path: Path) -> None:
+    """The operator page's promote is the service's transaction (as /promote): the alias moves wait in the outbox."""
+    v2 = variant(base, tmp_path / "v2", "2")
+    reg = {"tracking_uri": f"http://127.0.0.1:{free_port()}", "model_name": NAME}
+    cfg = write_manifest(tmp_path / "rollout.yaml", line="line-1", champion={"version": "1", "path": str(base)},
+                         challenger={"version": "2", "path": str(v2)}, challenger_share=0.5, registry=reg,
+                         log_dir="logs")  # fmt: skip
+    form = {"version": "2", "reason": "QA sign-off", "confirm": "promote"}
+    with serve(create_app(cfg, STORE)) as url:
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/ui/rollout/promote", data=form, headers=AS["alice"], timeout=60)
+        took = time.monotonic() - t0
+        ready = httpx.get(f"{url}/readyz", timeout=60).json()
+    assert r.status_code == 200 and "promote of v2 done" in r.text and took < 5 and ready["champion"] == "2"
+    last = read_jsonl(tmp_path / "logs" / "decisions.jsonl")[0][-1]
+    assert (last["registry"], last["source"], last["actor"]) == ("pending", "ui:alice", "alice")
     assert load_config(cfg).champion.version == "2"  # the manifest says what serves

@@ -87,8 +87,15 @@ def test_every_page_loads_with_no_request_leaving_loopback(browser: Any, box: Bo
     tab = open_page(browser, box, "line", None)
     tab.goto(box.base)
     assert tab.url.endswith("/ui/line")
-    tab.locator("#view", has_text="Sign in needed").wait_for()  # the page renders after its script runs
-    assert "Sign in needed" in tab.locator("#view").inner_text()
+    tab.locator("#view", has_text="Sign in with your operator token").wait_for()  # rendered after its script runs
+    tab.locator("#whoami", has_text="not signed in").wait_for()
+    assert "Sign in with your operator token to label frames" in tab.locator("#view h2").inner_text()
+    body = tab.locator("body").inner_text()
+    assert body.count("Sign in") == 1 and "Bearer" not in body  # once, in an operator's words
+    ink, paper = tab.locator("#view .denied").evaluate(
+        "e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor]"
+    )
+    assert ink != "rgb(255, 255, 255)" and ink != paper  # readable: dark text on the notice's cream
     tab.context.close()
 
 

@@ -192,7 +192,8 @@ def export_all(
         max_drop: Accuracy points a precision may lose against PyTorch and stay promotable, by name; a name left
             out keeps its row's ``max_drop``.
         decision: The operating decision every manifest carries: ``ok_class`` and ``threshold`` (reject when
-            P(ok_class) < threshold, chosen on validation), ``max_escape_rate``; None values are left out.
+            P(ok_class) < threshold, chosen on validation), ``max_escape_rate``; None values are left out, except
+            ``ok_class``, which every manifest records (null: plain classification, no reject decision).
 
     Returns:
         The report: paths (relative to ``out_dir``), ONNX opset, verification numbers and flags.
@@ -239,7 +240,8 @@ def export_all(
                 "promotable": report["promotable"][name],
                 "verification": _verification_for(report, name),
             }
-            extra |= {k: v for k, v in (decision or {}).items() if v is not None}  # ok_class, threshold
+            # ok_class always, null for plain classification: a box must not guess which class is the good one
+            extra |= {"ok_class": None} | {k: v for k, v in (decision or {}).items() if v is not None}
             if row.calibration:
                 extra["calibration"] = calibration_fingerprint(calibration)
             if row.calibration and row.format == "openvino":

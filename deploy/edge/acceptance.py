@@ -34,13 +34,15 @@ from PIL import Image
 from deploy.edge.artifact import MANIFEST, Artifact, ArtifactError, load_artifact
 from deploy.edge.inferencer import Inferencer, OpenVINOInferencer
 from deploy.edge.mlflow_rest import NotFound, RestRegistry
-from deploy.edge.precision import artifact_dir
+from deploy.edge.precision import artifact_dir, choose_served, fallback_chain, manifest_verdict
 from deploy.edge.signing import SIGNATURE, Trust
 from spt_core.portable.errors import one_line
+from spt_core.portable.io import write_json
 from spt_core.portable.preprocess import preprocess_image
 
 CLASS_CHANGE_TAG = "sensitune.class_change"  # registry version tag declaring a deliberate change of classes
 LAST_GOOD = "last-good"  # in log_dir: a copy of the last champion that passed acceptance
+SERVED_NOTE = "served.json"  # in <store>/<version>/: the precision chosen for it and why (`Intake.choose`)
 STAGING = ".staging"  # in the sync store: downloads before acceptance; wiped at start (a killed download's rest)
 _TENSORS = ("input_name", "output_name")
 
@@ -191,7 +193,8 @@ class Intake:
     Args:
         reg: The registry (`deploy.edge.mlflow_rest.RestRegistry`): deadlines, size caps, validated replies.
         store: The box's store folder.
-        precision: Which ``export/openvino/<precision>/`` to fetch.
+        precision: The precision the box is set to (``export/openvino/<precision>/``); a version whose export refused
+            it serves the next one down `deploy.edge.precision.FALLBACK` (`choose`).
         trust: The keys this box trusts.
         on_refuse: Called once per new refusal with (role, version, reason): the caller counts and audits it.
     """
@@ -205,6 +208,7 @@ class Intake:
         for stale in store.glob("*/.*.tmp-*"):  # the same, from before the staging area
             shutil.rmtree(stale, ignore_errors=True)
         self._verdicts: dict[tuple, Artifact | str] = {}  # an accepted artifact (no bytes) or a refusal
+        self.serving: dict[str, dict[str, str]] = {}  # version -> {"precision", "why"}: for /healthz and the UI
 
     def fetch(self, mv: dict[str, Any], against: Artifact | None, role: str) -> tuple[Path, Artifact]:
         """The accepted folder for registry version `mv` (``version``, ``run_id``, ``tags``) and its artifact.
@@ -213,7 +217,15 @@ class Intake:
             ArtifactError: Refused (the reason names the stage).
             RegistryError: The registry failed (the sync round's error).
         """
-        version, prec = mv["version"], self.precision
+        version = mv["version"]
+        try:
+            prec, why, manifest_bytes = self.choose(mv)
+        except ArtifactError as e:  # no precision of the chain may serve: refused like a failed stage (once)
+            if ("choose", version) not in self._verdicts and self.on_refuse is not None:
+                self.on_refuse(role, version, str(e))
+            self._verdicts[("choose", version)] = str(e)
+            raise
+        self.serving[version] = {"precision": prec, "why": why}
         target = self.store / version / prec
         if target.is_dir():
             try:
@@ -223,7 +235,8 @@ class Intake:
         if target.is_dir():
             return target, self._accept(target, (target / MANIFEST).read_bytes(), mv, against, role)
         where = artifact_dir("export", prec).as_posix()  # the run logs the sealed export under export/
-        manifest_bytes = self.reg.read_run_file(mv["run_id"], f"{where}/{MANIFEST}")
+        if manifest_bytes is None:
+            manifest_bytes = self.reg.read_run_file(mv["run_id"], f"{where}/{MANIFEST}")
         if isinstance(verdict := self._verdicts.get(_key(manifest_bytes, mv, against, role)), str):
             raise ArtifactError(verdict)  # refused before: not downloaded again
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -239,9 +252,45 @@ class Intake:
             art = self._accept(staged, manifest_bytes, mv, against, role)
             target.parent.mkdir(parents=True, exist_ok=True)
             staged.rename(target)
+            write_json(target.parent / SERVED_NOTE, {"wanted": self.precision, **self.serving[version]})
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return target, replace(art, dir=target, files={n: target / n for n in art.files})
+
+    def choose(self, mv: dict[str, Any]) -> tuple[str, str, bytes | None]:
+        """Which precision of registry version `mv` this box serves, why, and its manifest bytes when read here:
+        `deploy.edge.precision.choose_served` down the box's chain (int8 -> fp16 -> fp32), judged by each
+        precision's ``promotable`` in its manifest before anything large is downloaded. A choice already stored
+        (``<store>/<version>/served.json``, its folder present) is reused without asking the registry.
+
+        Raises:
+            ArtifactError: No precision of the chain may serve.
+        """
+        version = mv["version"]
+        if (self.store / version / self.precision).is_dir():  # stored: it passed acceptance, so it was promotable
+            return self.precision, f"serving {self.precision}", None
+        note = _read_json(self.store / version / SERVED_NOTE)
+        if note.get("wanted") == self.precision and (self.store / version / str(note.get("precision"))).is_dir():
+            return str(note["precision"]), str(note.get("why") or f"serving {note['precision']}"), None
+        verdicts: dict[str, dict] = {}
+        manifests: dict[str, bytes] = {}
+        for prec in fallback_chain(self.precision):
+            try:
+                where = artifact_dir("export", prec).as_posix()  # the run logs the sealed export under export/
+                manifests[prec] = self.reg.read_run_file(mv["run_id"], f"{where}/{MANIFEST}")
+            except NotFound:
+                continue
+            try:
+                m = json.loads(manifests[prec])
+            except ValueError:
+                m = None
+            verdicts[prec] = manifest_verdict(m) if isinstance(m, dict) else {"promotable": None}  # stage 1 says why
+            if verdicts[prec]["promotable"] is not False:
+                break  # the best one that may serve: the rest of the chain is not read
+        prec, why = choose_served(self.precision, verdicts)
+        if prec is None:
+            raise ArtifactError(f"v{version}: {why}; re-export it, or publish a version whose export passed")
+        return prec, why, manifests[prec]
 
     def _accept(self, folder: Path, manifest_bytes: bytes, mv: dict[str, Any], against: Artifact | None,
                 role: str) -> Artifact:  # fmt: skip
@@ -260,6 +309,14 @@ class Intake:
         if isinstance(verdict, str):
             raise ArtifactError(verdict)
         return verdict
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def _key(manifest_bytes: bytes, mv: dict[str, Any], against: Artifact | None, role: str) -> tuple:

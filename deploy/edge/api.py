@@ -103,7 +103,7 @@ def build_api(service: Any, tokens: Any, lifespan: Any, hosts: Iterable[str] = (
     @app.post("/predict", response_model=PredictOut, responses=_errors(503, 500), dependencies=SECURED)
     def predict(
         background: BackgroundTasks,
-        file: UploadFile = File(..., description="the frame: PNG or JPEG (limits.formats)"),
+        file: UploadFile = File(..., description="the frame: PNG, JPEG or TIFF (limits.formats)"),
         camera_id: str = Form(..., description="1..128 of [A-Za-z0-9._:-]"),
         frame_id: str | None = Form(None, description="the camera's own frame id (optional)"),
     ) -> Any:

@@ -2,17 +2,23 @@
 
     store = FrameStore("frames/", FrameRule(low_margin=0.15, random_rate=0.02), quota_mb=500)
     store.offer(record, image_bytes)       -> list of reasons it was kept ([] = not kept)
-    store.label(frame_id, "scratch", who)  -> the stored Frame, now labelled (an unkept recent frame is kept)
+    store.label(frame_id, "scratch", who)  -> the stored Frame, now labelled (an unkept frame still held is kept)
     store.review_queue()                   frames waiting for an operator, most doubtful first
     store.labelled_since(seq)              labelled frames after a cursor (what sync uploads)
     store.get(frame_id)                    -> (Frame, image bytes) or None
 
 Selected (each switchable in `FrameRule`): a frame the operator corrected (label != served class), a low-margin
 verdict (top-1 minus top-2 probability below ``low_margin``), a champion/challenger disagreement (shadow mode
-or a pinned comparison), and a seeded random sample. The image bytes are stored as received, named by their
-sha256 (the same bytes twice are one file); the index is one sqlite file. Over the quota, the oldest frames go
+or a pinned comparison), and a seeded random sample. A frame labelled after it was served (`FrameStore.label`) is
+kept whatever the rule says, a confirmation as much as a correction (both are training data): from the recent
+buffer, or from the bytes the caller still holds (its ``served``). The image bytes are stored as received, named by
+their sha256 (the same bytes twice are one file); the index is one sqlite file. Over the quota, the oldest frames go
 first: unlabelled ones, then labelled ones already uploaded; labelled frames not yet uploaded are never
 dropped (the store refuses new frames instead, counted in ``stats()``).
+
+A camera keeps at most ``camera_frames`` unlabelled frames per ``camera_window_s`` (a token bucket), or one noisy
+camera (60 low-margin frames in 6 s) tops the review queue; a frame over it is only held ``recent`` (a label still
+keeps it) and counted (``stats()``; ``count``: the service's ``frames_over_camera_quota``).
 
 Torch-free (stdlib + sqlite): the service, sync and the operator UI share it. Thread-safe (one lock).
 """
@@ -25,18 +31,21 @@ import logging
 import random
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from deploy.edge.limits import RateLimiter
 from spt_core.portable.errors import SensituneError, one_line
 from spt_core.portable.io import write_bytes
 
 INDEX = "frames.db"
 log = logging.getLogger("sensitune.frames")
-REASONS = ("corrected", "low_margin", "disagreement", "random")
+REASONS = ("corrected", "confirmed", "low_margin", "disagreement", "random")
 
 
 class FrameError(SensituneError):
@@ -53,6 +62,10 @@ class FrameRule:
     random_rate: float = 0.01  # fraction of all frames kept at random (0 = off)
     seed: int = 0
     recent: int = 256  # frames (image bytes) remembered for a late operator correction
+    # unlabelled frames kept per camera per window, bursts as large (0 = no limit): an operator labels a few frames
+    # a minute, so a camera over 20 a minute is noise, not a dataset
+    camera_frames: int = 20
+    camera_window_s: float = 60.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> FrameRule:
@@ -60,7 +73,10 @@ class FrameRule:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise FrameError(f"frames: unknown key(s) {unknown}; use {[f.name for f in fields(cls)]}")
-        return cls(**d)
+        rule = cls(**d)
+        if rule.camera_frames > 0 and not rule.camera_window_s > 0:
+            raise FrameError(f"frames: camera_window_s={rule.camera_window_s}; give seconds > 0 (or camera_frames: 0)")
+        return rule
 
 
 @dataclass
@@ -123,10 +139,15 @@ class FrameStore:
         root: The store's directory (created).
         rule: What is kept (`FrameRule`).
         quota_mb: Disk quota for the image files.
+        count: Called with ``"frames_over_camera_quota"`` per frame a camera's quota held back (``metrics.count``).
+        clock: Monotonic seconds for the per-camera windows.
     """
 
-    def __init__(self, root: str | Path, rule: FrameRule | None = None, quota_mb: float = 500.0) -> None:
+    def __init__(self, root: str | Path, rule: FrameRule | None = None, quota_mb: float = 500.0,
+                 count: Callable[[str], None] = lambda _: None, clock: Callable[[], float] = time.monotonic,
+                 ) -> None:  # fmt: skip
         self.root, self.rule = Path(root), rule or FrameRule()
+        self._count, self._per_camera, self.over_camera_quota = count, RateLimiter(clock=clock), 0
         self.quota_bytes = int(quota_mb * 1e6)
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -165,6 +186,10 @@ class FrameStore:
         with self._lock:
             if r.random_rate > 0 and self._rng.random() < r.random_rate:
                 reasons.append("random")
+            quota = r.camera_frames > 0 and rec.get("label") is None  # a labelled frame is never held back
+            if reasons and quota and self._per_camera.spend(rec["camera_id"], r.camera_frames, r.camera_window_s):
+                self.over_camera_quota, reasons = self.over_camera_quota + 1, []
+                self._count("frames_over_camera_quota")
             if not reasons:
                 if r.recent > 0:  # a later correction may still keep it
                     self._recent[rec["frame_id"]] = (rec, image)
@@ -190,22 +215,30 @@ class FrameStore:
             self._recent.pop(frame_id, None)
         return self.offer({**recent[0], "other": other}, recent[1]) if other != recent[0].get("class") else []
 
-    def label(self, frame_id: str, label: str, who: str = "operator") -> Frame | None:
-        """Attach an operator's label; a recent unkept frame the operator corrected is kept now.
+    def label(
+        self, frame_id: str, label: str, who: str = "operator", served: tuple[dict[str, Any], bytes] | None = None
+    ) -> Frame | None:
+        """Attach an operator's label; a frame not stored yet is kept now, confirmed or corrected alike.
+
+        Args:
+            served: The served record (as for `offer`) and the frame's bytes, for a frame that is neither stored nor
+                in the recent buffer any more (the caller still holds it, or the labeller sent it).
 
         Returns:
-            The labelled `Frame`, or None when the frame is neither stored nor recent (or recent and confirmed
-            as served, which is not a correction).
+            The labelled `Frame`, or None when its bytes are nowhere (neither stored, recent nor ``served``) or the
+            quota has no room for them.
         """
         if not label:
             raise FrameError(f"label for frame {frame_id!r}: give a non-empty class name")
         with self._lock:
             if self._row(frame_id) is None:
-                recent = self._recent.pop(frame_id, None)
-                if recent is None or not self.rule.corrected or recent[0].get("class") == label:
+                held = self._recent.pop(frame_id, None) or served
+                if held is None:
                     return None
-                rec, image = recent
-                if not self._keep({**rec, "label": label}, image, ["corrected"], margin_of(rec.get("probs"))):
+                rec, image = held
+                reason = "confirmed" if rec.get("class") == label else "corrected"
+                if not self._keep({**rec, "frame_id": frame_id, "label": label}, image, [reason],
+                                  rec.get("margin", margin_of(rec.get("probs")))):  # fmt: skip
                     return None
             frame = self._row(frame_id)
             assert frame is not None
@@ -257,7 +290,7 @@ class FrameStore:
                 "SELECT COUNT(*), COUNT(label), COALESCE(SUM(size), 0) FROM frames"
             ).fetchone()
         return {"frames": n, "labelled": labelled, "bytes": size, "quota_bytes": self.quota_bytes,
-                "refused": self.refused}  # fmt: skip
+                "refused": self.refused, "over_camera_quota": self.over_camera_quota}  # fmt: skip
 
     def close(self) -> None:
         self._db.close()

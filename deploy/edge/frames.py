@@ -25,6 +25,14 @@ class ServedFrame:
     frame_id: str  # server-issued
     camera_id: str
     client_frame_id: str | None
+    sha256: str | None = None  # of the bytes received: a label that brings the frame along must bring these
+    predicted: str = ""  # the served class and version, the provenance of a frame kept only when labelled
+    model_version: str = ""
+
+    def record(self) -> dict[str, str | None]:
+        """What a frame store keeps about it (`deploy.edge.frame_store.FrameStore.label`'s ``served``)."""
+        return {"frame_id": self.frame_id, "camera_id": self.camera_id, "class": self.predicted or None,
+                "model_version": self.model_version}  # fmt: skip
 
 
 class ServedFrames:
@@ -82,7 +90,8 @@ class ServedFrames:
                 continue
             if isinstance(r, dict) and r.get("served") and r.get("frame_id") and r.get("camera_id"):
                 client = r.get("client_frame_id")
-                self.add(ServedFrame(str(r["frame_id"]), str(r["camera_id"]), str(client) if client else None))
+                self.add(ServedFrame(str(r["frame_id"]), str(r["camera_id"]), str(client) if client else None,
+                                     r.get("sha256"), str(r.get("class") or ""), str(r.get("model_version") or "")))
                 n += 1
         return min(n, self.capacity)
 

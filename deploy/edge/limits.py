@@ -8,7 +8,8 @@ with a one-line reason, before the expensive step it protects:
       max_pixels: 25000000          # 25 MP: 413 after Image.open read the header, before any pixel is decoded
       max_decoded_bytes: 100000000  # width x height x the bytes a pixel of its mode takes decoded; 413 likewise
       decode_concurrency: 4         # frames held decoded at full size at once (decode to model input); 503 after 10 s
-      formats: [PNG, JPEG]          # Pillow format names; anything else is 415
+      large_frame_bytes: 24000000   # decoded bytes over which a frame is decoded in the large-frame lane (below)
+      formats: [PNG, JPEG, TIFF]    # Pillow format names; anything else is 415
       max_id_length: 128            # camera_id / frame ids: 1..128 of [A-Za-z0-9._:-], else 422
       feedback_per_minute: 600      # per client (token name, else address); 429 with Retry-After beyond it
       served_frames: 100000         # frame ids remembered for feedback (oldest forgotten first)
@@ -17,21 +18,39 @@ A 140 KB PNG of 12000 x 12000 px decodes to 432 MB of RGB: the pixel check runs 
 (``im.size``, ``im.mode``) and the decode is never attempted. ``Image.MAX_IMAGE_PIXELS`` alone would only warn below
 2x its value. What one frame costs is its decoded bytes (Pillow keeps RGB in 4 bytes a pixel, 16-bit grey in 2)
 plus ~1 byte a pixel to make it 8-bit (`spt_core.portable.preprocess.to_8bit`, strip by strip), so the box holds at
-most ``decode_concurrency x (max_decoded_bytes + max_pixels)`` bytes of frames: 4 x 125 MB by default.
+most ``decode_concurrency x (large_frame_bytes + max_pixels) + max_decoded_bytes + max_pixels`` bytes of frames:
+4 x 49 MB + 125 MB by default.
+
+The large-frame lane: a frame that decodes to more than ``large_frame_bytes`` is decoded and made the models' input
+in one worker PROCESS at the lowest OS priority (nice 19), one frame at a time (`LargeFrameLane`), never in a
+``decode_concurrency`` slot. Such a frame costs seconds of CPU (a 25 MP RGB PNG ~2-5 s); in a normal slot it
+competed with the line's frames for the cores and their p99 grew 4-14x, and in a nice-19 thread still 3.45x (decode
+and resize hold the GIL in part, which no OS priority lifts). In its own process the OS scheduler runs it in the time
+the normal frames leave; the service sends the frame's bytes and gets back only model-sized inputs, so the full-size
+frame never enters the service's memory. Its answer is the same as in a slot: the same `model_image`, then the model.
+A worker that dies (the OOM killer) costs its frame a 503 and is started again. The default,
+24 MB, keeps a 5 MP camera's frames on the normal path whatever their mode (2448 x 2048 RGB is 20 MB as Pillow holds
+it, 16-bit grey 10 MB) and sends the 25 MP and 4999 x 4999 16-bit probes (100 MB, 50 MB) to the lane. TIFF is
+allowed because training reads the same files (a Mono12/16 camera's archive is often TIFF): its header gives the
+size and mode before any strip is decoded, so the same bounds hold as for PNG, and only its first page is read.
 Torch-free (Pillow only).
 """
 
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -42,7 +61,10 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 # (a format plug-in's own) is refused before it is decoded.
 DECODED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 4, "PA": 4, "La": 4,
                  "RGB": 4, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4, "I": 4, "F": 4}
-DECODE_WAIT_S = 10.0  # a frame waits this long for a decode slot, then 503 with Retry-After
+DECODE_WAIT_S = 10.0  # a frame waits this long for a decode slot (or the large-frame lane), then 503 with Retry-After
+T = TypeVar("T")
+LANE_NICE = 19  # the large-frame lane's OS priority: the lowest, so every normal frame's thread runs first
+LaneInput = tuple[Image.Image | Exception, float]  # a model's input made in the lane (or why not), and its ms
 
 
 class LimitError(SensituneError):
@@ -52,6 +74,9 @@ class LimitError(SensituneError):
         super().__init__(message)
         self.status, self.retry_after = status, retry_after
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in the large-frame worker, unpickled in the service
+        return type(self), (self.status, str(self), self.retry_after)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -60,8 +85,9 @@ class Limits:
     max_body_bytes: int = 16 * 2**20  # a 5 MP 16-bit PNG frame is ~10 MB; an upload is never larger than this
     max_pixels: int = 25_000_000  # 25 MP covers common area-scan sensors (5120 x 5120 = 26.2 MP needs a raise)
     max_decoded_bytes: int = 100_000_000  # a 25 MP RGB frame as Pillow holds it (4 bytes a pixel)
-    decode_concurrency: int = 4  # frames decoded at full size at once: 4 x ~125 MB at most
-    formats: tuple[str, ...] = ("PNG", "JPEG")
+    decode_concurrency: int = 4  # frames decoded at full size at once: 4 x ~49 MB at most
+    large_frame_bytes: int = 24_000_000  # over this decoded, the large-frame lane: 5 MP RGB (20 MB) stays normal
+    formats: tuple[str, ...] = ("PNG", "JPEG", "TIFF")  # cameras' frames and their archives' (16-bit TIFF)
     max_id_length: int = 128
     feedback_per_minute: int = 600  # 10/s sustained per client, burst of the same size
     served_frames: int = 100_000  # ~10 MB of index: a day of a 1 fps camera per camera slot
@@ -75,6 +101,7 @@ _INT_LIMITS = {
     "max_pixels": (1, 10**9),
     "max_decoded_bytes": (1024, 2**34),
     "decode_concurrency": (1, 256),
+    "large_frame_bytes": (1024, 2**34),
     "max_id_length": (8, 1024),
     "feedback_per_minute": (1, 10**6),
     "served_frames": (1, 10**7),
@@ -131,13 +158,23 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         LimitError: 415 format or mode not allowed or unreadable, 413 more pixels than ``max_pixels`` or more decoded
             bytes than ``max_decoded_bytes``.
     """
+    return decode(open_header(data, limits))
+
+
+def open_header(data: bytes, limits: Limits) -> Image.Image:
+    """An uploaded frame with only its header read, checked against the limits as `open_image` checks it: the caller
+    learns what its decode will cost (`decoded_bytes`) and picks where to `decode` it (a slot or the large-frame lane).
+    """
     try:
         im = Image.open(io.BytesIO(data), formats=list(limits.formats))  # reads the header only
     except Image.DecompressionBombError as e:  # Pillow's own guard, at 2x MAX_IMAGE_PIXELS
         raise LimitError(413, f"file: {one_line(e)}; at most {limits.max_pixels} pixels") from None
     except Exception as e:
         allowed = "/".join(limits.formats)
-        raise LimitError(415, f"file: not a readable {allowed} image ({one_line(e, 120)}); send {allowed}") from None
+        raise LimitError(
+            415, f"file: not a readable {allowed} image ({one_line(e, 120)}); send {allowed}, or add the format to "
+            "limits.formats in rollout.yaml"
+        ) from None  # fmt: skip
     w, h = im.size
     if w * h > limits.max_pixels:
         raise LimitError(
@@ -151,6 +188,17 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             413, f"file: {w}x{h} {im.mode} decodes to {w * h * per_pixel} bytes, over limits.max_decoded_bytes="
             f"{limits.max_decoded_bytes}; send smaller frames"
         )  # fmt: skip
+    return im
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """What a frame `open_header` passed will take once decoded (width x height x the bytes a pixel of its mode)."""
+    w, h = im.size
+    return w * h * DECODED_BYTES[im.mode]
+
+
+def decode(im: Image.Image) -> Image.Image:
+    """Decode a frame `open_header` passed; 415 when its pixels do not decode."""
     try:  # the decode, bounded now; no copy: the image owns its pixels once loaded (the bytes it read stay small)
         im.load()
     except Exception as e:
@@ -183,30 +231,144 @@ class DecodeGate:
             self._slots.release()
 
 
+def _lane_start(parent: int) -> None:
+    """The large-frame worker's initializer: the lowest OS priority for the whole process, the imports its work
+    needs done once, before a frame waits on them, and an exit when `parent` (the service) is gone: a worker holds
+    its own end of the pool's queue, so a killed service would otherwise leave it waiting forever."""
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, LANE_NICE)
+    except (AttributeError, OSError):  # no setpriority (Windows), or not allowed: the lane still runs one at a time
+        pass
+    import numpy  # noqa: F401
+
+    import spt_core.portable.preprocess  # noqa: F401
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def lane_inputs(data: bytes, limits: Limits, specs: Mapping[str, Any]) -> dict[str, LaneInput]:
+    """In the large-frame worker: decode `data` as `open_image` would, then `model_image` of it for each key of
+    `specs` (a preprocess spec), timed; a failure is kept for the key it belongs to, a spec seen before is made once.
+    Only these model-sized images go back to the service."""
+    from spt_core.portable.preprocess import model_image
+
+    image = decode(open_header(data, limits))
+    made: list[tuple[Any, LaneInput]] = []
+    out: dict[str, LaneInput] = {}
+    for key, pre in specs.items():
+        same = next((given for spec, given in made if spec == pre), None)
+        if same is None:
+            t0 = time.perf_counter()
+            try:
+                same = (model_image(image, pre), (time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # raised where that model runs, as its own preprocessing would have
+                same = (e if _travels(e) else ValueError(one_line(e)), 0.0)
+            made.append((pre, same))
+        out[key] = same
+    return out
+
+
+def _travels(e: Exception) -> bool:
+    """Whether `e` comes back from the worker as itself (an exception whose constructor does not take its args
+    cannot be unpickled and would break the pool)."""
+    try:
+        type(e)(*e.args)
+    except Exception:
+        return False
+    return True
+
+
+class LargeFrameLane:
+    """One worker process at nice 19 for the frames over ``limits.large_frame_bytes`` (module docstring), one at a
+    time: a second such frame waits up to `wait_s` for it, then gets 503 with Retry-After. The process is spawned
+    (no fork of the service's threads and models) by `start` (the HTTP service calls it at startup), else by the
+    first large frame; `close` ends it. Thread-safe."""
+
+    def __init__(self, wait_s: float = DECODE_WAIT_S) -> None:
+        self.wait_s = wait_s
+        self._slot = threading.BoundedSemaphore(1)
+        self._lock = threading.Lock()  # guards the pool's start and its swap after a worker died
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> ProcessPoolExecutor:
+        """The worker's pool, spawning the worker now if there is none, so a large frame does not wait for its
+        imports."""
+        with self._lock:
+            if self._pool is None:
+                spawn = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(1, spawn, initializer=_lane_start, initargs=(os.getpid(),))
+                self._pool.submit(os.getpid)
+            return self._pool
+
+    def run(self, fn: Callable[..., T], limit: int, *args: Any) -> T:
+        """`fn(*args)` in the worker (a module-level function, picklable arguments), its result or exception here;
+        `limit` (large_frame_bytes) names the 503. A worker that died answers 503 and is started again."""
+        if not self._slot.acquire(timeout=self.wait_s):
+            raise LimitError(
+                503, f"busy: a frame over limits.large_frame_bytes={limit} is being decoded; retry shortly",
+                retry_after=1.0,
+            )  # fmt: skip
+        try:
+            pool = self.start()
+            try:
+                return pool.submit(fn, *args).result()
+            except BrokenProcessPool:
+                with self._lock:
+                    if self._pool is pool:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        self._pool = None
+                self.start()
+                raise LimitError(
+                    503, f"the large-frame worker stopped (out of memory?) on a frame over limits.large_frame_bytes="
+                    f"{limit}; it is restarted, retry shortly", retry_after=1.0,
+                ) from None  # fmt: skip
+        finally:
+            self._slot.release()
+
+    def worker_pid(self) -> int:
+        """The worker process's id (tests, monitoring); waits for it to be up."""
+        return self.start().submit(os.getpid).result()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
 class RateLimiter:
-    """A token bucket per client: `per_minute` requests a minute sustained, bursts up to the same number.
+    """A token bucket per key: `per_window` a `window_s` sustained, bursts up to the same number (feedback per client;
+    the frame store's frames kept per camera).
 
     At most `max_clients` buckets are kept (least recently used dropped), so a flood of client names costs bounded
     memory. Thread-safe.
     """
 
-    def __init__(self, max_clients: int = 10_000) -> None:
+    def __init__(self, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, last time)
-        self._max = max_clients
+        self._max, self._clock = max_clients, clock
+
+    def spend(self, client: str, per_window: float, window_s: float = 60.0) -> float:
+        """Spend one token of `client`'s bucket: 0.0 when spent, else the seconds until one is there (none spent)."""
+        rate, now = per_window / window_s, self._clock()
+        with self._lock:
+            tokens, last = self._buckets.pop(client, (float(per_window), now))
+            tokens = min(float(per_window), tokens + (now - last) * rate)
+            spent = tokens >= 1.0
+            self._buckets[client] = (tokens - 1.0 if spent else tokens, now)
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+        return 0.0 if spent else (1.0 - tokens) / rate
 
     def take(self, client: str, per_minute: int) -> None:
         """Spend one token of `client`'s bucket, or raise `LimitError` 429 with the seconds to wait."""
-        rate, now = per_minute / 60.0, time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.pop(client, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * rate)
-            if tokens < 1.0:
-                self._buckets[client] = (tokens, now)
-                wait = (1.0 - tokens) / rate
-                raise LimitError(
-                    429, f"feedback from {client!r}: over limits.feedback_per_minute={per_minute}", retry_after=wait
-                )
-            self._buckets[client] = (tokens - 1.0, now)
-            while len(self._buckets) > self._max:
-                self._buckets.popitem(last=False)
+        wait = self.spend(client, per_minute)
+        if wait > 0:
+            why = f"feedback from {client!r}: over limits.feedback_per_minute={per_minute}"
+            raise LimitError(429, why, retry_after=wait)

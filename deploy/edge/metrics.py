@@ -16,7 +16,8 @@ from deploy.edge.rollout.stats import quantiles
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 COUNTS = (
     "requests errors bad_requests fallbacks log_errors reloads reloads_refused shadow_runs "
-    "refused_unauthorized refused_limits feedback_refused sync_errors registry_bad_replies models_refused"
+    "refused_unauthorized refused_limits feedback_refused sync_errors registry_bad_replies models_refused "
+    "frames_over_camera_quota"  # frames a camera's quota kept out of the frame store (deploy.edge.frame_store)
 ).split()
 # ms: the model takes 1-30 ms on an edge CPU; the tail buckets show queueing and oversized frames
 _BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)

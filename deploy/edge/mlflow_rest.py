@@ -28,11 +28,13 @@ from typing import Any
 
 from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, RegistryError
 from deploy.edge.rollout.logs import now_iso as _now
+from spt_core.portable.errors import one_line
 from spt_core.portable.io import atomic_path
 
 API, PROXY = "/api/2.0/mlflow", "/api/2.0/mlflow-artifacts/artifacts"
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a registry version or run id: never a path (no . or /)
 JSON_MAX_BYTES = 8 << 20
+DETAIL_MAX_BYTES = 16 << 10  # an error reply's body, quoted whole: MLflow's are a few hundred bytes
 
 
 class RestRegistry:
@@ -88,12 +90,12 @@ class RestRegistry:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 payload = self._read(r, f"{method} {path}", deadline, max_bytes)
         except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
+            detail = " ".join(e.read(DETAIL_MAX_BYTES).decode("utf-8", "replace").split())  # whole, on one line
             if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail or "not found" in detail.lower():
                 raise NotFound(f"{method} {path}: {detail}") from None
             raise RegistryError(f"MLflow at {self.url}: {method} {path} -> HTTP {e.code} {detail}") from None
         except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
-            raise RegistryError(f"MLflow at {self.url} unreachable ({type(e).__name__}: {e})") from None
+            raise RegistryError(f"MLflow at {self.url} unreachable ({type(e).__name__}: {one_line(e, None)})") from None
         if raw:
             return payload
         try:
@@ -154,8 +156,10 @@ class RestRegistry:
             raise self._bad(f"run {run_id}: malformed reply ({type(e).__name__}: {e})") from None
         if not isinstance(uri, str) or not uri.startswith("mlflow-artifacts:"):
             raise RegistryError(
-                f"run {run_id}'s artifacts are at {uri}, not behind the server's artifact proxy: start "
-                "`mlflow server` with --artifacts-destination (and without --no-serve-artifacts)"
+                f"run {run_id}'s artifacts are at {uri}, which a box cannot download (the run's experiment keeps "
+                "that location even after the server restarts with proxied artifacts): start a registry with "
+                "`sensitune registry serve --dir DIR` (a new store) and `sensitune publish --tracking-uri <its URI>` "
+                "the model into it, or publish into a new experiment (--set publish.experiment=NAME)"
             )
         path = urllib.parse.urlparse(uri).path
         if ".." in path.split("/"):

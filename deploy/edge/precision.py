@@ -77,6 +77,9 @@ SOURCE = "onnx"  # always built: every other row is made from this file
 BUILDABLE = tuple(p.name for p in TABLE if p.name != SOURCE)  # what ``export.precisions`` may name
 DEFAULT = tuple(p.name for p in TABLE if p.default and p.name != SOURCE)
 SERVED = "fp32"  # what the edge serves and `sensitune predict` opens in an export directory by default
+# What a box serves, best first: the smallest download whose accuracy held. A box set to a precision serves it when
+# promotable, else the next one down this list; fp32 is exact, so it is the last resort of every chain.
+FALLBACK = ("int8", "fp16", "fp32")
 
 
 def artifact_dir(export_dir: str | Path, name: str) -> Path:
@@ -92,3 +95,57 @@ def for_manifest(fmt: str, weights: str) -> Precision | None:
 def weights_of(fmt: str) -> list[str]:
     """The manifest precisions a format may carry (``openvino`` -> fp32, fp16, int8)."""
     return [p.weights for p in TABLE if p.format == fmt]
+
+
+def fallback_chain(wanted: str) -> tuple[str, ...]:
+    """The precisions a box set to `wanted` may serve, in order (``int8`` -> int8, fp16, fp32; ``fp32`` -> fp32)."""
+    return FALLBACK[FALLBACK.index(wanted) :] if wanted in FALLBACK else (wanted,)
+
+
+def choose_served(wanted: str, verdicts: Mapping[str, Mapping]) -> tuple[str | None, str]:
+    """Which precision serves, and why in one line: the first of `fallback_chain(wanted)` that is exported and not
+    refused by export verification.
+
+    Both sides ask this one rule: the box (`verdicts` from each precision's manifest) and the hand-over gate (from
+    export_report.json), so that the gate judges the very artifact the boxes will pull.
+
+    Args:
+        wanted: The precision the boxes are set to (box.yaml ``registry.precision``, params ``publish.precision``).
+        verdicts: Per exported precision: ``promotable`` (bool, or None when not recorded: allowed, as acceptance
+            allows it), and optionally ``accuracy_drop`` and ``max_drop`` (points) for the reason. A precision
+            left out was not exported.
+
+    Returns:
+        (precision or None when none of the chain may serve, reason), e.g.
+        ``("fp16", "int8 not promotable: drop 9.2 pt > 1.0; serving fp16")``.
+    """
+    skipped = []
+    for name in fallback_chain(wanted):
+        v = verdicts.get(name)
+        if v is None:
+            skipped.append(f"{name} not exported")
+        elif v.get("promotable") is False:
+            skipped.append(f"{name} not promotable{_drop(name, v)}")
+        else:
+            return name, "; ".join([*skipped, f"serving {name}"])
+    return None, "; ".join([*skipped, "nothing promotable to serve"])
+
+
+def _drop(name: str, v: Mapping) -> str:
+    drop, budget = v.get("accuracy_drop"), v.get("max_drop", PRECISIONS[name].max_drop if name in PRECISIONS else None)
+    if not isinstance(drop, (int, float)):
+        return " (export verification failed)"
+    return f": drop {drop:.1f} pt > {budget}" if isinstance(budget, (int, float)) else f": drop {drop:.1f} pt"
+
+
+def report_verdicts(report: Mapping) -> dict[str, dict]:
+    """`choose_served`'s verdicts from an export_report.json (`deploy.compile.verify.verify`'s report)."""
+    drops = report.get("accuracy_drop") or {}
+    return {name: {"promotable": ok, "accuracy_drop": drops.get(name), "max_drop": report.get(f"{name}_max_drop")}
+            for name, ok in (report.get("promotable") or {}).items()}  # fmt: skip
+
+
+def manifest_verdict(manifest: Mapping) -> dict:
+    """One precision's `choose_served` verdict from its sealed manifest (``promotable``, ``verification``)."""
+    drop = (manifest.get("verification") or {}).get("accuracy_drop")
+    return {"promotable": manifest.get("promotable"), "accuracy_drop": drop}

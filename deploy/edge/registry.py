@@ -72,7 +72,7 @@ class MlflowRegistry:
         except MlflowException as e:
             if "not found" in str(e).lower():
                 return None
-            raise RegistryError(f"{self.model_name}@{alias} at {self.tracking_uri}: {one_line(e)}") from e
+            raise RegistryError(f"{self.model_name}@{alias} at {self.tracking_uri}: {one_line(e, None)}") from e
 
     def set_alias(self, alias: str, version: str) -> AliasMove:
         """Point `alias` at `version` (which must be registered)."""
@@ -83,7 +83,7 @@ class MlflowRegistry:
             self.client.set_registered_model_alias(self.model_name, alias, str(version))
         except MlflowException as e:
             raise RegistryError(
-                f"cannot point {self.model_name}@{alias} at version {version!r} ({one_line(e)}); "
+                f"cannot point {self.model_name}@{alias} at version {version!r} ({one_line(e, None)}); "
                 "register that version first or fix the rollout manifest's version"
             ) from e
         return AliasMove(self.model_name, alias, before, str(version), _now())
@@ -168,7 +168,7 @@ class AliasOutbox:
                 moves = move_aliases(job["tracking_uri"], job["model_name"], job["action"], job["version"])
                 return {**job, "outcome": "ok", "alias_moves": moves, "attempts": attempt}
             except Exception as e:
-                error = f"{type(e).__name__}: {one_line(e)}"
+                error = f"{type(e).__name__}: {one_line(e, None)}"
                 if attempt < self.attempts:
                     time.sleep(self.backoff_s * 2 ** (attempt - 1))
         return {**job, "outcome": "failed", "error": error, "attempts": self.attempts}

@@ -317,14 +317,15 @@ class RuntimeControl:
             cfg = self.runtime.config
             return self._apply(decide(report_for(cfg), cfg.decision), "rule", who, "decide", reason)
 
-    def force(self, action: str, who: Principal, reason: str | None = None) -> dict[str, Any]:
-        """An admin's promote or rollback of the current challenger, whatever the rule says (still transactional)."""
+    def force(self, action: str, who: Principal, reason: str | None = None, source: str = "admin") -> dict[str, Any]:
+        """An admin's promote or rollback of the current challenger, whatever the rule says (still transactional);
+        `source` names the door in decisions.jsonl (``admin``: the API, ``ui:<name>``: the operator page)."""
         with self._control:
             cfg = self.runtime.config
             evidence = {"champion_version": cfg.champion.version}
             evidence["challenger_version"] = cfg.challenger.version if cfg.challenger else None
             why = reason or f"{action} by {who.name}"
-            return self._apply(Decision(action, [why], evidence), "admin", who, action, reason)
+            return self._apply(Decision(action, [why], evidence), source, who, action, reason)
 
     def _apply(self, decision: Decision, source: str, who: Principal, action: str, reason: str | None) -> dict:
         """Load + smoke-test the new runtime, then write the manifest (atomically), then swap (caller holds the lock).

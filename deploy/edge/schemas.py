@@ -69,6 +69,12 @@ class FeedbackIn(BaseModel):
     frame_id: str | None = Field(None, max_length=1024)
     camera_id: str | None = Field(None, max_length=1024)
     client_frame_id: str | None = Field(None, max_length=1024)
+    image: str | None = Field(
+        None,
+        description="the frame's bytes as sent to /predict, base64: the frame is kept for training even when the "
+        "box no longer holds it (checked against the served frame's sha256 and the decode limits; the body stays "
+        "under limits.max_body_bytes)",
+    )
 
 
 class FeedbackOut(BaseModel):

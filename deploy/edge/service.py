@@ -15,6 +15,8 @@ the limits.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import ipaddress
 import logging
 import os
@@ -31,7 +33,7 @@ from deploy.edge.api import build_api
 from deploy.edge.artifact import ArtifactError
 from deploy.edge.auth import AuthError, Principal, TokenStore, load_tokens
 from deploy.edge.frames import ServedFrame, ServedFrames
-from deploy.edge.limits import LimitError, check_id, open_image
+from deploy.edge.limits import LargeFrameLane, LimitError, check_id, decode, decoded_bytes, lane_inputs, open_header
 from deploy.edge.rollout.logs import JsonlLog, now_iso
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION
 from deploy.edge.runtime import Runtime, RuntimeControl, load_model
@@ -45,6 +47,7 @@ __all__ = ["EdgeService", "Runtime", "create_app", "load_model", "main"]
 log = logging.getLogger("sensitune.edge")
 
 Reply = tuple[int, dict[str, Any]]
+Input = tuple[Image.Image | Exception, float]  # a model's input (or why it failed) and the ms its preprocessing took
 HOSTS_ENV = "SENSITUNE_EDGE_ALLOWED_HOSTS"
 
 
@@ -53,6 +56,14 @@ class EdgeService(RuntimeControl):
 
     frame_store: Any = None  # frame_store.FrameStore and sync.Sync with --box (sync.attach)
     sync: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lane = LargeFrameLane()  # frames over limits.large_frame_bytes: a low-priority process (limits.py)
+
+    def close(self) -> None:
+        super().close()
+        self.lane.close()
 
     def _write(self, target: JsonlLog, record: dict[str, Any]) -> None:
         try:
@@ -69,7 +80,9 @@ class EdgeService(RuntimeControl):
 
         The frame is decoded and turned into the models' input inside a slot of ``rt.decoding`` (at most
         ``limits.decode_concurrency`` frames at full size at once), and dropped before the slot is given back: a
-        shadow run keeps only the challenger's model-sized image. A frame that gets no slot in time is 503."""
+        shadow run keeps only the challenger's model-sized image. A frame that gets no slot in time is 503. A frame
+        over ``limits.large_frame_bytes`` is decoded and made each model's input in the large-frame lane instead
+        (`LargeFrameLane`, a process): the same inputs, at low priority, one such frame at a time."""
         t0 = time.perf_counter()
         rt = self.runtime  # read once: this request finishes on this runtime even if a reload swaps it
         if rt.champion is None:
@@ -79,19 +92,33 @@ class EdgeService(RuntimeControl):
         try:
             check_id(camera_id, "camera_id", limits)
             client_frame_id = check_id(frame_id, "frame_id", limits) if frame_id else None
-            with rt.decoding.hold():
-                image = open_image(data, limits)  # format, pixels and decoded bytes checked before the decode
-                reply, shadow = self._answer(rt, image, data, camera_id, client_frame_id, t0)
-                if shadow is not None:  # the challenger's full-size preprocessing, timed for its latency
-                    t1 = time.perf_counter()
-                    try:
-                        shadow_in = model_image(image, rt.challenger.artifact.preprocess)
-                        shadow["prep_ms"] = (time.perf_counter() - t1) * 1e3
-                    except Exception as e:  # counted against the challenger, as a failed shadow run is
+            header = open_header(data, limits)  # format, pixels and decoded bytes checked before the decode
+            if decoded_bytes(header) > limits.large_frame_bytes:
+                inputs = self.lane.run(lane_inputs, limits.large_frame_bytes, data, limits, preprocesses(rt))
+                reply, shadow = self._answer(rt, inputs, data, camera_id, client_frame_id, t0)
+                if shadow is not None:
+                    shadow_in, shadow["prep_ms"] = inputs[CHALLENGER]
+                    if isinstance(shadow_in, Exception):  # counted against the challenger, as in a decode slot
                         self.metrics.model(CHALLENGER, rt.challenger.version, None)
-                        log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(e))
+                        log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(shadow_in))
                         shadow = None
-                del image  # the full-size frame lives only inside the slot
+            else:
+                with rt.decoding.hold():
+                    image = decode(header)
+                    whole = (image, 0.0)  # the models preprocess it themselves
+                    reply, shadow = self._answer(rt, {CHAMPION: whole, CHALLENGER: whole}, data, camera_id,
+                                                 client_frame_id, t0)  # fmt: skip
+                    del whole
+                    if shadow is not None:  # the challenger's full-size preprocessing, timed for its latency
+                        t1 = time.perf_counter()
+                        try:
+                            shadow_in = model_image(image, rt.challenger.artifact.preprocess)
+                            shadow["prep_ms"] = (time.perf_counter() - t1) * 1e3
+                        except Exception as e:  # counted against the challenger, as a failed shadow run is
+                            self.metrics.model(CHALLENGER, rt.challenger.version, None)
+                            log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(e))
+                            shadow = None
+                    del image  # the full-size frame lives only inside the slot
         except LimitError as e:
             self.metrics.request(None, "bad")
             self.metrics.count("refused_limits")
@@ -101,15 +128,19 @@ class EdgeService(RuntimeControl):
         return reply
 
     def _answer(
-        self, rt: Runtime, image: Image.Image, data: bytes, camera_id: str, client_frame_id: str | None, t0: float
+        self, rt: Runtime, inputs: dict[str, Input], data: bytes, camera_id: str, client_frame_id: str | None,
+        t0: float,
     ) -> tuple[Reply, dict[str, Any] | None]:
-        """The served answer for a decoded frame, and the record base for a shadow run (None: no shadow run)."""
+        """The served answer for a decoded frame, and the record base for a shadow run (None: no shadow run).
+        `inputs`: role -> the frame that role's model is given (the full-size frame, or its model input made in the
+        large-frame lane)."""
         served_id = ServedFrames.new_id()
         base = {"ts": now_iso(), "frame_id": served_id, "client_frame_id": client_frame_id, "camera_id": camera_id}
+        sha = hashlib.sha256(data).hexdigest()  # ~1 ms per MB: lets a late label bring this exact frame along
         role, fallback, out = rt.arm(camera_id), False, None
         if role == CHALLENGER:
             try:
-                out = rt.challenger.predict(image, rt.gate)
+                out = run_model(rt.challenger, inputs[CHALLENGER], rt)
                 rt.health.note(ok=True)
             except Exception as e:  # the champion answers instead; counted against the challenger
                 err = one_line(e)
@@ -126,7 +157,7 @@ class EdgeService(RuntimeControl):
         model = rt.challenger if role == CHALLENGER else rt.champion
         if out is None:
             try:
-                out = rt.champion.predict(image, rt.gate)
+                out = run_model(rt.champion, inputs[CHAMPION], rt)
             except Exception as e:
                 self.metrics.model(CHAMPION, model.version, None)
                 self.metrics.request(None, "error")
@@ -136,8 +167,8 @@ class EdgeService(RuntimeControl):
         self.metrics.model(role, model.version, out["latency_ms"])
         self.metrics.request(ms)
         rec = {**base, "role": role, "model_version": model.version, **out, "request_ms": ms, "served": True}
-        self._write(rt.pred_log, {**rec, "fallback": fallback})
-        self.frames.add(ServedFrame(served_id, camera_id, client_frame_id))
+        self._write(rt.pred_log, {**rec, "sha256": sha, "fallback": fallback})
+        self.frames.add(ServedFrame(served_id, camera_id, client_frame_id, sha, str(out["class"]), model.version))
         if self.frame_store is not None:
             self.frame_store.offer({**rec, "line": rt.config.line}, data)
         shadow = rt.config.shadow and role == CHAMPION and rt.challenger is not None and not rt.health.disabled
@@ -204,12 +235,56 @@ class EdgeService(RuntimeControl):
             self.metrics.count("feedback_refused")
             why = f"{named}: this service served no such frame (or it is older than the last {self.frames.capacity} "
             return 404, {"error": why + "frames); label frames by the frame_id /predict returned"}, {}
+        try:
+            served = None if item.image is None else (frame.record(), carried_frame(item.image, frame, rt, self.lane))
+        except LimitError as e:
+            self.metrics.count("feedback_refused")
+            return e.status, {"error": str(e)}, {}
         record = {"ts": now_iso(), "frame_id": frame.frame_id, "camera_id": frame.camera_id}
         record |= {"client_frame_id": frame.client_frame_id, "label": item.label, "by": who.name}
         self._write(rt.feedback_log, record)
-        kept = self.frame_store.label(frame.frame_id, item.label, who.name) if self.frame_store is not None else None
+        kept = None
+        if self.frame_store is not None:
+            kept = self.frame_store.label(frame.frame_id, item.label, who.name, served=served)
         body = {"ok": True, "frame_id": frame.frame_id, "camera_id": frame.camera_id, "label": item.label}
         return 200, {**body, "frame_kept": kept is not None}, {}
+
+
+def preprocesses(rt: Runtime) -> dict[str, Any]:
+    """Each served model's preprocess spec by role: what the large-frame lane (`lane_inputs`) makes each model's
+    input by (`model_image`, as `predict` makes it itself, so the answer is the same)."""
+    models = ((CHAMPION, rt.champion), (CHALLENGER, rt.challenger))
+    return {role: model.artifact.preprocess for role, model in models if model is not None}
+
+
+def run_model(model: Any, given: Input, rt: Runtime) -> dict[str, Any]:
+    """`model.predict` of a frame or of its model input; `latency_ms` counts the preprocessing the lane did for it."""
+    image, prep_ms = given
+    if isinstance(image, Exception):
+        raise image
+    out = model.predict(image, rt.gate)
+    out["latency_ms"] += prep_ms
+    return out
+
+
+def carried_frame(image_b64: str, frame: ServedFrame, rt: Runtime, lane: LargeFrameLane) -> bytes:
+    """The frame bytes a label brought along (`FeedbackIn.image`), once they are shown to be the very bytes served
+    as ``frame`` and to pass the decode limits a /predict upload passes; `LimitError` 422/413/415/503 otherwise."""
+    try:
+        data = base64.b64decode(image_b64, validate=True)
+    except ValueError:
+        raise LimitError(422, "image: not base64; send the frame's bytes base64-encoded, or leave image out") from None
+    if frame.sha256 is None or hashlib.sha256(data).hexdigest() != frame.sha256:
+        raise LimitError(422, f"image: not the bytes /predict received as frame {frame.frame_id}; send exactly those "
+                              "bytes, or leave image out (the label still counts)")  # fmt: skip
+    limits = rt.config.limits
+    header = open_header(data, limits)  # the limits may have changed since it was served
+    if decoded_bytes(header) > limits.large_frame_bytes:
+        lane.run(lane_inputs, limits.large_frame_bytes, data, limits, {})  # decoded in the lane's process only
+    else:
+        with rt.decoding.hold():
+            decode(header).close()
+    return data
 
 
 def create_app(
@@ -225,6 +300,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
+        service.lane.start()  # the large-frame worker process, before the first 25 MP frame would wait for it
         if service.sync is not None:
             service.sync.start()
         yield

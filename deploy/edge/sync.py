@@ -8,8 +8,9 @@ One sync, outbound only (`deploy.edge.mlflow_rest`, plain HTTP):
    each with an audit record (who, when, from, to, evidence, box) as a registered-model tag;
 2. pull: the versions behind `champion` and `challenger` (safe ids, never paths), each through
    `deploy.edge.acceptance.Intake` (staged download, sha256, signature, compile, smoke test, compatibility with the
-   serving champion) into ``store/<version>/<precision>/``; a refused version is named in the status
-   (``refused``) and the audit log, and the box keeps what it serves;
+   serving champion) into ``store/<version>/<precision>/``, the precision the box is set to or, where export
+   refused it, the next promotable one down (int8 -> fp16 -> fp32; ``serving`` in the status says which and why);
+   a refused version is named in the status (``refused``) and the audit log, and the box keeps what it serves;
 3. the rollout manifest's champion/challenger follow the accepted versions (the box's own cameras, share, pins and
    decision rule stay), written atomically, and the service hot-reloads;
 4. upload: labelled frames (unlabelled ones only with ``sync.upload_unlabelled: true``) go to the server's
@@ -105,11 +106,12 @@ class BoxConfig:
             )  # fmt: skip
         except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
             raise SensituneError(
-                f"{path}: not a usable box config ({one_line(e)}); see docs/from-images-to-line.md"
+                f"{path}: not a usable box config ({one_line(e, None)}); see docs/from-images-to-line.md"
             ) from None
 
-    def frame_store(self) -> FrameStore | None:
-        return None if self.frames_dir is None else FrameStore(self.frames_dir, self.frame_rule, self.frames_quota_mb)
+    def frame_store(self, count: Any = lambda _: None) -> FrameStore | None:  # count: the service's metrics.count
+        d = self.frames_dir
+        return None if d is None else FrameStore(d, self.frame_rule, self.frames_quota_mb, count=count)
 
     def trust(self) -> Trust:
         """The keys this box trusts (box.yaml ``trust: {public_keys: [...], require_signature: ...}``)."""
@@ -173,6 +175,8 @@ class Sync:
                     raise SensituneError(f"{self.box.model_name}@champion is not set in the registry yet")
                 out["changed"], refused = self._pull(versions)
                 out["versions"] = {a: (mv or {}).get("version") for a, mv in versions.items()}
+                self.state["serving"] = {a: {"version": v, **self.intake.serving.get(v, {})}  # which precision, why
+                                         for a, v in out["versions"].items() if v is not None}  # fmt: skip
                 out["uploaded"] = self._upload_frames()
                 self.state.update(last_ok=_now(), last_ok_epoch=time.time(), error=None, refused=refused,
                                   **out["versions"])  # fmt: skip
@@ -182,7 +186,7 @@ class Sync:
             except Exception as e:  # the loop must outlive any reply: the error is the round's, and counted
                 if not isinstance(e, (SensituneError, OSError)):
                     log.exception("sync round failed")
-                self.state["error"] = str(e) if isinstance(e, SensituneError) else one_line(e)
+                self.state["error"] = str(e) if isinstance(e, SensituneError) else one_line(e, None)
                 out["error"] = self.state["error"]
                 self._count("errors_total")
             self._count("bad_replies", self.reg.bad_replies - bad_before)
@@ -194,7 +198,7 @@ class Sync:
             try:
                 out["reload"] = self.on_change()
             except Exception as e:
-                out["error"] = self.state["error"] = f"reload after sync failed: {one_line(e)}"
+                out["error"] = self.state["error"] = f"reload after sync failed: {one_line(e, None)}"
         return out
 
     def start(self) -> None:
@@ -371,7 +375,7 @@ def attach(service: Any, box_path: str | Path | None) -> Any:
     from deploy.edge.auth import ADMIN, Principal
 
     box = replace(BoxConfig.load(box_path), rollout=service.config_path)
-    store = box.frame_store()
+    store = box.frame_store(service.metrics.count)
     service.frame_store = None if store is None else GuardedFrames(store)
     reload = lambda: service.reload(Principal(f"sync:{box.box}", ADMIN))  # noqa: E731
     service.sync = Sync(box, store, on_change=reload, metrics=service.metrics)

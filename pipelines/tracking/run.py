@@ -1,7 +1,7 @@
 """MLflow tracking of one pipeline run: params, per-epoch and final metrics, artifacts, the registered model.
 
     log_run(params, run_dir)   everything in runs/main -> one MLflow run; merged model registered as a pyfunc
-                               model and aliased `challenger` (the rollout moves `champion`)
+                               model, with no alias unless asked (`pipelines.publish` moves aliases after its gate)
     replay(fallback_json)      log a run that was saved locally while the server was down
 
 Logging never breaks training: any MLflow failure (server down, DB locked, ...) is a `TrackingWarning`, and
@@ -43,7 +43,7 @@ from .common import (
 )
 from .live import live_run_id
 from .metrics import FINAL_METRICS, epoch_metrics, ladder_metrics
-from .registry import CHALLENGER, register_model
+from .registry import register_model
 
 RECORD_FILE = "mlflow_run.json"  # what the track stage wrote (run id, model version or fallback)
 FALLBACK_FILE = "mlflow_fallback.json"
@@ -62,7 +62,7 @@ def log_run(
     register: bool = True,
     tags: dict[str, str] | None = None,
     model_name: str | None = None,
-    register_alias: str | None = CHALLENGER,
+    register_alias: str | None = None,
     version_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Log one finished pipeline run to MLflow; never raises for MLflow failures.
@@ -72,10 +72,10 @@ def log_run(
         run_dir: The run directory (``paths.run``) holding metrics.json, history.csv, plan.json, ...
         tracking_uri: MLflow URI; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
         experiment: MLflow experiment name (created if missing).
-        register: Register merged.safetensors as a pyfunc model version and alias it ``challenger``.
+        register: Register merged.safetensors as a pyfunc model version.
         tags: Extra run tags (e.g. the Prefect flow run id).
         model_name: Registered model name; default ``sensitune-<timm model name>``.
-        register_alias: The alias the new version gets (None: none; `pipelines.publish` decides).
+        register_alias: The alias the new version gets at once (None: none; `pipelines.publish` gates first).
         version_tags: Extra tags of the registered version.
 
     Returns:
@@ -356,6 +356,6 @@ def _log_into(mlflow: Any, client: Any, run_id: str, record: dict, register: boo
     if register and model is not None:
         with mlflow.start_run(run_id=run_id):  # log_model needs an active run; leaving it ends the run FINISHED
             version = register_model(mlflow, client, model)
-        result.update(model_name=model["name"], model_version=version, alias=model.get("alias", CHALLENGER))
+        result.update(model_name=model["name"], model_version=version, alias=model.get("alias"))
     else:
         client.set_terminated(run_id, "FINISHED")

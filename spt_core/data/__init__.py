@@ -16,7 +16,7 @@ from spt_core.data.loaders import (
     scan_split,
     train_transform,
 )
-from spt_core.data.prepare import DatasetInfo, data_hash, load_dataset_info, prepare
+from spt_core.data.prepare import DatasetInfo, check_class_sizes, data_hash, load_dataset_info, prepare
 from spt_core.data.sources import (
     BUILTINS,
     FASHION_MNIST_CLASSES,
@@ -31,6 +31,7 @@ __all__ = [
     "BALANCE",
     "Augment",
     "BalancedSampler",
+    "check_class_sizes",
     "class_weights",
     "train_transform",
     "BUILTINS",

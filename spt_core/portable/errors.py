@@ -17,8 +17,9 @@ class PlanError(SensituneError):
     """A budget, plan or tuned-weights directory that does not fit the model."""
 
 
-def one_line(e: BaseException, limit: int = 200) -> str:
-    """The gist of an exception on one line (whitespace collapsed), at most ``limit`` characters; its type if empty.
+def one_line(e: BaseException, limit: int | None = 200) -> str:
+    """The gist of an exception on one line (whitespace collapsed), at most ``limit`` characters (None: whole, for
+    messages whose end holds the fix, such as the registry's); its type if empty.
 
     Library messages (torch, timm, OpenVINO) often span paragraphs; this is what to quote inside ours. OpenVINO
     puts its reason after "Exception from <source file>" lines, so for those only the last line is kept.
@@ -27,7 +28,13 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     if lines and lines[0].startswith("Exception from"):
         lines = lines[-1:]
     text = " ".join(" ".join(lines).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def few(items: list[str], shown: int = 5) -> str:
+    """The first `shown` of `items` and how many more: every bad file named in one line that stays short."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 CLASS_NAME_MAX = 64

@@ -34,7 +34,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | Non
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact ends at k = 0 and k = n: rounding leaves ~1e-17 there, enough for "0 escapes is worse than 0 escapes"
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def confusion_matrix(labels: Sequence[int] | np.ndarray, preds: Sequence[int] | np.ndarray, k: int) -> np.ndarray:

@@ -227,7 +227,7 @@ def flat_rates(rates: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def selection_score(
-    labels: np.ndarray, probs: np.ndarray, select: str, ok_index: int | None = None, max_escape_rate: float = 0.0
+    labels: np.ndarray, probs: np.ndarray, select: str, ok_index: int | None = None, max_escape_rate: float = 0.005
 ) -> float:
     """Higher is better: accuracy, balanced accuracy, minus the overkill at the operating point chosen on these
     parts (`OperatingPoint.choose`), or ("loss") minus the mean cross-entropy of the true class (unweighted, no

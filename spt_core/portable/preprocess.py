@@ -27,6 +27,8 @@ MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 _WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow's modes of 16-bit, 32-bit and float frames
 _AUTO_DEPTH = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 16}  # "I": how Pillow opens many 16-bit files
 _STRIP_VALUES = 1 << 20  # values per strip in `_wide_to_grey`: 8 MB of float64
+# GenICam's Mono10/12/14/16: the depths a camera writes into a 16-bit container, the candidates `infer_bit_depth` picks
+CAMERA_DEPTHS = (10, 12, 14, 16)
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -119,6 +121,56 @@ def _wide_to_grey(img: Image.Image, bit_depth: int | None) -> Image.Image:
         np.clip(x, 0, 255, out=x)
         grey[y : y + rows] = x
     return Image.fromarray(grey)
+
+
+def needs_depth(img: Image.Image) -> bool:
+    """True for the frames ``bit_depth`` scales (16/32-bit integer and float); 8-bit files describe themselves."""
+    return img.mode in _WIDE
+
+
+def frame_max(img: Image.Image) -> int | None:
+    """The largest value of a 16/32-bit integer frame, read a strip of rows at a time (bounded memory, as in
+    `_wide_to_grey`); None for 8-bit and float frames, which carry no bit depth to measure."""
+    if img.mode not in _AUTO_DEPTH:
+        return None
+    w, h = img.size
+    rows = max(1, _STRIP_VALUES // max(1, w))
+    strips = (np.asarray(img.crop((0, y, w, min(h, y + rows)))) for y in range(0, h, rows))
+    return max((int(s.max()) for s in strips if s.size), default=0)
+
+
+def infer_bit_depth(top: int) -> int:
+    """The fewest bits of a camera format (`CAMERA_DEPTHS`) that hold `top`, the frames' largest value; beyond 16
+    bits, the bits `top` needs. Mono12 frames (at most 4095) give 12, so they fill 0..255 instead of 0..15."""
+    return next((d for d in CAMERA_DEPTHS if top < 2**d), top.bit_length())
+
+
+def choose_bit_depth(declared: int | None, top: int | None, where: str = "") -> int | None:
+    """The bit depth that scales 16/32-bit frames whose largest value is `top` (None: there are no integer ones):
+    measured (`infer_bit_depth`) when not ``declared``, else the declared one if the values fit it.
+
+    Raises:
+        DataError: the declared depth does not fit the frames (`depth_mismatch`); `where` names the file.
+    """
+    if top is None or declared is None:
+        return declared if top is None else infer_bit_depth(top)
+    why = depth_mismatch(declared, top)
+    if why:
+        raise DataError(f"data.bit_depth={declared}: {why} (largest value {top} {where}); set data.bit_depth: "
+                        f"{infer_bit_depth(top)} to match the frames, or null to infer it")  # fmt: skip
+    return declared
+
+
+def depth_mismatch(declared: int, top: int) -> str | None:
+    """Why frames whose largest value is `top` are not ``declared``-bit frames, or None when they fit. Values over
+    the range would be clipped to white; values all under 1/16 of it would become a dark 0..15 of 255 (a Mono12
+    camera declared 16). All-black frames (`top` 0) fit any depth."""
+    if top >= 2**declared:
+        return f"values up to {top} do not fit {declared} bits (0..{2**declared - 1}) and would be clipped to white"
+    if 0 < top < 2 ** (declared - 4):
+        dark = round(top * 255 / (2**declared - 1))
+        return f"every value is under {2 ** (declared - 4)}, so the frames would be prepared as 0..{dark} of 255"
+    return None
 
 
 def to_rgb(img: Image.Image, bit_depth: int | None = None) -> Image.Image:

@@ -232,7 +232,7 @@ def fit(
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ok_index: int | None = None,
-    max_escape_rate: float = 0.0,
+    max_escape_rate: float = 0.005,
 ) -> History:
     """Train the model's trainable parameters, select the epoch on validation, test it once.
 
@@ -245,7 +245,7 @@ def fit(
         on_epoch: Called after each epoch (after its checkpoint) with the epoch record plus ``best_epoch``
             and ``best_val_acc``.
         ok_index: The good class's label (``cfg.select="overkill_at_escape"`` needs it).
-        max_escape_rate: The escape ceiling of ``overkill_at_escape``.
+        max_escape_rate: The escape ceiling of ``overkill_at_escape`` (``evaluate.max_escape_rate``).
 
     Returns:
         The History. On return the model holds the best epoch's state and each submodule its original mode.

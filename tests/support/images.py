@@ -30,3 +30,21 @@ def vtab_lists(root: Path, n: dict[str, int]) -> Path:
         )
     (root / "train800val200.txt").write_text("")
     return root
+
+
+def photo_crops(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    """n random square crops (96-200 px, uint8 RGB or grey) of each of 4 scikit-image photos; label = photo: real
+    images with a real accuracy, for export parity and quantization tests."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    photos = [skimage.data.coffee(), skimage.data.astronaut(), skimage.data.brick(), skimage.data.chelsea()]
+    for label, photo in enumerate(photos):
+        h, w = photo.shape[:2]
+        for _ in range(n):
+            c = int(rng.integers(96, 200))
+            y, x = int(rng.integers(0, h - c)), int(rng.integers(0, w - c))
+            images.append(photo[y : y + c, x : x + c])
+            labels.append(label)
+    return images, labels

@@ -13,7 +13,7 @@ The manifest (YAML; paths are relative to the manifest's folder; unknown keys ar
     openvino: {PERFORMANCE_HINT: THROUGHPUT}   # optional: OpenVINO CPU properties over each artifact's runtime_config
     decision: {min_samples: 200, min_gain: 0.0, max_latency_increase: 0.2, max_error_rate: 0.05}
     registry: {tracking_uri: "sqlite:///mlflow.db", model_name: defect-inspector}   # or null
-    limits: {max_body_bytes: 16777216, max_pixels: 25000000, formats: [PNG, JPEG], ...}   # deploy.edge.limits
+    limits: {max_body_bytes: 16777216, max_pixels: 25000000, formats: [PNG, JPEG, TIFF], ...}   # deploy.edge.limits
     challenger_retry_s: 300       # a challenger missing at start is retried this long before it is rolled back
 """
 
@@ -231,5 +231,11 @@ def load_config(path: Path) -> RolloutConfig:
 
 
 def write_config(cfg: RolloutConfig, path: Path) -> None:
-    """Rewrite the manifest atomically and durably (fsync before the rename); YAML comments are not kept."""
-    write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Rewrite the manifest atomically and durably (fsync before the rename); YAML comments are not kept.
+
+    An unset ``ok_class`` is left out, never written as ``null``: absent, the champion artifact's good class
+    applies, and a ``null`` on disk reads as "this line has no good class" to a person (and once did to the pages)."""
+    d = cfg.to_dict()
+    if d["ok_class"] is None:
+        del d["ok_class"]
+    write_text(Path(path), yaml.safe_dump(d, sort_keys=False))

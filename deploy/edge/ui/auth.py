@@ -19,6 +19,9 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 OPERATOR, ADMIN = "operator", "admin"
+# the 401 in an operator's words, heading and how (the pages' script says the same for the front door's 401, ui.js)
+SIGN_IN = "Sign in with your operator token to label frames"
+HOW_TO_SIGN_IN = "Paste it in the box at the top right, then press Use token."
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def authorize(request: Request, role: str) -> Who:
     """The caller if it may act as ``role``; else 401 (no or unknown token) or 403 (wrong role, or no tokens)."""
     who = identify(request)
     if who is None:
-        raise HTTPException(401, "paste an operator or admin token (Authorization: Bearer <token>)")
+        raise HTTPException(401, HOW_TO_SIGN_IN)
     if not who.may(role):
         if not who.auth_configured:
             raise HTTPException(403, NO_AUTH_NOTE)

@@ -46,13 +46,14 @@ class _Camera:
     rejects: Counter[int] = field(default_factory=Counter)  # unix minute -> parts rejected
 
 
-def thumbnail(data: bytes, px: int, quality: int = 60) -> bytes:
+def thumbnail(data: bytes, px: int, quality: int = 60, bit_depth: int | None = None) -> bytes:
     """A JPEG of at most ``px`` on its longest side (``draft`` lets a large JPEG decode at a fraction of the cost).
-    Made 8-bit as the models see it (`to_8bit`: a 16-bit frame scaled, not clipped to white) and shrunk before it
-    becomes RGB, so a full-size frame costs 1 byte a pixel on top of its decode, not 4."""
+    Made 8-bit as the models see it (`to_8bit` by the model's ``bit_depth``: a Mono12 frame scaled by 4095, neither
+    clipped to white nor shown as a dark 0..15) and shrunk before it becomes RGB, so a full-size frame costs 1 byte a
+    pixel on top of its decode, not 4."""
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (px, px))
-        small = to_8bit(im)
+        small = to_8bit(im, bit_depth)
         small.thumbnail((px, px))
         small = small.convert("RGB")
     out = io.BytesIO()
@@ -78,11 +79,15 @@ class RecentFrames:
         self._cams: OrderedDict[str, _Camera] = OrderedDict()
         self._by_id: dict[str, Shot] = {}
 
-    def add(self, data: bytes, body: dict[str, Any], op: OperatingPoint, now: float | None = None) -> Shot | None:
+    def add(
+        self, data: bytes, body: dict[str, Any], op: OperatingPoint, now: float | None = None,
+        bit_depth: int | None = None,
+    ) -> Shot | None:
         """Record one answered frame (``body`` is the /predict answer) with its decision at the champion's operating
-        point ``op`` (`deploy.edge.ui.views.operating_point`); None when the image cannot be read."""
+        point ``op`` (`deploy.edge.ui.views.operating_point`), its thumbnail made 8-bit by the champion's
+        ``bit_depth`` (`deploy.edge.ui.views.bit_depth`); None when the image cannot be read."""
         try:
-            thumb = thumbnail(data, self.thumb_px)
+            thumb = thumbnail(data, self.thumb_px, bit_depth=bit_depth)
         except Exception:  # the service answered it, so this is rare; the line view must never break the line
             return None
         now = time.time() if now is None else now

@@ -36,10 +36,9 @@ from starlette.middleware.gzip import GZipMiddleware
 import deploy.edge.ui.views as views
 from deploy.edge.frame_store import FrameRule, FrameStore, GuardedFrames
 from deploy.edge.limits import LimitError
-from deploy.edge.rollout.decision import PROMOTE, ROLLBACK, Decision, apply_decision, decide
-from deploy.edge.rollout.stats import report_for
+from deploy.edge.rollout.decision import PROMOTE, ROLLBACK
 from deploy.edge.schemas import FeedbackIn
-from deploy.edge.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, Who, authorize, identify
+from deploy.edge.ui.auth import ADMIN, NO_AUTH_NOTE, OPERATOR, SIGN_IN, Who, authorize, identify
 from deploy.edge.ui.recent import RecentFrames, thumbnail
 from spt_core.portable.errors import SensituneError
 
@@ -87,15 +86,16 @@ gets
         self.recent = RecentFrames()
         self._secret = secrets.token_bytes(16)
         if getattr(service, "frame_store", None) is None:
-            service.frame_store = _own_store(service.runtime.config.logs / "frames", quota_mb)
+            service.frame_store = _own_store(service.runtime.config.logs / "frames", quota_mb, service.metrics.count)
         self.store = service.frame_store
 
     def record(self, data: bytes, body: dict[str, Any]) -> None:
         """One answered frame (the /predict body) into the ring. Runs after the answer is sent; a failure here is
         logged and never reaches the camera."""
         try:
+            op, depth = views.operating_point(self.service), views.bit_depth(self.service)
             with self.service.runtime.decoding.hold():  # the thumbnail decodes the frame again, at full size
-                self.recent.add(data, body, views.operating_point(self.service))
+                self.recent.add(data, body, op, bit_depth=depth)
         except Exception:
             log.exception("operator pages: could not record frame %s", body.get("frame_id"))
 
@@ -130,36 +130,31 @@ gets
         got = self.store.get(frame_id) if self.store is not None else None
         if got is not None:
             with self.service.runtime.decoding.hold():  # a stored frame is decoded at full size for its thumbnail
-                return thumbnail(got[1], px, quality=85)
+                return thumbnail(got[1], px, quality=85, bit_depth=views.bit_depth(self.service))
         shot = self.recent.get(frame_id)
         return shot.thumb if shot else None
 
     def force(self, action: str, version: str, reason: str, who: Who) -> dict[str, Any]:
-        """Promote or roll back the challenger ``version`` now (the quality engineer's sign-off), then reload."""
+        """Promote or roll back the challenger ``version`` now (the quality engineer's sign-off).
+
+        The service's own transaction (`deploy.edge.runtime.RuntimeControl.force`), as ``POST /promote`` is: the new
+        champion is loaded and smoke-tested before the manifest changes, and the registry's alias moves go to its
+        outbox, so the page never waits on the registry while it holds the service's control lock."""
         cfg = self.service.runtime.config
         if cfg.challenger is None or cfg.challenger.version != version:
             now = cfg.challenger.version if cfg.challenger else "none"
             raise HTTPException(409, f"the challenger is now {now}, not {version}; reload the page and decide again")
-        force = getattr(self.service, "force", None)
-        if callable(force):  # the service's own transactional promotion, where it has one
-            try:
-                return force(action, who, reason)
-            except SensituneError as e:
-                raise HTTPException(409, str(e)) from None
-        rule = decide(report_for(cfg), cfg.decision)
-        why = [f"{action} by {who.name} ({who.role}) from the operator page: {reason}"]
-        why += [f"the rule said {rule.action}: " + "; ".join(rule.reasons)]
-        record = apply_decision(self.service.config_path, Decision(action, why, rule.evidence), source=f"ui:{who.name}")
-        if record["applied"]:
-            self.service.reload()
-        return record
+        try:
+            return self.service.force(action, who, reason, source=f"ui:{who.name}")
+        except SensituneError as e:
+            raise HTTPException(409, str(e)) from None
 
 
-def _own_store(root: Path, quota_mb: float) -> GuardedFrames | None:
+def _own_store(root: Path, quota_mb: float, count: Any) -> GuardedFrames | None:
     """A frame store for a service without a box (nothing leaves it: no sync); None when it cannot be opened
     (the line runs without it; rejects are still listed from the recent frames)."""
     try:
-        return GuardedFrames(FrameStore(root, FrameRule(), quota_mb=quota_mb))
+        return GuardedFrames(FrameStore(root, FrameRule(), quota_mb=quota_mb, count=count))
     except (OSError, sqlite3.Error) as e:
         log.error("operator pages: no frame store under %s (%s)", root, e)
         return None
@@ -186,7 +181,7 @@ def mount_ui(app: FastAPI, service: Any, tokens: Any = None) -> LineUI:
     def denied(request: Request, e: HTTPException) -> Response:
         if e.status_code in (401, 403):
             service.metrics.count("refused_unauthorized")
-        return render(request, "_denied.html", e.status_code, code=e.status_code, error=e.detail)
+        return render(request, "_denied.html", e.status_code, code=e.status_code, error=e.detail, sign_in=SIGN_IN)
 
     def fragment(request: Request, role: str, name: str, build: Any, **extra: Any) -> Response:
         try:
@@ -210,7 +205,7 @@ def mount_ui(app: FastAPI, service: Any, tokens: Any = None) -> LineUI:
 
     @router.get("/ui/f/whoami")
     def whoami(request: Request) -> Response:
-        return render(request, "_whoami.html", who=identify(request))
+        return render(request, "_whoami.html", who=identify(request), signed="authorization" in request.headers)
 
     @router.get("/ui/f/line")
     def line(request: Request) -> Response:
@@ -233,6 +228,8 @@ def mount_ui(app: FastAPI, service: Any, tokens: Any = None) -> LineUI:
         status, body = ui.label(frame_id, label, who)
         flash = {"ok": status == 200, "text": f"frame {frame_id[:8]} labelled {label}" if status == 200 else
                  body.get("error", str(body))}  # fmt: skip
+        if status == 200 and not body.get("frame_kept"):  # counted for the rollout, but no training image
+            flash["text"] += ": the box no longer holds this frame, so it is not kept for training"
         return render(request, "_review.html", status, who=who, flash=flash, **review_ctx())
 
     @router.get("/ui/f/rollout")

@@ -67,6 +67,13 @@ def operating_point(service: Any) -> OperatingPoint:
     return resolve_operating_point(rt.config, getattr(rt.champion, "artifact", None))
 
 
+def bit_depth(service: Any) -> int | None:
+    """How the serving champion makes 16-bit frames 8-bit (its manifest's ``preprocess.bit_depth``): the pages show a
+    frame as the model sees it, through the same conversion (`spt_core.portable.preprocess.to_8bit`)."""
+    artifact = getattr(service.runtime.champion, "artifact", None)
+    return artifact.preprocess.bit_depth if artifact is not None else None
+
+
 def line_view(service: Any, recent: RecentFrames, shown: int = 3) -> dict[str, Any]:
     """Every camera (seen or pinned) with its arm, its last ``shown`` frames, its class counts and its parts
     rejected (the served decisions) for the hour."""
@@ -85,7 +92,7 @@ def line_view(service: Any, recent: RecentFrames, shown: int = 3) -> dict[str, A
             "arm": arm_of(service, cid),
             "shots": shots[:shown],
             "last_rejected": bool(shots) and shots[0].rejected,
-            "counts": [(c, counts[c], c != ok) for c in order],
+            "counts": [(c, counts[c], ok is not None and c != ok) for c in order],
             "total": total,
             "rejected": rejected,
         })  # fmt: skip
@@ -104,7 +111,7 @@ def review_items(service: Any, recent: RecentFrames, store: Any, limit: int = 30
         items[f.frame_id] = {
             "frame_id": f.frame_id, "camera_id": f.camera_id, "predicted": f.predicted, "score": f.score,
             "margin": f.margin, "other": f.other, "role": f.role, "version": f.model_version, "ts": f.ts[11:19],
-            "reasons": reasons,
+            "reasons": reasons, "p_good": p_good_text(None, f.score, f.predicted, op.ok_class),
         }  # fmt: skip
     for shots, _, _ in recent.cameras().values():
         for s in shots:
@@ -113,6 +120,7 @@ def review_items(service: Any, recent: RecentFrames, store: Any, limit: int = 30
                     "frame_id": s.frame_id, "camera_id": s.camera_id, "predicted": s.cls, "score": s.score,
                     "margin": None, "other": None, "role": s.role, "version": s.version,
                     "ts": time.strftime("%H:%M:%S", time.localtime(s.ts)), "reasons": ["rejected"],
+                    "p_good": p_good_text(s.p_good, s.score, s.cls, op.ok_class),
                 }  # fmt: skip
     for it in items.values():
         it["reason_words"] = [REASON_WORDS.get(r, r) for r in it["reasons"]]
@@ -120,6 +128,19 @@ def review_items(service: Any, recent: RecentFrames, store: Any, limit: int = 30
     return sorted(items.values(), key=lambda i: (i["priority"], i["margin"] if i["margin"] is not None else 2.0))[
         :limit
     ]
+
+
+def p_good_text(p_good: float | None, score: float | None, predicted: str, ok_class: str | None) -> str:
+    """A verdict's P(good) as the pages print it, never a bare "score": exact when known (the answer's own, or the
+    score of a good verdict), else the bound a defect verdict gives (P(good) <= 1 - its score); without a good class
+    (plain classification) the top class's own probability."""
+    if score is None and p_good is None:
+        return "P(good) unknown"
+    if ok_class is None:
+        return f"P({predicted}) {score or 0:.2f} · no good class"
+    if p_good is None and predicted == ok_class:
+        p_good = score
+    return f"P(good) {p_good:.2f}" if p_good is not None else f"P(good) ≤ {1 - (score or 0):.2f}"
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
@@ -231,9 +252,9 @@ def models_view(service: Any, max_manifests: int = 40) -> dict[str, Any]:
         models.append({
             "version": str(m.get("model_version")), "role": roles.get(d), "path": str(d),
             "precision": m.get("precision"), "format": m.get("format"), "model_name": m.get("model_name"),
-            "class_names": m.get("class_names") or [], "ok_class": op.ok_class,
+            "class_names": m.get("class_names") or [], "ok_class": op.ok_class, "ok_class_recorded": "ok_class" in m,
             "threshold": op.threshold, "data_version": m.get("data_version"), "plan_hash": m.get("plan_hash"),
-            "created": m.get("created"), "sensitune_version": m.get("sensitune_version"),
+            "created": with_age(m.get("created")), "sensitune_version": m.get("sensitune_version"),
             "promotable": m.get("promotable"), "verification": ver,
         })  # fmt: skip
     models.sort(key=lambda m: (m["role"] is None, natural(m["version"]), m["precision"] or ""))
@@ -241,7 +262,11 @@ def models_view(service: Any, max_manifests: int = 40) -> dict[str, Any]:
     sync_state = None
     if sync is not None:
         state = getattr(sync, "state", None) or getattr(sync, "status", None)
-        sync_state = {k: with_age(v) for k, v in dict((state() if callable(state) else state) or {}).items()}
+        raw = dict((state() if callable(state) else state) or {})
+        sync_state = sync_rows(raw)
+        why = {(s.get("version"), s.get("precision")): s.get("why") for s in (raw.get("serving") or {}).values()}
+        for m in models:  # which precision serves and why (`deploy.edge.acceptance.Intake.choose`)
+            m["serving_why"] = why.get((m["version"], m["precision"])) if m["role"] else None
     return {"state": rt.state(), "models": models, "sync": sync_state}
 
 
@@ -272,6 +297,26 @@ def manifest_problem(m: dict[str, Any]) -> str | None:
     return None
 
 
+def sync_rows(state: dict[str, Any], now: float | None = None) -> list[tuple[str, str]]:
+    """The sync's state as (name, text) rows an operator reads: times with their age, nothing empty shown as
+    "None", machine-only keys (``*_epoch``: the same moment as its ISO twin) left out."""
+
+    def text(v: Any) -> str:
+        if v is None:
+            return "–"
+        if v == {} or v == []:
+            return "none"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, dict):
+            return "; ".join(f"{k}: {text(x)}" for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return ", ".join(text(x) for x in v)
+        return str(with_age(v, now))
+
+    return [(k.replace("_", " "), text(v)) for k, v in state.items() if not k.endswith("_epoch")]
+
+
 def with_age(value: Any, now: float | None = None) -> Any:
     """An ISO-8601 time with how long ago it was (staleness at a glance); any other value as it is."""
     if not isinstance(value, str) or len(value) < 19 or value[4] != "-" or value[10] != "T":
@@ -284,4 +329,5 @@ def with_age(value: Any, now: float | None = None) -> Any:
         ts = ts.replace(tzinfo=timezone.utc)
     age = (time.time() if now is None else now) - ts.timestamp()
     ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.1f} h"
+    ago = ago if age < 2 * 86400 else f"{age / 86400:.0f} d"
     return f"{value[:19].replace('T', ' ')} ({ago} ago)"

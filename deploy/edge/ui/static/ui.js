@@ -26,15 +26,24 @@
     });
   });
 
-  // A front door (the service's guard) answers a refused request with JSON: show it as the pages' own notice.
+  // A front door (the service's guard) answers a refused request with JSON meant for programs: the page says it in
+  // an operator's words instead, once, in the page body; the header only says who is signed in.
+  var SIGN_IN = "Sign in with your operator token to label frames";  // the heading; deploy/edge/ui/auth.py SIGN_IN
+  var HOW = "Paste it in the box at the top right, then press Use token.";
   function esc(t) { return String(t).replace(/[&<>"']/g, function (c) { return "&#" + c.charCodeAt(0) + ";"; }); }
   document.addEventListener("htmx:beforeSwap", function (e) {
     var xhr = e.detail.xhr;
     if (xhr.status < 400 || (xhr.getResponseHeader("content-type") || "").indexOf("application/json") !== 0) return;
+    if (e.detail.target && e.detail.target.id === "whoami") {
+      var said = sessionStorage.getItem(KEY) ? "token not accepted" : "not signed in";
+      e.detail.serverResponse = '<span class="who bad">' + said + "</span>";
+      return;
+    }
     var msg = xhr.responseText;
     try { msg = JSON.parse(msg).error || msg; } catch (_) { /* not JSON after all: show it as text */ }
     e.detail.serverResponse = '<div class="denied" data-status="' + xhr.status + '" role="alert"><h2>' +
-      (xhr.status === 401 ? "Sign in needed" : "Not allowed") + "</h2><p>" + esc(msg) + "</p></div>";
+      (xhr.status === 401 ? SIGN_IN : "Not allowed") + "</h2><p>" + esc(xhr.status === 401 ? HOW : msg) +
+      "</p></div>";
   });
 
   document.addEventListener("click", function (e) {
