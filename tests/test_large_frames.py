@@ -110,6 +110,7 @@ def test_a_large_frame_goes_to_the_lane_and_gets_the_same_answer(
     assert pid != os.getpid()
     if sys.platform == "linux":
         assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # yields to the line's frames at once
         assert "torch" not in Path(f"/proc/{pid}/maps").read_text()  # the worker needs PIL/numpy only
     normal.close()
     lane.close()
