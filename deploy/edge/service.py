@@ -98,9 +98,8 @@ class EdgeService(RuntimeControl):
                 reply, shadow = self._answer(rt, inputs, data, camera_id, client_frame_id, t0)
                 if shadow is not None:
                     shadow_in, shadow["prep_ms"] = inputs[CHALLENGER]
-                    if isinstance(shadow_in, Exception):  # counted against the challenger, as in a decode slot
-                        self.metrics.model(CHALLENGER, rt.challenger.version, None)
-                        log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(shadow_in))
+                    if isinstance(shadow_in, Exception):
+                        self._shadow_prep_failed(rt, shadow, shadow_in)
                         shadow = None
             else:
                 with rt.decoding.hold():
@@ -114,9 +113,8 @@ class EdgeService(RuntimeControl):
                         try:
                             shadow_in = model_image(image, rt.challenger.artifact.preprocess)
                             shadow["prep_ms"] = (time.perf_counter() - t1) * 1e3
-                        except Exception as e:  # counted against the challenger, as a failed shadow run is
-                            self.metrics.model(CHALLENGER, rt.challenger.version, None)
-                            log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(e))
+                        except Exception as e:
+                            self._shadow_prep_failed(rt, shadow, e)
                             shadow = None
                     del image  # the full-size frame lives only inside the slot
         except LimitError as e:
@@ -126,6 +124,12 @@ class EdgeService(RuntimeControl):
         if shadow is not None:
             (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, shadow_in, shadow)
         return reply
+
+    def _shadow_prep_failed(self, rt: Runtime, shadow: dict[str, Any], e: Exception) -> None:
+        """The challenger's input could not be made (in a decode slot or in the lane): counted against the
+        challenger, as a failed shadow run is; the caller then drops the shadow run."""
+        self.metrics.model(CHALLENGER, rt.challenger.version, None)
+        log.error("shadow preprocessing failed for %s: %s", shadow["frame_id"], one_line(e))
 
     def _answer(
         self, rt: Runtime, inputs: dict[str, Input], data: bytes, camera_id: str, client_frame_id: str | None,
@@ -236,7 +240,7 @@ class EdgeService(RuntimeControl):
             why = f"{named}: this service served no such frame (or it is older than the last {self.frames.capacity} "
             return 404, {"error": why + "frames); label frames by the frame_id /predict returned"}, {}
         try:
-            served = None if item.image is None else (frame.record(), carried_frame(item.image, frame, rt, self.lane))
+            served = None if item.image is None else (frame.record(), carried_frame(item.image, frame, rt))
         except LimitError as e:
             self.metrics.count("feedback_refused")
             return e.status, {"error": str(e)}, {}
@@ -267,7 +271,7 @@ def run_model(model: Any, given: Input, rt: Runtime) -> dict[str, Any]:
     return out
 
 
-def carried_frame(image_b64: str, frame: ServedFrame, rt: Runtime, lane: LargeFrameLane) -> bytes:
+def carried_frame(image_b64: str, frame: ServedFrame, rt: Runtime) -> bytes:
     """The frame bytes a label brought along (`FeedbackIn.image`), once they are shown to be the very bytes served
     as ``frame`` and to pass the decode limits a /predict upload passes; `LimitError` 422/413/415/503 otherwise."""
     try:
@@ -277,13 +281,9 @@ def carried_frame(image_b64: str, frame: ServedFrame, rt: Runtime, lane: LargeFr
     if frame.sha256 is None or hashlib.sha256(data).hexdigest() != frame.sha256:
         raise LimitError(422, f"image: not the bytes /predict received as frame {frame.frame_id}; send exactly those "
                               "bytes, or leave image out (the label still counts)")  # fmt: skip
-    limits = rt.config.limits
-    header = open_header(data, limits)  # the limits may have changed since it was served
-    if decoded_bytes(header) > limits.large_frame_bytes:
-        lane.run(lane_inputs, limits.large_frame_bytes, data, limits, {})  # decoded in the lane's process only
-    else:
-        with rt.decoding.hold():
-            decode(header).close()
+    # the limits may have changed since it was served; the bytes themselves decoded then (they were answered), so
+    # checking the header against today's limits is the whole check: no second full-size decode per label
+    open_header(data, rt.config.limits).close()
     return data
 
 
