@@ -35,6 +35,7 @@ from benchmarks.harness import Table, merge, rerun_ties, retire_stale, run_proto
 from benchmarks.methods import FULL_LR_METHODS, METHODS
 from benchmarks.protocol import BACKBONES, MALLOC_ENV, SENS_BATCH_SIZE, SENS_BATCHES, protocol_differences
 from benchmarks.report import write_any_report
+from benchmarks.search_job import SEARCH_METHODS
 from benchmarks.task_data import task_source
 from spt_core.portable.errors import SensituneError
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr-grid", default="1e-3,3e-3", help="lr grid of every method but full fine-tuning")
     ap.add_argument("--lr-grid-full", default="1e-4,3e-4", help="lr grid of full fine-tuning")
     ap.add_argument("--lr-grid-linear", default="", help="lr grid of the linear probe (default: --lr-grid)")
+    ap.add_argument("--lr-auto", default="1e-3", help="lr of auto-halving (train.lr; it tries train.lr_grid x it)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the harness is the same)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (a GPU run: 2-4)")
@@ -188,9 +190,9 @@ def open_table(args: argparse.Namespace, methods: list[str], command: str) -> tu
             raise SensituneError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     name, weights, img = BACKBONES.get(args.backbone, (args.backbone, "hub", None))
     weights, img = args.weights or weights, args.img_size or img
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in (*METHODS, *SEARCH_METHODS)]
     if bad:
-        raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join((*METHODS, *SEARCH_METHODS))}")
     slug, task_slug = _slug(args)
     data_dir, line = _prepare_data(args, task_slug)
     out_json = args.out_dir / f"compare_{slug}.json"
@@ -237,6 +239,7 @@ def open_table(args: argparse.Namespace, methods: list[str], command: str) -> tu
 def lr_grids(args: argparse.Namespace, methods: list[str]) -> dict[str, list[float]]:
     """Each method's lr grid: --lr-grid-full for full fine-tuning, --lr-grid-linear (if given) for the probe."""
     grid = {m: _parse_lrs(args.lr_grid_full if m in FULL_LR_METHODS else args.lr_grid) for m in methods}
+    grid.update({m: _parse_lrs(args.lr_auto) for m in methods if m in SEARCH_METHODS})  # its own lr grid inside
     if "linear" in grid and args.lr_grid_linear:  # a probe is cheap (no backward through the backbone)
         grid["linear"] = _parse_lrs(args.lr_grid_linear)
     return grid

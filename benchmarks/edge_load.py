@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=20.0, help="oversized: normal frames per second")
     ap.add_argument("--seconds", type=float, default=60.0, help="oversized: length of each phase (clean, mixed)")
     ap.add_argument("--every", type=float, default=3.0, help="oversized: one probe (rotating) every this many s")
+    ap.add_argument("--rounds", type=int, default=1, help="oversized: clean then mixed, this many times in turn")
     args = ap.parse_args()
     command = "python benchmarks/edge_load.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.scenario == "oversized":

@@ -22,6 +22,7 @@ from typing import Any
 from benchmarks.imbalance import line_metrics, parse_variant
 from benchmarks.methods import SENSITIVITY_METHODS, MethodInfo, setup_method
 from benchmarks.protocol import MALLOC_ENV, PROBE_EPOCHS, SENS_BATCH_SIZE, SENS_BATCHES
+from benchmarks.search_job import SEARCH_METHODS, search_job
 
 
 # ------------------------------------------------------------------------------------------------ memory probes
@@ -141,7 +142,10 @@ def _curve_recorder(model: Any, loaders: dict, job: dict, curve: list[dict]) -> 
 
 
 def train_job(job: dict) -> dict:
-    """Build the model, apply the method, `fit` it; returns the row (counts, accuracies, memory, times)."""
+    """Build the model, apply the method, `fit` it; returns the row (counts, accuracies, memory, times). A search
+    method (`benchmarks.search_job`) runs its whole search as one row."""
+    if job["method"] in SEARCH_METHODS:
+        return search_job(job, _build)
     import torch
 
     from spt_core.api import Sensitivity, TrainConfig, evaluate, fit

@@ -10,6 +10,8 @@
     spt-adapter    the same with adapters (structured="adapter")
     sparse-only    the SPT ranking, every chosen matrix entry a sparse delta (structured="none")
     per-row-sparse the SPT scores, every output row its top-k entries (allocation="per_row", GPS's rule), all sparse
+    auto-halving   opt-in: the product's plan.budget: auto with plan.search: halving, one row per search
+                   (`benchmarks/search_job.py`)
 
 Every method leaves the head trainable; backbone counts exclude the head.
 """
@@ -22,13 +24,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from benchmarks.search_job import SEARCH_METHODS
 from spt_core.api import SPT_RULE, Sensitivity, allocate, apply_plan
 from spt_core.candidates import block_index, count_backbone_params, find_candidates, head_parameter_names
 from spt_core.portable.errors import SensituneError
 
 METHODS = ("linear", "bitfit", "full", "peft-lora", "random-sparse", "spt-lora", "spt-adapter", "sparse-only",
            "per-row-sparse")  # fmt: skip
-SENSITIVITY_METHODS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse")  # need a measured Sensitivity
+# need a measured Sensitivity (a search's trials all share the seed's one pass)
+SENSITIVITY_METHODS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse", *SEARCH_METHODS)
 PLAN_METHODS = {"random-sparse": "none", "spt-lora": "lora", "spt-adapter": "adapter", "sparse-only": "none",
                 "per-row-sparse": "none"}  # fmt: skip
 ALLOCATION = {"per-row-sparse": "per_row"}  # the others: the global top-k

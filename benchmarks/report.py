@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.methods import METHODS
+from benchmarks.search_job import NAMES, SEARCH_METHODS
 from spt_core.api import FULL, Rung, choose_rung
 from spt_core.portable.io import atomic_path
 from spt_core.portable.metrics import best_by_selection, tied_at_best
@@ -40,7 +41,7 @@ def summarize(state: dict) -> list[dict]:
     """Per method at the main budget: its rows at the lr chosen on seed-0 validation, aggregated over seeds."""
     rows, budget = state["rows"], state["meta"]["budget"]
     out = []
-    for m in METHODS:
+    for m in (*METHODS, *SEARCH_METHODS):
         lr = chosen_lr(rows, m, budget)
         if lr is None:
             continue
@@ -123,6 +124,7 @@ def write_report(state: dict, stem: Path) -> None:
     mem_name = "train overhead MB (peak RSS - RSS before fit)" if meta["device"] == "cpu" else "peak CUDA MB"
     lines = _header_lines(state, mem_name) + _method_lines(summ, by) + _note_lines(state, summ)
     lines += _sensitivity_lines(state, by) + _curve_lines(state, summ) + _budget_on_val_lines(state, by)
+    lines += _search_lines(state, by)
     lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]
     with atomic_path(stem.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -161,7 +163,7 @@ def _method_lines(summ: list[dict], by: dict) -> list[str]:
     full, lora = by.get("full"), by.get("peft-lora")
     for s in summ:
         grid = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(s["grid"].items()))
-        name = s["method"] + (f" (r={s['details']['rank']})" if "rank" in s["details"] else "")
+        name = NAMES.get(s["method"], s["method"]) + (f" (r={s['details']['rank']})" if "rank" in s["details"] else "")
         rf = f"{s['mem'] / full['mem']:.2f}" if full and full["mem"] else "-"
         rl = f"{s['mem'] / lora['mem']:.2f}" if lora and lora["mem"] else "-"
         lines.append(
@@ -270,6 +272,30 @@ def _budget_on_val_lines(state: dict, by: dict) -> list[str]:
             f"| {name} | {', '.join(picks[0]['ladder'])} | {', '.join(p['budget'] for p in picks)} | "
             f"{_stat([p['row']['test_acc'] for p in picks], 100)} | {len(picks)} | {d[0]} | {d[1]} |"
         )
+    return lines
+
+
+def _search_lines(state: dict, by: dict) -> list[str]:
+    """The searches (`benchmarks.search_job`) per seed: the (budget, lr) chosen on validation, its val and test %,
+    the cost in trainings, and the wall time against one fixed-budget training (the per-row-sparse row of the same
+    seed at the main budget, at its chosen lr)."""
+    rows = [r for r in state["rows"] if r.get("method") in SEARCH_METHODS and "error" not in r]
+    if not rows:
+        return []
+    fixed = {r["seed"]: r["wall_s"] for r in by["per-row-sparse"]["rows"]} if "per-row-sparse" in by else {}
+    lines = ["", "Budget and lr searched on validation by successive halving (`plan.search: halving`, "
+             "`benchmarks/search_job.py`): the product's `plan.ladder` (full: every candidate value, as `sensitune "
+             "train` trains it) x `train.lr_grid` around the row's lr, the trials' runs paused and continued, pruned "
+             "on validation only. Trainings: the trials' optimizer steps over one training's. x fixed: the search's "
+             "wall time over the per-row-sparse row's of the same seed (one training at the main budget).", "",
+             "| method | seed | lr | chosen budget | chosen lr | val % | test % | trainings | wall s | x fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["method"], r["seed"], r["lr"])):
+        d = r["details"]
+        ratio = f"{r['wall_s'] / fixed[r['seed']]:.2f}" if fixed.get(r["seed"]) else "-"
+        lines.append(f"| {NAMES.get(r['method'], r['method'])} | {r['seed']} | {r['lr']:g} | {d['chosen_budget']} | "
+                     f"{d['chosen_lr']:.3g} | {100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} | "
+                     f"{r['trainings']:.2f} | {r['wall_s']:.0f} | {ratio} |")  # fmt: skip
     return lines
 
 

@@ -6,8 +6,9 @@
 - on test: per-class precision and recall, confusion matrix (``confusion.png``, beside the good/defect x
   accepted/rejected matrix at the threshold), balanced accuracy, and the escape rate and overkill at that threshold,
   each with a Wilson interval;
-- warnings: a tuned model below the linear probe on validation (same metric, ``train.select``) is flagged in the CLI
-  output, in metrics.json (``below_probe``, ``warnings``) and as an MLflow tag; the flow does not hand it over.
+- warnings: a tuned model below the linear probe on validation (same metric, ``train.select``) is flagged in
+  metrics.json (``below_probe``) and as an MLflow tag; ``train.below_probe`` then keeps the probe or stops the run
+  (`pipelines.below_probe`), so such a model is never exported; the flow hands over nothing with ``warnings``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`sensitune <verb>`: one verb per stage of `pipelines.stages.STAGES`, each one call writing one named output.
 
+    sensitune init DIR   -> DIR/: a new line project (params.yaml, dvc.yaml, git + DVC; --from FOLDER: its images)
     sensitune demo       -> data/raw/<class>/*.png         (synthetic defects on real textures, a line's imbalance)
     sensitune import DIR -> data/raw/<class>/...            (your images, copied in; then `dvc add data/raw`)
     sensitune prepare    -> data/prepared/{train,val,test}/ + dataset.json
@@ -8,6 +9,7 @@
     sensitune train      -> runs/main/tuned/, metrics.json, history.csv, confusion.png
     sensitune evaluate   -> runs/main/eval.json
     sensitune merge      -> runs/main/merged/
+    sensitune merge --from-peft DIR -> runs/main/merged/ from a peft adapter (LoRA, SHiRA, ...; docs/peft.md)
     sensitune predict    -> predictions.csv (class, P(good), decision; any artifact; exit 1 if files failed)
     sensitune export     -> runs/main/export/ (ONNX, OpenVINO FP32/FP16/INT8, manifests)
     sensitune track      -> publish (below) + runs/main/mlflow_run.json: DVC's last stage
@@ -16,10 +18,13 @@
                             the aliases move only after the hand-over gate (`pipelines.gate`)
     sensitune registry serve --dir DIR                 a local MLflow registry boxes can pull from; prints its URI
     sensitune registry set challenger|champion V --why "..."   move an alias to an existing version, audited
+    sensitune fleet start V --wave box-7 --wave 10% --wave all   roll V out to the boxes in waves, watch, stop
 
 Values come from params.yaml (`--config`, default ./params.yaml when present); `--set section.key=value`
 overrides any key, and each verb has flags for its common keys (derived from `pipelines.config`).
-Bad input is one line on stderr and exit code 2; `--debug` shows the traceback.
+Bad input is one line on stderr and exit code 2; `--debug` shows the traceback. A run that `train.below_probe: stop`
+ended (no candidate beat the linear probe on validation) is one line ``stopped: ...`` and exit code 3 (train, run,
+merge, export), with nothing exported.
 
 `measure` and `train` also run data-parallel (docs/scaling.md): `sensitune train --nproc 4` launches
 `torchrun --standalone --nproc-per-node 4 -m pipelines.cli -- train ...` (one process per GPU; gloo on CPU), or
@@ -43,24 +48,27 @@ from spt_core import __version__
 from spt_core.portable.errors import SensituneError
 
 from . import config, stages
+from .below_probe import STOP_EXIT, Stopped
 from .layout import FILES
 
 # The verbs that are not pipeline stages; every stage of `pipelines.stages.STAGES` is a verb too (`verbs()`).
 OTHER_VERBS = {
+    "init": "make a new line project in DIR (params.yaml, dvc.yaml, git + DVC); --from FOLDER imports its images",
     "demo": "write a batch of demo defect images",
     "import": "copy your ImageFolder (DIR/<class>/...) into paths.raw and version it with DVC",
     "predict": "predict images or folders to CSV",
     "run": "run every stage in order, up to the ones that track (DVC's track stage, `sensitune publish`)",
     "publish": "register the merged model once and seal its export with the registry version",
     "registry": "serve a registry boxes can pull from, or move an alias (audited)",
+    "fleet": "roll a version out to the boxes in waves, watch or stop it, run or serve the fleet decider",
 }
 _NULL_WORDS = ("none", "null", "all")
 DISTRIBUTED_VERBS = ("measure", "train")  # the verbs that run under torchrun
 
 
 def verbs() -> dict[str, str]:
-    """Every verb with its help: demo and import, then each stage in the pipeline's order, then the rest."""
-    head = ("demo", "import")
+    """Every verb with its help: init, demo and import, then each stage in the pipeline's order, then the rest."""
+    head = ("init", "demo", "import")
     return {**{v: OTHER_VERBS[v] for v in head}, **{s.name: s.help for s in stages.STAGES},
             **{v: t for v, t in OTHER_VERBS.items() if v not in head}}  # fmt: skip
 
@@ -116,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if verb == "evaluate":
             p.add_argument("--split", default="test", choices=["train", "val", "test"])
+        if verb == "merge":
+            p.add_argument("--from-peft", type=Path, metavar="DIR", help="merge this peft adapter (save_pretrained's "
+                           "folder) into the configured base model instead of run/tuned/ (docs/peft.md)")  # fmt: skip
         if verb == "predict":
             p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
             p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
@@ -127,12 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="add classes paths.raw does not hold yet to the ones it does (a merge of datasets)")
             p.add_argument("--link", action="store_true", help="hard-link the files instead of copying them")
             p.add_argument("--no-dvc", action="store_true", help="do not run `dvc add` on paths.raw")
+        if verb == "init":
+            p.add_argument("dir", type=Path, help="the new project's folder (new or empty)")
+            p.add_argument("--from", dest="source", type=Path, help="ImageFolder FOLDER/<class>/... to import at once")
+            p.add_argument("--remote", help="DVC default remote (default: the folder DIR-dvc-storage beside DIR)")
         if verb == "run":
             p.add_argument("--no-export", action="store_true", help="stop before the stages that need the merged model")
         if verb in ("publish", "registry"):
             p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
         if verb == "registry":
             _registry_args(p)
+        if verb == "fleet":
+            from .fleet_cli import add_args
+
+            add_args(p)
     return parser
 
 
@@ -165,7 +184,8 @@ def params_from_args(args: argparse.Namespace) -> config.Params:
 
     Key flags default to `argparse.SUPPRESS`: a flag not given is absent, one given as 'none' is null.
     """
-    path = args.config or ("params.yaml" if Path("params.yaml").is_file() else None)
+    here = Path("params.yaml").is_file() and getattr(args, "verb", None) != "init"  # init starts from the defaults
+    path = args.config or ("params.yaml" if here else None)
     overrides = dict(config.parse_set(s) for s in args.sets)
     overrides.update({d: v for d, v in vars(args).items() if "." in d})
     return config.load_params(path, overrides)
@@ -193,6 +213,8 @@ def _run_stage(s: stages.Stage, args: argparse.Namespace, params: config.Params)
     print(s.report(result, params))
     for w in result.get("warnings", []) if isinstance(result, dict) else []:
         print(f"warning: {w}", file=sys.stderr)
+    if isinstance(result, dict) and result.get("stopped"):  # train.below_probe: stop: no stage after it runs
+        raise Stopped(result["stopped"])
     return result
 
 
@@ -202,6 +224,15 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
         _run_stage(stages.stage(verb), args, params)
     elif verb == "demo":
         print(f"wrote {stages.demo_stage(params)}")
+    elif verb == "init":
+        from .init import init_project
+
+        given = "data.ok_class" in vars(args) or any(config.parse_set(s)[0] == "data.ok_class" for s in args.sets)
+        r = init_project(args.dir, params, source=args.source, ok_given=given, remote=args.remote)
+        got = f"; imported {r['files']} file(s) of {r['classes']} into data/raw (dvc add)" if r["files"] else ""
+        print(f"made {r['dir']}: params.yaml, dvc.yaml, git + DVC (remote {r['remote']}){got}")
+        print(f"good class: {r['ok_class']} ({r['ok_from']})" if r["ok_class"] else "good class: not set (null)")
+        print(f"next: {r['next']}")
     elif verb == "import":
         from .ingest import import_images
 
@@ -224,6 +255,10 @@ def _run_verb(args: argparse.Namespace, params: config.Params) -> int:
         _print(publish(params, tracking_uri_=args.tracking_uri))
     elif verb == "registry":
         return _registry(args, params)
+    elif verb == "fleet":
+        from .fleet_cli import run as fleet
+
+        return fleet(args, params)
     elif verb == "run":
         if params["data"]["source"] == "raw" and not Path(params["paths"]["raw"]).is_dir():
             stages.demo_stage(params)
@@ -282,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.debug:
                 warnings.showwarning = _one_line_warning
             code = _run_verb(args, params_from_args(args))
+    except Stopped as e:  # a rule's outcome, not bad input
+        print(f"stopped: {' '.join(str(e).split())}", file=sys.stderr)
+        return STOP_EXIT
     except SensituneError as e:
         if args.debug:
             raise

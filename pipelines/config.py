@@ -24,6 +24,8 @@ from typing import Any, Union
 
 import yaml
 
+from deploy.compile.quantize import INT8_RECOVERY
+from deploy.edge.graph_spec import GRAPH_MODES
 from deploy.edge.precision import BUILDABLE, FALLBACK, PRECISIONS
 from deploy.edge.precision import DEFAULT as DEFAULT_PRECISIONS
 from spt_core.portable.errors import SensituneError, one_line
@@ -74,7 +76,8 @@ class DataSection:
     n_val: int | None = _f(None, "count mode: validation images", verbs=("prepare",))
     n_test: int | None = _f(None, "count mode: test images (null = the rest)", verbs=("prepare",))
     ok_class: str | None = _f("ok", "the good class's name, checked against the classes (null = no good class: "
-                              "plain classification, no escape/overkill/threshold)", verbs=("prepare",))  # fmt: skip
+                              "plain classification, no escape/overkill/threshold)",
+                              verbs=("prepare", "init"))  # fmt: skip
     bit_depth: int | None = _f(None, "bits of 16/32-bit frames, e.g. 12 for Mono12 in 16-bit files (null = measured "
                                "from the frames; a declared one must fit them)", verbs=("prepare",))  # fmt: skip
     seed: int = _f(0, "subset seed", verbs=("prepare",))
@@ -108,6 +111,9 @@ class PlanSection:
                      "budget with the best validation score)", verbs=("plan", "run"))  # fmt: skip
     ladder: list[str] = _f(["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"],
                            "budget: auto tries these, smallest first; full = every backbone value")  # fmt: skip
+    search: str = _f("ladder", "how budget: auto chooses: ladder (one training per rung) | halving (every rung x "
+                     "train.lr_grid, pruned on validation by successive halving: at most 2 trainings)",
+                     choices=("ladder", "halving"))  # fmt: skip
     structured: str = _f("none", "none (sparse deltas only) | lora | adapter (allocation: global)",
                          verbs=("plan", "run"))  # fmt: skip
     rank: int = _f(8, "LoRA rank / adapter width", verbs=("plan", "run"))
@@ -123,6 +129,7 @@ class PlanSection:
 class TrainSection:
     epochs: int = _f(6, "epochs", verbs=("train", "run"))
     lr: float = _f(1e-3, "peak learning rate", verbs=("train", "run"))
+    lr_grid: list[float] = _f([1 / 3, 1.0, 3.0], "plan.search: halving tries these multiples of train.lr")
     weight_decay: float = _f(1e-4, "AdamW weight decay (not on 1-D values)", verbs=("train",))
     warmup_epochs: int = _f(1, "linear warm-up epochs", verbs=("train",))
     warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up")
@@ -149,8 +156,15 @@ class TrainSection:
     aug_color_jitter: float = _f(0.1, "augment: brightness/contrast/saturation jitter")
     head_init: str = _f("probe", "probe (start from the linear-probe head, LP-FT) | random (as SPT)",
                         verbs=("train", "run"), choices=("probe", "random"))  # fmt: skip
-    probe_baseline: bool = _f(True, "also fit a linear probe on the same split (metrics.json probe_*)")
+    probe_baseline: bool = _f(True, "also fit a linear probe on the same split: the yardstick of "
+                                "train.below_probe (metrics.json probe_*)")  # fmt: skip
     probe_epochs: int = _f(50, "linear-probe epochs")
+    below_probe: str = _f(
+        "export_probe", "when no candidate beats the linear probe on validation (train.probe_baseline): "
+        "export_probe (the probe is the model: merged, exported, published, marked model: probe) | stop (exit 3, "
+        "nothing exported)",
+        verbs=("train", "run"), choices=("export_probe", "stop"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -165,8 +179,19 @@ class ExportSection:
                                "deploy.edge.precision; onnx_int8 is opt-in)", choices=BUILDABLE)  # fmt: skip
     calibration_size: int = _f(160, "INT8 calibration images", verbs=("export",))
     int8_max_drop: float = _f(PRECISIONS["int8"].max_drop, "max INT8 accuracy loss in points", verbs=("export",))
+    int8_recovery: str = _f("ignored_scope", "INT8 over its max drop is retried before it is declared not "
+                            "promotable: ignored_scope (stem and classifier in float) | accuracy_control (NNCF, on "
+                            "the validation split) | none", verbs=("export",), choices=INT8_RECOVERY)  # fmt: skip
     opset: int = _f(18, "ONNX opset (the torch dynamo exporter implements >= 18)")
     model_version: str = _f("auto", "version label of the artifacts (auto = the plan hash)", verbs=("export",))
+    graph_preprocess: str = _f("auto", "OpenVINO artifacts that take decoded frames (resize and normalise in the "
+                               "graph): auto (where the parity gate on the test split passes, else host "
+                               "preprocessing) | on (a failed gate fails the export) | off", verbs=("export",),
+                               choices=GRAPH_MODES)  # fmt: skip
+    graph_parity_min_agreement: float = _f(99.0, "the graph variant's top-1 agreement in percent with host "
+                                           "preprocessing, at least", verbs=("export",))  # fmt: skip
+    graph_parity_max_dp: float = _f(0.01, "the graph variant's largest |P(ok) difference| from host preprocessing",
+                                    verbs=("export",))  # fmt: skip
 
 
 @dataclass

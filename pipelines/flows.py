@@ -10,8 +10,9 @@ moved) -> compare with the ``champion`` on held-out images -> the hand-over gate
 precision the boxes will serve) -> hand over: alias ``challenger`` and the rollout manifest (or bootstrap the
 champion, or "not promoted": no alias moves). An alias moves only after the gate passed, so a box following the
 registry never pulls an ungated version. Before it, labelled frames uploaded by the edge boxes are ingested
-into ``paths.raw`` (`pipelines.incoming`). "No new data", "Settling" and "Not promoted" end as named Completed
-states with a markdown artifact (`pipelines.flow_hooks.outcome`).
+into ``paths.raw`` (`pipelines.incoming`). "No new data", "Settling", "Stopped" (``train.below_probe: stop``: no
+candidate beat the linear probe on validation; no stage after train runs) and "Not promoted" end as named Completed
+states with a markdown artifact (`pipelines.flow_hooks.outcome`). With ``export_probe`` the probe is the challenger.
 
 Each attempt works in its own ``<runs_root>/<data version>[.k]/`` (data split, artifacts, params used), so a
 failure never touches the champion's files; the state file records a data version only once it is finished.
@@ -62,8 +63,9 @@ STATE_FILE, LOCK_FILE, RECORD_FILE = "retrain_state.json", ".retrain.lock", "ret
 
 
 def model_name_for(params: dict, model_name: str | None) -> str:
-    """The registered model's name: the one given, else ``sensitune-<timm model name>`` (log_run's default)."""
-    return model_name or f"sensitune-{params['model']['name']}"
+    """The registered model's name: the one given, else ``publish.model_name``, else ``sensitune-<timm model name>``:
+    publish's own rule, so that the flow and `dvc repro` (the track stage) register versions of one model."""
+    return model_name or params["publish"]["model_name"] or f"sensitune-{params['model']['name']}"
 
 
 def run_params(params: dict, run_dir: Path) -> dict:
@@ -173,7 +175,12 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
     if ver["dvc_file"]:
         (run_dir / "raw.dvc").write_bytes(Path(ver["dvc_file"]).read_bytes())  # to check this version out later
     # the stage list in its order: first every stage up to the merged model (train: epochs -> logs, MLflow) ...
-    results = {s.name: t.run_stage(s.name, p, uri) for s in stages.STAGES if not s.needs_merge}
+    results: dict[str, Any] = {}
+    for s in (s for s in stages.STAGES if not s.needs_merge):
+        results[s.name] = r = t.run_stage(s.name, p, uri)
+        if isinstance(r, dict) and r.get("stopped"):  # train.below_probe: stop: no model, nothing after train
+            done = {"status": "stopped", "decision": t.NOT_PROMOTED, "reason": r["stopped"], "run_dir": str(run_dir)}
+            return t.outcome("Stopped", r["stopped"], {**done, "data_version": ver["data_version"]})
     metrics = results["train"]
     skipped = stages.merge_skipped(p)
     if skipped is not None:  # e.g. an adapter plan: nothing the edge could serve
@@ -259,6 +266,7 @@ def _retrain_locked(params: dict, root: Path, uri: str, name: str, **opt: Any) -
         "model_name": name,
         "model_version": version,
         "test_acc": metrics.get("test_acc"),
+        "model": metrics.get("model"),  # probe: no candidate beat the linear probe (train.below_probe: export_probe)
         "gate_split": cmp["gate_split"],  # the gate decided on these images: test_acc is gate-selected
         "device": metrics.get("device"),  # cuda when the machine has one (train.device: auto)
         "comparison": cmp,

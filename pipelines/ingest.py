@@ -19,6 +19,7 @@ import filecmp
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def _check_ok_class(ok: str, classes: list[str], source: Path, ok_flag: bool) ->
     raise DataError(f"data.ok_class={ok!r} is not a class of {source}; found {classes}: {fix}")
 
 
-def _class_folders(root: Path) -> dict[str, int]:
+def class_folders(root: Path) -> dict[str, int]:
     """The class folders of an ImageFolder and their image files (none when `root` does not exist)."""
     if not root.is_dir():
         return {}
@@ -131,7 +132,7 @@ def import_images(
     _check_images([f for c in classes for f in files[c]])
     if len(classes) < 2:
         raise DataError(f"{source}: found {len(classes)} class folder(s) with images {classes}; need DIR/<class>/ x2+")
-    held = {} if replace else _class_folders(raw)
+    held = {} if replace else class_folders(raw)
     ok = params["data"]["ok_class"]
     if ok is not None and ok not in classes and ok not in held:
         _check_ok_class(ok, classes, source, ok_flag)
@@ -167,19 +168,23 @@ def import_images(
             shutil.copy2(f, d)
         n += 1
     out: dict[str, Any] = {"raw": str(raw), "files": n, "classes": classes, "dvc": None}
-    root = dvc_root(raw.parent) if dvc else None
-    if root is not None:
-        try:
-            r = subprocess.run(["dvc", "add", "-q", str(raw.relative_to(root))], cwd=root, capture_output=True,
-                               text=True)  # fmt: skip
-        except FileNotFoundError:
-            raise DataError(
-                "dvc is not installed: install it, or pass --no-dvc and version the data yourself"
-            ) from None
-        if r.returncode != 0:
-            raise DataError(f"dvc add {raw} failed: {' '.join((r.stderr or r.stdout).split())[:300]}")
-        out["dvc"] = f"dvc add {raw.relative_to(root)}"
+    if dvc and dvc_root(raw.parent) is not None:
+        out["dvc"] = version_raw(raw)
         out["next"] = f"versioned by {raw.name}.dvc (git add it); run `dvc repro`"
     else:
         out["next"] = "run `sensitune run` (or `dvc add` the folder inside a DVC repository, then `dvc repro`)"
     return out
+
+
+def version_raw(raw: Path) -> str:
+    """`dvc add` the raw folder in its DVC repository (a new data version); returns the command that ran."""
+    raw = Path(raw).resolve()
+    root = dvc_root(raw.parent)
+    if root is None:
+        raise DataError(f"{raw}: not inside a DVC repository (no .dvc/ above it); run `dvc init` there first")
+    # this interpreter's DVC (a dependency of sensitune): found even when the venv is not activated
+    r = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(raw.relative_to(root))], cwd=root,
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        raise DataError(f"dvc add {raw} failed: {' '.join((r.stderr or r.stdout).split())[:300]}")
+    return f"dvc add {raw.relative_to(root)}"

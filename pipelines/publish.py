@@ -98,14 +98,19 @@ def publish(
     Returns:
         ``status`` (published | identical | fallback | skipped), ``model_name``, ``model_version``, ``run_id``,
         ``registered`` (a new version), ``challenger_moved``, ``champion_set``, ``gate`` (`gate_published`'s
-        answer, when it ran), ``published`` (the sealed folder), ``identity``, ``warnings``.
+        answer, when it ran), ``published`` (the sealed folder), ``identity``, ``warnings``, ``model`` (tuned, or
+        probe: no candidate beat the linear probe on validation and ``train.below_probe: export_probe`` kept it;
+        the registered version and the MLflow run carry it as ``model`` / ``sensitune.model``).
     """
     run_dir = Path(run_dir or params["paths"]["run"])
     pub = params.get("publish") or {}
     uri = tracking_uri(tracking_uri_)
-    merged_info = _read(run_dir / FILES["merged_info"])
-    if "skipped" in merged_info or not any(artifact_dir(run_dir / FILES["export"], p).is_dir() for p in BUILDABLE):
-        why = merged_info.get("skipped") or f"{run_dir / FILES['export']}/openvino missing: run `sensitune export`"
+    merged_info, trained = _read(run_dir / FILES["merged_info"]), _read(run_dir / FILES["metrics"])
+    exported = any(artifact_dir(run_dir / FILES["export"], p).is_dir() for p in BUILDABLE)
+    # train.below_probe: stop kept no model (an older run's files may still lie here): nothing to publish
+    if trained.get("stopped") or "skipped" in merged_info or not exported:
+        missing = f"{run_dir / FILES['export']}/openvino missing: run `sensitune export`"
+        why = trained.get("stopped") or merged_info.get("skipped") or missing
         result = {"status": "skipped", "reason": why, "model_version": None, "tracking_uri": uri}
         result.update(log_run(params, run_dir, tracking_uri=uri, register=False, tags=tags, model_name=model_name))
         result["status"] = "skipped"
@@ -120,7 +125,7 @@ def publish(
         else move_challenger
     )
     out: dict[str, Any] = {"model_name": name, "identity": ident, "tracking_uri": uri, "dvc_experiment": sweep,
-                           "warnings": []}  # fmt: skip
+                           "warnings": [], "model": trained.get("model")}  # fmt: skip
     try:
         existing = _find_identical(uri, name, ident, pub.get("experiment", "sensitune"), out["warnings"])
     except Exception as e:  # server down: the track stage keeps its fallback behaviour (exit 0, replay later)

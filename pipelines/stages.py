@@ -14,6 +14,10 @@ Each stage reads the files the previous one wrote (`pipelines.layout`) and write
 A plan whose tuners cannot be folded into a plain model (adapters are nonlinear) skips merge and export: both
 stages then write a record that says so instead of a model, so every path (CLI, DVC, Prefect) treats it alike
 and evaluate and track still run.
+
+When no candidate beats the linear probe on validation (`pipelines.below_probe`), train.below_probe decides: with
+export_probe train keeps the probe as the model and the later stages carry it (``model: probe``); with stop train
+keeps no model, says ``stopped`` in metrics.json, and merge and export refuse the run (`below_probe.Stopped`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from spt_core.portable.errors import DataError, SensituneError
 from spt_core.portable.io import atomic_path, umask, write_json
 from spt_core.portable.operating_point import OperatingPoint
 
+from .below_probe import refuse_if_stopped
 from .config import SECTIONS, Params
 from .layout import FILES
 from .models import build_model, load_any, load_merged, load_tuned, model_args
@@ -123,12 +128,13 @@ def plan_stage(params: Params) -> Plan:
     """Allocate the budget; writes run/plan.json, plan.safetensors and plan.png.
 
     ``plan.budget: auto``: every budget of ``plan.ladder`` is allocated from the same scores; plan.json holds the
-    smallest and records the ladder (budget, hash, count of each rung) for the train stage, which trains them all.
+    smallest and records the ladder (budget, hash, count of each rung) for the train stage, which trains them all
+    (plan.search: ladder) or searches them by successive halving (halving).
     """
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
     kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation")}
-    plan = plan_budget(sens, p["budget"], p["ladder"], **kw)
+    plan = plan_budget(sens, p["budget"], p["ladder"], p["search"], **kw)
     keep = ("model_args", "model_info", "class_names", "ok_class", "data_hash", "head", "seconds")
     plan.meta.update({k: sens.meta[k] for k in keep if k in sens.meta})
     plan.meta["sensitivity_seconds"] = sens.meta.get("seconds")
@@ -159,9 +165,15 @@ def evaluate_stage(params: Params, model_path: Path | None = None, split: str = 
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def merge_stage(params: Params, check_images: int = 16) -> dict:
-    """Fold the tuners into the backbone (checked equal on validation images); skipped for unmergeable plans."""
+def merge_stage(params: Params, check_images: int = 16, from_peft: Path | None = None) -> dict:
+    """Fold the tuners into the backbone (checked equal on validation images); skipped for unmergeable plans.
+    With `from_peft`, a peft adapter directory is merged into the configured base instead (`pipelines.peft_import`)."""
+    if from_peft is not None:
+        from .peft_import import merge_from_peft  # peft loads only when asked: its import costs seconds
+
+        return merge_from_peft(params, Path(from_peft), check_images)
     run = run_dir(params)
+    refuse_if_stopped(run, "merge")  # train.below_probe: stop kept no model
     plan = read_tuned(run / FILES["tuned"])[0]  # the trained plan (with plan.budget: auto, the chosen rung)
     (run / FILES["merged"]).unlink(missing_ok=True)  # never leave an older run's model beside a new record
     if not plan_is_mergeable(plan):
@@ -214,6 +226,7 @@ def export_stage(params: Params) -> dict:
     from deploy.compile.export import export_all  # the torch side of the edge; imported only here
 
     run, e = run_dir(params), params["export"]
+    refuse_if_stopped(run, "export")  # an older run's merged model may still lie beside the stop record
     skipped = merge_skipped(params)
     if skipped is not None:
         report = {"skipped": skipped, "passed": False, "promotable": {}}
@@ -234,8 +247,13 @@ def export_stage(params: Params) -> dict:
         eval_images=[p for p, _ in test], eval_labels=[y for _, y in test], model_name=info["model_args"]["name"],
         model_version=str(version), plan_hash=info["plan_hash"], data_version=ds_info.data_hash,
         precisions=tuple(e["precisions"]), calibration_size=e["calibration_size"],
-        max_drop={"int8": e["int8_max_drop"]}, opset=e["opset"],
+        max_drop={"int8": e["int8_max_drop"]}, opset=e["opset"], int8_recovery=e["int8_recovery"],
+        validation_images=[p for p, _ in scan_split(data_dir / "val", ds_info.class_names)],  # never the test split
         decision=OperatingPoint.from_dict(info, where=str(run / FILES["merged"])).to_dict(),
+        weights_source=info.get("weights_source"),  # a merged peft adapter (`sensitune merge --from-peft`)
+        model_kind=info.get("model"),  # probe: no candidate beat the linear probe (train.below_probe)
+        graph_preprocess=e["graph_preprocess"], graph_parity_min_agreement=e["graph_parity_min_agreement"],
+        graph_parity_max_dp=e["graph_parity_max_dp"], eval_split="test",
     )  # fmt: skip
     if not report.get("passed", False):
         raise SensituneError(
@@ -300,12 +318,15 @@ def _said_train(metrics: dict, params: Params) -> str:
     from .assess import summary_line
 
     keys = ("test_acc", "test_balanced_acc", "escape_rate", "overkill", "threshold", "val_acc", "val_score",
-            "probe_val_score", "probe_test_acc", "trainable", "best_epoch", "below_probe")  # fmt: skip
+            "probe_val_score", "probe_test_acc", "trainable", "best_epoch", "below_probe", "model")  # fmt: skip
     out = {k: metrics.get(k) for k in keys}
     if metrics.get("ladder"):  # plan.budget: auto
         out["budget_chosen"] = metrics["budget_chosen"]
         out["ladder_val_score"] = {r["budget"]: round(r["val_score"], 4) for r in metrics["ladder"]}
-    return f"{_json(out, params)}\n{summary_line(metrics)}"
+    if metrics.get("search"):  # plan.search: halving
+        out.update({k: metrics[k] for k in ("budget_chosen", "lr_chosen")}, trainings=metrics["search"]["trainings"])
+    said = f"{_json(out, params)}\n{summary_line(metrics)}"
+    return said if metrics.get("outcome") is None or metrics.get("stopped") else f"{said}\n{metrics['outcome']}"
 
 
 STAGES: tuple[Stage, ...] = (

@@ -261,7 +261,8 @@ def hand_over(
     bootstrap: alias ``champion`` -> version, manifest champion -> its FP32 artifact (manifest created if absent).
     handover: alias ``challenger`` -> version (its first move: publish registered without an alias), manifest
     challenger -> version at ``share`` of the cameras; the rollout's own rule (`deploy.edge.rollout.decide`)
-    promotes or rolls it back from live feedback.
+    promotes or rolls it back from live feedback. With no manifest yet and a champion this flow did not make (its
+    artifact unknown), the alias alone hands over: boxes that follow the registry pull it.
     not promoted: alias ``challenger`` stays (or goes back) where it was; the manifest is not touched.
 
     Returns:
@@ -274,8 +275,11 @@ def hand_over(
     base = path.resolve().parent
     ref = rollout.ModelRef(version, os.path.relpath(Path(artifact).resolve(), base))
     if decision == HANDOVER and not path.is_file() and champion_artifact is None:
-        decision = out["decision"] = NOT_PROMOTED
-        out["note"] = f"{path} does not exist and the champion's artifact is unknown: write the manifest by hand"
+        # a champion published outside this flow (`dvc repro`, `sensitune publish`): its artifact is not known here,
+        # so no local manifest can name it; boxes follow the registry (deploy.edge.sync), and the alias hands over
+        out["alias_moves"].append(reg.set_challenger(version).to_dict())
+        out["note"] = f"{path} not written (the champion's artifact is not this flow's): boxes follow the alias"
+        return out
     if decision == NOT_PROMOTED:
         restore_challenger(uri, model_name, prev_challenger)
         out["alias_moves"].append({"alias": CHALLENGER_ALIAS, "to_version": prev_challenger})

@@ -1,5 +1,6 @@
 """The train stage: train the plan (or, with ``plan.budget: auto``, every rung of the plan's ladder and keep the
-one validation prefers), pick the epoch and the reject threshold on validation, test the chosen model once.
+one validation prefers; with ``plan.search: halving``, the rungs at a few lrs by successive halving,
+`pipelines.halving`), pick the epoch and the reject threshold on validation, test the chosen model once.
 
 Writes run/tuned/, run/metrics.json, run/history.csv and run/confusion.png (`pipelines.layout`).
 """
@@ -11,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 
 from spt_core import __version__
 from spt_core.api import (
+    HALVING,
     RESUME_FREE,
     Augment,
     History,
@@ -42,19 +45,24 @@ from spt_core.api import (
     make_loaders,
     resolve_device,
     save_tuned,
+    search_of,
 )
 from spt_core.portable.errors import PlanError, SensituneError
 from spt_core.portable.io import atomic_path, write_json
 from spt_core.portable.metrics import SELECTION_RULE
 
 from .assess import choose_operating_point, plot_confusion, probe_warnings
+from .below_probe import ProbeModel, Saved, probe_model, settle
 from .config import Params
+from .halving import Splits, search_halving
 from .layout import FILES
 from .models import build_model, model_args
 
 log = logging.getLogger(__name__)
-# train.* keys read here (probe, loaders), not by TrainConfig
-_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs", "augment", "aug_flip", "aug_scale", "aug_color_jitter")
+# train.* keys read here (probe, loaders, the below-probe rule, the search's lr grid), not by TrainConfig
+_TRAIN_EXTRA = ("head_init", "probe_baseline", "probe_epochs", "augment", "aug_flip", "aug_scale", "aug_color_jitter",
+                "below_probe", "lr_grid")  # fmt: skip
+_AFTER_TRAINING = ("below_probe",)  # decides what becomes of the trained model: no part of the resume key
 
 
 def run_dir(params: Params) -> Path:
@@ -69,6 +77,9 @@ def data_loaders(params: Params, pre: Any, batch_size: int, seed: int, train: bo
     balance = t["balance"] if train else "none"
     return make_loaders(Path(params["paths"]["data"]), pre, batch_size=batch_size, seed=seed, balance=balance,
                         augment=aug)  # fmt: skip
+
+
+_SEARCH_ONLY = ("lr_grid",)  # plan.search: halving's lr multiples: no part of the resume key (a trial's lr is)
 
 
 def train_config(params: Params) -> TrainConfig:
@@ -105,12 +116,19 @@ def _fit_plan(
     on_epoch: Callable[[dict], None] | None,
     with_test: bool,
     built: tuple[torch.nn.Module, torch.Tensor] | None = None,
+    cfg: TrainConfig | None = None,
+    until_step: int | None = None,
+    state_dir: Path | None = None,
+    check_reach: bool = True,
 ) -> tuple[Any, History]:
     """A fresh model with the shared starting head, `plan` applied, trained by `fit` (resumable per plan).
 
     ``built`` = (a model from `build_model` whose backbone nothing has changed, the CPU RNG state right after that
     build): that model is used instead of building another, with the RNG put back, so the numbers are the same.
+    A search trial (`pipelines.halving`) gives its ``cfg`` (its lr), ``until_step`` and ``state_dir``, and checks
+    that its tuners reach the output once per plan (``check_reach``).
     """
+    cfg = cfg or s.cfg
     if built is None:
         model, _ = build_model(s.args, s.cfg.seed)
     else:
@@ -119,16 +137,17 @@ def _fit_plan(
     model.get_classifier().load_state_dict(s.head)
     model.to(s.device)
     apply_plan(model, plan)
-    unreached = check_tuners_reached(model, next(iter(s.plain["train"]))[0][:2].to(s.device))
+    x = next(iter(s.plain["train"]))[0][:2].to(s.device) if check_reach else None
+    unreached = check_tuners_reached(model, x) if x is not None else []
     if unreached:
         raise PlanError(
             f"{len(unreached)} tuner(s) never reach the output on {s.args['name']} (e.g. {unreached[0]}): this "
             "backbone reads those weights outside their module; use plan.structured and a backbone without it"
         )
-    state_dir = run_dir(s.params) / FILES["train_state"] / _state_key(plan, s.cfg, s.data_hash, s.key_extra)
+    state_dir = state_dir or run_dir(s.params) / FILES["train_state"] / _state_key(plan, cfg, s.data_hash, s.key_extra)
     loaders = s.loaders if with_test else {k: v for k, v in s.loaders.items() if k != "test"}
-    history = fit(model, loaders, s.cfg, state_dir, on_epoch=on_epoch, ok_index=s.ok_index,
-                  max_escape_rate=s.max_escape)  # fmt: skip
+    history = fit(model, loaders, cfg, state_dir, on_epoch=on_epoch, ok_index=s.ok_index,
+                  max_escape_rate=s.max_escape, until_step=until_step)  # fmt: skip
     return model, history
 
 
@@ -186,18 +205,29 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     plain = data_loaders(params, info.preprocess, cfg.batch_size, cfg.seed)
     loaders = {**plain, "train": data_loaders(params, info.preprocess, cfg.batch_size, cfg.seed, train=True)["train"]}
     metrics: dict[str, Any] = {}
+    probe_head = None
     if t["probe_baseline"] or t["head_init"] == "probe":
         head0 = {k: v.clone() for k, v in model.get_classifier().state_dict().items()}
         probe = fit_probe(model, plain, epochs=t["probe_epochs"], seed=cfg.seed, device=device, select=cfg.select,
                           ok_index=ok_index, max_escape_rate=max_escape)  # fmt: skip
         metrics.update(probe.to_dict())
+        probe_head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()}
         if t["head_init"] == "random":
             model.get_classifier().load_state_dict(head0)
     head = {k: v.detach().clone() for k, v in model.get_classifier().state_dict().items()}
-    extra = {k: t[k] for k in _TRAIN_EXTRA}
+    extra = {k: t[k] for k in _TRAIN_EXTRA if k not in _AFTER_TRAINING + _SEARCH_ONLY}
     setup = _Setup(params, cfg, args, device, plain, loaders, head, ds_info.data_hash,
                    {**extra, **args, "esc": max_escape}, ok_index, max_escape)  # fmt: skip
-    if rungs:
+    if rungs and search_of(plan) == HALVING:
+        del model  # every trial starts from a fresh build
+        model, history, plan, cfg, search = search_halving(
+            rungs, cfg, t["lr_grid"], len(loaders["train"]),
+            lambda p, c, until, d, check: _fit_plan(setup, p, on_epoch, False, cfg=c, until_step=until, state_dir=d,
+                                                    check_reach=check),
+            Splits(plain["val"], plain["test"], device, ok_index, max_escape), run / FILES["train_state"] / "search",
+        )  # fmt: skip
+        metrics.update({"search": search, "budget_chosen": search["budget_chosen"], "lr_chosen": cfg.lr})
+    elif rungs:
         del model  # every rung starts from a fresh build
         model, history, plan, ladder = _train_ladder(setup, rungs, on_epoch)
         metrics.update({"ladder": ladder, "budget_chosen": next(r["budget"] for r in ladder if r["chosen"])})
@@ -208,8 +238,6 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     tuned_info = {**info.to_dict(), "model_args": args, "class_names": names, "data_hash": ds_info.data_hash,
                   "train": cfg.to_dict(), **op.to_dict()}  # fmt: skip
     buffers = {} if cfg.freeze_bn_stats else bn_buffers(model)  # trained BN statistics belong to the model then
-    if w.main:
-        save_tuned(model, plan, run / FILES["tuned"], info=tuned_info, buffers=buffers)
     backbone = plan.backbone_params
     metrics.update(
         {
@@ -244,19 +272,43 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
     )
     if metrics.get("probe_test_acc") is not None and history.test_acc is not None:
         metrics["gain_over_probe"] = history.test_acc - metrics["probe_test_acc"]
-    metrics["warnings"] = probe_warnings(metrics)
+    metrics["warnings"] = probe_warnings(metrics) if t["probe_baseline"] else []
     metrics["below_probe"] = bool(metrics["warnings"])
     metrics["test"], metrics["val"] = measured.get("test"), measured["val"]
+    kept = _settle_below_probe(setup, metrics, Saved(model, plan, tuned_info, buffers), probe_head)
     if not w.main:
         return metrics
     for msg in metrics["warnings"]:
         log.warning("warning: %s", msg)
+    _save_kept(run / FILES["tuned"], kept)
     write_json(run / FILES["metrics"], metrics)
-    plot_confusion(measured["test"]["confusion"], names, run / FILES["confusion_png"],
-                   f"test, epoch {history.best_epoch} ({cfg.select} on validation)",
-                   measured["test"].get("at_threshold"))  # fmt: skip
+    plot_confusion(metrics["test"]["confusion"], names, run / FILES["confusion_png"],
+                   f"test, {'linear probe, ' * (metrics['model'] == 'probe')}epoch {metrics['best_epoch']} "
+                   f"({cfg.select} on validation)", metrics["test"].get("at_threshold"))  # fmt: skip
     _write_history(run / FILES["history"], history)
     return metrics
+
+
+def _settle_below_probe(
+    s: _Setup, metrics: dict[str, Any], tuned: Saved, probe_head: dict[str, torch.Tensor] | None
+) -> Saved | None:
+    """What tuned/ holds (`pipelines.below_probe.settle`): the tuned model, or below the probe on validation the
+    probe (train.below_probe: export_probe) or nothing (stop)."""
+
+    def probe() -> ProbeModel:
+        assert probe_head is not None  # below the probe means a probe was fitted
+        names, ok_class = tuned.info["class_names"], tuned.info["ok_class"]
+        return probe_model(s.args, s.cfg.seed, probe_head, s.device, s.plain, names, ok_class, s.max_escape)
+
+    return settle(metrics, tuned, probe, below_probe=s.params["train"]["below_probe"])
+
+
+def _save_kept(path: Path, kept: Saved | None) -> None:
+    """tuned/ = the kept model; a stopped run removes an older one, so that nothing can merge it by mistake."""
+    if kept is None:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        save_tuned(kept.model, kept.plan, path, info=kept.info, buffers=kept.buffers)
 
 
 def _write_history(path: Path, history: History) -> None:

@@ -10,6 +10,8 @@
 (`loaders` from `make_loaders`; `spt_core.portable` holds the torch-free pieces: errors, io, metrics, preprocess.)
 A new tuner kind is a module, a config dataclass of its own hyper-parameters and one `register_tuner` call; its
 hyper-parameters then go to `allocate` as keywords and travel in the plan (tests/test_new_tuner_kind.py).
+peft users get a plan as a SHiRA adapter (`shira_plan`, `to_peft`), and any peft adapter comes back as a plain
+model (`load_peft`, `merge_peft`): docs/peft.md.
 
 Everything here is a re-export: the application (pipelines/, benchmarks/) imports spt_core through this module,
 so the modules behind it can move without touching their callers. It imports torch and timm; ``import spt_core``
@@ -19,7 +21,21 @@ alone does not (the edge imports `spt_core.portable` without torch).
 from __future__ import annotations
 
 from .allocate import SPT_RULE, allocate
-from .budget import AUTO, FULL, Rung, check_ladder, choose_rung, full_plan, is_ladder, ladder_plans, plan_budget
+from .budget import (
+    AUTO,
+    FULL,
+    HALVING,
+    LADDER,
+    Rung,
+    check_ladder,
+    choose_rung,
+    full_plan,
+    is_ladder,
+    ladder_plans,
+    plan_budget,
+    rung_plan,
+    search_of,
+)
 from .candidates import Candidate, count_backbone_params, find_candidates
 from .checkpoint import bn_buffers, load_tuned_into, read_tuned, save_tuned
 from .data import (
@@ -39,11 +55,13 @@ from .distributed import init_from_env
 from .evaluate import collect, evaluate
 from .merge import merge
 from .model import ModelInfo, create_model
+from .peft_bridge import PeftExport, load_peft, merge_peft, shira_plan, to_peft
 from .plan import Plan, Target, parse_budget
-from .probe import fit_probe
+from .probe import fit_probe, head_only
 from .report import plot_plan
+from .search import Score, SearchResult, Trial, rung_score, successive_halving
 from .sensitivity import Sensitivity, measure_sensitivity, measure_task
-from .train import RESUME_FREE, History, TrainConfig, fit
+from .train import RESUME_FREE, History, TrainConfig, fit, validate
 from .tuners import (
     TunerKind,
     apply_plan,
@@ -80,6 +98,7 @@ __all__ = [
     "History",
     "RESUME_FREE",
     "fit_probe",
+    "head_only",
     "evaluate",
     "collect",
     "merge",
@@ -94,6 +113,17 @@ __all__ = [
     "Rung",
     "AUTO",
     "FULL",
+    "rung_plan",
+    # ... or searched with a few learning rates by successive halving (plan.search: halving, <= 2 trainings)
+    "search_of",
+    "LADDER",
+    "HALVING",
+    "Trial",
+    "Score",
+    "SearchResult",
+    "successive_halving",
+    "rung_score",
+    "validate",
     # tuned weights on disk
     "save_tuned",
     "read_tuned",
@@ -115,4 +145,10 @@ __all__ = [
     "init_from_env",
     "close_distributed",
     "plot_plan",
+    # peft: a plan as a SHiRA adapter, a peft adapter merged into a plain model (docs/peft.md)
+    "shira_plan",
+    "to_peft",
+    "PeftExport",
+    "load_peft",
+    "merge_peft",
 ]

@@ -9,7 +9,9 @@ budget
 dense delta (`full_plan`): full fine-tuning of the backbone except the stem and the position/class tokens, which
 every plan keeps frozen (`spt_core.candidates`), with weight decay towards the pretrained weights.
 The product (`sensitune train` with ``plan.budget: auto``) and the benchmark harness use these functions, so the
-published "budget chosen on validation" rows are what the product does.
+published "budget chosen on validation" rows are what the product does. ``plan.search: halving`` chooses among
+the same rungs, each at a few learning rates, by successive halving instead (`spt_core.search`: at most two
+trainings' worth of steps instead of one training per rung).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .sensitivity import Sensitivity
 
 FULL = "full"
 AUTO = "auto"
+LADDER, HALVING = "ladder", "halving"  # plan.search: train every rung, or successive halving (spt_core.search)
+SEARCHES = (LADDER, HALVING)
 
 
 @dataclass(frozen=True)
@@ -82,20 +86,35 @@ def is_auto(budget: int | float | str) -> bool:
     return str(budget).strip().lower() == AUTO
 
 
-def plan_budget(sensitivity: Sensitivity, budget: int | float | str, ladder: Sequence[str], **allocate_kw: Any) -> Plan:
+def plan_budget(
+    sensitivity: Sensitivity,
+    budget: int | float | str,
+    ladder: Sequence[str],
+    search: str = LADDER,
+    **allocate_kw: Any,
+) -> Plan:
     """The plan of `budget`: `allocate` for one budget, or for ``auto`` the smallest rung of `ladder`.
 
-    An auto plan records its ladder (budget, hash and count of each rung, all allocated from the same scores) and
-    the options, so that `ladder_plans` re-allocates exactly these rungs for training; `ladder` is read only then.
+    An auto plan records its ladder (budget, hash and count of each rung, all allocated from the same scores), the
+    options, and how the train stage chooses among the rungs (`search`: `LADDER`, one training each, or `HALVING`,
+    `spt_core.search`), so that `ladder_plans` re-allocates exactly these rungs; `ladder` and `search` are read
+    only then.
     """
     if not is_auto(budget):
         return allocate(sensitivity, budget, **allocate_kw)
+    if search not in SEARCHES:
+        raise PlanError(f"plan.search={search!r}: use {' | '.join(SEARCHES)}")
     labels = check_ladder(ladder, int(sensitivity.meta.get("backbone_params", 0)))
     rungs = [(b, rung_plan(sensitivity, b, **allocate_kw)) for b in labels]
     plan = rungs[0][1]
     record = [{"budget": b, "plan_hash": r.hash(), "trainable": r.trainable} for b, r in rungs]
-    plan.meta.update({"ladder": record, "allocate": allocate_kw})
+    plan.meta.update({"ladder": record, "allocate": allocate_kw, "search": search})
     return plan
+
+
+def search_of(plan: Plan) -> str:
+    """How an auto plan's rungs are chosen (`plan_budget`'s `search`; plans made before it was recorded: ladder)."""
+    return str(plan.meta.get("search", LADDER))
 
 
 def is_ladder(plan: Plan) -> bool:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .plan import Plan
 from .portable.errors import SensituneError
 from .portable.operating_point import selection_score
 
@@ -136,3 +137,14 @@ def fit_probe(
     return ProbeResult(best_epoch=best[1] + 1, val_acc=_accuracy(probe, xva, yva), test_acc=test_acc,
                        seconds=time.perf_counter() - t0, select=select, val_score=best[0],
                        test_balanced_acc=test_bal)  # fmt: skip
+
+
+def head_only(plan: Plan) -> Plan:
+    """The linear probe's plan: `plan`'s model and tuner settings with no backbone value to train (no targets).
+
+    Saved with the probe's head (`save_tuned`) it is a tuned-weights directory like any other, so merge (folding no
+    tuner is the identity), export and publish carry the probe unchanged: the pretrained backbone + the probe's head.
+    A budget ladder's record (``meta["ladder"]``) stays with the plan that was trained, not with the probe.
+    """
+    meta = {k: v for k, v in plan.meta.items() if k != "ladder"}
+    return replace(plan, targets=[], indices={}, budget=0, meta={**meta, "head_only": True})

@@ -296,3 +296,11 @@ def test_predict_csv_has_one_p_good_column_even_for_a_class_named_good(tmp_path)
     rows = list(csv.DictReader(open(out["out"])))
     p = float(np.exp(2) / (np.exp(2) + 3))
     assert all(abs(float(r["P(good)"]) - p) < 1e-5 and r["decision"] == "ok" for r in rows)
+
+
+def test_every_verb_prints_its_help(capsys):
+    """argparse formats a help text only when asked: a stray % in a config key's help crashes `VERB --help`."""
+    sub = next(a for a in build_parser()._actions if a.choices and hasattr(a, "_name_parser_map"))
+    for verb, parser in sub.choices.items():
+        text = parser.format_help()
+        assert text.startswith("usage:") and verb in text

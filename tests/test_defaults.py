@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from deploy.compile.export import export_all, export_onnx
+from deploy.compile.graph_gate import graph_gate
 from deploy.compile.verify import verify
 from deploy.edge.rollout.manifest import CHALLENGER_SHARE
 from deploy.edge.sync import BoxConfig
 from pipelines import config, flows, lines
+from pipelines.below_probe import settle
 from pipelines.tracking.live import LiveRun
 from pipelines.tracking.run import collect_record, log_run
 from spt_core.allocate import allocate
@@ -44,12 +46,14 @@ USES: list[tuple[str, Callable[..., Any], Sequence[str] | str]] = [
     ("plan", plan_budget, EVERY),
     ("train", TrainConfig, EVERY),
     ("train", fit_probe, ("select",)),  # its lr, batch_size, ...: the probe's own recipe, not train.*
+    ("train", settle, EVERY),  # below_probe (required: the train stage passes the config's)
     ("evaluate", fit, EVERY),
     ("evaluate", fit_probe, EVERY),
     ("evaluate", selection_score, EVERY),
     ("export", export_all, EVERY),
     ("export", export_onnx, EVERY),
     ("export", verify, EVERY),
+    ("export", graph_gate, EVERY),
     ("publish", collect_record, EVERY),
     ("publish", log_run, EVERY),
     ("publish", LiveRun, EVERY),

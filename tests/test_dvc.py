@@ -39,7 +39,8 @@ def _line_folder(root: Path, counts: dict[str, int], start: int = 0) -> Path:
 
 @pytest.mark.slow  # default suite <= ~10 min: `make slow` runs it
 def test_readme_import_recipe_from_a_fresh_clone(tmp_path: Path) -> None:
-    """README "Your own images": import -> dvc repro -> commit; a second batch is a new data version."""
+    """`sensitune import` in a clone: import -> dvc repro -> commit; a second batch is a new data version (README's
+    recipe, with `sensitune init`, is tests/test_readme_recipe.py)."""
     repo = tmp_path / "line7"
     run = make_repo(repo, demo=False)
     set_param(repo, "data", "ok_class", "good")

@@ -171,6 +171,22 @@ def test_manifests_follow_the_contract(exported: dict, data: dict[str, list]) ->
     assert int8["calibration"] == calibration_fingerprint(calib) and int8["calibration"]["size"] == 16
 
 
+def test_each_openvino_manifest_says_which_input_variant_it_ships(exported: dict) -> None:
+    """export.graph_preprocess auto: the graph variant where its parity on the eval images holds, else host."""
+    out, report = exported["dir"], exported["report"]
+    for fmt, rel in report["artifacts"].items():
+        m = json.loads((out / rel / "manifest.json").read_text())
+        if fmt == "onnx":
+            assert m["input_variant"] == "host" and "graph_preprocess" not in m
+            continue
+        parity = m["graph_preprocess"]["parity"]
+        assert (parity["split"], parity["n_images"], m["graph_preprocess"]["resize"]) == ("test", 24, "bicubic_pillow")
+        passed = parity["agreement"] >= 99.0 and parity["max_dp"] <= 0.01
+        assert parity["passed"] == passed and m["input_variant"] == ("graph" if passed else "host")
+        assert report["graph_preprocess"][fmt]["input_variant"] == m["input_variant"]
+    assert json.loads((out / "openvino/fp32/manifest.json").read_text())["input_variant"] == "graph"
+
+
 def test_ir_weights_really_have_their_precision(exported: dict) -> None:
     ov_dir = exported["dir"] / "openvino"
     proto = onnx.load(str(exported["dir"] / "model.onnx"))

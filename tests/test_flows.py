@@ -252,6 +252,23 @@ def test_training_failure_leaves_champion_and_artifacts_intact(project: Project,
     assert (challenger.version if challenger else None) == expected_challenger
 
 
+def test_a_stopped_train_ends_the_flow_with_no_stage_after_it(project: Project, monkeypatch: pytest.MonkeyPatch):
+    """train.below_probe: stop (train's result says ``stopped``): a named "Stopped" end, not promoted, nothing after."""
+    project.add_batch()
+    aliases, manifest = project.aliases(), (project.root / "rollout.yaml").read_bytes()
+    why = "no candidate beats the linear probe on validation (accuracy 0.1000 < probe 0.6000): nothing exported"
+    ran = []
+    with monkeypatch.context() as mp:
+        _replace_stage(mp, "train", lambda params, on_epoch=None: ran.append("train") or {"stopped": why})
+        for name in ("evaluate", "merge", "export"):
+            _replace_stage(mp, name, lambda params, name=name: ran.append(name))
+        state = project.run()
+    assert state.is_completed() and state.name == "Stopped", state.message
+    r = state.result()
+    assert (r["status"], r["decision"], r["reason"], ran) == ("stopped", t.NOT_PROMOTED, why, ["train"])
+    assert project.aliases() == aliases and (project.root / "rollout.yaml").read_bytes() == manifest
+
+
 def test_handover_gate_rule() -> None:
     assert t.handover_gate(0.8, None, 0.0, True)[0] == t.BOOTSTRAP
     assert t.handover_gate(0.8, 0.8, 0.0, True)[0] == t.HANDOVER

@@ -14,61 +14,25 @@ registry, uploads, staleness), test_publish.py (publish once, sweep rule, live m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from mlflow import MlflowClient
 from support.artifacts import CLASSES, demo_images
+from support.boxes import ready, stale, start_box, stop_boxes, uploaded, wait_for
 from support.projects import make_repo, set_param
-from support.servers import free_port, mlflow_server, stop_server
+from support.servers import mlflow_server, stop_server
 
 from pipelines import flows
 from pipelines.publish import publish  # noqa: F401  (the function every path shares)
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "sensitune-test_vit"  # publish's default name for TINY's model (flow and dvc repro alike)
 N_FEEDBACK = 6
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]  # one Prefect server (conftest.py)
-
-
-def _box(root: Path, name: str, url: str, frames: bool) -> tuple[subprocess.Popen, str]:
-    root.mkdir(parents=True)
-    reg = {"url": url, "model_name": NAME, "timeout_s": 3}
-    box = {"box": name, "line": "line-1", "store": "store", "registry": reg,
-           "sync": {"interval_s": 1, "stale_after_s": 5, "challenger_share": 0.5}}  # fmt: skip
-    if frames:  # keep every served frame, so that each labelled one is uploaded
-        box["frames"] = {"dir": "frames", "random_rate": 1.0, "quota_mb": 50}
-    (root / "box.yaml").write_text(yaml.safe_dump(box))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "deploy.edge.service", "--config", str(root / "rollout.yaml"), "--box",
-           str(root / "box.yaml"), "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=open(root / "service.log", "w"), stderr=subprocess.STDOUT, env=env)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait(what: str, fn, timeout: float = 240.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if (got := fn()) is not None and got is not False:
-                return got
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _ready(url: str, champion: str, challenger: str | None):
-    s = httpx.get(f"{url}/readyz", timeout=5).json()
-    return s if (s.get("champion"), s.get("challenger")) == (champion, challenger) else None
 
 
 def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,10 +55,10 @@ def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert (first.result()["decision"], first.result()["model_version"]) == ("bootstrap", "1")
 
         # 2. two boxes start from the registry alone (no manifest, empty stores)
-        boxes = {n: _box(tmp_path / f"box-{n}", f"box-{n}", uri, frames=n == "a") for n in ("a", "b")}
+        boxes = {n: start_box(tmp_path / f"box-{n}", f"box-{n}", uri, NAME, frames=n == "a") for n in ("a", "b")}
         try:
             for _, url in boxes.values():
-                _wait("champion v1", lambda url=url: _ready(url, "1", None))
+                wait_for("champion v1", lambda url=url: ready(url, "1", None))
 
             # 3. `dvc repro` (another lr) publishes v2 and gates it against v1 on held-out images: the alias moves only
             # on a pass; a person points challenger at it either way (`sensitune registry set`, audited), and both
@@ -112,7 +76,7 @@ def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
             assert said["status"] == "identical" and said["model_version"] == "2", again
             assert len(client.search_model_versions(f"name='{NAME}'")) == 2
             for _, url in boxes.values():
-                _wait("challenger v2", lambda url=url: _ready(url, "1", "2"))
+                wait_for("challenger v2", lambda url=url: ready(url, "1", "2"))
 
             # 4. operators label frames on box A; its sync uploads them; the next retrain ingests exactly those
             url_a = boxes["a"][1]
@@ -124,11 +88,7 @@ def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 assert fb.json()["frame_kept"] is True
             n_raw = len(list((repo / "data/raw").rglob("*.png")))
 
-            def uploaded() -> int | None:
-                files = [f for c in CLASSES for f in _list(uri, f"incoming/line-1/{c}") if f.endswith(".png")]
-                return len(files) if len(files) == N_FEEDBACK else None
-
-            _wait("uploads", uploaded, timeout=60)
+            wait_for("uploads", lambda: len(uploaded(uri, NAME, "line-1", CLASSES)) == N_FEEDBACK, timeout=60)
             second = flows.retrain(**kw, min_gain=-1.0, return_state=True)
             assert second.is_completed(), second.message
             r2 = second.result()
@@ -146,32 +106,19 @@ def test_from_new_images_to_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 # and no box ever serves v3 (gate before alias); a person may still put it on trial, audited
                 assert client.get_model_version_by_alias(NAME, "challenger").version == "2", r2
                 time.sleep(3 * 2.0)  # a few sync rounds: the boxes keep v2
-                assert all(_ready(url, "1", "2") for _, url in boxes.values()), "a box served the refused v3"
+                assert all(ready(url, "1", "2") for _, url in boxes.values()), "a box served the refused v3"
                 run(sys.executable, "-m", "pipelines.cli", "registry", "set", "challenger", v3, "--why",
                     "trial despite the gate", "--tracking-uri", uri)  # fmt: skip
             for _, url in boxes.values():
-                _wait("challenger v3", lambda url=url: _ready(url, "1", v3))
+                wait_for("challenger v3", lambda url=url: ready(url, "1", v3))
 
             # 5. the server goes away: both boxes keep serving and report staleness
             stop_server(server_proc)
             for _, url in boxes.values():
-                health = _wait("staleness", lambda url=url: _stale(url), timeout=60)
+                health = wait_for("staleness", lambda url=url: stale(url), timeout=60)
                 assert health["sync"]["error"] and health["sync"]["last_ok"]
                 r = httpx.post(f"{url}/predict", files={"file": images[0][0].read_bytes()}, data={"camera_id": "x"})
                 assert r.status_code == 200 and r.json()["model_version"] in ("1", v3)
                 assert "sensitune_sync_ok 0" in httpx.get(f"{url}/metrics", params={"format": "prometheus"}).text
         finally:
-            for proc, _ in boxes.values():
-                proc.terminate()
-                proc.wait(30)
-
-
-def _stale(url: str):
-    h = httpx.get(f"{url}/healthz", timeout=5).json()
-    return h if h["sync"]["stale"] and h["sync"]["error"] else None
-
-
-def _list(uri: str, path: str) -> list[str]:
-    from deploy.edge.mlflow_rest import RestRegistry
-
-    return [f["path"] for f in RestRegistry(uri, NAME).list_files(path)]
+            stop_boxes([proc for proc, _ in boxes.values()])

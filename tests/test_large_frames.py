@@ -1,4 +1,4 @@
-"""Issue 29's load target: the large-frame lane (`deploy.edge.limits.LargeFrameLane`). A frame that decodes to more
+"""Issue 29's load target: the large-frame lane (`deploy.edge.lane.LargeFrameLane`). A frame that decodes to more
 than ``limits.large_frame_bytes`` is decoded and made the models' input in one low-priority worker process, one at a
 time; its answer is the one the normal path gives, the service process never decodes it, a normal frame is answered
 while the lane is busy, and a worker that dies costs one 503 and is started again.
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from support.edge import EdgeWorld, png, rollout
 
-import deploy.edge.service as service_mod
+import deploy.edge.decoding as decoding_mod  # where the service decodes a line frame and makes its inputs
 from deploy.edge.limits import LimitError, decoded_bytes, open_header
 from deploy.edge.service import EdgeService
 
@@ -92,8 +92,8 @@ def test_a_large_frame_goes_to_the_lane_and_gets_the_same_answer(
             return fn(image, *args)
         return call
 
-    monkeypatch.setattr(service_mod, "model_image", watched(service_mod.model_image))
-    monkeypatch.setattr(service_mod, "decode", watched(service_mod.decode))
+    monkeypatch.setattr(decoding_mod, "model_image", watched(decoding_mod.model_image))
+    monkeypatch.setattr(decoding_mod, "decode", watched(decoding_mod.decode))
     roles = set()
     for i, data in enumerate(_frames(edge_world)):
         camera = f"cam-{i}"
@@ -130,7 +130,8 @@ def test_a_second_large_frame_gets_503_while_a_normal_one_is_answered(edge_world
         release.touch()
         thread.join(30)
     assert outcome == [None], outcome
-    assert service.predict(large, "cam-b", None)[0] == 200  # the lane is free again
+    again = service.predict(large, "cam-b", None)
+    assert again[0] == 200, again  # the lane is free again
     service.close()
 
 
@@ -152,11 +153,15 @@ def test_a_killed_worker_costs_its_frame_a_503_and_is_started_again(edge_world: 
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_the_worker_exits_when_the_service_process_is_gone() -> None:
+@pytest.mark.parametrize("stopped", [False, True], ids=["working", "stopped-for-the-line"])
+def test_the_worker_exits_when_the_service_process_is_gone(stopped: bool) -> None:
     import subprocess
 
-    code = "import os; from deploy.edge.limits import LargeFrameLane as L; print(L().worker_pid(), flush=True); " \
-        "os._exit(0)"
+    # a stopped worker cannot run its parent-watch thread; the service dies once the stop has taken effect
+    stop = "os.kill(p, signal.SIGSTOP); s = f'/proc/{p}/stat'\n" \
+        "while open(s).read().rsplit(')', 1)[1].split()[0] != 'T': time.sleep(0.01)\n" if stopped else ""
+    code = "import os, signal, time; from deploy.edge.lane import LargeFrameLane as L; p = L().worker_pid(); " \
+        f"{stop}print(p, flush=True); os._exit(0)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     pid = int(out.stdout.split()[0])  # the service died without close(), as under the OOM killer or SIGKILL
@@ -165,3 +170,69 @@ def test_the_worker_exits_when_the_service_process_is_gone() -> None:
     while status.exists() and "zombie" not in status.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not status.exists() or "zombie" in status.read_text(), f"worker {pid} outlived its service"
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc: T when stopped."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _stopped(pid: int, wait_s: float = 2.0) -> bool:
+    """Whether the process is (or within `wait_s` becomes) stopped: a SIGSTOP takes effect when the target next runs,
+    and a SCHED_IDLE worker may wait a moment for a core."""
+    deadline = time.monotonic() + wait_s
+    while _state(pid) != "T":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_lane_worker_is_stopped_while_a_line_frame_is_served(
+    edge_world: EdgeWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = EdgeService(rollout(tmp_path, edge_world, "2", None, limits=TINY_LANE))
+    small = png(Image.new("L", (16, 16), 90))
+    pid = service.lane.worker_pid()
+    seen: list[str] = []
+    real_decode = decoding_mod.decode
+    monkeypatch.setattr(decoding_mod, "decode", lambda im: (seen.append(_stopped(pid, 0.5)), real_decode(im))[1])
+    assert service.predict(small, "cam-a", None)[0] == 200  # the lane is idle: nothing to stop
+    thread, outcome, release = _busy(service, tmp_path)
+    try:
+        status, body = service.predict(small, "cam-c", None)
+        assert status == 200, body
+        assert seen == [False, True], seen  # stopped only while a large frame works and a line frame runs
+        assert _state(pid) != "T" and service.lane.yielding.holds == 1  # continued the moment the line frame is done
+    finally:
+        release.touch()
+        thread.join(30)
+    assert outcome == [None], outcome  # the large frame still finishes
+    service.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_large_frame_is_held_for_the_line_at_most_max_held_s() -> None:
+    import subprocess
+
+    from deploy.edge.lane import LineYield
+
+    now = [0.0]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        gate = LineYield(max_held_s=1.0, clock=lambda: now[0])
+        with gate.working(child.pid):
+            for step in range(3):  # held 0.6 s, then 0.6 s (1.2 in all), then no more
+                with gate.line_frame():
+                    assert _stopped(child.pid, 0.5) == (step < 2), step
+                    now[0] += 0.6
+                assert _state(child.pid) != "T"
+            with gate.line_frame(), gate.line_frame():  # nested line frames: still one hold, none past the bound
+                assert not _stopped(child.pid, 0.5)
+        assert gate.holds == 2
+        with gate.line_frame():  # no large frame at work: nothing is stopped
+            assert not _stopped(child.pid, 0.5) and gate.holds == 2
+    finally:
+        child.kill()
+        child.wait()

@@ -45,6 +45,7 @@ def compile_openvino(
     subset_size: int = 300,
     model_type: str | None = None,
     fast_bias_correction: bool = False,
+    quantizer: Callable[[ov.Model, list[np.ndarray]], ov.Model] | None = None,
 ) -> Path:
     """Convert an ONNX file to OpenVINO IR (``out_dir/model.xml`` + ``model.bin``) in one precision.
 
@@ -61,6 +62,8 @@ def compile_openvino(
         model_type: int8 only: ``"transformer"`` for ViTs (NNCF keeps softmax/LayerNorm paths accurate), else None.
         fast_bias_correction: int8 only: False runs NNCF's full bias correction, which costs seconds and recovers
             most of the loss of depthwise-conv nets such as Lite0.
+        quantizer: int8 only: (FP32 model, calibration tensors) -> quantized model, in place of plain `quantize`
+            (`deploy.compile.recovery` passes its retries here, so that they are converted and stored alike).
 
     Returns:
         ``out_dir``.
@@ -81,7 +84,10 @@ def compile_openvino(
         items = calibration_items(calibration or [], subset_size)
         if not items:
             raise ExportError(f"int8 export to {out_dir} needs calibration images: pass a non-empty calibration")
-        ov_model = quantize(ov_model, items, model_type, fast_bias_correction)
+        if quantizer is None:
+            ov_model = quantize(ov_model, items, model_type, fast_bias_correction)
+        else:
+            ov_model = quantizer(ov_model, items)
     with staging_dir(out_dir) as tmp:
         ov.save_model(ov_model, tmp / "model.xml", compress_to_fp16=(precision == "fp16"))
         if precision == "fp32" and (n16 := ir_weight_types(tmp / "model.xml").get("f16", 0)):

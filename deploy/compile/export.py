@@ -34,7 +34,9 @@ from torch import nn
 
 import spt_core
 from deploy.compile.build import ExportError, build, staging_dir
+from deploy.compile.graph_gate import check_graph_options, graph_failures, graph_gate
 from deploy.compile.quantize import calibration_fingerprint, nncf_model_type
+from deploy.compile.recovery import RECOVERABLE, check_recovery, recover_int8
 from deploy.compile.verify import verify
 from deploy.edge.artifact import INPUT_NAME, OUTPUT_NAME, build_manifest, seal
 from deploy.edge.precision import BUILDABLE, PRECISIONS, SOURCE, artifact_dir
@@ -163,6 +165,14 @@ def export_all(
     opset: int,
     max_drop: Mapping[str, float] | None = None,
     decision: dict[str, Any] | None = None,
+    validation_images: Sequence[Any] = (),
+    int8_recovery: str = "ignored_scope",
+    weights_source: Mapping[str, Any] | None = None,
+    model_kind: str | None = None,
+    graph_preprocess: str = "auto",
+    graph_parity_min_agreement: float = 99.0,
+    graph_parity_max_dp: float = 0.01,
+    eval_split: str = "test",
 ) -> dict[str, Any]:
     """Export one model version: ONNX + the precisions asked for, verified on real images, each sealed with a manifest.
 
@@ -194,6 +204,21 @@ def export_all(
         decision: The operating decision every manifest carries: ``ok_class`` and ``threshold`` (reject when
             P(ok_class) < threshold, chosen on validation), ``max_escape_rate``; None values are left out, except
             ``ok_class``, which every manifest records (null: plain classification, no reject decision).
+        validation_images: Images (the validation split, never ``eval_images``) that INT8 accuracy control
+            measures on when plain INT8 is refused (`deploy.compile.recovery`).
+        int8_recovery: How INT8 refused by the gate is retried before it is declared not promotable:
+            ``ignored_scope``, ``accuracy_control`` or ``none``; the INT8 manifest records it under ``quantization``.
+        weights_source: Where the weights came from when no sensitune plan made them (a merged peft adapter:
+            `spt_core.peft_bridge.merge_peft`'s record); every manifest carries it under ``weights_source``.
+        model_kind: What the model is, recorded in every manifest under ``model``: ``tuned`` (the plan trained) or
+            ``probe`` (no candidate beat the linear probe on validation: the probe's head on the pretrained backbone,
+            ``train.below_probe: export_probe``).
+        graph_preprocess: ``auto``: each OpenVINO artifact ships its in-graph preprocessing (the box feeds decoded
+            frames) where the parity gate on ``eval_images`` passes, host preprocessing elsewhere; ``on``: the same,
+            and a failed gate fails the export; ``off``: host preprocessing (`deploy.compile.graph_gate`).
+        graph_parity_min_agreement: Top-1 agreement (%) of the graph variant with host preprocessing, at least.
+        graph_parity_max_dp: Largest |P(ok_class) difference| of the graph variant from host preprocessing.
+        eval_split: Which split ``eval_images`` are, recorded with the graph parity.
 
     Returns:
         The report: paths (relative to ``out_dir``), ONNX opset, verification numbers and flags.
@@ -205,6 +230,8 @@ def export_all(
         ExportError: Existing ``out_dir``, bad arguments, or a failing export step (nothing is left behind).
     """
     out_dir = Path(out_dir)
+    check_recovery(int8_recovery)
+    check_graph_options(graph_preprocess, graph_parity_min_agreement, graph_parity_max_dp)
     if unknown := [p for p in precisions if p not in BUILDABLE]:
         raise ExportError(f"precisions={unknown}: use a subset of {', '.join(BUILDABLE)}")
     n_out = getattr(model, "num_classes", len(class_names))
@@ -232,6 +259,16 @@ def export_all(
             log.info("building %s", p)
             artifacts[p] = build(p, source, artifact_dir(tmp, p), calibration, model_type)
         report = verify(model, artifacts, eval_images, eval_labels, pre, max_drop=max_drop)
+        report, quantization = recover_int8(
+            model, artifacts, report, method=int8_recovery, calibration=calibration,
+            validation_images=validation_images, eval_images=eval_images, eval_labels=eval_labels, pre=pre,
+            max_drop=max_drop, model_type=model_type, class_names=class_names, decision=decision,
+        )  # fmt: skip
+        op = decision or {}
+        inputs = graph_gate(artifacts, eval_images, pre, class_names, op.get("ok_class"), op.get("threshold"),
+                            split=eval_split, graph_preprocess=graph_preprocess,
+                            graph_parity_min_agreement=graph_parity_min_agreement,
+                            graph_parity_max_dp=graph_parity_max_dp)  # fmt: skip
         opset_used = onnx_opset(source)
         for name, path in artifacts.items():
             row = PRECISIONS[name]
@@ -242,10 +279,17 @@ def export_all(
             }
             # ok_class always, null for plain classification: a box must not guess which class is the good one
             extra |= {"ok_class": None} | {k: v for k, v in (decision or {}).items() if v is not None}
+            if weights_source is not None:
+                extra["weights_source"] = dict(weights_source)
+            if model_kind is not None:
+                extra["model"] = model_kind
             if row.calibration:
                 extra["calibration"] = calibration_fingerprint(calibration)
             if row.calibration and row.format == "openvino":
                 extra["nncf_model_type"] = model_type
+            if name == RECOVERABLE:
+                extra["quantization"] = quantization
+            extra |= inputs[name]  # input_variant, and graph_preprocess where the graph's parity was measured
             write_manifest(path.parent, precision=row.weights, extra=extra, **common)
         report = {
             "out_dir": str(out_dir),
@@ -255,6 +299,12 @@ def export_all(
             "artifacts": {fmt: str(p.parent.relative_to(tmp)) for fmt, p in artifacts.items()},
             **report,
         }
+        if RECOVERABLE in artifacts:
+            report["int8_recovery"] = quantization
+        report["graph_preprocess"] = {n: {"input_variant": d["input_variant"], **d.get("graph_preprocess", {})}
+                                      for n, d in inputs.items()}  # fmt: skip
+        if failed := graph_failures(inputs, graph_preprocess):  # `on`: the graph variant was required
+            report |= {"passed": False, "graph_failures": failed}
         write_text(tmp / REPORT, json.dumps(report, indent=2) + "\n")
     return report
 

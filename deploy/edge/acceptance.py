@@ -4,7 +4,9 @@ In order, each failure a one-line `ArtifactError` naming the stage:
     1. hash       every file's sha256 and the version (`deploy.edge.artifact.load_artifact`)
     2. signature  manifest.json signed by a trusted key (`deploy.edge.signing.Trust`)
     3. promotable export's verification gate did not fail for it
-    4. compile    OpenVINO compiles the verified bytes
+    4. compile    OpenVINO compiles the verified bytes, with the in-graph preprocessing where the manifest ships it
+                  (``input_variant: graph``: the box then feeds decoded frames, `inferencer.graph_input`) and the
+                  rollout manifest's ``preprocess`` chooses it for this box's device (`Serving.variant_choice`)
     5. smoke      one grey frame: as many logits as class names, a finite answer
     6. compatible against the serving champion: same class names in the same order, the same ok_class, the same
                   input contract (colour, layout, tensor names; size and normalisation are each model's own, applied
@@ -32,13 +34,14 @@ import numpy as np
 from PIL import Image
 
 from deploy.edge.artifact import MANIFEST, Artifact, ArtifactError, load_artifact
-from deploy.edge.inferencer import Inferencer, OpenVINOInferencer
+from deploy.edge.inferencer import Inferencer
+from deploy.edge.inferencer.graph_input import open_variant
 from deploy.edge.mlflow_rest import NotFound, RestRegistry
 from deploy.edge.precision import artifact_dir, choose_served, fallback_chain, manifest_verdict
+from deploy.edge.serving import Serving
 from deploy.edge.signing import SIGNATURE, Trust
 from spt_core.portable.errors import one_line
 from spt_core.portable.io import write_json
-from spt_core.portable.preprocess import preprocess_image
 
 CLASS_CHANGE_TAG = "sensitune.class_change"  # registry version tag declaring a deliberate change of classes
 LAST_GOOD = "last-good"  # in log_dir: a copy of the last champion that passed acceptance
@@ -89,7 +92,7 @@ def smoke_test(model: Inferencer, artifact: Artifact) -> None:
     h, w = artifact.preprocess.size
     grey = Image.new("RGB", (w, h), (128, 128, 128))
     try:
-        logits = np.asarray(model.infer(preprocess_image(grey, artifact.preprocess)[None]))
+        logits = np.asarray(model.infer(model.model_input(grey)))  # the input of its variant (host or graph)
     except Exception as e:
         raise ArtifactError(f"{artifact.dir}: smoke test failed ({one_line(e)}); re-export it") from None
     if logits.ndim != 2 or logits.shape[-1] != len(artifact.class_names):
@@ -107,6 +110,7 @@ def accept(
     champion: Artifact | None = None,
     role: str = "champion",
     class_change: bool = False,
+    serving: Serving | None = None,
 ) -> Accepted:
     """Run the acceptance stages (module docstring) on one artifact directory.
 
@@ -118,6 +122,9 @@ def accept(
         champion: The serving champion's artifact to check compatibility against; None: no check (the first model).
         role: ``champion`` or ``challenger``; a challenger must always be compatible.
         class_change: The registry declares that this version changes the classes (champion only).
+        serving: The rollout manifest's device, camera count (its performance hint, under ``openvino``), batching
+            and input variant choice (`deploy.edge.serving`); None: CPU, ``openvino`` alone and the variant the
+            artifact ships (a staged download's check: what the export allowed compiles).
 
     Raises:
         ArtifactError: The first stage that failed, in one line.
@@ -140,7 +147,14 @@ def accept(
             if role != "champion":
                 how = "a challenger must keep the champion's classes; promote a class change explicitly"
             raise ArtifactError(f"v{artifact.version} refused: {why}; {how}")
-    model = OpenVINOInferencer.from_artifact(artifact, openvino)  # 4. compile (from the verified bytes)
+    props, device, batching = openvino, "CPU", None
+    variant, why = artifact.input_variant, "the variant the artifact ships (no rollout manifest)"
+    if serving is not None:
+        props, device, batching = serving.compile_properties(openvino), serving.device, serving.batching
+        variant, why = serving.variant_choice(artifact.input_variant)
+    # 4. compile (from the verified bytes), in the input variant this box serves, for the manifest's device
+    model = open_variant(artifact, props, variant, device=device, batching=batching)
+    model.variant_why = why
     smoke_test(model, model.artifact)  # 5.
     return Accepted(model, artifact, manifest_bytes, signature_bytes, signature)
 

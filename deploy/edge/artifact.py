@@ -7,7 +7,9 @@ One directory per model version and format (docs/ARCHITECTURE.md, "Artifacts")::
     manifest.json   format, precision, model_version, class names, preprocessing, input/output names, the
                     sha256 of every model file, runtime_config, the versions that built it; the operating
                     point (`spt_core.portable.operating_point`): ``ok_class`` (the good class), ``threshold``
-                    (reject when P(ok_class) < threshold) and the ``max_escape_rate`` it was chosen for on validation
+                    (reject when P(ok_class) < threshold) and the ``max_escape_rate`` it was chosen for on validation;
+                    ``input_variant`` (host, the default, or graph: the box feeds decoded frames) with the spec and
+                    measured parity of the in-graph preprocessing, ``graph_preprocess`` (`deploy.edge.graph_spec`)
 
 `deploy.compile.export` seals directories with `build_manifest` + `seal`; the edge service, `deploy.compile.verify`
 and the
@@ -30,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from deploy.edge.graph_spec import GRAPH, GraphSpec, input_variant
 from deploy.edge.precision import for_manifest, weights_of
 from spt_core.portable.errors import DataError, SensituneError, check_class_name, one_line
 from spt_core.portable.io import file_sha256, write_text
@@ -97,6 +100,18 @@ class Artifact:
         """One softmax vector -> ``p_good`` and ``decision`` at the manifest's operating point
         (`OperatingPoint.answer`): what `predict` and the edge serve."""
         return self.operating_point.answer(probs, self.class_names)
+
+    @property
+    def input_variant(self) -> str:
+        """``graph`` when export shipped the in-graph preprocessing (`deploy.edge.graph_spec`), else ``host``."""
+        return input_variant(self.manifest, str(self.dir / MANIFEST))
+
+    @property
+    def graph_spec(self) -> GraphSpec | None:
+        """How the box builds the graph variant (the manifest's ``graph_preprocess``); None for a host artifact."""
+        if self.input_variant != GRAPH:
+            return None
+        return GraphSpec.from_dict(self.manifest["graph_preprocess"], self.preprocess, str(self.dir / MANIFEST))
 
     @property
     def promotable(self) -> bool | None:
@@ -239,6 +254,10 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
         class_names = [str(c) for c in m["class_names"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{mpath}: preprocess or class_names is malformed ({one_line(e)}); re-export it") from e
+    try:  # absent: host preprocessing (artifacts from before the graph variant)
+        input_variant(m, str(mpath))
+    except ValueError as e:
+        raise ArtifactError(f"{e}; re-export it (a newer export: update this box's sensitune)") from None
     try:  # a name that is served, logged and shown on the operator pages must be plain text
         for c in class_names:
             check_class_name(c, str(mpath))

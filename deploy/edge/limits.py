@@ -21,14 +21,7 @@ plus ~1 byte a pixel to make it 8-bit (`spt_core.portable.preprocess.to_8bit`, s
 most ``decode_concurrency x (large_frame_bytes + max_pixels) + max_decoded_bytes + max_pixels`` bytes of frames:
 4 x 49 MB + 125 MB by default.
 
-The large-frame lane: a frame that decodes to more than ``large_frame_bytes`` is decoded and made the models' input
-in one worker PROCESS at the lowest OS priority (nice 19), one frame at a time (`LargeFrameLane`), never in a
-``decode_concurrency`` slot. Such a frame costs seconds of CPU (a 25 MP RGB PNG ~2-5 s); in a normal slot it
-competed with the line's frames for the cores and their p99 grew 4-14x, and in a nice-19 thread still 3.45x (decode
-and resize hold the GIL in part, which no OS priority lifts). In its own process the OS scheduler runs it in the time
-the normal frames leave; the service sends the frame's bytes and gets back only model-sized inputs, so the full-size
-frame never enters the service's memory. Its answer is the same as in a slot: the same `model_image`, then the model.
-A worker that dies (the OOM killer) costs its frame a 503 and is started again. The default,
+The large-frame lane (`deploy.edge.lane`) takes a frame that decodes to more than ``large_frame_bytes``. The default,
 24 MB, keeps a 5 MP camera's frames on the normal path whatever their mode (2448 x 2048 RGB is 20 MB as Pillow holds
 it, 16-bit grey 10 MB) and sends the 25 MP and 4999 x 4999 16-bit probes (100 MB, 50 MB) to the lane. TIFF is
 allowed because training reads the same files (a Mono12/16 camera's archive is often TIFF): its header gives the
@@ -39,18 +32,14 @@ Torch-free (Pillow only).
 from __future__ import annotations
 
 import io
-import multiprocessing
-import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from PIL import Image
 
@@ -62,9 +51,6 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 DECODED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 4, "PA": 4, "La": 4,
                  "RGB": 4, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4, "I": 4, "F": 4}
 DECODE_WAIT_S = 10.0  # a frame waits this long for a decode slot (or the large-frame lane), then 503 with Retry-After
-T = TypeVar("T")
-LANE_NICE = 19  # the large-frame lane's OS priority: the lowest, so every normal frame's thread runs first
-LaneInput = tuple[Image.Image | Exception, float]  # a model's input made in the lane (or why not), and its ms
 
 
 class LimitError(SensituneError):
@@ -229,120 +215,6 @@ class DecodeGate:
             yield
         finally:
             self._slots.release()
-
-
-def _lane_start(parent: int) -> None:
-    """The large-frame worker's initializer: the lowest OS priority for the whole process, the imports its work
-    needs done once, before a frame waits on them, and an exit when `parent` (the service) is gone: a worker holds
-    its own end of the pool's queue, so a killed service would otherwise leave it waiting forever."""
-    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, LANE_NICE)
-    except (AttributeError, OSError):  # no setpriority (Windows), or not allowed: the lane still runs one at a time
-        pass
-    try:  # Linux: SCHED_IDLE runs only when a core would idle, and yields at once to a line frame's wake-up; nice 19
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # alone still took slices (p99 1.67x clean)
-    except (AttributeError, OSError):
-        pass
-    import numpy  # noqa: F401
-
-    import spt_core.portable.preprocess  # noqa: F401
-
-
-def _exit_with(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def lane_inputs(data: bytes, limits: Limits, specs: Mapping[str, Any]) -> dict[str, LaneInput]:
-    """In the large-frame worker: decode `data` as `open_image` would, then `model_image` of it for each key of
-    `specs` (a preprocess spec), timed; a failure is kept for the key it belongs to, a spec seen before is made once.
-    Only these model-sized images go back to the service."""
-    from spt_core.portable.preprocess import model_image
-
-    image = decode(open_header(data, limits))
-    made: list[tuple[Any, LaneInput]] = []
-    out: dict[str, LaneInput] = {}
-    for key, pre in specs.items():
-        same = next((given for spec, given in made if spec == pre), None)
-        if same is None:
-            t0 = time.perf_counter()
-            try:
-                same = (model_image(image, pre), (time.perf_counter() - t0) * 1e3)
-            except Exception as e:  # raised where that model runs, as its own preprocessing would have
-                same = (e if _travels(e) else ValueError(one_line(e)), 0.0)
-            made.append((pre, same))
-        out[key] = same
-    return out
-
-
-def _travels(e: Exception) -> bool:
-    """Whether `e` comes back from the worker as itself (an exception whose constructor does not take its args
-    cannot be unpickled and would break the pool)."""
-    try:
-        type(e)(*e.args)
-    except Exception:
-        return False
-    return True
-
-
-class LargeFrameLane:
-    """One worker process at nice 19 for the frames over ``limits.large_frame_bytes`` (module docstring), one at a
-    time: a second such frame waits up to `wait_s` for it, then gets 503 with Retry-After. The process is spawned
-    (no fork of the service's threads and models) by `start` (the HTTP service calls it at startup), else by the
-    first large frame; `close` ends it. Thread-safe."""
-
-    def __init__(self, wait_s: float = DECODE_WAIT_S) -> None:
-        self.wait_s = wait_s
-        self._slot = threading.BoundedSemaphore(1)
-        self._lock = threading.Lock()  # guards the pool's start and its swap after a worker died
-        self._pool: ProcessPoolExecutor | None = None
-
-    def start(self) -> ProcessPoolExecutor:
-        """The worker's pool, spawning the worker now if there is none, so a large frame does not wait for its
-        imports."""
-        with self._lock:
-            if self._pool is None:
-                spawn = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(1, spawn, initializer=_lane_start, initargs=(os.getpid(),))
-                self._pool.submit(os.getpid)
-            return self._pool
-
-    def run(self, fn: Callable[..., T], limit: int, *args: Any) -> T:
-        """`fn(*args)` in the worker (a module-level function, picklable arguments), its result or exception here;
-        `limit` (large_frame_bytes) names the 503. A worker that died answers 503 and is started again."""
-        if not self._slot.acquire(timeout=self.wait_s):
-            raise LimitError(
-                503, f"busy: a frame over limits.large_frame_bytes={limit} is being decoded; retry shortly",
-                retry_after=1.0,
-            )  # fmt: skip
-        try:
-            pool = self.start()
-            try:
-                return pool.submit(fn, *args).result()
-            except BrokenProcessPool:
-                with self._lock:
-                    if self._pool is pool:
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        self._pool = None
-                self.start()
-                raise LimitError(
-                    503, f"the large-frame worker stopped (out of memory?) on a frame over limits.large_frame_bytes="
-                    f"{limit}; it is restarted, retry shortly", retry_after=1.0,
-                ) from None  # fmt: skip
-        finally:
-            self._slot.release()
-
-    def worker_pid(self) -> int:
-        """The worker process's id (tests, monitoring); waits for it to be up."""
-        return self.start().submit(os.getpid).result()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
 
 class RateLimiter:

@@ -4,6 +4,7 @@
     reg.alias("champion")                      -> {"version", "run_id", "tags"} or None
     reg.download(run_id, "export/openvino/fp32/model.bin", dest)
     reg.set_alias("champion", "4"); reg.delete_alias("challenger"); reg.set_version_tag("4", key, value)
+    reg.model_version("4"); reg.model_tags(); reg.create_model(name, tags)   (the fleet decider's claims)
     reg.put_file("incoming/line-1/scratch/<sha>.png", data); reg.list_files("incoming/line-1")
 
 Every call is outbound from the box and bounded as a whole: ``timeout_s`` for the connection and each read, and a
@@ -91,6 +92,8 @@ class RestRegistry:
                 payload = self._read(r, f"{method} {path}", deadline, max_bytes)
         except urllib.error.HTTPError as e:
             detail = " ".join(e.read(DETAIL_MAX_BYTES).decode("utf-8", "replace").split())  # whole, on one line
+            if "RESOURCE_ALREADY_EXISTS" in detail:
+                raise AlreadyExists(f"{method} {path}: {detail}") from None
             if e.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail or "not found" in detail.lower():
                 raise NotFound(f"{method} {path}: {detail}") from None
             raise RegistryError(f"MLflow at {self.url}: {method} {path} -> HTTP {e.code} {detail}") from None
@@ -113,15 +116,26 @@ class RestRegistry:
             mv = self._call("GET", f"{API}/registered-models/alias", query={"name": self.model_name, "alias": alias})
         except NotFound:
             return None
+        return self._version(mv, f"{self.model_name}@{alias}")
+
+    def model_version(self, version: str) -> dict[str, Any] | None:
+        """Registered version ``version`` as `alias` gives it (``version``, ``run_id``, ``tags``), or None."""
         try:
-            mv = mv["model_version"]
+            mv = self._call("GET", f"{API}/model-versions/get", query={"name": self.model_name, "version": version})
+        except NotFound:
+            return None
+        return self._version(mv, f"{self.model_name} v{version}")
+
+    def _version(self, reply: dict[str, Any], what: str) -> dict[str, Any]:
+        try:
+            mv = reply["model_version"]
             version, run_id = str(mv["version"]), mv.get("run_id")
             tags = {str(t["key"]): t.get("value") for t in mv.get("tags") or []}
         except (KeyError, TypeError, AttributeError) as e:
-            raise self._bad(f"{self.model_name}@{alias}: malformed model_version ({type(e).__name__}: {e})") from None
-        for what, value in (("version", version), ("run_id", run_id)):
+            raise self._bad(f"{what}: malformed model_version ({type(e).__name__}: {e})") from None
+        for key, value in (("version", version), ("run_id", run_id)):
             if not isinstance(value, str) or not SAFE_ID.fullmatch(value):
-                raise self._bad(f"{self.model_name}@{alias}: {what}={str(value)[:40]!r} is not a safe id")
+                raise self._bad(f"{what}: {key}={str(value)[:40]!r} is not a safe id")
         return {"version": version, "run_id": run_id, "source": mv.get("source"), "tags": tags}
 
     def set_alias(self, alias: str, version: str) -> None:
@@ -143,9 +157,23 @@ class RestRegistry:
             "POST", f"{API}/registered-models/set-tag", body={"name": self.model_name, "key": key, "value": value}
         )
 
-    def model_tags(self) -> dict[str, str]:
-        rm = self._call("GET", f"{API}/registered-models/get", query={"name": self.model_name})["registered_model"]
-        return {t["key"]: t.get("value") for t in rm.get("tags") or []}
+    def model_tags(self, name: str | None = None) -> dict[str, str]:
+        """The tags of registered model `name` (default: this one); NotFound when it does not exist."""
+        rm = self._call("GET", f"{API}/registered-models/get", query={"name": name or self.model_name})
+        try:
+            return {str(t["key"]): t.get("value") for t in rm["registered_model"].get("tags") or []}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise self._bad(f"registered model {name or self.model_name}: malformed ({type(e).__name__})") from None
+
+    def create_model(self, name: str, tags: dict[str, str], description: str = "") -> bool:
+        """Create registered model `name` with `tags` in one request; False when the name exists already. The
+        registry's database holds names unique, so of any number of concurrent creators exactly one gets True."""
+        body = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()], "description": description}
+        try:
+            self._call("POST", f"{API}/registered-models/create", body=body)
+        except AlreadyExists:
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------------- artifacts
     def _run_root(self, run_id: str) -> str:
@@ -198,6 +226,10 @@ class RestRegistry:
 
 class NotFound(RegistryError):
     """The server answered 404 / RESOURCE_DOES_NOT_EXIST."""
+
+
+class AlreadyExists(RegistryError):
+    """The server answered RESOURCE_ALREADY_EXISTS (a create whose name is taken)."""
 
 
 class BadReply(RegistryError):

@@ -120,6 +120,11 @@ class Runtime:
             "openvino": self.champion.config if self.champion else None,
             "loaded_at": self.loaded_at,
             "signatures": dict(self.signatures),
+            "input_variant": {  # which input each model is fed, and why (`deploy.edge.serving.Serving.variant_choice`)
+                role: {"variant": m.input_variant, "why": m.variant_why or ""}
+                for role, m in ((CHAMPION, self.champion), (CHALLENGER, self.challenger))
+                if m is not None
+            },
         }
 
 
@@ -156,7 +161,7 @@ class RuntimeControl:
     def _accept(self, cfg: RolloutConfig, ref: ModelRef, role: str, champion: Accepted | None = None) -> Accepted:
         against = champion.artifact if champion is not None else None
         return accept(cfg.resolve(ref.path), ref.version, trust=self.trust, openvino=cfg.openvino, champion=against,
-                      role=role)  # fmt: skip
+                      role=role, serving=cfg.serving)  # fmt: skip
 
     def _last_good(self, cfg: RolloutConfig, why: str) -> tuple[RolloutConfig, Accepted] | None:
         """The kept last-good champion, through acceptance again, and `cfg` pointing at it without a challenger."""
@@ -199,8 +204,10 @@ class RuntimeControl:
             except Exception as e:
                 challenger_error = _error_text(e)
         logs = (self._log(cfg.logs / PRED_LOG, 64), self._log(cfg.logs / FEEDBACK_LOG, 1))
-        # inferences at once = the champion's optimal number of requests (1 per stream: LATENCY 1, THROUGHPUT ~cores)
-        gate = threading.BoundedSemaphore(champion.n_requests if champion else 1)
+        # inferences at once = the champion's optimal number of requests (1 per stream: LATENCY 1, THROUGHPUT ~cores);
+        # with micro-batching, frames at once: each request's batch fills from the frames waiting at the gate
+        per_request = cfg.serving.batching.max_batch
+        gate = threading.BoundedSemaphore((champion.n_requests if champion else 1) * per_request)
         return Runtime(cfg, champion, challenger, *logs, champion_error, challenger_error, gate=gate,
                        champion_source=source, signatures=signatures,
                        decoding=DecodeGate(cfg.limits.decode_concurrency))  # fmt: skip
@@ -239,7 +246,8 @@ class RuntimeControl:
                 try:
                     against = None if rt.champion is None else rt.champion.artifact
                     challenger = accept(cfg.resolve(cfg.challenger.path), cfg.challenger.version, trust=self.trust,
-                                        openvino=cfg.openvino, champion=against, role=CHALLENGER).model  # fmt: skip
+                                        openvino=cfg.openvino, champion=against, role=CHALLENGER,
+                                        serving=cfg.serving).model  # fmt: skip
                 except Exception as e:
                     if time.monotonic() < deadline and not cfg.resolve(cfg.challenger.path).is_dir():
                         continue

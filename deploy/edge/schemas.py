@@ -34,6 +34,9 @@ class StateOut(BaseModel):
     openvino: dict[str, Any] | None
     loaded_at: str
     signatures: dict[str, str] = Field({}, description="role -> 'signed by <key id>' or 'unsigned (...)'")
+    input_variant: dict[str, dict[str, str]] = Field(
+        {}, description="role -> {variant: host|graph, why}: the input variant served (rollout manifest's preprocess)"
+    )
 
 
 class HealthOut(StateOut):

@@ -32,8 +32,10 @@ from PIL import Image
 from deploy.edge.api import build_api
 from deploy.edge.artifact import ArtifactError
 from deploy.edge.auth import AuthError, Principal, TokenStore, load_tokens
+from deploy.edge.decoding import DecodePool, Input, Wanted, draft, wanted
 from deploy.edge.frames import ServedFrame, ServedFrames
-from deploy.edge.limits import LargeFrameLane, LimitError, check_id, decode, decoded_bytes, lane_inputs, open_header
+from deploy.edge.lane import LargeFrameLane, lane_inputs
+from deploy.edge.limits import LimitError, check_id, decoded_bytes, open_header
 from deploy.edge.rollout.logs import JsonlLog, now_iso
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION
 from deploy.edge.runtime import Runtime, RuntimeControl, load_model
@@ -41,13 +43,11 @@ from deploy.edge.schemas import FeedbackIn
 from deploy.edge.sync import BoxConfig, attach, first_sync
 from deploy.edge.sync import main as sync_main
 from spt_core.portable.errors import SensituneError, one_line
-from spt_core.portable.preprocess import model_image
 
 __all__ = ["EdgeService", "Runtime", "create_app", "load_model", "main"]
 log = logging.getLogger("sensitune.edge")
 
 Reply = tuple[int, dict[str, Any]]
-Input = tuple[Image.Image | Exception, float]  # a model's input (or why it failed) and the ms its preprocessing took
 HOSTS_ENV = "SENSITUNE_EDGE_ALLOWED_HOSTS"
 
 
@@ -59,11 +59,13 @@ class EdgeService(RuntimeControl):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lane = LargeFrameLane()  # frames over limits.large_frame_bytes: a low-priority process (limits.py)
+        self.lane = LargeFrameLane()  # frames over limits.large_frame_bytes: a low-priority process (lane.py)
+        self.decoder = DecodePool()  # every other frame: decoded and made the models' inputs here (decoding.py)
 
     def close(self) -> None:
         super().close()
         self.lane.close()
+        self.decoder.close()
 
     def _write(self, target: JsonlLog, record: dict[str, Any]) -> None:
         try:
@@ -78,11 +80,11 @@ class EdgeService(RuntimeControl):
         """One frame -> (HTTP status, body). `frame_id` is the camera's own id (optional); the answer carries a
         server-issued ``frame_id`` for feedback. `defer(fn, *args)` runs the shadow challenger after the response.
 
-        The frame is decoded and turned into the models' input inside a slot of ``rt.decoding`` (at most
-        ``limits.decode_concurrency`` frames at full size at once), and dropped before the slot is given back: a
-        shadow run keeps only the challenger's model-sized image. A frame that gets no slot in time is 503. A frame
-        over ``limits.large_frame_bytes`` is decoded and made each model's input in the large-frame lane instead
-        (`LargeFrameLane`, a process): the same inputs, at low priority, one such frame at a time."""
+        The frame is decoded and made each model's input by a decode worker inside a slot of ``rt.decoding`` (at
+        most ``limits.decode_concurrency`` frames at full size at once; a JPEG at the smallest scale its models
+        allow), and only the model-sized inputs go on to inference (`deploy.edge.decoding`). A frame that gets no
+        slot in time is 503. A frame over ``limits.large_frame_bytes`` is decoded and made each model's input in the
+        large-frame lane instead (`LargeFrameLane`, a process): the same inputs, at low priority, one at a time."""
         t0 = time.perf_counter()
         rt = self.runtime  # read once: this request finishes on this runtime even if a reload swaps it
         if rt.champion is None:
@@ -92,31 +94,27 @@ class EdgeService(RuntimeControl):
         try:
             check_id(camera_id, "camera_id", limits)
             client_frame_id = check_id(frame_id, "frame_id", limits) if frame_id else None
-            header = open_header(data, limits)  # format, pixels and decoded bytes checked before the decode
+            # format, pixels and decoded bytes checked on the header as sent; a JPEG then decodes at the smallest
+            # scale its models allow (`draft`)
+            header = draft(open_header(data, limits), preprocesses(rt).values())
             if decoded_bytes(header) > limits.large_frame_bytes:
+                want: Wanted = {}
                 inputs = self.lane.run(lane_inputs, limits.large_frame_bytes, data, limits, preprocesses(rt))
                 reply, shadow = self._answer(rt, inputs, data, camera_id, client_frame_id, t0)
-                if shadow is not None:
-                    shadow_in, shadow["prep_ms"] = inputs[CHALLENGER]
-                    if isinstance(shadow_in, Exception):
-                        self._shadow_prep_failed(rt, shadow, shadow_in)
-                        shadow = None
             else:
-                with rt.decoding.hold():
-                    image = decode(header)
-                    whole = (image, 0.0)  # the models preprocess it themselves
-                    reply, shadow = self._answer(rt, {CHAMPION: whole, CHALLENGER: whole}, data, camera_id,
-                                                 client_frame_id, t0)  # fmt: skip
-                    del whole
-                    if shadow is not None:  # the challenger's full-size preprocessing, timed for its latency
-                        t1 = time.perf_counter()
-                        try:
-                            shadow_in = model_image(image, rt.challenger.artifact.preprocess)
-                            shadow["prep_ms"] = (time.perf_counter() - t1) * 1e3
-                        except Exception as e:
-                            self._shadow_prep_failed(rt, shadow, e)
-                            shadow = None
-                    del image  # the full-size frame lives only inside the slot
+                want = wanted(rt, camera_id)
+                line = self.lane.yielding.line_frame()  # the lane's worker waits while this frame is served
+                with self.decoder.inputs(rt.decoding, header, want, during=line) as inputs:
+                    reply, shadow = self._answer(rt, inputs, data, camera_id, client_frame_id, t0)
+            del header
+            if shadow is not None:  # the challenger's model-sized input (a frame it was given whole: no shadow run)
+                shadow_in, shadow["prep_ms"] = inputs.get(CHALLENGER, (None, 0.0))
+                if shadow_in is None or want.get(CHALLENGER, (None, False))[1]:
+                    shadow = None
+                elif isinstance(shadow_in, Exception):
+                    self._shadow_prep_failed(rt, shadow, shadow_in)
+                    shadow = None
+            del inputs  # a graph model's full-size frame is not kept past its slot
         except LimitError as e:
             self.metrics.request(None, "bad")
             self.metrics.count("refused_limits")

@@ -5,7 +5,8 @@
 
 One sync, outbound only (`deploy.edge.mlflow_rest`, plain HTTP):
 1. push: this box's applied promote/rollback decisions (rollout decisions.jsonl) move the registry aliases,
-   each with an audit record (who, when, from, to, evidence, box) as a registered-model tag;
+   each with an audit record (who, when, from, to, evidence, box) as a registered-model tag; in a fleet
+   (``sync.fleet: true``, or a version under a fleet plan) they stay on the box and are reported instead;
 2. pull: the versions behind `champion` and `challenger` (safe ids, never paths), each through
    `deploy.edge.acceptance.Intake` (staged download, sha256, signature, compile, smoke test, compatibility with the
    serving champion) into ``store/<version>/<precision>/``, the precision the box is set to or, where export
@@ -17,6 +18,8 @@ One sync, outbound only (`deploy.edge.mlflow_rest`, plain HTTP):
    artifact store under ``incoming/<line>/<label>/<sha256>.<ext>`` with ``<sha256>.json`` provenance (line,
    camera, box, model version, time, who labelled); the content hash de-duplicates.
 
+In a fleet rollout (`deploy.edge.fleet.member`) the box serves the challenger only in the plan's current wave,
+reports its counts after the pull, and drops a plan's challenger it has not confirmed for ``stale_after_s``.
 When the server cannot be reached, answers garbage or drips, the box keeps serving what it has; the loop never dies
 (every failure is the round's ``error``, counted); `status()` (in /healthz and /metrics) says how stale it is.
 Torch-free: stdlib, PyYAML, deploy.edge.artifact/acceptance/rollout/frames.
@@ -32,23 +35,21 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deploy.edge.acceptance import Intake
 from deploy.edge.artifact import ArtifactError, load_artifact
-from deploy.edge.frame_store import FrameRule, FrameStore, GuardedFrames
-from deploy.edge.mlflow_rest import RestRegistry, audit, move
+from deploy.edge.box import BoxConfig
+from deploy.edge.fleet.member import FleetMember
+from deploy.edge.frame_store import FrameStore, GuardedFrames
+from deploy.edge.mlflow_rest import audit, move
 from deploy.edge.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
-from deploy.edge.rollout import manifest as rollout_manifest
 from deploy.edge.rollout.decision import manifest_lock
 from deploy.edge.rollout.logs import JsonlLog
 from deploy.edge.rollout.logs import now_iso as _now
 from deploy.edge.rollout.manifest import DECISION_LOG, ModelRef, RolloutError, load_config, parse_config, write_config
-from deploy.edge.signing import Trust
 from spt_core.portable.errors import SensituneError, one_line
 from spt_core.portable.io import write_json
 
@@ -56,70 +57,6 @@ STATE_FILE, AUDIT_LOG = "sync_state.json", "audit.jsonl"
 COUNTERS = {"errors_total": "sync_errors", "bad_replies": "registry_bad_replies", "refused_total": "models_refused",
             "skipped_log_lines": "sync_errors"}  # status key -> deploy.edge.metrics count  # fmt: skip
 log = logging.getLogger("sensitune.sync")
-
-
-@dataclass
-class BoxConfig:
-    """box.yaml: one edge box. Relative paths are relative to the file."""
-
-    box: str
-    line: str
-    rollout: Path
-    store: Path
-    url: str
-    model_name: str
-    precision: str = "fp32"
-    timeout_s: float = 10.0
-    interval_s: float = 60.0
-    stale_after_s: float = 300.0
-    challenger_share: float = rollout_manifest.CHALLENGER_SHARE  # for a challenger arriving where the manifest has 0
-    upload_unlabelled: bool = False
-    frames_dir: Path | None = None
-    frames_quota_mb: float = 500.0
-    frame_rule: FrameRule = field(default_factory=FrameRule)
-    download_deadline_s: float = 600.0  # one file, the whole request
-    max_download_mb: float = 2048.0
-    trusted_keys: list[Path] = field(default_factory=list)  # Ed25519 .pub files (several: key rotation)
-    require_signature: bool | None = None  # None: true when trusted_keys is non-empty
-
-    @classmethod
-    def load(cls, path: str | Path) -> BoxConfig:
-        path = Path(path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-            base = path.resolve().parent
-            reg, sync, frames, trust = d["registry"], d.get("sync") or {}, d.get("frames"), d.get("trust") or {}
-            return cls(
-                box=str(d["box"]), line=str(d["line"]), rollout=base / d.get("rollout", "rollout.yaml"),
-                store=base / d.get("store", "store"), url=str(reg["url"]), model_name=str(reg["model_name"]),
-                precision=str(reg.get("precision", "fp32")), timeout_s=float(reg.get("timeout_s", 10.0)),
-                interval_s=float(sync.get("interval_s", 60.0)), stale_after_s=float(sync.get("stale_after_s", 300)),
-                challenger_share=float(sync.get("challenger_share", rollout_manifest.CHALLENGER_SHARE)),
-                upload_unlabelled=bool(sync.get("upload_unlabelled", False)),
-                frames_dir=None if frames is None else base / frames.pop("dir", "frames"),
-                frames_quota_mb=float((frames or {}).pop("quota_mb", 500.0)),
-                frame_rule=FrameRule.from_dict(frames),
-                download_deadline_s=float(reg.get("download_deadline_s", 600.0)),
-                max_download_mb=float(reg.get("max_download_mb", 2048.0)),
-                trusted_keys=[base / k for k in trust.get("public_keys") or []],
-                require_signature=None if trust.get("require_signature") is None else bool(trust["require_signature"]),
-            )  # fmt: skip
-        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
-            raise SensituneError(
-                f"{path}: not a usable box config ({one_line(e, None)}); see docs/from-images-to-line.md"
-            ) from None
-
-    def frame_store(self, count: Any = lambda _: None) -> FrameStore | None:  # count: the service's metrics.count
-        d = self.frames_dir
-        return None if d is None else FrameStore(d, self.frame_rule, self.frames_quota_mb, count=count)
-
-    def trust(self) -> Trust:
-        """The keys this box trusts (box.yaml ``trust: {public_keys: [...], require_signature: ...}``)."""
-        return Trust.load(self.trusted_keys, self.require_signature)
-
-    def registry(self) -> RestRegistry:
-        return RestRegistry(self.url, self.model_name, self.timeout_s, self.download_deadline_s,
-                            int(self.max_download_mb * 2**20))  # fmt: skip
 
 
 class Sync:
@@ -136,6 +73,7 @@ class Sync:
                                       "refused": {}, **dict.fromkeys(COUNTERS, 0)}  # fmt: skip
         with contextlib.suppress(OSError, ValueError, TypeError):
             self.state.update(json.loads(self.state_path.read_text()))
+        self.fleet = FleetMember(box, self.state)
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -173,11 +111,13 @@ class Sync:
                 versions = {a: self.reg.alias(a) for a in (CHAMPION_ALIAS, CHALLENGER_ALIAS)}
                 if versions[CHAMPION_ALIAS] is None:
                     raise SensituneError(f"{self.box.model_name}@champion is not set in the registry yet")
+                versions[CHALLENGER_ALIAS] = self.fleet.challenger(versions[CHALLENGER_ALIAS])  # its wave, if a plan
                 out["changed"], refused = self._pull(versions)
                 out["versions"] = {a: (mv or {}).get("version") for a, mv in versions.items()}
                 self.state["serving"] = {a: {"version": v, **self.intake.serving.get(v, {})}  # which precision, why
                                          for a, v in out["versions"].items() if v is not None}  # fmt: skip
                 out["uploaded"] = self._upload_frames()
+                out["reported"] = self.fleet.report(self.reg, self.box.rollout)
                 self.state.update(last_ok=_now(), last_ok_epoch=time.time(), error=None, refused=refused,
                                   **out["versions"])  # fmt: skip
                 if champion_refused := refused.get(out["versions"][CHAMPION_ALIAS]):
@@ -189,6 +129,7 @@ class Sync:
                 self.state["error"] = str(e) if isinstance(e, SensituneError) else one_line(e, None)
                 out["error"] = self.state["error"]
                 self._count("errors_total")
+                out["changed"] = self._lapse()
             self._count("bad_replies", self.reg.bad_replies - bad_before)
             try:
                 write_json(self.state_path, self.state)
@@ -258,12 +199,25 @@ class Sync:
             else:
                 cfg = parse_config({"line": self.box.line, "champion": vars(champion)}, base, source=str(path))
             share = cfg.challenger_share or (self.box.challenger_share if challenger else 0.0)
-            new = replace(cfg, champion=champion or cfg.champion, challenger=challenger, challenger_share=share,
-                          registry=None)  # fmt: skip
+            new = self.fleet.adjust(replace(cfg, champion=champion or cfg.champion, challenger=challenger,
+                                            challenger_share=share, registry=None))  # fmt: skip
             if path.is_file() and new.to_dict() == cfg.to_dict():
                 return False
             write_config(new, path)
             return True
+
+    def _lapse(self) -> bool:
+        """After a failed round: drop a plan's challenger this box has not confirmed for ``stale_after_s`` (an abort
+        it cannot hear must not keep reaching its line); True when the manifest changed."""
+        if not self.fleet.lapsed() or not self.box.rollout.is_file():
+            return False
+        self.fleet.dropped()
+        log.warning("no registry for %.0f s: the fleet challenger is dropped until it answers", self.box.stale_after_s)
+        try:
+            return self._update_manifest(None, None)
+        except (RolloutError, OSError) as e:
+            log.error("cannot drop the challenger from %s: %s", self.box.rollout, e)
+            return False
 
     def _push_decisions(self) -> int:
         """Applied decisions of this box not yet in the registry -> alias moves with an audit record. A line that is
@@ -289,7 +243,9 @@ class Sync:
                 version = (rec.get("evidence") or {}).get("challenger_version")
                 who = f"{self.box.box}:{rec.get('actor') or rec.get('source', 'rule')}"
                 evidence = {k: rec.get(k) for k in ("source", "reasons", "evidence")}
-                if rec["action"] == "promote":
+                if self.fleet.owns(self.reg, version):  # the fleet decides on its versions: this stays local
+                    self.fleet.note_local(rec)
+                elif rec["action"] == "promote":
                     move(self.reg, version, who=who, evidence=evidence, box=self.box.box, log_to=self._audit)
                 elif (self.reg.alias(CHALLENGER_ALIAS) or {}).get("version") == version:  # not moved on meanwhile
                     self.reg.delete_alias(CHALLENGER_ALIAS)

@@ -180,6 +180,7 @@ def collect_record(
         "git.dirty": None if commit is None else str(dirty).lower(),
         "ok_class": m.get("ok_class"),
         "sensitune.warning.below_probe": "true" if m.get("below_probe") else None,
+        "sensitune.model": m.get("model"),  # probe: train.below_probe: export_probe kept the linear probe
         "sensitune.warnings": " | ".join(m.get("warnings") or []) or None,
         "dvc.experiment": dvc_experiment(),
         **(tags or {}),
@@ -200,11 +201,13 @@ def collect_record(
             "info": {
                 k: mi.get(k)
                 for k in ("class_names", "preprocess", "model_args", "plan_hash", "data_hash", "ok_class", "threshold")
-            },  # fmt: skip
+            }
+            | {"model": mi.get("model") or "tuned"},  # probe: train.below_probe: export_probe kept the linear probe
             "version_tags": {
                 "plan_hash": all_tags.get("plan_hash"),
                 "data_version": all_tags.get("data_version"),
                 "test_acc": str(m.get("test_acc")),
+                "model": m.get("model") or "tuned",
                 "sensitune.version": __version__,
             },
         }

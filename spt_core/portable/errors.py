@@ -17,6 +17,10 @@ class PlanError(SensituneError):
     """A budget, plan or tuned-weights directory that does not fit the model."""
 
 
+class DivergedError(SensituneError):
+    """Training whose loss became non-finite: a user's lr to lower, or a search candidate to drop."""
+
+
 def one_line(e: BaseException, limit: int | None = 200) -> str:
     """The gist of an exception on one line (whitespace collapsed), at most ``limit`` characters (None: whole, for
     messages whose end holds the fix, such as the registry's); its type if empty.

@@ -1,4 +1,4 @@
-"""Training: `config` (TrainConfig), `loop` (fit -> History), `resume` (the per-epoch checkpoint)."""
+"""Training: `config` (TrainConfig), `loop` (fit -> History), `history` (its records), `resume` (the checkpoint)."""
 
 from spt_core.train.config import RESUME_FREE, SPT_RECIPE, TrainConfig
 from spt_core.train.loop import (
@@ -9,6 +9,7 @@ from spt_core.train.loop import (
     make_optimizer,
     set_trainable_head,
     trainable_parameters,
+    validate,
 )
 from spt_core.train.resume import CHECKPOINT_NAME
 
@@ -24,4 +25,5 @@ __all__ = [
     "make_optimizer",
     "set_trainable_head",
     "trainable_parameters",
+    "validate",
 ]

@@ -6,14 +6,14 @@ cosine with linear warm-up (`lr_at`); AdamW never decays 1-D parameters (`make_o
 
 Model selection uses the validation split only: the best epoch has the highest validation score (``cfg.select``:
 accuracy, balanced accuracy, or the lowest overkill under the escape ceiling, see
-`spt_core.portable.operating_point.selection_score`); a tie goes to the lower validation loss, then to the earlier epoch
-(`spt_core.portable.metrics.selection_key`). Its trainable state is loaded back at the end, and the test split is
-evaluated
-once, on it. ``cfg.balance`` loss/both weighs the cross-entropy by `spt_core.data.class_weights` of the train labels.
+`spt_core.portable.operating_point.selection_score`); a tie goes to the lower validation loss, then to the earlier
+epoch (`spt_core.portable.metrics.selection_key`). Its trainable state is loaded back at the end, and the test split
+is evaluated once, on it. ``cfg.balance`` loss/both weighs the cross-entropy by `spt_core.data.class_weights`.
 
 With an ``out_dir``, ``checkpoint.pt`` is rewritten after every epoch (see `spt_core.train.resume`), so a killed
 run resumed with the same ``fit`` call ends bit-identical to an uninterrupted one on CPU (on CUDA, up to kernel
-non-determinism).
+non-determinism). ``until_step`` pauses a run at any step, inside an epoch too, and a later call continues it the
+same way: the search's rungs (`spt_core.search`).
 
 Under torchrun (an initialised process group) the same call trains data-parallel: the loaders are split over
 ranks with the global batch kept (`spt_core.distributed.shard_loaders`), the model is wrapped in DDP over its
@@ -32,8 +32,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,16 @@ from spt_core.data.loaders import class_weights
 from spt_core.device import resolve_device
 from spt_core.distributed import all_reduce_sum, gather_objects, shard_loaders, world, wrap_ddp
 from spt_core.evaluate import collect, evaluate, split_batch
-from spt_core.portable.errors import SensituneError
+from spt_core.portable.errors import DivergedError, SensituneError
 from spt_core.portable.metrics import balanced_accuracy, selection_key
 from spt_core.portable.operating_point import selection_score
 from spt_core.train.config import TrainConfig
+from spt_core.train.history import EpochRecord, History
 from spt_core.train.resume import (
     CHECKPOINT_NAME,
     clone_state,
     copy_state,
+    epoch_batches,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -64,49 +65,6 @@ from spt_core.train.resume import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EpochRecord:
-    """One epoch: lr of its last step, mean train loss, validation accuracy/loss/score, wall seconds (incl. val)."""
-
-    epoch: int  # 1-based
-    lr: float
-    train_loss: float
-    val_acc: float
-    val_loss: float
-    seconds: float
-    val_score: float | None = None  # cfg.select's value on validation (None in pre-select checkpoints)
-
-
-@dataclass
-class History:
-    """What a run measured; ``to_dict()`` is metrics.json. ``test_*`` are for ``best_epoch``'s weights only."""
-
-    epochs: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int = 0  # 1-based; 0 before the first epoch
-    best_val_acc: float = -1.0  # validation accuracy of best_epoch
-    best_val_score: float = -math.inf  # cfg.select's value of best_epoch
-    best_val_loss: float = math.inf  # validation loss of best_epoch (breaks ties of best_val_score)
-    select: str = "accuracy"
-    test_acc: float | None = None
-    test_loss: float | None = None
-    test_metrics: dict[str, Any] | None = None  # full evaluate() output (confusion, per-class recall)
-    train_seconds: float = 0.0  # sum over epochs, across resumptions
-    peak_memory_mb: float = 0.0
-    peak_memory_kind: str = ""  # "cuda_max_allocated" or "cpu_max_rss_process" (whole process, not just fit)
-    trainable_params: int = 0
-    device: str = ""
-    resumed_at_epoch: int = 0  # epochs already done when this process resumed (0: fresh run)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> History:
-        d = dict(d)
-        d["epochs"] = [EpochRecord(**e) for e in d.get("epochs", [])]
-        return cls(**d)
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
@@ -174,30 +132,33 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def _show_progress(cfg: TrainConfig) -> bool:
-    if cfg.progress is not None:
-        return cfg.progress
-    return sys.stderr.isatty() and not os.environ.get("SENSITUNE_NO_PROGRESS")
+    tty = sys.stderr.isatty() and not os.environ.get("SENSITUNE_NO_PROGRESS")
+    return cfg.progress if cfg.progress is not None else tty
 
 
 def _train_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    batches: Iterator[Any],
+    steps_per_epoch: int,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     autocast: contextlib.AbstractContextManager,
     cfg: TrainConfig,
     step: int,
-    total: int,
+    stop: int,
     bar: tqdm,
     weight: torch.Tensor | None = None,
-) -> tuple[float, float]:
-    """One pass over ``loader`` from global step ``step``; returns (mean train loss, lr of the last step)."""
+    sums: tuple[float, int] = (0.0, 0),
+) -> tuple[torch.Tensor, int, float, int]:
+    """Train on ``batches`` from global step ``step`` until they end or step ``stop`` (a pause); ``sums`` = the loss
+    sum and image count of the batches a paused epoch already trained. Returns (loss sum, images, lr of the last
+    step, global step), this rank's."""
     device = next(iter(optimizer.param_groups[0]["params"])).device
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    warmup = cfg.warmup_epochs * len(loader)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no per-step sync
-    seen, lr = 0, cfg.lr
-    for batch in loader:
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    loss_sum = torch.tensor(sums[0], dtype=torch.float64, device=device)  # on device: no per-step sync
+    seen, lr = sums[1], cfg.lr
+    for batch in batches:
         x, y = split_batch(batch)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = lr_at(step, total, warmup, cfg)
@@ -219,9 +180,30 @@ def _train_epoch(
         bar.update(1)
         if cfg.log_every and step % cfg.log_every == 0:
             log.info("step %d/%d lr %.3g loss %.4f", step, total, lr, loss_sum.item() / seen)
-    totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    all_reduce_sum([totals])  # the mean over every rank's images (a no-op in one process)
-    return (totals[0] / totals[1]).item(), lr
+        if step >= stop:
+            break
+    return loss_sum, seen, lr, step
+
+
+def validate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    select: str,
+    ok_index: int | None = None,
+    max_escape_rate: float = 0.005,
+    amp_dtype: torch.dtype | None = None,
+    sync: Callable | None = None,
+) -> tuple[float, float, float]:
+    """(accuracy, loss, ``select``'s score) on ``loader``: what ranks epochs and the search's candidates (evaluate's
+    inference mode). Under DDP (``sync``) the all-reduced confusion gives accuracy and balanced accuracy."""
+    if sync is None:
+        y_val, p_val, val_loss = collect(model, loader, device, amp_dtype=amp_dtype)
+        score = selection_score(y_val, p_val, select, ok_index, max_escape_rate)
+        return float((p_val.argmax(1) == y_val).mean()), val_loss, score
+    val = evaluate(model, loader, device, amp_dtype=amp_dtype, sync=sync)
+    score = {"accuracy": val["accuracy"], "loss": -val["loss"]}.get(select)
+    return val["accuracy"], val["loss"], balanced_accuracy(np.asarray(val["confusion"])) if score is None else score
 
 
 def fit(
@@ -233,6 +215,7 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ok_index: int | None = None,
     max_escape_rate: float = 0.005,
+    until_step: int | None = None,
 ) -> History:
     """Train the model's trainable parameters, select the epoch on validation, test it once.
 
@@ -246,13 +229,18 @@ def fit(
             and ``best_val_acc``.
         ok_index: The good class's label (``cfg.select="overkill_at_escape"`` needs it).
         max_escape_rate: The escape ceiling of ``overkill_at_escape`` (``evaluate.max_escape_rate``).
+        until_step: Pause after this optimizer step of the ``cfg.epochs`` x ``len(loaders["train"])`` schedule
+            (None: the end), inside an epoch too: the checkpoint in ``out_dir`` (required) keeps the rest, so that
+            calling again with a later step (or None) continues as if never paused, schedule included. A paused
+            run leaves the model in its state at that step and tests nothing (the search's rungs).
 
     Returns:
         The History. On return the model holds the best epoch's state and each submodule its original mode.
 
     Raises:
         SensituneError: No trainable parameters, a missing split, an empty train loader, a non-finite
-            loss, or a checkpoint in ``out_dir`` that does not match this model/config/data.
+            loss, or a checkpoint in ``out_dir`` that does not match this model/config/data (or is past
+            ``until_step``).
     """
     missing = [k for k in ("train", "val") if k not in loaders]
     if missing:
@@ -269,8 +257,11 @@ def fit(
     if steps_per_epoch == 0:
         raise SensituneError("fit(): the train loader yields no batches: check the train split and batch size")
     total = cfg.epochs * steps_per_epoch
+    stop = total if until_step is None else min(until_step, total)
     if cfg.select == "overkill_at_escape" and ok_index is None:
         raise SensituneError("train.select=overkill_at_escape needs a good class: declare data.ok_class")
+    if stop < total and out_dir is None:
+        raise SensituneError(f"fit(until_step={until_step}) needs an out_dir: its checkpoint keeps the rest")
 
     device = resolve_device(cfg.device)
     weight = None
@@ -296,6 +287,7 @@ def fit(
     history = History(trainable_params=sum(p.numel() for p in params.values()), device=str(device), select=cfg.select)
     best_state = clone_state(state)
     step = start_epoch = 0
+    part, pause_rng = None, None  # this rank's share of a paused epoch, and the RNG at the pause
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if ckpt_path is not None:
@@ -309,6 +301,9 @@ def fit(
                     f"{ckpt_path}: checkpoint was written by {len(rngs)} process(es), this run has {w.size}; resume "
                     "with the same number (--nproc) or delete it to start over"
                 )
+            if ckpt["step"] > stop:
+                raise SensituneError(f"{ckpt_path}: checkpoint is at step {ckpt['step']}, past until_step={stop}; "
+                                     "delete it or use a new out dir to start over")  # fmt: skip
             copy_state(state, ckpt["state"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -317,7 +312,8 @@ def fit(
             history.device, history.resumed_at_epoch = str(device), ckpt["epoch"]
             step, start_epoch = ckpt["step"], ckpt["epoch"]
             set_rng_state(rngs[w.rank], loaders)
-            log.info("resuming %s at epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
+            part, pause_rng = (ckpt["part"][w.rank], rngs[w.rank]) if ckpt.get("part") else (None, None)
+            log.info("resuming %s at step %d/%d", ckpt_path, step, total)
 
     net = wrap_ddp(model, sync_buffers=not cfg.freeze_bn_stats)  # `model` itself in one process
     sync = all_reduce_sum if w.active else None
@@ -326,30 +322,49 @@ def fit(
     bar = tqdm(
         total=total, initial=step, disable=not (w.main and _show_progress(cfg)), desc="train", dynamic_ncols=True
     )
+
+    def save(epoch: int, parts: list | None = None) -> None:
+        """The checkpoint after `epoch` whole epochs (and, paused inside the next one, every rank's `parts`)."""
+        rngs = gather_objects(rng_state(loaders))  # every rank joins, rank 0 writes
+        if ckpt_path is not None and w.main:
+            save_checkpoint(ckpt_path, {
+                "state": clone_state(state, "cpu"), "optimizer": optimizer.state_dict(), "step": step,
+                "scaler": scaler.state_dict(), "epoch": epoch, "history": history.to_dict(), "cfg": cfg.to_dict(),
+                "best_state": clone_state(best_state, "cpu"), "best_epoch": history.best_epoch,
+                "rng": rngs if w.active else rngs[0], **({"part": parts} if parts else {}),
+            })  # fmt: skip
+
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
+            if step >= stop:  # paused at the end of the previous epoch
+                break
+            t0 = time.perf_counter() - (part["seconds"] if part else 0.0)
             sampler = getattr(loaders["train"], "sampler", None)
             if callable(getattr(sampler, "set_epoch", None)):
                 sampler.set_epoch(epoch - 1)
+            epoch_rng = part["epoch_rng"] if part else rng_state(loaders) if stop < total else None
             _set_train_mode(model, cfg.freeze_bn_stats)
-            train_loss, lr = _train_epoch(
-                net, loaders["train"], optimizer, scaler, autocast, cfg, step, total, bar, weight
+            batches = epoch_batches(loaders["train"], part, pause_rng, loaders)
+            sums = (part["loss_sum"], part["seen"]) if part else (0.0, 0)
+            loss_sum, seen, lr, step = _train_epoch(
+                net, batches, steps_per_epoch, optimizer, scaler, autocast, cfg, step, stop, bar, weight, sums
             )
-            step += steps_per_epoch
+            part = None
+            if step < epoch * steps_per_epoch:  # paused inside the epoch
+                done = step - (epoch - 1) * steps_per_epoch
+                mine = {"batches": done, "loss_sum": loss_sum.item(), "seen": seen, "epoch_rng": epoch_rng,
+                        "seconds": time.perf_counter() - t0}  # fmt: skip
+                save(epoch - 1, gather_objects(mine))
+                break
+            totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+            all_reduce_sum([totals])  # the mean over every rank's images (a no-op in one process)
+            train_loss = (totals[0] / totals[1]).item()
             if not math.isfinite(train_loss):
-                raise SensituneError(
+                raise DivergedError(
                     f"train loss became {train_loss} in epoch {epoch}: lower lr (now {cfg.lr}) or set grad_clip"
                 )
-            if sync is None:
-                y_val, p_val, val_loss = collect(model, loaders["val"], device, amp_dtype=amp_dtype)
-                score = selection_score(y_val, p_val, cfg.select, ok_index, max_escape_rate)
-                val_acc = float((p_val.argmax(1) == y_val).mean())
-            else:  # DDP: the all-reduced confusion gives accuracy / balanced accuracy (overkill needs probabilities)
-                val = evaluate(model, loaders["val"], device, amp_dtype=amp_dtype, sync=sync)
-                val_acc, val_loss = val["accuracy"], val["loss"]
-                score = {"accuracy": val_acc, "loss": -val_loss}.get(cfg.select)
-                score = balanced_accuracy(np.asarray(val["confusion"])) if score is None else score
+            val_acc, val_loss, score = validate(model, loaders["val"], device, cfg.select, ok_index, max_escape_rate,
+                                                amp_dtype, sync)  # fmt: skip
             rec = EpochRecord(epoch, lr, train_loss, val_acc, val_loss, time.perf_counter() - t0, score)
             history.epochs.append(rec)
             history.train_seconds += rec.seconds
@@ -363,21 +378,7 @@ def fit(
                 epoch, cfg.epochs, lr, train_loss, rec.val_acc, cfg.select, score, rec.val_loss, rec.seconds,
             )  # fmt: skip
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{rec.val_acc:.3f}")
-            rngs = gather_objects(rng_state(loaders))  # every rank joins, rank 0 writes
-            if ckpt_path is not None and w.main:
-                ckpt = {
-                    "state": clone_state(state, "cpu"),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                    "history": history.to_dict(),
-                    "best_state": clone_state(best_state, "cpu"),
-                    "best_epoch": history.best_epoch,
-                    "rng": rngs if w.active else rngs[0],
-                    "cfg": cfg.to_dict(),
-                }
-                save_checkpoint(ckpt_path, ckpt)
+            save(epoch)
             if on_epoch is not None and w.main:
                 on_epoch(
                     {**dataclasses.asdict(rec), "best_epoch": history.best_epoch, "best_val_acc": history.best_val_acc}
@@ -387,10 +388,11 @@ def fit(
         for m, training in modes:
             m.training = training
 
-    copy_state(state, best_state)
-    if loaders.get("test") is not None:
-        test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype, sync=sync)
-        history.test_acc, history.test_loss, history.test_metrics = test["accuracy"], test["loss"], test
+    if step == total:  # else paused: the model stays at this step, for the caller to validate
+        copy_state(state, best_state)
+        if loaders.get("test") is not None:
+            test = evaluate(model, loaders["test"], device, amp_dtype=amp_dtype, sync=sync)
+            history.test_acc, history.test_loss, history.test_metrics = test["accuracy"], test["loss"], test
     history.peak_memory_mb, history.peak_memory_kind = _peak_memory_mb(device)
     log.info("best epoch %d val_acc %.4f test_acc %s", history.best_epoch, history.best_val_acc, history.test_acc)
     return history

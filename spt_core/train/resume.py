@@ -2,16 +2,17 @@
 
 ``out_dir/checkpoint.pt`` holds the tracked state, optimizer, grad scaler, step, history, best state, the RNG
 states (global generators and any ``torch.Generator`` attached to the loaders; under torchrun a list, one per
-rank) and the config. It is written
-atomically with fsync, and loaded with ``weights_only=True`` (plain types and tensors only). Persistent
-DataLoader workers are not restored.
+rank) and the config. A run paused inside an epoch (``fit(until_step=...)``) also keeps ``part``, per rank: the
+batches, loss sum and images of that epoch so far and the RNG at its start (`epoch_batches` replays its order).
+It is written atomically with fsync, and loaded with ``weights_only=True`` (plain types and tensors only).
+Persistent DataLoader workers are not restored.
 """
 
 from __future__ import annotations
 
 import io
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,22 @@ def set_rng_state(rng: Mapping[str, Any], loaders: Mapping[str, Any]) -> None:
             g.set_state(rng["loaders"][k])
 
 
+def epoch_batches(
+    loader: Any, part: Mapping[str, Any] | None, pause_rng: Any, loaders: Mapping[str, Any]
+) -> Iterator[Any]:
+    """The epoch's batches; for an epoch paused after k batches (`part`), the same iterator as then (the RNG at the
+    epoch's start re-seeds the loader and its workers), its first k batches drawn and dropped, and then the RNG
+    of the pause: the next batch and every random draw are the uninterrupted run's."""
+    if part is None:
+        return iter(loader)
+    set_rng_state(part["epoch_rng"], loaders)
+    batches = iter(loader)
+    for _ in range(part["batches"]):
+        next(batches)
+    set_rng_state(pause_rng, loaders)
+    return batches
+
+
 def save_checkpoint(path: Path, ckpt: Mapping[str, Any]) -> None:
     """Write ``ckpt`` to ``path`` atomically; the bytes are on disk before the rename, so a kill never leaves half."""
     buf = io.BytesIO()
@@ -115,7 +132,8 @@ def load_checkpoint(path: Path, state_names: list[str], cfg: TrainConfig, steps_
     changed = [f"{k}={old.get(k)!r}->{new[k]!r}" for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
     if changed:
         raise SensituneError(f"{path}: checkpoint was made with another train config ({', '.join(changed)}); {fix}")
-    if ckpt["step"] != ckpt["epoch"] * steps_per_epoch:
+    paused = ckpt["part"][0]["batches"] if ckpt.get("part") else 0  # steps into the epoch it paused in
+    if ckpt["step"] != ckpt["epoch"] * steps_per_epoch + paused:
         raise SensituneError(
             f"{path}: checkpoint has {ckpt['step']} steps in {ckpt['epoch']} epochs but the train loader has "
             f"{steps_per_epoch} batches per epoch (different data?); {fix}"

@@ -1,4 +1,5 @@
-"""Image files on disk for the data tests: random PNGs, and a VTAB-1k task in its list-file layout."""
+"""Image files on disk for the data tests: random PNGs, a VTAB-1k task in its list-file layout, and a Mono12 line's
+ImageFolder (good/scratch/dent/stain, 16-bit PNG and TIFF) for the journey tests."""
 
 from __future__ import annotations
 
@@ -48,3 +49,38 @@ def photo_crops(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
             images.append(photo[y : y + c, x : x + c])
             labels.append(label)
     return images, labels
+
+
+# a line's names for the demo's classes: its good class is "good", its defects scratch, dent and stain
+LINE_CLASSES = {"ok": "good", "scratch": "scratch", "spot": "dent", "crack": "stain"}
+
+
+def mono12_line(root: Path, counts: dict[str, int], size: int = 32, batch: int = 0, tiff_every: int = 3) -> Path:
+    """A Mono12 camera's ImageFolder ``root/<class>/``: the demo defects (real textures, `spt_core.demo`) as 12-bit
+    values in 16-bit PNGs, every `tiff_every`-th file of a class a 16-bit TIFF (an archive's format), with the
+    classes and the imbalance of `counts` (keys: good, scratch, dent, stain). `batch` > 0 gives new frames."""
+    import shutil
+
+    from PIL import Image
+
+    from spt_core.demo import generate_demo_defects  # torch-free: the tests that only need files stay light
+
+    demo = {line: d for d, line in LINE_CLASSES.items()}
+    tmp = root.with_name(root.name + ".demo")
+    generate_demo_defects(tmp, size=size, batch=batch, classes=[demo[c] for c in counts], bit_depth=12,
+                          counts={demo[c]: n for c, n in counts.items()})  # fmt: skip
+    for cls in counts:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(sorted((tmp / demo[cls]).glob("*.png"))):
+            if i % tiff_every == 0:
+                with Image.open(f) as im:
+                    im.save(root / cls / f"{f.stem}.tif")
+            else:
+                shutil.copy(f, root / cls / f.name)
+    shutil.rmtree(tmp)
+    return root
+
+
+def line_frames(root: Path) -> list[tuple[Path, str]]:
+    """Every image of an ImageFolder as (path, class), sorted."""
+    return sorted((p, p.parent.name) for p in root.glob("*/*") if p.is_file())

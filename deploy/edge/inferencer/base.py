@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from deploy.edge.artifact import MANIFEST, Artifact, ArtifactError
+from deploy.edge.graph_spec import HOST
 from spt_core.portable.errors import one_line
 from spt_core.portable.metrics import softmax
 from spt_core.portable.operating_point import OperatingPoint
@@ -81,6 +82,8 @@ class Inferencer(ABC):
     runtime: ClassVar[str]  # "openvino" | "onnxruntime" | "torch"
     n_requests: int = 1  # inferences that may run at once (OpenVINO: its infer-request pool)
     artifact: Artifact | None = None  # the sealed artifact it was opened from (its bytes dropped once compiled)
+    input_variant: ClassVar[str] = HOST  # what `model_input` feeds it: host preprocessing (graph: `FrameInferencer`)
+    variant_why: str | None = None  # why a box serves this variant (`deploy.edge.serving.Serving.variant_choice`)
 
     def __init__(self, card: ModelCard | None, source: str, config: Mapping[str, Any] | None = None) -> None:
         self.card, self.source, self.config = card, source, dict(config or {})
@@ -88,6 +91,11 @@ class Inferencer(ABC):
     @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, classes) logits, a fresh array the caller owns."""
+
+    def model_input(self, image: Image.Image) -> np.ndarray:
+        """One frame -> what `infer` takes: (1, 3, H, W) float32 by the card's preprocessing (the host variant).
+        `graph_input.FrameInferencer` takes the decoded frame itself, resized and normalised in the compiled model."""
+        return preprocess_image(image, self._card().preprocess)[None]
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[Logits]:
@@ -124,7 +132,7 @@ class Inferencer(ABC):
         """
         card = self._card()
         t0 = time.perf_counter()
-        x = preprocess_image(image, card.preprocess)[None]  # (1, 3, H, W)
+        x = self.model_input(image)  # (1, 3, H, W) float32; a graph variant's frame tensor (graph_input.py)
         t1 = time.perf_counter()
         with gate or contextlib.nullcontext():
             with self._slot() as run:

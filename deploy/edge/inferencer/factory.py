@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy.edge.artifact import MANIFEST, Artifact, ArtifactError, load_artifact
+from deploy.edge.graph_spec import HOST
 from deploy.edge.inferencer.base import Inferencer
+from deploy.edge.inferencer.graph_input import open_variant
 from deploy.edge.inferencer.onnx_inferencer import OnnxRuntimeInferencer
 from deploy.edge.inferencer.openvino_inferencer import OpenVINOInferencer
 from deploy.edge.precision import PRECISIONS, SERVED, SOURCE, artifact_dir, for_manifest
@@ -39,9 +41,15 @@ def is_exported(path: str | Path) -> bool:
     return p.is_dir() and any((d / MANIFEST).is_file() for d in (p, *(artifact_dir(p, n) for n in PRECISIONS)))
 
 
-def open_artifact(artifact: Artifact, config: Mapping[str, Any] | None = None) -> Inferencer:
+def open_artifact(
+    artifact: Artifact, config: Mapping[str, Any] | None = None, variant: str | None = HOST
+) -> Inferencer:
     """The inferencer of a verified artifact, compiled from its verified bytes with its ``runtime_config`` and
     ``config`` laid over it.
+
+    `variant` (OpenVINO only): ``host`` takes preprocessed (N, 3, H, W) float32 (what `verify`, `predict` and the
+    benchmarks feed); ``graph`` takes decoded frames (`graph_input.FrameInferencer`); None: the one the manifest
+    ships (``input_variant``), which is what the box serves (`deploy.edge.acceptance`).
 
     Raises:
         ArtifactError: A format no inferencer runs, a preprocessing other than RGB/NCHW, a model that does not load.
@@ -49,6 +57,10 @@ def open_artifact(artifact: Artifact, config: Mapping[str, Any] | None = None) -
     if artifact.format not in IMPLEMENTATIONS:
         mpath = artifact.dir / MANIFEST
         raise ArtifactError(f"{mpath}: format={artifact.format!r}; use one of {', '.join(IMPLEMENTATIONS)}")
+    if artifact.format == "openvino":
+        return open_variant(artifact, config, variant)
+    if variant not in (None, HOST):
+        raise ArtifactError(f"{artifact.dir}: variant={variant!r}; an ONNX artifact takes host preprocessing only")
     return IMPLEMENTATIONS[artifact.format].from_artifact(artifact, config)
 
 
@@ -58,6 +70,7 @@ def open_inferencer(
     *,
     config: Mapping[str, Any] | None = None,
     expected_version: str | None = None,
+    variant: str | None = HOST,
 ) -> Inferencer:
     """Open any torch-free artifact (see the module docstring for the paths it takes).
 
@@ -69,6 +82,8 @@ def open_inferencer(
         config: Runtime properties laid over the artifact's ``runtime_config`` (OpenVINO compile properties such
             as ``PERFORMANCE_HINT``; ONNX Runtime session options such as ``intra_op_num_threads``).
         expected_version: The ``model_version`` a sealed artifact must have (`load_artifact`).
+        variant: A sealed OpenVINO artifact's input variant (`open_artifact`): ``host`` (default), ``graph``, or None
+            for the one its manifest ships.
 
     Raises:
         ArtifactError: An unknown precision, a path that holds no artifact, a failed checksum or version, a
@@ -77,19 +92,19 @@ def open_inferencer(
     if precision is not None and precision not in PRECISIONS:
         raise ArtifactError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
     if isinstance(path, Artifact):
-        return open_artifact(_checked(path, precision), config)
+        return open_artifact(_checked(path, precision), config, variant)
     p = Path(path)
     if p.is_file() and p.suffix in SUFFIX_FORMAT:
         if (p.parent / MANIFEST).is_file():
-            return open_artifact(_checked(load_artifact(p.parent, expected_version), precision), config)
+            return open_artifact(_checked(load_artifact(p.parent, expected_version), precision), config, variant)
         return _open_bare(p, precision, config)
     if p.is_dir():
         for name in (precision,) if precision else (SERVED, SOURCE):
             if (artifact_dir(p, name) / MANIFEST).is_file():
                 art = load_artifact(artifact_dir(p, name), expected_version)
-                return open_artifact(_checked(art, precision), config)
+                return open_artifact(_checked(art, precision), config, variant)
         if (p / MANIFEST).is_file():
-            return open_artifact(_checked(load_artifact(p, expected_version), precision), config)
+            return open_artifact(_checked(load_artifact(p, expected_version), precision), config, variant)
     raise ArtifactError(
         f"{p}: no sealed artifact {'of ' + precision + ' ' if precision else ''}there; pass an export dir, an "
         "artifact dir with manifest.json or its model file (run `sensitune export`)"

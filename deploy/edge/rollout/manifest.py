@@ -6,7 +6,7 @@ The manifest (YAML; paths are relative to the manifest's folder; unknown keys ar
     champion: {version: "3", path: artifacts/v3/fp32}
     challenger: {version: "4", path: artifacts/v4/fp32}   # or null
     challenger_share: 0.25        # fraction of *cameras* on the challenger (sticky per camera)
-    cameras: {pinned: {cam-3: challenger}}
+    cameras: {count: 8, pinned: {cam-3: challenger}}   # count: cameras feeding the box (deploy.edge.serving)
     shadow: false                 # true: the challenger also runs, unserved, on champion frames (paired test)
     ok_class: ok                  # optional: only restates the champion artifact's manifest ok_class (its default)
     log_dir: logs                 # predictions.jsonl, feedback.jsonl, decisions.jsonl
@@ -15,6 +15,8 @@ The manifest (YAML; paths are relative to the manifest's folder; unknown keys ar
     registry: {tracking_uri: "sqlite:///mlflow.db", model_name: defect-inspector}   # or null
     limits: {max_body_bytes: 16777216, max_pixels: 25000000, formats: [PNG, JPEG, TIFF], ...}   # deploy.edge.limits
     challenger_retry_s: 300       # a challenger missing at start is retried this long before it is rolled back
+    device: CPU                   # CPU | GPU | NPU | AUTO; batching: {max_batch: 4} (deploy.edge.serving)
+    preprocess: auto              # auto | host | graph: the input variant served (deploy.edge.serving)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from deploy.edge.limits import Limits, parse_limits
+from deploy.edge.serving import Serving, parse_serving
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import write_text
 
@@ -81,6 +84,7 @@ class RolloutConfig:
     registry: RegistryRef | None = None
     limits: Limits = field(default_factory=Limits)
     challenger_retry_s: float = 300.0
+    serving: Serving = field(default_factory=Serving)  # device, cameras.count, batching, preprocess
     base_dir: Path = Path(".")
 
     def resolve(self, path: str) -> Path:
@@ -96,7 +100,8 @@ class RolloutConfig:
             "champion": asdict(self.champion),
             "challenger": asdict(self.challenger) if self.challenger else None,
             "challenger_share": self.challenger_share,
-            "cameras": {"pinned": dict(self.pinned)},
+            "cameras": {"pinned": dict(self.pinned)}
+            | ({"count": self.serving.cameras} if self.serving.cameras else {}),
             "shadow": self.shadow,
             "ok_class": self.ok_class,
             "log_dir": self.log_dir,
@@ -105,11 +110,12 @@ class RolloutConfig:
             "registry": asdict(self.registry) if self.registry else None,
             "limits": self.limits.to_dict(),
             "challenger_retry_s": self.challenger_retry_s,
+            **self.serving.to_manifest(),
         }
 
 
 _TOP_KEYS = ("line", "champion", "challenger", "challenger_share", "cameras", "shadow", "ok_class", "log_dir")
-_TOP_KEYS += ("openvino", "decision", "registry", "limits", "challenger_retry_s")
+_TOP_KEYS += ("openvino", "decision", "registry", "limits", "challenger_retry_s", "device", "batching", "preprocess")
 
 
 def _model_ref(value: Any, key: str, errors: list[str]) -> ModelRef | None:
@@ -154,8 +160,8 @@ def parse_config(data: Any, base_dir: Path, source: str = "rollout manifest") ->
     share = _number(data.get("challenger_share", 0.0), "challenger_share", 0.0, 1.0, errors)
     cameras = data.get("cameras") or {}
     pinned = cameras.get("pinned") or {} if isinstance(cameras, dict) else None
-    if not isinstance(cameras, dict) or set(cameras) - {"pinned"} or not isinstance(pinned, dict):
-        errors.append(f"cameras={cameras!r}: give {{pinned: {{<camera id>: champion|challenger}}}}")
+    if not isinstance(cameras, dict) or set(cameras) - {"pinned", "count"} or not isinstance(pinned, dict):
+        errors.append(f"cameras={cameras!r}: give {{count: <cameras>, pinned: {{<camera id>: champion|challenger}}}}")
         pinned = {}
     bad_pins = {k: v for k, v in pinned.items() if v not in (CHAMPION, CHALLENGER)}
     if bad_pins:
@@ -196,6 +202,7 @@ def parse_config(data: Any, base_dir: Path, source: str = "rollout manifest") ->
             registry = RegistryRef(reg["tracking_uri"], reg["model_name"])
     limits = parse_limits(data.get("limits"), errors)
     retry_s = _number(data.get("challenger_retry_s", 300.0), "challenger_retry_s", 0.0, 86400.0, errors)
+    serving = parse_serving(data, errors)
     if errors:
         raise RolloutError(f"{source}: " + "; ".join(errors))
     return RolloutConfig(
@@ -212,6 +219,7 @@ def parse_config(data: Any, base_dir: Path, source: str = "rollout manifest") ->
         registry=registry,
         limits=limits,
         challenger_retry_s=float(retry_s),
+        serving=serving,
         base_dir=base_dir,
     )
 

@@ -203,7 +203,18 @@ def rollout_view(service: Any) -> dict[str, Any]:
         "rule": rule_in_words(cfg.decision),
         "audit": audit_trail(cfg),
         "ok_class": rep["ok_class"],  # the operating point the report was counted at (`operating_point`)
+        "fleet": fleet_view(service),
     }
+
+
+def fleet_view(service: Any) -> dict[str, Any] | None:
+    """The fleet rollout this box follows, as its last sync read it (`deploy.edge.fleet.member`): the plan, its
+    wave, whether this box is in it, the fleet's pooled numbers and this box's local decisions; None without one."""
+    fleet = (getattr(getattr(service, "sync", None), "state", None) or {}).get("fleet") or {}
+    if not fleet.get("plan"):
+        return None
+    local = (fleet.get("local") or {}).get(fleet["plan"].get("version"))
+    return {"plan": fleet["plan"], "member": fleet.get("member"), "pooled": fleet.get("pooled"), "local": local}
 
 
 def _store_root(artifact_dir: Path, version: str) -> Path:

@@ -1,0 +1,98 @@
+"""Is the halving search worth making the default? Per table: the (budget, lr) it chooses on validation, its
+validation and test accuracy, what it costs in trainings (the trials' optimizer steps over one training's) and its
+wall time against one fixed-budget training.
+
+Each table is a `benchmarks/compare.py` run of two methods at ``train.lr`` (params.yaml's): ``per-row-sparse`` at
+the main budget (the product's fixed default, one training) and ``auto-halving`` (`benchmarks/search_job.py`: the
+product's ``plan.ladder`` x ``train.lr_grid``, the full rung at each lr as the product trains it). The tables go to
+``--out-dir`` (benchmarks/results/auto_search/ by default, so the method tables are left as they are); this script
+adds auto_search.md beside them, one row per table and seed. Options other than its own go to compare.py:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
+      .venv/bin/python benchmarks/auto_search.py --tasks digits,fashion-mnist -- --backbone lite0 --epochs 8 --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import compare
+from benchmarks.search_job import SEARCH_METHODS
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import atomic_path
+
+FIXED = "per-row-sparse"  # the product's default plan at a fixed budget (plan.allocation: per_row, sparse)
+
+
+def run_tables(tasks: list[str], compare_argv: list[str], out_dir: Path) -> list[Path]:
+    """One compare.py table per task (resumable: rows already there are kept), both methods at ``train.lr``."""
+    from pipelines.config import defaults
+
+    lr = f"{defaults()['train']['lr']:g}"
+    methods = ",".join([FIXED, *SEARCH_METHODS])
+    return [compare.main([*compare_argv, "--task", task, "--methods", methods, "--lr-grid", lr, "--lr-auto", lr,
+                          "--out-dir", str(out_dir)]) for task in tasks]  # fmt: skip
+
+
+def summary_rows(table: dict) -> list[dict]:
+    """Per search row of a table: its choice, accuracies and cost, and the fixed-budget row of its seed."""
+    ok = [r for r in table["rows"] if "error" not in r]
+    fixed = {r["seed"]: r for r in ok if r["method"] == FIXED and r["budget"] == table["meta"]["budget"]}
+    out = []
+    for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["seed"], r["lr"])):
+        f = fixed.get(r["seed"])
+        out.append({"table": f"{Path(table['meta']['backbone']).name} {table['meta']['task']}", "seed": r["seed"],
+                    "budget": r["details"]["chosen_budget"], "lr": r["details"]["chosen_lr"], "val": r["val_acc"],
+                    "test": r["test_acc"], "trainings": r["trainings"], "wall_s": r["wall_s"],
+                    "fixed_test": f and f["test_acc"], "fixed_wall_s": f and f["wall_s"]})  # fmt: skip
+    return out
+
+
+def write_summary(rows: list[dict], command: str, path: Path) -> None:
+    """auto_search.md: one line per table and seed."""
+    lines = [
+        "# The halving search (`plan.search: halving`) against one fixed-budget training", "",
+        f"Command: `{command}`", "",
+        f"Search: the product's `plan.ladder` x `train.lr_grid` at `train.lr`, successive halving on validation "
+        f"(`spt_core.search`, at most 2 trainings). Fixed: `{FIXED}` at the table's main budget and `train.lr`, "
+        "one training. Wall: each job's own seconds, same machine. Per table: `compare_*.md` beside this file.", "",
+        "| table | seed | chosen budget | chosen lr | val % | test % | fixed test % | trainings | wall s | x fixed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        fixed_test = f"{100 * r['fixed_test']:.2f}" if r["fixed_test"] is not None else "-"
+        ratio = f"{r['wall_s'] / r['fixed_wall_s']:.2f}" if r["fixed_wall_s"] else "-"
+        lines.append(f"| {r['table']} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | {100 * r['val']:.2f} | "
+                     f"{100 * r['test']:.2f} | {fixed_test} | {r['trainings']:.2f} | {r['wall_s']:.0f} | "
+                     f"{ratio} |")  # fmt: skip
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run (or resume) every table, then write auto_search.md; returns its path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default="digits", help="comma-separated compare.py --task values, one table each")
+    ap.add_argument("--out-dir", type=Path, default=compare.RESULTS / "auto_search")
+    args = ap.parse_args(own)
+    if any(a in rest for a in ("--task", "--methods", "--lr-grid", "--lr-auto", "--out-dir")):
+        raise SensituneError("auto_search.py sets --task, --methods, --lr-grid, --lr-auto and --out-dir itself: "
+                             "give the tasks with --tasks and the directory before --")  # fmt: skip
+    tables = run_tables([t for t in args.tasks.split(",") if t], rest, args.out_dir)
+    rows = [r for p in tables for r in summary_rows(json.loads(p.read_text()))]
+    out = args.out_dir / "auto_search.md"
+    write_summary(rows, "python benchmarks/auto_search.py " + " ".join(argv), out)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        print(main())
+    except SensituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,61 @@
+"""The harness's "auto budget (halving)" row (benchmarks/search_job.py) and benchmarks/auto_search.py: the table
+lines that set a search against one fixed-budget training, and (slow) a whole tiny run through compare.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import auto_search
+from benchmarks.report import _search_lines, summarize
+
+
+def _row(method: str, seed: int, wall: float, test: float, **extra) -> dict:
+    return {"method": method, "seed": seed, "lr": 1e-3, "budget": "1%", "val_acc": 0.5, "val_loss": 1.0,
+            "test_acc": test, "wall_s": wall, "trainable_backbone": 10, "trainable_head": 2, "trainable_pct": 1.0,
+            "details": {}, "peak_memory_mb": 1.0, "s_per_train_epoch": 1.0, **extra}  # fmt: skip
+
+
+def _table() -> dict:
+    search = {"trainings": 1.9, "details": {"chosen_budget": "full", "chosen_lr": 3e-3}}
+    rows = [_row("per-row-sparse", 0, 10.0, 0.7), _row("per-row-sparse", 1, 20.0, 0.6),
+            _row("auto-halving", 1, 30.0, 0.8, **search), _row("auto-halving", 0, 50.0, 0.9, **search)]  # fmt: skip
+    return {"meta": {"budget": "1%", "backbone": "tf_efficientnet_lite0", "task": "digits"}, "rows": rows}
+
+
+def test_a_search_row_is_set_against_the_fixed_budget_training_of_its_own_seed():
+    table = _table()
+    by = {s["method"]: s for s in summarize(table)}
+    assert by["auto-halving"]["test"] == pytest.approx(0.85)  # the search gets its own row in the main table
+    lines = _search_lines(table, by)
+    rows = [ln for ln in lines if ln.startswith("| auto budget (halving) |")]
+    assert [r.split(" | ")[1] for r in rows] == ["0", "1"]  # seed order
+    assert rows[0].endswith("| 1.90 | 50 | 5.00 |") and rows[1].endswith("| 1.90 | 30 | 1.50 |")  # 50/10, 30/20
+    assert " full | 0.003 | 50.00 | 90.00 |" in rows[0]
+    summary = auto_search.summary_rows(table)
+    assert [(r["seed"], r["fixed_test"], r["fixed_wall_s"]) for r in summary] == [(0, 0.7, 10.0), (1, 0.6, 20.0)]
+
+
+def test_auto_search_leaves_the_options_it_sets_to_itself():
+    with pytest.raises(Exception, match="sets --task, --methods"):
+        auto_search.main(["--tasks", "digits", "--", "--methods", "bitfit"])
+
+
+@pytest.mark.slow  # a whole search of the product's 21 trials on tiny digits: `make slow` runs it
+def test_a_tiny_auto_search_runs_the_products_trials_within_two_trainings(tmp_path: Path) -> None:
+    out = auto_search.main(["--tasks", "digits", "--out-dir", str(tmp_path), "--", "--backbone", "test-effnet",
+                            "--n-train", "40", "--n-val", "20", "--n-test", "20", "--epochs", "6", "--batch", "8",
+                            "--seeds", "1", "--threads", "1", "--work-dir", str(tmp_path / "work"),
+                            "--in-process"])  # fmt: skip
+    table = json.loads((tmp_path / "compare_test-effnet_digits.json").read_text())
+    row = next(r for r in table["rows"] if r["method"] == "auto-halving")
+    search = row["search"]
+    assert len(search["trials"]) == 7 * 3 and row["trainings"] == search["trainings"] <= 2.0
+    assert search["total_steps"] == 6 * 5 and search["trial_steps"] <= 2 * 6 * 5
+    chosen = next(t for t in search["trials"] if t["chosen"])
+    assert (chosen["budget"], chosen["lr"]) == (row["details"]["chosen_budget"], row["details"]["chosen_lr"])
+    assert chosen["stopped_at_step"] == 30 and round(20 * row["test_acc"], 6).is_integer()
+    assert len(table["sensitivity"]) == 1  # every trial's plan from the seed's one pass
+    assert "| test_efficientnet digits | 0 |" in out.read_text()
