@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.edge_box import free_port
+from benchmarks.edge_box import cpu_info, free_port, uptime
 from benchmarks.fleet_cameras import Behaviour, Cameras, versioned
 from benchmarks.stat_model import CLASSES, N_FEATURES, build_artifact
 from deploy.edge.box import BoxConfig
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the markdown table and the JSON here (.md and .json)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = ap.parse_args(argv)
+    load_start = uptime()
     results = []
     for n in args.boxes:
         root = Path(tempfile.mkdtemp(prefix=f"fleet-sim-{n}-"))
@@ -339,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     if args.out:
-        command = " ".join(["python -m benchmarks.fleet_sim", *(argv or [])])
-        args.out.write_text(f"{__doc__.splitlines()[0]}\n\n`{command}`\n\n{table}\n")
+        command = " ".join(["python -m benchmarks.fleet_sim", *(argv if argv is not None else sys.argv[1:])])
+        machine = f"{cpu_info()}; Python {platform.python_version()}, {platform.system()} {platform.release()}"
+        head = f"- Machine: {machine}\n- Load (`uptime`) at start: `{load_start}`; at end: `{uptime()}`"
+        args.out.write_text(f"{__doc__.splitlines()[0]}\n\n`{command}`\n\n{head}\n\n{table}\n")
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
     return 0
 
