@@ -7,8 +7,8 @@ import json
 import pytest
 import timm
 import torch
-import yaml
 from support.params import TINY
+from support.projects import planned_project
 
 from pipelines import training
 from pipelines.cli import main
@@ -79,12 +79,7 @@ def test_rungs_are_nested_and_full_trains_every_backbone_value():
 def auto_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("auto")
     params = {**TINY, "plan": {"budget": "auto", "ladder": ["1%", "5%", "full"]}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for verb in ("demo", "prepare", "measure", "plan"):
-            assert main([verb, "--config", "params.yaml", "-q"]) == 0, verb
-    return root
+    return planned_project(root, params)
 
 
 def test_auto_trains_every_rung_on_validation_and_tests_only_the_chosen_one(auto_project, monkeypatch):

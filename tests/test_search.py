@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-import yaml
 from support.params import TINY
+from support.projects import planned_project
 from support.training import EFFNET_TRAINABLE, comparable, random_loaders, tiny_effnet
 
 import spt_core.search as search
@@ -138,12 +138,7 @@ def halving_project(tmp_path_factory):
     params = {**TINY, "plan": {"budget": "auto", "ladder": ["1%", "5%"], "search": "halving"},
               "train": {**TINY["train"], "epochs": 1, "batch_size": 3, "lr_grid": [1.0, 3.0],
                         "probe_baseline": False}}  # fmt: skip
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for verb in ("demo", "prepare", "measure", "plan"):
-            assert main([verb, "--config", "params.yaml", "-q"]) == 0, verb
-    return root
+    return planned_project(root, params)
 
 
 def test_the_product_prunes_on_validation_only_and_tests_the_winner_once(halving_project, monkeypatch):

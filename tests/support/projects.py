@@ -96,3 +96,18 @@ def set_param(repo: Path, section: str, key: str, value: object) -> None:
     params = yaml.safe_load(path.read_text())
     params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def planned_project(root: Path, params: dict[str, Any]) -> Path:
+    """`root` with `params` as params.yaml, run by the CLI through demo, prepare, measure and plan (train next)."""
+    from pipelines.cli import main
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for verb in ("demo", "prepare", "measure", "plan"):
+            assert main([verb, "--config", "params.yaml", "-q"]) == 0, verb
+    finally:
+        os.chdir(cwd)
+    return root
