@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import compare
+from benchmarks.protocol import script
 from benchmarks.search_job import SEARCH_METHODS
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import atomic_path
@@ -91,8 +92,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(main())
-    except SensituneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    script(main)

@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.harness import Table, merge, rerun_ties, retire_stale, run_protocol, run_shard
 from benchmarks.methods import FULL_LR_METHODS, METHODS
-from benchmarks.protocol import BACKBONES, MALLOC_ENV, SENS_BATCH_SIZE, SENS_BATCHES, protocol_differences
+from benchmarks.protocol import BACKBONES, MALLOC_ENV, SENS_BATCH_SIZE, SENS_BATCHES, protocol_differences, script
 from benchmarks.report import write_any_report
 from benchmarks.search_job import SEARCH_METHODS
 from benchmarks.task_data import task_source
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", help="override the preset's weights: embedded | hub | none | PATH")
     ap.add_argument("--img-size", type=int, help="override the preset's input size")
     ap.add_argument(
-        "--task", default="digits", help="digits | fashion-mnist | mnist | lfw-faces | demo-defects | a VTAB-1k dir"
+        "--task",
+        default="digits",
+        help="digits | fashion-mnist | mnist | lfw-faces | demo-defects | a VTAB-1k dir; held out (never choose a "
+        "default, benchmarks/README.md): elpv | animal-shapes",
     )
     ap.add_argument("--n-train", type=int, default=800)
     ap.add_argument("--n-val", type=int, default=200)
@@ -140,7 +143,7 @@ def _check(args: argparse.Namespace) -> list[str]:
     return [m for m in args.methods.split(",") if m]
 
 
-def _prepare_data(args: argparse.Namespace, task_slug: str) -> tuple[Path, dict[str, Any]]:
+def prepare_table_data(args: argparse.Namespace, task_slug: str) -> tuple[Path, dict[str, Any]]:
     """The table's prepared split (made once under --work-dir) and, with --imbalance, the line's settings."""
     from spt_core.api import prepare
 
@@ -166,7 +169,7 @@ def _prepare_data(args: argparse.Namespace, task_slug: str) -> tuple[Path, dict[
     return data_dir, line
 
 
-def _slug(args: argparse.Namespace) -> tuple[str, str]:
+def table_slug(args: argparse.Namespace) -> tuple[str, str]:
     """(<backbone>_<task>, <task>): the table's name; --imbalance and --augment make other tables."""
     task_slug = Path(args.task).name if Path(args.task).is_dir() else args.task
     if args.imbalance is not None:
@@ -193,13 +196,13 @@ def open_table(args: argparse.Namespace, methods: list[str], command: str) -> tu
     bad = [m for m in methods if m not in (*METHODS, *SEARCH_METHODS)]
     if bad:
         raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join((*METHODS, *SEARCH_METHODS))}")
-    slug, task_slug = _slug(args)
-    data_dir, line = _prepare_data(args, task_slug)
+    slug, task_slug = table_slug(args)
+    data_dir, line = prepare_table_data(args, task_slug)
     out_json = args.out_dir / f"compare_{slug}.json"
     state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "sensitivity": []}
     old_meta = state.get("meta")
     meta = {
-        "command": command, "machine": _machine(args.device), "versions": _versions(),
+        "command": command, "machine": machine_label(args.device), "versions": _versions(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "backbone": name,
         "weights": weights, "img_size": img, "task": args.task, "data_dir": str(data_dir), "budget": args.budget,
         "epochs": args.epochs, "batch": args.batch, "device": args.device, "threads": args.threads,
@@ -298,7 +301,7 @@ def _versions() -> dict:
             "peft": peft.__version__}  # fmt: skip
 
 
-def _machine(device: str) -> str:
+def machine_label(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
@@ -319,8 +322,4 @@ def _parse_lrs(s: str) -> list[float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SensituneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    script(main)

@@ -13,16 +13,15 @@ import io
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.load_clients import closed_loop
 from deploy.edge.artifact import Artifact
 from deploy.edge.decoding import draft
 from deploy.edge.inferencer import OpenVINOInferencer
@@ -47,36 +46,16 @@ def full_size_frames(images: list[Image.Image], size: tuple[int, int], fmt: str)
 def run_cameras(base: str, frames: list[bytes], cameras: int, seconds: float, fmt: str) -> dict[str, Any]:
     """`cameras` threads, one camera each, post frames back to back for `seconds` (a closed loop: the next frame goes
     when the last one is answered); per-camera latencies in ms, answers, errors and the wall time."""
-    lat: dict[str, list[float]] = {f"cam-{i}": [] for i in range(cameras)}
-    roles: dict[str, set[str]] = {cam: set() for cam in lat}
-    errors: list[str] = []
-    deadline = time.monotonic() + seconds
+    pick = lambda k, j, i: (f"cam-{k}", frames[(k * 7 + j) % len(frames)], None)  # noqa: E731
     mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-
-    def camera(cam: str, offset: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            i = offset
-            while time.monotonic() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    r = client.post(f"{base}/predict", files={"file": ("f", frames[i % len(frames)], mime)},
-                                    data={"camera_id": cam})  # fmt: skip
-                    if r.status_code == 200:
-                        lat[cam].append((time.perf_counter() - t0) * 1e3)
-                        roles[cam].add(r.json()["role"])
-                    else:
-                        errors.append(f"HTTP {r.status_code}")
-                except httpx.HTTPError as e:
-                    errors.append(type(e).__name__)
-                i += 1
-
-    threads = [threading.Thread(target=camera, args=(cam, k * 7)) for k, cam in enumerate(lat)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    sent, wall = closed_loop(base, cameras, pick, seconds, mime=mime, timeout=60)
+    lat: dict[str, list[float]] = {f"cam-{k}": [] for k in range(cameras)}
+    roles: dict[str, set[str]] = {cam: set() for cam in lat}
+    for s in sent:
+        if s.ok:
+            lat[s.camera_id].append(s.ms)
+            roles[s.camera_id].add(s.role)
+    errors = [s.why for s in sent if not s.ok]
     n = sum(len(v) for v in lat.values())
     p50s = [float(np.percentile(v, 50)) for v in lat.values() if v]
     p99s = [float(np.percentile(v, 99)) for v in lat.values() if v]

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/edge_load.py --requests 2000 --clients 8 --size 112 --hints LATENCY,THROUGHPUT
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
-        .venv/bin/python benchmarks/edge_load.py --scenario oversized --rate 20 --seconds 60 --every 3 --size 64
+        .venv/bin/python benchmarks/edge_load.py --scenario oversized --rate 20 --seconds 60 --every 3 --size 64 \
+        --rounds 3 --block-s 10
 
 Builds an OpenVINO FP32 artifact of the embedded EfficientNet-Lite0 (4-class head, untrained: speed only) through
 `deploy.compile.export` (twice: champion v1 and challenger v2, 25 % of the cameras on the challenger, so the A/B path is
@@ -12,9 +13,10 @@ a bounded number of multipart PNG frames from 12 camera ids, and writes benchmar
 Latency here is the client's round trip (HTTP + decode + preprocessing + inference + logging); the service's own
 view (/metrics) is reported beside it.
 
-``--scenario oversized`` (issues 15 and 29; `edge_load_oversized.py`) paces normal frames clean, then with the 2026-12
-probes mixed in (25 MP 8-bit, 4999 x 4999 16-bit, 144 Mpx PNGs), and writes results/edge_load_oversized.md; it exits
-1 unless the mixed p99 is within 1.5x of the clean one and the service's peak RSS stays bounded.
+``--scenario oversized`` (issues 15 and 29; `edge_load_oversized.py`) paces normal frames through blocks of a few
+seconds that alternate clean and with the 2026-12 probes mixed in (25 MP 8-bit, 4999 x 4999 16-bit, 144 Mpx PNGs),
+and writes results/edge_load_oversized.md; it exits 1 unless the mixed p99 is within 1.5x of the clean one and the
+service's peak RSS stays bounded.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -37,48 +37,18 @@ import yaml
 
 from benchmarks.edge_box import CAMERAS, build_lite0, cpu_info, demo_frames, quantiles, start_service
 from benchmarks.edge_load_oversized import run_oversized
+from benchmarks.load_clients import closed_loop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_clients(base: str, frames: list[bytes], total: int, clients: int, max_s: float) -> dict:
-    """`clients` threads share a request budget of `total`; stops early at `max_s` seconds."""
-    lock, next_i = threading.Lock(), [0]
-    lat: list[float] = []
-    errors: list[str] = []
-    deadline = time.monotonic() + max_s
-
-    def worker() -> None:
-        with httpx.Client(timeout=30) as client:
-            while time.monotonic() < deadline:
-                with lock:
-                    i = next_i[0]
-                    if i >= total:
-                        return
-                    next_i[0] += 1
-                cam = CAMERAS[i % len(CAMERAS)]
-                t0 = time.perf_counter()
-                try:
-                    r = client.post(
-                        f"{base}/predict",
-                        files={"file": ("f.png", frames[i % len(frames)], "image/png")},
-                        data={"camera_id": cam, "frame_id": f"lt-{i}"},
-                    )
-                    ok = r.status_code == 200
-                    why = f"HTTP {r.status_code}"
-                except httpx.HTTPError as e:
-                    ok, why = False, type(e).__name__
-                ms = (time.perf_counter() - t0) * 1e3
-                with lock:
-                    (lat.append(ms) if ok else errors.append(why))
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    """`clients` threads share a request budget of `total` over the 12 camera ids (closed loop); stops early at
+    `max_s` seconds."""
+    pick = lambda k, j, i: (CAMERAS[i % len(CAMERAS)], frames[i % len(frames)], f"lt-{i}")  # noqa: E731
+    sent, wall = closed_loop(base, clients, pick, max_s, total=total)
+    lat = [s.ms for s in sent if s.ok]
+    errors = [s.why for s in sent if not s.ok]
     q = np.percentile(lat, [50, 90, 99]) if lat else [float("nan")] * 3
     return {"ok": len(lat), "errors": len(errors), "error_kinds": sorted(set(errors)), "wall_s": wall,
             "rps": len(lat) / wall, "p50": q[0], "p90": q[1], "p99": q[2]}  # fmt: skip
@@ -94,9 +64,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="default results/edge_load.md (results/edge_load_oversized.md)")
     ap.add_argument("--scenario", choices=["throughput", "oversized"], default="throughput")
     ap.add_argument("--rate", type=float, default=20.0, help="oversized: normal frames per second")
-    ap.add_argument("--seconds", type=float, default=60.0, help="oversized: length of each phase (clean, mixed)")
-    ap.add_argument("--every", type=float, default=3.0, help="oversized: one probe (rotating) every this many s")
-    ap.add_argument("--rounds", type=int, default=1, help="oversized: clean then mixed, this many times in turn")
+    ap.add_argument("--seconds", type=float, default=60.0, help="oversized: clean (and mixed) seconds per round")
+    ap.add_argument("--every", type=float, default=3.0, help="oversized: one probe (rotating) per this many mixed s")
+    ap.add_argument("--rounds", type=int, default=1, help="oversized: rounds of alternating clean and mixed blocks")
+    ap.add_argument("--block-s", type=float, default=10.0, help="oversized: seconds of one clean or mixed block")
     args = ap.parse_args()
     command = "python benchmarks/edge_load.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.scenario == "oversized":

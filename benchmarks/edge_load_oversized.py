@@ -1,32 +1,39 @@
 """The edge service under the 2026-12 probes (issues 15 and 29): `benchmarks/edge_load.py --scenario oversized`.
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        .venv/bin/python benchmarks/edge_load.py --scenario oversized --rate 20 --seconds 60 --every 3 --size 64
+        .venv/bin/python benchmarks/edge_load.py --scenario oversized --rate 20 --seconds 60 --every 3 --size 64 \\
+        --rounds 3 --block-s 10
 
-One service (with tokens, as on the line), the same open-loop schedule twice, side by side in one run: clean (normal
-frames at ``--rate`` req/s for ``--seconds``), then mixed (the same, plus one probe every ``--every`` s, rotating: a
-25 MP 8-bit RGB PNG and a 4999 x 4999 16-bit PNG, both within the default limits and so decoded, and a 144 Mpx PNG,
-refused from its header). It reports the normal frames' p50/p90/p99 in both phases and their ratio, each probe's
-answers and latency, and the service's peak RSS (VmRSS sampled every 20 ms in each phase, and VmHWM, the kernel's
-high-water mark, after each), and writes ``--out`` (results/edge_load_oversized.md) atomically, with the command,
-machine, load average at the start and date in its header. Each phase lasts ``--seconds`` plus at most the client's
-30 s timeout. Exit 1 unless mixed p99 <= 1.5 x clean, no normal frame failed, the service is alive, and its VmHWM
-after the mixed phase is within the clean one + the limits' worst case (``decode_concurrency x (max_decoded_bytes +
-max_pixels)``).
+One service (with tokens, as on the line) and one open-loop schedule of normal frames at ``--rate`` req/s for the
+whole run, cut into blocks of ``--block-s`` seconds that alternate clean and mixed (the same frames plus the probes:
+a 25 MP 8-bit RGB PNG and a 4999 x 4999 16-bit PNG, both within the default limits and so decoded, and a 144 Mpx PNG,
+refused from its header). Side by side at a grain of seconds, the machine's own drift falls on both phases alike:
+when whole clean and mixed minutes alternated, the clean p99 alone moved 19.7-24.1 ms from minute to minute.
+
+A round is ``--seconds`` of clean blocks and as many of mixed ones (60 s at 10 s: 6 + 6 blocks, alternating, clean
+first). Each round's mixed blocks get one probe per ``--every`` s of their time, spread evenly over them, the three
+kinds in turn, none in a mixed block's last second (`PROBE_TAIL_S`: its answer lands in its own block; a probe that
+still ends late is counted). A warm-up pair of blocks (clean, then mixed with one probe of each kind) comes first and
+is not counted. Per round and pooled over the rounds: the normal frames' p50/p90/p99 clean and mixed, the p99 ratio,
+the service's own time, the probes' answers, peak VmRSS per phase and VmHWM (`benchmarks.proc_memory`). Writes
+``--out`` (results/edge_load_oversized.md) atomically with the command, machine, load average at the start and date.
+Exit 1 unless the pooled mixed p99 <= 1.5 x clean, no normal frame failed, the service is alive, and its VmHWM at the
+end is within the warm-up clean block's + the limits' worst case (``decode_concurrency x (max_decoded_bytes +
+max_pixels)``). Wall time: 2 x rounds x seconds + 2 x block_s, plus about a minute to build the artifacts.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,14 +42,26 @@ import httpx
 import numpy as np
 import yaml
 
-from benchmarks.edge_box import CAMERAS, build_lite0, cpu_info, demo_frames, start_service
-from deploy.edge.limits import Limits
-from spt_core.portable.io import write_text
+from benchmarks.edge_box import CAMERAS, build_lite0, demo_frames, start_service
+from benchmarks.edge_load_oversized_table import write_table
+from benchmarks.load_clients import Planned, Sent, open_loop
+from benchmarks.proc_memory import MemorySampler, Sample, tree_kb
 
-P99_RATIO_LIMIT = 1.5
 PROBE_CAMERA = "cam-probe"  # the probes' camera id: their own answers are kept out of the normal frames' percentiles
-MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's: recorded in the table's command
+PROBE_TAIL_S = 1.0  # no probe starts in a mixed block's last second: its ~0.4-0.7 s answer stays in that block
+WARMUP = -1  # the warm-up pair's round number
+LEAD_S = 0.5  # the schedule starts this long after it is handed to the clients
 Probe = tuple[str, bytes]  # (what it is, the PNG bytes)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A stretch of the run: its round (`WARMUP` for the warm-up pair), phase (clean or mixed) and seconds."""
+
+    round: int
+    phase: str
+    start_s: float
+    end_s: float
 
 
 def _png(img: Any) -> bytes:
@@ -63,243 +82,159 @@ def probes() -> list[Probe]:
             ("144 Mpx PNG, 12000 x 12000", _png(Image.new("L", (12000, 12000), 0)))]  # fmt: skip
 
 
-def status_kb(pid: int, key: str) -> int:
-    """A ``kB`` line of /proc/<pid>/status (VmRSS: resident now; VmHWM: the most it has ever been); 0 when gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+def layout(rounds: int, seconds: float, block_s: float) -> list[Block]:
+    """The warm-up pair, then per round ``seconds / block_s`` (rounded, at least 1) clean and as many mixed blocks,
+    alternating, back to back from 0 s."""
+    if not 0 < block_s <= seconds or rounds < 1:
+        raise SystemExit(f"--block-s={block_s:g} --seconds={seconds:g} --rounds={rounds}: give 0 < block-s <= seconds "
+                         "and rounds >= 1, e.g. --block-s 10 --seconds 60")  # fmt: skip
+    per_phase = max(1, round(seconds / block_s))
+    kinds = [(WARMUP, "clean"), (WARMUP, "mixed")]
+    kinds += [(r, phase) for r in range(rounds) for _ in range(per_phase) for phase in ("clean", "mixed")]
+    return [Block(r, phase, i * block_s, (i + 1) * block_s) for i, (r, phase) in enumerate(kinds)]
 
 
-def children(pid: int) -> list[int]:
-    """The ids of `pid`'s descendants (the service's large-frame worker), from each /proc/<id>/stat's parent id."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, then ppid
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], list(parents.get(pid, []))
-    while todo:
-        out.append(child := todo.pop())
-        todo += parents.get(child, [])
+def probe_times(blocks: list[Block], every: float, kinds: int) -> list[tuple[float, int]]:
+    """(seconds, probe kind) of every probe: per round ``round(mixed seconds / every)`` (the warm-up: one of each
+    kind), block j of a round's m mixed blocks taking ``floor((j+1)P/m) - floor(jP/m)`` of its P, evenly spaced in
+    the block less `PROBE_TAIL_S`; the kinds in turn over the whole run, so each round has them all at the rate."""
+    out: list[tuple[float, int]] = []
+    k = 0
+    for r in sorted({b.round for b in blocks}):
+        mixed = [b for b in blocks if b.round == r and b.phase == "mixed"]
+        total = kinds if r == WARMUP else max(1, round(sum(b.end_s - b.start_s for b in mixed) / every))
+        for j, b in enumerate(mixed):
+            n = (j + 1) * total // len(mixed) - j * total // len(mixed)
+            span = b.end_s - b.start_s
+            window = span - min(PROBE_TAIL_S, span / 4)
+            for q in range(n):
+                out.append((b.start_s + (q + 0.5) * window / n, k % kinds))
+                k += 1
     return out
 
 
-def tree_kb(pid: int, key: str) -> int:
-    """`status_kb` summed over `pid` and its descendants: the large-frame worker's memory is the service's too."""
-    return sum(status_kb(p, key) for p in [pid, *children(pid)])
+def plan(blocks: list[Block], rate: float, every: float, frames: list[bytes], mix: list[Probe]) -> list[Planned]:
+    """The run's open-loop schedule: normal frames at `rate`/s over all blocks (12 camera ids in turn, frame ids
+    ``n<i>``), and the probes (`probe_times`, camera `PROBE_CAMERA`, frame ids ``p<k>``, tagged with their kind)."""
+    n = int(blocks[-1].end_s * rate)
+    out = [Planned(i / rate, CAMERAS[i % len(CAMERAS)], frames[i % len(frames)], f"n{i}") for i in range(n)]
+    out += [Planned(at, PROBE_CAMERA, mix[kind][1], f"p{k}", mix[kind][0])
+            for k, (at, kind) in enumerate(probe_times(blocks, every, len(mix)))]  # fmt: skip
+    return sorted(out, key=lambda p: p.at_s)
 
 
-class RssSampler:
-    """Peak resident memory of a process and its children (summed), sampled from /proc every 20 ms (Linux)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak_kb, self._stop = pid, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, tree_kb(self.pid, "VmRSS"))
-            time.sleep(0.02)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def block_index(blocks: list[Block], at_s: float) -> int:
+    """The index of the block a request scheduled at `at_s` belongs to."""
+    return max(0, bisect.bisect_right([b.start_s for b in blocks], at_s) - 1)
 
 
-def paced(base: str, frames: list[bytes], headers: dict, args: argparse.Namespace, mix: list[Probe]) -> dict:
-    """Open-loop schedule: normal frames at `args.rate`/s for `args.seconds` (+ `mix` in turn every `args.every` s).
-
-    Each request is sent at its scheduled time by a pool of 32 threads (never waiting for earlier answers), so a
-    slow answer delays nothing else on the client side; latency is measured from the scheduled time, so any
-    lateness of the client counts against the service (no coordinated omission).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    n = int(args.rate * args.seconds)
-    plan = [(i / args.rate, "", frames[i % len(frames)], CAMERAS[i % len(CAMERAS)]) for i in range(n)]
-    if mix:
-        k_max = int(args.seconds / args.every)
-        plan += [(k * args.every + 1.5, *mix[k % len(mix)], PROBE_CAMERA) for k in range(k_max)]
-    plan.sort(key=lambda x: x[0])
-    out: dict[str, list] = {"normal": [], "normal_errors": [], "probes": []}
-    lock = threading.Lock()
-    client = httpx.Client(timeout=30, headers=headers, limits=httpx.Limits(max_connections=32))
-    t0 = time.perf_counter() + 0.5
-
-    def send(item: tuple) -> None:
-        at, probe, data, cam = item
-        time.sleep(max(0.0, t0 + at - time.perf_counter()))
-        try:
-            r = client.post(f"{base}/predict", files={"file": ("f.png", data, "image/png")}, data={"camera_id": cam})
-            status = r.status_code
-        except httpx.HTTPError as e:
-            status = type(e).__name__
-        ms = (time.perf_counter() - (t0 + at)) * 1e3
-        with lock:
-            if probe:
-                out["probes"].append((probe, status, ms))
-            elif status == 200:
-                out["normal"].append(ms)
-            else:
-                out["normal_errors"].append(status)
-
-    with ThreadPoolExecutor(32) as ex:
-        list(ex.map(send, plan))
-    client.close()
-    q = np.percentile(out["normal"], [50, 90, 99]) if out["normal"] else [float("nan")] * 3
-    return {"ok": len(out["normal"]), "errors": len(out["normal_errors"]), "error_kinds": sorted(set(map(str,
-            out["normal_errors"]))), "p50": q[0], "p90": q[1], "p99": q[2], "probes": out["probes"],
-            "normal_ms": out["normal"]}  # fmt: skip
+def _pct(values: list[float], qs: list[int]) -> list[float]:
+    return [float(v) for v in np.percentile(values, qs)] if values else [float("nan")] * len(qs)
 
 
-def pooled(runs: list[tuple], phase: str) -> dict:
-    """One phase's rounds as one sample: every answered normal frame's latency and every server time together
-    (percentiles of the pool, not a mean of percentiles), counts summed, the highest RSS and VmHWM."""
-    rs = [res for name, res, _ in runs if name.split()[0] == phase]
-    ms = [m for r in rs for m in r["normal_ms"]]
-    server = [m for r in rs for m in r["server_ms"]]
-    q = np.percentile(ms, [50, 90, 99]) if ms else [float("nan")] * 3
-    s50, s99 = np.percentile(server, [50, 99]) if server else (0.0, 0.0)
-    return {"ok": sum(r["ok"] for r in rs), "errors": sum(r["errors"] for r in rs), "p50": q[0], "p90": q[1],
-            "p99": q[2], "server_p50": s50, "server_p99": s99, "rss_mb": max(r["rss_mb"] for r in rs),
-            "hwm_mb": max(r["hwm_mb"] for r in rs), "probes": [x for r in rs for x in r["probes"]]}  # fmt: skip
+def phase_stats(sent: list[Sent], server_ms: list[float], samples: list[Sample]) -> dict[str, Any]:
+    """One phase of a round (or of all rounds) as one sample: the normal frames' percentiles (of the pool, not a
+    mean of per-block percentiles), the service's own times, errors, and the peak VmRSS sampled during it."""
+    ms = [s.ms for s in sent if s.ok]
+    errors = [s.why for s in sent if not s.ok]
+    p50, p90, p99 = _pct(ms, [50, 90, 99])
+    s50, s99 = _pct(server_ms, [50, 99])
+    return {"ok": len(ms), "errors": len(errors), "error_kinds": sorted(set(errors)), "p50": p50, "p90": p90,
+            "p99": p99, "server_p50": s50, "server_p99": s99,
+            "rss_mb": max((s.rss_kb for s in samples), default=0) / 1024}  # fmt: skip
+
+
+def summarize(blocks: list[Block], sent: list[Sent], server: list[tuple[float, float]], samples: list[Sample],
+              t0: float) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per round and one pooled over the rounds (the warm-up pair left out): each phase's `phase_stats`, the
+    p99 ratio, the probes sent in its mixed blocks (with those answered after their block ended: ``late``), VmHWM
+    and load average at its end. `server`: (scheduled s, ms) of the served normal frames; `t0`: the run's 0 s."""
+    of = lambda at: block_index(blocks, at)  # noqa: E731
+    normal = [(of(s.at_s), s) for s in sent if s.camera_id != PROBE_CAMERA]
+    probe = [(of(s.at_s), s) for s in sent if s.camera_id == PROBE_CAMERA]
+    timed = [(of(at), ms) for at, ms in server]
+    sampled = [(of(s.t - t0), s) for s in samples if t0 + blocks[0].start_s <= s.t < t0 + blocks[-1].end_s]
+    rounds = sorted({b.round for b in blocks} - {WARMUP})
+    rows = []
+    for name, keep in [(f"round {r + 1}", {r}) for r in rounds] + [("pooled", set(rounds))]:
+        row: dict[str, Any] = {"name": name}
+        of_phase = {
+            p: {i for i, b in enumerate(blocks) if b.round in keep and b.phase == p} for p in ("clean", "mixed")
+        }
+        for phase, idx in of_phase.items():
+            row[phase] = phase_stats([s for i, s in normal if i in idx], [ms for i, ms in timed if i in idx],
+                                     [s for i, s in sampled if i in idx])  # fmt: skip
+            row[phase]["blocks"] = len(idx)
+        row["probes"] = [s for i, s in probe if i in of_phase["mixed"]]
+        row["late"] = sum(s.at_s + s.ms / 1e3 > blocks[i].end_s for i, s in probe if i in of_phase["mixed"])
+        row["ratio"] = row["mixed"]["p99"] / row["clean"]["p99"]
+        end = t0 + max(b.end_s for b in blocks if b.round in keep)
+        before = [s for s in samples if s.t < end]
+        row["hwm_mb"] = max((s.hwm_kb for s in before), default=0) / 1024
+        row["load"] = before[-1].load if before else float("nan")
+        rows.append(row)
+    return rows
+
+
+def server_times(log: Path, at_of: dict[str, float]) -> list[tuple[float, float]]:
+    """(scheduled s, ``request_ms``) of each served normal frame of the schedule in the service's predictions log,
+    matched by the frame id the client sent (`at_of`: frame id -> scheduled s)."""
+    out = []
+    for line in log.read_bytes().splitlines():
+        r = json.loads(line)
+        at = at_of.get(r.get("client_frame_id") or "")
+        if at is not None and r.get("served") and "request_ms" in r and r.get("camera_id") != PROBE_CAMERA:
+            out.append((at, float(r["request_ms"])))
+    return out
+
+
+def _start(work: Path, arts: dict[str, Path]) -> tuple[Any, str, dict[str, str]]:
+    """The service with a camera token, champion v1 + challenger v2 at share 0.25; (process, base URL, headers)."""
+    token = "load-test-camera-token"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    (work / "tokens.yaml").write_text(
+        yaml.safe_dump({"tokens": [{"name": "cams", "role": "camera", "sha256": digest}]})
+    )
+    cfg = work / "rollout.yaml"
+    ref = lambda v: {"version": v, "path": str(arts[v])}  # noqa: E731
+    cfg.write_text(yaml.safe_dump({"line": "bench", "champion": ref("1"), "challenger": ref("2"),
+                                   "challenger_share": 0.25, "log_dir": "logs"}))  # fmt: skip
+    proc, base = start_service(cfg, "--tokens", str(work / "tokens.yaml"))
+    return proc, base, {"Authorization": f"Bearer {token}"}
 
 
 def run_oversized(args: argparse.Namespace, command: str) -> int:
-    """Clean phase, then the same schedule with the probes mixed in, `args.rounds` times in turn (so a drift in the
-    machine's background load falls on both phases alike); one service, one table, phases pooled over the rounds."""
+    """The run (module docstring): one service, one schedule of alternating blocks, one table."""
+    blocks = layout(args.rounds, args.seconds, args.block_s)
     start = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load": os.getloadavg()}
     work = Path(tempfile.mkdtemp(prefix="sensitune-load-"))
     try:
         arts, model_desc = build_lite0(work, args.size)
         frames, frames_desc = demo_frames(work, 128)
         mix = probes()
-        token = "load-test-camera-token"
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        (work / "tokens.yaml").write_text(
-            yaml.safe_dump({"tokens": [{"name": "cams", "role": "camera", "sha256": digest}]})
-        )
-        cfg = work / "rollout.yaml"
-        ref = lambda v: {"version": v, "path": str(arts[v])}  # noqa: E731
-        cfg.write_text(yaml.safe_dump({"line": "bench", "champion": ref("1"), "challenger": ref("2"),
-                                       "challenger_share": 0.25, "log_dir": "logs"}))  # fmt: skip
-        proc, base = start_service(cfg, "--tokens", str(work / "tokens.yaml"))
-        headers = {"Authorization": f"Bearer {token}"}
-        runs = []
+        schedule = plan(blocks, args.rate, args.every, frames, mix)
+        proc, base, headers = _start(work, arts)
         try:
-            with httpx.Client(timeout=30, headers=headers) as c:  # warm-up
+            with httpx.Client(timeout=30, headers=headers) as c:  # the service's first inferences, not counted
                 for i in range(40):
                     c.post(f"{base}/predict", files={"file": ("f.png", frames[i % len(frames)])},
                            data={"camera_id": CAMERAS[i % 12]})  # fmt: skip
-            log = work / "logs" / "predictions.jsonl"
-            phases = [(f"{name} {r + 1}", m) for r in range(args.rounds) for name, m in (("clean", []), ("mixed", mix))]
-            for name, phase_mix in phases:
-                seen = len(log.read_bytes().splitlines())
-                with RssSampler(proc.pid) as rss:
-                    res = paced(base, frames, headers, args, phase_mix)
+            t0 = time.perf_counter() + LEAD_S
+            with MemorySampler(proc.pid) as mem:
+                sent = open_loop(base, schedule, t0, headers)
                 time.sleep(1.0)  # the group fsync of the last records
-                records = [json.loads(x) for x in log.read_bytes().splitlines()[seen:]]
-                server = [r["request_ms"] for r in records
-                          if r.get("served") and "request_ms" in r and r.get("camera_id") != PROBE_CAMERA]  # fmt: skip
-                res["server_p50"], res["server_p99"] = np.percentile(server, [50, 99]) if server else (0.0, 0.0)
-                res["server_ms"] = server
-                res["rss_mb"], res["hwm_mb"] = rss.peak_kb / 1024, tree_kb(proc.pid, "VmHWM") / 1024
-                runs.append((name, res, os.getloadavg()[0]))
+            final_hwm_mb = tree_kb(proc.pid, "VmHWM") / 1024
             alive = proc.poll() is None
+            server = server_times(work / "logs" / "predictions.jsonl", {p.frame_id: p.at_s for p in schedule})
         finally:
             proc.terminate()
             proc.wait(10)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _write_oversized(args, command, start, model_desc, frames, frames_desc, mix, runs, alive)
-
-
-def _probe_rows(mix: list[Probe], answers: list[tuple]) -> list[str]:
-    rows = ["| probe | on the wire | sent | answers | p50 ms | max ms |", "|---|---:|---:|---|---:|---:|"]
-    for name, data in mix:
-        got = [(str(s), ms) for p, s, ms in answers if p == name]
-        counts = ", ".join(f"{s} x{sum(1 for x, _ in got if x == s)}" for s in sorted({s for s, _ in got}))
-        ms = [m for _, m in got] or [float("nan")]
-        rows.append(f"| {name} | {len(data) / 1024:.0f} KB | {len(got)} | {counts or '-'} | {np.median(ms):.1f} "
-                    f"| {max(ms):.1f} |")  # fmt: skip
-    return rows
-
-
-def _write_oversized(args: argparse.Namespace, command: str, start: dict, model_desc: str, frames: list[bytes],
-                     frames_desc: str, mix: list[Probe], runs: list[tuple], alive: bool) -> int:  # fmt: skip
-    import openvino
-
-    clean, mixed = pooled(runs, "clean"), pooled(runs, "mixed")
-    ratio = mixed["p99"] / clean["p99"]
-    per_round = [m[1]["p99"] / c[1]["p99"] for c, m in zip(runs[0::2], runs[1::2], strict=True)]
-    lim = Limits()
-    worst_mb = lim.decode_concurrency * (lim.max_decoded_bytes + lim.max_pixels) / 2**20
-    base_mb = runs[0][1]["hwm_mb"]  # the first clean phase: later ones carry the mixed phases' high-water marks
-    rss_ok = mixed["hwm_mb"] <= base_mb + worst_mb
-    passed = ratio <= P99_RATIO_LIMIT and clean["errors"] == 0 and mixed["errors"] == 0 and alive and rss_ok
-    env = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_KEYS if k in os.environ)
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [
-        "# Edge service under the 2026-12 probes (issues 15 and 29)",
-        "",
-        "```",
-        (env + " " if env else "") + command,
-        "```",
-        "",
-        f"- Date: {start['date']}; load average at the start {', '.join(f'{x:.2f}' for x in start['load'])} "
-        "(1, 5, 15 min)",
-        f"- Machine: nproc {affinity}; {cpu_info()}; Python {platform.python_version()}, {platform.system()} "
-        f"{platform.release()}; OpenVINO {openvino.__version__} CPU",
-        f"- Model: {model_desc}; champion v1 + challenger v2 (same weights), challenger_share 0.25 of 12 cameras",
-        f"- Normal frames: {len(frames)} {frames_desc} at 128 px, {args.rate:g} req/s open-loop for {args.seconds:g} s "
-        f"per phase, {args.rounds} round(s) of clean then mixed (latency from each request's scheduled time), "
-        "bearer-token auth, one `sensitune-edge` process",
-        f"- Mixed phase: the same schedule plus one probe every {args.every:g} s, rotating; default limits "
-        f"(max_pixels {lim.max_pixels}, max_decoded_bytes {lim.max_decoded_bytes}, decode_concurrency "
-        f"{lim.decode_concurrency})",
-        "",
-        "| phase | normal ok | normal errors | p50 ms | p90 ms | p99 ms | server p50 / p99 ms | peak RSS MB "
-        "| VmHWM MB | load avg after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, res, load in runs:
-        lines.append(f"| {name} | {res['ok']} | {res['errors']} | {res['p50']:.1f} | {res['p90']:.1f} | "
-                     f"{res['p99']:.1f} | {res['server_p50']:.1f} / {res['server_p99']:.1f} | {res['rss_mb']:.0f} "
-                     f"| {res['hwm_mb']:.0f} | {load:.1f} |")  # fmt: skip
-    if args.rounds > 1:
-        for name, res in (("**clean, pooled**", clean), ("**mixed, pooled**", mixed)):
-            lines.append(f"| {name} | {res['ok']} | {res['errors']} | {res['p50']:.1f} | {res['p90']:.1f} | "
-                         f"{res['p99']:.1f} | {res['server_p50']:.1f} / {res['server_p99']:.1f} | "
-                         f"{res['rss_mb']:.0f} | {res['hwm_mb']:.0f} | |")  # fmt: skip
-    lines += ["", *_probe_rows(mix, mixed["probes"]), ""]
-    lines += [
-        f"Normal frames' p99 mixed / clean = **{ratio:.2f}** (limit {P99_RATIO_LIMIT}; pooled over the rounds, each "
-        f"round's own ratio {', '.join(f'{x:.2f}' for x in per_round)}); VmHWM {mixed['hwm_mb']:.0f} MB "
-        f"after the mixed phases against a bound of {base_mb + worst_mb:.0f} MB (first clean phase + {worst_mb:.0f} "
-        "MB, "
-        f"the limits' worst case); service alive at the end: {alive}. Verdict: **{'pass' if passed else 'FAIL'}**.",
-        "",
-        "p50/p90/p99: the client's view, from each request's scheduled send time (queueing included); server: the "
-        "service's own time per answered request (`request_ms` in predictions.jsonl). When the clean phase's client "
-        "p50 is far above the server p50, the box could not keep up with the rate (CPU taken by other jobs: see load "
-        "avg) and the client percentiles measure the backlog, not the service. Peak RSS: VmRSS of the service and its "
-        "large-frame worker process, summed, sampled every 20 ms during the phase; VmHWM: the kernel's high-water "
-        "marks of both since they started, summed.",
-        "",
-        "Before the fix (issue 15) a 144 Mpx PNG every 3 s raised p99 from 12 ms to 338 ms: each was decoded "
-        "(1.24 GB with the RGB conversion) inside a request thread.",
-        "",
-    ]
-    write_text(args.out, "\n".join(lines))
-    print("\n".join(lines))
-    return 0 if passed else 1
+    rows = summarize(blocks, sent, server, mem.samples, t0)
+    warm = blocks[0]
+    base_kb = max((s.hwm_kb for s in mem.between(t0 - LEAD_S, t0 + warm.end_s)), default=0)
+    memory = {"base_mb": base_kb / 1024, "final_mb": max(final_hwm_mb, rows[-1]["hwm_mb"])}
+    warm_errors = sum(not s.ok for s in sent if s.camera_id != PROBE_CAMERA and s.at_s < blocks[2].start_s)
+    return write_table(args, command, start, model_desc, (frames, frames_desc), mix, blocks, rows, memory, alive,
+                       warm_errors)  # fmt: skip

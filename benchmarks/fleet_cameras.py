@@ -2,15 +2,20 @@
 written into a box's rollout logs exactly as the edge service writes them (`deploy.edge.service`), so that the box's
 own statistics, sync and fleet report read them as they read a line's.
 
-A version's `Behaviour` fixes its error rate: of every block of frames, exactly the fraction ``wrong`` is answered
-with a wrong class (a defect called ``ok``: an escape; a good part called a defect: overkill), and ``errors`` fail
-in inference (the champion answers those frames instead, as the service does). Which camera a model answers is the
-box's own sticky split (`deploy.edge.rollout.split.assign_arm`) on its current manifest. Used by
-benchmarks/fleet_sim.py and tests/test_fleet.py.
+A version's `Behaviour` fixes its error rate: exactly the fraction ``wrong`` of the pool's parts is answered with a
+wrong class (a defect called ``ok``: an escape; a good part called a defect: overkill), and ``errors`` fail in
+inference (the champion answers those frames instead, as the service does). Each frame shows a part drawn uniformly
+from the pool, independently for every frame, camera and box (a generator seeded by the box and frame number), so a
+version's rates hold on any subset of cameras or boxes: its wrong answers on n frames are Binomial(n, ``wrong``).
+(A fixed stride over the pool would not do: with 8 cameras taking turns over 1000 parts, each camera would see a
+fixed eighth of the pool and every box the same parts, so an arm's cameras would see another rate than the version's.)
+Which camera a model answers is the box's own sticky split (`deploy.edge.rollout.split.assign_arm`) on its current
+manifest. Used by benchmarks/fleet_sim.py and tests/test_fleet.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -76,6 +81,12 @@ class Cameras:
             self._logits[version] = (logits, fails)
         return self._logits[version]
 
+    def parts(self, box: str, start: int, frames: int) -> np.ndarray:
+        """The parts frames ``start .. start + frames - 1`` of `box` show: uniform over the pool and independent of
+        every other box's and batch's (module docstring), the same on every call."""
+        box_key = int.from_bytes(hashlib.sha256(box.encode()).digest()[:8], "big")
+        return np.random.default_rng([self.seed, box_key, start]).integers(0, self.pool, frames)
+
     def serve(self, rollout: Path, box: str, cameras: list[str], frames: int, start: int = 0,
               labelled: float = 1.0, ts: str = "") -> int:  # fmt: skip
         """`frames` frames over `cameras` on the box whose rollout manifest is `rollout`, appended to its logs with
@@ -83,8 +94,8 @@ class Cameras:
         cfg = load_config(rollout)
         cfg.logs.mkdir(parents=True, exist_ok=True)
         preds, labels = [], []
-        for n in range(start, start + frames):
-            cam, k = cameras[n % len(cameras)], (n * 7919 + self.seed) % self.pool
+        for n, k in zip(range(start, start + frames), self.parts(box, start, frames).tolist(), strict=True):
+            cam = cameras[n % len(cameras)]
             role = assign_arm(cam, cfg)
             fid, base = f"{box}-{n}", {"ts": ts, "frame_id": f"{box}-{n}", "camera_id": cam}
             if role == CHALLENGER and self.logits(cfg.challenger.version)[1][k]:  # fails: the champion answers

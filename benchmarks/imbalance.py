@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.product_report import product_lines
 from spt_core.portable.io import write_text
 
 FASHION_GOOD, FASHION_DEFECTS = "Coat", ("Pullover", "Shirt", "T-shirt_top")
@@ -145,6 +146,7 @@ def write_imbalance_report(state: dict, stem: Path) -> None:
             f"{_ms([r['test_acc'] for r in rs])} | {_ms([r['escape_rate'] for r in rs])} ({esc[0]}/{esc[1]}) | "
             f"{_ms([r['overkill'] for r in rs])} ({ov[0]}/{ov[1]}) | {_ms([r['val_balanced_acc'] for r in rs])} |"
         )
+    lines += product_lines(state, groups.get(("linear", "none"), []))  # the plain probe: the product's yardstick
     notes = meta.get("notes")
     if notes:
         lines += ["", notes]

@@ -6,8 +6,12 @@ that a "lite0" or "16 x 32 sensitivity images" means the same in each table.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from spt_core.portable.errors import SensituneError
 
 # glibc keeps freed memory mapped, so that RSS peaks are comparable between runs; set for every child process and
 # recorded in each table's command
@@ -54,3 +58,15 @@ def protocol_differences(table: dict, run: dict) -> list[str]:
         return Path(v).name if k in PATHS and v else v
 
     return [f"{k}={run.get(k)!r} (table: {table.get(k)!r})" for k in PROTOCOL if value(table, k) != value(run, k)]
+
+
+def script(main: Callable[[], Any]) -> None:
+    """Run a benchmark script's `main` as a command: print what it returns (unless None); a `SensituneError` (bad
+    flags or input) is one line on stderr and exit 2, as the product's CLI does."""
+    try:
+        out = main()
+    except SensituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if out is not None:
+        print(out)

@@ -16,25 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.methods import METHODS
+from benchmarks.product_report import product_lines
 from benchmarks.search_job import NAMES, SEARCH_METHODS
+from benchmarks.spread import mean as _mean
+from benchmarks.spread import stat as _stat
 from spt_core.api import FULL, Rung, choose_rung
 from spt_core.portable.io import atomic_path
 from spt_core.portable.metrics import best_by_selection, tied_at_best
-
-
-def _stat(vals: list[float], scale: float = 1.0) -> str:
-    """mean ± half range (with 2 seeds: half the difference), or the single value."""
-    vals = [v * scale for v in vals if v is not None]
-    if not vals:
-        return "-"
-    mean = round(sum(vals) / len(vals), 12)
-    return f"{mean:.2f} ± {(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else f"{mean:.2f}"
-
-
-def _mean(vals: list[float]) -> float | None:
-    """The mean, rounded off float noise (0.967 and 0.966 average to 0.9665, not 0.96649999...)."""
-    vals = [v for v in vals if v is not None]
-    return round(sum(vals) / len(vals), 12) if vals else None
 
 
 def summarize(state: dict) -> list[dict]:
@@ -122,7 +110,9 @@ def write_report(state: dict, stem: Path) -> None:
     meta, summ = state["meta"], summarize(state)
     by = {s["method"]: s for s in summ}
     mem_name = "train overhead MB (peak RSS - RSS before fit)" if meta["device"] == "cpu" else "peak CUDA MB"
-    lines = _header_lines(state, mem_name) + _method_lines(summ, by) + _note_lines(state, summ)
+    linear = by["linear"]["rows"] if "linear" in by else []  # the product block's yardstick
+    lines = _header_lines(state, mem_name) + _method_lines(summ, by) + product_lines(state, linear)
+    lines += _note_lines(state, summ)
     lines += _sensitivity_lines(state, by) + _curve_lines(state, summ) + _budget_on_val_lines(state, by)
     lines += _search_lines(state, by)
     lines += ["", f"Raw numbers: `{stem.name}.json`; plot: `{stem.name}.png`."]

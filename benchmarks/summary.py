@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.heldout_tasks import HELD_OUT_TASKS
 from benchmarks.methods import METHODS
 from benchmarks.report import budget_on_val, summarize
 
@@ -46,6 +47,7 @@ def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str,
     seeds = sorted({len(s["seeds"]) for s in by.values()})
     name = NAMES.get(meta["backbone"], meta["backbone"])
     label = f"{name} @{meta['img_size']}, {meta['task']} ({meta['budget'].replace('%', ' %')})"
+    label += ", held out" * held_out(state)
     n = "-".join(str(n) for n in (seeds[0], seeds[-1])) if len(seeds) > 1 else str(seeds[0])
     return label, cells, n, {f"auto:{m}": a[1] for m, a in autos.items() if a}
 
@@ -112,6 +114,11 @@ def _worst(gaps: list[float], floor: float = -0.5) -> str:
     return f"{min(gaps):+.1f} | {sum(g >= floor for g in gaps)} of {len(gaps)}" if gaps else "- | -"
 
 
+def held_out(state: dict) -> bool:
+    """A table of a task declared held out (benchmarks/README.md, "Held-out protocol"): it reports, never chooses."""
+    return state["meta"]["task"] in HELD_OUT_TASKS
+
+
 def tables(results: Path = RESULTS) -> list[dict]:
     """The balanced-protocol tables (`results/compare_*.json`, each read once) with at least one finished method (a
     table still running may have none), Lite0 first. Tables in sub-folders (`gpu/`, `selection/`) are not in it."""
@@ -123,4 +130,7 @@ def tables(results: Path = RESULTS) -> list[dict]:
 if __name__ == "__main__":
     found = tables()
     print(markdown(found))
-    print(targets(found), end="")
+    print("Targets on the held-out tables (the evidence):\n")
+    print(targets([s for s in found if held_out(s)]))
+    print("Targets on the choosing tables (their test numbers were seen while choosing):\n")
+    print(targets([s for s in found if not held_out(s)]), end="")

@@ -9,13 +9,17 @@ import json
 import random
 from pathlib import Path
 
+from benchmarks.heldout_tasks import HELD_OUT_TASKS, heldout_source
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import write_json
 
 
 def task_source(task: str, work_dir: Path, n_images: int) -> str:
     """`prepare`'s source for a task. The builtin demo set has 100 images a class; for the 1k protocol (800 + 200 +
-    a test set) generate as many as the splits need, with the generator's defaults otherwise (96 px, seed 0)."""
+    a test set) generate as many as the splits need, with the generator's defaults otherwise (96 px, seed 0). A
+    held-out task (`benchmarks.heldout_tasks`) is its package's images, written once as an ImageFolder."""
+    if task in HELD_OUT_TASKS:
+        return heldout_source(task, work_dir)
     if task != "demo-defects":
         return task
     from spt_core.api import DEMO_CLASSES, generate_demo_defects

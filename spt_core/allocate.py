@@ -136,7 +136,7 @@ def _row_view(score: torch.Tensor) -> torch.Tensor:
     return score.reshape(1, -1) if score.dim() == 1 else score.reshape(score.shape[0], -1)
 
 
-def _per_row(cands: list[Candidate], sensitivity: Sensitivity, budget: int) -> dict[str, torch.Tensor]:
+def per_row_indices(cands: list[Candidate], sensitivity: Sensitivity, budget: int) -> dict[str, torch.Tensor]:
     """Sorted flat indices per candidate: each row's top-k entries (one k), then the best entries of rank k."""
     ranked = []  # per candidate: (row-wise order of flat indices, scores in that order), both (rows, row_len)
     lengths = []
@@ -322,7 +322,7 @@ def _per_row_plan(
     alpha: float,
     beta: float,
 ) -> Plan:
-    indices = _per_row(cands, sensitivity, count_budget)
+    indices = per_row_indices(cands, sensitivity, count_budget)
     targets = [
         Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block) for c in cands if c.name in indices
     ]

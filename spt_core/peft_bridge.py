@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .allocate import _per_row, plan_of
+from .allocate import per_row_indices, plan_of
 from .plan import Plan, Target
 from .portable.errors import ModelError, PlanError
 from .sensitivity import Sensitivity
@@ -95,7 +95,7 @@ def shira_plan(sensitivity: Sensitivity, r: int) -> Plan:
                         "lower r")  # fmt: skip
     indices: dict[str, torch.Tensor] = {}
     for c in cands:
-        indices.update(_per_row([c], sensitivity, _shira_count(c.shape, r)))
+        indices.update(per_row_indices([c], sensitivity, _shira_count(c.shape, r)))
     targets = [Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block) for c in cands]
     count = sum(t.count for t in targets)
     meta = {"allocation": "shira", "shira_r": r, "candidates": len(cands), "candidate_values": sensitivity.total()}

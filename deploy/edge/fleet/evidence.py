@@ -5,15 +5,23 @@ A box counts its own logs exactly as its rollout page does (`deploy.edge.rollout
 fleet can add them: labelled frames, correct, defects and escapes, good parts and overkill, requests and inference
 errors, and the p50 latency of each arm. `pool` sums the boxes that served the challenger (both arms from the same
 boxes, over the same time) into a report of `compare`'s shape, and `judge` applies the promotion rule the box uses
-(`deploy.edge.rollout.decision.decide`, not a copy of it) plus the plan's waves:
+(`deploy.edge.rollout.decision`, not a copy of it) plus the plan's waves:
 
-    abort    the pooled escape rate's 95 % Wilson interval lies above the ceiling (the operating point's
-             ``max_escape_rate`` unless the plan sets one), or `decide` rolls back (error rate over its limit,
-             escapes worse than the champion's beyond the interval, or not good enough once enough frames are in)
+    abort    in any wave, at once: the pooled escape rate's 95 % Wilson interval lies above the ceiling (the
+             operating point's ``max_escape_rate`` unless the plan sets one), or `worse_beyond_doubt` (error rate
+             over its limit; the 99.9 % interval of the escape rate difference above 0, or of the accuracy gain
+             below ``min_gain``); in the last wave, once its floors are met, also when `decide` rolls back (its
+             escape rule, gain below ``min_gain``, latency)
     hold     the wave's floors are not met (labelled challenger frames gathered in this wave, hours in it), or, in
              the last wave, `decide` waits for frames
     advance  floors met and nothing alarming: the next wave starts
     promote  the last wave's floors met and `decide` promotes
+
+Why `decide` waits for the last wave: an early wave's sample cannot see a 1-pt difference (at 200 frames per arm
+the difference's standard deviation is ~2 pt), so its "gain < min_gain", and its escape rule (the challenger's
+interval against the champion's point estimate), stop good versions by chance, look after look. Until the last
+wave's floors are met only what is beyond doubt stops a plan (Haybittle-Peto: 99.9 % at every earlier look); that
+floor is sized for the difference that matters, and there `decide` on the pooled evidence promotes or rolls back.
 
 Pooled p50 latency is the frame-weighted mean of the boxes' p50s; both arms come from the same boxes, so their
 ratio is the fleet's latency change (boxes differ in speed; a per-box ratio would need per-box pairing).
@@ -26,9 +34,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from deploy.edge.fleet.plan import Plan, epoch_of, now_iso
-from deploy.edge.rollout.decision import PROMOTE, ROLLBACK, Decision, decide
+from deploy.edge.rollout.decision import PROMOTE, ROLLBACK, Decision, decide, worse_beyond_doubt
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig
-from deploy.edge.rollout.stats import compare, resolve_operating_point, wilson_interval
+from deploy.edge.rollout.stats import compare, difference_interval, resolve_operating_point, wilson_interval
 from spt_core.portable.metrics import rate
 from spt_core.portable.operating_point import flat_rates
 
@@ -95,16 +103,17 @@ def pool(plan: Plan, reports: Iterable[Any]) -> dict[str, Any]:
 def judge(plan: Plan, pooled: dict[str, Any], at: float) -> Decision:
     """The fleet's decision on `plan` now (module docstring), with the evidence it rests on."""
     verdict = decide(pooled, plan.rule)
-    ch = pooled["overall"][CHALLENGER]
+    cp, ch = pooled["overall"][CHAMPION], pooled["overall"][CHALLENGER]
+    gain_ci = difference_interval(ch["correct"], ch["labelled"], cp["correct"], cp["labelled"])
     evidence = {**verdict.evidence, "wave": plan.wave, "revision": plan.revision, "boxes": pooled["boxes"],
-                "ceiling": pooled["ceiling"], "rule_says": verdict.action}  # fmt: skip
+                "ceiling": pooled["ceiling"], "rule_says": verdict.action, "accuracy_gain_ci95": gain_ci}  # fmt: skip
     ci, ceiling = ch["escape_rate_ci95"], pooled["ceiling"]
     if ceiling is not None and ci and ci[0] > ceiling:
         why = (f"pooled challenger escape rate {ch['escaped']}/{ch['defects']} (95% CI {ci[0]:.4f}-{ci[1]:.4f}) "
                f"is above the ceiling {ceiling} on {pooled['boxes']['serving']} box(es)")  # fmt: skip
         return Decision(ABORT, [why], evidence)
-    if verdict.action == ROLLBACK:
-        return Decision(ABORT, verdict.reasons, evidence)
+    if why := worse_beyond_doubt(pooled, plan.rule):
+        return Decision(ABORT, [why], evidence)
     wave, k = plan.waves[plan.wave], plan.wave + 1
     gathered, hours = ch["labelled"] - plan.wave_base, (at - epoch_of(plan.wave_started)) / 3600
     short = []
@@ -115,9 +124,11 @@ def judge(plan: Plan, pooled: dict[str, Any], at: float) -> Decision:
     if short:
         return Decision(HOLD, short, evidence)
     if not plan.last_wave:
-        return Decision(ADVANCE, [f"wave {k} met its floors ({gathered} frames, {hours:.2f} h)", *verdict.reasons],
-                        evidence)  # fmt: skip
-    return Decision(PROMOTE if verdict.action == PROMOTE else HOLD, verdict.reasons, evidence)
+        gain = "" if gain_ci is None else f"; accuracy gain 95% CI {gain_ci[0]:+.4f} to {gain_ci[1]:+.4f}"
+        return Decision(ADVANCE, [f"wave {k} met its floors ({gathered} frames, {hours:.2f} h){gain}; the last wave "
+                                  "decides on accuracy"], evidence)  # fmt: skip
+    action = {PROMOTE: PROMOTE, ROLLBACK: ABORT}.get(verdict.action, HOLD)
+    return Decision(action, verdict.reasons, evidence)
 
 
 def summary(pooled: dict[str, Any], decision: Decision, at: float) -> dict[str, Any]:

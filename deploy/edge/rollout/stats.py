@@ -23,8 +23,25 @@ from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRE
 from spt_core.portable.metrics import Z95, wilson_interval
 from spt_core.portable.operating_point import OperatingPoint, flat_rates
 
-__all__ = ["Z95", "compare", "mcnemar", "quantiles", "report_for", "resolve_operating_point", "restate",
-           "wilson_interval"]  # fmt: skip
+__all__ = ["Z95", "compare", "difference_interval", "mcnemar", "quantiles", "report_for", "resolve_operating_point",
+           "restate", "wilson_interval"]  # fmt: skip
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float] | None:
+    """Interval of p1 - p2 (95 % at the default `z`) for independent proportions k1/n1 and k2/n2 (two arms on
+    different cameras).
+
+    Newcombe's hybrid score interval (method 10 of Newcombe 1998, Stat Med 17:873), built from each arm's Wilson
+    interval (l, u): [d - sqrt((p1 - l1)^2 + (u2 - p2)^2), d + sqrt((u1 - p1)^2 + (p2 - l2)^2)] with d = p1 - p2.
+    Unlike the Wald interval it keeps its coverage near 0 and 1, where a line's accuracies live. None when an arm
+    has no frames.
+    """
+    a, b = wilson_interval(k1, n1, z), wilson_interval(k2, n2, z)
+    if a is None or b is None:
+        return None
+    p1, p2 = k1 / n1, k2 / n2
+    d = p1 - p2
+    return d - math.hypot(p1 - a[0], b[1] - p2), d + math.hypot(a[1] - p1, p2 - b[0])
 
 
 def mcnemar(b: int, c: int) -> dict[str, Any]:
