@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import atomic_path
 
 # task -> (PyPI package, its data files): the tasks that are held out are exactly the ones this module provides
 PACKAGES = {
@@ -132,13 +133,11 @@ def write_folder(entries: list[Entry], dst: Path) -> Path:
         out = dst / name / f"{uid}.png"
         if out.is_file():
             continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        if isinstance(image, np.ndarray):
-            Image.fromarray(image).save(tmp, format="PNG")
-        else:
-            shutil.copyfile(image, tmp)
-        tmp.replace(out)
+        with atomic_path(out) as tmp:  # a killed run leaves no half-written image under its final name
+            if isinstance(image, np.ndarray):
+                Image.fromarray(image).save(tmp, format="PNG")
+            else:
+                shutil.copyfile(image, tmp)
     (dst / ".complete").touch()
     return dst
 
