@@ -151,9 +151,11 @@ def test_thumbnails_and_the_review_image_show_a_mono12_frame_as_the_model_sees_i
     service = EdgeService(rollout(tmp_path, world, "12", None))
     try:
         ui = LineUI(service)
-        ui.record(mid, {"frame_id": "f" * 32, "camera_id": "cam-a", "class": "ok", "score": 0.9})
-        assert abs(grey(ui.image("f" * 32)) - 128) <= 2  # the line view's thumbnail: not 8 of 255 (or white)
+        status, body = service.predict(mid, "cam-a", None)  # the pages record its thumbnail from its decode
+        assert status == 200, body
+        ui.store = SimpleNamespace(get=lambda fid: None)  # not kept: the line view's thumbnail
+        assert abs(grey(ui.image(body["frame_id"])) - 128) <= 2  # not 8 of 255 (or white)
         ui.store = SimpleNamespace(get=lambda fid: (None, mid))  # a kept frame: the Review page's large image
-        assert abs(grey(ui.image("f" * 32)) - 128) <= 2
+        assert abs(grey(ui.image(body["frame_id"])) - 128) <= 2
     finally:
         service.close()

@@ -9,6 +9,7 @@ file makes "busy" deterministic.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -114,6 +115,41 @@ def test_a_large_frame_goes_to_the_lane_and_gets_the_same_answer(
         assert "torch" not in Path(f"/proc/{pid}/maps").read_text()  # the worker needs PIL/numpy only
     normal.close()
     lane.close()
+
+
+def test_through_the_app_a_frame_is_decoded_once_and_a_large_one_never_in_the_service(
+    edge_world: EdgeWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the operator pages used to decode every answered frame again, at full size, in the service process: a 25 MP
+    # frame the lane had decoded at low priority was decoded a second time at normal priority beside the line
+    from fastapi.testclient import TestClient
+    from PIL import ImageFile
+
+    from deploy.edge.service import create_app
+
+    loaded: list[tuple[int, int]] = []  # sizes of the image files decoded in this (the service's) process
+    load, seen = ImageFile.ImageFile.load, set()
+
+    def counted(im: Any) -> Any:
+        if id(im) not in seen:  # an image's first load() decodes it; a later one is a no-op
+            seen.add(id(im))
+            loaded.append(im.size)
+        return load(im)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    app = create_app(rollout(tmp_path, edge_world, "2", None, limits={"large_frame_bytes": 4000}))
+    client, service = TestClient(app, base_url="http://127.0.0.1"), app.state.service
+    try:
+        for data, camera in ((edge_world.images[0], "cam-large"), (png(Image.new("RGB", (30, 30), 90)), "cam-small")):
+            before = len(loaded)
+            r = client.post("/predict", files={"file": ("f.png", data)}, data={"camera_id": camera})
+            assert r.status_code == 200, r.text
+            shot = service.pages.recent.get(r.json()["frame_id"])  # the line view has its thumbnail
+            assert shot is not None and max(Image.open(io.BytesIO(shot.thumb)).size) <= service.pages.recent.thumb_px
+            decoded = loaded[before:]
+            assert decoded == ([] if camera == "cam-large" else [(30, 30)]), decoded
+    finally:
+        service.close()
 
 
 def test_a_second_large_frame_gets_503_while_a_normal_one_is_answered(edge_world: EdgeWorld, tmp_path: Path) -> None:

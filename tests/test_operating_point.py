@@ -155,6 +155,7 @@ def test_assess_the_gate_the_rollout_statistics_and_the_ui_count_the_same_frames
     from deploy.edge.schemas import FeedbackIn
     from deploy.edge.service import EdgeService
     from deploy.edge.ui.recent import RecentFrames
+    from deploy.edge.ui.router import LineUI
     from deploy.edge.ui.views import arm_rates, operating_point
     from pipelines.assess import choose_operating_point, held_out_scores
     from spt_core.portable.preprocess import Preprocess
@@ -184,13 +185,12 @@ def test_assess_the_gate_the_rollout_statistics_and_the_ui_count_the_same_frames
     cfg.write_text(yaml.safe_dump({"line": "l", "champion": {"version": "1", "path": "v1"}, "log_dir": "logs"}))
     service = EdgeService(cfg)
     try:
-        ring = RecentFrames(per_camera=len(items))
+        ring = LineUI(service).recent = RecentFrames(per_camera=len(items))  # the operator pages' ring
         bodies = []
         for (path, _), label in zip(items, labels):
-            status, body = service.predict(path.read_bytes(), "cam-1", None)
+            status, body = service.predict(path.read_bytes(), "cam-1", None)  # the pages record it (service.pages)
             assert status == 200, body
             bodies.append(body)
-            ring.add(path.read_bytes(), body, operating_point(service))  # what the operator pages record
             assert service.feedback(FeedbackIn(frame_id=body["frame_id"], label=label), LOCAL, "op")[0] == 200
         assert operating_point(service) == op  # the pages' one place reads the champion's operating point
         arm = service.report()["overall"]["champion"]

@@ -17,6 +17,7 @@ from support.artifacts import CLASSES
 from support.servers import serve
 from support.ui import Line, build_line, create_app_with_tokens, launch, send
 
+from deploy.edge.decoding import View, view_image
 from deploy.edge.rollout import load_config, read_jsonl
 from deploy.edge.rollout.stats import wilson_interval
 from deploy.edge.service import create_app
@@ -195,8 +196,7 @@ def test_recent_frames_are_bounded_and_count_the_last_hour() -> None:
 
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (640, 480), (200, 10, 10)).save(buf, "PNG")
+    frame = view_image(Image.new("RGB", (640, 480), (200, 10, 10)), View(64))  # as a frame's decode makes it
     ring = RecentFrames(per_camera=3, max_cameras=2, thumb_px=64)
     t0 = 1_000_000.0
     op = OperatingPoint("ok", 0.95)
@@ -204,7 +204,7 @@ def test_recent_frames_are_bounded_and_count_the_last_hour() -> None:
         body = {"frame_id": f"a{i}", "camera_id": "a", "class": "ok" if i % 2 else "spot", "score": 0.9}
         if i == 3:  # served with its decision: an "ok" verdict under the threshold is rejected all the same
             body |= {"p_good": 0.9, "decision": "reject"}
-        ring.add(buf.getvalue(), body, op, now=t0 + 60 * 20 * i)  # every 20 minutes
+        ring.add(frame, body, op, now=t0 + 60 * 20 * i)  # every 20 minutes
     shots, counts, rejected = ring.cameras(now=t0 + 60 * 20 * 4)["a"]
     assert [s.frame_id for s in shots] == ["a4", "a3", "a2"]  # newest first, at most 3
     assert max(Image.open(io.BytesIO(shots[0].thumb)).size) == 64
@@ -212,7 +212,7 @@ def test_recent_frames_are_bounded_and_count_the_last_hour() -> None:
     assert dict(counts) == {"spot": 2, "ok": 1}  # minutes 40, 60, 80: the last hour
     assert rejected == 3 and [s.rejected for s in shots] == [True, True, True]  # by decision, not by class
     for cam in ("b", "c"):
-        ring.add(buf.getvalue(), {"frame_id": cam, "camera_id": cam, "class": "ok", "score": 1.0}, op)
+        ring.add(frame, {"frame_id": cam, "camera_id": cam, "class": "ok", "score": 1.0}, op)
     assert set(ring.cameras()) == {"b", "c"} and ring.get("a4") is None  # the least recent camera is forgotten
 
 

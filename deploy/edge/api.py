@@ -85,7 +85,7 @@ def build_api(service: Any, tokens: Any, lifespan: Any, hosts: Iterable[str] = (
         count=service.metrics.count,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    ui = mount_ui(app, service, tokens=tokens)  # the operator pages (GET /); ui.record keeps the last frames
+    mount_ui(app, service, tokens=tokens)  # the operator pages (GET /); they take service.pages: the last frames
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -107,9 +107,8 @@ def build_api(service: Any, tokens: Any, lifespan: Any, hosts: Iterable[str] = (
         camera_id: str = Form(..., description="1..128 of [A-Za-z0-9._:-]"),
         frame_id: str | None = Form(None, description="the camera's own frame id (optional)"),
     ) -> Any:
-        status, body = service.predict(data := file.file.read(), camera_id, frame_id, background.add_task)
-        if status == 200:
-            background.add_task(ui.record, data, body)
+        status, body = service.predict(file.file.read(), camera_id, frame_id, background.add_task)
+        if status == 200:  # the shadow run and the pages' thumbnail (`service.pages`) follow the answer
             return body
         return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 

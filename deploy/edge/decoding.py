@@ -19,6 +19,11 @@ size. Tolerance, stated and tested (tests/test_edge_box.py): each model input st
 (of 255) of the full decode's (measured 0.25 mean, 0.49 worst on 5 MP frames of the test split and photos); on the
 main job's model no decision changed and P(good) moved by at most 0.05 (p95 0.018; benchmarks/results/edge_box.md).
 PNG and TIFF frames are decoded in full, as before.
+
+The operator pages' thumbnail of a frame (`View`) is made here too, from the same decode: a frame is decoded once on
+the box. The pages used to decode every answered frame a second time, at full size, in the service process after its
+answer; a 25 MP frame that the large-frame lane had decoded at low priority was then decoded again at normal
+priority, and the line's frames waited (issue 29; benchmarks/results/edge_load_oversized.md).
 """
 
 from __future__ import annotations
@@ -27,17 +32,41 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from deploy.edge.limits import DecodeGate, decode
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION
-from spt_core.portable.preprocess import Preprocess, model_image
+from spt_core.portable.preprocess import Preprocess, model_image, to_8bit
 
 DRAFT_MARGIN = 2  # a drafted JPEG keeps at least this many times each model's input size
+VIEW = "view"  # the key of the pages' thumbnail among a frame's inputs (`model_inputs`)
 Input = tuple[Image.Image | Exception, float]  # a model's input (or why it failed) and the ms its preprocessing took
 Wanted = Mapping[str, tuple[Preprocess, bool]]  # role -> (its preprocessing, whether it takes the decoded frame)
+
+
+@dataclass(frozen=True)
+class View:
+    """The operator pages' thumbnail of a frame: at most `px` on its longest side, made 8-bit by `bit_depth` (the
+    champion's ``preprocess.bit_depth``: the frame as the model sees it)."""
+
+    px: int
+    bit_depth: int | None = None
+
+
+def view_image(image: Image.Image, view: View) -> Image.Image:
+    """A decoded (or draft-opened) frame -> its RGB thumbnail (`View`). Made 8-bit (`to_8bit`: a Mono12 frame scaled by
+    4095, neither clipped to white nor shown as a dark 0..15) and shrunk before it becomes RGB, so a full-size frame
+    costs 1 byte a pixel on top of its decode, not 4."""
+    small = to_8bit(image, view.bit_depth)
+    w, h = small.size
+    scale = min(1.0, view.px / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != small.size:  # a new image (never `thumbnail`, which works in place on the decoded frame)
+        small = small.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return small.convert("RGB")
 
 
 def draft(header: Image.Image, specs: Iterable[Preprocess]) -> Image.Image:
@@ -72,11 +101,11 @@ def wanted(rt: Any, camera_id: str) -> dict[str, tuple[Preprocess, bool]]:
     return out
 
 
-def model_inputs(header: Image.Image, want: Wanted) -> dict[str, Input]:
-    """In a decode worker: decode `header`, then each role's input, timed: the frame itself for a model that takes
-    it, else `model_image` at its size (a spec seen before is made once). A failure is kept for the role it belongs
-    to, raised where that model runs, as its own preprocessing would have; a frame that does not decode raises
-    `LimitError` 415 here."""
+def model_inputs(header: Image.Image, want: Wanted, view: View | None = None) -> dict[str, Input]:
+    """In a decode worker (or the large-frame lane's): decode `header`, then each role's input, timed: the frame
+    itself for a model that takes it, else `model_image` at its size (a spec seen before is made once), and with
+    `view` the pages' thumbnail under `VIEW`. A failure is kept for the role it belongs to, raised where that model
+    runs, as its own preprocessing would have; a frame that does not decode raises `LimitError` 415 here."""
     image = decode(header)
     made: list[tuple[Preprocess, Input]] = []
     out: dict[str, Input] = {}
@@ -93,6 +122,12 @@ def model_inputs(header: Image.Image, want: Wanted) -> dict[str, Input]:
                 same = (e, 0.0)
             made.append((pre, same))
         out[role] = same
+    if view is not None:
+        t0 = time.perf_counter()
+        try:
+            out[VIEW] = (view_image(image, view), (time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # the pages go without this frame's thumbnail; the line is answered all the same
+            out[VIEW] = (e, 0.0)
     return out
 
 
@@ -109,18 +144,19 @@ class DecodePool:
 
     @contextmanager
     def inputs(
-        self, gate: DecodeGate, header: Image.Image, want: Wanted, during: AbstractContextManager | None = None
-    ) -> Iterator[dict[str, Input]]:
-        """Each role's input of the frame, made in a worker inside a slot of `gate`; for the body of the `with` the
-        slot stays held only while an input is the full-size frame. `during` is entered once the slot is taken and
-        left after the body (the large-frame lane yields to the line meanwhile). `LimitError` 503 when no slot frees
-        up in time, 415 when the frame does not decode."""
+        self, gate: DecodeGate, header: Image.Image, want: Wanted, during: AbstractContextManager | None = None,
+        view: View | None = None,
+    ) -> Iterator[dict[str, Input]]:  # fmt: skip
+        """Each role's input of the frame (and its `view`), made in a worker inside a slot of `gate`; for the body of
+        the `with` the slot stays held only while an input is the full-size frame. `during` is entered once the slot is
+        taken and left after the body (the large-frame lane yields to the line meanwhile). `LimitError` 503 when no
+        slot frees up in time, 415 when the frame does not decode."""
         with ExitStack() as frame:
             slot = frame.enter_context(ExitStack())
             slot.enter_context(gate.hold())
             if during is not None:
                 frame.enter_context(during)
-            made = self._pool.submit(model_inputs, header, want).result()
+            made = self._pool.submit(model_inputs, header, want, view).result()
             if not any(whole for _, whole in want.values()):
                 slot.close()  # only model-sized inputs are left: the slot is free before inference
             yield made

@@ -6,7 +6,9 @@ Such a frame costs a lot of CPU (a 25 MP RGB PNG ~0.4-5 s). In a normal slot it 
 their p99 grew 4-14x; in a nice-19 thread still 3.45x (decode and resize hold the GIL in part, which no OS priority
 lifts). In its own process at nice 19 and SCHED_IDLE it still cost the line's p99 1.2-1.7x: the OS gives a line
 frame's thread the core at once, but the worker keeps streaming a 100 MB frame through the shared caches and memory
-(and, on a virtual machine, perhaps the other half of the same physical core) while that frame is inferred.
+(and, on a virtual machine, perhaps the other half of the same physical core) while that frame is inferred. (Those
+measurements were taken while the operator pages still decoded every answered frame a second time in the service
+process, the larger cost, found later: `deploy.edge.decoding.View`.)
 
 So the lane **yields to the line**: while any line frame is being decoded or inferred, the worker is stopped
 (SIGSTOP), and it continues (SIGCONT) the moment none is. A large frame then decodes only in the gaps the line
@@ -36,7 +38,8 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from deploy.edge.limits import DECODE_WAIT_S, LimitError, Limits, decode, open_header
+from deploy.edge.decoding import View, draft, model_inputs
+from deploy.edge.limits import DECODE_WAIT_S, LimitError, Limits, open_header
 from spt_core.portable.errors import one_line
 
 T = TypeVar("T")
@@ -67,7 +70,7 @@ def _lane_start(parent: int) -> None:
         pass
     import numpy  # noqa: F401
 
-    import spt_core.portable.preprocess  # noqa: F401
+    import deploy.edge.decoding  # noqa: F401
 
 
 def _exit_with(parent: int) -> None:
@@ -76,26 +79,16 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def lane_inputs(data: bytes, limits: Limits, specs: Mapping[str, Any]) -> dict[str, LaneInput]:
-    """In the large-frame worker: decode `data` as `open_image` would, then `model_image` of it for each key of
-    `specs` (a preprocess spec), timed; a failure is kept for the key it belongs to, a spec seen before is made once.
-    Only these model-sized images go back to the service."""
-    from spt_core.portable.preprocess import model_image
-
-    image = decode(open_header(data, limits))
-    made: list[tuple[Any, LaneInput]] = []
-    out: dict[str, LaneInput] = {}
-    for key, pre in specs.items():
-        same = next((given for spec, given in made if spec == pre), None)
-        if same is None:
-            t0 = time.perf_counter()
-            try:
-                same = (model_image(image, pre), (time.perf_counter() - t0) * 1e3)
-            except Exception as e:  # raised where that model runs, as its own preprocessing would have
-                same = (e if _travels(e) else ValueError(one_line(e)), 0.0)
-            made.append((pre, same))
-        out[key] = same
-    return out
+def lane_inputs(
+    data: bytes, limits: Limits, specs: Mapping[str, Any], view: View | None = None
+) -> dict[str, LaneInput]:
+    """In the large-frame worker: what a decode slot makes of `data` (`deploy.edge.decoding.model_inputs`, a JPEG
+    drafted as there): `model_image` for each key of `specs` (a preprocess spec) and the pages' `view`, timed; a
+    failure is kept for the key it belongs to. Only these model-sized images go back to the service."""
+    header = draft(open_header(data, limits), specs.values())
+    made = model_inputs(header, {key: (pre, False) for key, pre in specs.items()}, view)
+    return {key: (got if not isinstance(got, Exception) or _travels(got) else ValueError(one_line(got)), ms)
+            for key, (got, ms) in made.items()}  # fmt: skip
 
 
 def _travels(e: Exception) -> bool:

@@ -32,7 +32,7 @@ from PIL import Image
 from deploy.edge.api import build_api
 from deploy.edge.artifact import ArtifactError
 from deploy.edge.auth import AuthError, Principal, TokenStore, load_tokens
-from deploy.edge.decoding import DecodePool, Input, Wanted, draft, wanted
+from deploy.edge.decoding import VIEW, DecodePool, Input, Wanted, draft, wanted
 from deploy.edge.frames import ServedFrame, ServedFrames
 from deploy.edge.lane import LargeFrameLane, lane_inputs
 from deploy.edge.limits import LimitError, check_id, decoded_bytes, open_header
@@ -56,6 +56,7 @@ class EdgeService(RuntimeControl):
 
     frame_store: Any = None  # frame_store.FrameStore and sync.Sync with --box (sync.attach)
     sync: Any = None
+    pages: Any = None  # the operator pages (deploy.edge.ui.LineUI): each answered frame's thumbnail, from its decode
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -84,13 +85,16 @@ class EdgeService(RuntimeControl):
         most ``limits.decode_concurrency`` frames at full size at once; a JPEG at the smallest scale its models
         allow), and only the model-sized inputs go on to inference (`deploy.edge.decoding`). A frame that gets no
         slot in time is 503. A frame over ``limits.large_frame_bytes`` is decoded and made each model's input in the
-        large-frame lane instead (`LargeFrameLane`, a process): the same inputs, at low priority, one at a time."""
+        large-frame lane instead (`LargeFrameLane`, a process): the same inputs, at low priority, one at a time.
+        With the operator pages, the same decode makes the frame's thumbnail (`View`), and `defer` records it after
+        the answer: a frame is decoded once."""
         t0 = time.perf_counter()
         rt = self.runtime  # read once: this request finishes on this runtime even if a reload swaps it
         if rt.champion is None:
             self.metrics.request(None, "error")
             return 503, {"error": f"not ready: champion not loaded ({rt.champion_error})"}
         limits = rt.config.limits
+        view = self.pages.view() if self.pages is not None else None
         try:
             check_id(camera_id, "camera_id", limits)
             client_frame_id = check_id(frame_id, "frame_id", limits) if frame_id else None
@@ -99,12 +103,12 @@ class EdgeService(RuntimeControl):
             header = draft(open_header(data, limits), preprocesses(rt).values())
             if decoded_bytes(header) > limits.large_frame_bytes:
                 want: Wanted = {}
-                inputs = self.lane.run(lane_inputs, limits.large_frame_bytes, data, limits, preprocesses(rt))
+                inputs = self.lane.run(lane_inputs, limits.large_frame_bytes, data, limits, preprocesses(rt), view)
                 reply, shadow = self._answer(rt, inputs, data, camera_id, client_frame_id, t0)
             else:
                 want = wanted(rt, camera_id)
                 line = self.lane.yielding.line_frame()  # the lane's worker waits while this frame is served
-                with self.decoder.inputs(rt.decoding, header, want, during=line) as inputs:
+                with self.decoder.inputs(rt.decoding, header, want, during=line, view=view) as inputs:
                     reply, shadow = self._answer(rt, inputs, data, camera_id, client_frame_id, t0)
             del header
             if shadow is not None:  # the challenger's model-sized input (a frame it was given whole: no shadow run)
@@ -114,13 +118,17 @@ class EdgeService(RuntimeControl):
                 elif isinstance(shadow_in, Exception):
                     self._shadow_prep_failed(rt, shadow, shadow_in)
                     shadow = None
+            thumb = inputs.get(VIEW, (None, 0.0))[0]
             del inputs  # a graph model's full-size frame is not kept past its slot
         except LimitError as e:
             self.metrics.request(None, "bad")
             self.metrics.count("refused_limits")
             return e.status, {"error": str(e)}
+        later = defer or (lambda fn, *a: fn(*a))
         if shadow is not None:
-            (defer or (lambda fn, *a: fn(*a)))(self._shadow, rt, shadow_in, shadow)
+            later(self._shadow, rt, shadow_in, shadow)
+        if reply[0] == 200 and isinstance(thumb, Image.Image):
+            later(self.pages.record, thumb, reply[1])
         return reply
 
     def _shadow_prep_failed(self, rt: Runtime, shadow: dict[str, Any], e: Exception) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image
 
+from deploy.edge.decoding import View, view_image
 from spt_core.portable.operating_point import REJECT, OperatingPoint
-from spt_core.portable.preprocess import to_8bit
 
 HOUR_S = 3600
 
@@ -46,19 +46,19 @@ class _Camera:
     rejects: Counter[int] = field(default_factory=Counter)  # unix minute -> parts rejected
 
 
+def jpeg(image: Image.Image, quality: int = 60) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
 def thumbnail(data: bytes, px: int, quality: int = 60, bit_depth: int | None = None) -> bytes:
-    """A JPEG of at most ``px`` on its longest side (``draft`` lets a large JPEG decode at a fraction of the cost).
-    Made 8-bit as the models see it (`to_8bit` by the model's ``bit_depth``: a Mono12 frame scaled by 4095, neither
-    clipped to white nor shown as a dark 0..15) and shrunk before it becomes RGB, so a full-size frame costs 1 byte a
-    pixel on top of its decode, not 4."""
+    """A frame's bytes -> a JPEG of at most ``px`` on its longest side, as `deploy.edge.decoding.view_image` makes it
+    (``draft`` lets a large JPEG decode at a fraction of the cost): a frame the box kept, decoded again for the Review
+    page. An answered frame's thumbnail comes from its one decode instead (`RecentFrames.add`)."""
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (px, px))
-        small = to_8bit(im, bit_depth)
-        small.thumbnail((px, px))
-        small = small.convert("RGB")
-    out = io.BytesIO()
-    small.save(out, "JPEG", quality=quality)
-    return out.getvalue()
+        return jpeg(view_image(im, View(px, bit_depth)), quality)
 
 
 def p_good_of(body: dict[str, Any], ok_class: str | None) -> float | None:
@@ -79,17 +79,11 @@ class RecentFrames:
         self._cams: OrderedDict[str, _Camera] = OrderedDict()
         self._by_id: dict[str, Shot] = {}
 
-    def add(
-        self, data: bytes, body: dict[str, Any], op: OperatingPoint, now: float | None = None,
-        bit_depth: int | None = None,
-    ) -> Shot | None:
+    def add(self, view: Image.Image, body: dict[str, Any], op: OperatingPoint, now: float | None = None) -> Shot:
         """Record one answered frame (``body`` is the /predict answer) with its decision at the champion's operating
-        point ``op`` (`deploy.edge.ui.views.operating_point`), its thumbnail made 8-bit by the champion's
-        ``bit_depth`` (`deploy.edge.ui.views.bit_depth`); None when the image cannot be read."""
-        try:
-            thumb = thumbnail(data, self.thumb_px, bit_depth=bit_depth)
-        except Exception:  # the service answered it, so this is rare; the line view must never break the line
-            return None
+        point ``op`` (`deploy.edge.ui.views.operating_point`); `view` is its thumbnail as its decode made it
+        (`deploy.edge.decoding.view_image` at ``thumb_px``), kept as a JPEG."""
+        thumb = jpeg(view)
         now = time.time() if now is None else now
         shot = Shot(
             frame_id=str(body["frame_id"]),

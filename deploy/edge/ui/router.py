@@ -30,10 +30,12 @@ from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from PIL import Image
 from pydantic import ValidationError
 from starlette.middleware.gzip import GZipMiddleware
 
 import deploy.edge.ui.views as views
+from deploy.edge.decoding import View
 from deploy.edge.frame_store import FrameRule, FrameStore, GuardedFrames
 from deploy.edge.limits import LimitError
 from deploy.edge.rollout.decision import PROMOTE, ROLLBACK
@@ -73,8 +75,7 @@ def _ci(ci: tuple[float, float] | list[float] | None) -> str:
 class LineUI:
     """The pages' state: the recent frames ring and the secret that signs image links. The review queue is the
     service's one frame store (``service.frame_store``: the box's, deploy.edge.sync.attach); a service without a box
-gets
-    one under ``<log_dir>/frames`` here, which the service then offers its frames to and labels, as with a box.
+    gets one under ``<log_dir>/frames`` here, which the service then offers its frames to and labels, as with a box.
 
     Args:
         service: The `deploy.edge.service.EdgeService`.
@@ -88,14 +89,18 @@ gets
         if getattr(service, "frame_store", None) is None:
             service.frame_store = _own_store(service.runtime.config.logs / "frames", quota_mb, service.metrics.count)
         self.store = service.frame_store
+        service.pages = self  # each answered frame's thumbnail comes here from its decode (`view`, `record`)
 
-    def record(self, data: bytes, body: dict[str, Any]) -> None:
-        """One answered frame (the /predict body) into the ring. Runs after the answer is sent; a failure here is
-        logged and never reaches the camera."""
+    def view(self) -> View:
+        """The thumbnail each frame's decode makes for these pages (`deploy.edge.service.EdgeService.predict`): the
+        ring's size, 8-bit as the serving champion sees it."""
+        return View(self.recent.thumb_px, views.bit_depth(self.service))
+
+    def record(self, thumb: Image.Image, body: dict[str, Any]) -> None:
+        """One answered frame (the /predict body and its `view`) into the ring. Runs after the answer is sent; a
+        failure here is logged and never reaches the camera."""
         try:
-            op, depth = views.operating_point(self.service), views.bit_depth(self.service)
-            with self.service.runtime.decoding.hold():  # the thumbnail decodes the frame again, at full size
-                self.recent.add(data, body, op, bit_depth=depth)
+            self.recent.add(thumb, body, views.operating_point(self.service))
         except Exception:
             log.exception("operator pages: could not record frame %s", body.get("frame_id"))
 
