@@ -33,7 +33,15 @@ from typing import Any
 
 from benchmarks.harness import Table, merge, rerun_ties, retire_stale, run_protocol, run_shard
 from benchmarks.methods import FULL_LR_METHODS, METHODS
-from benchmarks.protocol import BACKBONES, MALLOC_ENV, SENS_BATCH_SIZE, SENS_BATCHES, protocol_differences, script
+from benchmarks.protocol import (
+    BACKBONES,
+    MALLOC_ENV,
+    SENS_BATCH_SIZE,
+    SENS_BATCHES,
+    cpu_info,
+    protocol_differences,
+    script,
+)  # fmt: skip
 from benchmarks.report import write_any_report
 from benchmarks.search_job import SEARCH_METHODS
 from benchmarks.task_data import task_source
@@ -306,12 +314,7 @@ def machine_label(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)} (CUDA), {os.cpu_count()} CPU cores"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared with other jobs), CPU"
+    return f"{cpu_info()[0]}, {os.cpu_count()} cores (shared with other jobs), CPU"
 
 
 def _parse_lrs(s: str) -> list[float]:

@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from benchmarks.protocol import cpu_info as protocol_cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ok", "scratch", "spot", "crack"]
 CAMERAS = [f"cam-{i}" for i in range(12)]
@@ -82,13 +84,8 @@ def demo_frames(work: Path, size: int, n_per_class: int = 16) -> tuple[list[byte
 
 
 def cpu_info() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    """The machine line's CPU part: model, logical CPUs visible, ISA (`benchmarks.protocol.cpu_info`)."""
+    model, isa = protocol_cpu_info()
     return f"{model}; {os.cpu_count()} logical CPUs visible; ISA: {', '.join(isa) or 'none of avx2/avx512/amx'}"
 
 

@@ -22,7 +22,6 @@ import argparse
 import gc
 import importlib.metadata
 import os
-import platform
 import random
 import shlex
 import sys
@@ -38,6 +37,7 @@ import openvino as ov
 import skimage.data
 import torch
 
+from benchmarks.protocol import ISA_FLAGS, cpu_info
 from deploy.compile.build import build
 from deploy.compile.export import export_onnx
 from deploy.compile.inferencer import TorchInferencer, open_inferencer
@@ -46,7 +46,6 @@ from deploy.edge.precision import PRECISIONS, SOURCE
 from spt_core.portable.preprocess import Preprocess, preprocess_batch, preprocess_image
 
 RUNTIMES = {"openvino": "openvino", "onnx": "onnxruntime"}  # manifest format -> the runtime a row is named by
-ISA_FLAGS = tuple("avx2 avx512f avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_tile amx_int8 amx_bf16".split())
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -161,18 +160,6 @@ def measure(runners: dict[str, Callable], pre: Preprocess, args: argparse.Namesp
     finally:
         gc.enable()
     return t
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key.strip() == "model name":
-                model = val.strip()
-            elif key.strip() == "flags":
-                flags = set(val.split())
-    return model, [f for f in ISA_FLAGS if f in flags]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ that a "lite0" or "16 x 32 sensitivity images" means the same in each table.
 
 from __future__ import annotations
 
+import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,26 @@ from spt_core.portable.errors import SensituneError
 
 # glibc keeps freed memory mapped, so that RSS peaks are comparable between runs; set for every child process and
 # recorded in each table's command
+ISA_FLAGS = tuple("avx2 avx512f avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_tile amx_int8 amx_bf16".split())
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """(the CPU's model name, which of `ISA_FLAGS` it has) from /proc/cpuinfo; elsewhere (the platform's processor
+    name, []). The one reader of /proc/cpuinfo for every benchmark's machine line."""
+    model, flags = platform.processor() or platform.machine() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name":
+                    model = val.strip()
+                elif key.strip() == "flags":
+                    flags = set(val.split())
+    except OSError:
+        pass
+    return model, [f for f in ISA_FLAGS if f in flags]
+
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 BACKBONES = {  # preset: (timm name, weights, img_size)
     "lite0": ("tf_efficientnet_lite0", "embedded", 64),

@@ -1,6 +1,6 @@
 """`sensitune fleet ...`: roll a registered version out to a fleet of boxes in waves (`deploy.edge.fleet`).
 
-    sensitune fleet start 4 --wave box-7 --wave 10% --wave 50% --wave all --min-labelled 200 --min-hours 4
+    sensitune fleet start 4 --wave box-7 --wave 10% --wave 50% --wave all --min-labelled 200 --final-labelled 8000
     sensitune fleet watch [VERSION] [--every 60] [--json]     the plan, the pooled numbers, each box's report
     sensitune fleet stop --why "camera 3 was swapped"          abort: the challenger leaves every box
     sensitune fleet decide                                     one decider round now
@@ -46,6 +46,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="start: labelled challenger frames each wave gathers before the next (default: --min-samples)",
     )
+    p.add_argument(
+        "--final-labelled",
+        type=int,
+        help="start: labelled challenger frames the last wave pools before it decides (default: --min-labelled); "
+        "an earlier wave stops only beyond doubt, the last one's floor sets what difference is seen: about 8000 "
+        "for 1 point (benchmarks/fleet_sim.py)",
+    )
     p.add_argument("--min-hours", type=float, default=MIN_HOURS, help="start: hours each wave lasts at least")
     p.add_argument(
         "--max-escape-rate",
@@ -73,7 +80,9 @@ def run(args: argparse.Namespace, params: dict[str, Any]) -> int:
             raise SensituneError('fleet start: give VERSION --wave ... --why "...", e.g. start 4 --wave box-7 '
                                  '--wave 10% --wave all --why "QA report 12"')  # fmt: skip
         floor = args.min_samples if args.min_labelled is None else args.min_labelled
-        waves = [Wave.parse(w, floor, args.min_hours) for w in args.wave]
+        last = floor if args.final_labelled is None else args.final_labelled
+        waves = [Wave.parse(w, last if k == len(args.wave) - 1 else floor, args.min_hours)
+                 for k, w in enumerate(args.wave)]  # fmt: skip
         rule = DecisionRule(**{k: getattr(args, k) for k in vars(DecisionRule())})
         plan = start(reg, args.version, waves, who=who, why=args.why, rule=rule, max_escape_rate=args.max_escape_rate)
         print(json.dumps(plan.summary() | {"waves": [w.describe() for w in plan.waves]}, indent=2))

@@ -222,6 +222,34 @@ def test_int8_flag_follows_the_accuracy_budget(exported: dict, lite0: nn.Module,
         assert r["passed"]  # a weak INT8 is flagged, it does not fail the export
 
 
+def test_int8_that_passes_more_defects_than_pytorch_is_not_promotable(exported: dict, lite0: nn.Module, data: dict):
+    """Accuracy within budget is not enough: at the line's operating point an INT8 model must let no more defective
+    parts through than PyTorch does on the same images (escapes); a threshold where they differ flips promotable."""
+    from deploy.compile.inferencer import TorchInferencer, open_inferencer
+    from spt_core.portable.metrics import softmax
+    from spt_core.portable.preprocess import preprocess_batch
+
+    x = preprocess_batch(data["test"], PRE)
+    runners = {"pytorch": TorchInferencer(lite0), "int8": open_inferencer(exported["dir"] / "openvino/int8", "int8")}
+    p_good = {k: softmax(inf.infer(x))[:, 0] for k, inf in runners.items()}  # ok_class "coffee", index 0
+    defect = np.asarray(data["y_test"]) != 0
+    escapes = lambda k, t: int(np.sum(defect & (p_good[k] >= t)))  # noqa: E731
+    cuts = np.unique(np.concatenate([p_good["pytorch"][defect], p_good["int8"][defect]]))
+    worse = max(cuts, key=lambda t: escapes("int8", t) - escapes("pytorch", t))  # INT8's worst threshold here
+    assert escapes("int8", worse) > escapes("pytorch", worse)  # the fixture's INT8 does differ somewhere
+    arts = {"int8": exported["dir"] / "openvino/int8"}
+    lax = {"int8": 100.0}  # accuracy is never the reason below
+    for t, ok in ((float(worse), False), (float(np.nextafter(1.0, 2.0)), True)):  # rejects all: no escape
+        r = verify(lite0, arts, data["test"], data["y_test"], PRE, max_drop=lax,
+                   decision={"ok_class": "coffee", "threshold": t}, class_names=CLASSES)  # fmt: skip
+        assert r["defects"] == int(defect.sum())
+        assert r["escapes"] == {"pytorch": escapes("pytorch", t), "int8": escapes("int8", t)}
+        assert r["int8_escapes_ok"] is ok and r["promotable"]["int8"] is ok
+    plain = verify(lite0, arts, data["test"], data["y_test"], PRE, max_drop=lax, decision={"ok_class": None},
+                   class_names=CLASSES)  # fmt: skip
+    assert "escapes" not in plain and plain["promotable"]["int8"]  # plain classification: accuracy alone
+
+
 def _load_and_compile(d: Path) -> OpenVINOInferencer:
     return OpenVINOInferencer.from_artifact(load_artifact(d))
 

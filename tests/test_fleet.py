@@ -323,8 +323,11 @@ def test_cli_starts_watches_and_stops_a_plan(
     common = ["--tracking-uri", fake.url, "--set", f"publish.model_name={NAME}"]
     assert main(["fleet", "start", "2", "--wave", "box-7", "--wave", "all", *common]) == 2  # no --why
     assert "give VERSION --wave" in capsys.readouterr().err
-    assert main(["fleet", "start", "2", "--wave", "box-7", "--wave", "all", "--why", "QA 12", *common]) == 0
-    assert fake.alias(NAME, "challenger") == "2" and Plan.of(RestRegistry(fake.url, NAME).alias("challenger")).active
+    assert main(["fleet", "start", "2", "--wave", "box-7", "--wave", "all", "--why", "QA 12", "--min-labelled", "30",
+                 "--final-labelled", "800", *common]) == 0  # fmt: skip
+    plan = Plan.of(RestRegistry(fake.url, NAME).alias("challenger"))
+    assert fake.alias(NAME, "challenger") == "2" and plan.active
+    assert [w.min_labelled for w in plan.waves] == [30, 800]  # the last wave's floor is its own
     assert main(["fleet", "start", "2", "--wave", "all", "--why", "again", *common]) == 2
     assert "is rolling out" in capsys.readouterr().err
     assert fleet_decide.fn(fake.url, NAME, "test")["outcome"] == "hold"  # the Prefect flow's body

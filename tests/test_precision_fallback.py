@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from support.artifacts import CLASSES, N_FEATURES, build_artifact
 from support.servers import serve
 
-from deploy.edge.precision import choose_served, fallback_chain
+from deploy.edge.precision import choose_served, fallback_chain, report_verdicts
 from deploy.edge.rollout import load_config
 from deploy.edge.service import create_app
 from deploy.edge.sync import BoxConfig, Sync
@@ -60,6 +60,13 @@ def test_the_rule_walks_down_from_the_precision_the_box_is_set_to() -> None:
         "fp32", "int8 not exported; fp16 not exported; serving fp32")  # fmt: skip
     assert choose_served("fp16", {"fp16": lost, "fp32": lost})[0] is None  # nothing promotable: refuse
     assert choose_served("fp32", {"fp32": ok, "int8": ok}) == ("fp32", "serving fp32")  # never climbs up
+    # INT8 within its accuracy budget that passes more defects than PyTorch at the operating point (verify's gate)
+    leaky = {"promotable": False, "accuracy_drop": 0.4, "escapes": 2, "pytorch_escapes": 0}
+    assert choose_served("int8", {"int8": leaky, "fp16": ok}) == (
+        "fp16", "int8 not promotable: 2 escapes at the operating point > PyTorch's 0 (drop 0.4 pt); serving fp16")
+    report = {"promotable": {"int8": False, "fp16": True}, "accuracy_drop": {"int8": 0.4, "fp16": 0.0},
+              "int8_max_drop": 1.0, "escapes": {"pytorch": 0, "int8": 2, "fp16": 0}}  # fmt: skip
+    assert report_verdicts(report)["int8"] == {**leaky, "max_drop": 1.0}
 
 
 def test_a_box_set_to_int8_serves_fp16_when_int8_lost_accuracy_and_says_so(mlflow_uri: str, tmp_path: Path) -> None:

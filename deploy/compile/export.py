@@ -258,7 +258,8 @@ def export_all(
         for p in precisions:
             log.info("building %s", p)
             artifacts[p] = build(p, source, artifact_dir(tmp, p), calibration, model_type)
-        report = verify(model, artifacts, eval_images, eval_labels, pre, max_drop=max_drop)
+        report = verify(model, artifacts, eval_images, eval_labels, pre, max_drop=max_drop, decision=decision,
+                        class_names=class_names)  # fmt: skip
         report, quantization = recover_int8(
             model, artifacts, report, method=int8_recovery, calibration=calibration,
             validation_images=validation_images, eval_images=eval_images, eval_labels=eval_labels, pre=pre,
@@ -313,6 +314,9 @@ def _verification_for(report: dict[str, Any], fmt: str) -> dict[str, Any]:
     """The slice of the verification report about one artifact (stored in its manifest)."""
     keys = ("max_abs_diff", "correlation", "agreement", "accuracy", "accuracy_drop")
     out = {k: report[k][fmt] for k in keys if fmt in report.get(k, {})}
+    if "escapes" in report:  # defects accepted at the line's operating point, this artifact's and PyTorch's
+        out |= {"escapes": report["escapes"][fmt], "pytorch_escapes": report["escapes"]["pytorch"],
+                "defects": report["defects"]}  # fmt: skip
     return {"n_images": report["n_images"], "pytorch_accuracy": report["accuracy"]["pytorch"], **out}
 
 

@@ -136,14 +136,18 @@ def recover_int8(
     budget = (max_drop or {}).get(RECOVERABLE, PRECISIONS[RECOVERABLE].max_drop)
     target = artifacts[RECOVERABLE].parent
     staged = target.with_name(f".{target.name}-{method}")
-    log.info("INT8 not promotable (drop %.2f pt): retrying with %s", report["accuracy_drop"][RECOVERABLE], method)
+    why = f"drop {report['accuracy_drop'][RECOVERABLE]:.2f} pt"
+    if "escapes" in report:
+        why += f", {report['escapes'][RECOVERABLE]} escapes vs PyTorch's {report['escapes']['pytorch']}"
+    log.info("INT8 not promotable (%s): retrying with %s", why, method)
     args = (calibration, validation, budget, model_type, line_outcome(decision, class_names))
     try:
         xml, info = rebuild_int8(method, artifacts[SOURCE], staged, *args)
     except QuantizeError as e:  # a failed retry leaves plain INT8 refused; FP32 and FP16 still ship
         log.warning("INT8 %s retry failed: %s", method, e)
         return report, record | {"tried": True, "error": str(e)}
-    retried = verify(model, {**artifacts, RECOVERABLE: xml}, eval_images, eval_labels, pre, max_drop=max_drop)
+    retried = verify(model, {**artifacts, RECOVERABLE: xml}, eval_images, eval_labels, pre, max_drop=max_drop,
+                     decision=decision, class_names=class_names)  # fmt: skip
     record |= {"tried": True, "ptq": _verdict(report), "retry": _verdict(retried), **info}
     if validation:
         record["validation"] = calibration_fingerprint(validation)
@@ -181,5 +185,5 @@ def _digest(x: np.ndarray) -> str:
 
 
 def _verdict(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy_drop", "agreement", "promotable")
-    return {k: report[k][RECOVERABLE] for k in keys}
+    keys = ("accuracy_drop", "agreement", "promotable", "escapes")  # escapes: with the line's operating point
+    return {k: report[k][RECOVERABLE] for k in keys if k in report}

@@ -5,7 +5,9 @@ sealed directories are read with `load_artifact`, checksums verified, and compil
 *same* preprocessed batches (`spt_core.portable.preprocess.preprocess_batch`, the edge's own function), so a
 difference can only come from the exported graph, never from a second preprocessing path. What each precision must
 meet is its row of `deploy.edge.precision`: exact ones match PyTorch's logits within ``parity_atol``, the others
-lose at most ``max_drop`` accuracy points.
+lose at most ``max_drop`` accuracy points and, with the line's operating point (``decision``), let no more defective
+parts through than PyTorch does at it on the same images: an INT8 model can keep its accuracy and still pass defects
+that the float model rejects (the main job's once went from 0 to 2 escapes of 8 at an unchanged accuracy budget).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 from deploy.compile.inferencer import TorchInferencer, open_inferencer
 from deploy.edge.precision import PRECISIONS
 from spt_core.portable.errors import SensituneError
+from spt_core.portable.metrics import softmax
+from spt_core.portable.operating_point import ACCEPT, OperatingPoint
 from spt_core.portable.preprocess import Preprocess, preprocess_batch
 
 
@@ -37,6 +41,8 @@ def verify(
     max_drop: Mapping[str, float] | None = None,
     parity_atol: float = 1e-4,
     batch_size: int = 16,
+    decision: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Compare exported artifacts with the PyTorch model on real images.
 
@@ -51,13 +57,17 @@ def verify(
             out keeps its row's ``max_drop``.
         parity_atol: Max |logit difference| allowed for the exact precisions (ONNX, OpenVINO FP32).
         batch_size: Images per batch.
+        decision: The line's operating point (``ok_class``, ``threshold``: `OperatingPoint.from_dict`), with
+            `class_names`: each runner's escapes (defects it accepts) are counted, and a precision with an accuracy
+            budget is promotable only if it escapes no more than PyTorch. None, or no ``ok_class``: accuracy alone.
 
     Returns:
         ``n_images``; per precision ``max_abs_diff``, ``correlation`` (Pearson of all logits with PyTorch's),
         ``agreement`` (% same top-1 as PyTorch), ``accuracy`` (%, incl. ``pytorch``), ``accuracy_drop``
         (points); ``parity_ok`` (the exact precisions within ``parity_atol``); for every row with an accuracy
-        budget ``<name>_max_drop`` and ``<name>_ok`` (None when absent); ``promotable`` per precision, and
-        ``passed`` (= ``parity_ok``: the export itself is correct).
+        budget ``<name>_max_drop`` and ``<name>_ok`` (None when absent); with a ``decision``, ``defects`` and
+        ``escapes`` per runner and ``<name>_escapes_ok``; ``promotable`` per precision, and ``passed``
+        (= ``parity_ok``: the export itself is correct).
 
     Raises:
         VerifyError: Unknown artifact key, label count mismatch, or logits of another shape than PyTorch's.
@@ -100,6 +110,13 @@ def verify(
     report["parity_ok"] = all(report["max_abs_diff"][f] <= parity_atol for f in names if PRECISIONS[f].exact)
     for f, budget in budgets.items():
         report[f"{f}_ok"] = report["accuracy_drop"][f] <= budget if f in artifacts else None
+    held = _escapes(logits, y, decision, class_names)
+    if held is not None:
+        report["defects"], report["escapes"] = held
+        for f in budgets:
+            ok = report["escapes"][f] <= report["escapes"]["pytorch"] if f in artifacts else None
+            report[f"{f}_escapes_ok"] = ok
+            report[f"{f}_ok"] = report[f"{f}_ok"] and ok if ok is not None else report[f"{f}_ok"]
     # Every artifact comes from the same ONNX graph: if that graph is wrong, none of them may ship.
     report["promotable"] = {
         f: report["parity_ok"]
@@ -108,3 +125,16 @@ def verify(
     }
     report["passed"] = report["parity_ok"]
     return report
+
+
+def _escapes(
+    logits: Mapping[str, np.ndarray], y: np.ndarray, decision: Mapping[str, Any] | None,
+    class_names: Sequence[str] | None,
+) -> tuple[int, dict[str, int]] | None:  # fmt: skip
+    """(defective images, {runner: defects it accepts}) at the line's operating point; None without a good class."""
+    op = OperatingPoint.from_dict(decision)
+    if op.ok_class is None or class_names is None:
+        return None
+    defect = y != op.index(class_names)
+    accepted = {k: op.decisions(softmax(v), class_names) == ACCEPT for k, v in logits.items()}
+    return int(defect.sum()), {k: int(np.sum(defect & a)) for k, a in accepted.items()}

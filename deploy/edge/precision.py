@@ -112,8 +112,9 @@ def choose_served(wanted: str, verdicts: Mapping[str, Mapping]) -> tuple[str | N
     Args:
         wanted: The precision the boxes are set to (box.yaml ``registry.precision``, params ``publish.precision``).
         verdicts: Per exported precision: ``promotable`` (bool, or None when not recorded: allowed, as acceptance
-            allows it), and optionally ``accuracy_drop`` and ``max_drop`` (points) for the reason. A precision
-            left out was not exported.
+            allows it), and optionally ``accuracy_drop`` and ``max_drop`` (points) and ``escapes`` and
+            ``pytorch_escapes`` (defects accepted at the operating point) for the reason. A precision left out was
+            not exported.
 
     Returns:
         (precision or None when none of the chain may serve, reason), e.g.
@@ -135,17 +136,22 @@ def _drop(name: str, v: Mapping) -> str:
     drop, budget = v.get("accuracy_drop"), v.get("max_drop", PRECISIONS[name].max_drop if name in PRECISIONS else None)
     if not isinstance(drop, (int, float)):
         return " (export verification failed)"
+    escapes, reference = v.get("escapes"), v.get("pytorch_escapes")
+    if isinstance(escapes, int) and isinstance(reference, int) and escapes > reference:
+        return f": {escapes} escapes at the operating point > PyTorch's {reference} (drop {drop:.1f} pt)"
     return f": drop {drop:.1f} pt > {budget}" if isinstance(budget, (int, float)) else f": drop {drop:.1f} pt"
 
 
 def report_verdicts(report: Mapping) -> dict[str, dict]:
     """`choose_served`'s verdicts from an export_report.json (`deploy.compile.verify.verify`'s report)."""
-    drops = report.get("accuracy_drop") or {}
-    return {name: {"promotable": ok, "accuracy_drop": drops.get(name), "max_drop": report.get(f"{name}_max_drop")}
+    drops, escapes = report.get("accuracy_drop") or {}, report.get("escapes") or {}
+    return {name: {"promotable": ok, "accuracy_drop": drops.get(name), "max_drop": report.get(f"{name}_max_drop"),
+                   "escapes": escapes.get(name), "pytorch_escapes": escapes.get("pytorch")}
             for name, ok in (report.get("promotable") or {}).items()}  # fmt: skip
 
 
 def manifest_verdict(manifest: Mapping) -> dict:
     """One precision's `choose_served` verdict from its sealed manifest (``promotable``, ``verification``)."""
-    drop = (manifest.get("verification") or {}).get("accuracy_drop")
-    return {"promotable": manifest.get("promotable"), "accuracy_drop": drop}
+    v = manifest.get("verification") or {}
+    return {"promotable": manifest.get("promotable"), "accuracy_drop": v.get("accuracy_drop"),
+            "escapes": v.get("escapes"), "pytorch_escapes": v.get("pytorch_escapes")}  # fmt: skip
