@@ -59,7 +59,8 @@ def write_summary(rows: list[dict], command: str, path: Path) -> None:
         f"Command: `{command}`", "",
         f"Search: the product's `plan.ladder` x `train.lr_grid` at `train.lr`, successive halving on validation "
         f"(`spt_core.search`, at most 2 trainings). Fixed: `{FIXED}` at the table's main budget and `train.lr`, "
-        "one training. Wall: each job's own seconds, same machine. Per table: `compare_*.md` beside this file.", "",
+        "one training. Wall: each job's own seconds, same machine. Every table in this folder; each `compare_*.md` "
+        "beside this file has the command that made it (the line above is the last run).", "",
         "| table | seed | chosen budget | chosen lr | val % | test % | fixed test % | trainings | wall s | x fixed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> Path:
     if any(a in rest for a in ("--task", "--methods", "--lr-grid", "--lr-auto", "--out-dir")):
         raise SensituneError("auto_search.py sets --task, --methods, --lr-grid, --lr-auto and --out-dir itself: "
                              "give the tasks with --tasks and the directory before --")  # fmt: skip
-    tables = run_tables([t for t in args.tasks.split(",") if t], rest, args.out_dir)
-    rows = [r for p in tables for r in summary_rows(json.loads(p.read_text()))]
+    run_tables([t for t in args.tasks.split(",") if t], rest, args.out_dir)
+    # every table in the folder, this run's and earlier ones' (tables that need other --n-test values run apart)
+    rows = [r for p in sorted(args.out_dir.glob("compare_*.json")) for r in summary_rows(json.loads(p.read_text()))]
     out = args.out_dir / "auto_search.md"
     write_summary(rows, "python benchmarks/auto_search.py " + " ".join(argv), out)
     return out

@@ -6,7 +6,7 @@ write_report(state, s)  s.md (main table, sensitivity pass, budget curve) and s.
 write_any_report        the same for any results JSON (an `--imbalance` table: `imbalance.write_imbalance_report`)
 summary_metrics(state)  the headline numbers as MLflow metrics
 chosen_lr(rows, m, b)   the seed-0 lr with the best validation accuracy
-budget_on_val(state, m) per seed, the rung `spt_core.budget.choose_rung` picks among m's budgets and full
+budget_on_val(state, m) per seed, the rung `spt_core.budget.choose_rung` picks among m's budgets (and full)
 rows_tied_without_loss  the rows whose missing val_loss leaves such a choice to the old tie-break
 """
 
@@ -53,18 +53,24 @@ def summarize(state: dict) -> list[dict]:
     return out
 
 
-def budget_on_val(state: dict, method: str, full_at_method_lr: bool = False) -> list[dict]:
+def budget_on_val(
+    state: dict, method: str, full_at_method_lr: bool = False, with_full: bool = True
+) -> list[dict]:  # fmt: skip
     """Per seed: the row `choose_rung` picks among `method`'s budgets (each at the lr chosen at the main budget)
-    and full fine-tuning (at its own chosen lr; `full_at_method_lr`: at the method's, as the product's ladder
-    trains every rung at `train.lr`), on validation accuracy. The ladder is the budgets every seed ran (a budget
-    only some seeds ran is left out), and a seed needs every rung of it and a full row."""
+    and, `with_full`, full fine-tuning (at its own chosen lr; `full_at_method_lr`: at the method's, as the product's
+    ladder trains every rung at `train.lr`), on validation accuracy. The ladder is the budgets every seed ran (a
+    budget only some seeds ran is left out), and a seed needs every rung of it (and a full row, `with_full`).
+
+    Without the full rung this is the method's own number; a ladder that ends in full fine-tuning is another method
+    (on a table where full fine-tuning wins on validation it mostly picks the comparator's own row)."""
     rows, main = state["rows"], state["meta"]["budget"]
     lr = chosen_lr(rows, method, main)
     lr_full = lr if full_at_method_lr else chosen_lr(rows, "full", main)
     ok = [r for r in rows if "error" not in r and r.get("variant", "none") == "none"]
     mine = [r for r in ok if r["method"] == method and r["lr"] == lr]
     full = {r["seed"]: r for r in ok if r["method"] == "full" and r["lr"] == lr_full and r["budget"] == main}
-    seeds = sorted({r["seed"] for r in mine if r["budget"] == main} & set(full))
+    seeds = {r["seed"] for r in mine if r["budget"] == main}
+    seeds = sorted(seeds & set(full) if with_full else seeds)
     ran = [{r["budget"]: r for r in mine if r["seed"] == seed} for seed in seeds]
     common = set.intersection(*(set(b) for b in ran)) if ran else set()
     if len(common) < 2:
@@ -72,23 +78,28 @@ def budget_on_val(state: dict, method: str, full_at_method_lr: bool = False) -> 
     ladder = sorted(common, key=lambda b: ran[0][b]["trainable_backbone"])
     out = []
     for seed, rungs in zip(seeds, ran):
-        cands = {b: rungs[b] for b in ladder} | {FULL: full[seed]}
+        cands = {b: rungs[b] for b in ladder} | ({FULL: full[seed]} if with_full else {})
         pick = choose_rung([Rung(b, r["trainable_backbone"], r["val_acc"], val_loss=r.get("val_loss"))
                             for b, r in cands.items()])  # fmt: skip
-        out.append({"seed": seed, "budget": pick.budget, "row": cands[pick.budget], "ladder": [*ladder, FULL],
+        out.append({"seed": seed, "budget": pick.budget, "row": cands[pick.budget], "ladder": list(cands),
                     "candidates": cands})  # fmt: skip
     return out
 
 
-def ladders(state: dict) -> Iterator[tuple[str, bool, list[dict]]]:
-    """(method, full_at_method_lr, `budget_on_val` picks) of every method with a ladder: the full rung at full
-    fine-tuning's own lr, and again at the method's lr (the product's ladder) where that is another lr."""
+def ladders(state: dict) -> Iterator[tuple[str, str, list[dict]]]:
+    """(method, its name in a table, `budget_on_val` picks) of every method with a ladder: its own budgets (the
+    method's number), then, as other methods, the ladder ending in full fine-tuning at full fine-tuning's own lr
+    (``m + full``) and at the method's lr (the product's ladder, ``m + full at lr X``) where that is another lr."""
     lr_full = chosen_lr(state["rows"], "full", state["meta"]["budget"])
     for m in METHODS:
+        own = budget_on_val(state, m, with_full=False)
+        if own:
+            yield m, m, own
         for same_lr in (False, True):
             picks = budget_on_val(state, m, full_at_method_lr=same_lr)
-            if picks and not (same_lr and picks[0]["candidates"][FULL]["lr"] == lr_full):
-                yield m, same_lr, picks
+            at = picks[0]["candidates"][FULL]["lr"] if picks else None
+            if picks and not (same_lr and at == lr_full):
+                yield m, f"{m} + full" + (f" at lr {at:g}" if same_lr else ""), picks
 
 
 def rows_tied_without_loss(state: dict) -> list[dict]:
@@ -243,21 +254,23 @@ def write_any_report(state: dict, stem: Path) -> None:
 
 
 def _budget_on_val_lines(state: dict, by: dict) -> list[str]:
-    """The budget chosen on validation (`budget_on_val`) per method with a ladder, against full and peft LoRA."""
+    """The budget chosen on validation (`budget_on_val`) per method with a ladder, against full and peft LoRA: the
+    method's own ladder first, then the ladders that end in full fine-tuning."""
     lines: list[str] = []
-    for m, same_lr, picks in ladders(state):
+    for _, name, picks in ladders(state):
         if not lines:
             lines += ["", "Budget chosen on validation (`spt_core.budget.choose_rung`, as `plan.budget: auto`): per "
-                      "seed the rung with the best validation accuracy among the method's budgets and full "
-                      "fine-tuning (ties: the lower validation loss where every tied row records one, then the "
-                      "fewer values); test % of the chosen rung. \"full at lr\": the full rung trained at the "
-                      "method's lr, as the product's ladder trains every rung at `train.lr`.", "",
+                      "seed the rung with the best validation accuracy (ties: the lower validation loss where every "
+                      "tied row records one, then the fewer values); test % of the chosen rung. A method's own row "
+                      "chooses among its budgets only: that is its number. \"+ full\": the ladder ends in full "
+                      "fine-tuning, as the product's `plan.budget: auto` does, another method (where full "
+                      "fine-tuning wins on validation it picks the comparator's own row); \"at lr\": the full rung "
+                      "trained at the method's lr, as the product trains every rung at `train.lr`.", "",
                       "| method | ladder | chosen per seed | test % | seeds | vs full, points | vs peft-lora |",
                       "|---|---|---|---|---|---|---|"]  # fmt: skip
         test = _mean([p["row"]["test_acc"] for p in picks])
         d = [f"{100 * (test - by[o]['test']):+.2f}" if o in by and by[o]["test"] is not None else "-"
              for o in ("full", "peft-lora")]  # fmt: skip
-        name = f"{m} (full at lr {picks[0]['candidates'][FULL]['lr']:g})" if same_lr else m
         lines.append(
             f"| {name} | {', '.join(picks[0]['ladder'])} | {', '.join(p['budget'] for p in picks)} | "
             f"{_stat([p['row']['test_acc'] for p in picks], 100)} | {len(picks)} | {d[0]} | {d[1]} |"

@@ -3,8 +3,8 @@
 One row per `results/compare_<backbone>_<task>.json` (the balanced protocol; `--imbalance` tables have their own
 section): mean test % over seeds at each method's validation-chosen lr (`benchmarks.report.summarize`), the
 budget chosen on validation for per-row sparse (the product's default plan) and SPT-LoRA where the table has
-their ladder (`benchmarks.report.budget_on_val`; with its own seed count when fewer seeds ran every rung), and the
-seed count. The best mean of a row is bold; "-" = not run.
+their ladder (`benchmarks.report.budget_on_val` among the method's own budgets, never the full fine-tuning row; with
+its own seed count when fewer seeds ran every rung), and the seed count. The best mean of a row is bold; "-" = not run.
 
     python benchmarks/summary.py            # prints the markdown table, then the SPT variants against the targets
 """
@@ -24,6 +24,7 @@ HEADERS = {"bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA", "ran
            "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "per-row-sparse": "per-row sparse"}  # fmt: skip
 COLUMNS = {m: HEADERS.get(m, m) for m in METHODS}  # method -> header, in the harness's order
 AUTO = {"per-row-sparse": "per-row, budget on val", "spt-lora": "SPT-LoRA, budget on val"}  # method -> header
+PRODUCT = "product"  # the product column: `sensitune run`'s defaults (128 px), never bold (another input size)
 DEFAULT = "per-row-sparse"  # the product's default plan (params.yaml: plan.allocation per_row, structured none)
 NAMES = {"tf_efficientnet_lite0": "Lite0", "vit_small_patch14_dinov2": "ViT-S/14"}
 
@@ -32,17 +33,24 @@ def auto_cells(state: dict) -> dict[str, tuple[float, int] | None]:
     """method -> (mean test % of the budget chosen on validation, seeds), None where the table has no ladder."""
     out: dict[str, tuple[float, int] | None] = {}
     for m in AUTO:
-        picks = budget_on_val(state, m)
+        picks = budget_on_val(state, m, with_full=False)  # the method's own ladder (a full rung is another method)
         out[m] = (100 * sum(p["row"]["test_acc"] for p in picks) / len(picks), len(picks)) if picks else None
     return out
 
 
+def product_cell(state: dict) -> tuple[float, int] | None:
+    """(mean test % of the product column, its seeds): `sensitune run` with the shipped defaults at its own input
+    size (`benchmarks/product.py`, the table's ``product`` rows); None where it has not run."""
+    rows = [r for r in state.get("product", []) if "error" not in r and r.get("test_acc") is not None]
+    return (100 * sum(r["test_acc"] for r in rows) / len(rows), len(rows)) if rows else None
+
+
 def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str, int]]:
-    """(row label, {method or AUTO key: mean test %}, seeds, {AUTO key: seeds of its budget-on-val column})."""
+    """(row label, {method, AUTO or PRODUCT key: mean test %}, seeds, {AUTO/PRODUCT key: its own seed count})."""
     meta = state["meta"]
     by = {s["method"]: s for s in summarize(state)}
     cells: dict[str, float | None] = {m: (100 * by[m]["test"] if m in by else None) for m in COLUMNS}
-    autos = auto_cells(state)
+    autos = auto_cells(state) | {PRODUCT: product_cell(state)}
     cells |= {f"auto:{m}": (a[0] if a else None) for m, a in autos.items()}
     seeds = sorted({len(s["seeds"]) for s in by.values()})
     name = NAMES.get(meta["backbone"], meta["backbone"])
@@ -54,17 +62,18 @@ def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str,
 
 def markdown(states: list[dict]) -> str:
     """The README's comparison: one row per table (`tables()`)."""
-    keys = [*COLUMNS, *(f"auto:{m}" for m in AUTO)]
-    head = [*COLUMNS.values(), *AUTO.values()]
+    keys = [*COLUMNS, *(f"auto:{m}" for m in AUTO), f"auto:{PRODUCT}"]
+    head = [*COLUMNS.values(), *AUTO.values(), "product defaults (128 px)"]
     lines = ["| backbone, task (budget) | " + " | ".join(head) + " | seeds |", "|---" * (len(head) + 2) + "|"]
     for state in states:
         label, cells, seeds, auto_seeds = table_row(state)
-        best = max((v for v in cells.values() if v is not None), default=None)
+        ranked = {k: v for k, v in cells.items() if v is not None and k != f"auto:{PRODUCT}"}
+        best = max(ranked.values(), default=None)
         shown = []
         for key in keys:
             v = cells[key]
             text = "-" if v is None else f"{v:.1f}"
-            text = f"**{text}**" if v is not None and round(v, 1) == round(best, 1) else text
+            text = f"**{text}**" if key in ranked and round(v, 1) == round(best, 1) else text
             n = auto_seeds.get(key)
             shown.append(f"{text} ({n} seed{'s' * (n > 1)})" if n is not None and str(n) != seeds else text)
         lines.append(f"| {label} | " + " | ".join(shown) + f" | {seeds} |")

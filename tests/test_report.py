@@ -102,7 +102,14 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     write_report(state, tmp_path / "t")
     md = (tmp_path / "t.md").read_text()
     # test (0.91 + 0.93 + 0.99) / 3 = 94.33 ± 4.00; full at 1e-4 = (0.95 + 0.93 + 0.5) / 3 = 0.7933 -> +15.00
-    assert "| spt-lora | 0.5%, 2%, 8%, full | 2%, full, 2% | 94.33 ± 4.00 | 3 | +15.00 | - |" in md
+    assert "| spt-lora + full | 0.5%, 2%, 8%, full | 2%, full, 2% | 94.33 ± 4.00 | 3 | +15.00 | - |" in md
+    # the method's own number never picks the comparator's row: seed 1 takes its best budget, 8 % (0.82 on val)
+    own = budget_on_val(state, "spt-lora", with_full=False)
+    assert [(p["seed"], p["budget"]) for p in own] == [(0, "2%"), (1, "8%"), (2, "2%")]
+    assert own[0]["ladder"] == ["0.5%", "2%", "8%"]
+    # (0.91 + 0.90 + 0.99) / 3 = 93.33 ± 4.50; vs full 79.33: +14.00; listed before the ladders that end in full
+    own_line = "| spt-lora | 0.5%, 2%, 8% | 2%, 8%, 2% | 93.33 ± 4.50 | 3 | +14.00 | - |"
+    assert md.index(own_line) < md.index("| spt-lora + full |")
     # the product's ladder trains its full rung at the method's lr: full rows at 1e-3 replace the 1e-4 ones
     # (seed 0 at 1e-3: 0.84 < 0.85 at 1e-4, so full fine-tuning's own lr stays 1e-4)
     at_lr = [_row("full", s, 1e-3, v, t, 100.0) for s, v, t in ((0, 0.84, 0.97), (1, 0.90, 0.88), (2, 0.5, 0.5))]
@@ -113,7 +120,7 @@ def test_budget_chosen_on_validation_per_seed(tmp_path: Path):
     assert [p["budget"] for p in budget_on_val(state, "spt-lora")] == ["2%", "full", "2%"]  # full at its own lr
     write_report(state, tmp_path / "t")
     md = (tmp_path / "t.md").read_text()  # (0.91 + 0.88 + 0.99) / 3 = 92.67, full at 1e-4 79.33 -> +13.33
-    assert "| spt-lora (full at lr 0.001) | 0.5%, 2%, 8%, full | 2%, full, 2% | 92.67 ± 5.50 | 3 | +13.33 | - |" in md
+    assert "| spt-lora + full at lr 0.001 | 0.5%, 2%, 8%, full | 2%, full, 2% | 92.67 ± 5.50 | 3 | +13.33 | - |" in md
     state["rows"] = rows
     del rows[-1]  # seed 2 without its 8% row: 8% leaves every seed's ladder
     assert [p["ladder"] for p in budget_on_val(state, "spt-lora")] == [["0.5%", "2%", "full"]] * 3
@@ -127,7 +134,11 @@ def test_readme_table_row_from_a_table():
     md = markdown([{"meta": META, "rows": ROWS}]).splitlines()
     assert md[0].startswith("| backbone, task (budget) | linear | BitFit | full FT | peft LoRA |")
     # full 96.65 and sparse-only 96.65 tie for best (both bold, the same rounding); peft LoRA (0.94 + 0.92) / 2
-    assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | - | 2 |"
+    assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | - | - | 2 |"
+    # the product column: the mean of its own seeds (one here, so it says so), never bold (another input size)
+    product = [{"method": "product", "seed": 0, "test_acc": 0.99}, {"method": "product", "seed": 1, "error": "x"}]
+    row = markdown([{"meta": META, "rows": ROWS, "product": product}]).splitlines()[2]
+    assert row.endswith("| **96.7** | - | - | - | 99.0 (1 seed) | 2 |"), row
 
 
 def test_targets_table_gaps_on_known_tables():
@@ -137,14 +148,16 @@ def test_targets_table_gaps_on_known_tables():
     from benchmarks.summary import markdown, targets
 
     def table(backbone, acc, extra=()):  # one seed-0 row per method at its only lr
-        rows = [{**ROWS[0], "method": m, "lr": 1e-3, "seed": 0, "test_acc": a, "val_acc": 0.9} for m, a in acc.items()]
+        rows = [{**ROWS[0], "method": m, "lr": 1e-3, "seed": 0, "test_acc": a, "val_acc": 0.97 if m == "full" else 0.9}
+                for m, a in acc.items()]  # fmt: skip
         return {"meta": {**META, "backbone": backbone}, "rows": [*rows, *extra]}
 
-    def rung(budget, n, val, test):  # a per-row rung at the chosen lr; 8 % wins on val over 2 % (0.9) and full
+    def rung(budget, n, val, test):  # a per-row rung at the chosen lr; 8 % wins on val over 2 % (0.9)
         return {**ROWS[0], "method": "per-row-sparse", "lr": 1e-3, "seed": 0, "budget": budget,
                 "trainable_backbone": n, "val_acc": val, "test_acc": test}  # fmt: skip
 
-    ladder = [rung("0.5%", 250, 0.85, 0.99), rung("8%", 4000, 0.95, 0.93)]  # 0.5 %: the test-best trap, val-worst
+    # 0.5 %: the test-best trap, val-worst; full fine-tuning (val 0.97) wins on val but is not a rung of the method
+    ladder = [rung("0.5%", 250, 0.85, 0.99), rung("8%", 4000, 0.95, 0.93)]
     states = [table("tf_efficientnet_lite0",
                    {"full": 0.95, "peft-lora": 0.90, "spt-lora": 0.92, "per-row-sparse": 0.91}, ladder),
               table("vit_small_patch14_dinov2",
@@ -153,11 +166,12 @@ def test_targets_table_gaps_on_known_tables():
     # SPT-LoRA: +2.0 and -0.5 vs peft (worst -0.5, mean +0.75, 1 table >= 0); vs full on ViT -1.5 (missed)
     assert lines[2] == "| SPT-LoRA | 2 of 2 | -0.5 | +0.8 | 1 | -1.5 | 0 of 1 | - | - |"
     assert lines[3] == "| sparse-only | 1 of 2 | +2.0 | +2.0 | 1 | +1.0 | 1 of 1 | - | - |"
-    # per-row: +1.0 vs peft; its 8 % rung (val 0.95 > full's 0.9) tests 93.0, 2.0 below full's 95.0
+    # per-row: +1.0 vs peft; its own best rung on val, 8 % (0.95; full's 0.97 is not its rung), tests 93.0, 2.0 below
+    # full's 95.0
     assert lines[4] == "| per-row sparse (default) | 1 of 2 | +1.0 | +1.0 | 1 | - | - | -2.0 | 0 of 1 |"
     assert len(lines) == 5  # variants no table ran are left out
     row = markdown(states[:1]).splitlines()[2].split(" | ")
-    assert row[-3:] == ["93.0", "-", "1 |"]  # per-row's budget on val, SPT-LoRA's (no ladder), seeds
+    assert row[-4:] == ["93.0", "-", "-", "1 |"]  # per-row's budget on val, SPT-LoRA's (no ladder), product, seeds
 
 
 def test_the_readme_comparison_is_the_committed_tables():
