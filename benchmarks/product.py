@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import compare
-from benchmarks.protocol import BACKBONES, MALLOC_ENV, script
+from benchmarks.protocol import BACKBONES, MALLOC_ENV, retire, script
 from benchmarks.report import write_any_report
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import write_json
@@ -226,12 +226,9 @@ def main(argv: list[str] | None = None) -> Path:
 def retire_stale(state: dict, how: dict[str, Any]) -> None:
     """Product rows made another way (other defaults, threads, export or smoke) move to ``replaced``: every seed
     of the column is then measured the same way."""
-    rows = state.get("product", [])
-    stale = [r for r in rows if any(r.get(k) != v for k, v in how.items())]
-    why = f"product re-run with {how}"
-    if stale:
-        state["replaced"] = state.get("replaced", []) + [{**r, "replaced_because": why} for r in stale]
-    state["product"] = [r for r in rows if not any(r is x for x in stale)]
+    state.setdefault("product", [])
+    if stale := [r for r in state["product"] if any(r.get(k) != v for k, v in how.items())]:
+        retire(state, stale, f"product re-run with {how}", key="product")
 
 
 if __name__ == "__main__":

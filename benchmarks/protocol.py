@@ -14,8 +14,6 @@ from typing import Any
 
 from spt_core.portable.errors import SensituneError
 
-# glibc keeps freed memory mapped, so that RSS peaks are comparable between runs; set for every child process and
-# recorded in each table's command
 ISA_FLAGS = tuple("avx2 avx512f avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_tile amx_int8 amx_bf16".split())
 
 
@@ -36,6 +34,8 @@ def cpu_info() -> tuple[str, list[str]]:
     return model, [f for f in ISA_FLAGS if f in flags]
 
 
+# glibc keeps freed memory mapped, so that RSS peaks are comparable between runs; set for every child process and
+# recorded in each table's command
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 BACKBONES = {  # preset: (timm name, weights, img_size)
     "lite0": ("tf_efficientnet_lite0", "embedded", 64),
@@ -64,10 +64,11 @@ def key_of(r: dict) -> tuple:
     return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none"), r.get("fold")
 
 
-def retire(state: dict, rows: list[dict], why: str) -> None:
-    """Move `rows` (objects of ``state["rows"]``) to ``state["replaced"]`` with the reason, before they re-run."""
+def retire(state: dict, rows: list[dict], why: str, key: str = "rows") -> None:
+    """Move `rows` (objects of ``state[key]``: the harness's rows, or the product column's) to ``state["replaced"]``
+    with the reason, before they re-run."""
     state["replaced"] = state.get("replaced", []) + [{**r, "replaced_because": why} for r in rows]
-    state["rows"] = [r for r in state["rows"] if not any(r is x for x in rows)]
+    state[key] = [r for r in state.get(key, []) if not any(r is x for x in rows)]
 
 
 def protocol_differences(table: dict, run: dict) -> list[str]:

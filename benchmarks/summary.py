@@ -17,6 +17,7 @@ from pathlib import Path
 from benchmarks.heldout_tasks import HELD_OUT_TASKS
 from benchmarks.methods import METHODS
 from benchmarks.report import budget_on_val, summarize
+from benchmarks.spread import mean
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +43,7 @@ def product_cell(state: dict) -> tuple[float, int] | None:
     """(mean test % of the product column, its seeds): `sensitune run` with the shipped defaults at its own input
     size (`benchmarks/product.py`, the table's ``product`` rows); None where it has not run."""
     rows = [r for r in state.get("product", []) if "error" not in r and r.get("test_acc") is not None]
-    return (100 * sum(r["test_acc"] for r in rows) / len(rows), len(rows)) if rows else None
+    return (100 * mean([r["test_acc"] for r in rows]), len(rows)) if rows else None
 
 
 def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str, int]]:

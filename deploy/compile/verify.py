@@ -66,8 +66,8 @@ def verify(
         ``agreement`` (% same top-1 as PyTorch), ``accuracy`` (%, incl. ``pytorch``), ``accuracy_drop``
         (points); ``parity_ok`` (the exact precisions within ``parity_atol``); for every row with an accuracy
         budget ``<name>_max_drop`` and ``<name>_ok`` (None when absent); with a ``decision``, ``defects`` and
-        ``escapes`` per runner and ``<name>_escapes_ok``; ``promotable`` per precision, and ``passed``
-        (= ``parity_ok``: the export itself is correct).
+        ``escapes`` per runner and ``<name>_escapes_ok`` (``<name>_ok`` then needs it too); ``promotable`` per
+        precision, and ``passed`` (= ``parity_ok``: the export itself is correct).
 
     Raises:
         VerifyError: Unknown artifact key, label count mismatch, or logits of another shape than PyTorch's.
@@ -114,9 +114,10 @@ def verify(
     if held is not None:
         report["defects"], report["escapes"] = held
         for f in budgets:
-            ok = report["escapes"][f] <= report["escapes"]["pytorch"] if f in artifacts else None
-            report[f"{f}_escapes_ok"] = ok
-            report[f"{f}_ok"] = report[f"{f}_ok"] and ok if ok is not None else report[f"{f}_ok"]
+            report[f"{f}_escapes_ok"] = None
+            if f in artifacts:  # within the accuracy budget is not enough: no more escapes than PyTorch either
+                report[f"{f}_escapes_ok"] = report["escapes"][f] <= report["escapes"]["pytorch"]
+                report[f"{f}_ok"] = report[f"{f}_ok"] and report[f"{f}_escapes_ok"]
     # Every artifact comes from the same ONNX graph: if that graph is wrong, none of them may ship.
     report["promotable"] = {
         f: report["parity_ok"]

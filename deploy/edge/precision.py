@@ -126,13 +126,14 @@ def choose_served(wanted: str, verdicts: Mapping[str, Mapping]) -> tuple[str | N
         if v is None:
             skipped.append(f"{name} not exported")
         elif v.get("promotable") is False:
-            skipped.append(f"{name} not promotable{_drop(name, v)}")
+            skipped.append(f"{name} not promotable{_refused_why(name, v)}")
         else:
             return name, "; ".join([*skipped, f"serving {name}"])
     return None, "; ".join([*skipped, "nothing promotable to serve"])
 
 
-def _drop(name: str, v: Mapping) -> str:
+def _refused_why(name: str, v: Mapping) -> str:
+    """Why a precision is not promotable: more escapes than PyTorch at the operating point, else its accuracy drop."""
     drop, budget = v.get("accuracy_drop"), v.get("max_drop", PRECISIONS[name].max_drop if name in PRECISIONS else None)
     if not isinstance(drop, (int, float)):
         return " (export verification failed)"
