@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Table, merge, rerun_ties, retire_stale, run_protocol, run_shard
-from benchmarks.methods import FULL_LR_METHODS, METHODS
+from benchmarks.methods import FULL_LR_METHODS, GAP_METHODS, METHODS
 from benchmarks.protocol import (
     BACKBONES,
     MALLOC_ENV,
@@ -201,9 +201,10 @@ def open_table(args: argparse.Namespace, methods: list[str], command: str) -> tu
             raise SensituneError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     name, weights, img = BACKBONES.get(args.backbone, (args.backbone, "hub", None))
     weights, img = args.weights or weights, args.img_size or img
-    bad = [m for m in methods if m not in (*METHODS, *SEARCH_METHODS)]
+    known = (*METHODS, *SEARCH_METHODS, *GAP_METHODS)
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join((*METHODS, *SEARCH_METHODS))}")
+        raise SensituneError(f"--methods: unknown {bad}; choose from {', '.join(known)}")
     slug, task_slug = table_slug(args)
     data_dir, line = prepare_table_data(args, task_slug)
     out_json = args.out_dir / f"compare_{slug}.json"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.jobs import run_job
-from benchmarks.methods import SENSITIVITY_METHODS
-from benchmarks.protocol import ROWS, key_of, retire
+from benchmarks.methods import SENSITIVITY_METHODS, STEM_METHODS
+from benchmarks.protocol import ROWS, key_of, retire, sens_key
 from benchmarks.report import chosen_lr, rows_tied_without_loss, write_any_report
 from benchmarks.task_data import kfold_dirs
 from spt_core.portable.errors import SensituneError
@@ -53,17 +53,18 @@ class Table:
         """One stderr log per job: parallel jobs never interleave."""
         return self.work / "logs" / (re.sub(r"[^A-Za-z0-9._%-]+", "_", name) + ".log")
 
-    def sens_path(self, seed: int) -> Path:
-        return self.work / f"sensitivity_seed{seed}.safetensors"
+    def sens_path(self, seed: int, stem: bool = False) -> Path:
+        """The seed's pass; ``stem``: the pass that also measured the stem (`STEM_METHODS` read it)."""
+        return self.work / f"sensitivity{'_stem' * stem}_seed{seed}.safetensors"
 
-    def ensure_sensitivity(self, seed: int) -> None:
-        path = self.sens_path(seed)
+    def ensure_sensitivity(self, seed: int, stem: bool = False) -> None:
+        path = self.sens_path(seed, stem)
         if not path.is_file():
-            job = {**self.base, "kind": "sensitivity", "seed": seed, "sens_path": str(path)}
-            row = run_job(job, self.in_process, self.job_log(f"sensitivity_seed{seed}"))
-            row = {"seed": seed, **row}  # failed passes too, so that a retry replaces them
-            print(f"[{self.slug}] sensitivity seed {seed}: {row}", flush=True)
-            self.state["sensitivity"] = [s for s in self.state["sensitivity"] if s.get("seed") != seed] + [row]
+            job = {**self.base, "kind": "sensitivity", "seed": seed, "sens_path": str(path), "include_stem": stem}
+            row = run_job(job, self.in_process, self.job_log(path.stem))
+            row = {"seed": seed, **row, **({"include_stem": True} if stem else {})}  # failed ones too: a retry replaces
+            print(f"[{self.slug}] sensitivity seed {seed}{' (with the stem)' * stem}: {row}", flush=True)
+            self.state["sensitivity"] = [s for s in self.state["sensitivity"] if sens_key(s) != sens_key(row)] + [row]
             self.save()
 
     def done(self, key: Key) -> bool:
@@ -80,11 +81,12 @@ class Table:
         if fold is not None:  # --kfold: a fold (or the refit on train+val), curves recorded for the replay
             job.update({"data_dir": str(self.kfold[fold]), "curves": True})
         t0 = time.time()
+        sens = self.sens_path(seed, method in STEM_METHODS)
         if method in SENSITIVITY_METHODS:
-            job["sens_path"] = str(self.sens_path(seed))
+            job["sens_path"] = str(sens)
         name = f"{method}_{variant}_seed{seed}_lr{lr:g}_{budget}" + ("" if fold is None else f"_fold{fold}")
-        if method in SENSITIVITY_METHODS and not self.sens_path(seed).is_file():
-            row = {"error": f"no sensitivity pass for seed {seed}: see {self.job_log(f'sensitivity_seed{seed}')}"}
+        if method in SENSITIVITY_METHODS and not sens.is_file():
+            row = {"error": f"no sensitivity pass for seed {seed}: see {self.job_log(sens.stem)}"}
         else:
             row = run_job(job, self.in_process, self.job_log(name))
         # where and when it ran: a resumed table can hold rows of several invocations (machines)
@@ -103,8 +105,8 @@ class Table:
         """The (method, seed, lr, budget[, variant[, fold]]) runs not yet in the JSON, up to --parallel at a time."""
         keys = [(*k, "none", None) if len(k) == 4 else (*k, None)[:6] for k in keys]  # variant "none", fold None
         todo = [k for k in dict.fromkeys(keys) if not self.done(k)]
-        for seed in sorted({k[1] for k in todo if k[0] in SENSITIVITY_METHODS}):
-            self.ensure_sensitivity(seed)  # before the runs that read it, never two passes of one seed at once
+        for seed, stem in sorted({(k[1], k[0] in STEM_METHODS) for k in todo if k[0] in SENSITIVITY_METHODS}):
+            self.ensure_sensitivity(seed, stem)  # before the runs that read it, never two passes of one at once
         with ThreadPoolExecutor(max_workers=1 if self.in_process else self.parallel) as ex:
             list(ex.map(lambda k: self.run(*k), todo))
 
@@ -144,7 +146,7 @@ def merge(table: Table, old_meta: dict | None, shard_path: Path) -> None:
     state = table.state
     state["meta"] = old_meta or state["meta"]  # the run's own command, machine and date stay
     other = json.loads(shard_path.read_text())
-    for name, key in (("rows", key_of), ("kfold", key_of), ("sensitivity", lambda r: r.get("seed"))):
+    for name, key in (("rows", key_of), ("kfold", key_of), ("sensitivity", sens_key)):
         state.setdefault(name, [])
         for r in other.get(name, []):
             mine = next((x for x in state[name] if key(x) == key(r)), None)

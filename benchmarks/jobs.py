@@ -107,6 +107,7 @@ def sensitivity_job(job: dict) -> dict:
         batch_size=SENS_BATCH_SIZE,
         seed=job["seed"],
         device=device,
+        include_stem=job.get("include_stem", False),
     )
     sens.save(job["sens_path"])
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()

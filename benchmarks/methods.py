@@ -12,6 +12,10 @@
     per-row-sparse the SPT scores, every output row its top-k entries (allocation="per_row", GPS's rule), all sparse
     auto-halving   opt-in: the product's plan.budget: auto with plan.search: halving, one row per search
                    (`benchmarks/search_job.py`)
+    per-row-dw     opt-in, the CNN gap study (`GAP_METHODS`): per-row sparse with the depthwise kernels whole
+    per-row-norm   ... with the normalization layers' affine weights and biases whole (plan.whole: [norm])
+    per-row-stem   ... with the stem whole (its own sensitivity pass measures the stem: include_stem)
+    per-row-share  ... every row one share of its entries instead of one count (plan.row_k: share)
 
 Every method leaves the head trainable; backbone counts exclude the head.
 """
@@ -31,11 +35,15 @@ from spt_core.portable.errors import SensituneError
 
 METHODS = ("linear", "bitfit", "full", "peft-lora", "random-sparse", "spt-lora", "spt-adapter", "sparse-only",
            "per-row-sparse")  # fmt: skip
+# the per-row rule with what else a small budget might include on a CNN (`spt_core.allocate`'s whole / row_k)
+GAP_METHODS = {"per-row-dw": {"whole": ("depthwise",)}, "per-row-norm": {"whole": ("norm",)},
+               "per-row-stem": {"whole": ("stem",)}, "per-row-share": {"row_k": "share"}}  # fmt: skip
+STEM_METHODS = ("per-row-stem",)  # read a sensitivity pass that measured the stem too
 # need a measured Sensitivity (a search's trials all share the seed's one pass)
-SENSITIVITY_METHODS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse", *SEARCH_METHODS)
+SENSITIVITY_METHODS = ("spt-lora", "spt-adapter", "sparse-only", "per-row-sparse", *SEARCH_METHODS, *GAP_METHODS)
 PLAN_METHODS = {"random-sparse": "none", "spt-lora": "lora", "spt-adapter": "adapter", "sparse-only": "none",
-                "per-row-sparse": "none"}  # fmt: skip
-ALLOCATION = {"per-row-sparse": "per_row"}  # the others: the global top-k
+                "per-row-sparse": "none", **dict.fromkeys(GAP_METHODS, "none")}  # fmt: skip
+ALLOCATION = {"per-row-sparse": "per_row", **dict.fromkeys(GAP_METHODS, "per_row")}  # the others: the global top-k
 FULL_LR_METHODS = ("full",)  # methods that take the full fine-tuning learning-rate grid
 VIT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
@@ -179,10 +187,11 @@ def setup_method(
         else:
             sens = sensitivity
         plan = allocate(sens, budget, **{**SPT_RULE, "structured": PLAN_METHODS[method], "rank": rank,
-                                         "allocation": ALLOCATION.get(method, "global")})  # fmt: skip
+                                         "allocation": ALLOCATION.get(method, "global"),
+                                         **GAP_METHODS.get(method, {})})  # fmt: skip
         apply_plan(model, plan)
         details = {"by_kind": {k: v["params"] for k, v in plan.by_kind().items()}, "plan_hash": plan.hash()}
     else:
-        raise SensituneError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        raise SensituneError(f"unknown method {method!r}: use one of {', '.join((*METHODS, *GAP_METHODS))}")
     bb, hd = count_trainable(model)
     return model, MethodInfo(method, bb, hd, backbone_total, details)

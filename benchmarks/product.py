@@ -118,11 +118,20 @@ def run_command(sets: dict[str, Any], no_export: bool) -> list[str]:
     return [*head, "run", *sets_, *(["--no-export"] if no_export else [])]
 
 
+# keys added after the column was first measured whose default keeps the product as it was (the same plans: each
+# row records its plan_hash); at these values they leave the fingerprint, so adding them re-runs nothing
+ADDED_NEUTRAL = {("sensitivity", "include_stem"): False, ("plan", "whole"): [], ("plan", "row_k"): "count"}
+
+
 def defaults_fingerprint() -> str:
     """A hash of every package default: a row made under other defaults is not this product's."""
     from pipelines.config import defaults
 
-    return hashlib.sha256(json.dumps(defaults(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    d = defaults()
+    for (section, key), neutral in ADDED_NEUTRAL.items():
+        if d[section].get(key) == neutral:
+            del d[section][key]
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_seed(project: Path, sets: dict[str, Any], threads: int, no_export: bool) -> dict[str, Any]:

@@ -64,6 +64,11 @@ def key_of(r: dict) -> tuple:
     return r.get("method"), r.get("seed"), r.get("lr"), r.get("budget"), r.get("variant", "none"), r.get("fold")
 
 
+def sens_key(r: dict) -> tuple:
+    """A sensitivity pass's identity in a table: (seed, whether it measured the stem too)."""
+    return r.get("seed"), bool(r.get("include_stem"))
+
+
 def retire(state: dict, rows: list[dict], why: str, key: str = "rows") -> None:
     """Move `rows` (objects of ``state[key]``: the harness's rows, or the product column's) to ``state["replaced"]``
     with the reason, before they re-run."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.methods import METHODS
+from benchmarks.methods import GAP_METHODS, METHODS
 from benchmarks.product_report import product_lines
 from benchmarks.search_job import NAMES, SEARCH_METHODS
 from benchmarks.spread import mean as _mean
@@ -29,7 +29,7 @@ def summarize(state: dict) -> list[dict]:
     """Per method at the main budget: its rows at the lr chosen on seed-0 validation, aggregated over seeds."""
     rows, budget = state["rows"], state["meta"]["budget"]
     out = []
-    for m in (*METHODS, *SEARCH_METHODS):
+    for m in (*METHODS, *SEARCH_METHODS, *GAP_METHODS):
         lr = chosen_lr(rows, m, budget)
         if lr is None:
             continue

@@ -2,12 +2,11 @@
 
 Every CLI verb, DVC stage and Prefect task reads the same params: the section dataclasses below, filled from
 params.yaml and then from flags (`--set section.key=value`, or a verb's own flags, which are derived from the
-fields' metadata). Unknown sections or keys, and values of the wrong type, are reported all at once (a typo
-must never be silently ignored). params.yaml lists every key with the value given here (a test keeps them
-equal), so that DVC sees each value a stage depends on.
+fields' metadata). Unknown sections or keys, and values of the wrong type, are reported all at once (a typo is
+never ignored). params.yaml lists every key with the value given here (a test keeps them equal): DVC sees them.
 
-At run time params are plain data, ``{"section": {"key": value}}``: stages read them, DVC hashes them,
-Prefect passes them between tasks and MLflow logs them flattened.
+At run time params are plain data, ``{"section": {"key": value}}``: stages read them, DVC hashes them, Prefect
+passes them between tasks and MLflow logs them flattened.
 """
 
 from __future__ import annotations
@@ -103,6 +102,7 @@ class SensitivitySection:
     device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("measure",))
     amp: bool = _f(False, "bf16 autocast forward on CUDA, fp32 gradients and sums (less memory); CPU: fp32 always",
                    verbs=("measure",))  # fmt: skip
+    include_stem: bool = _f(False, "measure the stem too (frozen otherwise, as in SPT): plan.whole: [stem] needs it")
 
 
 @dataclass
@@ -123,6 +123,9 @@ class PlanSection:
         "per_row", "per_row (every output row its top-k entries; structured: none) | global (one top-k, then the "
         "alpha/beta rule)", verbs=("plan", "run"), choices=("per_row", "global"),
     )  # fmt: skip
+    whole: list[str] = _f([], "groups trained whole from the budget before the ranking (stem: with sensitivity."
+                          "include_stem); spt_core.allocate's WHOLE_GROUPS", choices=("depthwise", "norm", "stem"))
+    row_k: str = _f("count", "per_row: one count of every row's entries, or one share", choices=("count", "share"))
 
 
 @dataclass
@@ -340,6 +343,10 @@ def _cross_problems(params: Params) -> list[str]:
         if p["structured"] in structured_choices():  # an unknown kind gets the plan stage's "use one of" line
             out.append(f"plan.allocation=per_row trains single entries only (plan.structured: none); "
                        f"plan.structured={p['structured']} needs plan.allocation: global")  # fmt: skip
+    if "stem" in (p.get("whole") or []) and not params.get("sensitivity", {}).get("include_stem"):
+        out.append("plan.whole: [stem] needs sensitivity.include_stem: true (the stem is not measured otherwise)")
+    if p.get("row_k") == "share" and p.get("allocation") != "per_row":
+        out.append("plan.row_k=share shares each output row's entries: it needs plan.allocation: per_row")
     if d.get("ok_class") is None and params.get("train", {}).get("select") == "overkill_at_escape":
         out.append("train.select=overkill_at_escape needs data.ok_class (the good class)")
     return out
@@ -348,11 +355,9 @@ def _cross_problems(params: Params) -> list[str]:
 def _merge(params: Params, loaded: dict[str, Any], what: str = "key") -> list[str]:
     problems = []
     for section, values in loaded.items():
-        if section not in params:
-            problems.append(f"unknown section {section!r}")
-            continue
-        if not isinstance(values, dict):
-            problems.append(f"section {section!r} must be a mapping")
+        if section not in params or not isinstance(values, dict):
+            problems.append(f"section {section!r} must be a mapping" if section in params else
+                            f"unknown section {section!r}")  # fmt: skip
             continue
         for key, value in values.items():
             if key not in params[section]:

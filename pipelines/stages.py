@@ -108,6 +108,7 @@ def measure_stage(params: Params) -> Sensitivity:
     sens = measure_task(
         model, loaders["train"].dataset, loaders, head=s_cfg["head"], probe_epochs=s_cfg["probe_epochs"],
         batches=s_cfg["batches"], batch_size=s_cfg["batch_size"], seed=seed, device=device, amp=s_cfg["amp"],
+        include_stem=s_cfg["include_stem"],
     )  # fmt: skip
     sens.meta.update(
         {
@@ -133,7 +134,7 @@ def plan_stage(params: Params) -> Plan:
     """
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
-    kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation")}
+    kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation", "whole", "row_k")}
     plan = plan_budget(sens, p["budget"], p["ladder"], p["search"], **kw)
     keep = ("model_args", "model_info", "class_names", "ok_class", "data_hash", "head", "seconds")
     plan.meta.update({k: sens.meta[k] for k in keep if k in sens.meta})

@@ -15,13 +15,21 @@ Ties in the scores are broken by position in `named_parameters()` order (stable 
 `allocation="per_row"` is the other rule (GPS's idea, Zhang et al., CVPR 2024): every output row (a matrix row,
 a conv kernel's output channel; a vector is one row) gets its k most sensitive entries, with one k for the whole
 backbone, the largest whose count fits; the rest of the budget goes to the best-scored entries of rank k in their
-rows. Every chosen entry is a sparse delta (no modules): it needs structured="none".
+rows. Every chosen entry is a sparse delta (no modules): it needs structured="none". ``row_k="share"`` gives every
+row one share of its entries instead of one count (k_row = floor(f * row length), the largest f that fits): a 9-entry
+depthwise row and a 1152-entry pointwise row then take the same fraction, not the same number.
+
+``whole`` names groups of candidates trained whole before either rule runs, charged to the budget: ``depthwise``
+(depthwise conv kernels), ``norm`` (normalization layers' affine weights and biases) and ``stem`` (the stem's
+parameters; the sensitivity must have measured them, ``include_stem``). The rest of the budget is allocated over
+the other candidates. A group that matches nothing, or that alone costs more than the budget, is an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Literal
 
 import torch
@@ -136,8 +144,28 @@ def _row_view(score: torch.Tensor) -> torch.Tensor:
     return score.reshape(1, -1) if score.dim() == 1 else score.reshape(score.shape[0], -1)
 
 
-def per_row_indices(cands: list[Candidate], sensitivity: Sensitivity, budget: int) -> dict[str, torch.Tensor]:
-    """Sorted flat indices per candidate: each row's top-k entries (one k), then the best entries of rank k."""
+ROW_K = ("count", "share")  # per_row: one k for every row | one share of each row's entries
+WHOLE_GROUPS: dict[str, Callable[[Candidate], bool]] = {
+    "depthwise": lambda c: c.depthwise,
+    "norm": lambda c: c.norm,
+    "stem": lambda c: c.stem,
+}
+
+
+def _row_levels(lengths: list[int], row_k: str) -> list[Callable[[int], int]]:
+    """The per-row rule's levels, cheapest first: level i maps a row length to that row's k (non-decreasing in i
+    for every length). ``count``: k = min(i, n); ``share``: k = floor(f_i n) over every breakpoint f_i = j/n."""
+    if row_k == "count":
+        return [lambda n, k=k: min(k, n) for k in range(max(lengths) + 1)]
+    shares = sorted({Fraction(j, n) for n in set(lengths) for j in range(n + 1)})
+    return [lambda n, f=f: f.numerator * n // f.denominator for f in shares]
+
+
+def per_row_indices(
+    cands: list[Candidate], sensitivity: Sensitivity, budget: int, row_k: str = "count"
+) -> dict[str, torch.Tensor]:
+    """Sorted flat indices per candidate: each row's top entries (`_row_levels`' largest level that fits the budget),
+    then the best of the entries each row would take next."""
     ranked = []  # per candidate: (row-wise order of flat indices, scores in that order), both (rows, row_len)
     lengths = []
     for c in cands:
@@ -146,18 +174,19 @@ def per_row_indices(cands: list[Candidate], sensitivity: Sensitivity, budget: in
         flat = order.indices + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
         ranked.append((flat, order.values))
         lengths.append(rows.shape[1])
+    levels = _row_levels(lengths, row_k)
 
-    def count(k: int) -> int:
-        return sum(min(k, n) * flat.shape[0] for (flat, _), n in zip(ranked, lengths))
+    def count(level: int) -> int:
+        return sum(levels[level](n) * flat.shape[0] for (flat, _), n in zip(ranked, lengths))
 
-    lo, hi = 0, max(lengths)  # the largest k with count(k) <= budget
+    lo, hi = 0, len(levels) - 1  # the largest level with count(level) <= budget (level 0 takes nothing)
     while hi - lo > 0:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid - 1)
-    k, gap = lo, budget - count(lo)
-    # the fill: entries of rank k (the next one of each row), best score first; ties by candidate, then row
-    nxt = [(i, flat[:, k], vals[:, k]) for i, ((flat, vals), n) in enumerate(zip(ranked, lengths)) if k < n]
-    chosen = {c.name: [flat[:, :k].reshape(-1)] for c, (flat, _) in zip(cands, ranked)}
+    ks, gap = [levels[lo](n) for n in lengths], budget - count(lo)
+    # the fill: each row's next entry, best score first; ties by candidate, then row
+    nxt = [(i, flat[:, k], vals[:, k]) for i, ((flat, vals), n, k) in enumerate(zip(ranked, lengths, ks)) if k < n]
+    chosen = {c.name: [flat[:, :k].reshape(-1)] for c, (flat, _), k in zip(cands, ranked, ks)}
     if gap > 0 and nxt:
         vals = torch.cat([v for _, _, v in nxt])
         owner = torch.cat([torch.full((len(v),), i) for i, _, v in nxt])
@@ -169,6 +198,22 @@ def per_row_indices(cands: list[Candidate], sensitivity: Sensitivity, budget: in
     return {name: idx for name, idx in out.items() if len(idx)}
 
 
+def whole_candidates(cands: list[Candidate], whole: Sequence[str]) -> list[Candidate]:
+    """The candidates of the `whole` groups (`WHOLE_GROUPS`), in candidate order.
+
+    Raises:
+        PlanError: an unknown group, or one that matches no candidate.
+    """
+    for g in whole:
+        if g not in WHOLE_GROUPS:
+            raise PlanError(f"whole={list(whole)}: {g!r} is not a group; use any of {', '.join(WHOLE_GROUPS)}")
+        if not any(WHOLE_GROUPS[g](c) for c in cands):
+            hint = ("measure with include_stem (sensitivity.include_stem: true)" if g == "stem" else
+                    "this model has none, or the sensitivity file predates the group: measure again")  # fmt: skip
+            raise PlanError(f"whole: {g!r} matches no candidate of the sensitivity; {hint}, or drop it")
+    return [c for c in cands if any(WHOLE_GROUPS[g](c) for g in whole)]
+
+
 def allocate(
     sensitivity: Sensitivity,
     budget: int | float | str,
@@ -178,6 +223,8 @@ def allocate(
     alpha: float,
     beta: float,
     allocation: Allocation,
+    whole: Sequence[str] = (),
+    row_k: str = "count",
     **tuner: Any,
 ) -> Plan:
     """Turn sensitivity scores into a plan whose trainable count is at most `budget`.
@@ -195,6 +242,9 @@ def allocate(
         beta: a vector is trained whole when ≥ 1/beta of it is selected (SPT: 5).
         allocation: "global" (one top-k over the backbone, then the α/β rule) or "per_row" (every output row its
             top-k entries, all sparse; needs structured="none").
+        whole: groups trained whole first, from the budget (`WHOLE_GROUPS`: depthwise, norm, stem); () = none, the
+            rule as published (params.yaml's ``plan.whole`` is what the application passes).
+        row_k: per_row's rule, "count" (one k for every row, GPS) or "share" (one share of each row's entries).
         **tuner: further hyper-parameters of tuner kinds, each a field of a registered kind's config (a new
             kind's own, LoRA's ``lora_scale``); the plan records them with `rank` (`Plan.tuner_config`).
     """
@@ -207,6 +257,8 @@ def allocate(
             f"allocation=per_row chooses single entries only, structured={structured!r} builds modules: "
             "set plan.structured: none, or plan.allocation: global"
         )
+    if row_k not in ROW_K or (row_k != "count" and allocation != "per_row"):
+        raise PlanError(f"row_k={row_k!r}: use one of {', '.join(ROW_K)} (share only with allocation=per_row)")
     if rank < 1 or alpha < 1 or beta < 1:
         # alpha < 1 would make a module cheaper than the entries that trigger it: count(k) stops being monotone
         raise PlanError(f"rank={rank}, alpha={alpha}, beta={beta}: need rank >= 1, alpha >= 1, beta >= 1")
@@ -222,9 +274,45 @@ def allocate(
     count_budget = parse_budget(budget, backbone)
     if count_budget > total:
         raise PlanError(f"budget {count_budget:,} exceeds the {total:,} candidate values: lower the budget")
-
+    fixed = whole_candidates(cands, whole)
+    spent = sum(c.numel for c in fixed)
+    if spent > count_budget:
+        raise PlanError(f"whole={list(whole)} alone trains {spent:,} values, over the budget {count_budget:,}: "
+                        "raise the budget or drop a group")  # fmt: skip
+    rest = [c for c in cands if c not in fixed]
+    options = (structured, tuner_config, alpha, beta)
+    meta = {"allocation": allocation, "candidates": len(cands), "candidate_values": total}
+    if whole or row_k != "count":  # recorded only when set: plans of the published rules keep their plan.json
+        meta.update({"whole": list(whole), "whole_values": spent, "row_k": row_k})
     if allocation == "per_row":
-        return _per_row_plan(cands, sensitivity, count_budget, tuner_config, alpha, beta)
+        indices = per_row_indices(rest, sensitivity, count_budget - spent, row_k)
+        targets = [Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block)
+                   for c in rest if c.name in indices]  # fmt: skip
+        meta["saturated"] = spent + sum(t.count for t in targets) == total
+    else:
+        targets, indices, top = _global_targets(rest, sensitivity, count_budget - spent, structured, tuner_config,
+                                                alpha, beta)  # fmt: skip
+        if not targets and not fixed:
+            raise PlanError(f"budget {count_budget:,} is too small for any trainable unit: raise the budget")
+        meta.update(top)
+    targets += [Target(c.name, "whole", c.numel, c.kind, c.shape, c.block) for c in fixed]
+    at = {c.name: i for i, c in enumerate(cands)}
+    targets.sort(key=lambda t: at[t.param])  # stable: a candidate's sparse target before its modules
+    return plan_of(sensitivity, targets, indices, count_budget, options, meta)
+
+
+def _global_targets(
+    cands: list[Candidate],
+    sensitivity: Sensitivity,
+    count_budget: int,
+    structured: str,
+    tuner_config: dict[str, Any],
+    alpha: float,
+    beta: float,
+) -> tuple[list[Target], dict[str, torch.Tensor], dict[str, Any]]:
+    """SPT's rule over `cands`: targets, sparse indices and what it chose (top_k, filled, saturated)."""
+    if not cands or count_budget <= 0:
+        return [], {}, {"top_k": 0, "filled": 0, "saturated": not cands}
     units = _units(cands, structured, tuner_config, alpha, beta)
     starts = torch.tensor([u.start for u in units], dtype=torch.int64)
     rule_struct = torch.tensor([u.rule == "structured" for u in units])
@@ -258,8 +346,6 @@ def allocate(
     sw = switched(k_u)
     gap = count_budget - int(torch.where(sw, costs, k_u).sum())
     extra = _fill(order, unit_of, k, gap, sw, k_u, rule_struct | rule_whole, thresholds)
-    if k == 0 and len(extra) == 0:
-        raise PlanError(f"budget {count_budget:,} is too small for any trainable unit: raise the budget")
     targets: list[Target] = []
     sparse_units = (~sw) & (k_u > 0)
     chosen = torch.cat([order[:k][sparse_units[unit_of[:k].long()]], extra])
@@ -284,9 +370,7 @@ def allocate(
             targets.append(Target(c.name, "sparse", per_cand[i], c.kind, c.shape, c.block))
         targets.extend(by_cand[c.name])
     # saturated: every candidate entry is selected and the plan still costs less than the budget
-    meta = {"allocation": "global", "top_k": k, "filled": len(extra), "candidates": len(cands),
-            "candidate_values": total, "saturated": k == len(order)}  # fmt: skip
-    return plan_of(sensitivity, targets, indices, count_budget, (structured, tuner_config, alpha, beta), meta)
+    return targets, indices, {"top_k": k, "filled": len(extra), "saturated": k == len(order)}
 
 
 def plan_of(
@@ -312,21 +396,3 @@ def plan_of(
         block_names=list(sensitivity.meta.get("block_names", [])),
         meta=meta,
     )
-
-
-def _per_row_plan(
-    cands: list[Candidate],
-    sensitivity: Sensitivity,
-    count_budget: int,
-    tuner: dict[str, Any],
-    alpha: float,
-    beta: float,
-) -> Plan:
-    indices = per_row_indices(cands, sensitivity, count_budget)
-    targets = [
-        Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block) for c in cands if c.name in indices
-    ]
-    total = sum(c.numel for c in cands)
-    meta = {"allocation": "per_row", "candidates": len(cands), "candidate_values": total,
-            "saturated": sum(t.count for t in targets) == total}  # fmt: skip
-    return plan_of(sensitivity, targets, indices, count_budget, ("none", tuner, alpha, beta), meta)

@@ -20,7 +20,7 @@ alone does not (the edge imports `spt_core.portable` without torch).
 
 from __future__ import annotations
 
-from .allocate import SPT_RULE, allocate
+from .allocate import ROW_K, SPT_RULE, WHOLE_GROUPS, allocate
 from .budget import (
     AUTO,
     FULL,
@@ -84,6 +84,8 @@ __all__ = [
     "Sensitivity",
     "allocate",
     "SPT_RULE",
+    "WHOLE_GROUPS",
+    "ROW_K",
     "structured_choices",
     "parse_budget",
     "Plan",

@@ -24,6 +24,8 @@ from timm.models import group_parameters
 
 # Output-row segments of fused projections, by the module's last name component (a timm-wide convention).
 FUSED_SEGMENTS = {"qkv": 3, "kv": 2}
+# Normalization layers (timm's BatchNormAct2d, LayerNorm2d, ... subclass these): their affine vectors are `norm`
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Candidate:
     block: int  # index into the model's block list (timm group_matcher order)
     groups: int = 1  # conv groups (depthwise convs have groups == channels)
     segments: tuple[tuple[int, int], ...] = ()  # row ranges of a fused projection; () for a plain matrix
+    norm: bool = False  # a normalization layer's affine weight or bias (BatchNorm, LayerNorm, GroupNorm)
+    stem: bool = False  # in the stem group (a candidate only when measured with include_stem)
 
     @property
     def numel(self) -> int:
@@ -45,6 +49,11 @@ class Candidate:
         for s in self.shape:
             n *= s
         return n
+
+    @property
+    def depthwise(self) -> bool:
+        """A depthwise conv kernel: one input channel per output channel (groups > 1, kernel (C, 1, kh, kw))."""
+        return self.kind == "conv" and self.groups > 1 and len(self.shape) > 1 and self.shape[1] == 1
 
     @property
     def fan_in(self) -> int:
@@ -118,8 +127,9 @@ def find_candidates(model: nn.Module, *, include_stem: bool = False) -> dict[str
     if not hasattr(model, "get_classifier"):
         raise TypeError(f"{type(model).__name__} has no get_classifier(): pass a timm model")
     excluded = set(head_parameter_names(model)) | frozen_token_names(model)
+    stem = stem_names(model)
     if not include_stem:
-        excluded |= stem_names(model)
+        excluded |= stem
     blocks, _ = block_index(model)
     found: dict[str, Candidate] = {}
     for mod_name, module in model.named_modules():
@@ -140,7 +150,9 @@ def find_candidates(model: nn.Module, *, include_stem: bool = False) -> dict[str
                 kind = "vector"
             if kind is None:  # other tensors (e.g. custom matrices): frozen, never silently mis-tuned
                 continue
-            found[name] = Candidate(name, mod_name, attr, kind, tuple(p.shape), blocks.get(name, 0), groups, segments)
+            norm = kind == "vector" and isinstance(module, NORMS)
+            found[name] = Candidate(name, mod_name, attr, kind, tuple(p.shape), blocks.get(name, 0), groups, segments,
+                                    norm=norm, stem=name in stem)  # fmt: skip
     return found
 
 

@@ -215,6 +215,7 @@ def measure_task(
     seed: int,
     device: str | torch.device,
     amp: bool = False,
+    include_stem: bool = False,
 ) -> Sensitivity:
     """The sensitivity of `model` on a task: fit the head first (``head="probe"``), then measure Σg².
 
@@ -234,6 +235,7 @@ def measure_task(
         seed: seed of the probe and of the shuffle.
         device: where to compute.
         amp: bf16 autocast forward on CUDA (see `measure_sensitivity`).
+        include_stem: measure the stem too (`find_candidates`).
 
     Under torchrun, rank r measures batches r, r + N, ... of the same shuffle and the sums are added over ranks:
     the result equals one process over the same `batches` batches (up to fp32 summation order).
@@ -255,13 +257,13 @@ def measure_task(
     sampler = BalancedSampler(labels, seed) if labels is not None else SeededSampler(len(train_dataset), seed)
     if not w.active:
         loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
-        sens = measure_sensitivity(model, loader, batches=batches, device=device, amp=amp)
+        sens = measure_sensitivity(model, loader, batches=batches, device=device, amp=amp, include_stem=include_stem)
     else:
         mine = shard_batches(sampler, batch_size, w, limit=batches)
         if len(mine) == 0:
             raise PlanError(f"sensitivity.batches={batches} < {w.size} processes: measure at least one batch per rank")
         sens = measure_sensitivity(model, DataLoader(train_dataset, batch_sampler=mine), batches=len(mine),
-                                   device=device, amp=amp)  # fmt: skip
+                                   device=device, amp=amp, include_stem=include_stem)  # fmt: skip
         all_reduce_sum(list(sens.scores.values()))
         counts = torch.tensor([sens.meta["batches"], sens.meta["images"]], dtype=torch.int64)
         all_reduce_sum([counts])

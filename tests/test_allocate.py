@@ -197,3 +197,80 @@ def test_per_row_takes_no_modules():
         _allocate(_toy(), 20, structured="lora", allocation="per_row")
     with pytest.raises(PlanError, match="allocation='row'"):
         _allocate(_toy(), 20, structured="none", allocation="row")
+
+
+def _groups() -> Sensitivity:
+    """A norm vector nobody's ranking would pick (scores 0), a 4x1x3x3 depthwise kernel with one hot entry per row
+    (5), an 8x10 matrix with one hot entry per row (10, on the diagonal), and a 2x3x1x1 stem conv (scores 1)."""
+    cands = {
+        "n": Candidate("n", "bn", "weight", "vector", (8,), 0, norm=True),
+        "d": Candidate("d", "dw", "weight", "conv", (4, 1, 3, 3), 0, groups=4),
+        "w": Candidate("w", "pw", "weight", "linear", (8, 10), 1),
+        "s": Candidate("s", "stem", "weight", "conv", (2, 3, 1, 1), 0, stem=True),
+    }
+    d, w = torch.zeros(4, 1, 3, 3), torch.zeros(8, 10)
+    d.view(4, 9)[:, 4] = 5.0
+    w[torch.arange(8), torch.arange(8)] = 10.0
+    scores = {"n": torch.zeros(8), "d": d, "w": w, "s": torch.ones(2, 3, 1, 1)}
+    return Sensitivity(scores, cands, {"backbone_params": 130})
+
+
+def test_whole_groups_are_trained_whole_from_the_budget_and_the_rest_is_ranked():
+    per_row = {"structured": "none", "allocation": "per_row"}
+    # k = 1 (15 values), the fill's 5: the stem's two 1s, then 0s by candidate order: the vector's second entry first
+    assert _kinds(_allocate(_groups(), 20, **per_row))["n"] == ("sparse", 2)
+    plan = _allocate(_groups(), 20, **per_row, whole=["norm"])
+    # 8 values to the norm vector, 12 left: k = 1 would cost 4 + 8 + 2 = 14, so k = 0 and the fill takes the 12 hot
+    # entries (the matrix's 8 at 10, the kernel's 4 at 5); the stem's 1s lose
+    assert _kinds(plan) == {"n": ("whole", 8), "d": ("sparse", 4), "w": ("sparse", 8)}
+    assert torch.equal(plan.indices["w"], torch.arange(8) * 11)  # each row's diagonal entry
+    assert torch.equal(plan.indices["d"], torch.arange(4) * 9 + 4)  # each kernel's centre
+    assert plan.meta["whole"] == ["norm"] and plan.meta["whole_values"] == 8 and plan.trainable == 20
+    assert [t.param for t in plan.targets] == ["n", "d", "w"]  # candidate order, whatever the rule
+    glob = _allocate(_groups(), 20, **SPT_RULE | {"structured": "none"}, whole=["norm"])  # the global rule too
+    assert _kinds(glob) == {"n": ("whole", 8), "d": ("sparse", 4), "w": ("sparse", 8)}
+
+    stem = _allocate(_groups(), 20, **per_row, whole=["stem"])  # 6 to the stem, 14 left: k = 1 (1 + 4 + 8 = 13)
+    assert _kinds(stem)["s"] == ("whole", 6) and stem.trainable == 20
+    assert _kinds(_allocate(_groups(), 40, **per_row, whole=["depthwise"])) == {"d": ("whole", 36), "w": ("sparse", 4)}
+    with pytest.raises(PlanError, match="alone trains 36 values, over the budget 20"):
+        _allocate(_groups(), 20, **per_row, whole=["depthwise"])
+    with pytest.raises(PlanError, match="'bn' is not a group"):
+        _allocate(_groups(), 20, **per_row, whole=["bn"])
+    with pytest.raises(PlanError, match="include_stem"):  # a pass that measured no stem
+        _allocate(_toy(), 20, **per_row, whole=["stem"])
+    assert _allocate(_groups(), 20, **per_row).meta.keys().isdisjoint({"whole", "row_k"})  # published rules' meta
+
+
+def test_row_k_share_gives_every_row_the_same_share_not_the_same_count():
+    """4 depthwise rows of 9 entries and 4 pointwise rows of 90; a budget of 44 is 1/9 of every row."""
+    cands = {"d": Candidate("d", "dw", "weight", "conv", (4, 1, 3, 3), 0, groups=4),
+             "p": Candidate("p", "pw", "weight", "conv", (4, 90, 1, 1), 0)}  # fmt: skip
+    scores = {"d": torch.arange(36.0).reshape(4, 1, 3, 3), "p": torch.arange(360.0).reshape(4, 90, 1, 1)}
+    sens = Sensitivity(scores, cands, {"backbone_params": 396})
+    share = _allocate(sens, 44, structured="none", allocation="per_row", row_k="share")
+    rows = {n: torch.bincount(i // (9 if n == "d" else 90), minlength=4).tolist() for n, i in share.indices.items()}
+    assert rows == {"d": [1] * 4, "p": [10] * 4}  # floor(n/9) of each row
+    assert torch.equal(share.indices["d"], torch.arange(4) * 9 + 8)  # each row's best (last) entry
+    count = _allocate(sens, 44, structured="none", allocation="per_row")  # k = 5 (40), then the 4 best of rank 5
+    assert torch.bincount(count.indices["d"] // 9, minlength=4).tolist() == [5, 5, 5, 5]  # 5 of 9, not 1
+    assert torch.bincount(count.indices["p"] // 90, minlength=4).tolist() == [6, 6, 6, 6]
+    assert share.meta["row_k"] == "share" and share.trainable == count.trainable == 44
+    with pytest.raises(PlanError, match="share only with allocation=per_row"):
+        _allocate(sens, 44, structured="none", row_k="share")
+
+
+def test_candidates_know_their_group_on_a_cnn():
+    from spt_core.candidates import find_candidates
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    found = find_candidates(model, include_stem=True)
+    norm = {n for n, c in found.items() if c.norm}
+    assert "bn1.weight" in norm and "blocks.1.0.bn2.bias" in norm and "blocks.1.0.conv_pw.weight" not in norm
+    assert {n for n, c in found.items() if c.depthwise} == {n for n in found if n.endswith("conv_dw.weight")}
+    assert {n for n, c in found.items() if c.stem} == {"conv_stem.weight", "bn1.weight", "bn1.bias"}
+    assert not any(c.stem for c in find_candidates(model).values())  # frozen unless asked for
+    cand = found["bn1.weight"]
+    assert Candidate.from_dict(cand.to_dict()) == cand  # a sensitivity file keeps the groups
+    old = {k: v for k, v in cand.to_dict().items() if k not in ("norm", "stem")}  # a file from before them
+    assert Candidate.from_dict(old).norm is False

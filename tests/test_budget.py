@@ -173,6 +173,15 @@ def test_per_row_allocation_from_the_cli(auto_project, monkeypatch, capsys, tmp_
     assert "plan.structured=lora needs plan.allocation: global" in capsys.readouterr().err
     assert main([*base, "--set", "plan.allocation=global", "--set", "plan.structured=lora"]) == 0
     assert json.loads((tmp_path / "plan.json").read_text())["meta"].get("allocation", "global") == "global"
+    # plan.whole reaches allocate: the norm layers whole from the budget, the rest per row
+    from spt_core.api import Sensitivity
+
+    norm = sum(c.numel for c in Sensitivity.load(tmp_path / "sensitivity.safetensors").candidates.values() if c.norm)
+    assert main([*base, "--set", "plan.whole=[norm]", "--budget", "4%"]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert norm > 0 and plan["by_kind"]["whole"]["params"] == norm and plan["meta"]["whole"] == ["norm"]
+    assert main([*base, "--set", "plan.whole=[stem]"]) == 2  # the stem was not measured
+    assert "needs sensitivity.include_stem: true" in capsys.readouterr().err
 
 
 def test_a_plain_plan_trains_the_model_it_probed_and_gets_the_numbers_of_a_fresh_build(

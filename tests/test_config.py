@@ -41,6 +41,9 @@ def test_every_problem_is_reported_at_once_naming_each_key(tmp_path: Path):
         ("plan.budget", 400000, True),  # budgets are text or a count
         ("export.precisions", ["fp32", "int4"], False),
         ("sensitivity.head", "zero", False),
+        ("plan.whole", ["norm", "depthwise"], True),
+        ("plan.whole", ["bn"], False),
+        ("plan.row_k", "fraction", False),
     ],
 )
 def test_value_types_and_choices(dotted: str, value, ok: bool):
@@ -49,6 +52,19 @@ def test_value_types_and_choices(dotted: str, value, ok: bool):
     else:
         with pytest.raises(SensituneError, match=dotted.replace(".", r"\.")):
             config.load_params(None, {dotted: value})
+
+
+def test_the_plan_groups_are_the_methods_and_their_companions_are_checked_first():
+    """plan.whole / plan.row_k offer exactly spt_core.allocate's names; keys that need another one say which."""
+    from spt_core.api import ROW_K, WHOLE_GROUPS
+
+    choices = {k.dotted: k.choices for k in config.keys()}
+    assert choices["plan.whole"] == tuple(WHOLE_GROUPS) and choices["plan.row_k"] == ROW_K
+    with pytest.raises(SensituneError, match=r"plan\.whole: \[stem\] needs sensitivity\.include_stem: true"):
+        config.load_params(None, {"plan.whole": ["stem"]})
+    assert config.load_params(None, {"plan.whole": ["stem"], "sensitivity.include_stem": True})["plan"]["whole"]
+    with pytest.raises(SensituneError, match=r"plan\.row_k=share .* needs plan\.allocation: per_row"):
+        config.load_params(None, {"plan.row_k": "share", "plan.allocation": "global", "plan.structured": "lora"})
 
 
 def test_set_parses_yaml_values():
