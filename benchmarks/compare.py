@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Table, merge, rerun_ties, retire_stale, run_protocol, run_shard
+from benchmarks.harness import Table, merge, rerun, retire_stale, run_protocol, run_shard
 from benchmarks.methods import FULL_LR_METHODS, GAP_METHODS, METHODS
 from benchmarks.protocol import (
     BACKBONES,
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run the rows tied on validation in a budget-on-val choice that lack val_loss (made before rows "
         "recorded it), so the tie-break is the product's; run with the table's own options; old rows kept under "
         "'replaced'",
+    )
+    ap.add_argument(
+        "--rerun-lossless",
+        action="store_true",
+        help="re-run every row the table's numbers rest on (each method's seed-0 grid, its chosen-lr rows, the "
+        "budget-on-val candidates) that lacks val_loss, of every method alike, so every choice is the product's; "
+        "with the table's own options; old rows kept under 'replaced'",
     )
     ap.add_argument("--report-only", type=Path, help="rewrite the .md/.png of this JSON and exit")
     ap.add_argument(
@@ -277,8 +284,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.merge:
         merge(table, old_meta, args.merge)
         return table.out_json
-    if args.rerun_ties:
-        rerun_ties(table, old_meta, command)
+    if args.rerun_ties or args.rerun_lossless:
+        rerun(table, old_meta, command, "ties" if args.rerun_ties else "lossless")
         return table.out_json
     if args.rerun_stale:
         retire_stale(table, methods, args.budget)

@@ -3,7 +3,7 @@
 `Table` holds one results JSON and runs the rows it lacks; each finished row is written at once, so a killed run
 resumes where it stopped. The modes of `benchmarks/compare.py` are functions over it: `run_protocol` (the lr grid
 on the grid seeds, the chosen lr on the other seeds, k-fold runs, budget curves), `run_shard` (--seed-start),
-`merge` (--merge), `rerun_ties` (--rerun-ties) and `retire_stale` (--rerun-stale).
+`merge` (--merge), `rerun` (--rerun-ties, --rerun-lossless) and `retire_stale` (--rerun-stale).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.jobs import run_job
 from benchmarks.methods import SENSITIVITY_METHODS, STEM_METHODS
 from benchmarks.protocol import ROWS, key_of, retire, sens_key
-from benchmarks.report import chosen_lr, rows_tied_without_loss, write_any_report
+from benchmarks.report import chosen_lr, rows_tied_without_loss, rows_without_loss, write_any_report
 from benchmarks.task_data import kfold_dirs
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import write_json
@@ -156,23 +156,34 @@ def merge(table: Table, old_meta: dict | None, shard_path: Path) -> None:
     table.save()
 
 
-def rerun_ties(table: Table, old_meta: dict | None, command: str) -> None:
-    """--rerun-ties: re-run the rows tied on validation in a budget-on-val choice that recorded no val_loss."""
+RERUNS = {  # --rerun-<name>: which rows, and the reason kept with the old ones under "replaced"
+    "ties": (rows_tied_without_loss, "tied on validation in a budget-on-val choice, recorded no val_loss"),
+    "lossless": (rows_without_loss, "the table's numbers rest on it and it recorded no val_loss"),
+}
+
+
+def rerun(table: Table, old_meta: dict | None, command: str, which: str) -> None:
+    """--rerun-ties / --rerun-lossless: re-run the rows `RERUNS[which]` selects (the table's own options), check
+    each reproduces its validation accuracy, and say what is left; compare.py then runs what a moved lr needs."""
     if old_meta is None:
-        raise SensituneError(f"--rerun-ties: no table at {table.out_json}; copy the table's JSON into --out-dir")
+        raise SensituneError(f"--rerun-{which}: no table at {table.out_json}; copy the table's JSON into --out-dir")
+    select, why = RERUNS[which]
     state, slug = table.state, table.slug
-    state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-ties: `{command}`"}
-    tied = rows_tied_without_loss(state)
-    retire(state, tied, "tied on validation in a budget-on-val choice, recorded no val_loss")
-    print(f"[{slug}] re-running {len(tied)} tied rows without a validation loss", flush=True)
-    table.run_all([key_of(r) for r in tied])
-    for old in tied:  # same seed, code path and threads: the run should reproduce its validation accuracy
+    state["meta"] = {**old_meta, "command": old_meta["command"] + f"  # + --rerun-{which}: `{command}`"}
+    rows, budget = select(state), state["meta"]["budget"]
+    lrs = {m: chosen_lr(state["rows"], m, budget) for m in {r["method"] for r in state["rows"]}}
+    retire(state, rows, why)
+    print(f"[{slug}] re-running {len(rows)} rows: {why}", flush=True)
+    table.run_all([key_of(r) for r in rows])
+    for old in rows:  # same seed, code path and threads: the run should reproduce its validation accuracy
         new = next((r for r in state["rows"] if key_of(r) == key_of(old)), {})
         if new.get("val_acc") != old["val_acc"]:
             print(f"[{slug}] {key_of(old)}: val_acc {old['val_acc']} -> {new.get('val_acc')}", flush=True)
-    left = rows_tied_without_loss(state)  # a changed val_acc can move an lr or make a new tie
-    if left:
-        print(f"[{slug}] {len(left)} tied rows still without a loss: run --rerun-ties again", flush=True)
+    if moved := {m: (lr, chosen_lr(state["rows"], m, budget)) for m, lr in lrs.items()
+                 if chosen_lr(state["rows"], m, budget) != lr}:  # fmt: skip
+        print(f"[{slug}] the chosen lr moved ({moved}): run the table's own command to fill those seeds", flush=True)
+    elif left := select(state):  # a changed val_acc can make a new tie
+        print(f"[{slug}] {len(left)} rows still without a loss: run --rerun-{which} again", flush=True)
     table.save()
 
 

@@ -8,6 +8,7 @@ summary_metrics(state)  the headline numbers as MLflow metrics
 chosen_lr(rows, m, b)   the seed-0 lr with the best validation accuracy
 budget_on_val(state, m) per seed, the rung `spt_core.budget.choose_rung` picks among m's budgets (and full)
 rows_tied_without_loss  the rows whose missing val_loss leaves such a choice to the old tie-break
+rows_without_loss       every row a table's numbers rest on that recorded no val_loss (one rule for every method)
 """
 
 from __future__ import annotations
@@ -114,6 +115,20 @@ def rows_tied_without_loss(state: dict) -> list[dict]:
             if len(top) > 1:
                 out.update({id(r): r for r in top if r.get("val_loss") is None})
     return list(out.values())
+
+
+def rows_without_loss(state: dict) -> list[dict]:
+    """The rows a table's numbers rest on that recorded no val_loss, of every method alike: each method's seed-0
+    rows at the main budget (its lr choice), its rows at the chosen lr (every seed), and the candidates of every
+    budget-on-val choice. Made before rows recorded a loss, they chose their epoch (and tied lrs and rungs) by the
+    old tie-break; re-run, every choice in the table is the product's (`best_by_selection`)."""
+    budget, out = state["meta"]["budget"], {}
+    grid = [r for r in state["rows"] if r["seed"] == 0 and r["budget"] == budget and "error" not in r]
+    for r in [*grid, *(r for s in summarize(state) for r in s["rows"])]:
+        out[id(r)] = r
+    for _, _, picks in ladders(state):
+        out.update({id(r): r for pick in picks for r in pick["candidates"].values()})
+    return [r for r in out.values() if r.get("val_loss") is None and r.get("kind", "train") == "train"]
 
 
 def write_report(state: dict, stem: Path) -> None:

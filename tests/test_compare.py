@@ -58,6 +58,31 @@ def test_gap_methods_train_their_groups_whole_and_the_stem_has_its_own_pass(tmp_
     assert len(plans) == 3  # three rules, three plans
 
 
+def test_rerun_lossless_reruns_every_methods_rows_the_numbers_rest_on_and_no_other(tmp_path: Path) -> None:
+    """One rule for every method: the rows without a val_loss that a table's numbers use, peft LoRA's included."""
+    argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "40", "--n-val", "20", "--n-test", "20",
+            "--epochs", "2", "--seeds", "2", "--methods", "peft-lora,per-row-sparse", "--lr-grid", "1e-3,3e-3",
+            "--budget", "1%", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir",
+            str(tmp_path / "results"), "--in-process"]  # fmt: skip
+    path = compare.main(argv)
+    state = json.loads(path.read_text())
+    lrs = {m: chosen_lr(state["rows"], m, "1%") for m in ("peft-lora", "per-row-sparse")}
+    for r in state["rows"]:  # rows made before they recorded a loss
+        r.pop("val_loss")
+    # rows no number rests on: a seed-1 row at the other lr, and one at a budget no ladder uses
+    idle = [{**r, "lr": 3e-3 if r["lr"] == 1e-3 else 1e-3} for r in state["rows"] if r["seed"] == 1]
+    idle += [{**r, "budget": "4%"} for r in state["rows"] if r["seed"] == 1 and r["method"] == "peft-lora"]
+    state["rows"] += idle
+    path.write_text(json.dumps(state))
+    used = {key_of(r): r["val_acc"] for r in state["rows"] if r not in idle}  # seed-0 grid + seed 1 at the chosen lr
+    assert len(used) == 6
+    again = json.loads(compare.main([*argv, "--rerun-lossless"]).read_text())
+    assert sorted(key_of(r) for r in again["replaced"]) == sorted(used)  # peft LoRA's as well as the method's
+    assert all("val_loss" in r and r["val_acc"] == used[key_of(r)] for r in again["rows"] if key_of(r) in used)
+    assert sum("val_loss" not in r for r in again["rows"]) == len(idle) == 3  # the idle rows stay as they were
+    assert {m: chosen_lr(again["rows"], m, "1%") for m in lrs} == lrs and "--rerun-lossless" in again["meta"]["command"]
+
+
 def test_harness_table_and_counts(tmp_path: Path) -> None:
     out = tmp_path / "results"
     argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "40", "--n-val", "20", "--n-test", "20",
