@@ -6,7 +6,9 @@ The same rules on a live line (real uvicorn, cameras, feedback): tests/test_depl
 
 from __future__ import annotations
 
+import json
 import math
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,3 +111,47 @@ def test_decide_rule() -> None:
     d = decide(_report((10, 10, 1.0, 3, 13), (500, 400, 1.0)), rule)  # 3/13 errors: lower bound 0.08 > 0.05
     assert d.action == "rollback" and "errors 3/13" in d.reasons[0]
     assert decide(_report((10, 10, 1.0, 1, 60), (500, 400, 1.0)), rule).action == "wait"  # 1/60 may be luck
+
+
+def _pred(frame: int, role: str, cls: str, **extra) -> str:
+    rec = {"frame_id": f"f{frame}", "camera_id": "cam1", "role": role, "model_version": "1" if role == "champion"
+           else "2", "class": cls, "latency_ms": 5.0 + frame % 7, "served": role == "champion", **extra}  # fmt: skip
+    return json.dumps(rec) + "\n"
+
+
+def test_compare_folds_a_long_log_in_bounded_memory_and_pairs_within_the_window(tmp_path: Path, monkeypatch) -> None:
+    """A box's predictions log grows for as long as it serves: the report reads it one record at a time."""
+    from deploy.edge.rollout import stats
+
+    preds, feedback = tmp_path / "predictions.jsonl", tmp_path / "feedback.jsonl"
+    n = 60_000  # champion served + challenger shadow on every frame; the challenger wrong on every 10th
+    with open(preds, "w") as f:
+        for i in range(n):
+            f.write(_pred(i, "champion", "ok"))
+            f.write(_pred(i, "challenger", "scratch" if i % 10 == 0 else "ok", shadow=True))
+    feedback.write_text("".join(json.dumps({"camera_id": "cam1", "frame_id": f"f{i}", "label": "ok"}) + "\n"
+                                for i in range(0, n, 100)))  # fmt: skip
+    tracemalloc.start()
+    rep = stats.compare(preds, feedback, champion_version="1", challenger_version="2")
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    assert peak < 20, f"{peak:.0f} MB"  # the 120,000 records as dicts: ~150 MB
+    ch, cp = rep["overall"]["challenger"], rep["overall"]["champion"]
+    assert (cp["requests"], cp["served"], ch["shadow"], ch["labelled"], ch["correct"]) == (
+        n,
+        n,
+        n,
+        600,
+        0,
+    )  # f0, f100.. wrong
+    assert rep["paired"]["frames"] == n and rep["paired"]["agreement"] == 0.9
+    assert (rep["paired"]["b"], rep["paired"]["c"], rep["log"]["predictions"]) == (600, 0, 2 * n)
+
+    # a shadow answer further from its frame than the window is not paired (the window bounds the waiting frames)
+    late = tmp_path / "late.jsonl"
+    champion = "".join(_pred(i, "champion", "ok") for i in range(6))
+    late.write_text(champion + _pred(0, "challenger", "ok", shadow=True) + _pred(5, "challenger", "ok", shadow=True))
+    monkeypatch.setattr(stats, "PAIR_WINDOW", 4)
+    assert stats.compare(late, feedback)["paired"]["frames"] == 1  # frame 5 only; frame 0 waited 5 frames
+    monkeypatch.setattr(stats, "PAIR_WINDOW", 16)
+    assert stats.compare(late, feedback)["paired"]["frames"] == 2

@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -61,21 +62,32 @@ class JsonlLog:
                 self._fd = None
 
 
+class JsonlReader:
+    """The records of a JSONL file one at a time (memory bounded by one line); after the loop ``records`` and
+    ``skipped`` count the readable records and the unreadable lines (a torn tail after a crash)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.records, self.skipped = Path(path), 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    self.skipped += 1
+                    continue
+                if isinstance(rec, dict):
+                    self.records += 1
+                    yield rec
+                else:
+                    self.skipped += 1
+
+
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """All records of a JSONL file and the number of unreadable lines skipped (a torn tail after a crash)."""
-    records: list[dict[str, Any]] = []
-    skipped = 0
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                skipped += 1
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                skipped += 1
-    return records, skipped
+    """All records of a JSONL file and the number of unreadable lines skipped (a torn tail after a crash); for a
+    log that grows without bound (predictions), iterate a `JsonlReader` instead."""
+    reader = JsonlReader(path)
+    return list(reader), reader.skipped

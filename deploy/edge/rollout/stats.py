@@ -10,21 +10,26 @@ class is not the good class (`OperatingPoint.decision_of`); escape rate and over
 from __future__ import annotations
 
 import math
+from array import array
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deploy.edge.artifact import Artifact, ArtifactError, read_manifest
-from deploy.edge.rollout.logs import read_jsonl
+from deploy.edge.rollout.logs import JsonlReader
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig, RolloutError
 from spt_core.portable.metrics import Z95, wilson_interval
 from spt_core.portable.operating_point import OperatingPoint, flat_rates
 
 __all__ = ["Z95", "compare", "difference_interval", "mcnemar", "quantiles", "report_for", "resolve_operating_point",
            "restate", "wilson_interval"]  # fmt: skip
+
+
+PAIR_WINDOW = 16_384  # frames waiting for their other arm's answer (`_Pairs`): 400 s of 4 cameras at 10 frames/s
 
 
 def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float] | None:
@@ -83,31 +88,93 @@ def _defect_stats(labelled: list[tuple[dict[str, Any], str]], op: OperatingPoint
     return {"defects": flat.pop("defects"), **recall, **flat}
 
 
-def _arm_stats(recs: list[dict[str, Any]], labels: dict[tuple[str, str], str], op: OperatingPoint) -> dict[str, Any]:
-    good = [r for r in recs if not r.get("error")]
-    labelled = [(r, labels[_key(r)]) for r in good if _key(r) in labels]
-    pairs = [(r.get("class"), t) for r, t in labelled]
-    correct = sum(p == t for p, t in pairs)
-    per_class: dict[str, list[int]] = {}
-    for p, t in pairs:
-        per_class.setdefault(t, [0, 0])[0] += p == t
-        per_class[t][1] += 1
-    errors = len(recs) - len(good)
-    return {
-        "versions": sorted({str(r.get("model_version")) for r in recs}),
-        "requests": len(recs),
-        "served": sum(bool(r.get("served", True)) for r in good),
-        "shadow": sum(not r.get("served", True) for r in good),
-        "errors": errors,
-        "error_rate": errors / len(recs) if recs else None,
-        "labelled": len(pairs),
-        "correct": correct,
-        "accuracy": correct / len(pairs) if pairs else None,
-        "accuracy_ci95": wilson_interval(correct, len(pairs)),
-        **_defect_stats(labelled, op),
-        "recall_per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
-        "latency_ms": quantiles([r["latency_ms"] for r in good if "latency_ms" in r]),
-    }
+@dataclass
+class _Arm:
+    """One arm's running counts, folded over the log one record at a time: no record is kept, only each labelled
+    answer's class and decision, and each latency."""
+
+    versions: set[str] = field(default_factory=set)
+    requests: int = 0
+    errors: int = 0
+    served: int = 0
+    latencies: array = field(default_factory=lambda: array("d"))
+    labelled: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+    def add(self, r: dict[str, Any], label: str | None) -> None:
+        self.requests += 1
+        self.versions.add(str(r.get("model_version")))
+        if r.get("error"):
+            self.errors += 1
+            return
+        self.served += bool(r.get("served", True))
+        if "latency_ms" in r:
+            self.latencies.append(float(r["latency_ms"]))
+        if label is not None:  # what `OperatingPoint.decision_of` reads
+            self.labelled.append(({"class": r.get("class"), "decision": r.get("decision")}, label))
+
+    def stats(self, op: OperatingPoint) -> dict[str, Any]:
+        pairs = [(r["class"], t) for r, t in self.labelled]
+        correct = sum(p == t for p, t in pairs)
+        per_class: dict[str, list[int]] = {}
+        for p, t in pairs:
+            per_class.setdefault(t, [0, 0])[0] += p == t
+            per_class[t][1] += 1
+        good = self.requests - self.errors
+        return {
+            "versions": sorted(self.versions),
+            "requests": self.requests,
+            "served": self.served,
+            "shadow": good - self.served,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else None,
+            "labelled": len(pairs),
+            "correct": correct,
+            "accuracy": correct / len(pairs) if pairs else None,
+            "accuracy_ci95": wilson_interval(correct, len(pairs)),
+            **_defect_stats(self.labelled, op),
+            "recall_per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
+            "latency_ms": quantiles(self.latencies),
+        }
+
+
+@dataclass
+class _Pairs:
+    """Frames both arms answered (the champion's served answer, the challenger's shadow one), counted when the
+    second answer comes. A frame waits for it among the last `PAIR_WINDOW` waiting frames (a shadow answer follows
+    its frame within seconds; a canary's champion-only frames never complete), so memory stays bounded however long
+    the log."""
+
+    labels: dict[tuple[str, str], str]
+    waiting: OrderedDict = field(default_factory=OrderedDict)
+    frames: int = 0
+    agree: int = 0
+    labelled: int = 0
+    only_champion: int = 0
+    only_challenger: int = 0
+
+    def add(self, key: tuple[str, str], role: str, cls: Any) -> None:
+        answers = self.waiting.setdefault(key, {})
+        answers[role] = cls  # a repeated answer before the other arm's: the last one counts
+        if len(answers) == 2:
+            self._count((key, self.waiting.pop(key)))
+        elif len(self.waiting) > PAIR_WINDOW:
+            self.waiting.popitem(last=False)  # its other answer never came within the window
+
+    def _count(self, item: tuple[tuple[str, str], dict[str, Any]]) -> None:
+        key, v = item
+        self.frames += 1
+        self.agree += v[CHAMPION] == v[CHALLENGER]
+        if key in self.labels:
+            cp, ch = v[CHAMPION] == self.labels[key], v[CHALLENGER] == self.labels[key]
+            self.labelled += 1
+            self.only_champion += cp and not ch
+            self.only_challenger += ch and not cp
+
+    def result(self) -> dict[str, Any] | None:
+        if not self.frames:
+            return None
+        out = {"frames": self.frames, "labelled": self.labelled, "agreement": self.agree / self.frames}
+        return out | mcnemar(self.only_champion, self.only_challenger)
 
 
 def compare(
@@ -122,55 +189,46 @@ def compare(
 
     Only records of the given (role, version) count when versions are given, so that a promoted model's history
     as challenger does not leak into its record as champion. Feedback joins on (camera_id, frame_id) (last label wins).
-    Without the operating point's good class the defect metrics (recall, escape rate, overkill) are None.
+    Without the operating point's good class the defect metrics (recall, escape rate, overkill) are None. The
+    predictions log grows for as long as the box serves: it is folded in one pass (`_Arm`, `_Pairs`), never held.
 
     Returns:
         {"versions", "ok_class", "overall": {role: stats}, "per_camera": {camera: {role: stats}},
         "paired": McNemar on frames both models answered (shadow mode) or None, "log": line counts}.
     """
-    preds, skipped_p = read_jsonl(Path(pred_log))
-    feedback, skipped_f = read_jsonl(Path(feedback_log))
+    feedback = JsonlReader(Path(feedback_log))
     # Frame ids are server-issued (deploy.edge.frames) and joined together with the camera, so that a frame id two
     # cameras both used can never carry one label to the other camera's prediction.
-    labels = {
-        (str(r.get("camera_id")), str(r["frame_id"])): str(r["label"])
-        for r in feedback
-        if "frame_id" in r and "label" in r
-    }
+    labels = {(str(r.get("camera_id")), str(r["frame_id"])): str(r["label"])
+              for r in feedback if "frame_id" in r and "label" in r}  # fmt: skip
     wanted = {CHAMPION: champion_version, CHALLENGER: challenger_version}
-    overall: dict[str, list[dict[str, Any]]] = {CHAMPION: [], CHALLENGER: []}
-    per_camera: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    by_frame: dict[tuple[str, str], dict[str, str]] = {}
+    overall = {CHAMPION: _Arm(), CHALLENGER: _Arm()}
+    per_camera: dict[str, dict[str, _Arm]] = {}
+    pairs = _Pairs(labels)
+    preds = JsonlReader(Path(pred_log))
     for r in preds:
         role = r.get("role")
         if role not in wanted or (wanted[role] is not None and str(r.get("model_version")) != wanted[role]):
             continue
-        overall[role].append(r)
-        per_camera.setdefault(str(r.get("camera_id")), {CHAMPION: [], CHALLENGER: []})[role].append(r)
+        label = labels.get(_key(r)) if not r.get("error") else None
+        overall[role].add(r, label)
+        per_camera.setdefault(str(r.get("camera_id")), {CHAMPION: _Arm(), CHALLENGER: _Arm()})[role].add(r, label)
         # a pair is the champion's served answer and the challenger's shadow answer on the same frame: shadow mode
         paired_side = (role == CHAMPION and r.get("served", True)) or (role == CHALLENGER and r.get("shadow"))
         if paired_side and not r.get("error") and "frame_id" in r:
-            by_frame.setdefault(_key(r), {})[role] = r.get("class")
-    both = {f: v for f, v in by_frame.items() if len(v) == 2}
-    paired = None
-    if both:
-        lab = [(v[CHAMPION] == labels[f], v[CHALLENGER] == labels[f]) for f, v in both.items() if f in labels]
-        only_champion = sum(cp and not ch for cp, ch in lab)
-        only_challenger = sum(ch and not cp for cp, ch in lab)
-        agree = sum(v[CHAMPION] == v[CHALLENGER] for v in both.values())
-        paired = {"frames": len(both), "labelled": len(lab), "agreement": agree / len(both)}
-        paired |= mcnemar(only_champion, only_challenger)
+            pairs.add(_key(r), role, r.get("class"))
     op = operating_point or OperatingPoint()
     return {
         "versions": {CHAMPION: champion_version, CHALLENGER: challenger_version},
         "ok_class": op.ok_class,
-        "overall": {role: _arm_stats(recs, labels, op) for role, recs in overall.items()},
+        "overall": {role: arm.stats(op) for role, arm in overall.items()},
         "per_camera": {
-            cam: {role: _arm_stats(recs, labels, op) for role, recs in arms.items() if recs}
+            cam: {role: arm.stats(op) for role, arm in arms.items() if arm.requests}
             for cam, arms in sorted(per_camera.items())
         },
-        "paired": paired,
-        "log": {"predictions": len(preds), "feedback": len(feedback), "skipped_lines": skipped_p + skipped_f},
+        "paired": pairs.result(),
+        "log": {"predictions": preds.records, "feedback": feedback.records,
+                "skipped_lines": preds.skipped + feedback.skipped},  # fmt: skip
     }
 
 
