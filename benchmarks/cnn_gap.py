@@ -77,6 +77,13 @@ def pick(states: dict[str, dict]) -> tuple[str | None, dict[str, float]]:
     return (best if best is not None and worst[best] > 0 else None), worst
 
 
+def why_failed(row: dict) -> str:
+    """A failed row's reason: its job log's last line (the exception) when the log is here, else its error."""
+    log = Path(row["error"].rpartition("see ")[2])
+    last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+    return (last[0].rpartition("Error: ")[2] if last else row["error"]).replace("|", "/")[:120]
+
+
 def report(states: dict[str, dict]) -> str:
     """cnn_gap.md: per table and variant, validation and test differences to the base; the pick."""
     adopted, worst = pick(states)
@@ -92,9 +99,9 @@ def report(states: dict[str, dict]) -> str:
         role = "choosing" if task in CHOOSING else "held out" if task in HELD_OUT_TASKS else "other"
         lr = chosen_lr(state["rows"], BASE, state["meta"]["budget"])
         for v in GAP_METHODS:
-            errors = {r.get("error", "")[:60] for r in state["rows"] if r["method"] == v and "error" in r}
+            errors = [why_failed(r) for r in state["rows"] if r["method"] == v and "error" in r]
             cell = (f"{val[v] - val[BASE]:+.2f} | {test[v] - test[BASE]:+.2f}" if v in val else
-                    f"not run: {next(iter(errors))} | -" if errors else "- | -")  # fmt: skip
+                    f"not run: {errors[0]} | -" if errors else "- | -")  # fmt: skip
             lines.append(f"| {task} | {role} | {lr:g} | {val[BASE]:.2f} | {test[BASE]:.2f} | {v} | {cell} |")
     none = "none (no variant is above per-row sparse on every choosing table)"
     lines += ["", "Worst validation difference over the choosing tables (" + ", ".join(CHOOSING) + "): " +
