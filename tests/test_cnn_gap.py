@@ -1,8 +1,15 @@
-"""The CNN gap study's rule: a variant is adopted on its worst validation difference over the choosing tables only."""
+"""The CNN gap study: its variants in the harness (the groups trained whole, the stem's own pass) and its rule (a
+variant is adopted on its worst validation difference over the choosing tables only)."""
 
 from __future__ import annotations
 
-from benchmarks import cnn_gap
+import json
+from pathlib import Path
+
+import timm
+import torch
+
+from benchmarks import cnn_gap, compare
 
 
 def _state(task: str, val: dict[str, float], test: dict[str, float]) -> dict:
@@ -47,3 +54,29 @@ def test_the_pick_is_the_best_worst_validation_difference_on_the_choosing_tables
     )
     assert cnn_gap.pick({"mnist": mnist, "fashion-mnist": below})[0] is None  # a tie with the base is not a win
     assert cnn_gap.pick({"mnist": mnist, "elpv": elpv}) == (None, {})  # a choosing table missing: nothing adopted
+
+
+def test_gap_methods_train_their_groups_whole_and_the_stem_has_its_own_pass(tmp_path: Path) -> None:
+    """The CNN gap study's variants: per-row sparse plus the stem / the norm layers whole, from the budget."""
+    argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "40", "--n-val", "20", "--n-test", "20",
+            "--epochs", "1", "--seeds", "1", "--methods", "per-row-stem,per-row-norm,per-row-share", "--lr-grid",
+            "1e-3", "--budget", "20%", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir",
+            str(tmp_path / "results"), "--in-process"]  # fmt: skip
+    state = json.loads(compare.main(argv).read_text())
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=10)
+    stem = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("conv_stem", "bn1.")))
+    norms = (torch.nn.BatchNorm2d,)
+    norm = sum(p.numel() for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False))
+    norm -= sum(p.numel() for n, p in model.named_parameters() if n.startswith("bn1."))  # the stem's: frozen
+    rows = {r["method"]: r for r in state["rows"]}
+    assert set(rows) == {"per-row-stem", "per-row-norm", "per-row-share"}
+    assert not any("error" in r for r in rows.values())
+    assert rows["per-row-stem"]["details"]["by_kind"]["whole"] == stem  # only the stem is whole
+    assert rows["per-row-norm"]["details"]["by_kind"]["whole"] == norm
+    assert rows["per-row-share"]["details"]["by_kind"]["whole"] == 0
+    for r in rows.values():
+        assert r["trainable_backbone"] == sum(r["details"]["by_kind"].values()) <= r["budget_count"]
+    assert sorted((s["seed"], bool(s.get("include_stem"))) for s in state["sensitivity"]) == [(0, False), (0, True)]
+    plans = {r["details"]["plan_hash"] for r in rows.values()}
+    assert len(plans) == 3  # three rules, three plans

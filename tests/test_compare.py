@@ -33,31 +33,6 @@ def _model() -> torch.nn.Module:
     return timm.create_model("test_efficientnet", num_classes=10)
 
 
-def test_gap_methods_train_their_groups_whole_and_the_stem_has_its_own_pass(tmp_path: Path) -> None:
-    """The CNN gap study's variants: per-row sparse plus the stem / the norm layers whole, from the budget."""
-    argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "40", "--n-val", "20", "--n-test", "20",
-            "--epochs", "1", "--seeds", "1", "--methods", "per-row-stem,per-row-norm,per-row-share", "--lr-grid",
-            "1e-3", "--budget", "20%", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir",
-            str(tmp_path / "results"), "--in-process"]  # fmt: skip
-    state = json.loads(compare.main(argv).read_text())
-    model = _model()
-    stem = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("conv_stem", "bn1.")))
-    norms = (torch.nn.BatchNorm2d,)
-    norm = sum(p.numel() for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False))
-    norm -= sum(p.numel() for n, p in model.named_parameters() if n.startswith("bn1."))  # the stem's: frozen
-    rows = {r["method"]: r for r in state["rows"]}
-    assert set(rows) == {"per-row-stem", "per-row-norm", "per-row-share"}
-    assert not any("error" in r for r in rows.values())
-    assert rows["per-row-stem"]["details"]["by_kind"]["whole"] == stem  # only the stem is whole
-    assert rows["per-row-norm"]["details"]["by_kind"]["whole"] == norm
-    assert rows["per-row-share"]["details"]["by_kind"]["whole"] == 0
-    for r in rows.values():
-        assert r["trainable_backbone"] == sum(r["details"]["by_kind"].values()) <= r["budget_count"]
-    assert sorted((s["seed"], bool(s.get("include_stem"))) for s in state["sensitivity"]) == [(0, False), (0, True)]
-    plans = {r["details"]["plan_hash"] for r in rows.values()}
-    assert len(plans) == 3  # three rules, three plans
-
-
 def test_rerun_lossless_reruns_every_methods_rows_the_numbers_rest_on_and_no_other(tmp_path: Path) -> None:
     """One rule for every method: the rows without a val_loss that a table's numbers use, peft LoRA's included."""
     argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "40", "--n-val", "20", "--n-test", "20",
