@@ -65,7 +65,7 @@ def scores(state: dict, split: str) -> dict[str, float]:
 
 def pick(states: dict[str, dict]) -> tuple[str | None, dict[str, float]]:
     """(the variant the rule adopts or None, variant -> worst validation score over the choosing tables)."""
-    chosen = [states[t] for t in CHOOSING if t in states]
+    chosen = [states[t] for t in CHOOSING if t in states and BASE in scores(states[t], "val")]  # base: 3 seeds
     if len(chosen) < len(CHOOSING):
         return None, {}
     worst = {}

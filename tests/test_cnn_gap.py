@@ -54,6 +54,8 @@ def test_the_pick_is_the_best_worst_validation_difference_on_the_choosing_tables
     )
     assert cnn_gap.pick({"mnist": mnist, "fashion-mnist": below})[0] is None  # a tie with the base is not a win
     assert cnn_gap.pick({"mnist": mnist, "elpv": elpv}) == (None, {})  # a choosing table missing: nothing adopted
+    unfinished = {**fashion, "rows": [r for r in fashion["rows"] if r["method"] != "per-row-sparse" or r["seed"] < 2]}
+    assert cnn_gap.pick({"mnist": mnist, "fashion-mnist": unfinished}) == (None, {})  # its base on 2 seeds so far
 
 
 def test_gap_methods_train_their_groups_whole_and_the_stem_has_its_own_pass(tmp_path: Path) -> None:
