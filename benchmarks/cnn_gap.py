@@ -103,7 +103,8 @@ def report(states: dict[str, dict]) -> str:
             cell = (f"{val[v] - val[BASE]:+.2f} | {test[v] - test[BASE]:+.2f}" if v in val else
                     f"not run: {errors[0]} | -" if errors else "- | -")  # fmt: skip
             lines.append(f"| {task} | {role} | {lr:g} | {val[BASE]:.2f} | {test[BASE]:.2f} | {v} | {cell} |")
-    none = "none (no variant is above per-row sparse on every choosing table)"
+    none = ("none (no variant is above per-row sparse on every choosing table)" if worst else
+            "not decided yet (not every choosing table has all its rows)")  # fmt: skip
     lines += ["", "Worst validation difference over the choosing tables (" + ", ".join(CHOOSING) + "): " +
               (", ".join(f"{v} {w:+.2f}" for v, w in worst.items()) or "not all choosing tables ran") + ".",
               "", f"Adopted as the default: {adopted or none}."]  # fmt: skip

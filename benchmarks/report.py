@@ -235,7 +235,8 @@ def _sensitivity_lines(state: dict, by: dict) -> list[str]:
                 s = by.get(m)
                 n_img = r["images"]  # the epoch's time scaled to the images the sensitivity pass saw
                 ratios.append(f"{r['seconds'] / (s['s_epoch'] * n_img / n_train):.2f}x" if s and s["s_epoch"] else "-")
-            lines.append(f"| {r['seed']} | {r['probe_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
+            seed = f"{r['seed']} (with the stem)" if r.get("include_stem") else r["seed"]
+            lines.append(f"| {seed} | {r['probe_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
                          f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
     return lines
 

@@ -45,7 +45,7 @@ def search_job(job: dict, build: Callable[[dict], tuple[Any, Any, dict]]) -> dic
     plan_cfg, train_cfg = defaults()["plan"], defaults()["train"]
     _, _, loaders = build(job)  # the loaders once; every trial run builds its own model the same way
     sens = Sensitivity.load(job["sens_path"])
-    kw = {k: plan_cfg[k] for k in ("structured", "rank", "alpha", "beta", "allocation")}
+    kw = {k: plan_cfg[k] for k in ("structured", "rank", "alpha", "beta", "allocation", "whole", "row_k")}
     labels = check_ladder(plan_cfg["ladder"], int(sens.meta["backbone_params"]))
     plans = {b: rung_plan(sens, b, **kw) for b in labels}
     del sens

@@ -122,7 +122,8 @@ def _log_benchmark_runs(
     metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if is_number(v)]
     for s in state.get("sensitivity", []):
         if is_number(s.get("seconds")):
-            metrics.append(Metric("sensitivity_seconds", float(s["seconds"]), now, int(s["seed"])))
+            name = "sensitivity_stem_seconds" if s.get("include_stem") else "sensitivity_seconds"  # one per step
+            metrics.append(Metric(name, float(s["seconds"]), now, int(s["seed"])))
     for i in range(0, len(params), 100):
         client.log_batch(parent, params=params[i : i + 100])
     client.log_batch(parent, metrics=metrics)

@@ -134,7 +134,8 @@ def plan_stage(params: Params) -> Plan:
     """
     p = params["plan"]
     sens = Sensitivity.load(run_dir(params) / FILES["sensitivity"])
-    kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation", "whole", "row_k")}
+    kw = {k: p[k] for k in ("structured", "rank", "alpha", "beta", "allocation")}
+    kw |= {k: p[k] for k, off in (("whole", []), ("row_k", "count")) if p[k] != off}  # unset: plan.json as before
     plan = plan_budget(sens, p["budget"], p["ladder"], p["search"], **kw)
     keep = ("model_args", "model_info", "class_names", "ok_class", "data_hash", "head", "seconds")
     plan.meta.update({k: sens.meta[k] for k in keep if k in sens.meta})

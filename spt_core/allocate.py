@@ -166,6 +166,8 @@ def per_row_indices(
 ) -> dict[str, torch.Tensor]:
     """Sorted flat indices per candidate: each row's top entries (`_row_levels`' largest level that fits the budget),
     then the best of the entries each row would take next."""
+    if not cands:  # every candidate trained whole (`allocate`'s whole groups)
+        return {}
     ranked = []  # per candidate: (row-wise order of flat indices, scores in that order), both (rows, row_len)
     lengths = []
     for c in cands:
@@ -281,20 +283,24 @@ def allocate(
                         "raise the budget or drop a group")  # fmt: skip
     rest = [c for c in cands if c not in fixed]
     options = (structured, tuner_config, alpha, beta)
-    meta = {"allocation": allocation, "candidates": len(cands), "candidate_values": total}
-    if whole or row_k != "count":  # recorded only when set: plans of the published rules keep their plan.json
-        meta.update({"whole": list(whole), "whole_values": spent, "row_k": row_k})
+    meta: dict[str, Any] = {"allocation": allocation}
     if allocation == "per_row":
         indices = per_row_indices(rest, sensitivity, count_budget - spent, row_k)
         targets = [Target(c.name, "sparse", len(indices[c.name]), c.kind, c.shape, c.block)
                    for c in rest if c.name in indices]  # fmt: skip
-        meta["saturated"] = spent + sum(t.count for t in targets) == total
+        saturated = spent + sum(t.count for t in targets) == total
     else:
         targets, indices, top = _global_targets(rest, sensitivity, count_budget - spent, structured, tuner_config,
                                                 alpha, beta)  # fmt: skip
         if not targets and not fixed:
             raise PlanError(f"budget {count_budget:,} is too small for any trainable unit: raise the budget")
-        meta.update(top)
+        meta.update(top)  # top_k, filled
+        saturated = meta.pop("saturated")
+    # plan.json's keys in the order they always had; whole / row_k recorded only when set (the published rules'
+    # plans keep their bytes)
+    meta.update({"candidates": len(cands), "candidate_values": total, "saturated": saturated})
+    if whole or row_k != "count":
+        meta.update({"whole": list(whole), "whole_values": spent, "row_k": row_k})
     targets += [Target(c.name, "whole", c.numel, c.kind, c.shape, c.block) for c in fixed]
     at = {c.name: i for i, c in enumerate(cands)}
     targets.sort(key=lambda t: at[t.param])  # stable: a candidate's sparse target before its modules

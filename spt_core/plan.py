@@ -106,7 +106,10 @@ class Plan:
         tuner = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in self.tuner_config.items())
         rule = f"structured={self.structured}{tuner} alpha={self.alpha:g} beta={self.beta:g}"
         if self.meta.get("allocation") == "per_row":
-            rule = "allocation=per_row (every output row its top-k entries)"
+            each = "one share of its entries" if self.meta.get("row_k") == "share" else "its top-k entries"
+            rule = f"allocation=per_row (every output row {each})"
+        if self.meta.get("whole"):
+            rule += f"; trained whole first: {', '.join(self.meta['whole'])} ({self.meta['whole_values']:,} values)"
         lines = [
             f"plan: {self.trainable:,} trainable backbone values ({pct:.3f}% of {self.backbone_params:,}); "
             f"requested {self.budget:,}; {rule}",

@@ -239,7 +239,16 @@ def test_whole_groups_are_trained_whole_from_the_budget_and_the_rest_is_ranked()
         _allocate(_groups(), 20, **per_row, whole=["bn"])
     with pytest.raises(PlanError, match="include_stem"):  # a pass that measured no stem
         _allocate(_toy(), 20, **per_row, whole=["stem"])
-    assert _allocate(_groups(), 20, **per_row).meta.keys().isdisjoint({"whole", "row_k"})  # published rules' meta
+    # the published rules' plan.json is as it was: the same meta keys, in the same order
+    keys = ["allocation", "candidates", "candidate_values", "saturated"]
+    assert list(_allocate(_groups(), 20, **per_row).meta) == keys
+    assert list(_allocate(_groups(), 20, **SPT_RULE).meta) == ["allocation", "top_k", "filled", "candidates",
+                                                                 "candidate_values", "saturated"]  # fmt: skip
+    exact = _allocate(_groups(), 36 + 8, **per_row, whole=["depthwise", "norm"])  # the budget is the whole cost
+    assert _kinds(exact) == {"n": ("whole", 8), "d": ("whole", 36)} and exact.trainable == 44
+    only = Sensitivity({"n": torch.zeros(8)}, {"n": _groups().candidates["n"]}, {"backbone_params": 8})
+    for rule in (per_row, SPT_RULE):  # a group that is every candidate: nothing left to rank
+        assert _kinds(_allocate(only, 8, **{**rule, "structured": "none"}, whole=["norm"])) == {"n": ("whole", 8)}
 
 
 def test_row_k_share_gives_every_row_the_same_share_not_the_same_count():

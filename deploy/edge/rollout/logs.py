@@ -70,6 +70,7 @@ class JsonlReader:
         self.path, self.records, self.skipped = Path(path), 0, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.records = self.skipped = 0  # a second pass counts again
         with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
             for raw in f:
                 if not raw.strip():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +30,7 @@ __all__ = ["Z95", "compare", "difference_interval", "mcnemar", "quantiles", "rep
 
 
 PAIR_WINDOW = 16_384  # frames waiting for their other arm's answer (`_Pairs`): 400 s of 4 cameras at 10 frames/s
+EXACT_LATENCIES, LATENCY_BIN = 65_536, 1.01  # an arm's latencies kept exactly, then in bins 1 % wide
 
 
 def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float] | None:
@@ -88,16 +89,58 @@ def _defect_stats(labelled: list[tuple[dict[str, Any], str]], op: OperatingPoint
     return {"defects": flat.pop("defects"), **recall, **flat}
 
 
+class _Latencies:
+    """An arm's latencies: exact up to `EXACT_LATENCIES` values, then counted in bins 1 % wide (quantiles within
+    about 0.5 %), so memory stays bounded however long the arm serves."""
+
+    def __init__(self) -> None:
+        self.exact: array | None = array("d")
+        self.bins: Counter[int] = Counter()
+        self.n = 0
+
+    def add(self, ms: float) -> None:
+        self.n += 1
+        if self.exact is not None:
+            self.exact.append(ms)
+            if len(self.exact) <= EXACT_LATENCIES:
+                return
+            values, self.exact = self.exact, None
+            for v in values:
+                self.bins[_bin(v)] += 1
+            return
+        self.bins[_bin(ms)] += 1
+
+    def quantiles(self) -> dict[str, float | None]:
+        if self.exact is not None:
+            return quantiles(self.exact)
+        order, cum, out = sorted(self.bins), 0, {}
+        want = iter((("p50", 0.5), ("p90", 0.9), ("p99", 0.99)))
+        name, q = next(want)
+        for b in order:
+            cum += self.bins[b]
+            while cum >= q * self.n:
+                out[name] = LATENCY_BIN**b
+                try:
+                    name, q = next(want)
+                except StopIteration:
+                    return out
+        return out
+
+
+def _bin(ms: float) -> int:
+    return round(math.log(max(ms, 1e-3)) / math.log(LATENCY_BIN))
+
+
 @dataclass
 class _Arm:
     """One arm's running counts, folded over the log one record at a time: no record is kept, only each labelled
-    answer's class and decision, and each latency."""
+    answer's class and decision (an operator labels a sample) and the latencies (`_Latencies`, bounded)."""
 
     versions: set[str] = field(default_factory=set)
     requests: int = 0
     errors: int = 0
     served: int = 0
-    latencies: array = field(default_factory=lambda: array("d"))
+    latencies: _Latencies = field(default_factory=_Latencies)
     labelled: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
     def add(self, r: dict[str, Any], label: str | None) -> None:
@@ -108,7 +151,7 @@ class _Arm:
             return
         self.served += bool(r.get("served", True))
         if "latency_ms" in r:
-            self.latencies.append(float(r["latency_ms"]))
+            self.latencies.add(float(r["latency_ms"]))
         if label is not None:  # what `OperatingPoint.decision_of` reads
             self.labelled.append(({"class": r.get("class"), "decision": r.get("decision")}, label))
 
@@ -133,7 +176,7 @@ class _Arm:
             "accuracy_ci95": wilson_interval(correct, len(pairs)),
             **_defect_stats(self.labelled, op),
             "recall_per_class": {k: v[0] / v[1] for k, v in sorted(per_class.items())},
-            "latency_ms": quantiles(self.latencies),
+            "latency_ms": self.latencies.quantiles(),
         }
 
 
@@ -142,7 +185,8 @@ class _Pairs:
     """Frames both arms answered (the champion's served answer, the challenger's shadow one), counted when the
     second answer comes. A frame waits for it among the last `PAIR_WINDOW` waiting frames (a shadow answer follows
     its frame within seconds; a canary's champion-only frames never complete), so memory stays bounded however long
-    the log."""
+    the log. Server-issued frame ids are unique on a box; a frame id seen again after its pair was counted (a
+    replayed log) starts a new pair."""
 
     labels: dict[tuple[str, str], str]
     waiting: OrderedDict = field(default_factory=OrderedDict)
@@ -190,7 +234,8 @@ def compare(
     Only records of the given (role, version) count when versions are given, so that a promoted model's history
     as challenger does not leak into its record as champion. Feedback joins on (camera_id, frame_id) (last label wins).
     Without the operating point's good class the defect metrics (recall, escape rate, overkill) are None. The
-    predictions log grows for as long as the box serves: it is folded in one pass (`_Arm`, `_Pairs`), never held.
+    predictions log grows for as long as the box serves: it is folded in one pass (`_Arm`, `_Pairs`), never held;
+    what stays is the labelled answers and, per arm, at most `EXACT_LATENCIES` latencies.
 
     Returns:
         {"versions", "ok_class", "overall": {role: stats}, "per_camera": {camera: {role: stats}},
@@ -227,8 +272,11 @@ def compare(
             for cam, arms in sorted(per_camera.items())
         },
         "paired": pairs.result(),
-        "log": {"predictions": preds.records, "feedback": feedback.records,
-                "skipped_lines": preds.skipped + feedback.skipped},  # fmt: skip
+        "log": {
+            "predictions": preds.records,
+            "feedback": feedback.records,
+            "skipped_lines": preds.skipped + feedback.skipped,
+        },  # fmt: skip
     }
 
 
