@@ -201,11 +201,8 @@ def per_row_indices(
 
 
 def whole_candidates(cands: list[Candidate], whole: Sequence[str]) -> list[Candidate]:
-    """The candidates of the `whole` groups (`WHOLE_GROUPS`), in candidate order.
-
-    Raises:
-        PlanError: an unknown group, or one that matches no candidate.
-    """
+    """The candidates of the `whole` groups (`WHOLE_GROUPS`), in candidate order; PlanError: an unknown group, or
+    one that matches no candidate."""
     for g in whole:
         if g not in WHOLE_GROUPS:
             raise PlanError(f"whole={list(whole)}: {g!r} is not a group; use any of {', '.join(WHOLE_GROUPS)}")
@@ -296,8 +293,7 @@ def allocate(
             raise PlanError(f"budget {count_budget:,} is too small for any trainable unit: raise the budget")
         meta.update(top)  # top_k, filled
         saturated = meta.pop("saturated")
-    # plan.json's keys in the order they always had; whole / row_k recorded only when set (the published rules'
-    # plans keep their bytes)
+    # plan.json's keys in their old order; whole / row_k only when set (the published rules' plans keep their bytes)
     meta.update({"candidates": len(cands), "candidate_values": total, "saturated": saturated})
     if whole or row_k != "count":
         meta.update({"whole": list(whole), "whole_values": spent, "row_k": row_k})
