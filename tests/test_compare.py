@@ -36,7 +36,7 @@ def _model() -> torch.nn.Module:
 def test_rerun_lossless_reruns_every_methods_rows_the_numbers_rest_on_and_no_other(tmp_path: Path) -> None:
     """One rule for every method: the rows without a val_loss that a table's numbers use, peft LoRA's included."""
     argv = ["--backbone", "test-effnet", "--task", "digits", "--n-train", "40", "--n-val", "20", "--n-test", "20",
-            "--epochs", "2", "--seeds", "2", "--methods", "peft-lora,per-row-sparse", "--lr-grid", "1e-3,3e-3",
+            "--epochs", "1", "--seeds", "2", "--methods", "peft-lora,per-row-sparse", "--lr-grid", "1e-3,3e-3",
             "--budget", "1%", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir",
             str(tmp_path / "results"), "--in-process"]  # fmt: skip
     path = compare.main(argv)
