@@ -179,8 +179,8 @@ def rerun(table: Table, old_meta: dict | None, command: str, which: str) -> None
         new = next((r for r in state["rows"] if key_of(r) == key_of(old)), {})
         if new.get("val_acc") != old["val_acc"]:
             print(f"[{slug}] {key_of(old)}: val_acc {old['val_acc']} -> {new.get('val_acc')}", flush=True)
-    if moved := {m: (lr, chosen_lr(state["rows"], m, budget)) for m, lr in lrs.items()
-                 if chosen_lr(state["rows"], m, budget) != lr}:  # fmt: skip
+    now = {m: chosen_lr(state["rows"], m, budget) for m in lrs}
+    if moved := {m: (lr, now[m]) for m, lr in lrs.items() if now[m] != lr}:
         print(f"[{slug}] the chosen lr moved ({moved}): run the table's own command to fill those seeds", flush=True)
     elif left := select(state):  # a changed val_acc can make a new tie
         print(f"[{slug}] {len(left)} rows still without a loss: run --rerun-{which} again", flush=True)

@@ -274,11 +274,11 @@ def allocate(
     if count_budget > total:
         raise PlanError(f"budget {count_budget:,} exceeds the {total:,} candidate values: lower the budget")
     fixed = whole_candidates(cands, whole)
-    spent = sum(c.numel for c in fixed)
+    spent, fixed_names = sum(c.numel for c in fixed), {c.name for c in fixed}
     if spent > count_budget:
         raise PlanError(f"whole={list(whole)} alone trains {spent:,} values, over the budget {count_budget:,}: "
                         "raise the budget or drop a group")  # fmt: skip
-    rest = [c for c in cands if c not in fixed]
+    rest = [c for c in cands if c.name not in fixed_names]
     options = (structured, tuner_config, alpha, beta)
     meta: dict[str, Any] = {"allocation": allocation}
     if allocation == "per_row":

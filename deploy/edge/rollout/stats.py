@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left
 from collections import Counter, OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +115,10 @@ class _Latencies:
     def quantiles(self) -> dict[str, float | None]:
         if self.exact is not None:
             return quantiles(self.exact)
-        order, cum, out = sorted(self.bins), 0, {}
-        want = iter((("p50", 0.5), ("p90", 0.9), ("p99", 0.99)))
-        name, q = next(want)
-        for b in order:
-            cum += self.bins[b]
-            while cum >= q * self.n:
-                out[name] = LATENCY_BIN**b
-                try:
-                    name, q = next(want)
-                except StopIteration:
-                    return out
-        return out
+        order = sorted(self.bins)
+        cum = list(accumulate(self.bins[b] for b in order))  # the first bin holding the q-th share of the values
+        return {name: LATENCY_BIN ** order[bisect_left(cum, q * self.n)] for name, q in (("p50", 0.5), ("p90", 0.9),
+                                                                                         ("p99", 0.99))}  # fmt: skip
 
 
 def _bin(ms: float) -> int:
@@ -200,12 +194,11 @@ class _Pairs:
         answers = self.waiting.setdefault(key, {})
         answers[role] = cls  # a repeated answer before the other arm's: the last one counts
         if len(answers) == 2:
-            self._count((key, self.waiting.pop(key)))
+            self._count(key, self.waiting.pop(key))
         elif len(self.waiting) > PAIR_WINDOW:
             self.waiting.popitem(last=False)  # its other answer never came within the window
 
-    def _count(self, item: tuple[tuple[str, str], dict[str, Any]]) -> None:
-        key, v = item
+    def _count(self, key: tuple[str, str], v: dict[str, Any]) -> None:
         self.frames += 1
         self.agree += v[CHAMPION] == v[CHALLENGER]
         if key in self.labels:
