@@ -56,11 +56,10 @@ def study_argv(meta: dict, rows: list[dict], methods: list[str], out_dir: Path, 
 
 
 def scores(state: dict, split: str) -> dict[str, float]:
-    """method -> mean accuracy % over its seeds on `split` at the main budget (methods with all 3 seeds)."""
-    from benchmarks.report import summarize
+    """method -> mean accuracy % on `split` at the main budget, the methods with all 3 seeds."""
+    from benchmarks.report import mean_accuracy
 
-    return {s["method"]: 100 * sum(r[f"{split}_acc"] for r in s["rows"]) / len(s["rows"])
-            for s in summarize(state) if len(s["rows"]) == 3}  # fmt: skip
+    return mean_accuracy(state, split, seeds=3)
 
 
 def pick(states: dict[str, dict]) -> tuple[str | None, dict[str, float]]:

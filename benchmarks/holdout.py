@@ -22,22 +22,12 @@ import argparse
 from pathlib import Path
 
 from benchmarks.heldout_tasks import HELD_OUT_TASKS
-from benchmarks.report import summarize
+from benchmarks.report import mean_accuracy as scores
 from benchmarks.summary import COLUMNS, DEFAULT, NAMES, VARIANTS, tables
 from spt_core.portable.io import atomic_path
 
 REFERENCE = "peft-lora"  # the equal-count comparator every variant is scored against
 HELD_OUT: tuple[str, ...] = HELD_OUT_TASKS  # declared held out (benchmarks/README.md): they report, never choose
-
-
-def scores(state: dict, split: str) -> dict[str, float]:
-    """method -> mean accuracy % over seeds on `split` ("val" or "test") at the main budget and chosen lr (worked
-    out once per table: every leave-one-out fold reads the same tables)."""
-    cache = state.setdefault("_scores", {})  # in memory only: holdout never writes a table
-    if split not in cache:
-        key = f"{split}_acc"
-        cache[split] = {s["method"]: 100 * sum(r[key] for r in s["rows"]) / len(s["rows"]) for s in summarize(state)}
-    return cache[split]
 
 
 def label(state: dict) -> str:

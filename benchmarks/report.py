@@ -54,6 +54,13 @@ def summarize(state: dict) -> list[dict]:
     return out
 
 
+def mean_accuracy(state: dict, split: str, seeds: int | None = None) -> dict[str, float]:
+    """method -> mean accuracy % over its seeds on `split` ("val" or "test") at the main budget and chosen lr;
+    with `seeds`, only the methods that have exactly that many."""
+    key = f"{split}_acc"
+    return {s["method"]: 100 * sum(r[key] for r in s["rows"]) / len(s["rows"])
+            for s in summarize(state) if seeds is None or len(s["rows"]) == seeds}  # fmt: skip
+
 def budget_on_val(
     state: dict, method: str, full_at_method_lr: bool = False, with_full: bool = True
 ) -> list[dict]:  # fmt: skip
