@@ -1,0 +1,188 @@
+"""Which setting of the shipped recipe keeps `sensitune run` at its own linear probe? (benchmarks/README.md, "Recipe
+study", declared before its first row.)
+
+The product column (`benchmarks/product.py`) runs the package's defaults; on digits and MNIST the kept model is the
+probe or level with it, while the harness's per-row sparse (2 %, 8 epochs, its lr chosen on validation, 64 px) is
+4-7 points above. Each variant here changes one recipe key from its default, or all of them together (the harness's
+recipe); everything else is the product column's run: the same forced keys (`benchmarks.product.overrides`), seeds,
+threads and prepared split, with ``sensitune run --no-export`` (the accuracy numbers are the exported model's; the
+cost compared is the stages that differ: sensitivity + probe + training seconds).
+
+The rule (declared in advance): a variant's score on a table is the mean over seeds of its kept model's validation
+score (``val_score``, the product's own selection metric: the tuned model, or the probe the run exported instead)
+minus the product column's on the same seed. It becomes the default when its worst score over the choosing tables
+(`CHOOSING`) is above 0; of several, the best worst score, then the cheaper. The held-out tables (`HELD_OUT_TASKS`)
+never choose: they report every variant's test difference, whichever way it goes.
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
+      .venv/bin/python -m benchmarks.recipe --task digits --seeds 3
+    .venv/bin/python -m benchmarks.recipe --report-only    # recipe.md from the rows in --out-dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import compare, product
+from benchmarks.heldout_tasks import HELD_OUT_TASKS
+from benchmarks.protocol import retire, script
+from spt_core.portable.errors import SensituneError
+from spt_core.portable.io import atomic_path, write_json
+
+CHOOSING = ("digits", "mnist", "fashion-mnist")  # the choosing Lite0 tables with a product column
+SINGLE: dict[str, dict[str, Any]] = {
+    "budget-2%": {"plan.budget": "2%"},
+    "epochs-8": {"train.epochs": 8},
+    "lr-3e-3": {"train.lr": 0.003},
+    "size-64": {"model.input_size": 64},
+}
+VARIANTS: dict[str, dict[str, Any]] = {**SINGLE, "harness": {k: v for sets in SINGLE.values() for k, v in sets.items()}}
+COST = ("sensitivity_seconds", "probe_seconds", "train_seconds")  # the stages a recipe key changes
+OUT = compare.RESULTS / "recipe"
+
+
+def cost(row: dict) -> float:
+    return sum(row.get(k) or 0.0 for k in COST)
+
+
+def base_rows(table: dict) -> dict[int, dict]:
+    """seed -> the table's product-column row under today's defaults (the pairs' base)."""
+    fp = product.defaults_fingerprint()
+    return {r["seed"]: r for r in table.get("product", []) if r.get("defaults") == fp and "error" not in r
+            and not r.get("smoke") and not r.get("no_export")}  # fmt: skip
+
+
+def differences(study: dict, base: dict[int, dict], variant: str) -> dict[str, Any] | None:
+    """A variant's paired differences to the product column (points; seeds both have), or None when none pairs."""
+    rows = {r["seed"]: r for r in study["rows"] if r["variant"] == variant and "error" not in r}
+    seeds = sorted(set(rows) & set(base))
+    if not seeds:
+        return None
+
+    def mean(f) -> float:
+        return sum(f(s) for s in seeds) / len(seeds)
+
+    outcomes = [rows[s].get("outcome") for s in seeds]
+    return {"seeds": seeds, "val": mean(lambda s: 100 * (rows[s]["val_score"] - base[s]["val_score"])),
+            "test": mean(lambda s: 100 * (rows[s]["test_acc"] - base[s]["test_acc"])),
+            "test_vs_probe": mean(lambda s: 100 * (rows[s]["test_acc"] - rows[s]["probe_test_acc"])),
+            "cost": mean(lambda s: cost(rows[s]) / max(cost(base[s]), 1e-9)),
+            "outcomes": {o: outcomes.count(o) for o in dict.fromkeys(outcomes)}}  # fmt: skip
+
+
+def pick(scored: dict[str, dict[str, dict | None]], seeds: int) -> tuple[str | None, dict[str, float]]:
+    """(the adopted variant or None, variant -> worst validation score over the choosing tables); a variant counts
+    once every choosing table has all `seeds` of it paired."""
+    worst: dict[str, float] = {}
+    for v in VARIANTS:
+        got = [scored.get(t, {}).get(v) for t in CHOOSING]
+        if all(d is not None and len(d["seeds"]) == seeds for d in got):
+            worst[v] = min(d["val"] for d in got)  # type: ignore[index]
+    if not worst:
+        return None, {}
+
+    def mean_cost(v: str) -> float:
+        return sum(scored[t][v]["cost"] for t in CHOOSING) / len(CHOOSING)  # type: ignore[index]
+
+    best = max(worst, key=lambda v: (round(worst[v], 9), -mean_cost(v)))
+    return (best if worst[best] > 0 else None), worst
+
+
+def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
+    """recipe.md: per table and variant, the paired differences to the product column; the pick."""
+    scored = {t: {v: differences(study, base_rows(table), v) for v in VARIANTS} for t, (table, study) in tables.items()}
+    adopted, worst = pick(scored, seeds)
+    lines = ["# The recipe study: which setting keeps `sensitune run` at its probe", "",
+             "Generated by `python -m benchmarks.recipe` (module docstring: the protocol and the rule). Each variant "
+             "minus the product column on the same seeds (points: kept model's val score, test accuracy), its own "
+             "test gain over its probe, and its sensitivity + probe + training seconds over the column's.", "",
+             "| table | role | variant | keys | seeds | outcomes | val diff | test diff | test - own probe | cost x |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task, by_variant in scored.items():
+        role = "choosing" if task in CHOOSING else "held out" if task in HELD_OUT_TASKS else "other"
+        for v, d in by_variant.items():
+            keys = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items())
+            if d is None:
+                lines.append(f"| {task} | {role} | {v} | {keys} | 0 | - | - | - | - | - |")
+                continue
+            outs = ", ".join(f"{o} {n}" for o, n in d["outcomes"].items())
+            lines.append(f"| {task} | {role} | {v} | {keys} | {len(d['seeds'])} | {outs} | {d['val']:+.2f} | "
+                         f"{d['test']:+.2f} | {d['test_vs_probe']:+.2f} | {d['cost']:.2f} |")  # fmt: skip
+    lines += ["", "Worst validation difference over the choosing tables (" + ", ".join(CHOOSING) + "): " +
+              (", ".join(f"{v} {w:+.2f}" for v, w in worst.items()) or "not every choosing table has all its rows")
+              + ".", "", "Adopted as the default: " + (adopted or ("none (no variant is above the shipped recipe on "
+              "every choosing table)" if worst else "not decided yet")) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def load(out_dir: Path, backbone: str) -> dict[str, tuple[dict, dict]]:
+    """task -> (the committed method table, its study rows) for every study JSON in `out_dir`."""
+    out = {}
+    for p in sorted(out_dir.glob(f"recipe_{backbone}_*.json")):
+        study = json.loads(p.read_text())
+        table = json.loads((compare.RESULTS / f"compare_{study['meta']['table']}.json").read_text())
+        out[table["meta"]["task"]] = (table, study)
+    return out
+
+
+def run_table(args: argparse.Namespace, variants: list[str]) -> Path:
+    """The missing (variant, seed) rows of one table, each written as it ends (a stopped study resumes)."""
+    slug = f"{args.backbone}_{args.task}"
+    table, _ = product.load_table(compare.RESULTS, slug, smoke=False)
+    if not base_rows(table):
+        raise SensituneError(f"compare_{slug}.json has no product column under today's defaults: run "
+                             f"`python -m benchmarks.product --backbone {args.backbone} --task {args.task}` first")
+    meta, path = table["meta"], args.out_dir / f"recipe_{slug}.json"
+    study = json.loads(path.read_text()) if path.is_file() else {"meta": {"table": slug}, "rows": []}
+    study["meta"]["command"] = "python -m benchmarks.recipe " + " ".join(args.argv)
+    how = {"defaults": product.defaults_fingerprint(), "threads": args.threads or meta.get("threads", 1)}
+    if stale := [r for r in study["rows"] if any(r.get(k) != v for k, v in how.items())]:
+        retire(study, stale, f"re-run with {how}")
+    data_dir = product.table_data(meta, args.work_dir)
+    for v in variants:
+        for seed in range(args.seeds):
+            if any(r["variant"] == v and r["seed"] == seed and "error" not in r for r in study["rows"]):
+                continue
+            sets = product.overrides(meta, args.backbone, data_dir, seed) | VARIANTS[v]
+            print(f"[recipe {slug}] {v} seed {seed}", flush=True)
+            ran = product.run_seed(args.work_dir / "projects" / slug / v / f"seed{seed}", sets, how["threads"], True)
+            row = {"variant": v, "seed": seed, **how, "overrides": sets, **ran,
+                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+            print(f"[recipe {slug}] {json.dumps(row)}", flush=True)
+            study["rows"] = [r for r in study["rows"] if (r["variant"], r["seed"]) != (v, seed)] + [row]
+            write_json(path, study)
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="lite0")
+    ap.add_argument("--task", help="the table (its name after the backbone); omit with --report-only")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS (default: the table's --threads)")
+    ap.add_argument("--work-dir", type=Path, default=Path("~/.cache/sensitune-recipe").expanduser())
+    ap.add_argument("--out-dir", type=Path, default=OUT)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if bad := [v for v in variants if v not in VARIANTS]:
+        raise SensituneError(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    if not args.report_only:
+        if not args.task:
+            raise SensituneError("--task: name the table to run (e.g. --task digits), or give --report-only")
+        run_table(args, variants)
+    out = args.out_dir / "recipe.md"
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(report(load(args.out_dir, args.backbone), args.seeds))
+    return out
+
+
+if __name__ == "__main__":
+    script(main)

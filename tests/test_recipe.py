@@ -1,0 +1,133 @@
+"""benchmarks/recipe.py: the recipe study's pairing, rule and runs, on hand-made rows (no training here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare, product, recipe
+from pipelines import cli, config
+from spt_core.portable.errors import SensituneError
+
+
+def _row(seed: int, val: float, test: float, probe_test: float = 0.9, secs: float = 100.0, **kw) -> dict:
+    return {"seed": seed, "val_score": val, "test_acc": test, "probe_test_acc": probe_test, "outcome": "model",
+            "sensitivity_seconds": secs / 10, "probe_seconds": secs / 10, "train_seconds": secs * 0.8, **kw}
+
+
+def _base(*vals: float) -> dict[int, dict]:
+    return {s: _row(s, v, v) for s, v in enumerate(vals)}
+
+
+def _study(variant: str, *vals: float, secs: float = 100.0) -> dict:
+    return {"rows": [_row(s, v, v - 0.01, secs=secs, variant=variant) for s, v in enumerate(vals)]}
+
+
+def test_differences_pair_by_seed_and_only_the_seeds_both_have():
+    base = _base(0.90, 0.80, 0.60)
+    study = {"rows": [_row(0, 0.92, 0.91, secs=50, variant="size-64"), _row(2, 0.75, 0.74, secs=50,
+                                                                             variant="size-64")]}  # fmt: skip
+    d = recipe.differences(study, base, "size-64")
+    # seeds 0 and 2: val +2 and +15 -> +8.5; against every base seed's mean it would read 83.5 - 76.67 = +6.83
+    assert d["seeds"] == [0, 2] and d["val"] == pytest.approx(8.5) and d["test"] == pytest.approx(7.5)
+    assert d["cost"] == pytest.approx(0.5) and d["test_vs_probe"] == pytest.approx(100 * (0.01 - 0.16) / 2)
+    assert recipe.differences(study, base, "epochs-8") is None
+
+
+def test_the_pick_is_the_best_worst_validation_score_never_the_mean_or_the_test_split():
+    base = _base(0.90, 0.90, 0.90)
+    studies = {  # per choosing table: variant -> its seeds' val scores
+        "digits": {"lr-3e-3": (0.95, 0.95, 0.95), "size-64": (0.92, 0.92, 0.92), "epochs-8": (0.89, 0.89, 0.89)},
+        "mnist": {"lr-3e-3": (0.89, 0.89, 0.89), "size-64": (0.91, 0.91, 0.91), "epochs-8": (0.99, 0.99, 0.99)},
+        "fashion-mnist": {"lr-3e-3": (0.95, 0.95, 0.95), "size-64": (0.91, 0.91, 0.91), "epochs-8": (0.99, 0.99,
+                                                                                                        0.99)},
+    }  # fmt: skip
+    scored = {t: {v: recipe.differences(_study(v, *vals), base, v) for v, vals in by.items()}
+              for t, by in studies.items()}  # fmt: skip
+    for t in studies:  # best on test everywhere, below on validation: a test-split rule would take it
+        rows = [{**_row(s, 0.89, 0.99), "variant": "budget-2%"} for s in range(3)]
+        scored[t]["budget-2%"] = recipe.differences({"rows": rows}, base, "budget-2%")
+    # lr-3e-3 has the best mean (+4.33) and epochs-8 the best on two tables; size-64 is the only one above 0 on all
+    chosen, worst = recipe.pick(scored, seeds=3)
+    assert chosen == "size-64" and worst["size-64"] == pytest.approx(1.0) and worst["lr-3e-3"] == pytest.approx(-1.0)
+    # a held-out table never chooses: size-64 far below there changes nothing
+    scored["elpv"] = {"size-64": recipe.differences(_study("size-64", 0.5, 0.5, 0.5), base, "size-64")}
+    assert recipe.pick(scored, seeds=3)[0] == "size-64"
+    # with only 2 seeds on one choosing table the variant does not count yet
+    scored["mnist"]["size-64"] = recipe.differences(_study("size-64", 0.91, 0.91), base, "size-64")
+    assert "size-64" not in recipe.pick(scored, seeds=3)[1]
+
+
+def test_of_equal_worst_scores_the_cheaper_is_adopted_and_nothing_below_zero_is():
+    base = _base(0.90, 0.90, 0.90)
+    scored = {t: {"epochs-8": recipe.differences(_study("epochs-8", 0.92, 0.92, 0.92, secs=130), base, "epochs-8"),
+                  "size-64": recipe.differences(_study("size-64", 0.92, 0.92, 0.92, secs=30), base, "size-64")}
+              for t in recipe.CHOOSING}  # fmt: skip
+    assert recipe.pick(scored, seeds=3)[0] == "size-64"
+    for t in recipe.CHOOSING:
+        scored[t]["size-64"] = scored[t]["epochs-8"] = recipe.differences(_study("x", 0.9, 0.9, 0.9), base, "x")
+    assert recipe.pick(scored, seeds=3)[0] is None  # level is not above: the default stays
+
+
+@pytest.mark.parametrize("variant", ["lr-3e-3", "harness"])
+def test_a_variant_run_changes_only_the_forced_keys_and_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 variant: str):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    meta = {"backbone": "tf_efficientnet_lite0", "task": "digits", "weights": "embedded"}
+    sets = product.overrides(meta, "lite0", tmp_path / "split", seed=1) | recipe.VARIANTS[variant]
+    cmd = product.run_command(sets, no_export=True)
+    got, want = cli.params_from_args(cli.build_parser().parse_args(cmd[cmd.index("run") :])), config.defaults()
+    changed = {f"{s}.{k}": v for s in got for k, v in got[s].items() if want[s][k] != v}
+    own = {"lr-3e-3": {"train.lr": 0.003}, "harness": {"plan.budget": "2%", "train.epochs": 8, "train.lr": 0.003,
+                                                       "model.input_size": 64}}[variant]  # fmt: skip
+    assert changed == {"data.source": str(tmp_path / "split"), "data.split": None, "train.seed": 1,
+                       **({"data.ok_class": None} if want["data"]["ok_class"] is not None else {}), **own}
+
+
+def _table(tmp_path: Path, product_rows: list[dict]) -> Path:
+    data = tmp_path / "split"
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")
+    meta = {"backbone": "tf_efficientnet_lite0", "task": "digits", "weights": "embedded", "data_dir": str(data),
+            "threads": 1, "command": "python benchmarks/compare.py --task digits"}  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "compare_lite0_digits.json").write_text(json.dumps({"meta": meta, "rows": [], "product": product_rows}))
+    return results
+
+
+def test_runs_resume_and_rows_under_other_defaults_are_retired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    fp = product.defaults_fingerprint()
+    results = _table(tmp_path, [{**_row(s, 0.9, 0.9), "defaults": fp, "method": "product"} for s in range(2)])
+    monkeypatch.setattr(compare, "RESULTS", results)
+    ran: list[tuple[str, int]] = []
+
+    def fake_run(project: Path, sets: dict, threads: int, no_export: bool) -> dict:
+        assert no_export and threads == 1
+        ran.append((project.parent.name, sets["train.seed"]))
+        return _row(sets["train.seed"], 0.95, 0.94)
+
+    monkeypatch.setattr(product, "run_seed", fake_run)
+    out = tmp_path / "study"
+    old = {**_row(0, 0.5, 0.5), "variant": "size-64", "defaults": "other", "threads": 1}
+    out.mkdir()
+    (out / "recipe_lite0_digits.json").write_text(json.dumps({"meta": {"table": "lite0_digits"}, "rows": [old]}))
+    argv = ["--task", "digits", "--variants", "size-64", "--seeds", "2", "--out-dir", str(out), "--work-dir",
+            str(tmp_path / "w")]  # fmt: skip
+    md = recipe.main(argv)
+    assert ran == [("size-64", 0), ("size-64", 1)]  # the row made under other defaults ran again
+    study = json.loads((out / "recipe_lite0_digits.json").read_text())
+    assert [r["val_score"] for r in study["replaced"]] == [0.5] and len(study["rows"]) == 2
+    assert "| digits | choosing | size-64 | model.input_size=64 | 2 | model 2 | +5.00 | +4.00 |" in md.read_text()
+    recipe.main(argv)
+    assert len(ran) == 2  # resumed: nothing left to run
+
+
+def test_a_table_without_a_product_column_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(compare, "RESULTS", _table(tmp_path, [{**_row(0, 0.9, 0.9), "defaults": "older"}]))
+    with pytest.raises(SensituneError, match="no product column under today's defaults: run `python -m benchmarks"):
+        recipe.main(["--task", "digits", "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(SensituneError, match="--variants: unknown"):
+        recipe.main(["--task", "digits", "--variants", "lr-1"])
