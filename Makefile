@@ -30,7 +30,7 @@ run: install
 
 test: install test-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 slow: install test-deps
 	$(VENV)/bin/pytest -q -m slow

@@ -140,7 +140,8 @@ def run_table(args: argparse.Namespace, variants: list[str]) -> Path:
     meta, path = table["meta"], args.out_dir / f"recipe_{slug}.json"
     study = json.loads(path.read_text()) if path.is_file() else {"meta": {"table": slug}, "rows": []}
     study["meta"]["command"] = "python -m benchmarks.recipe " + " ".join(args.argv)
-    how = {"defaults": product.defaults_fingerprint(), "threads": args.threads or meta.get("threads", 1)}
+    how = {"defaults": product.defaults_fingerprint(), "threads": args.threads or meta.get("threads", 1),
+           "smoke": args.smoke}  # fmt: skip
     if stale := [r for r in study["rows"] if any(r.get(k) != v for k, v in how.items())]:
         retire(study, stale, f"re-run with {how}")
     data_dir = product.table_data(meta, args.work_dir)
@@ -149,6 +150,7 @@ def run_table(args: argparse.Namespace, variants: list[str]) -> Path:
             if any(r["variant"] == v and r["seed"] == seed and "error" not in r for r in study["rows"]):
                 continue
             sets = product.overrides(meta, args.backbone, data_dir, seed) | VARIANTS[v]
+            sets |= product.smoke_sets(meta) if args.smoke else {}
             print(f"[recipe {slug}] {v} seed {seed}", flush=True)
             ran = product.run_seed(args.work_dir / "projects" / slug / v / f"seed{seed}", sets, how["threads"], True)
             row = {"variant": v, "seed": seed, **how, "overrides": sets, **ran,
@@ -169,11 +171,14 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--work-dir", type=Path, default=Path("~/.cache/sensitune-recipe").expanduser())
     ap.add_argument("--out-dir", type=Path, default=OUT)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a check of the script: product.py's --smoke keys")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     variants = [v for v in args.variants.split(",") if v]
     if bad := [v for v in variants if v not in VARIANTS]:
         raise SensituneError(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    if args.smoke and args.out_dir.resolve() == OUT.resolve():
+        raise SensituneError("--smoke: give --out-dir /tmp/... (smoke rows are never committed)")
     if not args.report_only:
         if not args.task:
             raise SensituneError("--task: name the table to run (e.g. --task digits), or give --report-only")

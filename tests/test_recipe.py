@@ -129,5 +129,7 @@ def test_a_table_without_a_product_column_is_refused_in_one_line(tmp_path: Path,
     monkeypatch.setattr(compare, "RESULTS", _table(tmp_path, [{**_row(0, 0.9, 0.9), "defaults": "older"}]))
     with pytest.raises(SensituneError, match="no product column under today's defaults: run `python -m benchmarks"):
         recipe.main(["--task", "digits", "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(SensituneError, match="--smoke: give --out-dir /tmp"):
+        recipe.main(["--task", "digits", "--smoke", "--out-dir", str(recipe.OUT)])
     with pytest.raises(SensituneError, match="--variants: unknown"):
         recipe.main(["--task", "digits", "--variants", "lr-1"])
