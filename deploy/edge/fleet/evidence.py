@@ -49,7 +49,7 @@ def box_report(cfg: RolloutConfig, plan: Plan, box: str, local: dict[str, Any] |
     """This box's counts for `plan` from its own logs (frames already served stay counted after a rollback)."""
     op = resolve_operating_point(cfg)
     rep = compare(cfg.logs / PRED_LOG, cfg.logs / FEEDBACK_LOG, champion_version=plan.champion,
-                  challenger_version=plan.version, operating_point=op)  # fmt: skip
+                  challenger_version=plan.version, operating_point=op, keep=True)  # fmt: skip
     arms = {r: {**{k: int(rep["overall"][r][k]) for k in COUNTS}, "p50_ms": rep["overall"][r]["latency_ms"]["p50"]}
             for r in ROLES}  # fmt: skip
     return {"box": box, "plan": plan.id, "champion": plan.champion, "challenger": plan.version,

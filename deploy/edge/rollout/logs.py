@@ -63,16 +63,23 @@ class JsonlLog:
 
 
 class JsonlReader:
-    """The records of a JSONL file one at a time (memory bounded by one line); after the loop ``records`` and
-    ``skipped`` count the readable records and the unreadable lines (a torn tail after a crash)."""
+    """The records of a JSONL file one at a time (memory bounded by one line), from byte `offset` on; after the loop
+    ``records`` and ``skipped`` count the readable records and the unreadable lines (a torn line after a crash), and
+    ``offset`` is where the next pass starts. With `whole_lines` a last line without its newline (a record still
+    being written) is left for the next pass; without, it is read (and counted skipped if torn)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int = 0, whole_lines: bool = False) -> None:
         self.path, self.records, self.skipped = Path(path), 0, 0
+        self.offset, self.whole_lines = offset, whole_lines
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.records = self.skipped = 0  # a second pass counts again
+        self.records = self.skipped = 0  # a pass counts its own lines: the next one goes on from `offset`
         with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            f.seek(self.offset)
             for raw in f:
+                if self.whole_lines and not raw.endswith(b"\n"):
+                    break
+                self.offset += len(raw)
                 if not raw.strip():
                     continue
                 try:
