@@ -391,15 +391,8 @@ def chosen_lr(rows: list[dict], method: str, budget: str, variant: str = "none")
     """The seed-0 learning rate `best_by_selection` ranks first on validation accuracy (then the lower validation
     loss where every tied row has one, as the product ranks epochs and rungs); ties: the smaller lr, whatever
     order ran."""
-    cands = [
-        r
-        for r in rows
-        if r.get("method") == method
-        and r["seed"] == 0
-        and r["budget"] == budget
-        and "error" not in r
-        and r.get("variant", "none") == variant
-    ]
+    cands = [r for r in rows if r.get("method") == method and r["seed"] == 0 and r["budget"] == budget
+             and "error" not in r and r.get("variant", "none") == variant]  # fmt: skip
     if not cands:
         return None
     return best_by_selection(cands, lambda r: r["val_acc"], lambda r: r.get("val_loss"), lambda r: -r["lr"])["lr"]
