@@ -96,7 +96,8 @@ def test_a_line_being_written_waits_and_a_replaced_log_is_read_again(tmp_path: P
         f.write(one[20:])
     feedback.write_text(_line(camera_id="c", frame_id="a", label="scratch"))
     kept, fresh = _both(preds, feedback)
-    assert kept == fresh and kept["overall"]["champion"]["requests"] == 2 and kept["overall"]["champion"]["labelled"] == 2
+    champion = kept["overall"]["champion"]
+    assert kept == fresh and champion["requests"] == 2 and champion["labelled"] == 2
     first = _kept(preds, feedback)
     # logrotate: copytruncate (shorter), then a new file in its place (same length, other bytes)
     preds.write_text(one)
@@ -105,13 +106,81 @@ def test_a_line_being_written_waits_and_a_replaced_log_is_read_again(tmp_path: P
     preds.write_text(one.replace('"c"', '"d"'))
     kept, fresh = _both(preds, feedback)
     assert kept == fresh and list(kept["per_camera"]) == ["d"] and first.restarts == 2
+    # rewritten in place past its first 4 kB, same length: the bytes where the last read stopped differ
+    pad = _line(camera_id="d", frame_id="pad", role="other", model_version="9") * 100
+    preds.write_text(pad + one.replace('"c"', '"d"'))
+    _both(preds, feedback)
+    preds.write_text(pad + one.replace('"c"', '"e"'))
+    kept, fresh = _both(preds, feedback)
+    assert kept == fresh and list(kept["per_camera"]) == ["e"] and first.restarts == 4
 
 
-def test_a_kept_fold_holds_at_most_its_window_of_unlabelled_frames(tmp_path: Path, monkeypatch):
+def test_a_kept_fold_holds_at_most_its_window_of_unlabelled_frames_and_a_few_answers_each(tmp_path: Path,
+                                                                                           monkeypatch):  # fmt: skip
     monkeypatch.setattr(fold, "LABEL_WINDOW", 100)
     preds, feedback = tmp_path / "predictions.jsonl", tmp_path / "feedback.jsonl"
     preds.write_text("".join(_line(camera_id="c", frame_id=f"f{i}", role="champion", model_version="1", served=True,
                                    **{"class": "ok"}) for i in range(1000)))  # fmt: skip
+    with open(preds, "a") as f:  # records without a frame id share one key: held as "not all held", not one by one
+        f.write(_line(camera_id="c", role="champion", model_version="1", **{"class": "ok"}) * 500)
     stats.compare(preds, feedback, champion_version="1", keep=True)
     kept = _kept(preds, feedback)
     assert len(kept.unlabelled) == 100 and kept.forgot
+    assert max(len(v) for v in kept.unlabelled.values()) <= fold.PER_FRAME
+
+
+def _p(fid: str, role: str = "champion", version: str = "1", cls: str = "ok", **extra) -> str:
+    return _line(camera_id="c", frame_id=fid, role=role, model_version=version, served=role == "champion",
+                 latency_ms=5.0, **{"class": cls}, **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["late shadow, label later", "late shadow and label together", "other version"])
+def test_a_frame_answered_again_after_it_left_the_window_is_read_again(tmp_path: Path, monkeypatch, case: str):
+    # frame f0 is answered, 5 other frames push it out of a window of 4, then f0 is answered again and labelled: the
+    # label must count both answers, which only a fold from the first line still has
+    monkeypatch.setattr(fold, "LABEL_WINDOW", 4)
+    preds, feedback = tmp_path / "predictions.jsonl", tmp_path / "feedback.jsonl"
+    others = "".join(_p(f"g{i}") + _p(f"g{i}", "challenger", "2", shadow=True) for i in range(5))
+    again = _p("f0", "challenger", "2", "scratch", shadow=True) if case != "other version" else _p("f0", version="0")
+    label = _line(camera_id="c", frame_id="f0", label="ok")
+    steps = {"late shadow, label later": [(_p("f0") + others + again, ""), ("", label)],
+             "late shadow and label together": [(_p("f0") + others, ""), (again, label)],
+             "other version": [(_p("f0") + others + again, ""), ("", label)]}[case]  # fmt: skip
+    for pred_lines, labels in steps:
+        with open(preds, "a") as p, open(feedback, "a") as f:
+            p.write(pred_lines), f.write(labels)
+        kept, fresh = _both(preds, feedback)
+        assert kept == fresh
+    assert fresh["overall"]["champion"]["labelled"] == 1 and _kept(preds, feedback).restarts == 1
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_small_random_logs_with_a_tiny_window_report_the_same(tmp_path: Path, monkeypatch, seed: int):
+    """Repeated frame ids, records without one, errors, other versions and roles, labels without a frame, in chunks
+    of 1-6 lines, with windows of 1-3 frames: every report of the kept fold is the fresh fold's."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(fold, "LABEL_WINDOW", rng.randint(1, 3))
+    monkeypatch.setattr(fold, "PAIR_WINDOW", rng.randint(1, 3))
+    preds, feedback = tmp_path / "predictions.jsonl", tmp_path / "feedback.jsonl"
+    preds.touch(), feedback.touch()
+    fids = [f"f{i}" for i in range(rng.randint(2, 8))]
+    for _ in range(rng.randint(3, 10)):
+        with open(preds, "a") as p, open(feedback, "a") as f:
+            for _ in range(rng.randint(1, 6)):
+                rec: dict = {"camera_id": rng.choice("ab"), "frame_id": rng.choice(fids)}
+                if rng.random() < 0.1:
+                    del rec["frame_id"]
+                if rng.random() < 0.35:
+                    f.write(_line(**rec, label=rng.choice(("ok", "s"))))
+                    continue
+                rec |= {"role": rng.choice(("champion", "challenger", "champion", "other")), "latency_ms": 1.0,
+                        "model_version": rng.choice(("1", "2", "0"))}  # fmt: skip
+                if rng.random() < 0.1:
+                    rec |= {"error": "boom", "served": False}
+                else:
+                    rec |= {"class": rng.choice(("ok", "s")), "decision": rng.choice(("ok", "reject", None))}
+                    if rec["role"] == "challenger" and rng.random() < 0.6:
+                        rec |= {"shadow": True, "served": False}
+                p.write(_line(**rec))
+        kept, fresh = _both(preds, feedback)
+        assert kept == fresh

@@ -121,7 +121,7 @@ def _pred(frame: int, role: str, cls: str, **extra) -> str:
 
 def test_compare_folds_a_long_log_in_bounded_memory_and_pairs_within_the_window(tmp_path: Path, monkeypatch) -> None:
     """A box's predictions log grows for as long as it serves: the report reads it one record at a time."""
-    from deploy.edge.rollout import fold, stats
+    from deploy.edge.rollout import fold, latency, stats
 
     preds, feedback = tmp_path / "predictions.jsonl", tmp_path / "feedback.jsonl"
     n = 30_000  # champion served + challenger shadow on every frame; the challenger wrong on every 10th
@@ -142,7 +142,7 @@ def test_compare_folds_a_long_log_in_bounded_memory_and_pairs_within_the_window(
     assert rep["paired"]["frames"] == n and rep["paired"]["agreement"] == 0.9
     assert (rep["paired"]["b"], rep["paired"]["c"], rep["log"]["predictions"]) == (n // 100, 0, 2 * n)
     assert cp["latency_ms"]["p50"] == 8.0  # exact below EXACT_LATENCIES: 5 + frame % 7
-    monkeypatch.setattr(fold, "EXACT_LATENCIES", 1000)  # past it, 1 % bins: within 0.5 %
+    monkeypatch.setattr(latency, "EXACT_LATENCIES", 1000)  # past it, 1 % bins: within 0.5 %
     binned = stats.compare(preds, feedback, champion_version="1", challenger_version="2")["overall"]["champion"]
     assert all(abs(binned["latency_ms"][q] / cp["latency_ms"][q] - 1) < 0.005 for q in ("p50", "p90", "p99"))
 

@@ -7,6 +7,7 @@ Edge side: numpy + PyYAML only (no torch; from spt_core only its torch-free leav
     split.py      camera_bucket, assign_arm: the sticky per-camera split
     logs.py       JsonlLog, read_jsonl: predictions / feedback / decisions logs
     fold.py       LogFold: the comparison folded over the logs and kept (each report reads only new lines)
+    latency.py    Latencies (bounded per arm), quantiles
     stats.py      wilson_interval, mcnemar, quantiles, compare, report_for
     decision.py   the promotion rule: decide, ChallengerHealth (online), apply_decision, roll_back
     cli.py        ``python -m deploy.edge.rollout {decide,report} --config rollout.yaml``

@@ -5,13 +5,15 @@ and the fleet's evidence each ask for the comparison. A `LogFold` reads each log
 reads only the lines appended since, and its `LogFold.report` equals a fold of both logs from their first line
 (`deploy.edge.rollout.stats.compare`, which is a fresh fold read once).
 
-What a fold keeps: per arm its counts, bounded latencies (`_Latencies`) and its labelled answers (an operator
+What a fold keeps: per arm its counts, bounded latencies (`Latencies`) and its labelled answers (an operator
 labels a sample); the shadow pairs still waiting for their other answer (`_Pairs`); every label; and the answers of
 the last `LABEL_WINDOW` unlabelled frames, which a later label joins. Each update reads the new labels first, then
 the new predictions (a label is written after its frame's answer, so a label and its answer read in one update
-always join). A label for a frame that left the window before the update cannot be joined: the fold then reads
-both logs again from the first line (what every report cost before) and goes on from there; so does a log that
-was replaced, truncated or rewritten. Records are joined on (camera, server frame id).
+always join). A label for a frame whose answers the fold no longer holds all of cannot be joined: one that left
+the window before the update, one answered again after it left (the last `EVICTED_KEPT` to leave are remembered
+by hash), one with more than `PER_FRAME` answers. The fold then reads both logs again from the first line (what
+every report cost before) and goes on from there; so does a log that was replaced, truncated or rewritten (its
+inode, length, first and last-read 4 kB). Records are joined on (camera, server frame id).
 """
 
 from __future__ import annotations
@@ -20,25 +22,22 @@ import math
 import os
 import sys
 import threading
-from array import array
-from bisect import bisect_left
-from collections import Counter, OrderedDict
-from collections.abc import Collection
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from deploy.edge.rollout.latency import Latencies
 from deploy.edge.rollout.logs import JsonlReader
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION
 from spt_core.portable.metrics import wilson_interval
 from spt_core.portable.operating_point import OperatingPoint, flat_rates
 
 PAIR_WINDOW = 16_384  # frames waiting for their other arm's answer (`_Pairs`): 400 s of 4 cameras at 10 frames/s
-EXACT_LATENCIES, LATENCY_BIN = 65_536, 1.01  # an arm's latencies kept exactly, then in bins 1 % wide
 LABEL_WINDOW = 16_384  # unlabelled frames whose answers a later label still joins (~0.6 kB each: ~9 MB)
+EVICTED_KEPT = 65_536  # frames that left the window, remembered (hashes, two generations) so that one answered again
+PER_FRAME = 8  # answers held per frame (a box writes at most 3: served, shadow, fallback error)
+PARTIAL = ("partial",)  # heads a frame's held answers when some of them were not held: its label re-reads
 
 Key = tuple[str, str]  # (camera_id, frame_id)
 Answer = tuple[Any, Any]  # the served (class, decision): what `OperatingPoint.decision_of` reads
@@ -60,14 +59,6 @@ def mcnemar(b: int, c: int) -> dict[str, Any]:
     return {"b": b, "c": c, "statistic": stat, "p_value": math.erfc(math.sqrt(stat / 2)), "method": "chi2-cc"}
 
 
-def quantiles(values: Collection[float]) -> dict[str, float | None]:
-    """p50, p90 and p99 of latencies in ms (None each when there are none)."""
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    q = np.percentile(np.fromiter(values, dtype=np.float64, count=len(values)), [50, 90, 99])
-    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
-
-
 def _key(record: dict[str, Any]) -> Key:
     return sys.intern(str(record.get("camera_id"))), str(record.get("frame_id"))
 
@@ -84,50 +75,16 @@ def _defect_stats(labelled: list[tuple[Answer, str]], op: OperatingPoint) -> dic
     return {"defects": flat.pop("defects"), **recall, **flat}
 
 
-class _Latencies:
-    """An arm's latencies: exact up to `EXACT_LATENCIES` values, then counted in bins 1 % wide (quantiles within
-    about 0.5 %), so memory stays bounded however long the arm serves."""
-
-    def __init__(self) -> None:
-        self.exact: array | None = array("d")
-        self.bins: Counter[int] = Counter()
-        self.n = 0
-
-    def add(self, ms: float) -> None:
-        self.n += 1
-        if self.exact is not None:
-            self.exact.append(ms)
-            if len(self.exact) <= EXACT_LATENCIES:
-                return
-            values, self.exact = self.exact, None
-            for v in values:
-                self.bins[_bin(v)] += 1
-            return
-        self.bins[_bin(ms)] += 1
-
-    def quantiles(self) -> dict[str, float | None]:
-        if self.exact is not None:
-            return quantiles(self.exact)
-        order = sorted(self.bins)
-        cum = list(accumulate(self.bins[b] for b in order))  # the first bin holding the q-th share of the values
-        return {name: LATENCY_BIN ** order[bisect_left(cum, q * self.n)] for name, q in (("p50", 0.5), ("p90", 0.9),
-                                                                                         ("p99", 0.99))}  # fmt: skip
-
-
-def _bin(ms: float) -> int:
-    return round(math.log(max(ms, 1e-3)) / math.log(LATENCY_BIN))
-
-
 @dataclass
 class _Arm:
     """One arm's running counts: no record is kept, only each labelled answer (with its frame, so that the last
-    label of the frame counts) and the latencies (`_Latencies`, bounded)."""
+    label of the frame counts) and the latencies (`Latencies`, bounded)."""
 
     versions: set[str] = field(default_factory=set)
     requests: int = 0
     errors: int = 0
     served: int = 0
-    latencies: _Latencies = field(default_factory=_Latencies)
+    latencies: Latencies = field(default_factory=Latencies)
     labelled: list[tuple[Key, Answer]] = field(default_factory=list)
 
     def add(self, r: dict[str, Any]) -> None:
@@ -223,13 +180,15 @@ class LogFold:
     updated, has no later label to join). Thread-safe: one update at a time."""
 
     def __init__(self, pred_log: Path, feedback_log: Path, versions: dict[str, str | None], *,
-                 whole_lines: bool = True, window: int | None = None) -> None:  # fmt: skip
+                 whole_lines: bool = True, window: int | None = None, read: bool = True) -> None:  # fmt: skip
         self.paths = Path(pred_log), Path(feedback_log)
         self.versions, self.whole_lines = versions, whole_lines
         self.window = LABEL_WINDOW if window is None else window
         self.lock = threading.Lock()
         self.restarts = -1  # folds started again from the first line (a late label, a replaced log)
-        self._reset()
+        self.started = read
+        if read:
+            self._reset()
 
     def _reset(self) -> None:
         self.labels: dict[Key, str] = {}
@@ -241,8 +200,10 @@ class LogFold:
         self.orphans: set[Key] = set()  # this update's labels whose answer is not held (yet)
         self._arms: dict[tuple[str, str], tuple[_Arm, _Arm]] = {}  # (role, camera) -> (overall, camera) arms
         self._answers: dict[Answer, Answer] = {}  # one object per distinct answer: the window holds references
+        self.evicted: list[set[int]] = [set(), set()]  # hashes of frames that left the window: newer, older
         self.readers = [JsonlReader(p, whole_lines=self.whole_lines) for p in self.paths]
         self.ids = [_identity(p) for p in self.paths]
+        self.tails = [b"", b""]  # the last bytes read of each log: a log rewritten in place ends otherwise
         self.counts = {"predictions": 0, "feedback": 0, "skipped_lines": 0}
         self.restarts += 1
         self._catch_up()
@@ -251,7 +212,8 @@ class LogFold:
         """Read what both logs gained since the last update; start again from the first line when that cannot be
         exact (a label for an answer the window dropped, a replaced log)."""
         with self.lock:
-            if any(self._replaced(i) for i in (0, 1)):
+            if not self.started or any(self._replaced(i) for i in (0, 1)):
+                self.started = True
                 self._reset()
             else:
                 self._catch_up()
@@ -270,20 +232,31 @@ class LogFold:
         self.stale = forgot and bool(self.orphans)
 
     def _replaced(self, i: int) -> bool:
-        """The log is another file than the one read, shorter than what was read, or begins otherwise."""
+        """The log is another file than the one read, shorter than what was read, or begins or ends (where the
+        last read stopped) otherwise."""
         ident, was = _identity(self.paths[i]), self.ids[i]
         self.ids[i] = ident
         if was is None or ident is None:  # it did not exist when read (nothing was), or it has gone
             return was is not None
         head = min(len(was[2]), len(ident[2]))
-        return ident[:2] != was[:2] or os.path.getsize(self.paths[i]) < self.readers[i].offset or \
-            ident[2][:head] != was[2][:head]
+        return (ident[:2] != was[:2] or os.path.getsize(self.paths[i]) < self.readers[i].offset
+                or ident[2][:head] != was[2][:head] or self._tail(i) != self.tails[i])  # fmt: skip
+
+    def _tail(self, i: int) -> bytes:
+        end = self.readers[i].offset
+        try:
+            with open(self.paths[i], "rb") as f:
+                f.seek(max(0, end - HEAD))
+                return f.read(min(end, HEAD))
+        except FileNotFoundError:
+            return b""
 
     def _read(self, i: int) -> None:
         reader = self.readers[i]
         feed = self._label if i else self._prediction
         for record in reader:
             feed(record)
+        self.tails[i] = self._tail(i)
         self.counts["feedback" if i else "predictions"] += reader.records
         self.counts["skipped_lines"] += reader.skipped
 
@@ -297,21 +270,38 @@ class LogFold:
             return answer
 
     def _waiting(self, key: Key) -> list[tuple]:
-        """The unlabelled answers of a frame (a new entry may push the oldest frame out of the window)."""
+        """The unlabelled answers of a frame (a new entry may push the oldest frame out of the window). A frame
+        answered again after it left the window starts with `PARTIAL`: its earlier answers are not held."""
         if not self.window:
             self.forgot = True
             return []
         entries = self.unlabelled.get(key)
         if entries is None:
-            entries = self.unlabelled[key] = []
+            entries = self.unlabelled[key] = [PARTIAL] if self._was_evicted(key) else []
             if len(self.unlabelled) > self.window:
-                self.unlabelled.popitem(last=False)
+                old, _ = self.unlabelled.popitem(last=False)
                 self.forgot = True
+                newer = self.evicted[0]
+                newer.add(hash(old))
+                if len(newer) >= EVICTED_KEPT:  # the older generation is forgotten: bounded memory
+                    self.evicted = [set(), newer]
+        elif len(entries) >= PER_FRAME and entries[0] is not PARTIAL:
+            entries[:] = [PARTIAL]  # bounded per frame too; its label will read again
+            self.forgot = True
         return entries
+
+    def _was_evicted(self, key: Key) -> bool:
+        h = hash(key)
+        return h in self.evicted[0] or h in self.evicted[1]
+
+    def _hold(self, entries: list[tuple], entry: tuple) -> None:
+        if not entries or entries[0] is not PARTIAL:
+            entries.append(entry)
 
     def _prediction(self, r: dict[str, Any]) -> None:
         key, role = _key(r), r.get("role")
-        self.orphans.discard(key)
+        if key in self.orphans and not self._was_evicted(key):  # its label was read first, in this update
+            self.orphans.discard(key)
         want = self.versions.get(role) if role in self.versions else False
         if want is False or (want is not None and str(r.get("model_version")) != want):
             if key not in self.labels:
@@ -332,14 +322,14 @@ class LogFold:
             for arm in arms:
                 arm.labelled.append((key, answer))
         else:
-            entries.append(("arm", arms, answer))  # type: ignore[union-attr]
+            self._hold(entries, ("arm", arms, answer))  # type: ignore[arg-type]
         # a pair is the champion's served answer and the challenger's shadow answer on the same frame: shadow mode
         paired_side = (role == CHAMPION and r.get("served", True)) or (role == CHALLENGER and r.get("shadow"))
         if paired_side and "frame_id" in r and (done := self.pairs.add(key, role, answer[0])) is not None:
             if labelled:
                 self.pairs.labelled.append((key, *done))
             else:
-                entries.append(("pair", *done))  # type: ignore[union-attr]
+                self._hold(entries, ("pair", *done))  # type: ignore[arg-type]
 
     def _label(self, r: dict[str, Any]) -> None:
         if "frame_id" not in r or "label" not in r:
@@ -350,8 +340,8 @@ class LogFold:
         if known:
             return
         entries = self.unlabelled.pop(key, None)
-        if entries is None:  # its answer is in this update's predictions (it joins as read), or not held
-            self.orphans.add(key)
+        if entries is None or (entries and entries[0] is PARTIAL):  # its answers are in this update's predictions
+            self.orphans.add(key)  # (they join as read), or not all held (a fold from the first line will)
             return
         for kind, a, b in entries:
             if kind == "arm":

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.edge.artifact import Artifact, ArtifactError, read_manifest
-from deploy.edge.rollout.fold import LogFold, mcnemar, quantiles
+from deploy.edge.rollout.fold import LogFold, mcnemar
+from deploy.edge.rollout.latency import quantiles
 from deploy.edge.rollout.manifest import CHALLENGER, CHAMPION, FEEDBACK_LOG, PRED_LOG, RolloutConfig, RolloutError
 from spt_core.portable.metrics import Z95, wilson_interval
 from spt_core.portable.operating_point import OperatingPoint
@@ -27,7 +28,7 @@ __all__ = ["Z95", "compare", "difference_interval", "mcnemar", "quantiles", "rep
            "restate", "wilson_interval"]  # fmt: skip
 
 
-FOLDS_KEPT = 8  # (logs, versions) whose folds `report_for` keeps between calls (a box has one at a time)
+FOLDS_KEPT = 2  # (logs, versions) whose folds are kept between calls: a box's rollout and its fleet plan
 
 
 def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float] | None:
@@ -79,18 +80,15 @@ _FOLDS_LOCK = threading.Lock()
 
 
 def _kept_fold(pred_log: Path, feedback_log: Path, versions: dict[str, str | None]) -> LogFold:
-    """The kept fold of these logs and versions, brought up to date (a new one the first time)."""
+    """The kept fold of these logs and versions, brought up to date (read from the first line the first time). The
+    cache lock is held only to find it: a long read blocks no other logs' reports."""
     key = (str(Path(pred_log).resolve()), str(Path(feedback_log).resolve()), *versions.items())
     with _FOLDS_LOCK:
-        fold = _FOLDS.pop(key, None)
-        if fold is None:
-            fold = LogFold(pred_log, feedback_log, versions)
-        else:
-            fold.update()
+        fold = _FOLDS.pop(key, None) or LogFold(pred_log, feedback_log, versions, read=False)
         _FOLDS[key] = fold
         while len(_FOLDS) > FOLDS_KEPT:
             _FOLDS.popitem(last=False)
-    return fold
+    return fold.update()
 
 
 def restate(declared: OperatingPoint, class_names: Sequence[str], ok_class: str | None, who: str) -> OperatingPoint:
