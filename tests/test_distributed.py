@@ -176,6 +176,7 @@ def test_sensitivity_amp_on_cpu_is_fp32(tiny_digits: Path) -> None:
         assert torch.equal(plain.scores[k], amp.scores[k]), k
 
 
+@pytest.mark.slow  # default suite <= ~15 min: `make slow` runs it
 def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     worker, out = ROOT / "tests/ddp_resume_worker.py", tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

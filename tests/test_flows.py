@@ -349,6 +349,7 @@ class _Vanishing:
                 pass
 
 
+@pytest.mark.slow  # default suite <= ~15 min: `make slow` runs it
 def test_serve_exits_on_sigterm_when_the_prefect_server_is_gone(tmp_path: Path) -> None:
     from urllib.parse import urlsplit
 

@@ -95,6 +95,7 @@ def test_publish_to_store_a_then_to_a_new_store_b_registers_in_b(
     assert client.get_run(in_b["run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
 
 
+@pytest.mark.slow  # default suite <= ~15 min: `make slow` runs it (test_flows covers the refused alias)
 def test_track_stage_moves_no_alias_when_the_gate_fails(tiny_run: tuple, mlflow_uri: str, tmp_path: Path) -> None:
     name = "gate-track"
     bad = {"promotable": {"fp32": False}, "accuracy_drop": {"fp32": 0.0}}

@@ -108,7 +108,7 @@ def test_a_version_with_nothing_promotable_is_refused_and_the_box_keeps_serving(
     assert load_config(tmp_path / "box" / "rollout.yaml").champion.version == v1  # keeps what it serves
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("precision", [pytest.param("fp16", marks=pytest.mark.slow), "fp32"])  # fp16: `make slow`
 def test_a_box_serves_the_precision_it_is_set_to_when_promotable(
     precision: str, mlflow_uri: str, tmp_path: Path
 ) -> None:
