@@ -163,12 +163,13 @@ class _Pairs:
 HEAD = 4096  # bytes of a log's start compared at each update: a log rewritten in place is read again
 
 
-def _identity(path: Path) -> tuple[int, int, bytes] | None:
-    """(device, inode, first `HEAD` bytes) of a log; None while it does not exist."""
+def _identity(path: Path) -> tuple[int, int, bytes, int] | None:
+    """(device, inode, first `HEAD` bytes, size) of a log, from one open and one stat; None while it does not
+    exist."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            return st.st_dev, st.st_ino, f.read(HEAD)
+            return st.st_dev, st.st_ino, f.read(HEAD), st.st_size
     except FileNotFoundError:
         return None
 
@@ -239,7 +240,7 @@ class LogFold:
         if was is None or ident is None:  # it did not exist when read (nothing was), or it has gone
             return was is not None
         head = min(len(was[2]), len(ident[2]))
-        return (ident[:2] != was[:2] or os.path.getsize(self.paths[i]) < self.readers[i].offset
+        return (ident[:2] != was[:2] or ident[3] < self.readers[i].offset
                 or ident[2][:head] != was[2][:head] or self._tail(i) != self.tails[i])  # fmt: skip
 
     def _tail(self, i: int) -> bytes:
