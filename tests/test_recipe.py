@@ -71,7 +71,7 @@ def test_of_equal_worst_scores_the_cheaper_is_adopted_and_nothing_below_zero_is(
     assert recipe.pick(scored, seeds=3)[0] is None  # level is not above: the default stays
 
 
-@pytest.mark.parametrize("variant", ["lr-3e-3", "harness"])
+@pytest.mark.parametrize("variant", ["lr-3e-3", "harness", "augment-off", "harness-train"])
 def test_a_variant_run_changes_only_the_forced_keys_and_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  variant: str):  # fmt: skip
     monkeypatch.chdir(tmp_path)
@@ -80,8 +80,11 @@ def test_a_variant_run_changes_only_the_forced_keys_and_its_own(tmp_path: Path, 
     cmd = product.run_command(sets, no_export=True)
     got, want = cli.params_from_args(cli.build_parser().parse_args(cmd[cmd.index("run") :])), config.defaults()
     changed = {f"{s}.{k}": v for s in got for k, v in got[s].items() if want[s][k] != v}
-    own = {"lr-3e-3": {"train.lr": 0.003}, "harness": {"plan.budget": "2%", "train.epochs": 8, "train.lr": 0.003,
-                                                       "model.input_size": 64}}[variant]  # fmt: skip
+    harness = {"plan.budget": "2%", "train.epochs": 8, "train.lr": 0.003, "model.input_size": 64}
+    training = {"train.augment": False, "train.head_init": "random", "train.balance": "none",
+                "sensitivity.batches": 16, "sensitivity.batch_size": 32}  # benchmarks/jobs.py's, where they differ
+    own = {"lr-3e-3": {"train.lr": 0.003}, "harness": harness, "augment-off": {"train.augment": False},
+           "harness-train": harness | training}[variant]  # fmt: skip
     assert changed == {"data.source": str(tmp_path / "split"), "data.split": None, "train.seed": 1,
                        **({"data.ok_class": None} if want["data"]["ok_class"] is not None else {}), **own}
 
@@ -120,9 +123,12 @@ def test_runs_resume_and_rows_under_other_defaults_are_retired(tmp_path: Path, m
     assert ran == [("size-64", 0), ("size-64", 1)]  # the row made under other defaults ran again
     study = json.loads((out / "recipe_lite0_digits.json").read_text())
     assert [r["val_score"] for r in study["replaced"]] == [0.5] and len(study["rows"]) == 2
-    assert "| digits | choosing | size-64 | model.input_size=64 | 2 | model 2 | +5.00 | +4.00 |" in md.read_text()
+    assert "| digits | choosing | 1 | size-64 | model.input_size=64 | 2 | model 2 | +5.00 | +4.00 |" in md.read_text()
     recipe.main(argv)
     assert len(ran) == 2  # resumed: nothing left to run
+    recipe.main([*argv[:2], "--round", "2", *argv[4:]])  # a round runs its own variants, in their declared order
+    assert [v for v, _ in ran[2:]] == [v for v in recipe.ROUNDS[2] for _ in range(2)]
+    assert "| digits | choosing | 2 | harness-train |" in md.read_text()
 
 
 def test_a_table_without_a_product_column_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
