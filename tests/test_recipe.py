@@ -139,3 +139,21 @@ def test_a_table_without_a_product_column_is_refused_in_one_line(tmp_path: Path,
         recipe.main(["--task", "digits", "--smoke", "--out-dir", str(recipe.OUT)])
     with pytest.raises(SensituneError, match="--variants: unknown"):
         recipe.main(["--task", "digits", "--variants", "lr-1"])
+
+
+def test_each_round_is_decided_over_the_rounds_so_far_and_only_once_its_rows_are_all_there():
+    base = _base(0.90, 0.90, 0.90)
+    level = {v: (0.90, 0.90, 0.90) for v in recipe.ROUNDS[1]}  # round 1: every variant level with the recipe
+    scored = {t: {v: recipe.differences(_study(v, *vals), base, v) for v, vals in level.items()}
+              for t in recipe.CHOOSING}  # fmt: skip
+    for t in recipe.CHOOSING:  # round 2: augment-off above on every table; the others not run yet on mnist
+        for v in recipe.ROUNDS[2]:
+            if t != "mnist" or v == "augment-off":
+                scored[t][v] = recipe.differences(_study(v, 0.93, 0.93, 0.93), base, v)
+    verdict = recipe._verdict(scored, seeds=3)
+    assert "round 1: none (no variant is above" in verdict
+    assert "round 2: not decided yet (harness-train, head-random, balance-none, sens-512 lack rows" in verdict
+    for v in recipe.ROUNDS[2]:  # the rest of round 2 comes in below the recipe on mnist: augment-off is adopted
+        if v != "augment-off":
+            scored["mnist"][v] = recipe.differences(_study(v, 0.89, 0.89, 0.89), base, v)
+    assert recipe._verdict(scored, seeds=3).endswith("round 2: augment-off.")
