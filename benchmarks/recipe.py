@@ -180,7 +180,9 @@ def run_table(args: argparse.Namespace, variants: list[str]) -> Path:
                              f"`python -m benchmarks.product --backbone {args.backbone} --task {args.task}` first")
     meta, path = table["meta"], args.out_dir / f"recipe_{slug}.json"
     study = json.loads(path.read_text()) if path.is_file() else {"meta": {"table": slug}, "rows": []}
-    study["meta"]["command"] = "python -m benchmarks.recipe " + " ".join(args.argv)
+    cmd, was = "python -m benchmarks.recipe " + " ".join(args.argv), study["meta"].get("command")
+    if cmd not in ([] if was is None else [c.strip("`") for c in was.split("  # + rows of ")]):
+        study["meta"]["command"] = f"{was}  # + rows of `{cmd}`" if was else cmd  # each command, in order
     how = {"defaults": product.defaults_fingerprint(), "threads": args.threads or meta.get("threads", 1),
            "smoke": args.smoke}  # fmt: skip
     if stale := [r for r in study["rows"] if any(r.get(k) != v for k, v in how.items())]:

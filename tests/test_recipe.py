@@ -129,6 +129,11 @@ def test_runs_resume_and_rows_under_other_defaults_are_retired(tmp_path: Path, m
     recipe.main([*argv[:2], "--round", "2", *argv[4:]])  # a round runs its own variants, in their declared order
     assert [v for v, _ in ran[2:]] == [v for v in recipe.ROUNDS[2] for _ in range(2)]
     assert "| digits | choosing | 2 | harness-train |" in md.read_text()
+    recipe.main(argv)  # a command run again is recorded once; each other command that added rows is kept
+    command = json.loads((out / "recipe_lite0_digits.json").read_text())["meta"]["command"]
+    first, second = (" ".join(["python -m benchmarks.recipe", *a]) for a in (argv, [*argv[:2], "--round", "2",
+                                                                                   *argv[4:]]))  # fmt: skip
+    assert command == f"{first}  # + rows of `{second}`"
 
 
 def test_a_table_without_a_product_column_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
