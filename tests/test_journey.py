@@ -121,6 +121,15 @@ def test_a_line_engineers_journey_closes_hands_off(tmp_path: Path, monkeypatch: 
             # 6-7. the nightly flow, watched from outside: registry versions, the alias, the box
             watch = Watch(uri, box)
             watch.start()
+            real_compare = flows.t.compare_champion
+
+            def compare_once_seen(*args, **kwargs):  # the gate waits for the watcher's sample of v2 with no alias
+                wait_for("the watcher to see v2 registered without the challenger alias",  # (a fast gate fits
+                         lambda: watch.first(lambda versions, alias, _: "2" in versions and alias != "2"),
+                         timeout=60)  # between two samples); an alias moved before the gate never gives that sample
+                return real_compare(*args, **kwargs)
+
+            monkeypatch.setattr(flows.t, "compare_champion", compare_once_seen)
             monkeypatch.chdir(project)
             state = flows.retrain(config="params.yaml", tracking_uri=uri, settle_seconds=0.0, line="line-7",
                                   return_state=True)  # fmt: skip
