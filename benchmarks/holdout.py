@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.heldout_tasks import HELD_OUT_TASKS
 from benchmarks.report import mean_accuracy as scores
+from benchmarks.spread import signed
 from benchmarks.summary import COLUMNS, DEFAULT, NAMES, VARIANTS, tables
 from spt_core.portable.io import atomic_path
 
@@ -80,10 +81,6 @@ def leave_one_out(states: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(x: float | None) -> str:
-    return "-" if x is None else f"{x + 0.0:+.2f}"  # + 0.0: no "-0.00"
-
-
 def markdown(states: list[dict]) -> str:
     pool = choosing(states)
     chosen, summary = pick(pool)
@@ -116,8 +113,8 @@ def markdown(states: list[dict]) -> str:
             "held out": f"all {r['chosen_by']} (declared held out)",
             "incomplete": f"all {r['chosen_by']} (not every candidate ran here)",
         }[r["role"]]
-        lines.append(f"| {r['table']} | {by} | {COLUMNS[r['pick']]} | {_cell(r['test_vs_peft'])} | "
-                     f"{_cell(r['test_vs_full'])} |")  # fmt: skip
+        lines.append(f"| {r['table']} | {by} | {COLUMNS[r['pick']]} | {signed(r['test_vs_peft'])} | "
+                     f"{signed(r['test_vs_full'])} |")  # fmt: skip
     groups = {"chooses": "choosing tables, each left out of its own choice", "held out": "declared held-out tables",
               "incomplete": "tables where not every candidate ran"}  # fmt: skip
     for role, what in groups.items():

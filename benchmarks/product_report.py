@@ -14,7 +14,7 @@ seeds at its chosen lr); per seed, the table's linear row of that seed where the
 
 from __future__ import annotations
 
-from benchmarks.spread import mean, stat
+from benchmarks.spread import mean, signed, stat
 
 # the block's number columns (header -> row key), in %: the kept model's, then the product's own probe's
 COLUMNS = {"val %": "val_acc", "val score %": "val_score", "test %": "test_acc", "test bal. acc %": "test_balanced_acc",
@@ -58,10 +58,6 @@ def _outcome(r: dict) -> str:
     return OUTCOMES.get(r["outcome"], r["outcome"]) + tuned
 
 
-def _points(v: float | None) -> str:
-    return "-" if v is None else f"{round(v, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
-
-
 def product_lines(state: dict, linear_rows: list[dict]) -> list[str]:
     """The block's markdown lines (none without product rows): what ran, one row per seed, the means, and a
     sentence when the product misses a probe on test."""
@@ -89,10 +85,10 @@ def product_lines(state: dict, linear_rows: list[dict]) -> list[str]:
             continue
         own = r.get(f"probe_{key}")
         gaps = [_gap(r[key], lin.get(r["seed"])), _gap(r[key], own)]
-        cells = [stat([r.get(k)], 100) for k in COLUMNS.values()] + [_points(g) for g in gaps]
+        cells = [stat([r.get(k)], 100) for k in COLUMNS.values()] + [signed(g) for g in gaps]
         lines.append(f"| {r['seed']} | {_outcome(r)} | {' | '.join(cells)} | {r['wall_s']:.0f} |")
     gaps = product_gaps(state, linear_rows)
-    cells = [stat([r.get(k) for r in ok], 100) for k in COLUMNS.values()] + [_points(g) for g in gaps.values()]
+    cells = [stat([r.get(k) for r in ok], 100) for k in COLUMNS.values()] + [signed(g) for g in gaps.values()]
     lines.append(f"| mean ± half range ({len(ok)} seed{'s' * (len(ok) != 1)}) | {outcome_counts(rows)} | "
                  f"{' | '.join(cells)} | {stat([r['wall_s'] for r in ok], digits=0)} |")  # fmt: skip
     misses = [f"the table's linear probe by {-gaps['linear']:.2f} points" if (gaps["linear"] or 0) < 0 else "",

@@ -35,6 +35,7 @@ from typing import Any
 from benchmarks import compare, product
 from benchmarks.heldout_tasks import HELD_OUT_TASKS
 from benchmarks.protocol import retire, script
+from benchmarks.spread import signed
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import atomic_path, write_json
 
@@ -88,8 +89,8 @@ def differences(study: dict, base: dict[int, dict], variant: str) -> dict[str, A
     if not seeds:
         return None
 
-    def mean(f) -> float:
-        return sum(f(s) for s in seeds) / len(seeds)
+    def mean(f) -> float:  # rounded: a level pair is 0, not float noise either side of it (the rule is "above 0")
+        return round(sum(f(s) for s in seeds) / len(seeds), 9) + 0.0
 
     outcomes = [rows[s].get("outcome") for s in seeds]
     return {"seeds": seeds, "val": mean(lambda s: 100 * (rows[s]["val_score"] - base[s]["val_score"])),
@@ -114,7 +115,7 @@ def pick(scored: dict[str, dict[str, dict | None]], seeds: int,
     def mean_cost(v: str) -> float:
         return sum(scored[t][v]["cost"] for t in CHOOSING) / len(CHOOSING)  # type: ignore[index]
 
-    best = max(worst, key=lambda v: (round(worst[v], 9), -mean_cost(v)))
+    best = max(worst, key=lambda v: (worst[v], -mean_cost(v)))
     return (best if worst[best] > 0 else None), worst
 
 
@@ -138,10 +139,10 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
                 continue
             outs = ", ".join(f"{o} {n}" for o, n in d["outcomes"].items())
             lines.append(f"| {task} | {role} | {ROUND_OF[v]} | {v} | {keys} | {len(d['seeds'])} | {outs} | "
-                         f"{d['val']:+.2f} | {d['test']:+.2f} | {d['test_vs_probe']:+.2f} | "
+                         f"{signed(d['val'])} | {signed(d['test'])} | {signed(d['test_vs_probe'])} | "
                          f"{d['cost']:.2f} |")  # fmt: skip
     lines += ["", "Worst validation difference over the choosing tables (" + ", ".join(CHOOSING) + "): " +
-              (", ".join(f"{v} {w:+.2f}" for v, w in worst.items()) or "not every choosing table has all its rows")
+              (", ".join(f"{v} {signed(w)}" for v, w in worst.items()) or "not every choosing table has all its rows")
               + ".", "", _verdict(scored, seeds)]  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -21,3 +21,9 @@ def mean(vals: list[float | None]) -> float | None:
     """The mean, rounded off float noise (0.967 and 0.966 average to 0.9665, not 0.96649999...)."""
     vals = [v for v in vals if v is not None]
     return round(sum(vals) / len(vals), 12) if vals else None
+
+
+def signed(v: float | None) -> str:
+    """A difference in points, signed, 2 decimals; "-" without one. Rounded first: a level pair reads +0.00, never
+    -0.00."""
+    return "-" if v is None else f"{round(v, 2) + 0.0:+.2f}"

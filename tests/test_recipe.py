@@ -162,3 +162,11 @@ def test_each_round_is_decided_over_the_rounds_so_far_and_only_once_its_rows_are
         if v != "augment-off":
             scored["mnist"][v] = recipe.differences(_study(v, 0.89, 0.89, 0.89), base, v)
     assert recipe._verdict(scored, seeds=3).endswith("round 2: augment-off.")
+
+
+def test_a_variant_level_but_for_float_noise_is_level_and_never_adopted():
+    base = {s: _row(s, 0.3, 0.3) for s in range(3)}
+    noisy = {"rows": [_row(s, 0.1 + 0.2, 0.3, variant="epochs-8") for s in range(3)]}  # 0.30000000000000004
+    scored = {t: {"epochs-8": recipe.differences(noisy, base, "epochs-8")} for t in recipe.CHOOSING}
+    assert scored["digits"]["epochs-8"]["val"] == 0.0  # unrounded: +5.6e-15 points, "above 0" on every table
+    assert recipe.pick(scored, seeds=3) == (None, {"epochs-8": 0.0})
