@@ -88,14 +88,14 @@ class DataSection:
 class ModelSection:
     name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
     weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
-    input_size: int | None = _f(128, "the network's input side in pixels", verbs=("measure", "run"))
+    input_size: int | None = _f(64, "the network's input side in pixels", verbs=("measure", "run"))
     drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")
 
 
 @dataclass
 class SensitivitySection:
-    batches: int = _f(8, "mini-batches to measure (SPT: 16)", verbs=("measure", "run"))
-    batch_size: int = _f(16, "images per batch (SPT: 32)", verbs=("measure",))
+    batches: int = _f(16, "mini-batches to measure (as SPT)", verbs=("measure", "run"))
+    batch_size: int = _f(32, "images per batch (as SPT)", verbs=("measure",))
     head: str = _f("probe", "probe (fit the head first) | random (SPT)", verbs=("measure", "run"),
                    choices=("probe", "random"))  # fmt: skip
     probe_epochs: int = _f(50, "linear-probe epochs before measuring")
@@ -107,7 +107,7 @@ class SensitivitySection:
 
 @dataclass
 class PlanSection:
-    budget: str = _f("1%", "trainable values: 400000, 0.4M, 400k or 0.5%% of the backbone, or auto (the ladder's "
+    budget: str = _f("2%", "trainable values: 400000, 0.4M, 400k or 0.5%% of the backbone, or auto (the ladder's "
                      "budget with the best validation score)", verbs=("plan", "run"))  # fmt: skip
     ladder: list[str] = _f(["0.25%", "0.5%", "1%", "2%", "4%", "8%", "full"],
                            "budget: auto tries these, smallest first; full = every backbone value")  # fmt: skip
@@ -130,8 +130,8 @@ class PlanSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = _f(6, "epochs", verbs=("train", "run"))
-    lr: float = _f(1e-3, "peak learning rate", verbs=("train", "run"))
+    epochs: int = _f(8, "epochs", verbs=("train", "run"))
+    lr: float = _f(3e-3, "peak learning rate", verbs=("train", "run"))
     lr_grid: list[float] = _f([1 / 3, 1.0, 3.0], "plan.search: halving tries these multiples of train.lr")
     weight_decay: float = _f(1e-4, "AdamW weight decay (not on 1-D values)", verbs=("train",))
     warmup_epochs: int = _f(1, "linear warm-up epochs", verbs=("train",))
@@ -144,7 +144,7 @@ class TrainSection:
     device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("train",))
     seed: int = _f(0, "seed (also of the head and the sensitivity batch order)", verbs=("train",))
     grad_clip: float | None = _f(None, "clip the gradient norm (null = off)")
-    balance: str = _f("sampler", "none | loss (class-weighted) | sampler (class-balanced batches) | both",
+    balance: str = _f("none", "none | loss (class-weighted) | sampler (class-balanced batches) | both",
                       verbs=("train", "run"), choices=("none", "loss", "sampler", "both"))  # fmt: skip
     select: str = _f(
         "balanced_accuracy", "validation metric that picks the epoch: accuracy | balanced_accuracy | "
@@ -152,12 +152,12 @@ class TrainSection:
         "the lower val loss",
         verbs=("train",), choices=("accuracy", "balanced_accuracy", "overkill_at_escape", "loss"),
     )  # fmt: skip
-    augment: bool = _f(True, "timm train-time augmentation: flips, small zoom/shift, colour jitter (off for VTAB-1k)",
+    augment: bool = _f(False, "timm train-time augmentation: flips, small zoom/shift, colour jitter (off for VTAB-1k)",
                        verbs=("train",))  # fmt: skip
     aug_flip: float = _f(0.5, "augment: probability of a horizontal and of a vertical flip")
     aug_scale: list[float] = _f([0.85, 1.0], "augment: random-resized-crop area range")
     aug_color_jitter: float = _f(0.1, "augment: brightness/contrast/saturation jitter")
-    head_init: str = _f("probe", "probe (start from the linear-probe head, LP-FT) | random (as SPT)",
+    head_init: str = _f("random", "probe (start from the linear-probe head, LP-FT) | random (as SPT)",
                         verbs=("train", "run"), choices=("probe", "random"))  # fmt: skip
     probe_baseline: bool = _f(True, "also fit a linear probe on the same split: the yardstick of "
                                 "train.below_probe (metrics.json probe_*)")  # fmt: skip

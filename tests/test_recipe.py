@@ -85,6 +85,7 @@ def test_a_variant_run_changes_only_the_forced_keys_and_its_own(tmp_path: Path, 
                 "sensitivity.batches": 16, "sensitivity.batch_size": 32}  # benchmarks/jobs.py's, where they differ
     own = {"lr-3e-3": {"train.lr": 0.003}, "harness": harness, "augment-off": {"train.augment": False},
            "harness-train": harness | training}[variant]  # fmt: skip
+    own = {k: v for k, v in own.items() if want[k.split(".")[0]][k.split(".")[1]] != v}  # a default now: unchanged
     assert changed == {"data.source": str(tmp_path / "split"), "data.split": None, "train.seed": 1,
                        **({"data.ok_class": None} if want["data"]["ok_class"] is not None else {}), **own}
 
@@ -170,3 +171,21 @@ def test_a_variant_level_but_for_float_noise_is_level_and_never_adopted():
     scored = {t: {"epochs-8": recipe.differences(noisy, base, "epochs-8")} for t in recipe.CHOOSING}
     assert scored["digits"]["epochs-8"]["val"] == 0.0  # unrounded: +5.6e-15 points, "above 0" on every table
     assert recipe.pick(scored, seeds=3) == (None, {"epochs-8": 0.0})
+
+
+def test_a_decided_study_still_pairs_with_the_column_it_ran_beside_after_its_pick_became_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    old = [{**_row(s, 0.90, 0.90), "defaults": "old", "method": "product"} for s in range(3)]
+    new = [{**_row(s, 0.97, 0.96), "defaults": "new", "method": "product"} for s in range(3)]
+    study = {"meta": {"table": "lite0_digits"},
+             "rows": [{**_row(s, 0.95, 0.94), "variant": "size-64", "defaults": "old"} for s in range(3)]}
+    table = {"meta": {"task": "digits"}, "rows": [],  # the column re-measured: its old rows moved to replaced
+             "product": new, "replaced": [{**r, "replaced_because": "product re-run"} for r in old]}  # fmt: skip
+    monkeypatch.setattr(product, "defaults_fingerprint", lambda: "new")
+    md = recipe.report({"digits": (table, study)})
+    assert "| digits | choosing | 1 | size-64 | model.input_size=64 | 3 | model 3 | +5.00 | +4.00 |" in md
+    assert recipe.base_rows(table) == dict(enumerate(new))  # a run pairs with today's column
+    harness = {**_row(0, 0.91, 0.91), "method": "harness", "defaults": "old", "seed": 0}  # not a product row
+    table["replaced"] = [harness, *table["replaced"][1:]]
+    assert sorted(recipe.base_rows(table, "old")) == [1, 2]
