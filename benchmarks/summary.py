@@ -25,7 +25,8 @@ HEADERS = {"bitfit": "BitFit", "full": "full FT", "peft-lora": "peft LoRA", "ran
            "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "per-row-sparse": "per-row sparse"}  # fmt: skip
 COLUMNS = {m: HEADERS.get(m, m) for m in METHODS}  # method -> header, in the harness's order
 AUTO = {"per-row-sparse": "per-row, budget on val", "spt-lora": "SPT-LoRA, budget on val"}  # method -> header
-PRODUCT = "product"  # the product column: `sensitune run`'s defaults (128 px), never bold (another input size)
+PRODUCT = "product"  # the product column: `sensitune run`'s defaults, never bold (its own recipe and lr, not the
+# harness's equal-budget protocol)
 DEFAULT = "per-row-sparse"  # the product's default plan (params.yaml: plan.allocation per_row, structured none)
 NAMES = {"tf_efficientnet_lite0": "Lite0", "vit_small_patch14_dinov2": "ViT-S/14"}
 
@@ -61,10 +62,16 @@ def table_row(state: dict) -> tuple[str, dict[str, float | None], str, dict[str,
     return label, cells, n, {f"auto:{m}": a[1] for m, a in autos.items() if a}
 
 
+def product_header(states: list[dict]) -> str:
+    """The product column's header, with the input side its rows ran at (the package default when they ran)."""
+    sizes = sorted({r["input_size"] for s in states for r in s.get("product", []) if r.get("input_size")})
+    return "product defaults" + (f" ({' / '.join(map(str, sizes))} px)" if sizes else "")
+
+
 def markdown(states: list[dict]) -> str:
     """The README's comparison: one row per table (`tables()`)."""
     keys = [*COLUMNS, *(f"auto:{m}" for m in AUTO), f"auto:{PRODUCT}"]
-    head = [*COLUMNS.values(), *AUTO.values(), "product defaults (128 px)"]
+    head = [*COLUMNS.values(), *AUTO.values(), product_header(states)]
     lines = ["| backbone, task (budget) | " + " | ".join(head) + " | seeds |", "|---" * (len(head) + 2) + "|"]
     for state in states:
         label, cells, seeds, auto_seeds = table_row(state)

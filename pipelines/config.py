@@ -28,6 +28,7 @@ from deploy.edge.graph_spec import GRAPH_MODES
 from deploy.edge.precision import BUILDABLE, FALLBACK, PRECISIONS
 from deploy.edge.precision import DEFAULT as DEFAULT_PRECISIONS
 from spt_core.portable.errors import SensituneError, one_line
+from spt_core.portable.metrics import BALANCE, SELECT
 
 Params = dict[str, dict[str, Any]]
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -144,16 +145,15 @@ class TrainSection:
     device: str = _f("auto", "auto | cpu | cuda[:N]", verbs=("train",))
     seed: int = _f(0, "seed (also of the head and the sensitivity batch order)", verbs=("train",))
     grad_clip: float | None = _f(None, "clip the gradient norm (null = off)")
-    balance: str = _f("none", "none | loss (class-weighted) | sampler (class-balanced batches) | both",
-                      verbs=("train", "run"), choices=("none", "loss", "sampler", "both"))  # fmt: skip
+    balance: str = _f("auto", "none | loss (class-weighted) | sampler (class-balanced batches) | both | auto (sampler"
+                      " on an imbalanced split: largest class >= 2x smallest)", verbs=("train", "run"), choices=BALANCE)
     select: str = _f(
         "balanced_accuracy", "validation metric that picks the epoch: accuracy | balanced_accuracy | "
         "overkill_at_escape (lowest overkill under evaluate.max_escape_rate) | loss (lowest val loss); ties: "
         "the lower val loss",
-        verbs=("train",), choices=("accuracy", "balanced_accuracy", "overkill_at_escape", "loss"),
+        verbs=("train",), choices=SELECT,
     )  # fmt: skip
-    augment: bool = _f(False, "timm train-time augmentation: flips, small zoom/shift, colour jitter (off for VTAB-1k)",
-                       verbs=("train",))  # fmt: skip
+    augment: bool = _f(False, "timm train-time augmentation: flips, small zoom/shift, colour jitter", verbs=("train",))
     aug_flip: float = _f(0.5, "augment: probability of a horizontal and of a vertical flip")
     aug_scale: list[float] = _f([0.85, 1.0], "augment: random-resized-crop area range")
     aug_color_jitter: float = _f(0.1, "augment: brightness/contrast/saturation jitter")

@@ -49,7 +49,7 @@ from spt_core.api import (
 )
 from spt_core.portable.errors import PlanError, SensituneError
 from spt_core.portable.io import atomic_path, write_json
-from spt_core.portable.metrics import SELECTION_RULE
+from spt_core.portable.metrics import SELECTION_RULE, resolve_balance
 
 from .assess import choose_operating_point, plot_confusion, probe_warnings
 from .below_probe import ProbeModel, Saved, probe_model, settle
@@ -249,6 +249,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "best_epoch": history.best_epoch,
             "epochs": cfg.epochs,
             "balance": cfg.balance,
+            "balance_used": resolve_balance(cfg.balance, loaders["train"].dataset.labels),  # auto's answer
             "augment": t["augment"],
             **{k: v for k, v in measured.items() if k not in ("val", "test")},
             "trainable": plan.trainable,

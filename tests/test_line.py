@@ -211,6 +211,31 @@ def test_balancing_weights_and_batches_exact():
     assert sorted(BalancedSampler([0, 0, 1, 1], seed=3)) == [0, 1, 2, 3]  # balanced data: a permutation
 
 
+@pytest.mark.parametrize(("counts", "train", "auto_is"), [({"ok": 10, "crack": 7}, [3, 6], "sampler"),
+                                                           ({"ok": 9, "crack": 7}, [3, 5], "none"),
+                                                           ({"ok": 8, "crack": 8}, [4, 4], "none")])  # fmt: skip
+def test_balance_auto_is_the_sampler_on_an_imbalanced_split_and_plain_batches_otherwise(tmp_path, counts, train,
+                                                                                         auto_is):  # fmt: skip
+    from spt_core.data import make_loaders
+    from spt_core.portable.metrics import resolve_balance
+
+    src = _folder(tmp_path / "line", counts)
+    prepare(str(src), tmp_path / "out", split=(0.5, 0.25, 0.25), min_per_class=1, ok_class="ok")
+    pre = Preprocess(size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+    def order(balance: str) -> list[int]:
+        loader = make_loaders(tmp_path / "out", pre, batch_size=4, seed=1, balance=balance)["train"]
+        assert np.bincount(loader.dataset.labels).tolist() == train  # classes sorted: crack, ok
+        loader.sampler.set_epoch(2)
+        return list(loader.sampler)
+
+    # 6 good against 3 cracks is 2x: the sampler; 5 against 3 is under it, 4 against 4 balanced: plain batches
+    assert order("auto") == order(auto_is) != order("sampler" if auto_is == "none" else "none")
+    assert resolve_balance("auto", [2] * 8 + [0] * 4) == "sampler"  # labels need not start at 0
+    assert resolve_balance("auto", [2] * 7 + [0] * 4) == "none"
+    assert resolve_balance("loss", [0] * 10 + [1]) == "loss"  # a value other than auto is as given
+
+
 # ------------------------------------------------------------------------------------------------ warnings, gates
 def test_below_probe_warns_and_the_flow_does_not_hand_over():
     from pipelines.assess import probe_warnings

@@ -136,9 +136,15 @@ def test_readme_table_row_from_a_table():
     # full 96.65 and sparse-only 96.65 tie for best (both bold, the same rounding); peft LoRA (0.94 + 0.92) / 2
     assert md[2] == "| lite0 @64, demo (2 %) | - | - | **96.7** | 93.0 | - | - | - | **96.7** | - | - | - | - | 2 |"
     # the product column: the mean of its own seeds (one here, so it says so), never bold (another input size)
-    product = [{"method": "product", "seed": 0, "test_acc": 0.99}, {"method": "product", "seed": 1, "error": "x"}]
-    row = markdown([{"meta": META, "rows": ROWS, "product": product}]).splitlines()[2]
+    product = [{"method": "product", "seed": 0, "test_acc": 0.99, "input_size": 64},
+               {"method": "product", "seed": 1, "error": "x"}]  # fmt: skip
+    head, _, row = markdown([{"meta": META, "rows": ROWS, "product": product}]).splitlines()
     assert row.endswith("| **96.7** | - | - | - | 99.0 (1 seed) | 2 |"), row
+    assert head.endswith("| product defaults (64 px) | seeds |")  # the side its rows ran at, not a fixed one
+    older = {"meta": META, "rows": ROWS, "product": [{**product[0], "input_size": 128}]}
+    assert markdown([older, {"meta": META, "rows": ROWS, "product": product}]).splitlines()[0].endswith(
+        "| product defaults (64 / 128 px) | seeds |")
+    assert md[0].endswith("| product defaults | seeds |")  # no product row yet
 
 
 def test_targets_table_gaps_on_known_tables():

@@ -5,7 +5,6 @@
 """
 
 from spt_core.data.loaders import (
-    BALANCE,
     Augment,
     BalancedSampler,
     ImageDataset,
@@ -28,7 +27,6 @@ from spt_core.data.sources import (
 from spt_core.demo import DEMO_CLASSES, generate_demo_defects
 
 __all__ = [
-    "BALANCE",
     "Augment",
     "BalancedSampler",
     "check_class_sizes",

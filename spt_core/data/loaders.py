@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from spt_core.data.prepare import load_dataset_info
 from spt_core.data.sources import IMAGE_SUFFIXES, SPLITS
 from spt_core.portable.errors import DataError
+from spt_core.portable.metrics import BALANCE, resolve_balance
 from spt_core.portable.preprocess import Preprocess, load_rgb
 
 
@@ -148,9 +149,6 @@ class BalancedSampler(Sampler[int]):
         return self.n
 
 
-BALANCE = ("none", "loss", "sampler", "both")  # train.balance: class-weighted loss, balanced sampler, or both
-
-
 class SeededSampler(Sampler[int]):
     """Random order fixed by ``seed + epoch``; call `set_epoch` before each epoch so a resumed run replays it."""
 
@@ -178,7 +176,8 @@ def make_loaders(
     balance: str = "none",
     augment: Augment | None = None,
 ) -> dict[str, DataLoader]:
-    """Loaders ``train`` (shuffled by a `SeededSampler`, or a `BalancedSampler` for ``balance`` sampler/both;
+    """Loaders ``train`` (shuffled by a `SeededSampler`, or a `BalancedSampler` for ``balance`` sampler/both, and
+    auto on an imbalanced split;
     ``loader.sampler.set_epoch(e)``; ``augment`` applies to it only), ``val``, ``test``."""
     if balance not in BALANCE:
         raise DataError(f"balance={balance!r}: use one of {', '.join(BALANCE)}")
@@ -189,7 +188,7 @@ def make_loaders(
         ds = ImageDataset(scan_split(Path(data_dir) / split, info.class_names), tf)
         sampler = None
         if split == "train":
-            balanced = balance in ("sampler", "both") and len(ds)
+            balanced = resolve_balance(balance, ds.labels) in ("sampler", "both") and len(ds)
             sampler = BalancedSampler(ds.labels, seed) if balanced else SeededSampler(len(ds), seed)
         loaders[split] = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
     return loaders

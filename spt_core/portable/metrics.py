@@ -24,6 +24,19 @@ T = TypeVar("T")
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 SELECT = ("accuracy", "balanced_accuracy", "overkill_at_escape", "loss")  # what `train.select` may name
+BALANCE = ("none", "loss", "sampler", "both", "auto")  # what `train.balance` may name: class-weighted loss, the
+# loaders' class-balanced sampler, both, or auto (`resolve_balance`)
+IMBALANCED = 2.0  # auto: a split is imbalanced when its largest class has at least twice its smallest's images
+
+
+def resolve_balance(balance: str, labels: Sequence[int]) -> str:
+    """The balance a training split gets: ``auto`` is ``sampler`` when the largest class of `labels` has at least
+    `IMBALANCED` times the images of the smallest (a line's good parts against its defects), else ``none`` (plain
+    batches, the same as ``none`` bit for bit); every other value as given."""
+    if balance != "auto":
+        return balance
+    counts = np.unique(np.asarray(list(labels), dtype=np.int64), return_counts=True)[1]
+    return "sampler" if len(counts) and counts.max() >= IMBALANCED * counts.min() else "none"
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:

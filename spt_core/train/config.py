@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spt_core.portable.errors import SensituneError
-from spt_core.portable.metrics import SELECT
+from spt_core.portable.metrics import BALANCE, SELECT
 
 # Config fields that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE = {"device", "progress", "log_every"}
@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int
     grad_clip: float | None  # max global grad norm over the trainable params; None = no clipping
     balance: str  # none | loss (class-weighted cross-entropy) | sampler (balanced batches, built by the loaders) | both
+    # | auto (the loaders' sampler on an imbalanced split: spt_core.data.loaders.resolve_balance; never the loss)
     select: str  # the validation metric that picks the epoch: accuracy | balanced_accuracy | overkill_at_escape | loss
     log_every: int = 0  # log the running train loss every N steps (0: one line per epoch)
     progress: bool | None = None  # tqdm bar; None = only on a tty and when SENSITUNE_NO_PROGRESS is unset
@@ -79,7 +80,7 @@ class TrainConfig:
                 ("label_smoothing", not 0 <= self.label_smoothing < 1, "in [0, 1)"),
                 ("grad_clip", self.grad_clip is not None and not self.grad_clip > 0, "None or > 0"),
                 ("log_every", self.log_every < 0, ">= 0"),
-                ("balance", self.balance not in ("none", "loss", "sampler", "both"), "none | loss | sampler | both"),
+                ("balance", self.balance not in BALANCE, " | ".join(BALANCE)),
                 ("select", self.select not in SELECT, " | ".join(SELECT)),
             ]
             if bad
