@@ -6,7 +6,10 @@ probe or level with it, while the harness's per-row sparse (2 %, 8 epochs, its l
 4-7 points above. Each variant here changes keys from their defaults and nothing else. Round 1: one recipe key, or
 all four together (the harness's recipe). Round 2 (declared after round 1's digits rows left every round-1 variant at
 or below the shipped recipe there): one training key where the product differs from the harness, or all of them with
-round 1's four (`harness-train`). Everything else is the product column's run: the same forced keys
+round 1's four (`harness-train`), which became the default. Round 3 (declared after the product columns under the
+new defaults): each key the pick changed back at its old value, and all of them (`previous`), chosen on the line
+tables (`LINE_CHOOSING`) and paired with today's column; each round pairs with the column of its own defaults
+(`BASE_OF`). Everything else is the product column's run: the same forced keys
 (`benchmarks.product.overrides`), seeds, threads and prepared split, with ``sensitune run --no-export`` (the accuracy
 numbers are the exported model's; the cost compared is the stages that differ: sensitivity + probe + training
 seconds).
@@ -34,12 +37,14 @@ from typing import Any
 
 from benchmarks import compare, product
 from benchmarks.heldout_tasks import HELD_OUT_TASKS
+from benchmarks.product_report import gap_metric
 from benchmarks.protocol import retire, script
 from benchmarks.spread import signed
 from spt_core.portable.errors import SensituneError
 from spt_core.portable.io import atomic_path, write_json
 
-CHOOSING = ("digits", "mnist", "fashion-mnist")  # the choosing Lite0 tables with a product column
+CHOOSING = ("digits", "mnist", "fashion-mnist")  # rounds 1-2's choosing Lite0 tables with a product column
+LINE_CHOOSING = ("demo-defects-imbalanced90", "fashion-mnist-imbalanced90", "demo-defects")  # round 3's: a line's
 SINGLE: dict[str, dict[str, Any]] = {
     "budget-2%": {"plan.budget": "2%"},
     "epochs-8": {"train.epochs": 8},
@@ -61,10 +66,18 @@ def _union(*groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {k: v for group in groups for sets in group.values() for k, v in sets.items()}
 
 
+# Round 3 (declared 2026-12-07, after the product columns under the new defaults, before any row of its own): the
+# keys the round-2 pick changed, each back at its old value, and all of them (the old defaults, balance auto kept)
+PREVIOUS = {"model.input_size": 128, "sensitivity.batches": 8, "sensitivity.batch_size": 16, "plan.budget": "1%",
+            "train.epochs": 6, "train.lr": 0.001, "train.augment": True, "train.head_init": "probe"}  # fmt: skip
 ROUNDS: dict[int, dict[str, dict[str, Any]]] = {
     1: {**SINGLE, "harness": _union(SINGLE)},
     2: {"harness-train": _union(SINGLE, TRAINING), **TRAINING},
+    3: {"size-128": {"model.input_size": 128}, "augment-on": {"train.augment": True},
+        "head-probe": {"train.head_init": "probe"}, "previous": PREVIOUS},
 }
+CHOOSING_OF = {1: CHOOSING, 2: CHOOSING, 3: LINE_CHOOSING}
+BASE_OF = {1: "the defaults before 2026-12-07", 2: "the defaults before 2026-12-07", 3: "the defaults of 2026-12-07"}
 VARIANTS: dict[str, dict[str, Any]] = {v: sets for variants in ROUNDS.values() for v, sets in variants.items()}
 ROUND_OF = {v: r for r, variants in ROUNDS.items() for v in variants}
 COST = ("sensitivity_seconds", "probe_seconds", "train_seconds")  # the stages a recipe key changes
@@ -85,15 +98,23 @@ def base_rows(table: dict, fp: str | None = None) -> dict[int, dict]:
             and not r.get("smoke") and not r.get("no_export")}  # fmt: skip
 
 
-def study_defaults(study: dict) -> str | None:
-    """The defaults' fingerprint the study's rows were made under (a run retires rows of other defaults first, so
-    there is one); None for an empty or mixed study (today's defaults then)."""
-    fps = {r.get("defaults") for r in study["rows"]}
-    return next(iter(fps)) if len(fps) == 1 else None
+def variant_defaults(study: dict, variant: str) -> str | None:
+    """The defaults' fingerprint a variant's rows were made under (a run retires that variant's rows of other
+    defaults first, so there is one; each round's variants may have another); None when it has no rows."""
+    fps = [r.get("defaults") for r in study["rows"] if r["variant"] == variant]
+    return fps[-1] if fps else None
 
 
-def differences(study: dict, base: dict[int, dict], variant: str) -> dict[str, Any] | None:
-    """A variant's paired differences to the product column (points; seeds both have), or None when none pairs."""
+def _default(key: str) -> Any:
+    from pipelines.config import defaults
+
+    section, name = key.split(".")
+    return defaults()[section][name]
+
+
+def differences(study: dict, base: dict[int, dict], variant: str, test: str = "test_acc") -> dict[str, Any] | None:
+    """A variant's paired differences to the product column (points; seeds both have), or None when none pairs;
+    `test` is the table's test metric (`product_report.gap_metric`: balanced accuracy on a line table)."""
     rows = {r["seed"]: r for r in study["rows"] if r["variant"] == variant and "error" not in r}
     seeds = sorted(set(rows) & set(base))
     if not seeds:
@@ -104,26 +125,26 @@ def differences(study: dict, base: dict[int, dict], variant: str) -> dict[str, A
 
     outcomes = [rows[s].get("outcome") for s in seeds]
     return {"seeds": seeds, "val": mean(lambda s: 100 * (rows[s]["val_score"] - base[s]["val_score"])),
-            "test": mean(lambda s: 100 * (rows[s]["test_acc"] - base[s]["test_acc"])),
-            "test_vs_probe": mean(lambda s: 100 * (rows[s]["test_acc"] - rows[s]["probe_test_acc"])),
+            "test": mean(lambda s: 100 * (rows[s][test] - base[s][test])),
+            "test_vs_probe": mean(lambda s: 100 * (rows[s][test] - rows[s][f"probe_{test}"])),
             "cost": mean(lambda s: cost(rows[s]) / max(cost(base[s]), 1e-9)),
             "outcomes": {o: outcomes.count(o) for o in dict.fromkeys(outcomes)}}  # fmt: skip
 
 
-def pick(scored: dict[str, dict[str, dict | None]], seeds: int,
-         variants: Iterable[str] = VARIANTS) -> tuple[str | None, dict[str, float]]:  # fmt: skip
-    """(the adopted one of `variants` or None, variant -> worst validation score over the choosing tables); a
+def pick(scored: dict[str, dict[str, dict | None]], seeds: int, variants: Iterable[str] = VARIANTS,
+         choosing: tuple[str, ...] = CHOOSING) -> tuple[str | None, dict[str, float]]:  # fmt: skip
+    """(the adopted one of `variants` or None, variant -> worst validation score over the `choosing` tables); a
     variant counts once every choosing table has all `seeds` of it paired."""
     worst: dict[str, float] = {}
     for v in variants:
-        got = [scored.get(t, {}).get(v) for t in CHOOSING]
+        got = [scored.get(t, {}).get(v) for t in choosing]
         if all(d is not None and len(d["seeds"]) == seeds for d in got):
             worst[v] = min(d["val"] for d in got)  # type: ignore[index]
     if not worst:
         return None, {}
 
     def mean_cost(v: str) -> float:
-        return sum(scored[t][v]["cost"] for t in CHOOSING) / len(CHOOSING)  # type: ignore[index]
+        return sum(scored[t][v]["cost"] for t in choosing) / len(choosing)  # type: ignore[index]
 
     best = max(worst, key=lambda v: (worst[v], -mean_cost(v)))
     return (best if worst[best] > 0 else None), worst
@@ -131,19 +152,20 @@ def pick(scored: dict[str, dict[str, dict | None]], seeds: int,
 
 def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
     """recipe.md: per table and variant, the paired differences to the product column; the pick."""
-    scored = {t: {v: differences(study, base_rows(table, study_defaults(study)), v) for v in VARIANTS}
-              for t, (table, study) in tables.items()}  # fmt: skip
-    _, worst = pick(scored, seeds)
+    scored = {t: {v: differences(study, base_rows(table, variant_defaults(study, v)), v, gap_metric(table))
+                  for v in VARIANTS} for t, (table, study) in tables.items()}  # fmt: skip
     lines = ["# The recipe study: which setting keeps `sensitune run` at its probe", "",
              "Generated by `python -m benchmarks.recipe` (module docstring: the protocol and the rule). Each variant "
-             "minus the product column on the same seeds (points: kept model's val score, test accuracy), its own "
-             "test gain over its probe, and its sensitivity + probe + training seconds over the column's.", "",
+             "minus the product column on the same seeds (points: kept model's val score, test accuracy; balanced "
+             "accuracy on a line table), its own test gain over its probe, and its sensitivity + probe + training "
+             "seconds over the column's.", "",
              "| table | role | round | variant | keys | seeds | outcomes | val diff | test diff | test - own probe "
              "| cost x |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for task, by_variant in scored.items():
-        role = "choosing" if task in CHOOSING else "held out" if task in HELD_OUT_TASKS else "other"
         for v, d in by_variant.items():
+            choosing, held_out = task in CHOOSING_OF[ROUND_OF[v]], task in HELD_OUT_TASKS
+            role = "choosing" if choosing else "held out" if held_out else "reports"  # per round: its own tables
             keys = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items())
             if d is None:
                 lines.append(f"| {task} | {role} | {ROUND_OF[v]} | {v} | {keys} | 0 | - | - | - | - | - |")
@@ -152,9 +174,15 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
             lines.append(f"| {task} | {role} | {ROUND_OF[v]} | {v} | {keys} | {len(d['seeds'])} | {outs} | "
                          f"{signed(d['val'])} | {signed(d['test'])} | {signed(d['test_vs_probe'])} | "
                          f"{d['cost']:.2f} |")  # fmt: skip
-    lines += ["", "Worst validation difference over the choosing tables (" + ", ".join(CHOOSING) + "): " +
-              (", ".join(f"{v} {signed(w)}" for v, w in worst.items()) or "not every choosing table has all its rows")
-              + ".", "", _verdict(scored, seeds)]  # fmt: skip
+    for base in dict.fromkeys(BASE_OF.values()):
+        rounds = [r for r in ROUNDS if BASE_OF[r] == base]
+        choosing = CHOOSING_OF[rounds[-1]]
+        worst = pick(scored, seeds, [v for r in rounds for v in ROUNDS[r]], choosing)[1]
+        lines += ["", f"Round{'s' * (len(rounds) > 1)} {', '.join(map(str, rounds))} (against {base}): worst "
+                  "validation difference over "
+                  f"the choosing tables ({', '.join(choosing)}): " + (", ".join(f"{v} {signed(w)}" for v, w in
+                  worst.items()) or "not every choosing table has all its rows") + "."]  # fmt: skip
+    lines += ["", _verdict(scored, seeds)]
     return "\n".join(lines) + "\n"
 
 
@@ -162,14 +190,14 @@ def _verdict(scored: dict[str, dict[str, dict | None]], seeds: int) -> str:
     """The pick of each round, applied over the variants of the rounds so far (as declared); a round with a variant
     still missing rows on a choosing table is not decided."""
     out = []
-    for r in ROUNDS:
-        upto = [v for rr in ROUNDS if rr <= r for v in ROUNDS[rr]]
-        adopted, worst = pick(scored, seeds, upto)
+    for r in ROUNDS:  # a round is decided with the earlier rounds made against the same defaults
+        upto = [v for rr in ROUNDS if rr <= r and BASE_OF[rr] == BASE_OF[r] for v in ROUNDS[rr]]
+        adopted, worst = pick(scored, seeds, upto, CHOOSING_OF[r])
         if missing := [v for v in upto if v not in worst]:
             out.append(f"round {r}: not decided yet ({', '.join(missing)} lack rows on a choosing table)")
         else:
-            out.append(f"round {r}: " + (f"{adopted}" if adopted else "none (no variant is above the shipped "
-                                         "recipe on every choosing table)"))  # fmt: skip
+            out.append(f"round {r}: " + (f"{adopted}" if adopted else f"none (no variant is above {BASE_OF[r]} "
+                                         "on every choosing table)"))  # fmt: skip
     return "Adopted as the default: " + "; ".join(out) + "."
 
 
@@ -179,7 +207,7 @@ def load(out_dir: Path, backbone: str) -> dict[str, tuple[dict, dict]]:
     for p in sorted(out_dir.glob(f"recipe_{backbone}_*.json")):
         study = json.loads(p.read_text())
         table = json.loads((compare.RESULTS / f"compare_{study['meta']['table']}.json").read_text())
-        out[table["meta"]["task"]] = (table, study)
+        out[study["meta"]["table"].split("_", 1)[1]] = (table, study)  # the name after the backbone
     return out
 
 
@@ -197,7 +225,10 @@ def run_table(args: argparse.Namespace, variants: list[str]) -> Path:
         study["meta"]["command"] = f"{was}  # + rows of `{cmd}`" if was else cmd  # each command, in order
     how = {"defaults": product.defaults_fingerprint(), "threads": args.threads or meta.get("threads", 1),
            "smoke": args.smoke}  # fmt: skip
-    if stale := [r for r in study["rows"] if any(r.get(k) != v for k, v in how.items())]:
+    if same := [v for v in variants if all(_default(k) == val for k, val in VARIANTS[v].items())]:
+        raise SensituneError(f"--variants: {', '.join(same)} equal today's defaults and would measure nothing")
+    stale = [r for r in study["rows"] if r["variant"] in variants and any(r.get(k) != v for k, v in how.items())]
+    if stale:  # rows of other variants stay: an earlier round's record, paired with the column of its own defaults
         retire(study, stale, f"re-run with {how}")
     data_dir = product.table_data(meta, args.work_dir)
     for v in variants:

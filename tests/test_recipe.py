@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare, product, recipe
+from benchmarks.product_report import gap_metric
 from pipelines import cli, config
 from spt_core.portable.errors import SensituneError
 
@@ -103,6 +104,7 @@ def _table(tmp_path: Path, product_rows: list[dict]) -> Path:
 
 
 def test_runs_resume_and_rows_under_other_defaults_are_retired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(recipe, "_default", lambda key: "unset")  # the mechanics, whatever today's defaults are
     fp = product.defaults_fingerprint()
     results = _table(tmp_path, [{**_row(s, 0.9, 0.9), "defaults": fp, "method": "product"} for s in range(2)])
     monkeypatch.setattr(compare, "RESULTS", results)
@@ -162,7 +164,7 @@ def test_each_round_is_decided_over_the_rounds_so_far_and_only_once_its_rows_are
     for v in recipe.ROUNDS[2]:  # the rest of round 2 comes in below the recipe on mnist: augment-off is adopted
         if v != "augment-off":
             scored["mnist"][v] = recipe.differences(_study(v, 0.89, 0.89, 0.89), base, v)
-    assert recipe._verdict(scored, seeds=3).endswith("round 2: augment-off.")
+    assert "round 2: augment-off; round 3: not decided yet" in recipe._verdict(scored, seeds=3)
 
 
 def test_a_variant_level_but_for_float_noise_is_level_and_never_adopted():
@@ -189,3 +191,45 @@ def test_a_decided_study_still_pairs_with_the_column_it_ran_beside_after_its_pic
     harness = {**_row(0, 0.91, 0.91), "method": "harness", "defaults": "old", "seed": 0}  # not a product row
     table["replaced"] = [harness, *table["replaced"][1:]]
     assert sorted(recipe.base_rows(table, "old")) == [1, 2]
+
+
+def test_a_later_round_keeps_the_earlier_rounds_rows_and_chooses_on_its_own_tables(tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch):
+    fp = product.defaults_fingerprint()
+    old = [{**_row(s, 0.90, 0.90), "defaults": "old", "method": "product"} for s in range(3)]
+    new = [{**_row(s, 0.80, 0.80), "defaults": fp, "method": "product"} for s in range(3)]
+    results = _table(tmp_path, new)
+    path = results / "compare_lite0_digits.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "replaced": old}))
+    monkeypatch.setattr(compare, "RESULTS", results)
+    monkeypatch.setattr(product, "run_seed", lambda project, sets, threads, no_export: _row(sets["train.seed"], 0.85,
+                                                                                            0.84))  # fmt: skip
+    out = tmp_path / "study"
+    out.mkdir()
+    earlier = [{**_row(s, 0.95, 0.94), "variant": "lr-3e-3", "defaults": "old", "threads": 1} for s in range(3)]
+    (out / "recipe_lite0_digits.json").write_text(json.dumps({"meta": {"table": "lite0_digits"}, "rows": earlier}))
+    argv = ["--task", "digits", "--seeds", "3", "--out-dir", str(out), "--work-dir", str(tmp_path / "w")]
+    md = recipe.main([*argv, "--variants", "size-128"]).read_text()
+    study = json.loads((out / "recipe_lite0_digits.json").read_text())
+    assert len(study["rows"]) == 6 and "replaced" not in study  # round 1's rows stay, under their own defaults
+    # each pairs with the column of its own defaults: +5.00 against the old column, +5.00 against today's
+    assert "| digits | choosing | 1 | lr-3e-3 | train.lr=0.003 | 3 | model 3 | +5.00 | +4.00 |" in md
+    assert "| digits | reports | 3 | size-128 | model.input_size=128 | 3 | model 3 | +5.00 | +4.00 |" in md
+    assert "round 3: not decided yet" in md  # digits does not choose round 3: the line tables do
+    with pytest.raises(SensituneError, match="--variants: augment-off equal today's defaults"):
+        recipe.main([*argv, "--variants", "augment-off"])  # train.augment: false is the default now
+    base = _base(0.90, 0.90, 0.90)
+    vals = {v: (0.92 if v == "size-128" else 0.90,) * 3 for v in recipe.ROUNDS[3]}  # size-128 above, the rest level
+    scored = {t: {v: recipe.differences(_study(v, *x), base, v) for v, x in vals.items()} for t in recipe.LINE_CHOOSING}
+    scored |= {t: {"size-128": recipe.differences(_study("size-128", 0.5, 0.5, 0.5), base, "size-128")}
+               for t in recipe.CHOOSING}  # far below on round 2's tables, which only report in round 3
+    assert recipe._verdict(scored, seeds=3).endswith("round 3: size-128.")
+
+
+def test_a_line_table_reports_test_balanced_accuracy_not_accuracy():
+    rows = [{**_row(s, 0.8, 0.95), "test_balanced_acc": 0.60, "probe_test_balanced_acc": 0.40, "variant": "x"}
+            for s in range(3)]  # fmt: skip
+    base = {s: {**_row(s, 0.8, 0.90), "test_balanced_acc": 0.70} for s in range(3)}
+    table = {"meta": {"imbalance": 90}}  # a line table: the metric that hides no escape
+    d = recipe.differences({"rows": rows}, base, "x", gap_metric(table))
+    assert d["test"] == pytest.approx(-10.0) and d["test_vs_probe"] == pytest.approx(20.0)  # accuracy would say +5
