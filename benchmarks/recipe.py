@@ -186,18 +186,27 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _out(scored: dict[str, dict[str, dict | None]], seeds: int, v: str, choosing: tuple[str, ...]) -> bool:
+    """A variant already at or below 0 on a choosing table with all its seeds: no further row can make it adopted."""
+    return any((d := scored.get(t, {}).get(v)) is not None and len(d["seeds"]) == seeds and d["val"] <= 0
+               for t in choosing)  # fmt: skip
+
+
 def _verdict(scored: dict[str, dict[str, dict | None]], seeds: int) -> str:
     """The pick of each round, applied over the variants of the rounds so far (as declared); a round with a variant
-    still missing rows on a choosing table is not decided."""
+    still missing rows on a choosing table is not decided, unless that variant is already out (`_out`)."""
     out = []
     for r in ROUNDS:  # a round is decided with the earlier rounds made against the same defaults
         upto = [v for rr in ROUNDS if rr <= r and BASE_OF[rr] == BASE_OF[r] for v in ROUNDS[rr]]
         adopted, worst = pick(scored, seeds, upto, CHOOSING_OF[r])
-        if missing := [v for v in upto if v not in worst]:
+        early = [v for v in upto if v not in worst and _out(scored, seeds, v, CHOOSING_OF[r])]
+        if missing := [v for v in upto if v not in worst and v not in early]:
             out.append(f"round {r}: not decided yet ({', '.join(missing)} lack rows on a choosing table)")
         else:
             out.append(f"round {r}: " + (f"{adopted}" if adopted else f"none (no variant is above {BASE_OF[r]} "
-                                         "on every choosing table)"))  # fmt: skip
+                                         "on every choosing table)") + (f"; decided before {', '.join(early)} had all "
+                                         "their rows: each is at or below 0 on a complete choosing table" if early
+                                         else ""))  # fmt: skip
     return "Adopted as the default: " + "; ".join(out) + "."
 
 

@@ -233,3 +233,18 @@ def test_a_line_table_reports_test_balanced_accuracy_not_accuracy():
     table = {"meta": {"imbalance": 90}}  # a line table: the metric that hides no escape
     d = recipe.differences({"rows": rows}, base, "x", gap_metric(table))
     assert d["test"] == pytest.approx(-10.0) and d["test_vs_probe"] == pytest.approx(20.0)  # accuracy would say +5
+
+
+def test_a_round_is_decided_early_when_every_unfinished_variant_is_already_at_or_below_zero():
+    base = _base(0.90, 0.90, 0.90)
+    line, fashion_line, demo = recipe.LINE_CHOOSING
+    scored: dict = {t: {} for t in recipe.LINE_CHOOSING}
+    for v in recipe.ROUNDS[3]:  # far above on one line table, level on the other, the demo set not run
+        scored[line][v] = recipe.differences(_study(v, 0.99, 0.99, 0.99), base, v)
+        scored[fashion_line][v] = recipe.differences(_study(v, 0.90, 0.90, 0.90), base, v)
+    assert recipe._verdict(scored, seeds=3).endswith(
+        "round 3: none (no variant is above the defaults of 2026-12-07 on every choosing table); decided before "
+        "size-128, augment-on, head-probe, previous had all their rows: each is at or below 0 on a complete "
+        "choosing table.")
+    scored[fashion_line]["size-128"] = recipe.differences(_study("size-128", 0.91, 0.91), base, "size-128")
+    assert "round 3: not decided yet (size-128 lack" in recipe._verdict(scored, seeds=3)  # 2 seeds: not out yet

@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int
     grad_clip: float | None  # max global grad norm over the trainable params; None = no clipping
     balance: str  # none | loss (class-weighted cross-entropy) | sampler (balanced batches, built by the loaders) | both
-    # | auto (the loaders' sampler on an imbalanced split: spt_core.data.loaders.resolve_balance; never the loss)
+    # | auto (the loaders' sampler on an imbalanced split: spt_core.portable.metrics.resolve_balance; never the loss)
     select: str  # the validation metric that picks the epoch: accuracy | balanced_accuracy | overkill_at_escape | loss
     log_every: int = 0  # log the running train loss every N steps (0: one line per epoch)
     progress: bool | None = None  # tqdm bar; None = only on a tty and when SENSITUNE_NO_PROGRESS is unset
