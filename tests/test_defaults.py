@@ -91,7 +91,9 @@ def test_no_library_default_differs_from_the_config():
 
 
 def test_a_planted_mismatch_is_found():
-    def fake(sensitivity, budget="1%", *, structured, rank=4, alpha=10, beta: float = 5.0, other=1):
+    budget = config.defaults()["plan"]["budget"]
+
+    def fake(sensitivity, budget=budget, *, structured, rank=4, alpha=10, beta: float = 5.0, other=1):
         """rank 4 is not plan.rank's 8; alpha 10 equals 10.0; structured is required; other is no config key."""
 
     assert default_mismatches(fake, config.defaults()["plan"]) == {"rank": (4, 8)}

@@ -56,7 +56,7 @@ def test_log_run_to_server_reads_back_and_registered_model_predicts(
 
     # params: every params.yaml value flattened, plus the exact trainable count by kind
     p = r.data.params
-    assert p["train.lr"] == "0.001" and p["plan.budget"] == "5%" and p["model.name"] == "test_vit"
+    assert p["train.lr"] == str(params["train"]["lr"]) and p["plan.budget"] == "5%" and p["model.name"] == "test_vit"
     assert p["export.precisions"] == '["fp32", "fp16", "int8"]' and p["data.n_test"] == "null"
     assert {k: int(p[f"trainable.{k}"]) for k in m["by_kind"]} == m["by_kind"]
     assert sum(m["by_kind"].values()) == m["trainable"] == int(p["trainable.total"])
@@ -132,7 +132,7 @@ def test_unreachable_server_warns_falls_back_and_replays(
     saved = json.loads((run / FALLBACK_FILE).read_text())
     assert saved["tracking_uri"] == dead
     rec = saved["record"]
-    assert rec["params"]["train.lr"] == "0.001" and rec["model"]["name"] == NAME
+    assert rec["params"]["train.lr"] == str(params["train"]["lr"]) and rec["model"]["name"] == NAME
     assert {x["key"] for x in rec["metrics"]} >= {"val_acc", "train_loss", "test_acc", "trainable"}
     assert {Path(a["path"]).name for a in rec["artifacts"]} >= {"plan.json", "tuned"}  # the model goes by registry
 
@@ -152,7 +152,7 @@ def test_unreachable_server_warns_falls_back_and_replays(
     assert replayed["status"] == "logged"
     assert not (run / FALLBACK_FILE).exists() and (run / "mlflow_fallback.replayed.json").is_file()
     client = _client(mlflow_uri)
-    assert client.get_run(replayed["run_id"]).data.params["train.lr"] == "0.001"
+    assert client.get_run(replayed["run_id"]).data.params["train.lr"] == str(params["train"]["lr"])
     assert len(client.search_model_versions(f"name='{NAME}'")) == before + 1
     # a replay registers but gates nothing: no alias moves to it (`sensitune registry set` or a publish does)
     assert client.get_model_version(NAME, str(before + 1)).aliases == []

@@ -14,7 +14,7 @@ from support.projects import planned_project
 from support.training import EFFNET_TRAINABLE, comparable, random_loaders, tiny_effnet
 
 import spt_core.search as search
-from pipelines import halving, training
+from pipelines import config, halving, training
 from pipelines.cli import main
 from spt_core.checkpoint import read_tuned
 from spt_core.portable.errors import DivergedError, PlanError, SensituneError
@@ -144,7 +144,7 @@ def halving_project(tmp_path_factory):
 def test_the_product_prunes_on_validation_only_and_tests_the_winner_once(halving_project, monkeypatch):
     """Scripted validation ranks (5%, x3) first at step 1 and (1%, x1) first at step 2; test would rank (5%, x3)
     first: (1%, x1) wins, and only it is ever tested. The scores never come from another sensitivity pass."""
-    lr = TINY["train"].get("lr", 1e-3)
+    lr = TINY["train"].get("lr", config.defaults()["train"]["lr"])
     val = {("5%", 3 * lr): [0.9, 0.5], ("1%", lr): [0.8, 0.85], ("1%", 3 * lr): [0.3], ("5%", lr): [0.2]}
     test = {("5%", 3 * lr): 1.0, ("1%", lr): 0.25, ("1%", 3 * lr): 0.95, ("5%", lr): 0.5}
     plan = json.loads((halving_project / "runs" / "main" / "plan.json").read_text())

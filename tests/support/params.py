@@ -15,9 +15,10 @@ TINY = {
     # warmup_epochs 0: with one warm-up epoch the lr would never reach train.lr and the tuned weights would not change.
     # probe_baseline off: these random-init runs fall below the probe on 8 val images, and train.below_probe would then
     # keep the probe; these tests are about the tuned model's path (tests/test_below_probe.py covers the rule). The
-    # probe is still fitted as the starting head (head_init: probe), so training and its numbers are unchanged.
+    # probe is still fitted as the starting head (head_init: probe, set here since the default became random), so the
+    # run records the probe's numbers that the MLflow tests read back.
     "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "probe_epochs": 2, "device": "cpu", "amp": False,
-              "probe_baseline": False},
+              "probe_baseline": False, "head_init": "probe"},
 }  # fmt: skip
 TINY_RUN = {**TINY, "train": {**TINY["train"], "epochs": 2}}
 TINY_REPO = {**TINY, "export": {"precisions": ["fp32"], "calibration_size": 8}}  # one epoch, FP32 export
