@@ -77,7 +77,8 @@ ROUNDS: dict[int, dict[str, dict[str, Any]]] = {
         "head-probe": {"train.head_init": "probe"}, "previous": PREVIOUS},
 }
 CHOOSING_OF = {1: CHOOSING, 2: CHOOSING, 3: LINE_CHOOSING}
-BASE_OF = {1: "the defaults before 2026-12-07", 2: "the defaults before 2026-12-07", 3: "the defaults of 2026-12-07"}
+BEFORE, NOW = "the defaults before 2026-12-07", "the defaults of 2026-12-07"  # what each round's rows pair with
+BASE_OF = {1: BEFORE, 2: BEFORE, 3: NOW}
 VARIANTS: dict[str, dict[str, Any]] = {v: sets for variants in ROUNDS.values() for v, sets in variants.items()}
 ROUND_OF = {v: r for r, variants in ROUNDS.items() for v in variants}
 COST = ("sensitivity_seconds", "probe_seconds", "train_seconds")  # the stages a recipe key changes
@@ -105,11 +106,12 @@ def variant_defaults(study: dict, variant: str) -> str | None:
     return fps[-1] if fps else None
 
 
-def _default(key: str) -> Any:
-    from pipelines.config import defaults
+def measures_nothing(variant: str) -> bool:
+    """The variant's keys, applied as ``--set`` would (`load_params`), leave today's defaults as they are: its rows
+    would be the product column's own."""
+    from pipelines.config import defaults, load_params
 
-    section, name = key.split(".")
-    return defaults()[section][name]
+    return load_params(None, VARIANTS[variant]) == defaults()
 
 
 def differences(study: dict, base: dict[int, dict], variant: str, test: str = "test_acc") -> dict[str, Any] | None:
@@ -234,7 +236,7 @@ def run_table(args: argparse.Namespace, variants: list[str]) -> Path:
         study["meta"]["command"] = f"{was}  # + rows of `{cmd}`" if was else cmd  # each command, in order
     how = {"defaults": product.defaults_fingerprint(), "threads": args.threads or meta.get("threads", 1),
            "smoke": args.smoke}  # fmt: skip
-    if same := [v for v in variants if all(_default(k) == val for k, val in VARIANTS[v].items())]:
+    if same := [v for v in variants if measures_nothing(v)]:
         raise SensituneError(f"--variants: {', '.join(same)} equal today's defaults and would measure nothing")
     stale = [r for r in study["rows"] if r["variant"] in variants and any(r.get(k) != v for k, v in how.items())]
     if stale:  # rows of other variants stay: an earlier round's record, paired with the column of its own defaults

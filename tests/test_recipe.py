@@ -104,7 +104,7 @@ def _table(tmp_path: Path, product_rows: list[dict]) -> Path:
 
 
 def test_runs_resume_and_rows_under_other_defaults_are_retired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(recipe, "_default", lambda key: "unset")  # the mechanics, whatever today's defaults are
+    monkeypatch.setattr(recipe, "measures_nothing", lambda v: False)  # the mechanics, whatever today's defaults are
     fp = product.defaults_fingerprint()
     results = _table(tmp_path, [{**_row(s, 0.9, 0.9), "defaults": fp, "method": "product"} for s in range(2)])
     monkeypatch.setattr(compare, "RESULTS", results)
