@@ -59,7 +59,7 @@ SMOKE_DATA = {"data.n_train": 40, "data.n_val": 20, "data.n_test": 40}
 KEEP = ("val_acc", "val_score", "select", "test_acc", "test_balanced_acc", "probe_val_acc", "probe_val_score",
         "probe_test_acc", "probe_test_balanced_acc", "best_epoch", "epochs", "trainable", "trainable_pct", "budget",
         "escape_rate", "overkill", "threshold", "sensitivity_seconds", "train_seconds", "probe_seconds", "device",
-        "plan_hash", "sensitune_version")  # fmt: skip
+        "plan_hash", "sensitune_version", "input_size")  # fmt: skip
 
 
 def table_args(meta: dict) -> argparse.Namespace:
@@ -203,7 +203,6 @@ def load_table(out_dir: Path, slug: str, smoke: bool) -> tuple[dict, Path]:
 
 def main(argv: list[str] | None = None) -> Path:
     """Run the seeds the table lacks under today's defaults; returns the table's JSON path."""
-    from pipelines.config import defaults
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> Path:
            "threads": args.threads or meta.get("threads", 1)}  # fmt: skip
     retire_stale(state, how)
     data_dir = table_data(meta, args.work_dir)
-    fixed = {"method": "product", **how, "input_size": defaults()["model"]["input_size"],
+    fixed = {"method": "product", **how,  # input_size: the side the run used, from its metrics.json
              "stages": "sensitune run" + " --no-export" * args.no_export, "machine": compare.machine_label(_device()),
              "product_command": "python -m benchmarks.product " + " ".join(argv)}  # fmt: skip
     for seed in range(args.seeds):

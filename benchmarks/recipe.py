@@ -75,10 +75,16 @@ ROUNDS: dict[int, dict[str, dict[str, Any]]] = {
     2: {"harness-train": _union(SINGLE, TRAINING), **TRAINING},
     3: {"size-128": {"model.input_size": 128}, "augment-on": {"train.augment": True},
         "head-probe": {"train.head_init": "probe"}, "previous": PREVIOUS},
+    4: {"size-auto": {"model.input_size": "auto"}},
 }
-CHOOSING_OF = {1: CHOOSING, 2: CHOOSING, 3: LINE_CHOOSING}
+# Round 4 (declared 2026-12-07, after round 3's line rows, before any row of its own): the input side from the
+# images (`spt_core.model.input_size_for`), chosen on the tables where it changes the run: the 96 px demo line and
+# demo set (auto gives 96; on every other choosing table's 8-28 px images it gives 64, today's side: rows equal to
+# the column's, not run). ELPV (300 px: 128) is the held-out table that reports it.
+AUTO_CHOOSING = ("demo-defects-imbalanced90", "demo-defects")
+CHOOSING_OF = {1: CHOOSING, 2: CHOOSING, 3: LINE_CHOOSING, 4: AUTO_CHOOSING}
 BEFORE, NOW = "the defaults before 2026-12-07", "the defaults of 2026-12-07"  # what each round's rows pair with
-BASE_OF = {1: BEFORE, 2: BEFORE, 3: NOW}
+BASE_OF = {1: BEFORE, 2: BEFORE, 3: NOW, 4: NOW}
 VARIANTS: dict[str, dict[str, Any]] = {v: sets for variants in ROUNDS.values() for v, sets in variants.items()}
 ROUND_OF = {v: r for r, variants in ROUNDS.items() for v in variants}
 COST = ("sensitivity_seconds", "probe_seconds", "train_seconds")  # the stages a recipe key changes
@@ -176,9 +182,8 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
             lines.append(f"| {task} | {role} | {ROUND_OF[v]} | {v} | {keys} | {len(d['seeds'])} | {outs} | "
                          f"{signed(d['val'])} | {signed(d['test'])} | {signed(d['test_vs_probe'])} | "
                          f"{d['cost']:.2f} |")  # fmt: skip
-    for base in dict.fromkeys(BASE_OF.values()):
-        rounds = [r for r in ROUNDS if BASE_OF[r] == base]
-        choosing = CHOOSING_OF[rounds[-1]]
+    for rounds in dict.fromkeys(tuple(_together(r)) for r in ROUNDS if r == max(_together(r))):
+        base, choosing = BASE_OF[rounds[-1]], CHOOSING_OF[rounds[-1]]
         worst = pick(scored, seeds, [v for r in rounds for v in ROUNDS[r]], choosing)[1]
         lines += ["", f"Round{'s' * (len(rounds) > 1)} {', '.join(map(str, rounds))} (against {base}): worst "
                   "validation difference over "
@@ -186,6 +191,12 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
                   worst.items()) or "not every choosing table has all its rows") + "."]  # fmt: skip
     lines += ["", _verdict(scored, seeds)]
     return "\n".join(lines) + "\n"
+
+
+def _together(r: int) -> list[int]:
+    """The rounds decided together with round `r`: it and the earlier ones against the same defaults on the same
+    choosing tables (rounds 1-2; a round with choosing tables of its own is decided alone)."""
+    return [rr for rr in ROUNDS if rr <= r and (BASE_OF[rr], CHOOSING_OF[rr]) == (BASE_OF[r], CHOOSING_OF[r])]
 
 
 def _out(scored: dict[str, dict[str, dict | None]], seeds: int, v: str, choosing: tuple[str, ...]) -> bool:
@@ -198,8 +209,8 @@ def _verdict(scored: dict[str, dict[str, dict | None]], seeds: int) -> str:
     """The pick of each round, applied over the variants of the rounds so far (as declared); a round with a variant
     still missing rows on a choosing table is not decided, unless that variant is already out (`_out`)."""
     out = []
-    for r in ROUNDS:  # a round is decided with the earlier rounds made against the same defaults
-        upto = [v for rr in ROUNDS if rr <= r and BASE_OF[rr] == BASE_OF[r] for v in ROUNDS[rr]]
+    for r in ROUNDS:
+        upto = [v for rr in _together(r) for v in ROUNDS[rr]]
         adopted, worst = pick(scored, seeds, upto, CHOOSING_OF[r])
         early = [v for v in upto if v not in worst and _out(scored, seeds, v, CHOOSING_OF[r])]
         if missing := [v for v in upto if v not in worst and v not in early]:

@@ -75,15 +75,17 @@ def verbs() -> dict[str, str]:
 
 def _flag_type(key: config.Key) -> Any:
     """argparse type of a key's flag: its scalar type; 'none'/'null'/'all' give null where null is allowed."""
-    scalar = next((t for t in typing.get_args(key.type) if t is not type(None)), key.type)
+    scalars = [t for t in typing.get_args(key.type) if t is not type(None)] or [key.type]
 
-    def parse(text: str) -> Any:
+    def parse(text: str) -> Any:  # the first type that reads it: int | str takes 96 as 96 and auto as text
         if key.nullable and text.lower() in _NULL_WORDS:
             return None
-        try:
-            return scalar(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {config._type_name(key.type)}") from None
+        for scalar in scalars:
+            try:
+                return scalar(text)
+            except ValueError:
+                continue
+        raise argparse.ArgumentTypeError(f"{text!r} is not {config._type_name(key.type)}")
 
     parse.__name__ = key.dotted
     return parse

@@ -89,7 +89,9 @@ class DataSection:
 class ModelSection:
     name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
     weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
-    input_size: int | None = _f(64, "the network's input side in pixels", verbs=("measure", "run"))
+    input_size: int | str | None = _f(64, "the network's input side in pixels, or auto (the training images' median "
+                                      "side on a 32 px grid, 64..128: spt_core.model.input_size_for)",
+                                      verbs=("measure", "run"))  # fmt: skip
     drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")
 
 
@@ -213,17 +215,10 @@ class PublishSection:
 
 
 SECTIONS: dict[str, type] = {
-    "paths": PathsSection,
-    "demo": DemoSection,
-    "data": DataSection,
-    "model": ModelSection,
-    "sensitivity": SensitivitySection,
-    "plan": PlanSection,
-    "train": TrainSection,
-    "evaluate": EvaluateSection,
-    "export": ExportSection,
-    "publish": PublishSection,
-}
+    "paths": PathsSection, "demo": DemoSection, "data": DataSection, "model": ModelSection,
+    "sensitivity": SensitivitySection, "plan": PlanSection, "train": TrainSection, "evaluate": EvaluateSection,
+    "export": ExportSection, "publish": PublishSection,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -336,6 +331,8 @@ def _cross_problems(params: Params) -> list[str]:
     if d.get("split") is not None and counts:
         out.append(f"data.split and data.{counts[0]} are two split modes: set data.split: null to split by counts, "
                    f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
+    if isinstance(size := params.get("model", {}).get("input_size"), str) and size != "auto":
+        out.append(f"model.input_size={size!r}: give the side in pixels (e.g. 96), auto or null (the model's own)")
     p = params.get("plan", {})
     if p.get("allocation") == "per_row" and p.get("structured") not in (None, "none"):
         from spt_core.api import structured_choices  # lazy: torch is imported on this path only

@@ -10,20 +10,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from spt_core.api import ModelInfo, create_model, load_tuned_into, read_tuned
+from spt_core.api import ModelInfo, create_model, input_size_for, load_tuned_into, median_side, read_tuned
 from spt_core.portable.errors import ModelError, one_line
 
 from .config import Params
 
 
 def model_args(params: Params, num_classes: int) -> dict[str, Any]:
-    """`spt_core.model.create_model`'s arguments from the model section (recorded in every artifact)."""
+    """`spt_core.model.create_model`'s arguments from the model section (recorded in every artifact, so later
+    stages and the edge read the side ``input_size: auto`` resolved to, from the prepared training images)."""
     m = params["model"]
+    size = m["input_size"]
+    if size == "auto":
+        size = input_size_for(median_side(Path(params["paths"]["data"])))
     return {
         "name": m["name"],
         "num_classes": num_classes,
         "weights": str(m["weights"]),
-        "img_size": m["input_size"],  # timm's name for the network's input side
+        "img_size": size,  # timm's name for the network's input side
         "drop_path_rate": m["drop_path_rate"],
     }
 

@@ -267,6 +267,7 @@ def train_stage(params: Params, on_epoch: Callable[[dict], None] | None = None) 
             "plan_hash": plan.hash(),
             "data_hash": ds_info.data_hash,
             "model_name": args["name"],
+            "input_size": args["img_size"],  # the side the model runs at (model.input_size: auto's answer)
             "sensitune_version": __version__,
             "processes": w.size,
         }

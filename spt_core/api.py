@@ -45,6 +45,7 @@ from .data import (
     check_class_sizes,
     load_dataset_info,
     make_loaders,
+    median_side,
     prepare,
     scan_split,
 )
@@ -54,7 +55,7 @@ from .distributed import close as close_distributed  # `close` alone says nothin
 from .distributed import init_from_env
 from .evaluate import collect, evaluate
 from .merge import merge
-from .model import ModelInfo, create_model
+from .model import ModelInfo, create_model, input_size_for
 from .peft_bridge import PeftExport, load_peft, merge_peft, shira_plan, to_peft
 from .plan import Plan, Target, parse_budget
 from .probe import fit_probe, head_only
@@ -75,6 +76,7 @@ from .tuners import (
 __all__ = [
     # the method, in order: model -> sensitivity -> plan -> tuners -> training -> merge
     "create_model",
+    "input_size_for",
     "ModelInfo",
     "find_candidates",
     "Candidate",
@@ -137,6 +139,7 @@ __all__ = [
     "load_dataset_info",
     "DatasetInfo",
     "make_loaders",
+    "median_side",
     "scan_split",
     "Augment",
     "IMAGE_SUFFIXES",

@@ -35,6 +35,10 @@ from spt_core.portable.preprocess import Preprocess
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _LITE0_MEAN_STD = (0.5, 0.5, 0.5)  # the TF EfficientNet-Lite preprocessing: x / 127.5 - 1
+# ``input_size: auto`` (`input_size_for`): the images' own side, on a 32-pixel grid (a CNN's coarsest stride),
+# at least 64 (smaller images are upsampled: the fixed default's side) and at most 128 (training at 128 costs
+# about 3x 64's on Lite0, measured by the recipe study; a larger frame is downsampled to it)
+AUTO_SIZE_STEP, AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 64, 128
 
 # lukemelas block sub-module -> timm sub-module. Block 0 of each Lite model has no expansion conv
 # (timm: DepthwiseSeparableConv), all later blocks do (timm: InvertedResidual); the BN numbering shifts with it.
@@ -87,6 +91,14 @@ class ModelInfo:
             drop_path_rate=float(d.get("drop_path_rate", 0.0)),
             timm_kwargs=dict(d.get("timm_kwargs", {})),
         )
+
+
+def input_size_for(side: int) -> int:
+    """The network's input side for images whose (median shorter) side is `side` pixels (``input_size: auto``)."""
+    if side < 1:
+        raise ModelError(f"image side {side}: give the images' side in pixels (>= 1)")
+    step = AUTO_SIZE_STEP
+    return min(max(-(-side // step) * step, AUTO_SIZE_MIN), AUTO_SIZE_MAX)
 
 
 def create_model(

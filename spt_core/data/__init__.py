@@ -12,6 +12,7 @@ from spt_core.data.loaders import (
     class_weights,
     eval_transform,
     make_loaders,
+    median_side,
     scan_split,
     train_transform,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "generate_demo_defects",
     "load_dataset_info",
     "make_loaders",
+    "median_side",
     "prepare",
     "scan_split",
 ]

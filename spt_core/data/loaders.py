@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spt_core.data.prepare import load_dataset_info
@@ -34,6 +35,22 @@ def scan_split(split_dir: Path, class_names: Sequence[str]) -> list[tuple[Path, 
             files = sorted((split_dir / name).iterdir())
             records += [(p, label) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     return records
+
+
+def median_side(data_dir: Path) -> int:
+    """The median (the lower middle) shorter side in pixels of the training split's images, from the file headers."""
+    info = load_dataset_info(data_dir)
+    records = scan_split(Path(data_dir) / "train", info.class_names)
+    if not records:
+        raise DataError(f"{data_dir}/train has no images: prepare a training split before measuring its image side")
+    sides = []
+    for path, _ in records:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except OSError as e:  # PIL's UnidentifiedImageError is one
+            raise DataError(f"{path}: cannot read the image header ({e}); re-run `sensitune prepare`") from e
+    return sorted(sides)[(len(sides) - 1) // 2]
 
 
 class ImageDataset(Dataset):

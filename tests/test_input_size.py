@@ -1,0 +1,86 @@
+"""``model.input_size: auto``: the network's side from the prepared training images, resolved once and recorded."""
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines.cli import build_parser, main, params_from_args
+from pipelines.config import load_params
+from spt_core.api import DatasetInfo, input_size_for, median_side
+from spt_core.model import AUTO_SIZE_MAX, AUTO_SIZE_MIN
+from spt_core.portable.errors import DataError, ModelError, SensituneError
+from support.params import TINY
+
+
+@pytest.mark.parametrize(
+    ("side", "want"),
+    [(1, 64), (8, 64), (28, 64), (64, 64), (65, 96), (70, 96), (96, 96), (97, 128), (128, 128), (300, 128)],
+)
+def test_the_side_rounds_up_to_the_grid_within_the_bounds(side, want):
+    assert input_size_for(side) == want
+    assert (AUTO_SIZE_MIN, AUTO_SIZE_MAX) == (64, 128)
+
+
+def test_a_side_below_one_pixel_is_refused():
+    with pytest.raises(ModelError, match="image side 0"):
+        input_size_for(0)
+
+
+def _data_dir(tmp_path, sizes_by_class):
+    """A prepared layout by hand: dataset.json and train/<class>/<n>.png of the given (width, height)."""
+    root = tmp_path / "prepared"
+    for name, sizes in sizes_by_class.items():
+        (root / "train" / name).mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size).save(root / "train" / name / f"{i}.png")
+    counts = {"train": {n: len(s) for n, s in sizes_by_class.items()}}
+    DatasetInfo(list(sizes_by_class), counts, "by hand", 0, "x").save(root / "dataset.json")
+    return root
+
+
+def test_median_side_is_the_median_of_the_shorter_sides_of_the_training_images(tmp_path):
+    # shorter sides 20, 50, 90, 96, 200 -> 90; the longer sides' median (96) or the mean (91.2) would differ
+    root = _data_dir(tmp_path, {"a": [(20, 40), (96, 96), (100, 90)], "b": [(300, 200), (50, 50)]})
+    (root / "val" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "val" / "a" / "0.png")  # other splits are not read
+    assert median_side(root) == 90
+
+
+def test_median_side_names_an_unreadable_file_and_an_empty_split(tmp_path):
+    root = _data_dir(tmp_path, {"a": [(10, 10)]})
+    (root / "train" / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"1\.png: cannot read the image header"):
+        median_side(root)
+    empty = _data_dir(tmp_path / "e", {"a": []})
+    with pytest.raises(DataError, match="has no images"):
+        median_side(empty)
+
+
+def test_auto_is_a_value_of_the_key_and_of_its_flag_but_other_text_is_not():
+    assert load_params(None, {"model.input_size": "auto"})["model"]["input_size"] == "auto"
+    with pytest.raises(SensituneError, match=r"model\.input_size='big': give the side in pixels"):
+        load_params(None, {"model.input_size": "big"})
+    for text, want in (("auto", "auto"), ("96", 96), ("none", None)):
+        args = build_parser().parse_args(["measure", "--input-size", text])
+        assert params_from_args(args)["model"]["input_size"] == want
+
+
+def test_a_run_at_auto_trains_exports_and_records_the_side_of_its_images(tmp_path, monkeypatch):
+    """70 px demo frames: auto resolves to 96 once (measure), and every later artifact carries 96, not 64 (a ViT:
+    its position embeddings are resampled to the 96 px grid)."""
+    params = {**TINY, "demo": {**TINY["demo"], "size": 70}, "model": {**TINY["model"], "input_size": "auto"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    cfg = ["--config", "params.yaml", "-q"]
+    for verb in ("demo", "prepare", "measure", "plan", "train", "merge"):
+        assert main([verb, *cfg]) == 0, verb
+    run = tmp_path / "runs" / "main"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["meta"]["model_args"]["img_size"] == 96
+    assert plan["meta"]["model_info"]["preprocess"]["size"] == [96, 96]
+    assert json.loads((run / "metrics.json").read_text())["input_size"] == 96
+    merged = json.loads((run / "merged" / "merged.json").read_text())
+    assert merged["preprocess"]["size"] == [96, 96] and merged["img_size"] == 96
+    assert main(["predict", "data/prepared/test", "--out", "p.csv", *cfg]) == 0
