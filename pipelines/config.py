@@ -89,7 +89,7 @@ class DataSection:
 class ModelSection:
     name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
     weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
-    input_size: int | str | None = _f(64, "the network's input side in pixels, or auto (the training images' median "
+    input_size: int | str | None = _f("auto", "the network's input side in pixels, or auto (the training images' median "
                                       "side on a 32 px grid, 64..128: spt_core.model.input_size_for)",
                                       verbs=("measure", "run"))  # fmt: skip
     drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")

@@ -223,7 +223,25 @@ def test_a_later_round_keeps_the_earlier_rounds_rows_and_chooses_on_its_own_tabl
     scored = {t: {v: recipe.differences(_study(v, *x), base, v) for v, x in vals.items()} for t in recipe.LINE_CHOOSING}
     scored |= {t: {"size-128": recipe.differences(_study("size-128", 0.5, 0.5, 0.5), base, "size-128")}
                for t in recipe.CHOOSING}  # far below on round 2's tables, which only report in round 3
-    assert recipe._verdict(scored, seeds=3).endswith("round 3: size-128.")
+    assert "round 3: size-128; round 4: " in recipe._verdict(scored, seeds=3)
+
+
+def test_a_round_with_choosing_tables_of_its_own_is_decided_alone():
+    """Round 4 (size-auto) chooses on the demo line and demo set only, without round 3's variants: those lack the
+    demo set's rows and are far above on the demo line, which would leave round 4 undecided if it were pooled with
+    round 3 (same defaults), and size-auto's level Fashion line (auto = 64 px there) does not choose."""
+    assert recipe._together(4) == [4] and recipe._together(2) == [1, 2]
+    base = _base(0.90, 0.90, 0.90)
+    line, fashion_line, demo = recipe.LINE_CHOOSING
+    scored: dict = {line: {v: recipe.differences(_study(v, 0.99, 0.99, 0.99), base, v) for v in recipe.ROUNDS[3]}}
+    scored[line]["size-auto"] = recipe.differences(_study("size-auto", 0.93, 0.93, 0.93), base, "size-auto")
+    scored[demo] = {"size-auto": recipe.differences(_study("size-auto", 0.91, 0.91, 0.91), base, "size-auto")}
+    scored[fashion_line] = {"size-auto": recipe.differences(_study("size-auto", 0.90, 0.90, 0.90), base, "size-auto")}
+    verdict = recipe._verdict(scored, seeds=3)
+    assert verdict.endswith("round 4: size-auto.") and "round 3: not decided yet" in verdict
+    scored[demo]["size-auto"] = recipe.differences(_study("size-auto", 0.90, 0.89, 0.90), base, "size-auto")
+    assert recipe._verdict(scored, seeds=3).endswith("round 4: none (no variant is above the defaults of 2026-12-07 "
+                                                     "on every choosing table).")  # fmt: skip
 
 
 def test_a_line_table_reports_test_balanced_accuracy_not_accuracy():
@@ -242,9 +260,9 @@ def test_a_round_is_decided_early_when_every_unfinished_variant_is_already_at_or
     for v in recipe.ROUNDS[3]:  # far above on one line table, level on the other, the demo set not run
         scored[line][v] = recipe.differences(_study(v, 0.99, 0.99, 0.99), base, v)
         scored[fashion_line][v] = recipe.differences(_study(v, 0.90, 0.90, 0.90), base, v)
-    assert recipe._verdict(scored, seeds=3).endswith(
+    assert (
         "round 3: none (no variant is above the defaults of 2026-12-07 on every choosing table); decided before "
         "size-128, augment-on, head-probe, previous had all their rows: each is at or below 0 on a complete "
-        "choosing table.")
+        "choosing table; round 4: " in recipe._verdict(scored, seeds=3))
     scored[fashion_line]["size-128"] = recipe.differences(_study("size-128", 0.91, 0.91), base, "size-128")
     assert "round 3: not decided yet (size-128 lack" in recipe._verdict(scored, seeds=3)  # 2 seeds: not out yet
