@@ -69,8 +69,9 @@ def product_lines(state: dict, linear_rows: list[dict]) -> list[str]:
     lin = {r["seed"]: r.get(key) for r in linear_rows}
     name = "test bal. acc" if key == "test_balanced_acc" else "test"
     first = rows[0]
+    sides = " / ".join(map(str, sorted({r["input_size"] for r in rows if r.get("input_size")}))) or "-"
     lines = ["", "Product (`sensitune run` defaults): the shipped defaults (params.yaml / `pipelines.config`: "
-             f"{first.get('input_size')} px, train.lr, train.epochs, plan.budget, train.below_probe) on this table's "
+             f"{sides} px, train.lr, train.epochs, plan.budget, train.below_probe) on this table's "
              f"own train/val/test images, changing only {', '.join(f'`{k}`' for k in first.get('overrides', {}))}; "
              "one fresh project per seed, `sensitune run` as a subprocess (`benchmarks/product.py`). Probe: the "
              "linear probe the run fits itself (`train.probe_baseline`); val score: `train.select` "

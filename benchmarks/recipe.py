@@ -182,7 +182,8 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
             lines.append(f"| {task} | {role} | {ROUND_OF[v]} | {v} | {keys} | {len(d['seeds'])} | {outs} | "
                          f"{signed(d['val'])} | {signed(d['test'])} | {signed(d['test_vs_probe'])} | "
                          f"{d['cost']:.2f} |")  # fmt: skip
-    for rounds in dict.fromkeys(tuple(_together(r)) for r in ROUNDS if r == max(_together(r))):
+    last = [r for r in ROUNDS if not any(r in _together(q) for q in ROUNDS if q > r)]  # of each pooled group
+    for rounds in (_together(r) for r in last):
         base, choosing = BASE_OF[rounds[-1]], CHOOSING_OF[rounds[-1]]
         worst = pick(scored, seeds, [v for r in rounds for v in ROUNDS[r]], choosing)[1]
         lines += ["", f"Round{'s' * (len(rounds) > 1)} {', '.join(map(str, rounds))} (against {base}): worst "

@@ -89,8 +89,8 @@ class DataSection:
 class ModelSection:
     name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
     weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
-    input_size: int | str | None = _f("auto", "the network's input side in pixels, or auto (the training images' median "
-                                      "side on a 32 px grid, 64..128: spt_core.model.input_size_for)",
+    input_size: int | str | None = _f("auto", "the network's input side in pixels, or auto (the training images' "
+                                      "median side on a 32 px grid, 64..128: spt_core.model.input_size_for)",
                                       verbs=("measure", "run"))  # fmt: skip
     drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")
 
@@ -331,7 +331,8 @@ def _cross_problems(params: Params) -> list[str]:
     if d.get("split") is not None and counts:
         out.append(f"data.split and data.{counts[0]} are two split modes: set data.split: null to split by counts, "
                    f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
-    if isinstance(size := params.get("model", {}).get("input_size"), str) and size != "auto":
+    size = params.get("model", {}).get("input_size")
+    if isinstance(size, (str, float)) and size != "auto" or type(size) is int and size < 1:  # str lets 96.5 in
         out.append(f"model.input_size={size!r}: give the side in pixels (e.g. 96), auto or null (the model's own)")
     p = params.get("plan", {})
     if p.get("allocation") == "per_row" and p.get("structured") not in (None, "none"):
@@ -391,7 +392,7 @@ def _is_instance(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if len(args) == 1 and typing.get_origin(tp) in (Union, types.UnionType) else tp
-    name = {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(base, str(base))
-    return f"{name} or null" if type(None) in typing.get_args(tp) else name
+    union = typing.get_origin(tp) in (Union, types.UnionType)
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    name = " or ".join(names.get(a, str(a)) for a in typing.get_args(tp) if a is not type(None)) if union else None
+    return f"{name} or null" if type(None) in typing.get_args(tp) else name or names.get(tp, str(tp))

@@ -5,13 +5,14 @@ import json
 import pytest
 import yaml
 from PIL import Image
+from support.params import TINY
 
+from pipelines import models
 from pipelines.cli import build_parser, main, params_from_args
 from pipelines.config import load_params
 from spt_core.api import DatasetInfo, input_size_for, median_side
 from spt_core.model import AUTO_SIZE_MAX, AUTO_SIZE_MIN
 from spt_core.portable.errors import DataError, ModelError, SensituneError
-from support.params import TINY
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,10 @@ def test_median_side_is_the_median_of_the_shorter_sides_of_the_training_images(t
     (root / "val" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "val" / "a" / "0.png")  # other splits are not read
     assert median_side(root) == 90
+    # an even count takes the lower middle: 20, 50, 90, 200 -> 50 (the mean of the middles, 70, or the upper, 90,
+    # would give another network side: 96 instead of 64)
+    even = _data_dir(tmp_path / "even", {"a": [(20, 40), (100, 90)], "b": [(300, 200), (50, 50)]})
+    assert median_side(even) == 50 and input_size_for(median_side(even)) == 64
 
 
 def test_median_side_names_an_unreadable_file_and_an_empty_split(tmp_path):
@@ -60,21 +65,29 @@ def test_median_side_names_an_unreadable_file_and_an_empty_split(tmp_path):
 
 def test_auto_is_a_value_of_the_key_and_of_its_flag_but_other_text_is_not():
     assert load_params(None, {"model.input_size": "auto"})["model"]["input_size"] == "auto"
-    with pytest.raises(SensituneError, match=r"model\.input_size='big': give the side in pixels"):
-        load_params(None, {"model.input_size": "big"})
+    for bad in ("big", 96.5, 96.0, 0, True):
+        with pytest.raises(SensituneError, match=rf"model\.input_size={bad!r}.*: give the side in pixels|is not"):
+            load_params(None, {"model.input_size": bad})
     for text, want in (("auto", "auto"), ("96", 96), ("none", None)):
         args = build_parser().parse_args(["measure", "--input-size", text])
         assert params_from_args(args)["model"]["input_size"] == want
 
 
-def test_a_run_at_auto_trains_exports_and_records_the_side_of_its_images(tmp_path, monkeypatch):
-    """70 px demo frames: auto resolves to 96 once (measure), and every later artifact carries 96, not 64 (a ViT:
-    its position embeddings are resampled to the 96 px grid)."""
+def test_a_run_at_auto_trains_merges_and_records_the_side_of_its_images(tmp_path, monkeypatch):
+    """70 px demo frames: auto resolves to 96 once, in measure, and every later stage reads the recorded 96, not 64
+    and not the images again (a ViT: its position embeddings are resampled to the 96 px grid)."""
     params = {**TINY, "demo": {**TINY["demo"], "size": 70}, "model": {**TINY["model"], "input_size": "auto"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     cfg = ["--config", "params.yaml", "-q"]
-    for verb in ("demo", "prepare", "measure", "plan", "train", "merge"):
+    for verb in ("demo", "prepare", "measure"):
+        assert main([verb, *cfg]) == 0, verb
+
+    def again(data_dir):
+        raise AssertionError(f"{data_dir}: the side was resolved again after measure")
+
+    monkeypatch.setattr(models, "median_side", again)
+    for verb in ("plan", "train", "merge"):
         assert main([verb, *cfg]) == 0, verb
     run = tmp_path / "runs" / "main"
     plan = json.loads((run / "plan.json").read_text())

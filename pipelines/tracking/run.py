@@ -153,6 +153,8 @@ def collect_record(
     metrics += ladder_metrics(m.get("ladder") or [])
     if m.get("budget_chosen") is not None:
         flat["budget_chosen"] = str(m["budget_chosen"])
+    if m.get("input_size") is not None:  # the side `model.input_size: auto` resolved to (the params say auto)
+        flat["input_size_used"] = str(m["input_size"])
     if (ev := read_json(run_dir / FILES["eval"])) is not None:
         split = ev.get("split", "test")
         metrics += [metric(f"eval_{split}_{k}", ev[k]) for k in ("accuracy", "loss") if is_number(ev.get(k))]

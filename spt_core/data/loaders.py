@@ -48,7 +48,7 @@ def median_side(data_dir: Path) -> int:
         try:
             with Image.open(path) as img:
                 sides.append(min(img.size))
-        except OSError as e:  # PIL's UnidentifiedImageError is one
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what a bad header raises
             raise DataError(f"{path}: cannot read the image header ({e}); re-run `sensitune prepare`") from e
     return sorted(sides)[(len(sides) - 1) // 2]
 
