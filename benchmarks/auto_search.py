@@ -41,11 +41,12 @@ def run_tables(tasks: list[str], compare_argv: list[str], out_dir: Path) -> list
 def summary_rows(table: dict) -> list[dict]:
     """Per search row of a table: its choice, accuracies and cost, and the fixed-budget row of its seed."""
     ok = [r for r in table["rows"] if "error" not in r]
-    fixed = {r["seed"]: r for r in ok if r["method"] == FIXED and r["budget"] == table["meta"]["budget"]}
+    fixed = {(r["seed"], r["lr"]): r for r in ok if r["method"] == FIXED and r["budget"] == table["meta"]["budget"]}
     out = []
-    for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["seed"], r["lr"])):
-        f = fixed.get(r["seed"])
+    for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["lr"], r["seed"])):
+        f = fixed.get((r["seed"], r["lr"]))  # the same seed at the same train.lr (a table re-run when it changed)
         out.append({"table": f"{Path(table['meta']['backbone']).name} {table['meta']['task']}", "seed": r["seed"],
+                    "train_lr": r["lr"],
                     "budget": r["details"]["chosen_budget"], "lr": r["details"]["chosen_lr"], "val": r["val_acc"],
                     "test": r["test_acc"], "trainings": r["trainings"], "wall_s": r["wall_s"],
                     "fixed_test": f and f["test_acc"], "fixed_wall_s": f and f["wall_s"]})  # fmt: skip
@@ -61,15 +62,16 @@ def write_summary(rows: list[dict], command: str, path: Path) -> None:
         f"(`spt_core.search`, at most 2 trainings). Fixed: `{FIXED}` at the table's main budget and `train.lr`, "
         "one training. Wall: each job's own seconds, same machine. Every table in this folder; each `compare_*.md` "
         "beside this file has the command that made it (the line above is the last run).", "",
-        "| table | seed | chosen budget | chosen lr | val % | test % | fixed test % | trainings | wall s | x fixed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| table | train.lr | seed | chosen budget | chosen lr | val % | test % | fixed test % | trainings | wall s | "
+        "x fixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         fixed_test = f"{100 * r['fixed_test']:.2f}" if r["fixed_test"] is not None else "-"
         ratio = f"{r['wall_s'] / r['fixed_wall_s']:.2f}" if r["fixed_wall_s"] else "-"
-        lines.append(f"| {r['table']} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | {100 * r['val']:.2f} | "
-                     f"{100 * r['test']:.2f} | {fixed_test} | {r['trainings']:.2f} | {r['wall_s']:.0f} | "
-                     f"{ratio} |")  # fmt: skip
+        lines.append(f"| {r['table']} | {r['train_lr']:.3g} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | "
+                     f"{100 * r['val']:.2f} | {100 * r['test']:.2f} | {fixed_test} | {r['trainings']:.2f} | "
+                     f"{r['wall_s']:.0f} | {ratio} |")  # fmt: skip
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 

@@ -3,8 +3,8 @@
 The harness rows of a table (`benchmarks/compare.py`) tune each method's lr on validation; a user runs the product,
 which trains one recipe. This script measures that recipe beside them: for each seed a fresh project directory and
 ``sensitune run`` as a subprocess (a user's exact path, so its wall time is theirs), every key at the package's
-default (params.yaml / `pipelines.config`: 128 px, train.lr, train.epochs, plan.budget, train.below_probe, ...)
-except what the table forces:
+default (params.yaml / `pipelines.config`: model.input_size, train.lr, train.epochs, plan.budget, train.below_probe,
+...) except what the table forces (each row records the input side the run used, metrics.json's ``input_size``):
 
 - ``data.source``: the table's prepared split (its exact train / val / test images; made again the way the table's
   own command made it, `benchmarks.compare.prepare_table_data`, when this machine lacks it), ``data.split: null``

@@ -36,6 +36,13 @@ def test_a_search_row_is_set_against_the_fixed_budget_training_of_its_own_seed()
     assert " full | 0.003 | 50.00 | 90.00 |" in rows[0]
     summary = auto_search.summary_rows(table)
     assert [(r["seed"], r["fixed_test"], r["fixed_wall_s"]) for r in summary] == [(0, 0.7, 10.0), (1, 0.6, 20.0)]
+    # the table re-run at another train.lr: each search row pairs with the fixed training at its own lr
+    search = {k: table["rows"][2][k] for k in ("trainings", "details")}
+    table["rows"] += [_row("per-row-sparse", 0, 40.0, 0.75, lr=3e-3), _row("auto-halving", 0, 70.0, 0.8, lr=3e-3,
+                                                                           **search)]  # fmt: skip
+    summary = auto_search.summary_rows(table)
+    assert [(r["train_lr"], r["seed"], r["fixed_test"]) for r in summary] == [(1e-3, 0, 0.7), (1e-3, 1, 0.6),
+                                                                              (3e-3, 0, 0.75)]  # fmt: skip
 
 
 def test_auto_search_leaves_the_options_it_sets_to_itself():
