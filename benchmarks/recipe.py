@@ -4,15 +4,16 @@ study", declared before its first row.)
 The product column (`benchmarks/product.py`) runs the package's defaults; on digits and MNIST the kept model is the
 probe or level with it, while the harness's per-row sparse (2 %, 8 epochs, its lr chosen on validation, 64 px) is
 4-7 points above. Each variant here changes keys from their defaults and nothing else. Round 1: one recipe key, or
-all four together (the harness's recipe). Round 2 (declared after round 1's digits rows left every round-1 variant at
-or below the shipped recipe there): one training key where the product differs from the harness, or all of them with
-round 1's four (`harness-train`), which became the default. Round 3 (declared after the product columns under the
-new defaults): each key the pick changed back at its old value, and all of them (`previous`), chosen on the line
-tables (`LINE_CHOOSING`) and paired with today's column; each round pairs with the column of its own defaults
-(`BASE_OF`). Everything else is the product column's run: the same forced keys
-(`benchmarks.product.overrides`), seeds, threads and prepared split, with ``sensitune run --no-export`` (the accuracy
-numbers are the exported model's; the cost compared is the stages that differ: sensitivity + probe + training
-seconds).
+all four together (the harness's recipe). Round 2 (declared after round 1's digits rows left every round-1 variant
+at or below the shipped recipe there): one training key where the product differs from the harness, or all of them
+with round 1's four (`harness-train`), which became the default. Round 3 (declared after the product columns under
+the new defaults): each key the pick changed back at its old value, and all of them (`previous`), chosen on the line
+tables (`LINE_CHOOSING`) and paired with today's column; round 4: the input side from the images (`model.input_size:
+auto`), chosen on the demo line and demo set (`AUTO_CHOOSING`), which became the default. Each round pairs with the
+column of its own defaults (`BASE_OF`). Everything else is the product column's run: the same forced keys
+(`benchmarks.product.overrides`), seeds, threads and prepared split, with ``sensitune run --no-export`` (the
+accuracy numbers are the exported model's; the cost compared is the stages that differ: sensitivity + probe +
+training seconds).
 
 The rule (declared in advance): a variant's score on a table is the mean over seeds of its kept model's validation
 score (``val_score``, the product's own selection metric: the tuned model, or the probe the run exported instead)
