@@ -34,8 +34,12 @@ def run_tables(tasks: list[str], compare_argv: list[str], out_dir: Path) -> list
 
     lr = f"{defaults()['train']['lr']:g}"
     methods = ",".join([FIXED, *SEARCH_METHODS])
-    return [compare.main([*compare_argv, "--task", task, "--methods", methods, "--lr-grid", lr, "--lr-auto", lr,
-                          "--out-dir", str(out_dir)]) for task in tasks]  # fmt: skip
+    # every seed on the one-lr grid: otherwise seeds 1.. take the lr seed 0 chose among every lr in the table, an
+    # earlier train.lr's rows included, and a re-run after train.lr changed would measure seed 0 alone
+    seeds = compare.build_parser().parse_known_args(compare_argv)[0].seeds
+    every = [] if any(a.startswith("--grid-seeds") for a in compare_argv) else ["--grid-seeds", str(seeds)]
+    return [compare.main([*compare_argv, *every, "--task", task, "--methods", methods, "--lr-grid", lr, "--lr-auto",
+                          lr, "--out-dir", str(out_dir)]) for task in tasks]  # fmt: skip
 
 
 def summary_rows(table: dict) -> list[dict]:

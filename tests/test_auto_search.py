@@ -66,3 +66,13 @@ def test_a_tiny_auto_search_runs_the_products_trials_within_two_trainings(tmp_pa
     assert chosen["stopped_at_step"] == 30 and round(20 * row["test_acc"], 6).is_integer()
     assert len(table["sensitivity"]) == 1  # every trial's plan from the seed's one pass
     assert "| test_efficientnet digits | 0 |" in out.read_text()
+
+
+def test_every_seed_runs_at_train_lr_so_a_rerun_after_train_lr_changed_measures_every_seed(monkeypatch, tmp_path):
+    seen: list[list[str]] = []
+    monkeypatch.setattr(auto_search.compare, "main", lambda argv: seen.append(argv) or tmp_path)
+    auto_search.run_tables(["digits"], ["--backbone", "lite0", "--seeds", "3"], tmp_path)
+    argv = seen[-1]
+    assert argv[argv.index("--grid-seeds") + 1] == "3"  # not the default 1: seed 0's lr choice would pick for all
+    auto_search.run_tables(["digits"], ["--seeds", "3", "--grid-seeds", "2"], tmp_path)
+    assert seen[-1].count("--grid-seeds") == 1 and seen[-1][seen[-1].index("--grid-seeds") + 1] == "2"
