@@ -42,7 +42,7 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from spt_core import __version__
 from spt_core.portable.errors import SensituneError
@@ -77,10 +77,14 @@ def _flag_type(key: config.Key) -> Any:
     """argparse type of a key's flag: its scalar type; 'none'/'null'/'all' give null where null is allowed."""
     scalars = [t for t in typing.get_args(key.type) if t is not type(None)] or [key.type]
 
-    def parse(text: str) -> Any:  # the first type that reads it: int | str takes 96 as 96 and auto as text
+    def parse(text: str) -> Any:  # the first type that reads it: int | Literal["auto"] takes 96 as 96, and auto
         if key.nullable and text.lower() in _NULL_WORDS:
             return None
         for scalar in scalars:
+            if typing.get_origin(scalar) is Literal:
+                if text in typing.get_args(scalar):
+                    return text
+                continue
             try:
                 return scalar(text)
             except ValueError:

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -89,9 +89,9 @@ class DataSection:
 class ModelSection:
     name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
     weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
-    input_size: int | str | None = _f("auto", "the network's input side in pixels, or auto (the training images' "
-                                      "median side on a 32 px grid, 64..128: spt_core.model.input_size_for)",
-                                      verbs=("measure", "run"))  # fmt: skip
+    input_size: int | Literal["auto"] | None = _f(
+        "auto", "the network's input side in pixels, or auto (the training images' median side on a 32 px grid, "
+        "64..128: spt_core.model.input_size_for)", verbs=("measure", "run"))  # fmt: skip
     drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")
 
 
@@ -331,8 +331,7 @@ def _cross_problems(params: Params) -> list[str]:
     if d.get("split") is not None and counts:
         out.append(f"data.split and data.{counts[0]} are two split modes: set data.split: null to split by counts, "
                    f"or data.{counts[0]}: null to split proportionally")  # fmt: skip
-    size = params.get("model", {}).get("input_size")
-    if isinstance(size, (str, float)) and size != "auto" or type(size) is int and size < 1:  # str lets 96.5 in
+    if type(size := params.get("model", {}).get("input_size")) is int and size < 1:  # the type takes 0 too
         out.append(f"model.input_size={size!r}: give the side in pixels (e.g. 96), auto or null (the model's own)")
     p = params.get("plan", {})
     if p.get("allocation") == "per_row" and p.get("structured") not in (None, "none"):
@@ -379,6 +378,8 @@ def _is_instance(value: Any, tp: Any) -> bool:
         return any(_is_instance(value, t) for t in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if origin is Literal:  # the named values only: `int | Literal["auto"]` takes 96 or auto, not 96.5 or "big"
+        return isinstance(value, str) and value in typing.get_args(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_is_instance(v, item) for v in value)
@@ -392,7 +393,8 @@ def _is_instance(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    union = typing.get_origin(tp) in (Union, types.UnionType)
     names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
-    name = " or ".join(names.get(a, str(a)) for a in typing.get_args(tp) if a is not type(None)) if union else None
-    return f"{name} or null" if type(None) in typing.get_args(tp) else name or names.get(tp, str(tp))
+    union = typing.get_origin(tp) in (Union, types.UnionType)
+    parts = [" or ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else names.get(a, str(a))
+             for a in (typing.get_args(tp) if union else (tp,)) if a is not type(None)]  # fmt: skip
+    return " or ".join(parts) + " or null" * (type(None) in typing.get_args(tp))
