@@ -45,16 +45,24 @@ def run_tables(tasks: list[str], compare_argv: list[str], out_dir: Path) -> list
 def summary_rows(table: dict) -> list[dict]:
     """Per search row of a table: its choice, accuracies and cost, and the fixed-budget row of its seed."""
     ok = [r for r in table["rows"] if "error" not in r]
-    fixed = {(r["seed"], r["lr"]): r for r in ok if r["method"] == FIXED and r["budget"] == table["meta"]["budget"]}
+    main = table["meta"]["budget"]
+    # a line table's rows also differ by variant (--variants: class balancing, augmentation)
+    fixed = {(r["seed"], r["lr"], r.get("variant")): r for r in ok if r["method"] == FIXED and r["budget"] == main}
     out = []
     for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["lr"], r["seed"])):
-        f = fixed.get((r["seed"], r["lr"]))  # the same seed at the same train.lr (a table re-run when it changed)
+        f = fixed.get((r["seed"], r["lr"], r.get("variant")))  # same seed, variant and train.lr (a re-run)
         out.append({"table": f"{Path(table['meta']['backbone']).name} {table['meta']['task']}", "seed": r["seed"],
                     "train_lr": r["lr"],
                     "budget": r["details"]["chosen_budget"], "lr": r["details"]["chosen_lr"], "val": r["val_acc"],
                     "test": r["test_acc"], "trainings": r["trainings"], "wall_s": r["wall_s"],
-                    "fixed_test": f and f["test_acc"], "fixed_wall_s": f and f["wall_s"]})  # fmt: skip
+                    "fixed_test": f and f["test_acc"], "fixed_wall_s": f and f["wall_s"],
+                    # a line table (--imbalance) is read by balanced accuracy: both rows carry it
+                    "test_bal": r.get("test_balanced_acc"), "fixed_test_bal": f and f.get("test_balanced_acc")})
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def write_summary(rows: list[dict], command: str, path: Path) -> None:
@@ -66,16 +74,16 @@ def write_summary(rows: list[dict], command: str, path: Path) -> None:
         f"(`spt_core.search`, at most 2 trainings). Fixed: `{FIXED}` at the table's main budget and `train.lr`, "
         "one training. Wall: each job's own seconds, same machine. Every table in this folder; each `compare_*.md` "
         "beside this file has the command that made it (the line above is the last run).", "",
-        "| table | train.lr | seed | chosen budget | chosen lr | val % | test % | fixed test % | trainings | wall s | "
-        "x fixed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| table | train.lr | seed | chosen budget | chosen lr | val % | test % | fixed test % | test bal. % | "
+        "fixed test bal. % | trainings | wall s | x fixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
-        fixed_test = f"{100 * r['fixed_test']:.2f}" if r["fixed_test"] is not None else "-"
+        fixed_test, bal, fixed_bal = (_pct(r[k]) for k in ("fixed_test", "test_bal", "fixed_test_bal"))
         ratio = f"{r['wall_s'] / r['fixed_wall_s']:.2f}" if r["fixed_wall_s"] else "-"
         lines.append(f"| {r['table']} | {r['train_lr']:.3g} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | "
-                     f"{100 * r['val']:.2f} | {100 * r['test']:.2f} | {fixed_test} | {r['trainings']:.2f} | "
-                     f"{r['wall_s']:.0f} | {ratio} |")  # fmt: skip
+                     f"{100 * r['val']:.2f} | {100 * r['test']:.2f} | {fixed_test} | {bal} | {fixed_bal} | "
+                     f"{r['trainings']:.2f} | {r['wall_s']:.0f} | {ratio} |")  # fmt: skip
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 

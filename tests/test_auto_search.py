@@ -45,6 +45,19 @@ def test_a_search_row_is_set_against_the_fixed_budget_training_of_its_own_seed()
                                                                               (3e-3, 0, 0.75)]  # fmt: skip
 
 
+def test_a_line_tables_search_row_pairs_with_the_fixed_row_of_its_variant_and_shows_balanced_accuracy(tmp_path):
+    bal = {"details": {"chosen_budget": "2%", "chosen_lr": 1e-3}, "trainings": 1.9}
+    rows = [_row("per-row-sparse", 0, 10.0, 0.9, variant="none", test_balanced_acc=0.5),
+            _row("per-row-sparse", 0, 20.0, 0.8, variant="sampler", test_balanced_acc=0.7),
+            _row("auto-halving", 0, 40.0, 0.85, variant="sampler", test_balanced_acc=0.75, **bal)]  # fmt: skip
+    table = {"meta": {"budget": "1%", "backbone": "tf_efficientnet_lite0", "task": "demo-defects"}, "rows": rows}
+    (r,) = auto_search.summary_rows(table)
+    assert (r["fixed_test"], r["fixed_test_bal"], r["test_bal"], r["fixed_wall_s"]) == (0.8, 0.7, 0.75, 20.0)
+    auto_search.write_summary([r], "cmd", tmp_path / "s.md")
+    line = (tmp_path / "s.md").read_text().splitlines()[-1]
+    assert line.endswith("| 85.00 | 80.00 | 75.00 | 70.00 | 1.90 | 40 | 2.00 |"), line
+
+
 def test_auto_search_leaves_the_options_it_sets_to_itself():
     with pytest.raises(Exception, match="sets --task, --methods"):
         auto_search.main(["--tasks", "digits", "--", "--methods", "bitfit"])
@@ -65,7 +78,7 @@ def test_a_tiny_auto_search_runs_the_products_trials_within_two_trainings(tmp_pa
     assert (chosen["budget"], chosen["lr"]) == (row["details"]["chosen_budget"], row["details"]["chosen_lr"])
     assert chosen["stopped_at_step"] == 30 and round(20 * row["test_acc"], 6).is_integer()
     assert len(table["sensitivity"]) == 1  # every trial's plan from the seed's one pass
-    assert "| test_efficientnet digits | 0 |" in out.read_text()
+    assert f"| test_efficientnet digits | {row['lr']:.3g} | 0 |" in out.read_text()
 
 
 def test_every_seed_runs_at_train_lr_so_a_rerun_after_train_lr_changed_measures_every_seed(monkeypatch, tmp_path):
