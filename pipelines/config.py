@@ -90,8 +90,8 @@ class ModelSection:
     name: str = _f("tf_efficientnet_lite0", "timm model name", verbs=("measure", "run"), flag="--model")
     weights: str = _f("embedded", "embedded | hub | none | PATH (.safetensors/.pth/.bin)", verbs=("measure", "run"))
     input_size: int | Literal["auto"] | None = _f(
-        "auto", "the network's input side in pixels, or auto (the training images' median side on a 32 px grid, "
-        "64..128: spt_core.model.input_size_for)", verbs=("measure", "run"))  # fmt: skip
+        "auto", "input side in pixels (a ViT's: whole patches), or auto (the training images' median side on the "
+        "model's grid, 32 px or a ViT's patch, 64..128: spt_core.model.input_size_for)", verbs=("measure", "run"))
     drop_path_rate: float = _f(0.1, "stochastic depth rate while tuning")
 
 

@@ -10,7 +10,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from spt_core.api import ModelInfo, create_model, input_size_for, load_tuned_into, median_side, read_tuned
+from spt_core.api import (
+    ModelInfo,
+    check_input_side,
+    create_model,
+    input_grid,
+    input_size_for,
+    load_tuned_into,
+    median_side,
+    read_tuned,
+)
 from spt_core.portable.errors import ModelError, one_line
 
 from .config import Params
@@ -21,8 +30,9 @@ def model_args(params: Params, num_classes: int) -> dict[str, Any]:
     stages and the edge read the side ``input_size: auto`` resolved to, from the prepared training images)."""
     m = params["model"]
     size = m["input_size"]
-    if size == "auto":
-        size = input_size_for(median_side(Path(params["paths"]["data"])))
+    if size == "auto":  # on the model's grid: a ViT's patch (every pixel reaches a patch), a CNN's stride
+        size = input_size_for(median_side(Path(params["paths"]["data"])), input_grid(m["name"]))
+    check_input_side(m["name"], size)  # a side given by hand: refused where a ViT would crop it
     return {
         "name": m["name"],
         "num_classes": num_classes,

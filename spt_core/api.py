@@ -55,7 +55,7 @@ from .distributed import close as close_distributed  # `close` alone says nothin
 from .distributed import init_from_env
 from .evaluate import collect, evaluate
 from .merge import merge
-from .model import ModelInfo, create_model, input_size_for
+from .model import ModelInfo, check_input_side, create_model, input_grid, input_size_for
 from .peft_bridge import PeftExport, load_peft, merge_peft, shira_plan, to_peft
 from .plan import Plan, Target, parse_budget
 from .probe import fit_probe, head_only
@@ -77,6 +77,8 @@ __all__ = [
     # the method, in order: model -> sensitivity -> plan -> tuners -> training -> merge
     "create_model",
     "input_size_for",
+    "input_grid",
+    "check_input_side",
     "ModelInfo",
     "find_candidates",
     "Candidate",

@@ -14,6 +14,7 @@ Weights come from one of four places (the ``weights`` argument, recorded in `Mod
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import pickle
 import re
@@ -32,12 +33,14 @@ from spt_core.portable.errors import ModelError, one_line
 from spt_core.portable.io import file_sha256
 from spt_core.portable.preprocess import Preprocess
 
+log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _LITE0_MEAN_STD = (0.5, 0.5, 0.5)  # the TF EfficientNet-Lite preprocessing: x / 127.5 - 1
-# ``input_size: auto`` (`input_size_for`): the images' own side, on a 32-pixel grid (a CNN's coarsest stride),
-# at least 64 (smaller images are upsampled: the fixed default's side) and at most 128 (training at 128 costs
-# about 3x 64's on Lite0, measured by the recipe study; a larger frame is downsampled to it)
+# ``input_size: auto`` (`input_size_for`): the images' own side, on the model's input grid (`input_grid`: a CNN's
+# coarsest stride, 32, or a ViT's patch), at least 64 (smaller images are upsampled: the fixed default's side) and
+# at most 128 (training at 128 costs about 3x 64's on Lite0, measured by the recipe study; a larger frame is
+# downsampled to it), both bounds taken to the grid's nearest multiple inside them
 AUTO_SIZE_STEP, AUTO_SIZE_MIN, AUTO_SIZE_MAX = 32, 64, 128
 
 # lukemelas block sub-module -> timm sub-module. Block 0 of each Lite model has no expansion conv
@@ -93,12 +96,56 @@ class ModelInfo:
         )
 
 
-def input_size_for(side: int) -> int:
-    """The network's input side for images whose (median shorter) side is `side` pixels (``input_size: auto``)."""
+def input_size_for(side: int, grid: int = AUTO_SIZE_STEP) -> int:
+    """The network's input side for images whose (median shorter) side is `side` pixels (``input_size: auto``):
+    `side` rounded up to a multiple of `grid` (`input_grid`), between the multiples of it nearest inside
+    `AUTO_SIZE_MIN` and `AUTO_SIZE_MAX` (a 14 px patch grid: 70 to 126)."""
     if side < 1:
         raise ModelError(f"image side {side}: give the images' side in pixels (>= 1)")
-    step = AUTO_SIZE_STEP
-    return min(max(-(-side // step) * step, AUTO_SIZE_MIN), AUTO_SIZE_MAX)
+    if grid < 1:
+        raise ModelError(f"input grid {grid}: give the model's grid in pixels (>= 1)")
+    low = -(-AUTO_SIZE_MIN // grid) * grid
+    high = max(AUTO_SIZE_MAX // grid * grid, low)
+    return min(max(-(-side // grid) * grid, low), high)
+
+
+@functools.lru_cache(maxsize=32)
+def patch_size(name: str) -> int | None:
+    """The side of a patch-embedding model's square patches (a timm ViT's ``patch_embed.patch_size``), or None for a
+    model without one (a CNN takes any side). Read from a weightless build on the meta device (no memory)."""
+    if not timm.is_model(name):
+        return None  # `create_model` names the close matches
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception as e:  # a model whose constructor computes on its tensors: no meta build, no known patch
+        log.debug("%s: no meta-device build (%s); taken as patch-free", name, e)
+        return None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return None
+    h, w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return int(h) if h == w else None  # a non-square patch: no one grid, as for a CNN
+
+
+def input_grid(name: str) -> int:
+    """The grid `input_size_for` keeps a model's side on: its patch (a ViT sees only whole patches, so a side off
+    the grid drops the last rows and columns of every image), else `AUTO_SIZE_STEP` (a CNN's coarsest stride)."""
+    return patch_size(name) or AUTO_SIZE_STEP
+
+
+def check_input_side(name: str, side: int | None) -> None:
+    """Refuse a side a patch model would crop: timm's ViT cuts an image into whole patches and drops the remainder,
+    so at 96 px a 14 px patch grid never sees the last 12 rows and columns (a defect there is invisible)."""
+    patch = patch_size(name)
+    if side is None or patch is None or side % patch == 0:
+        return
+    below, above = side // patch * patch, -(-side // patch) * patch
+    sides = f"{above} or {below}" if below else f"{above}"
+    raise ModelError(
+        f"model.input_size={side}: {name} sees whole {patch} px patches only, so the last {side - below} px of every "
+        f"row and column would never reach it; set model.input_size to {sides} (auto picks a multiple)"
+    )
 
 
 def create_model(

@@ -11,7 +11,7 @@ from pipelines import models
 from pipelines.cli import build_parser, main, params_from_args
 from pipelines.config import load_params
 from spt_core.api import DatasetInfo, input_size_for, median_side
-from spt_core.model import AUTO_SIZE_MAX, AUTO_SIZE_MIN
+from spt_core.model import AUTO_SIZE_MAX, AUTO_SIZE_MIN, check_input_side, input_grid, patch_size
 from spt_core.portable.errors import DataError, ModelError, SensituneError
 
 
@@ -22,6 +22,36 @@ from spt_core.portable.errors import DataError, ModelError, SensituneError
 def test_the_side_rounds_up_to_the_grid_within_the_bounds(side, want):
     assert input_size_for(side) == want
     assert (AUTO_SIZE_MIN, AUTO_SIZE_MAX) == (64, 128)
+
+
+@pytest.mark.parametrize(
+    ("side", "want"), [(8, 70), (28, 70), (70, 70), (71, 84), (96, 98), (99, 112), (126, 126), (127, 126), (300, 126)]
+)
+def test_a_patch_grid_keeps_the_side_on_whole_patches_inside_the_bounds(side, want):
+    # a ViT/14: 96 px images train at 98 (7 x 7 patches), not at the 32 px grid's 96 (6 patches and 12 px unseen)
+    assert input_size_for(side, 14) == want and want % 14 == 0
+
+
+def test_the_grid_is_a_vits_patch_and_a_cnns_coarsest_stride():
+    assert (patch_size("test_vit"), input_grid("test_vit")) == (16, 16)
+    assert (patch_size("test_efficientnet"), input_grid("test_efficientnet")) == (None, 32)
+    assert input_size_for(70, input_grid("test_vit")) == 80 and input_size_for(70, input_grid("resnet10t")) == 96
+
+
+def test_a_side_a_vit_would_crop_is_refused_in_one_line_and_a_cnn_takes_any_side(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ModelError, match=r"input_size=40: test_vit sees whole 16 px patches.*last 8 px.*48 or 32"):
+        check_input_side("test_vit", 40)
+    check_input_side("test_vit", 48)
+    check_input_side("test_efficientnet", 41)
+    params = {**TINY, "model": {**TINY["model"], "input_size": 40}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    cfg = ["--config", "params.yaml", "-q"]
+    assert main(["demo", *cfg]) == 0 and main(["prepare", *cfg]) == 0
+    assert main(["measure", *cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "model.input_size=40" in err[-1] and "set model.input_size to 48 or 32" in err[-1]
+    assert not (tmp_path / "runs" / "main" / "sensitivity.safetensors").exists()
 
 
 def test_a_side_below_one_pixel_is_refused():
@@ -74,8 +104,9 @@ def test_auto_is_a_value_of_the_key_and_of_its_flag_but_other_text_is_not():
 
 
 def test_a_run_at_auto_trains_merges_and_records_the_side_of_its_images(tmp_path, monkeypatch):
-    """70 px demo frames: auto resolves to 96 once, in measure, and every later stage reads the recorded 96, not 64
-    and not the images again (a ViT: its position embeddings are resampled to the 96 px grid)."""
+    """70 px demo frames: auto resolves to 80 once, in measure, and every later stage reads the recorded 80, not 64
+    and not the images again (a ViT of 16 px patches: its grid is the patch, so 70 rounds up to 80, not to a CNN's
+    96; its position embeddings are resampled to the 5 x 5 grid)."""
     params = {**TINY, "demo": {**TINY["demo"], "size": 70}, "model": {**TINY["model"], "input_size": "auto"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
@@ -91,9 +122,9 @@ def test_a_run_at_auto_trains_merges_and_records_the_side_of_its_images(tmp_path
         assert main([verb, *cfg]) == 0, verb
     run = tmp_path / "runs" / "main"
     plan = json.loads((run / "plan.json").read_text())
-    assert plan["meta"]["model_args"]["img_size"] == 96
-    assert plan["meta"]["model_info"]["preprocess"]["size"] == [96, 96]
-    assert json.loads((run / "metrics.json").read_text())["input_size"] == 96
+    assert plan["meta"]["model_args"]["img_size"] == 80
+    assert plan["meta"]["model_info"]["preprocess"]["size"] == [80, 80]
+    assert json.loads((run / "metrics.json").read_text())["input_size"] == 80
     merged = json.loads((run / "merged" / "merged.json").read_text())
-    assert merged["preprocess"]["size"] == [96, 96] and merged["img_size"] == 96
+    assert merged["preprocess"]["size"] == [80, 80] and merged["img_size"] == 80
     assert main(["predict", "data/prepared/test", "--out", "p.csv", *cfg]) == 0
