@@ -119,7 +119,7 @@ def patch_size(name: str) -> int | None:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
     except Exception as e:  # a model whose constructor computes on its tensors: no meta build, no known patch
-        log.debug("%s: no meta-device build (%s); taken as patch-free", name, e)
+        log.warning("%s: no meta-device build (%s): its patch grid is unknown, so a side is not checked", name, e)
         return None
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is None:
