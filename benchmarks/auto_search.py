@@ -45,9 +45,9 @@ def run_tables(tasks: list[str], compare_argv: list[str], out_dir: Path) -> list
 def summary_rows(table: dict) -> list[dict]:
     """Per search row of a table: its choice, accuracies and cost, and the fixed-budget row of its seed."""
     ok = [r for r in table["rows"] if "error" not in r]
-    main = table["meta"]["budget"]
+    budget = table["meta"]["budget"]
     # a line table's rows also differ by variant (--variants: class balancing, augmentation)
-    fixed = {(r["seed"], r["lr"], r.get("variant")): r for r in ok if r["method"] == FIXED and r["budget"] == main}
+    fixed = {(r["seed"], r["lr"], r.get("variant")): r for r in ok if r["method"] == FIXED and r["budget"] == budget}
     out = []
     for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["lr"], r["seed"])):
         f = fixed.get((r["seed"], r["lr"], r.get("variant")))  # same seed, variant and train.lr (a re-run)

@@ -104,9 +104,14 @@ def input_size_for(side: int, grid: int = AUTO_SIZE_STEP) -> int:
         raise ModelError(f"image side {side}: give the images' side in pixels (>= 1)")
     if grid < 1:
         raise ModelError(f"input grid {grid}: give the model's grid in pixels (>= 1)")
-    low = -(-AUTO_SIZE_MIN // grid) * grid
+    low = _round_up(AUTO_SIZE_MIN, grid)
     high = max(AUTO_SIZE_MAX // grid * grid, low)
-    return min(max(-(-side // grid) * grid, low), high)
+    return min(max(_round_up(side, grid), low), high)
+
+
+def _round_up(x: int, grid: int) -> int:
+    """The smallest multiple of `grid` that is at least `x`."""
+    return -(-x // grid) * grid
 
 
 @functools.lru_cache(maxsize=32)
@@ -140,7 +145,7 @@ def check_input_side(name: str, side: int | None) -> None:
     patch = patch_size(name)
     if side is None or patch is None or side % patch == 0:
         return
-    below, above = side // patch * patch, -(-side // patch) * patch
+    below, above = side // patch * patch, _round_up(side, patch)
     sides = f"{above} or {below}" if below else f"{above}"
     raise ModelError(
         f"model.input_size={side}: {name} sees whole {patch} px patches only, so the last {side - below} px of every "
