@@ -5,8 +5,9 @@ wall time against one fixed-budget training.
 Each table is a `benchmarks/compare.py` run of two methods at ``train.lr`` (params.yaml's): ``per-row-sparse`` at
 the main budget (the product's fixed default, one training) and ``auto-halving`` (`benchmarks/search_job.py`: the
 product's ``plan.ladder`` x ``train.lr_grid``, the full rung at each lr as the product trains it). The tables go to
-``--out-dir`` (benchmarks/results/auto_search/ by default, so the method tables are left as they are); this script
-adds auto_search.md beside them, one row per table and seed. Options other than its own go to compare.py:
+``--out-dir`` (benchmarks/results/auto_search/fair/ by default, so the method tables are left as they are; round
+1's schedule, which cut inside the warm-up, is in benchmarks/results/auto_search/); this script adds auto_search.md
+beside them, one row per table and seed. Options other than its own go to compare.py:
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
       .venv/bin/python benchmarks/auto_search.py --tasks digits,fashion-mnist -- --backbone lite0 --epochs 8 --seeds 2
@@ -70,10 +71,11 @@ def write_summary(rows: list[dict], command: str, path: Path) -> None:
     lines = [
         "# The halving search (`plan.search: halving`) against one fixed-budget training", "",
         f"Command: `{command}`", "",
-        f"Search: the product's `plan.ladder` x `train.lr_grid` at `train.lr`, successive halving on validation "
-        f"(`spt_core.search`, at most 2 trainings). Fixed: `{FIXED}` at the table's main budget and `train.lr`, "
-        "one training. Wall: each job's own seconds, same machine. Every table in this folder; each `compare_*.md` "
-        "beside this file has the command that made it (the line above is the last run).", "",
+        "Search: the product's `plan.ladder` x `train.lr_grid` at `train.lr`, successive halving on validation "
+        "(`spt_core.search`: at most 2 trainings, no trial judged before its warm-up's end). "
+        f"Fixed: `{FIXED}` at the table's main budget and `train.lr`, one training. Wall: each job's own seconds, "
+        "same machine. Every table in this folder; each `compare_*.md` beside this file has the command that made "
+        "it (the line above is the last run).", "",
         "| table | train.lr | seed | chosen budget | chosen lr | val % | test % | fixed test % | test bal. % | "
         "fixed test bal. % | trainings | wall s | x fixed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
     own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="digits", help="comma-separated compare.py --task values, one table each")
-    ap.add_argument("--out-dir", type=Path, default=compare.RESULTS / "auto_search")
+    ap.add_argument("--out-dir", type=Path, default=compare.RESULTS / "auto_search" / "fair")
     args = ap.parse_args(own)
     if any(a in rest for a in ("--task", "--methods", "--lr-grid", "--lr-auto", "--out-dir")):
         raise SensituneError("auto_search.py sets --task, --methods, --lr-grid, --lr-auto and --out-dir itself: "

@@ -35,6 +35,7 @@ def search_job(job: dict, build: Callable[[dict], tuple[Any, Any, dict]]) -> dic
         apply_plan,
         check_ladder,
         evaluate,
+        first_rung,
         fit,
         rung_plan,
         rung_score,
@@ -75,7 +76,9 @@ def search_job(job: dict, build: Callable[[dict], tuple[Any, Any, dict]]) -> dic
             return rung_score(model, history, until % spe != 0, loaders["val"], device, cfgs[i].select, ok_index,
                               job.get("max_escape_rate", 0.0))  # fmt: skip
 
-        result = successive_halving(trials, job["epochs"] * spe, advance, base_lr=job["lr"])
+        result = successive_halving(
+            trials, job["epochs"] * spe, advance, base_lr=job["lr"], first_step=first_rung(cfgs[0].warmup_epochs, spe)
+        )
     model, hist, win = last["model"], last["history"], trials[result.winner]
     test = evaluate(model, loaders["test"], device)
     line = line_metrics(model, loaders, ok_index, job["max_escape_rate"]) if ok_index is not None else {}

@@ -135,7 +135,7 @@ class PlanSection:
 class TrainSection:
     epochs: int = _f(8, "epochs", verbs=("train", "run"))
     lr: float = _f(3e-3, "peak learning rate", verbs=("train", "run"))
-    lr_grid: list[float] = _f([1 / 3, 1.0, 3.0], "plan.search: halving tries these multiples of train.lr")
+    lr_grid: list[float] = _f([1.0], "plan.search: halving tries these multiples of train.lr")
     weight_decay: float = _f(1e-4, "AdamW weight decay (not on 1-D values)", verbs=("train",))
     warmup_epochs: int = _f(1, "linear warm-up epochs", verbs=("train",))
     warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up")

@@ -20,7 +20,17 @@ from typing import Any
 
 import torch
 
-from spt_core.api import History, Plan, Score, TrainConfig, Trial, evaluate, rung_score, successive_halving
+from spt_core.api import (
+    History,
+    Plan,
+    Score,
+    TrainConfig,
+    Trial,
+    evaluate,
+    first_rung,
+    rung_score,
+    successive_halving,
+)
 from spt_core.portable.errors import SensituneError
 
 log = logging.getLogger(__name__)
@@ -96,7 +106,8 @@ def search_halving(
         return rung_score(model, history, mid_epoch, splits.val, splits.device, cfg.select, splits.ok_index,
                           splits.max_escape_rate)  # fmt: skip
 
-    result = successive_halving(trials, cfg.epochs * steps_per_epoch, advance, base_lr=cfg.lr,
+    first = first_rung(cfg.warmup_epochs, steps_per_epoch)  # no trial judged before its warm-up's end
+    result = successive_halving(trials, cfg.epochs * steps_per_epoch, advance, base_lr=cfg.lr, first_step=first,
                                 on_pruned=lambda i: shutil.rmtree(root / f"trial{i}", ignore_errors=True))  # fmt: skip
     win = trials[result.winner]
     log.info("search: %s at lr %g of %d trials, %.2f trainings", win.budget, win.lr, len(trials), result.trainings)

@@ -2,15 +2,20 @@
 
 Every trial is one (budget, lr): a rung of the ladder (`spt_core.budget`, all allocated from the one
 sensitivity pass) trained at a multiple of the base lr. All trials train to the first rung step, the best
-1/eta of them (`ETA`) go on to the next, and so on until one trains to the end (`halving_schedule`). A trial
-that goes on continues its own run: the same schedule, optimizer and RNG as if it had never paused
+1/eta of them go on to the next, and so on until one trains to the end (`halving_schedule`). A trial that goes
+on continues its own run: the same schedule, optimizer and RNG as if it had never paused
 (``fit(until_step=...)``), so the survivor ends exactly where a plain training of it ends.
+
+No trial is judged before `first_rung`: the end of its warm-up, at least one epoch. Before it a trial has
+barely trained at its own lr (a cut at step 4 of 200 ranks near-untrained models, 10-45 % validation accuracy
+on 10 classes: benchmarks/README.md, "Budget and lr search"); the rungs then fall on epoch ends, so each is
+judged on a whole epoch's validation. eta is the smallest from `ETA` up whose schedule keeps the cost bound;
+where none does, there are too many trials for the epochs (a `PlanError` names the most that fit).
 
 Trials are ranked on validation only: `selection_key` (``train.select``'s score, then the lower loss) of the
 best state validated so far (the epochs done, and the state at the pause), then the fewer trainable values, then
 the lr nearest the base lr, then the smaller lr. The cost is counted in optimizer steps: every trial's steps
-over one training's (``epochs x batches``), at most `MAX_TRAININGS`; rung steps fall inside an epoch where
-they must (21 trials in 6 epochs leave the first rung a fraction of the first epoch).
+over one training's (``epochs x batches``), at most `MAX_TRAININGS`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .train import History, validate
 
 log = logging.getLogger(__name__)
 
-ETA = 3  # each rung keeps the best ceil(n / ETA) trials
+ETA = 3  # the least eta: each rung keeps the best ceil(n / eta) trials
 MAX_TRAININGS = 2.0  # trial-steps over one training's steps
 
 
@@ -70,6 +75,7 @@ class SearchResult:
     stages: list[Stage]
     scores: list[list[Score]]  # per trial, one per stage it trained in
     total_steps: int  # one training's steps
+    eta: int = ETA
     trial_steps: int = 0
     seconds: float = 0.0
     diverged: list[int] = field(default_factory=list)
@@ -87,7 +93,9 @@ class SearchResult:
              "chosen": i == self.winner, "diverged": i in self.diverged}
             for i, (t, sc) in enumerate(zip(self.trials, self.scores))
         ]  # fmt: skip
-        return {"rule": f"successive halving, eta {ETA}", "stages": [asdict(s) for s in self.stages],
+        first = self.stages[0].until_step
+        return {"rule": f"successive halving, eta {self.eta}, first judged at step {first}",
+                "eta": self.eta, "stages": [asdict(s) for s in self.stages],
                 "trials": rows, "total_steps": self.total_steps, "trial_steps": self.trial_steps,
                 "trainings": round(self.trainings, 4), "seconds": round(self.seconds, 2)}  # fmt: skip
 
@@ -110,37 +118,37 @@ def schedule_cost(stages: Sequence[Stage]) -> int:
     return sum(s.trials * (s.until_step - prev) for s, prev in zip(stages, [0, *(s.until_step for s in stages)]))
 
 
-def halving_schedule(n: int, total_steps: int, eta: int = ETA, max_trainings: float = MAX_TRAININGS) -> list[Stage]:
-    """The stages for `n` trials: rung steps in the ratio `eta` (s, eta*s, eta^2*s, ...) and the survivor to
-    `total_steps`, with s the largest that keeps the cost within `max_trainings` trainings.
+def first_rung(warmup_epochs: int, steps_per_epoch: int) -> int:
+    """The first step at which trials are judged: the end of the warm-up, and at least one epoch."""
+    return max(1, warmup_epochs) * steps_per_epoch
 
-    The cost is T + sum_k s_k (n_k - n_{k+1}) for survivors n_k (`survivors`); with s_k = c T / eta^(K-k) it is
-    linear in c, so c = (max_trainings - 1) / sum_k (n_k - n_{k+1}) / eta^(K-k), at most 1. Steps are rounded
-    down but kept at least one more than the rung before; where that lifts the cost over the bound, c shrinks
-    until it fits or every rung is one step after the last.
+
+def halving_schedule(
+    n: int, total_steps: int, first_step: int, max_trainings: float = MAX_TRAININGS
+) -> tuple[list[Stage], int]:
+    """The stages for `n` trials, and their eta: rung steps at first_step x (1, eta, eta^2, ...), each keeping
+    the best ceil(n / eta) trials, the survivor to `total_steps`; eta the smallest from `ETA` up whose cost is
+    within `max_trainings` trainings (eta = n: one cut at `first_step`, the cheapest).
 
     Raises:
-        PlanError: even one step per rung would cost more than `max_trainings` trainings.
+        PlanError: no eta keeps the bound: even one cut at `first_step` costs T + (n - 1) x first_step.
     """
-    if n < 1 or total_steps < 1:
-        raise PlanError(f"a search needs trials and steps (got {n} trials, {total_steps} steps)")
-    counts = survivors(n, eta)
-    k_last = len(counts) - 1
-    weight = sum((counts[k] - counts[k + 1]) / eta ** (k_last - k) for k in range(k_last))
-    c = min(1.0, (max_trainings - 1.0) / weight) if weight else 1.0
-    while True:
-        steps: list[int] = []
-        for k in range(k_last):
-            steps.append(max(steps[-1] + 1 if steps else 1, math.floor(c * total_steps / eta ** (k_last - k))))
+    if n < 1 or total_steps < 1 or first_step < 1:
+        raise PlanError(f"a search needs trials and steps (got {n} trials, {total_steps} steps, first {first_step})")
+    if n == 1:
+        return [Stage(total_steps, 1)], ETA
+    for eta in range(ETA, max(ETA, n) + 1):
+        counts = survivors(n, eta)
+        steps = [first_step * eta**k for k in range(len(counts) - 1)]
         stages = [Stage(s, m) for s, m in zip([*steps, total_steps], counts)]
-        if (not steps or steps[-1] < total_steps) and schedule_cost(stages) <= max_trainings * total_steps:
-            return stages
-        if steps == list(range(1, k_last + 1)):  # the cheapest schedule there is
-            raise PlanError(
-                f"a halving search of {n} trials needs more than {max_trainings:g} trainings of {total_steps} "
-                "steps: shorten plan.ladder or train.lr_grid, or raise train.epochs"
-            )
-        c *= 0.9
+        if steps[-1] < total_steps and schedule_cost(stages) <= max_trainings * total_steps:
+            return stages, eta
+    most = 1 + math.floor((max_trainings - 1) * total_steps / first_step) if first_step < total_steps else 1
+    raise PlanError(
+        f"a halving search of {n} trials needs more than {max_trainings:g} trainings of {total_steps} steps when "
+        f"none is judged before step {first_step} (the warm-up's end): at most {most} trials fit; shorten "
+        "plan.ladder or train.lr_grid, or raise train.epochs"
+    )
 
 
 def rung_score(
@@ -174,7 +182,7 @@ def successive_halving(
     advance: Callable[[int, int], Score],
     *,
     base_lr: float,
-    eta: int = ETA,
+    first_step: int,
     max_trainings: float = MAX_TRAININGS,
     on_pruned: Callable[[int], None] | None = None,
 ) -> SearchResult:
@@ -186,14 +194,15 @@ def successive_halving(
         total_steps: One training's optimizer steps (epochs x batches per epoch).
         advance: Trains and validates one trial; never sees the test split.
         base_lr: The configured lr (``train.lr``): ties go to the trial nearest it.
+        first_step: No trial is judged before this step (`first_rung`: the warm-up's end).
         on_pruned: Called with each trial that stops, e.g. to delete its checkpoint.
 
     Raises:
         PlanError: the schedule would cost more than `max_trainings` (`halving_schedule`); or the winner diverged.
     """
     t0 = time.perf_counter()
-    stages = halving_schedule(len(trials), total_steps, eta, max_trainings)
-    result = SearchResult(0, list(trials), stages, [[] for _ in trials], total_steps)
+    stages, eta = halving_schedule(len(trials), total_steps, first_step, max_trainings)
+    result = SearchResult(0, list(trials), stages, [[] for _ in trials], total_steps, eta)
     alive, reached = list(range(len(trials))), [0] * len(trials)
     for k, stage in enumerate(stages):
         for i in alive:

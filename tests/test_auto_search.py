@@ -63,7 +63,7 @@ def test_auto_search_leaves_the_options_it_sets_to_itself():
         auto_search.main(["--tasks", "digits", "--", "--methods", "bitfit"])
 
 
-@pytest.mark.slow  # a whole search of the product's 21 trials on tiny digits: `make slow` runs it
+@pytest.mark.slow  # a whole search of the product's 7 trials on tiny digits: `make slow` runs it
 def test_a_tiny_auto_search_runs_the_products_trials_within_two_trainings(tmp_path: Path) -> None:
     out = auto_search.main(["--tasks", "digits", "--out-dir", str(tmp_path), "--", "--backbone", "test-effnet",
                             "--n-train", "40", "--n-val", "20", "--n-test", "20", "--epochs", "6", "--batch", "8",
@@ -72,8 +72,10 @@ def test_a_tiny_auto_search_runs_the_products_trials_within_two_trainings(tmp_pa
     table = json.loads((tmp_path / "compare_test-effnet_digits.json").read_text())
     row = next(r for r in table["rows"] if r["method"] == "auto-halving")
     search = row["search"]
-    assert len(search["trials"]) == 7 * 3 and row["trainings"] == search["trainings"] <= 2.0
+    assert len(search["trials"]) == 7 and row["trainings"] == search["trainings"] <= 2.0  # ladder x lr_grid [1]
     assert search["total_steps"] == 6 * 5 and search["trial_steps"] <= 2 * 6 * 5
+    # a 1-epoch warm-up (6 epochs): every trial judged at the first epoch's end, the best one trains on
+    assert [(s["until_step"], s["trials"]) for s in search["stages"]] == [(5, 7), (30, 1)]
     chosen = next(t for t in search["trials"] if t["chosen"])
     assert (chosen["budget"], chosen["lr"]) == (row["details"]["chosen_budget"], row["details"]["chosen_lr"])
     assert chosen["stopped_at_step"] == 30 and round(20 * row["test_acc"], 6).is_integer()
