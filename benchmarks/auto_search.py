@@ -46,13 +46,15 @@ def run_tables(tasks: list[str], compare_argv: list[str], out_dir: Path) -> list
 def summary_rows(table: dict) -> list[dict]:
     """Per search row of a table: its choice, accuracies and cost, and the fixed-budget row of its seed."""
     ok = [r for r in table["rows"] if "error" not in r]
-    budget = table["meta"]["budget"]
+    meta = table["meta"]
+    budget, line = meta["budget"], meta.get("imbalance")
+    task = meta["task"] if line is None else f"{meta['task']}-imbalanced{round(100 * line)}"  # compare.py's name
     # a line table's rows also differ by variant (--variants: class balancing, augmentation)
     fixed = {(r["seed"], r["lr"], r.get("variant")): r for r in ok if r["method"] == FIXED and r["budget"] == budget}
     out = []
     for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["lr"], r["seed"])):
         f = fixed.get((r["seed"], r["lr"], r.get("variant")))  # same seed, variant and train.lr (a re-run)
-        out.append({"table": f"{Path(table['meta']['backbone']).name} {table['meta']['task']}", "seed": r["seed"],
+        out.append({"table": f"{Path(meta['backbone']).name} {task}", "seed": r["seed"],
                     "train_lr": r["lr"],
                     "budget": r["details"]["chosen_budget"], "lr": r["details"]["chosen_lr"], "val": r["val_acc"],
                     "test": r["test_acc"], "trainings": r["trainings"], "wall_s": r["wall_s"],

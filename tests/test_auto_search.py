@@ -50,8 +50,9 @@ def test_a_line_tables_search_row_pairs_with_the_fixed_row_of_its_variant_and_sh
     rows = [_row("per-row-sparse", 0, 10.0, 0.9, variant="none", test_balanced_acc=0.5),
             _row("per-row-sparse", 0, 20.0, 0.8, variant="sampler", test_balanced_acc=0.7),
             _row("auto-halving", 0, 40.0, 0.85, variant="sampler", test_balanced_acc=0.75, **bal)]  # fmt: skip
-    table = {"meta": {"budget": "1%", "backbone": "tf_efficientnet_lite0", "task": "demo-defects"}, "rows": rows}
-    (r,) = auto_search.summary_rows(table)
+    meta = {"budget": "1%", "backbone": "tf_efficientnet_lite0", "task": "demo-defects", "imbalance": 0.9}
+    (r,) = auto_search.summary_rows({"meta": meta, "rows": rows})
+    assert r["table"] == "tf_efficientnet_lite0 demo-defects-imbalanced90"  # not the balanced demo set's name
     assert (r["fixed_test"], r["fixed_test_bal"], r["test_bal"], r["fixed_wall_s"]) == (0.8, 0.7, 0.75, 20.0)
     auto_search.write_summary([r], "cmd", tmp_path / "s.md")
     line = (tmp_path / "s.md").read_text().splitlines()[-1]
