@@ -121,6 +121,10 @@ def run_command(sets: dict[str, Any], no_export: bool) -> list[str]:
 # keys added after the column was first measured whose default keeps the product as it was (the same plans: each
 # row records its plan_hash); at these values they leave the fingerprint, so adding them re-runs nothing
 ADDED_NEUTRAL = {("sensitivity", "include_stem"): False, ("plan", "whole"): [], ("plan", "row_k"): "count"}
+# keys whose default changed where no default run reads them (train.lr_grid: plan.search: halving's trials, read
+# only with plan.budget: auto): while unread they are hashed at the value the columns ran under, so the change
+# re-runs nothing; once the default run reads them, their own value counts
+UNREAD_AS = {("train", "lr_grid"): [1 / 3, 1.0, 3.0]}
 
 
 def defaults_fingerprint() -> str:
@@ -131,6 +135,9 @@ def defaults_fingerprint() -> str:
     for (section, key), neutral in ADDED_NEUTRAL.items():
         if d[section].get(key) == neutral:
             del d[section][key]
+    if (d["plan"]["budget"], d["plan"]["search"]) != ("auto", "halving"):
+        for (section, key), was in UNREAD_AS.items():
+            d[section][key] = was
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -6,12 +6,13 @@ and that the command it runs changes only the keys the table forces.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, product
 from benchmarks.product import overrides, read_outcome, retire_stale, run_command, table_args
 from benchmarks.product_report import product_gaps, product_lines
 from pipelines import cli, config
@@ -111,3 +112,25 @@ def test_rows_made_under_other_defaults_are_retired_before_a_rerun():
     state = {"product": [keep, old]}
     retire_stale(state, how)
     assert state["product"] == [keep] and [r["seed"] for r in state["replaced"]] == [1]
+
+
+def test_every_committed_product_column_ran_under_todays_defaults(monkeypatch: pytest.MonkeyPatch):
+    """A default changed without re-measuring the columns would leave the README's product numbers another
+    product's. A key no default run reads (train.lr_grid: only plan.budget: auto with plan.search: halving reads
+    it) changes nothing until a default run reads it."""
+    fp = product.defaults_fingerprint()
+    for path in sorted(compare.RESULTS.glob("compare_*.json")):
+        rows = json.loads(path.read_text()).get("product", [])
+        assert all(r["defaults"] == fp for r in rows), f"{path.name}: re-run `python -m benchmarks.product`"
+    base = config.defaults()
+
+    def with_(plan: dict, lr_grid: list[float]) -> str:
+        d = copy.deepcopy(base)
+        d["plan"].update(plan)
+        d["train"]["lr_grid"] = lr_grid
+        monkeypatch.setattr(config, "defaults", lambda: copy.deepcopy(d))
+        return product.defaults_fingerprint()
+
+    assert with_({}, [2.0]) == with_({}, [1.0]) == fp  # unread under today's plan
+    searched = {"budget": "auto", "search": "halving"}
+    assert len({with_(searched, [2.0]), with_(searched, [1.0]), fp}) == 3  # read: its value counts
