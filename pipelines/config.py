@@ -63,11 +63,8 @@ class DemoSection:
 
 @dataclass
 class DataSection:
-    source: str = _f(
-        "raw",
-        "raw (= paths.raw) | demo-defects | digits | fashion-mnist | DIR | CSV/JSONL | VTAB dir",
-        verbs=("prepare",),
-    )
+    source: str = _f("raw", "raw (= paths.raw) | demo-defects | digits | fashion-mnist | DIR | CSV/JSONL | VTAB dir",
+                     verbs=("prepare",))  # fmt: skip
     split: list[float] | None = _f([0.7, 0.15, 0.15], "train/val/test fractions of every class, every image used "
                                    "(null = the count mode: n_train, n_val, n_test)")  # fmt: skip
     min_per_class: int = _f(2, "split: the fewest images of a class in val and in test", verbs=("prepare",))
@@ -203,12 +200,8 @@ class ExportSection:
 class PublishSection:
     model_name: str | None = _f(None, "registered model name (null = sensitune-<model.name>)", verbs=("publish",))
     experiment: str = _f("sensitune", "MLflow experiment", verbs=("publish",))
-    challenger: str = _f(
-        "publish",
-        "publish (a new version becomes challenger, except in a `dvc exp run` sweep) | always | never",
-        verbs=("publish",),
-        choices=("publish", "always", "never"),
-    )
+    challenger: str = _f("publish", "publish (a new version becomes challenger, except in a `dvc exp run` sweep) | "
+                         "always | never", verbs=("publish",), choices=("publish", "always", "never"))  # fmt: skip
     precision: str = _f("fp32", "the precision the boxes are set to (box.yaml registry.precision): the hand-over gate "
                         "judges what they will serve, it or the next promotable one down int8, fp16, fp32",
                         verbs=("publish",), choices=FALLBACK)  # fmt: skip
@@ -321,6 +314,10 @@ def validate(params: Params) -> list[str]:
             bad = [v for v in values if v not in k.choices]
             if bad:
                 problems.append(f"{k.dotted}={value!r}: use {' | '.join(map(str, k.choices))}")
+    if not problems and (params["plan"]["budget"], params["plan"]["search"]) == ("auto", "halving"):
+        from .halving import search_problems  # lazy: torch is imported on this path only
+
+        problems += search_problems(params)
     return problems
 
 

@@ -28,6 +28,7 @@ from spt_core.api import (
     Trial,
     evaluate,
     first_rung,
+    most_trials,
     rung_score,
     successive_halving,
 )
@@ -49,6 +50,18 @@ class Splits:
     device: torch.device
     ok_index: int | None
     max_escape_rate: float
+
+
+def search_problems(params: dict[str, dict[str, Any]]) -> list[str]:
+    """plan.search: halving's trials (plan.ladder x train.lr_grid) that train.epochs cannot judge after the warm-up
+    within two trainings (`spt_core.search.most_trials`): found when the params load, not after the measure stage."""
+    ladder, lr_grid, t = params["plan"]["ladder"], params["train"]["lr_grid"], params["train"]
+    n, warm = len(ladder) * len(set(lr_grid)), max(1, t["warmup_epochs"])
+    if n <= (most := most_trials(t["epochs"], warm)):
+        return []
+    return [f"plan.search=halving: plan.ladder x train.lr_grid = {n} trials, but {t['epochs']} epochs judged first "
+            f"after a {warm}-epoch warm-up fit at most {most} in 2 trainings: shorten plan.ladder or train.lr_grid, "
+            "or raise train.epochs"]  # fmt: skip
 
 
 def trial_lrs(cfg: TrainConfig, lr_grid: list[float]) -> list[float]:

@@ -60,7 +60,7 @@ from .peft_bridge import PeftExport, load_peft, merge_peft, shira_plan, to_peft
 from .plan import Plan, Target, parse_budget
 from .probe import fit_probe, head_only
 from .report import plot_plan
-from .search import Score, SearchResult, Trial, first_rung, rung_score, successive_halving
+from .search import Score, SearchResult, Trial, first_rung, most_trials, rung_score, successive_halving
 from .sensitivity import Sensitivity, measure_sensitivity, measure_task
 from .train import RESUME_FREE, History, TrainConfig, fit, validate
 from .tuners import (
@@ -129,6 +129,7 @@ __all__ = [
     "SearchResult",
     "successive_halving",
     "first_rung",
+    "most_trials",
     "rung_score",
     "validate",
     # tuned weights on disk

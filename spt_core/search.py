@@ -123,6 +123,12 @@ def first_rung(warmup_epochs: int, steps_per_epoch: int) -> int:
     return max(1, warmup_epochs) * steps_per_epoch
 
 
+def most_trials(total_steps: int, first_step: int, max_trainings: float = MAX_TRAININGS) -> int:
+    """The most trials a search can judge at `first_step` within `max_trainings`: one cut there, the cheapest
+    schedule, costs T + (n - 1) x first_step. In epochs (`first_rung`'s), 1 + epochs / warm-up epochs at 2."""
+    return 1 + math.floor((max_trainings - 1) * total_steps / first_step) if first_step < total_steps else 1
+
+
 def halving_schedule(
     n: int, total_steps: int, first_step: int, max_trainings: float = MAX_TRAININGS
 ) -> tuple[list[Stage], int]:
@@ -143,10 +149,10 @@ def halving_schedule(
         stages = [Stage(s, m) for s, m in zip([*steps, total_steps], counts)]
         if steps[-1] < total_steps and schedule_cost(stages) <= max_trainings * total_steps:
             return stages, eta
-    most = 1 + math.floor((max_trainings - 1) * total_steps / first_step) if first_step < total_steps else 1
     raise PlanError(
         f"a halving search of {n} trials needs more than {max_trainings:g} trainings of {total_steps} steps when "
-        f"none is judged before step {first_step} (the warm-up's end): at most {most} trials fit; shorten "
+        f"none is judged before step {first_step} (the warm-up's end): at most "
+        f"{most_trials(total_steps, first_step, max_trainings)} trials fit; shorten "
         "plan.ladder or train.lr_grid, or raise train.epochs"
     )
 

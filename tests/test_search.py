@@ -79,6 +79,20 @@ def test_the_default_search_fits_the_default_epochs():
     assert stages[0].trials == n and stages[0].until_step == 25 * max(1, d["train"]["warmup_epochs"])
 
 
+def test_a_search_the_epochs_cannot_judge_is_refused_when_the_params_load(tmp_path, monkeypatch, capsys):
+    """7 rungs x 3 lrs = 21 trials at 8 epochs (a 1-epoch warm-up): at most 9; refused before the measure stage,
+    in one line naming the keys. 20 epochs judge 21."""
+    monkeypatch.chdir(tmp_path)
+    search_21 = ["--set", "plan.budget=auto", "--set", "plan.search=halving", "--set", "train.lr_grid=[0.5, 1, 2]"]
+    assert main(["plan", *search_21]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "21 trials, but 8 epochs judged first after a 1-epoch warm-up fit at most 9" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+    sets = {"plan.budget": "auto", "plan.search": "halving", "train.lr_grid": [0.5, 1, 2]}
+    assert config.load_params(None, {**sets, "train.epochs": 20})["train"]["lr_grid"] == [0.5, 1, 2]
+    assert config.load_params(None, {**sets, "plan.search": "ladder"})  # the ladder trains each rung: no bound
+
+
 def test_the_rank_is_validation_score_then_loss_then_fewer_values_then_the_lr_nearest_the_base():
     small, large = Trial("1%", 1e-3, 100), Trial("full", 1e-3, 5000)
     lo, hi = Trial("1%", 1e-3 / 3, 100), Trial("1%", 3e-3, 100)
