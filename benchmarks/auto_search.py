@@ -54,11 +54,11 @@ def summary_rows(table: dict) -> list[dict]:
     out = []
     for r in sorted((r for r in ok if r["method"] in SEARCH_METHODS), key=lambda r: (r["lr"], r["seed"])):
         f = fixed.get((r["seed"], r["lr"], r.get("variant")))  # same seed, variant and train.lr (a re-run)
-        out.append({"table": f"{Path(meta['backbone']).name} {task}", "seed": r["seed"],
-                    "train_lr": r["lr"],
+        out.append({"table": f"{Path(meta['backbone']).name} {task}", "seed": r["seed"], "train_lr": r["lr"],
                     "budget": r["details"]["chosen_budget"], "lr": r["details"]["chosen_lr"], "val": r["val_acc"],
                     "test": r["test_acc"], "trainings": r["trainings"], "wall_s": r["wall_s"],
-                    "fixed_test": f and f["test_acc"], "fixed_wall_s": f and f["wall_s"],
+                    "fixed_val": f and f["val_acc"], "fixed_test": f and f["test_acc"],
+                    "fixed_wall_s": f and f["wall_s"],
                     # a line table (--imbalance) is read by balanced accuracy: both rows carry it
                     "test_bal": r.get("test_balanced_acc"), "fixed_test_bal": f and f.get("test_balanced_acc")})
     return out
@@ -78,16 +78,17 @@ def write_summary(rows: list[dict], command: str, path: Path) -> None:
         f"Fixed: `{FIXED}` at the table's main budget and `train.lr`, one training. Wall: each job's own seconds, "
         "same machine. Every table in this folder; each `compare_*.md` beside this file has the command that made "
         "it (the line above is the last run).", "",
-        "| table | train.lr | seed | chosen budget | chosen lr | val % | test % | fixed test % | test bal. % | "
-        "fixed test bal. % | trainings | wall s | x fixed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| table | train.lr | seed | chosen budget | chosen lr | val % | fixed val % | test % | fixed test % | "
+        "test bal. % | fixed test bal. % | trainings | wall s | x fixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
-        fixed_test, bal, fixed_bal = (_pct(r[k]) for k in ("fixed_test", "test_bal", "fixed_test_bal"))
+        fixed_val, fixed_test, bal, fixed_bal = (_pct(r[k]) for k in ("fixed_val", "fixed_test", "test_bal",
+                                                                      "fixed_test_bal"))  # fmt: skip
         ratio = f"{r['wall_s'] / r['fixed_wall_s']:.2f}" if r["fixed_wall_s"] else "-"
         lines.append(f"| {r['table']} | {r['train_lr']:.3g} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | "
-                     f"{100 * r['val']:.2f} | {100 * r['test']:.2f} | {fixed_test} | {bal} | {fixed_bal} | "
-                     f"{r['trainings']:.2f} | {r['wall_s']:.0f} | {ratio} |")  # fmt: skip
+                     f"{100 * r['val']:.2f} | {fixed_val} | {100 * r['test']:.2f} | {fixed_test} | {bal} | "
+                     f"{fixed_bal} | {r['trainings']:.2f} | {r['wall_s']:.0f} | {ratio} |")  # fmt: skip
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
