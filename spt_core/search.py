@@ -7,7 +7,7 @@ on continues its own run: the same schedule, optimizer and RNG as if it had neve
 (``fit(until_step=...)``), so the survivor ends exactly where a plain training of it ends.
 
 No trial is judged before `first_rung`: the end of its warm-up, at least one epoch. Before it a trial has
-barely trained at its own lr (a cut at step 4 of 200 ranks near-untrained models, 10-45 % validation accuracy
+barely trained at its own lr (a cut at step 4 of 200 ranks near-untrained models, 5-47 % validation accuracy
 on 10 classes: benchmarks/README.md, "Budget and lr search"); the rungs then fall on epoch ends, so each is
 judged on a whole epoch's validation. eta is the smallest from `ETA` up whose schedule keeps the cost bound;
 where none does, there are too many trials for the epochs (a `PlanError` names the most that fit).
