@@ -47,8 +47,7 @@ def summary_rows(table: dict) -> list[dict]:
     """Per search row of a table: its choice, accuracies and cost, and the fixed-budget row of its seed."""
     ok = [r for r in table["rows"] if "error" not in r]
     meta = table["meta"]
-    budget, line = meta["budget"], meta.get("imbalance")
-    task = meta["task"] if line is None else f"{meta['task']}-imbalanced{round(100 * line)}"  # compare.py's name
+    budget, task = meta["budget"], compare.task_name(meta["task"], meta.get("imbalance"), meta.get("augment", False))
     # a line table's rows also differ by variant (--variants: class balancing, augmentation)
     fixed = {(r["seed"], r["lr"], r.get("variant")): r for r in ok if r["method"] == FIXED and r["budget"] == budget}
     out = []

@@ -186,16 +186,22 @@ def prepare_table_data(args: argparse.Namespace, task_slug: str) -> tuple[Path, 
 
 def table_slug(args: argparse.Namespace) -> tuple[str, str]:
     """(<backbone>_<task>, <task>): the table's name; --imbalance and --augment make other tables."""
-    task_slug = Path(args.task).name if Path(args.task).is_dir() else args.task
     if args.imbalance is not None:
         from benchmarks.imbalance import parse_variant
 
         for v in args.variants.split(","):
             parse_variant(v)
-        task_slug = f"{task_slug}-imbalanced{round(100 * args.imbalance)}"
-    if args.augment:
-        task_slug += "-aug"
+    task_slug = task_name(args.task, args.imbalance, args.augment)
     return f"{args.backbone.replace('/', '-')}_{task_slug}", task_slug
+
+
+def task_name(task: str, imbalance: float | None, augment: bool) -> str:
+    """A table's task as its file names it (`table_slug`, or a table's meta): a folder by its name, then
+    -imbalanced<percent> (--imbalance) and -aug (--augment)."""
+    name = Path(task).name if Path(task).is_dir() else task
+    if imbalance is not None:
+        name = f"{name}-imbalanced{round(100 * imbalance)}"
+    return f"{name}-aug" if augment else name
 
 
 def open_table(args: argparse.Namespace, methods: list[str], command: str) -> tuple[Table, dict | None]:
