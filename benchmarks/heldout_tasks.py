@@ -38,6 +38,8 @@ PACKAGES = {
 }  # fmt: skip
 HELD_OUT_TASKS = tuple(PACKAGES)
 ELPV_CLASSES = ("functional", "defective")  # defect probability below / at least 0.5 (prepare sorts class names)
+# the four expert levels as classes of their own (the ELPV line, `benchmarks.imbalance`): 0, 1/3, 2/3, 1
+ELPV_GRADES = ("functional", "possible", "likely", "defective")
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
 Entry = tuple[str, str, Path | np.ndarray]  # (image id, class name, image file or (H, W) uint8 array)
@@ -62,8 +64,9 @@ def package_files(task: str) -> tuple[str, list[Path]]:
     return dist.version, paths
 
 
-def elpv_entries() -> list[Entry]:
-    """Every ELPV cell, labelled ``defective`` when its defect probability is at least 0.5.
+def elpv_entries(grades: bool = False) -> list[Entry]:
+    """Every ELPV cell, labelled ``defective`` when its defect probability is at least 0.5 (with `grades`, by its
+    level: `ELPV_GRADES`).
 
     labels.csv has one cell a line, whitespace-separated: ``images/cellNNNN.png <probability> <mono|poly>``.
     """
@@ -75,10 +78,13 @@ def elpv_entries() -> list[Entry]:
         fields = line.split()
         try:
             prob = float(fields[1])
+            if not 0 <= prob <= 1:
+                raise ValueError(prob)
         except (IndexError, ValueError) as e:
             raise SensituneError(f"{labels}:{i}: not '<image> <probability> <type>'; reinstall elpv-dataset") from e
         image = labels.parent / fields[0]
-        out.append((image.stem, ELPV_CLASSES[int(prob >= 0.5)], image))
+        name = ELPV_GRADES[round(3 * prob)] if grades else ELPV_CLASSES[int(prob >= 0.5)]
+        out.append((image.stem, name, image))
     return out
 
 

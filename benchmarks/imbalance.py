@@ -1,10 +1,14 @@
 """The imbalanced-line protocol of `benchmarks/compare.py` (``--imbalance 0.9``): data, per-run metrics, report.
 
-A line's data: one good class at ~90 % and a few defect classes with few images each (docs/line-realities.md).
+A line's data: one good class at ~90 % and a few defect classes with few images each (docs/line-realities.md);
+`LINES` names each task's good class and its defects, the common one first.
 
 - ``demo-defects``: the demo generator with per-class counts (good ``ok``; scratch > spot > crack).
 - ``fashion-mnist``: a real set made imbalanced: ``Coat`` is the good class, ``Pullover``, ``Shirt`` and
-  ``T-shirt_top`` (the look-alikes) are the defects, drawn from the official training images.
+  ``T-shirt_top`` (the look-alikes) are the defects, the first of each from the official training images.
+- ``elpv`` and ``animal-shapes`` (held out: they report, never choose): ELPV's cells by the expert's level
+  (``functional`` at 0 is good; ``defective`` at 1, ``possible`` at 1/3, ``likely`` at 2/3), Animal-Shape's
+  ``horse`` good and ``zebra`` > ``cow`` > ``dog`` (`benchmarks.heldout_tasks`), each class's images a seeded draw.
 
 Both are split proportionally (``prepare(split=...)``: every image, each class in proportion, a minimum per class
 in validation and test). Every run picks its epoch on validation (``--select``, balanced accuracy by default),
@@ -25,9 +29,16 @@ import numpy as np
 from benchmarks.product_report import product_lines
 from spt_core.portable.io import write_text
 
-FASHION_GOOD, FASHION_DEFECTS = "Coat", ("Pullover", "Shirt", "T-shirt_top")
-DEMO_GOOD, DEMO_DEFECTS = "ok", ("scratch", "spot", "crack")
-DEFECT_SHARES = (0.5, 0.3, 0.2)  # of the defect images: one common defect, two rare ones
+# task -> (good class, defect classes by share: one common defect, two rare ones); declared before any line run
+LINES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demo-defects": ("ok", ("scratch", "spot", "crack")),
+    "fashion-mnist": ("Coat", ("Pullover", "Shirt", "T-shirt_top")),  # the look-alikes of the good class
+    # held out (benchmarks/README.md, "Round 5"): their lines report, never choose
+    "elpv": ("functional", ("defective", "possible", "likely")),  # the expert's levels 1, 1/3, 2/3
+    "animal-shapes": ("horse", ("zebra", "cow", "dog")),  # the common defect: a horse's shape, striped
+}
+DEFECT_SHARES = (0.5, 0.3, 0.2)  # of the defect images
+PICK_SEED = 0  # which images of a class a real set's line takes: a seeded draw, the same on every machine
 
 
 def counts(n_images: int, good_fraction: float, good: str, defects: tuple[str, ...]) -> dict[str, int]:
@@ -38,33 +49,56 @@ def counts(n_images: int, good_fraction: float, good: str, defects: tuple[str, .
 
 def imbalanced_source(task: str, work_dir: Path, n_images: int, good_fraction: float) -> tuple[str, str, dict]:
     """(ImageFolder dir, ok_class, counts) of the imbalanced version of `task`; written once, then reused."""
-    from PIL import Image
-
+    if task not in LINES:
+        raise ValueError(f"--imbalance supports {', '.join(LINES)}, not {task!r}")
+    good, defects = LINES[task]
+    c = counts(n_images, good_fraction, good, defects)
+    src = work_dir / "data" / f"{task}-line_{n_images}_{good_fraction:g}"
     if task == "demo-defects":
         from spt_core.api import generate_demo_defects
 
-        c = counts(n_images, good_fraction, DEMO_GOOD, DEMO_DEFECTS)
-        src = work_dir / "data" / f"demo-imb_{n_images}_{good_fraction:g}"
+        src = work_dir / "data" / f"demo-imb_{n_images}_{good_fraction:g}"  # the committed tables' folder names
         if not (src / ".complete").is_file():
             generate_demo_defects(src, counts=c)
             (src / ".complete").touch()
-        return str(src), DEMO_GOOD, c
-    if task == "fashion-mnist":
-        from spt_core.data.sources import read_source
-
-        c = counts(n_images, good_fraction, FASHION_GOOD, FASHION_DEFECTS)
+    elif task == "fashion-mnist":
         src = work_dir / "data" / f"fashion-imb_{n_images}_{good_fraction:g}"
         if not (src / ".complete").is_file():
-            full = read_source("fashion-mnist", src, None, False, [])
-            for name, n in c.items():
-                label = full.class_names.index(name)
-                items = [it for it in full.items if it.label == label and it.split == "train"][:n]
-                (src / name).mkdir(parents=True, exist_ok=True)
-                for it in items:
-                    Image.fromarray(it.array).save(src / name / f"{it.uid}.png")
-            (src / ".complete").touch()
-        return str(src), FASHION_GOOD, c
-    raise ValueError(f"--imbalance supports demo-defects and fashion-mnist, not {task!r}")
+            _write_fashion(src, c)
+    elif not (src / ".complete").is_file():  # a held-out set: its package's images, by level on ELPV
+        from benchmarks.heldout_tasks import animal_shape_entries, elpv_entries, write_folder
+
+        entries = elpv_entries(grades=True) if task == "elpv" else animal_shape_entries()
+        write_folder(line_entries(entries, c), src)
+    return str(src), good, c
+
+
+def _write_fashion(src: Path, c: dict[str, int]) -> None:
+    """The first images of each class from Fashion-MNIST's official training split."""
+    from PIL import Image
+
+    from spt_core.data.sources import read_source
+
+    full = read_source("fashion-mnist", src, None, False, [])
+    for name, n in c.items():
+        label = full.class_names.index(name)
+        items = [it for it in full.items if it.label == label and it.split == "train"][:n]
+        (src / name).mkdir(parents=True, exist_ok=True)
+        for it in items:
+            Image.fromarray(it.array).save(src / name / f"{it.uid}.png")
+    (src / ".complete").touch()
+
+
+def line_entries(entries: list, c: dict[str, int]) -> list:
+    """`c[name]` entries of each class, drawn with `PICK_SEED` (a class with fewer is refused: no silent short line)."""
+    rng = np.random.default_rng(PICK_SEED)
+    out = []
+    for name, n in c.items():
+        pool = [e for e in entries if e[1] == name]
+        if len(pool) < n:
+            raise ValueError(f"--n-images: the line needs {n} {name} images, the set has {len(pool)}; give fewer")
+        out += [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
+    return out
 
 
 def parse_variant(variant: str) -> tuple[str, bool]:

@@ -77,15 +77,20 @@ ROUNDS: dict[int, dict[str, dict[str, Any]]] = {
     3: {"size-128": {"model.input_size": 128}, "augment-on": {"train.augment": True},
         "head-probe": {"train.head_init": "probe"}, "previous": PREVIOUS},
     4: {"size-auto": {"model.input_size": "auto"}},
+    5: {"plain-batches": {"train.balance": "none"}, "side-64": {"model.input_size": 64}},
 }
 # Round 4 (declared 2026-12-07, after round 3's line rows, before any row of its own): the input side from the
 # images (`spt_core.model.input_size_for`), chosen on the tables where it changes the run: the 96 px demo line and
 # demo set (auto gives 96; on every other choosing table's 8-28 px images it gives 64, today's side: rows equal to
 # the column's, not run). ELPV (300 px: 128) is the held-out table that reports it.
 AUTO_CHOOSING = ("demo-defects-imbalanced90", "demo-defects")
-CHOOSING_OF = {1: CHOOSING, 2: CHOOSING, 3: LINE_CHOOSING, 4: AUTO_CHOOSING}
+# Round 5 (declared 2026-12-07, before any row of its own): the two defaults settled on tables that had seen them,
+# `train.balance: auto` (the line tables, test included) and `model.input_size: auto` (the demo tables), each set
+# back, on two lines of the held-out sets (`benchmarks.imbalance.LINES`): no choosing table, it reports only.
+CHOOSING_OF = {1: CHOOSING, 2: CHOOSING, 3: LINE_CHOOSING, 4: AUTO_CHOOSING, 5: ()}
 BEFORE, NOW = "the defaults before 2026-12-07", "the defaults of 2026-12-07"  # what each round's rows pair with
-BASE_OF = {1: BEFORE, 2: BEFORE, 3: NOW, 4: NOW}
+AUTO = "the defaults since round 4"
+BASE_OF = {1: BEFORE, 2: BEFORE, 3: NOW, 4: NOW, 5: AUTO}
 VARIANTS: dict[str, dict[str, Any]] = {v: sets for variants in ROUNDS.values() for v, sets in variants.items()}
 ROUND_OF = {v: r for r, variants in ROUNDS.items() for v in variants}
 COST = ("sensitivity_seconds", "probe_seconds", "train_seconds")  # the stages a recipe key changes
@@ -173,7 +178,7 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for task, by_variant in scored.items():
         for v, d in by_variant.items():
-            choosing, held_out = task in CHOOSING_OF[ROUND_OF[v]], task in HELD_OUT_TASKS
+            choosing, held_out = task in CHOOSING_OF[ROUND_OF[v]], tables[task][0]["meta"]["task"] in HELD_OUT_TASKS
             role = "choosing" if choosing else "held out" if held_out else "reports"  # per round: its own tables
             keys = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items())
             if d is None:
@@ -186,6 +191,9 @@ def report(tables: dict[str, tuple[dict, dict]], seeds: int = 3) -> str:
     last = [r for r in ROUNDS if not any(r in _together(q) for q in ROUNDS if q > r)]  # of each pooled group
     for rounds in (_together(r) for r in last):
         base, choosing = BASE_OF[rounds[-1]], CHOOSING_OF[rounds[-1]]
+        if not choosing:
+            lines += ["", f"Round {rounds[-1]} (against {base}): held-out tables only; it reports, never chooses."]
+            continue
         worst = pick(scored, seeds, [v for r in rounds for v in ROUNDS[r]], choosing)[1]
         lines += ["", f"Round{'s' * (len(rounds) > 1)} {', '.join(map(str, rounds))} (against {base}): worst "
                   "validation difference over "
@@ -212,6 +220,9 @@ def _verdict(scored: dict[str, dict[str, dict | None]], seeds: int) -> str:
     still missing rows on a choosing table is not decided, unless that variant is already out (`_out`)."""
     out = []
     for r in ROUNDS:
+        if not CHOOSING_OF[r]:
+            out.append(f"round {r}: none (no choosing table: it reports only)")
+            continue
         upto = [v for rr in _together(r) for v in ROUNDS[rr]]
         adopted, worst = pick(scored, seeds, upto, CHOOSING_OF[r])
         early = [v for v in upto if v not in worst and _out(scored, seeds, v, CHOOSING_OF[r])]

@@ -25,6 +25,7 @@ from benchmarks.heldout_tasks import (
     package_files,
     write_folder,
 )
+from benchmarks.imbalance import imbalanced_source
 from benchmarks.task_data import task_source
 from spt_core.data.prepare import prepare
 from spt_core.portable.errors import SensituneError
@@ -132,3 +133,25 @@ def test_package_pickles_load_arrays_only(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError, match="os.makedirs|posix.makedirs"):
         load_array(bad)
     assert not marker.exists()
+
+
+def test_the_held_out_lines_take_their_declared_classes_by_a_seeded_draw(tmp_path: Path) -> None:
+    """`--imbalance` on ELPV and Animal-Shape (benchmarks/README.md, round 5): ELPV's cells by the expert's level,
+    each class a draw that is the same on every machine; a class with too few images is refused, not cut short."""
+    probs = _elpv_probabilities()
+    level = {0.0: "functional", 0.3333: "possible", 0.6667: "likely", 1.0: "defective"}
+    src, ok, counts = imbalanced_source("elpv", tmp_path / "a", 100, 0.9)
+    assert ok == "functional" and counts == {"functional": 90, "defective": 5, "possible": 3, "likely": 2}
+    files = {c: sorted(p.stem for p in (Path(src) / c).glob("*.png")) for c in counts}
+    assert {c: len(f) for c, f in files.items()} == counts
+    assert all(level[probs[uid]] == c for c, uids in files.items() for uid in uids)  # not the two-class rule
+    assert files["functional"] != sorted(u for u, p in probs.items() if p == 0.0)[:90]  # a draw, not the first 90
+    again, _, _ = imbalanced_source("elpv", tmp_path / "b", 100, 0.9)
+    assert {c: sorted(p.stem for p in (Path(again) / c).glob("*.png")) for c in counts} == files
+    src, ok, counts = imbalanced_source("animal-shapes", tmp_path / "a", 60, 0.9)
+    assert ok == "horse" and counts == {"horse": 54, "zebra": 3, "cow": 2, "dog": 1}
+    assert {c: len(list((Path(src) / c).glob("*.png"))) for c in counts} == counts
+    n_likely = sum(p == 0.6667 for p in probs.values())  # the scarcest level: 1,200 images at half good need 120
+    with pytest.raises(ValueError, match=f"--n-images: the line needs 120 likely images, the set has {n_likely}"):
+        imbalanced_source("elpv", tmp_path / "c", 1200, 0.5)
+    assert not (tmp_path / "c" / "data" / "elpv-line_1200_0.5").exists()  # nothing half-written

@@ -238,10 +238,10 @@ def test_a_round_with_choosing_tables_of_its_own_is_decided_alone():
     scored[demo] = {"size-auto": recipe.differences(_study("size-auto", 0.91, 0.91, 0.91), base, "size-auto")}
     scored[fashion_line] = {"size-auto": recipe.differences(_study("size-auto", 0.90, 0.90, 0.90), base, "size-auto")}
     verdict = recipe._verdict(scored, seeds=3)
-    assert verdict.endswith("round 4: size-auto.") and "round 3: not decided yet" in verdict
+    assert "; round 4: size-auto; round 5:" in verdict and "round 3: not decided yet" in verdict
     scored[demo]["size-auto"] = recipe.differences(_study("size-auto", 0.90, 0.89, 0.90), base, "size-auto")
-    assert recipe._verdict(scored, seeds=3).endswith("round 4: none (no variant is above the defaults of 2026-12-07 "
-                                                     "on every choosing table).")  # fmt: skip
+    assert ("round 4: none (no variant is above the defaults of 2026-12-07 on every choosing table); round 5"
+            in recipe._verdict(scored, seeds=3))  # fmt: skip
 
 
 def test_a_line_table_reports_test_balanced_accuracy_not_accuracy():
@@ -266,3 +266,20 @@ def test_a_round_is_decided_early_when_every_unfinished_variant_is_already_at_or
         "choosing table; round 4: " in recipe._verdict(scored, seeds=3))
     scored[fashion_line]["size-128"] = recipe.differences(_study("size-128", 0.91, 0.91), base, "size-128")
     assert "round 3: not decided yet (size-128 lack" in recipe._verdict(scored, seeds=3)  # 2 seeds: not out yet
+
+
+def test_a_round_of_held_out_lines_reports_and_never_chooses(monkeypatch: pytest.MonkeyPatch):
+    """Round 5 has no choosing table: far above on a held-out line, it is still not adopted, and the line of a
+    held-out set (ELPV's, named elpv-imbalanced90) reads "held out" by its table's task."""
+    monkeypatch.setattr(product, "defaults_fingerprint", lambda: "now")
+    column = [{**_row(s, 0.80, 0.80), "test_balanced_acc": 0.70, "probe_test_balanced_acc": 0.60, "defaults": "now",
+               "method": "product"} for s in range(3)]  # fmt: skip
+    table = {"meta": {"task": "elpv", "imbalance": 0.9}, "rows": [], "product": column}
+    study = {"meta": {"table": "lite0_elpv-imbalanced90"},
+             "rows": [{**_row(s, 0.99, 0.95), "test_balanced_acc": 0.90, "probe_test_balanced_acc": 0.60,
+                       "variant": "plain-batches", "defaults": "now"} for s in range(3)]}  # fmt: skip
+    md = recipe.report({"elpv-imbalanced90": (table, study)})
+    assert ("| elpv-imbalanced90 | held out | 5 | plain-batches | train.balance=none | 3 | model 3 | +19.00 | +20.00 "
+            "| +30.00 |") in md  # fmt: skip
+    assert "Round 5 (against the defaults since round 4): held-out tables only; it reports, never chooses." in md
+    assert md.rstrip().endswith("round 5: none (no choosing table: it reports only).")
