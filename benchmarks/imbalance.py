@@ -53,23 +53,21 @@ def imbalanced_source(task: str, work_dir: Path, n_images: int, good_fraction: f
         raise ValueError(f"--imbalance supports {', '.join(LINES)}, not {task!r}")
     good, defects = LINES[task]
     c = counts(n_images, good_fraction, good, defects)
-    src = work_dir / "data" / f"{task}-line_{n_images}_{good_fraction:g}"
+    prefix = {"demo-defects": "demo-imb", "fashion-mnist": "fashion-imb"}.get(task, f"{task}-line")  # as committed
+    src = work_dir / "data" / f"{prefix}_{n_images}_{good_fraction:g}"
+    if (src / ".complete").is_file():
+        return str(src), good, c
     if task == "demo-defects":
         from spt_core.api import generate_demo_defects
 
-        src = work_dir / "data" / f"demo-imb_{n_images}_{good_fraction:g}"  # the committed tables' folder names
-        if not (src / ".complete").is_file():
-            generate_demo_defects(src, counts=c)
-            (src / ".complete").touch()
+        generate_demo_defects(src, counts=c)
     elif task == "fashion-mnist":
-        src = work_dir / "data" / f"fashion-imb_{n_images}_{good_fraction:g}"
-        if not (src / ".complete").is_file():
-            _write_fashion(src, c)
-    elif not (src / ".complete").is_file():  # a held-out set: its package's images, by level on ELPV
+        _write_fashion(src, c)
+    else:  # a held-out set: its package's images, by level on ELPV
         from benchmarks.heldout_tasks import animal_shape_entries, elpv_entries, write_folder
 
-        entries = elpv_entries(grades=True) if task == "elpv" else animal_shape_entries()
-        write_folder(line_entries(entries, c), src)
+        write_folder(line_entries(elpv_entries(grades=True) if task == "elpv" else animal_shape_entries(), c), src)
+    (src / ".complete").touch()
     return str(src), good, c
 
 
@@ -86,7 +84,6 @@ def _write_fashion(src: Path, c: dict[str, int]) -> None:
         (src / name).mkdir(parents=True, exist_ok=True)
         for it in items:
             Image.fromarray(it.array).save(src / name / f"{it.uid}.png")
-    (src / ".complete").touch()
 
 
 def line_entries(entries: list, c: dict[str, int]) -> list:
