@@ -58,7 +58,8 @@ def summary_rows(table: dict) -> list[dict]:
                     "test": r["test_acc"], "trainings": r["trainings"], "wall_s": r["wall_s"],
                     "fixed_val": f and f["val_acc"], "fixed_test": f and f["test_acc"],
                     "fixed_wall_s": f and f["wall_s"],
-                    # a line table (--imbalance) is read by balanced accuracy: both rows carry it
+                    # a line table (--imbalance) is read, its trials judged, by balanced accuracy: both rows carry it
+                    "val_bal": r.get("val_balanced_acc"), "fixed_val_bal": f and f.get("val_balanced_acc"),
                     "test_bal": r.get("test_balanced_acc"), "fixed_test_bal": f and f.get("test_balanced_acc")})
     return out
 
@@ -78,16 +79,15 @@ def write_summary(rows: list[dict], command: str, path: Path) -> None:
         "same machine. Every table in this folder; each `compare_*.md` beside this file has the command that made "
         "it (the line above is the last run).", "",
         "| table | train.lr | seed | chosen budget | chosen lr | val % | fixed val % | test % | fixed test % | "
-        "test bal. % | fixed test bal. % | trainings | wall s | x fixed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "val bal. % | fixed val bal. % | test bal. % | fixed test bal. % | trainings | wall s | x fixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
-        fixed_val, fixed_test, bal, fixed_bal = (_pct(r[k]) for k in ("fixed_val", "fixed_test", "test_bal",
-                                                                      "fixed_test_bal"))  # fmt: skip
+        cells = " | ".join(_pct(r[k]) for k in ("val", "fixed_val", "test", "fixed_test", "val_bal", "fixed_val_bal",
+                                                "test_bal", "fixed_test_bal"))  # fmt: skip
         ratio = f"{r['wall_s'] / r['fixed_wall_s']:.2f}" if r["fixed_wall_s"] else "-"
-        lines.append(f"| {r['table']} | {r['train_lr']:.3g} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | "
-                     f"{100 * r['val']:.2f} | {fixed_val} | {100 * r['test']:.2f} | {fixed_test} | {bal} | "
-                     f"{fixed_bal} | {r['trainings']:.2f} | {r['wall_s']:.0f} | {ratio} |")  # fmt: skip
+        lines.append(f"| {r['table']} | {r['train_lr']:.3g} | {r['seed']} | {r['budget']} | {r['lr']:.3g} | {cells} | "
+                     f"{r['trainings']:.2f} | {r['wall_s']:.0f} | {ratio} |")  # fmt: skip
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
