@@ -78,10 +78,11 @@ def elpv_entries(grades: bool = False) -> list[Entry]:
         fields = line.split()
         try:
             prob = float(fields[1])
-            if not 0 <= prob <= 1:
+            if not 0 <= prob <= 1 or abs(3 * prob - round(3 * prob)) > 0.01:  # one of the expert's four levels
                 raise ValueError(prob)
         except (IndexError, ValueError) as e:
-            raise SensituneError(f"{labels}:{i}: not '<image> <probability> <type>'; reinstall elpv-dataset") from e
+            raise SensituneError(f"{labels}:{i}: not '<image> <probability 0, 1/3, 2/3 or 1> <type>'; reinstall "
+                                 "elpv-dataset") from e  # fmt: skip
         image = labels.parent / fields[0]
         name = ELPV_GRADES[round(3 * prob)] if grades else ELPV_CLASSES[int(prob >= 0.5)]
         out.append((image.stem, name, image))

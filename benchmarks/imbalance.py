@@ -87,7 +87,8 @@ def _write_fashion(src: Path, c: dict[str, int]) -> None:
 
 
 def line_entries(entries: list, c: dict[str, int]) -> list:
-    """`c[name]` entries of each class, drawn with `PICK_SEED` (a class with fewer is refused: no silent short line)."""
+    """`c[name]` entries of each class, drawn by one generator seeded `PICK_SEED`, class after class in `c`'s order (so
+    the committed lines' images are these); a class with fewer is refused: no silent short line."""
     rng = np.random.default_rng(PICK_SEED)
     out = []
     for name, n in c.items():

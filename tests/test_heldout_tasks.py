@@ -150,8 +150,22 @@ def test_the_held_out_lines_take_their_declared_classes_by_a_seeded_draw(tmp_pat
     assert {c: sorted(p.stem for p in (Path(again) / c).glob("*.png")) for c in counts} == files
     src, ok, counts = imbalanced_source("animal-shapes", tmp_path / "a", 60, 0.9)
     assert ok == "horse" and counts == {"horse": 54, "zebra": 3, "cow": 2, "dog": 1}
-    assert {c: len(list((Path(src) / c).glob("*.png"))) for c in counts} == counts
+    animals = {c: sorted(p.name for p in (Path(src) / c).glob("*.png")) for c in counts}
+    assert {c: len(f) for c, f in animals.items()} == counts
+    again, _, _ = imbalanced_source("animal-shapes", tmp_path / "b", 60, 0.9)
+    assert {c: sorted(p.name for p in (Path(again) / c).glob("*.png")) for c in counts} == animals
     n_likely = sum(p == 0.6667 for p in probs.values())  # the scarcest level: 1,200 images at half good need 120
     with pytest.raises(ValueError, match=f"--n-images: the line needs 120 likely images, the set has {n_likely}"):
         imbalanced_source("elpv", tmp_path / "c", 1200, 0.5)
     assert not (tmp_path / "c" / "data" / "elpv-line_1200_0.5").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("row", ["images/cell0001.png 0.5 mono", "images/cell0001.png 1.3333 poly",
+                                 "images/cell0001.png"])  # fmt: skip
+def test_an_elpv_label_off_the_experts_four_levels_is_refused_in_one_line(row: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("images/cell0000.png 0.3333 mono\n" + row + "\n")
+    monkeypatch.setattr(heldout_tasks, "package_files", lambda task: ("1.0", [labels]))
+    with pytest.raises(SensituneError, match=r"labels.csv:2: not '<image> <probability 0, 1/3, 2/3 or 1> <type>'"):
+        elpv_entries(grades=True)
