@@ -56,7 +56,7 @@ def search_problems(params: dict[str, dict[str, Any]]) -> list[str]:
     """plan.search: halving's trials (plan.ladder x train.lr_grid) that train.epochs cannot judge after the warm-up
     within two trainings (`spt_core.search.most_trials`): found when the params load, not after the measure stage."""
     ladder, lr_grid, t = params["plan"]["ladder"], params["train"]["lr_grid"], params["train"]
-    n, warm = len(ladder) * len(set(lr_grid)), max(1, t["warmup_epochs"])
+    n, warm = len(ladder) * len(set(lr_grid)), first_rung(t["warmup_epochs"], 1)  # in epochs: one step each
     if n <= (most := most_trials(t["epochs"], warm)):
         return []
     return [f"plan.search=halving: plan.ladder x train.lr_grid = {n} trials, but {t['epochs']} epochs judged first "
